@@ -1,0 +1,29 @@
+"""clipconv: few-shot adaptation of CLIP with Convpass adapters, and shifted-ImageNet evaluation."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Backbone": "clipconv.backbone",
+    "load_backbone": "clipconv.backbone",
+    "add_adapters": "clipconv.adapters",
+    "Convpass": "clipconv.adapters",
+    "text_head": "clipconv.head",
+    "class_embeddings": "clipconv.head",
+    "ImageClassifier": "clipconv.head",
+    "trainable_state_dict": "clipconv.checkpoint",
+    "save_trainable": "clipconv.checkpoint",
+    "load_trainable": "clipconv.checkpoint",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import public names lazily so `import clipconv` stays cheap."""
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'clipconv' has no attribute '{name}'")

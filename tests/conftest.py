@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny open_clip config (4×4 patch grid) and a backbone built from it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_CONFIG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def write_tiny_config(directory: Path, name: str = "tiny-clip", **overrides) -> Path:
+    """Write an open_clip model-config JSON for a tiny CLIP and return its path."""
+    cfg = json.loads(json.dumps(TINY_CONFIG))
+    for key, value in overrides.items():
+        cfg[key].update(value) if isinstance(value, dict) else cfg.__setitem__(key, value)
+    path = Path(directory) / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory) -> Path:
+    return write_tiny_config(tmp_path_factory.mktemp("configs"))
+
+
+@pytest.fixture()
+def tiny_backbone(tiny_config):
+    from clipconv.backbone import load_backbone
+
+    torch.manual_seed(0)
+    return load_backbone(str(tiny_config), pretrained=None, device="cpu")
