@@ -198,7 +198,7 @@ def load_backbone(
         if checkpoint is not None and torchscript:
             clip = open_clip.create_model(name, pretrained=None, **create_kwargs)
             state = torch.jit.load(checkpoint, map_location="cpu").state_dict()
-            for key in ("input_resolution", "context_length", "vocab_size"):
+            for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
                 state.pop(key, None)
             clip.load_state_dict(state)
         elif checkpoint is not None:

@@ -1,0 +1,90 @@
+"""Adapter checkpoints hold only trainable tensors, reload exactly and refuse mismatched models."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipconv.checkpoint import (
+    CheckpointMismatchError,
+    load_trainable,
+    read_metadata,
+    save_trainable,
+    trainable_state_dict,
+)
+from clipconv.head import ImageClassifier, text_head
+
+META = {
+    "backbone": {"model": "tiny-clip", "weights_id": "random-init", "quick_gelu": False},
+    "adapter": {"method": "convpass", "dim": 8, "scale": 1.0},
+    "classes": {"count": 2, "hash": "abc"},
+}
+
+
+def _classifier(backbone):
+    for p in backbone.model.parameters():
+        p.requires_grad_(False)
+    head = text_head(backbone.model, backbone.tokenizer, ["cat", "dog"], ["a photo of a {}."])
+    return ImageClassifier(backbone.model.visual, head, backbone.logit_scale)
+
+
+def test_only_trainable_tensors_are_saved_and_reload_reproduces_logits(tmp_path, tiny_backbone):
+    clf = _classifier(tiny_backbone)
+    with torch.no_grad():
+        clf.head.weight.add_(torch.randn_like(clf.head.weight))
+        clf.head.bias.fill_(0.25)
+    images = torch.randn(3, 3, 32, 32)
+    expected = clf(images).detach()
+    path = save_trainable(clf, tmp_path / "adapter.safetensors", META)
+    assert set(trainable_state_dict(clf)) == {"head.weight", "head.bias"}
+    assert read_metadata(path)["adapter"] == META["adapter"]
+
+    fresh = _classifier(tiny_backbone)
+    load_trainable(fresh, path, expected=META)
+    torch.testing.assert_close(fresh(images), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "field, change, needle",
+    [
+        ("backbone", {"quick_gelu": True}, "backbone.quick_gelu"),
+        ("backbone", {"weights_id": "sha256:ff"}, "backbone.weights_id"),
+        ("classes", {"hash": "other"}, "classes.hash"),
+        ("adapter", {"dim": 16}, "adapter.dim"),
+    ],
+)
+def test_mismatched_metadata_is_refused_and_nothing_is_loaded(tmp_path, tiny_backbone, field, change, needle):
+    clf = _classifier(tiny_backbone)
+    path = save_trainable(clf, tmp_path / "adapter.safetensors", META)
+    other = {**META, field: {**META[field], **change}}
+    target = _classifier(tiny_backbone)
+    before = target.head.weight.detach().clone().add_(1.0)
+    with torch.no_grad():
+        target.head.weight.copy_(before)
+    with pytest.raises(CheckpointMismatchError, match=needle):
+        load_trainable(target, path, expected=other)
+    torch.testing.assert_close(target.head.weight, before, rtol=0, atol=0)
+
+
+def test_wrong_shapes_are_refused(tmp_path, tiny_backbone):
+    clf = _classifier(tiny_backbone)
+    path = save_trainable(clf, tmp_path / "adapter.safetensors", META)
+    for p in tiny_backbone.model.parameters():
+        p.requires_grad_(False)
+    three = text_head(tiny_backbone.model, tiny_backbone.tokenizer, ["a", "b", "c"], ["{}"])
+    with pytest.raises(CheckpointMismatchError, match="head.weight"):
+        load_trainable(ImageClassifier(tiny_backbone.model.visual, three, 1.0), path)
+
+
+def test_non_safetensors_and_foreign_files_are_refused(tmp_path, tiny_backbone):
+    pickle_file = tmp_path / "adapter.safetensors"
+    torch.save({"head.weight": torch.zeros(2, 2)}, pickle_file)
+    with pytest.raises(ValueError, match="not a safetensors adapter checkpoint"):
+        read_metadata(pickle_file)
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(1)}, str(foreign))
+    with pytest.raises(ValueError, match="no clipconv metadata"):
+        read_metadata(foreign)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_metadata(tmp_path / "missing.safetensors")
