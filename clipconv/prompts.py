@@ -1,0 +1,87 @@
+"""Prompt templates and class-name files shipped in the repository's `prompts/` folder."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Union
+
+__all__ = [
+    "REPO_ROOT",
+    "PROMPTS_DIR",
+    "DATASETS_DIR",
+    "TEMPLATE_SETS",
+    "load_templates",
+    "load_classnames_file",
+    "imagenet_classes",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROMPTS_DIR = REPO_ROOT / "prompts"
+DATASETS_DIR = REPO_ROOT / "datasets"
+
+TEMPLATE_SETS: dict[str, Path] = {
+    "photo": PROMPTS_DIR / "templates" / "photo.txt",  # the single "a photo of a {}." (Table 2's ZS CLIP)
+    "clip80": PROMPTS_DIR / "templates" / "clip80.txt",  # OpenAI's 80-template ensemble
+    "tip": PROMPTS_DIR / "templates" / "tip.txt",  # the 7 templates Tip-Adapter uses
+}
+
+
+def _read_lines(path: Path, what: str) -> list[tuple[int, str]]:
+    """Non-blank lines of a UTF-8 text file with their 1-based line numbers."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file '{path}' does not exist")
+    text = path.read_text(encoding="utf-8")
+    lines = [(number, line.rstrip("\r\n")) for number, line in enumerate(text.splitlines(), start=1)]
+    lines = [(number, line) for number, line in lines if line.strip()]
+    if not lines:
+        raise ValueError(f"{what} file '{path}' is empty")
+    return lines
+
+
+def load_templates(name_or_path: Union[str, Path]) -> list[str]:
+    """Templates of a named set (`photo`, `clip80`, `tip`) or of a file, one per line with `{}` for the name."""
+    key = str(name_or_path)
+    path = TEMPLATE_SETS.get(key, Path(key))
+    if key not in TEMPLATE_SETS and not path.is_file():
+        raise FileNotFoundError(
+            f"template set '{key}' is neither a known name ({', '.join(TEMPLATE_SETS)}) nor an existing file"
+        )
+    templates = []
+    for number, line in _read_lines(path, "template"):
+        rest = line.replace("{}", "", 1)
+        if line.count("{}") != 1 or "{" in rest or "}" in rest:
+            raise ValueError(
+                f"{path}:{number}: a template must contain exactly one '{{}}' (the class name) "
+                f"and no other braces, got {line!r}"
+            )
+        templates.append(line.strip())
+    return templates
+
+
+def load_classnames_file(path: Union[str, Path]) -> list[tuple[str, str]]:
+    """Parse a class-names file: one "<id> <name with spaces>" per line, in class-index order."""
+    path = Path(path)
+    entries: list[tuple[str, str]] = []
+    first_line: dict[str, int] = {}
+    for number, line in _read_lines(path, "class-names"):
+        parts = line.strip().split(maxsplit=1)
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{number}: expected '<id> <class name>', got {line!r}")
+        class_id, name = parts[0], parts[1].strip()
+        if class_id in first_line:
+            raise ValueError(
+                f"{path}:{number}: duplicate class id '{class_id}' (first on line {first_line[class_id]})"
+            )
+        first_line[class_id] = number
+        entries.append((class_id, name))
+    return entries
+
+
+@lru_cache(maxsize=1)
+def _imagenet_classes() -> tuple[tuple[str, str], ...]:
+    return tuple(load_classnames_file(PROMPTS_DIR / "imagenet_classnames.txt"))
+
+
+def imagenet_classes() -> list[tuple[str, str]]:
+    """The canonical 1000 ImageNet classes as (wnid, CLIP name), in class-index (sorted-wnid) order."""
+    return list(_imagenet_classes())
