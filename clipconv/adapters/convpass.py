@@ -1,0 +1,177 @@
+"""Convpass: a convolutional bypass for ViT tokens (Jie & Deng, "Convolutional Bypasses Are Better
+Vision Transformer Adapters", §3.2–3.3)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import QuickGELU
+from torch import nn
+
+from .registry import AdapterFactory, register_adapter
+
+__all__ = ["Convpass", "SharedProjections", "CONV_INITS", "grid_from_tokens"]
+
+CONV_INITS = ("identity", "xavier")
+
+
+def grid_from_tokens(num_tokens: int) -> tuple[int, int]:
+    """(H, W) of a square patch grid from a token count 1 + H·W ([cls] first)."""
+    side = math.isqrt(max(num_tokens - 1, 0))
+    if num_tokens < 2 or side * side != num_tokens - 1:
+        raise ValueError(
+            f"Convpass expects tokens ([cls] + a square H×W patch grid), got {num_tokens} tokens: "
+            f"{num_tokens} - 1 is not a perfect square; give grid_size=(H, W) for a non-square grid"
+        )
+    return side, side
+
+
+class SharedProjections(nn.Module):
+    """The bias-free 1×1 down (d→h) and up (h→d) projections that `convpass_share` shares across layers."""
+
+    def __init__(self, width: int, dim: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(width, dim, bias=False)
+        self.up = nn.Linear(dim, width, bias=False)
+        nn.init.xavier_uniform_(self.down.weight)
+        nn.init.zeros_(self.up.weight)
+
+
+class Convpass(nn.Module):
+    """down (d→h) → QuickGELU → k×k conv over the patch grid → QuickGELU → Dropout → up (h→d).
+
+    Input and output: tokens (B, 1 + H·W, width), [cls] first, patches row-major. The grid is
+    `grid_size` when given, otherwise inferred as square from the token count. The [cls] token goes
+    through the same conv as a 1×1 image, i.e. a linear map by the kernel's centre tap.
+
+    With `share` (a `SharedProjections`), this is the `convpass_share` adapter: the shared bias-free
+    down/up projections and a depthwise k×k conv without bias. `share` is *not* registered as a child
+    (it is registered once on the encoder), so `parameters()` here are the conv's only.
+    Up-projection weights are zero, so a fresh adapter outputs exactly zero.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        dim: int = 8,
+        kernel_size: int = 3,
+        conv_init: str = "identity",
+        dropout: float = 0.1,
+        share: Optional[SharedProjections] = None,
+        grid_size: Optional[tuple[int, int]] = None,
+    ) -> None:
+        super().__init__()
+        if width <= 0 or dim <= 0:
+            raise ValueError(f"Convpass width and dim must be positive, got width={width}, dim={dim}")
+        if kernel_size <= 0 or kernel_size % 2 == 0:
+            raise ValueError(f"Convpass kernel_size must be a positive odd number, got {kernel_size}")
+        if conv_init not in CONV_INITS:
+            raise ValueError(f"Convpass conv_init must be one of {CONV_INITS}, got '{conv_init}'")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"Convpass dropout must be in [0, 1), got {dropout}")
+        if share is not None and (share.down.in_features, share.down.out_features) != (width, dim):
+            raise ValueError(
+                f"shared projections map {share.down.in_features}→{share.down.out_features}, "
+                f"but this Convpass has width={width}, dim={dim}"
+            )
+        self.width, self.dim, self.kernel_size = width, dim, kernel_size
+        self.grid_size = tuple(grid_size) if grid_size is not None else None
+        self._share = (share,) if share is not None else ()  # a tuple: not registered as a child
+        if share is None:
+            self.down = nn.Linear(width, dim)
+            self.up = nn.Linear(dim, width)
+            nn.init.xavier_uniform_(self.down.weight)
+            nn.init.zeros_(self.down.bias)
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+            self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2)
+        else:
+            self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=False)
+        self.act = QuickGELU()
+        self.dropout = nn.Dropout(dropout)
+        self.reset_conv(conv_init)
+
+    @property
+    def shared(self) -> Optional[SharedProjections]:
+        return self._share[0] if self._share else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv.weight.dtype
+
+    def reset_conv(self, conv_init: str = "identity") -> None:
+        """identity: zero kernel with 1 at the centre tap of each channel, zero bias; or xavier-uniform."""
+        weight = self.conv.weight
+        with torch.no_grad():
+            if conv_init == "identity":
+                weight.zero_()
+                centre = self.kernel_size // 2
+                channels = torch.arange(self.dim)
+                in_index = torch.zeros_like(channels) if self.conv.groups == self.dim else channels
+                weight[channels, in_index, centre, centre] = 1.0
+            else:
+                nn.init.xavier_uniform_(weight)
+            if self.conv.bias is not None:
+                self.conv.bias.zero_()
+
+    def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        layer = getattr(self.shared, name) if self._share else getattr(self, name)
+        return layer(x)
+
+    def _cls_conv(self, cls: torch.Tensor) -> torch.Tensor:
+        """The conv applied to [cls] as a 1×1 image: only the centre tap sees a non-padding pixel."""
+        centre = self.kernel_size // 2
+        tap = self.conv.weight[:, :, centre, centre]
+        if self.conv.groups == self.dim:  # depthwise: a diagonal map
+            return cls * tap[:, 0]
+        return F.linear(cls, tap, self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.width:
+            raise ValueError(f"Convpass expects tokens (B, 1 + H·W, {self.width}), got shape {tuple(x.shape)}")
+        batch, num_tokens, _ = x.shape
+        if self.grid_size is None:
+            height, width = grid_from_tokens(num_tokens)
+        else:
+            height, width = self.grid_size
+            if num_tokens != 1 + height * width:
+                raise ValueError(
+                    f"Convpass was built for a {height}×{width} grid (1 + {height * width} tokens), "
+                    f"got {num_tokens} tokens"
+                )
+        hidden = self.act(self._project("down", x))
+        patches = hidden[:, 1:].transpose(1, 2).reshape(batch, self.dim, height, width)
+        patches = self.conv(patches).flatten(2).transpose(1, 2)
+        cls = self._cls_conv(hidden[:, :1])
+        hidden = self.dropout(self.act(torch.cat([cls, patches], dim=1)))
+        return self._project("up", hidden)
+
+    def extra_repr(self) -> str:
+        kind = "share" if self._share else "full"
+        return f"width={self.width}, dim={self.dim}, kernel_size={self.kernel_size}, {kind}"
+
+
+@register_adapter("convpass")
+def build_convpass(width: int, *, dim: int = 8, kernel_size: int = 3, conv_init: str = "identity",
+                   dropout: float = 0.1, grid_size: Optional[tuple[int, int]] = None) -> AdapterFactory:
+    """Convpass (§3.2): one full adapter per sub-block."""
+    return AdapterFactory(make=lambda: Convpass(width, dim, kernel_size, conv_init, dropout, grid_size=grid_size))
+
+
+@register_adapter("convpass_attn", placement="attn")
+def build_convpass_attn(width: int, **options) -> AdapterFactory:
+    """Convpass parallel to attention only."""
+    return build_convpass(width, **options)
+
+
+@register_adapter("convpass_share")
+def build_convpass_share(width: int, *, dim: int = 8, kernel_size: int = 3, conv_init: str = "identity",
+                         dropout: float = 0.1, grid_size: Optional[tuple[int, int]] = None) -> AdapterFactory:
+    """Convpass_share (§3.3): shared bias-free 1×1 down/up, a depthwise bias-free conv per adapter."""
+    shared = SharedProjections(width, dim)
+    return AdapterFactory(
+        make=lambda: Convpass(width, dim, kernel_size, conv_init, dropout, share=shared, grid_size=grid_size),
+        shared=shared,
+    )
