@@ -1,0 +1,85 @@
+"""The robustness suite: score one method on ImageNet val, -V2, -Sketch, -A and -R."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .metrics import topk_accuracy
+
+__all__ = ["collect_logits", "evaluate_method", "image_loader"]
+
+
+def image_loader(root: Path, samples: Sequence, transform: Callable, batch_size: int, workers: int,
+                 shuffle: bool = False, generator: Optional[torch.Generator] = None, strict: bool = False):
+    """A DataLoader over (path, label) samples that skips undecodable images (errors when strict)."""
+    from .data import ImageListDataset, collate_skip_bad
+
+    dataset = ImageListDataset(root, list(samples), transform, on_error="raise" if strict else "skip")
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate_skip_bad,
+        generator=generator, persistent_workers=False, drop_last=False,
+    ), dataset
+
+
+@torch.no_grad()
+def collect_logits(
+    score: Callable[[torch.Tensor], torch.Tensor],
+    root: Path,
+    samples: Sequence,
+    transform: Callable,
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int = 0,
+    desc: str = "",
+    strict: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `score(images)` over a sample list; returns (logits, labels) on CPU."""
+    from tqdm.auto import tqdm
+
+    loader, dataset = image_loader(root, samples, transform, batch_size, workers, strict=strict)
+    all_logits, all_labels = [], []
+    for batch in tqdm(loader, desc=desc or "eval", unit="batch", leave=False):
+        if batch is None:
+            continue
+        images, labels = batch
+        all_logits.append(score(images.to(device)).float().cpu())
+        all_labels.append(labels)
+    dataset.report_skipped()
+    if not all_logits:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def evaluate_method(
+    method: Any,
+    splits: Sequence[Any],
+    device: torch.device,
+    features: Any = None,
+    eval_transform: Optional[Callable] = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    log: Callable[[str], None] = print,
+    strict: bool = False,
+) -> dict[str, dict[str, float]]:
+    """{set name: {"top1", "top5", "n"}} for each evaluation split.
+
+    Frozen-image-encoder methods score features from `features` (a FeatureStore, so each set is encoded
+    once per backbone); the others see preprocessed images. -A/-R splits carry a `subset` of class
+    indices and are scored with the argmax restricted to them.
+    """
+    results: dict[str, dict[str, float]] = {}
+    for split in splits:
+        if getattr(method, "frozen_image_encoder", False) and features is not None:
+            feats, labels = features.encode(split.root, split.samples, desc=split.display_name, with_labels=True)
+            logits = torch.cat([method.logits_from_features(chunk.to(device)).float().cpu()
+                                for chunk in feats.split(4096)]) if len(feats) else torch.empty(0, 0)
+        else:
+            if eval_transform is None:
+                raise ValueError("evaluate_method needs eval_transform for methods that read images")
+            logits, labels = collect_logits(method.logits, split.root, split.samples, eval_transform, device,
+                                            batch_size, workers, desc=split.display_name, strict=strict)
+        results[split.name] = topk_accuracy(logits, labels, subset=split.subset)
+        log(f"{split.display_name}: top-1 {results[split.name]['top1']:.2f}% on {results[split.name]['n']} images")
+    return results

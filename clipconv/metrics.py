@@ -1,0 +1,44 @@
+"""Top-k accuracy, with the argmax optionally restricted to a class subset (ImageNet-A/-R)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["restrict_to_subset", "topk_accuracy"]
+
+
+def restrict_to_subset(
+    logits: torch.Tensor, labels: torch.Tensor, subset: Optional[Sequence[int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep only the `subset` columns (ascending class indices) and relabel to positions in it.
+
+    This is how ImageNet-A/-R are scored: a 1000-way classifier, argmax over their 200 classes only.
+    Every label must belong to the subset.
+    """
+    if subset is None:
+        return logits, labels
+    index = torch.as_tensor(sorted(subset), dtype=torch.long, device=logits.device)
+    position = torch.full((logits.shape[1],), -1, dtype=torch.long, device=logits.device)
+    position[index] = torch.arange(len(index), device=logits.device)
+    mapped = position[labels.to(logits.device)]
+    if (mapped < 0).any():
+        raise ValueError("a label lies outside the class subset the set is scored on")
+    return logits[:, index], mapped
+
+
+def topk_accuracy(
+    logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5), subset: Optional[Sequence[int]] = None
+) -> dict[str, float]:
+    """{"top1": %, "top5": %, "n": count}; k is capped at the number of classes scored."""
+    logits, labels = restrict_to_subset(logits, labels, subset)
+    n = int(labels.numel())
+    out: dict[str, float] = {}
+    if n == 0:
+        return {**{f"top{k}": float("nan") for k in ks}, "n": 0}
+    ranked = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = ranked == labels.view(-1, 1)
+    for k in ks:
+        out[f"top{k}"] = 100.0 * hits[:, :k].any(dim=1).float().mean().item()
+    out["n"] = n
+    return out
