@@ -1,0 +1,432 @@
+"""Convpass and its injection into open_clip's image encoder (DESIGN invariants 1–3 and more)."""
+from __future__ import annotations
+
+import copy
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
+from torch import nn
+
+from clipconv.adapters import (
+    ADAPTERS,
+    Convpass,
+    ConvpassBlock,
+    SharedProjections,
+    adapter_modules,
+    adapter_state_dict,
+    add_adapters,
+    count_trainable,
+    get_adapter,
+    get_adapter_scale,
+    register_adapter,
+    remove_adapters,
+    set_adapter_scale,
+)
+from conftest import write_tiny_config
+
+VARIANTS = [
+    dict(method="convpass"),
+    dict(method="convpass", placement="attn"),
+    dict(method="convpass", placement="mlp"),
+    dict(method="convpass_attn"),
+    dict(method="convpass", sequential=True),
+    dict(method="convpass", placement="mlp", sequential=True),
+    dict(method="convpass", kernel_size=1),
+    dict(method="convpass", conv_init="xavier"),
+    dict(method="convpass_share", dim=4),
+]
+
+
+def _ids(variant: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in variant.items())
+
+
+def _images(visual: nn.Module, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    size = visual.image_size
+    return torch.randn(batch, 3, size[0], size[1], generator=generator)
+
+
+def _randomize(modules: nn.Module, seed: int = 0) -> None:
+    """Non-zero weights everywhere (up-projections included), so adapters change the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in modules.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+
+
+def _expected_convpass(layers: int, width: int, dim: int, kernel: int = 3, placements: int = 2) -> int:
+    return placements * layers * ((2 * dim + 1) * width + kernel * kernel * dim * dim + 2 * dim)
+
+
+@pytest.fixture(scope="module")
+def vit_b16() -> nn.Module:
+    """The ViT-B/16 image encoder, random init (built once: parameter counts only)."""
+    torch.manual_seed(0)
+    return open_clip.create_model("ViT-B-16", pretrained=None).visual
+
+
+@pytest.fixture()
+def visual(tiny_backbone) -> nn.Module:
+    return tiny_backbone.visual.eval()
+
+
+# ---------------------------------------------------------------- invariant 1: zero-init ⇒ identity
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_fresh_adapters_leave_encoder_output_unchanged(visual, variant):
+    images = _images(visual)
+    with torch.no_grad():
+        before = visual(images)
+    add_adapters(visual, **variant)
+    with torch.no_grad():
+        after = visual(images)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- invariant 2: parameter counts
+@pytest.mark.parametrize(
+    "method, options, expected",
+    [
+        ("convpass", {}, 327_552),
+        ("convpass_attn", {}, 163_776),
+        ("convpass", {"placement": "mlp"}, 163_776),
+        ("convpass_share", {"dim": 32}, 56_064),
+    ],
+)
+def test_vit_b16_trainable_counts(vit_b16, method, options, expected):
+    layers, width = len(vit_b16.transformer.resblocks), vit_b16.transformer.width
+    assert (layers, width) == (12, 768)
+    try:
+        modules = add_adapters(vit_b16, method, **options)
+        assert count_trainable(vit_b16) == expected
+        assert count_trainable(modules) == expected
+        if method == "convpass":
+            assert expected == _expected_convpass(layers, width, 8, placements=2 if not options else 1)
+    finally:
+        remove_adapters(vit_b16)
+
+
+def test_vit_b16_remove_adapters_restores_plain_blocks(vit_b16):
+    keys = set(vit_b16.state_dict())
+    add_adapters(vit_b16, "convpass_share", dim=4)
+    remove_adapters(vit_b16)
+    assert set(vit_b16.state_dict()) == keys
+    assert all(type(b) is ResidualAttentionBlock for b in vit_b16.transformer.resblocks)
+    assert count_trainable(vit_b16) == 0
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+@pytest.mark.parametrize("placement, placements", [("attn+mlp", 2), ("attn", 1), ("mlp", 1)])
+def test_tiny_trainable_count_follows_formula(visual, kernel, placement, placements):
+    layers, width = len(visual.transformer.resblocks), visual.transformer.width
+    add_adapters(visual, "convpass", dim=6, kernel_size=kernel, placement=placement)
+    assert count_trainable(visual) == _expected_convpass(layers, width, 6, kernel, placements)
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_tiny_share_count_follows_formula(visual, kernel):
+    layers, width, dim = len(visual.transformer.resblocks), visual.transformer.width, 4
+    add_adapters(visual, "convpass_share", dim=dim, kernel_size=kernel)
+    assert count_trainable(visual) == 2 * width * dim + 2 * layers * kernel * kernel * dim
+    biases = [name for name, _ in adapter_modules(visual).named_parameters() if name.endswith("bias")]
+    assert biases == []
+
+
+def test_share_projections_are_one_object_registered_once(visual):
+    modules = add_adapters(visual, "convpass_share", dim=4)
+    shared = modules[0]
+    assert isinstance(shared, SharedProjections)
+    assert all(m.shared is shared for m in modules[1:])
+    names = list(adapter_state_dict(visual))
+    assert sum(".down.weight" in n for n in names) == 1
+    assert all(m.conv.groups == 4 and m.conv.bias is None for m in modules[1:])
+
+
+# ---------------------------------------------------------------- invariant 3: locality
+def _dependency(module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """(N_out, N_in) bool: does output token n depend on input token m (Jacobian non-zero)?"""
+    jacobian = torch.autograd.functional.jacobian(module, tokens)  # (1, N, d, 1, N, d)
+    return jacobian[0, :, :, 0].abs().sum(dim=(1, 3)) > 0
+
+
+def _expected_dependency(side: int, radius: int) -> torch.Tensor:
+    rows = torch.arange(side).repeat_interleave(side)
+    cols = torch.arange(side).repeat(side)
+    near = ((rows[:, None] - rows[None, :]).abs() <= radius) & ((cols[:, None] - cols[None, :]).abs() <= radius)
+    expected = torch.zeros(1 + side * side, 1 + side * side, dtype=torch.bool)
+    expected[0, 0] = True
+    expected[1:, 1:] = near
+    return expected
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+@pytest.mark.parametrize("share", [False, True])
+def test_convpass_is_local_on_the_patch_grid_and_cls_stays_apart(kernel, share):
+    torch.manual_seed(0)
+    width, dim, side = 8, 4, 5
+    shared = SharedProjections(width, dim) if share else None
+    adapter = Convpass(width, dim, kernel_size=kernel, share=shared).eval()
+    _randomize(adapter, seed=kernel)
+    if shared is not None:
+        _randomize(shared, seed=10 + kernel)
+    tokens = torch.randn(1, 1 + side * side, width, dtype=torch.float64)
+    adapter.double()
+    if shared is not None:
+        shared.double()
+    found = _dependency(adapter, tokens)
+    assert torch.equal(found, _expected_dependency(side, kernel // 2))
+
+
+def test_cls_path_equals_conv_of_a_one_pixel_image():
+    torch.manual_seed(0)
+    adapter = Convpass(12, 5, conv_init="xavier", dropout=0.0).eval()
+    _randomize(adapter)
+    tokens = torch.randn(3, 1 + 4 * 4, 12)
+    hidden = adapter.act(adapter.down(tokens[:, :1]))  # (B, 1, h)
+    as_image = adapter.conv(hidden.transpose(1, 2).reshape(3, 5, 1, 1)).reshape(3, 1, 5)
+    expected = adapter.up(adapter.act(as_image))
+    torch.testing.assert_close(adapter(tokens)[:, :1], expected)
+
+
+def test_patch_path_equals_conv_on_the_row_major_grid():
+    torch.manual_seed(0)
+    adapter = Convpass(12, 5, dropout=0.0).eval()
+    _randomize(adapter)
+    tokens = torch.randn(2, 1 + 3 * 3, 12)
+    hidden = adapter.act(adapter.down(tokens[:, 1:]))  # (B, 9, h)
+    grid = hidden.permute(0, 2, 1).reshape(2, 5, 3, 3)
+    conv = F.conv2d(grid, adapter.conv.weight, adapter.conv.bias, padding=1)
+    expected = adapter.up(adapter.act(conv.reshape(2, 5, 9).permute(0, 2, 1)))
+    torch.testing.assert_close(adapter(tokens)[:, 1:], expected)
+
+
+def test_fresh_convpass_outputs_zero_and_identity_conv():
+    adapter = Convpass(16, 4)
+    assert torch.count_nonzero(adapter(torch.randn(2, 17, 16))) == 0
+    weight = adapter.conv.weight
+    assert torch.equal(weight[:, :, 1, 1], torch.eye(4))
+    assert float(weight.detach().abs().sum()) == 4.0 and torch.count_nonzero(adapter.conv.bias) == 0
+
+
+# ---------------------------------------------------------------- invariant-adjacent: freezing, state dicts
+def test_only_adapters_require_grad_and_receive_grads(visual):
+    modules = add_adapters(visual, "convpass")
+    _randomize(modules)
+    adapter_ids = {id(p) for p in modules.parameters()}
+    assert {id(p) for p in visual.parameters() if p.requires_grad} == adapter_ids
+    visual(_images(visual)).square().sum().backward()
+    for name, param in visual.named_parameters():
+        if id(param) in adapter_ids:
+            assert param.grad is not None and torch.count_nonzero(param.grad) > 0, name
+        else:
+            assert param.grad is None, name
+
+
+def test_blocks_stay_residual_attention_blocks_with_unchanged_keys(tiny_config, visual):
+    before = copy.deepcopy(visual.state_dict())
+    add_adapters(visual, "convpass")
+    assert all(isinstance(b, ResidualAttentionBlock) and isinstance(b, ConvpassBlock) for b in visual.transformer.resblocks)
+    assert visual.transformer.get_cast_dtype() == torch.float32
+    adapted = visual.state_dict()
+    adapter_keys = set(adapter_state_dict(visual))
+    assert set(adapted) - adapter_keys == set(before)
+    assert all(".cp_attn." in k or ".cp_mlp." in k for k in adapter_keys)
+
+    fresh = open_clip.create_model(tiny_config.stem, pretrained=None).visual
+    fresh.load_state_dict(before, strict=True)
+    fresh.load_state_dict({k: v for k, v in adapted.items() if k not in adapter_keys}, strict=True)
+    result = visual.load_state_dict(before, strict=False)
+    assert set(result.missing_keys) == adapter_keys and result.unexpected_keys == []
+
+
+def test_gradient_checkpointing_gives_same_output_and_grads(visual):
+    modules = add_adapters(visual, "convpass", dropout=0.1)
+    _randomize(modules)
+    visual.train()
+    images = _images(visual)
+
+    def run(checkpointing: bool):
+        visual.set_grad_checkpointing(checkpointing)
+        visual.zero_grad(set_to_none=True)
+        torch.manual_seed(123)  # same dropout masks
+        out = visual(images)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in modules.parameters()]
+
+    plain_out, plain_grads = run(False)
+    ckpt_out, ckpt_grads = run(True)
+    torch.testing.assert_close(ckpt_out, plain_out)
+    for a, b in zip(ckpt_grads, plain_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_block_keeps_open_clip_call_signature_and_shares_layer_norm(visual):
+    add_adapters(visual, "convpass")
+    block = visual.transformer.resblocks[0]
+    calls = []
+    block.ln_1.register_forward_hook(lambda *args: calls.append("ln_1"))
+    block.ln_2.register_forward_hook(lambda *args: calls.append("ln_2"))
+    tokens = torch.randn(2, 17, visual.transformer.width)
+    torch.testing.assert_close(block(tokens, None, None, None), block(tokens))
+    assert calls == ["ln_1", "ln_2", "ln_1", "ln_2"]
+    with pytest.raises(ValueError, match="k_x and v_x"):
+        block(tokens, tokens)
+
+
+def test_sequential_adapter_reads_sub_block_output():
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(8, 2).eval()
+    cp_attn = Convpass(8, 4, dropout=0.0)
+    _randomize(cp_attn)
+    wrapped = ConvpassBlock(block, cp_attn, None, scale=0.5, sequential=True)
+    x = torch.randn(2, 10, 8)
+    a = block.ls_1(block.attention(block.ln_1(x)))
+    y = x + a + 0.5 * cp_attn(a)
+    expected = y + block.ls_2(block.mlp(block.ln_2(y)))
+    torch.testing.assert_close(wrapped(x), expected)
+
+
+def test_parallel_adapter_reads_normalized_input():
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(8, 2).eval()
+    cp_attn, cp_mlp = Convpass(8, 4, dropout=0.0), Convpass(8, 4, dropout=0.0)
+    _randomize(nn.ModuleList([cp_attn, cp_mlp]))
+    wrapped = ConvpassBlock(block, cp_attn, cp_mlp, scale=2.0)
+    x = torch.randn(2, 10, 8)
+    n1 = block.ln_1(x)
+    y = x + block.attention(n1) + 2.0 * cp_attn(n1)
+    n2 = block.ln_2(y)
+    torch.testing.assert_close(wrapped(x), y + block.mlp(n2) + 2.0 * cp_mlp(n2))
+
+
+# ---------------------------------------------------------------- bad input and dtypes
+def test_non_square_token_count_is_refused():
+    with pytest.raises(ValueError, match="not a perfect square"):
+        Convpass(8, 4)(torch.randn(1, 1 + 12, 8))
+    with pytest.raises(ValueError, match="3×4 grid"):
+        Convpass(8, 4, grid_size=(3, 4))(torch.randn(1, 1 + 16, 8))
+    assert Convpass(8, 4, grid_size=(3, 4))(torch.randn(1, 1 + 12, 8)).shape == (1, 13, 8)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"method": "lora_nope"}, "unknown adapter method 'lora_nope'; known methods: .*convpass"),
+        ({"placement": "ffn"}, "unknown placement 'ffn'"),
+        ({"method": "convpass_attn", "placement": "mlp"}, "implies placement 'attn'"),
+        ({"dim": 0}, "positive integer"),
+        ({"dim": -3}, "positive integer"),
+        ({"kernel_size": 2}, "positive odd"),
+        ({"conv_init": "orthogonal"}, "conv_init"),
+        ({"scale": float("nan")}, "finite"),
+    ],
+)
+def test_bad_arguments_are_refused_before_touching_the_encoder(visual, options, match):
+    keys = set(visual.state_dict())
+    with pytest.raises(ValueError, match=match):
+        add_adapters(visual, **options)
+    assert set(visual.state_dict()) == keys
+    assert all(type(b) is ResidualAttentionBlock for b in visual.transformer.resblocks)
+
+
+def test_second_call_is_refused_until_adapters_are_removed(visual):
+    add_adapters(visual, "convpass")
+    with pytest.raises(ValueError, match="already has adapters"):
+        add_adapters(visual, "convpass_share")
+    removed = remove_adapters(visual)
+    assert len(removed) == 2 * len(visual.transformer.resblocks)
+    add_adapters(visual, "convpass_share", dim=4)
+
+
+def test_patch_dropout_encoder_is_refused(tmp_path):
+    from clipconv.backbone import load_backbone
+
+    path = write_tiny_config(tmp_path, "tiny-patch-dropout", vision_cfg={"patch_dropout": 0.5})
+    with pytest.raises(ValueError, match="patch dropout"):
+        load_backbone(str(path), pretrained=None, device="cpu")
+    open_clip.add_model_config(path)
+    raw = open_clip.create_model(path.stem, pretrained=None)
+    with pytest.raises(ValueError, match="patch dropout"):
+        add_adapters(raw.visual)
+
+
+def test_encoders_without_residual_attention_blocks_are_refused(tmp_path):
+    with pytest.raises(TypeError, match="open_clip VisionTransformer"):
+        add_adapters(nn.Sequential(nn.Linear(4, 4)))
+    path = write_tiny_config(tmp_path, "tiny-qknorm", vision_cfg={"qk_norm": True})
+    open_clip.add_model_config(path)
+    custom = open_clip.create_model(path.stem, pretrained=None).visual
+    with pytest.raises(TypeError, match="CustomResidualAttentionBlock"):
+        add_adapters(custom)
+
+
+def test_registry_lists_methods_and_refuses_unknown_or_duplicate_names():
+    assert {"convpass", "convpass_attn", "convpass_share"} <= set(ADAPTERS)
+    assert get_adapter("convpass_attn").placement == "attn"
+    with pytest.raises(ValueError, match="known methods"):
+        get_adapter("nope")
+    with pytest.raises(ValueError, match="already registered"):
+        register_adapter("convpass")(lambda width, **kw: None)
+
+
+def test_fp32_adapters_run_in_a_bf16_trunk(tiny_config):
+    from clipconv.backbone import load_backbone
+
+    torch.manual_seed(0)
+    visual = load_backbone(str(tiny_config), pretrained=None, device="cpu", precision="bf16").visual
+    modules = add_adapters(visual, "convpass")
+    _randomize(modules)
+    assert {p.dtype for p in modules.parameters()} == {torch.float32}
+    assert visual.conv1.weight.dtype == torch.bfloat16
+    images = _images(visual).to(torch.bfloat16)
+    out = visual(images)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in modules.parameters())
+
+
+def test_adapters_under_bf16_autocast(visual):
+    modules = add_adapters(visual, "convpass")
+    _randomize(modules)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = visual(_images(visual))
+    out.float().sum().backward()
+    assert all(p.grad is not None for p in modules.parameters())
+
+
+# ---------------------------------------------------------------- scale
+def test_scale_changes_output_and_zero_scale_restores_the_encoder(visual):
+    images = _images(visual)
+    with torch.no_grad():
+        plain = visual(images)
+    modules = add_adapters(visual, "convpass", scale=0.1)
+    _randomize(modules)
+    assert get_adapter_scale(visual) == 0.1
+    with torch.no_grad():
+        small = visual(images)
+        set_adapter_scale(visual, 10.0)
+        large = visual(images)
+        set_adapter_scale(visual, 0.0)
+        off = visual(images)
+    assert not torch.allclose(small, plain, atol=1e-4)
+    assert not torch.allclose(large, small, atol=1e-4)
+    torch.testing.assert_close(off, plain, atol=0, rtol=0)
+    assert get_adapter_scale(visual) == 0.0
+
+
+def test_scale_helpers_refuse_an_encoder_without_adapters(visual):
+    with pytest.raises(ValueError, match="no adapters"):
+        set_adapter_scale(visual, 1.0)
+    with pytest.raises(ValueError, match="no adapters to remove"):
+        remove_adapters(visual)
+
+
+def test_adapters_follow_the_encoder_train_eval_mode(visual):
+    visual.train()
+    modules = add_adapters(visual, "convpass")
+    assert all(m.training for m in modules)
+    visual.eval()
+    assert not any(m.training for m in modules)
