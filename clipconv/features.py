@@ -1,0 +1,222 @@
+"""On-disk cache of frozen image-encoder features, so each image set is encoded once per backbone.
+
+A cache entry is keyed by everything that changes the features: the backbone (`Backbone.describe()`:
+model, weights id incl. file hash, QuickGELU) and its precision, the dataset (root + hash of the sorted
+sample list), the transform (an explicit id or its repr without memory addresses), the number of
+augmentation rounds and the seed. Entries are safetensors files written atomically (temp file + rename),
+so an interrupted run never leaves a readable partial entry; an entry whose stored key differs or that
+fails to load is recomputed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from .io import atomic_path
+
+__all__ = ["FeatureStore", "default_cache_dir", "transform_id", "samples_digest"]
+
+CACHE_FORMAT = 1
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def default_cache_dir() -> Path:
+    """`$CLIPCONV_CACHE/features`, else `~/.cache/clipconv/features`."""
+    base = os.environ.get("CLIPCONV_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "clipconv") / "features"
+
+
+def transform_id(transform: Callable) -> str:
+    """A stable text id of a transform: its repr with process-specific memory addresses removed."""
+    return _ADDRESS.sub("", repr(transform))
+
+
+def samples_digest(samples: Sequence[tuple[str, int]]) -> str:
+    """SHA-256 over the sorted (relative path, label) list."""
+    digest = hashlib.sha256()
+    for path, label in sorted((str(p), int(l)) for p, l in samples):
+        digest.update(f"{path}\t{label}\n".encode("utf-8"))
+    return digest.hexdigest()
+
+
+class FeatureStore:
+    """Raw (unnormalized) fp32 `encode_image` features of image lists, cached on disk.
+
+    `cache_dir=None` disables the cache. `encoder_calls` counts the images pushed through the encoder
+    (so a test can assert that a second method encoded nothing). Undecodable images are skipped; the
+    returned labels (and `last_kept`, the positions in the given sample list that were kept) stay aligned
+    with the features, which come back in the order of the given sample list.
+    """
+
+    def __init__(
+        self,
+        backbone: Any,
+        cache_dir: Union[str, Path, None] = "default",
+        batch_size: int = 64,
+        workers: int = 0,
+        device: Union[str, torch.device, None] = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"FeatureStore batch_size must be >= 1, got {batch_size}")
+        self.backbone = backbone
+        self.cache_dir = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
+        self.batch_size = batch_size
+        self.workers = workers
+        self.device = torch.device(device) if device is not None else backbone.device
+        self.encoder_calls = 0
+        self.cache_hits = 0
+
+    # ------------------------------------------------------------------ keys
+    def cache_key(self, root: Union[str, Path], samples: Sequence, transform_name: str, rounds: int, seed: int) -> dict:
+        """Everything that identifies one feature set."""
+        return {
+            "format": CACHE_FORMAT,
+            "backbone": self.backbone.describe(),
+            "precision": getattr(self.backbone, "precision", "fp32"),
+            "root": str(Path(root).resolve()),
+            "samples": samples_digest(samples),
+            "n_samples": len(samples),
+            "transform": transform_name,
+            "rounds": int(rounds),
+            "seed": int(seed),
+        }
+
+    def _entry_path(self, key: dict) -> Optional[Path]:
+        if self.cache_dir is None:
+            return None
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()
+        return self.cache_dir / f"{digest[:40]}.safetensors"
+
+    # ------------------------------------------------------------------ public
+    def encode(
+        self,
+        root: Union[str, Path],
+        samples: Sequence[tuple[str, int]],
+        transform: Union[str, Callable] = "eval",
+        rounds: int = 1,
+        seed: int = 0,
+        desc: str = "",
+        with_labels: bool = False,
+        transform_name: Optional[str] = None,
+    ):
+        """Features (N, D) fp32 [and labels (N,)] of `samples` under `transform`.
+
+        `transform` is "eval", "train" (the backbone's transforms) or any callable; `transform_name`
+        overrides the id used in the cache key. With `rounds > 1` the features of `rounds` augmented
+        passes are averaged (Tip-Adapter's cache keys); round r draws its augmentation from seed
+        `seed * 1000 + r`, so the result is reproducible.
+        """
+        if rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {rounds}")
+        samples = [(str(p), int(l)) for p, l in samples]
+        order = sorted(range(len(samples)), key=lambda i: samples[i])
+        samples = [samples[i] for i in order]  # cached in sorted order, returned in the caller's
+        func = self._resolve_transform(transform)
+        name = transform_name or (f"backbone.{transform}:" + transform_id(func) if isinstance(transform, str)
+                                  else transform_id(func))
+        key = self.cache_key(root, samples, name, rounds, seed)
+        path = self._entry_path(key)
+        cached = self._read(path, key) if path is not None else None
+        if cached is not None:
+            self.cache_hits += 1
+            feats, labels, kept = cached
+        else:
+            feats, labels, kept = self._compute(root, samples, func, rounds, seed, desc)
+            if path is not None:
+                self._write(path, key, feats, labels, kept)
+        original = torch.as_tensor(order, dtype=torch.long)[kept] if len(kept) else kept
+        back = torch.argsort(original)
+        feats, labels, kept = feats[back], labels[back], original[back]
+        self.last_kept = kept
+        return (feats, labels) if with_labels else feats
+
+    # ------------------------------------------------------------------ internals
+    def _resolve_transform(self, transform: Union[str, Callable]) -> Callable:
+        if transform == "eval":
+            return self.backbone.eval_transform
+        if transform == "train":
+            return self.backbone.train_transform
+        if isinstance(transform, str) or not callable(transform):
+            raise ValueError(f"transform must be 'eval', 'train' or a callable, got {transform!r}")
+        return transform
+
+    def _read(self, path: Path, key: dict):
+        if not path.is_file():
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                stored = json.loads((handle.metadata() or {}).get("key", "null"))
+                if stored != json.loads(json.dumps(key)):
+                    return None
+                return handle.get_tensor("features"), handle.get_tensor("labels"), handle.get_tensor("kept")
+        except Exception as err:  # a damaged entry is recomputed, never trusted
+            warnings.warn(f"feature cache entry '{path}' is unreadable ({err}); recomputing it", stacklevel=3)
+            return None
+
+    def _write(self, path: Path, key: dict, feats: torch.Tensor, labels: torch.Tensor, kept: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        with atomic_path(path) as tmp:
+            save_file({"features": feats.contiguous(), "labels": labels.contiguous(), "kept": kept.contiguous()},
+                      str(tmp), metadata={"key": json.dumps(key)})
+
+    @torch.no_grad()
+    def _compute(self, root, samples, transform, rounds, seed, desc):
+        total = None
+        labels = kept = None
+        for round_index in range(rounds):
+            generator_seed = seed * 1000 + round_index
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(generator_seed)
+                feats, round_labels, round_kept = self._encode_once(
+                    root, samples, transform, generator_seed,
+                    desc if rounds == 1 else f"{desc or 'features'} (round {round_index + 1}/{rounds})")
+            if labels is None:
+                labels, kept, total = round_labels, round_kept, feats
+            else:
+                if not torch.equal(kept, round_kept):
+                    raise RuntimeError(f"images under '{root}' changed between augmentation rounds")
+                total = total + feats
+        return (total / rounds).float().contiguous(), labels, kept
+
+    def _encode_once(self, root, samples, transform, generator_seed, desc):
+        from tqdm.auto import tqdm
+
+        from .data import ImageListDataset, collate_skip_bad
+
+        indexed = [(path, position) for position, (path, _) in enumerate(samples)]
+        dataset = ImageListDataset(root, indexed, transform, on_error="skip")
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.workers,
+            collate_fn=collate_skip_bad, generator=torch.Generator().manual_seed(generator_seed),
+        )
+        model = self.backbone.model
+        dtype = next(model.visual.parameters()).dtype
+        feats, positions, skipped = [], [], []
+        for batch in tqdm(loader, desc=desc or "features", unit="batch", leave=False):
+            skipped.extend(getattr(batch, "skipped", ()))
+            images, index = batch
+            if len(index) == 0:
+                continue
+            out = model.encode_image(images.to(self.device, dtype=dtype))
+            self.encoder_calls += len(index)
+            feats.append(out.float().cpu())
+            positions.append(index)
+        if skipped:
+            from .data import report_skipped
+
+            report_skipped(skipped, f"images under '{root}'")
+        kept = torch.cat(positions) if positions else torch.empty(0, dtype=torch.long)
+        all_labels = torch.tensor([samples[i][1] for i in kept.tolist()], dtype=torch.long)
+        width = int(getattr(model.visual, "output_dim", 0) or 0)
+        features = torch.cat(feats) if feats else torch.empty(0, width)
+        return features, all_labels, kept

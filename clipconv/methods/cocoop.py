@@ -1,0 +1,85 @@
+"""CoCoOp (Zhou et al., CVPR 2022): CoOp plus an image-conditioned shift of the prompt context.
+
+Defaults are the reference's: 4 context vectors initialized from "a photo of a"; meta-net
+Linear(E → E/16) → ReLU → Linear(E/16 → W) (E the image-embedding size, W the text width; 512 → 32 →
+512 for ViT-B/16) whose output is added to every context vector; batch 1, 10 epochs, SGD lr 0.002
+(momentum 0.9, wd 5e-4, one warm-up epoch at 1e-5, cosine).
+
+Cost: the prompts depend on the image, so the text encoder runs over ALL C classes for EVERY image,
+in training and at test time: B·C text-encoder sequences per batch (ImageNet: 1,000 per image, so
+evaluating 50,000 val images means 5·10⁷ text-encoder passes) and activation memory for B·C sequences
+in training (users report running out of 16–24 GB GPU memory on ImageNet). `class_chunk` encodes the
+classes in chunks — in training with activation checkpointing (the chunk is recomputed in the
+backward), so peak memory scales with the chunk instead of C at the price of a second forward —
+and `batch_size`/`eval_batch` bound the images per step.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import FitContext, register_method
+from .coop import CoOp
+
+__all__ = ["CoCoOp", "MetaNet"]
+
+
+class MetaNet(nn.Module):
+    """Linear(in → max(1, in/16)) → ReLU → Linear(→ out): a per-image bias for the context vectors."""
+
+    def __init__(self, in_dim: int, out_dim: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = max(1, in_dim // reduction)
+        self.linear1 = nn.Linear(in_dim, hidden)
+        self.relu = nn.ReLU(inplace=True)
+        self.linear2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.relu(self.linear1(x)))
+
+
+@register_method("cocoop")
+class CoCoOp(CoOp):
+    """Conditional prompt learning; options as CoOp plus `eval_batch` (images per scoring chunk)."""
+
+    def __init__(self, n_ctx: int = 4, init_phrase: Optional[str] = "a photo of a", epochs: int = 10,
+                 batch_size: int = 1, eval_batch: int = 64, **options: Any) -> None:
+        super().__init__(n_ctx=n_ctx, init_phrase=init_phrase, epochs=epochs, batch_size=batch_size, **options)
+        if eval_batch < 1:
+            raise ValueError(f"eval_batch must be >= 1, got {eval_batch}")
+        self.eval_batch = eval_batch
+        self.meta_net: Optional[MetaNet] = None
+
+    def setup(self, ctx: FitContext) -> None:
+        super().setup(ctx)
+        embed_dim = int(ctx.backbone.model.text_projection.shape[1]) if isinstance(
+            ctx.backbone.model.text_projection, torch.Tensor) else int(ctx.backbone.model.text_projection.out_features)
+        self.meta_net = MetaNet(embed_dim, self.learner.width).to(ctx.device)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [self.learner.ctx, *self.meta_net.parameters()]
+
+    def batch_logits(self, features: torch.Tensor) -> torch.Tensor:
+        image = F.normalize(features.float(), dim=-1)
+        shifts = self.meta_net(image)
+        rows = [self.logit_scale * image[i] @ self.class_text_features(shifts[i]).t() for i in range(len(image))]
+        return torch.stack(rows)
+
+    def _finish(self, ctx: FitContext) -> None:
+        self._text_features = None
+        self._fitted = True
+        if len(ctx.val):
+            feats, labels = ctx.features.encode(ctx.data_root, ctx.val, desc="cocoop: val", with_labels=True)
+            predictions = self.logits_from_features(feats.to(ctx.device)).argmax(-1).cpu()
+            self.val_top1 = 100.0 * float((predictions == labels).float().mean()) if len(labels) else None
+
+    @torch.no_grad()
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        if not getattr(self, "_fitted", False):
+            raise RuntimeError("cocoop must be fitted before scoring")
+        features = features.to(self._device)
+        return torch.cat([self.batch_logits(chunk) for chunk in features.split(self.eval_batch)]) \
+            if len(features) else torch.empty(0, self.learner.num_classes)

@@ -1,0 +1,162 @@
+"""CoOp (Zhou et al., IJCV 2022): learnable prompt context in front of CLIP's frozen text encoder.
+
+Defaults are the reference's ImageNet / ViT-B/16 settings: 16 context vectors shared across classes,
+class token at the end, random init N(0, 0.02²); SGD lr 0.002, momentum 0.9, weight decay 5e-4,
+50 epochs, batch 32, one constant warm-up epoch at 1e-5 then cosine per epoch. (The CoCoOp paper's
+domain-generalization runs use `n_ctx=4, init_phrase="a photo of a"`.)
+
+Image side: the image encoder is frozen, so image features come from the FeatureStore. Instead of
+re-encoding freshly augmented images every epoch (50 passes over the K-shot set), `views` augmented
+views of the train set are encoded once (the backbone's protocol train transform: random resized crop
+scale 0.08–1 + flip; each view cached under its own seed) and epoch e uses view e mod `views`.
+`views=0` trains on un-augmented (eval-transform) features. Each step runs the text encoder over all
+classes (C prompts); `class_chunk` splits that pass and recomputes it in the backward (checkpointing)
+to bound memory.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .base import FitContext, register_method
+from .frozen import FrozenEncoderMethod, require_features
+from .prompt_learner import FrozenTextEncoder, PromptLearner, warmup_cosine_lr
+
+__all__ = ["CoOp"]
+
+
+@register_method("coop")
+class CoOp(FrozenEncoderMethod):
+    """Prompt learning with a static context. See the module docstring for options and defaults."""
+
+    def __init__(self, n_ctx: int = 16, init_phrase: Optional[str] = None, class_specific: bool = False,
+                 epochs: int = 50, lr: float = 0.002, batch_size: int = 32, momentum: float = 0.9,
+                 weight_decay: float = 5e-4, warmup_epochs: int = 1, warmup_lr: float = 1e-5, views: int = 10,
+                 init_std: float = 0.02, class_chunk: Optional[int] = None) -> None:
+        if epochs < 1 or batch_size < 1 or views < 0:
+            raise ValueError(f"{type(self).__name__}: epochs and batch_size must be >= 1 and views >= 0 "
+                             f"(got epochs={epochs}, batch_size={batch_size}, views={views})")
+        if class_chunk is not None and class_chunk < 1:
+            raise ValueError(f"class_chunk must be >= 1 or None, got {class_chunk}")
+        self.n_ctx, self.init_phrase, self.class_specific, self.init_std = n_ctx, init_phrase, class_specific, init_std
+        self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
+        self.momentum, self.weight_decay = momentum, weight_decay
+        self.warmup_epochs, self.warmup_lr = warmup_epochs, warmup_lr
+        self.views, self.class_chunk = views, class_chunk
+        self.learner: Optional[PromptLearner] = None
+        self.text_encoder: Optional[FrozenTextEncoder] = None
+        self.logit_scale = 100.0
+        self.history: list[dict[str, float]] = []
+        self.val_top1: Optional[float] = None
+        self._text_features: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ model pieces
+    def setup(self, ctx: FitContext) -> None:
+        """Build the prompt learner (and anything else trainable) for ctx's backbone and classes."""
+        self._bind(ctx)
+        model = ctx.backbone.model
+        torch.manual_seed(ctx.seed)
+        self.learner = PromptLearner(model, ctx.backbone.tokenizer, list(ctx.classnames), self.n_ctx,
+                                     self.init_phrase, self.class_specific, self.init_std).to(ctx.device)
+        self.text_encoder = FrozenTextEncoder(model)
+        self.logit_scale = ctx.backbone.logit_scale
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [self.learner.ctx]
+
+    def class_text_features(self, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """L2-normalized text features (C, embed_dim) of the current prompts, chunked over classes."""
+        total = self.learner.num_classes
+        chunk = self.class_chunk or total
+        pieces = []
+        for start in range(0, total, chunk):
+            classes = slice(start, min(start + chunk, total))
+            if torch.is_grad_enabled() and chunk < total:
+                pieces.append(checkpoint(self._encode_classes, shift, classes, use_reentrant=False))
+            else:
+                pieces.append(self._encode_classes(shift, classes))
+        return F.normalize(torch.cat(pieces), dim=-1)
+
+    def _encode_classes(self, shift: Optional[torch.Tensor], classes: slice) -> torch.Tensor:
+        return self.text_encoder(self.learner(shift, classes), self.learner.tokens[classes])
+
+    def batch_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) of raw image features under the current (differentiable) prompts."""
+        return self.logit_scale * F.normalize(features.float(), dim=-1) @ self.class_text_features().t()
+
+    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.batch_logits(features), labels)
+
+    # ------------------------------------------------------------------ training
+    def _train_views(self, ctx: FitContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        store = require_features(ctx)
+        if self.views == 0:
+            return [store.encode(ctx.data_root, ctx.train, desc=f"{self.name}: train", with_labels=True)]
+        return [store.encode(ctx.data_root, ctx.train, transform="train", seed=ctx.seed * 10_000 + 100 + view,
+                             desc=f"{self.name}: train view {view + 1}/{self.views}", with_labels=True)
+                for view in range(min(self.views, self.epochs))]
+
+    def fit(self, ctx: FitContext) -> dict[str, Any]:
+        self.setup(ctx)
+        views = self._train_views(ctx)
+        if len(views[0][0]) == 0:
+            raise ValueError(f"{self.name}: the training split has no decodable images")
+        model = ctx.backbone.model
+        flags = [p.requires_grad for p in model.parameters()]
+        for param in model.parameters():  # frozen during the fit; flags restored afterwards
+            param.requires_grad_(False)
+        params = self.trainable_parameters()
+        optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        generator = torch.Generator().manual_seed(ctx.seed)
+        try:
+            for epoch in range(self.epochs):
+                lr = warmup_cosine_lr(epoch, self.lr, self.epochs, self.warmup_epochs, self.warmup_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                feats, labels = views[epoch % len(views)]
+                order = torch.randperm(len(feats), generator=generator)
+                total = 0.0
+                for start in range(0, len(order), self.batch_size):
+                    index = order[start:start + self.batch_size]
+                    loss = self.loss(feats[index].to(ctx.device), labels[index].to(ctx.device))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    total += float(loss) * len(index)
+                self.history.append({"epoch": epoch + 1, "lr": lr, "train_loss": total / len(feats)})
+                ctx.log(f"{self.name} epoch {epoch + 1}/{self.epochs}: lr {lr:.3g}, loss {total / len(feats):.4f}")
+        finally:
+            for param, flag in zip(model.parameters(), flags):
+                param.requires_grad_(flag)
+        self._finish(ctx)
+        return self.summary()
+
+    def _finish(self, ctx: FitContext) -> None:
+        """Freeze the learnt prompts for scoring and report validation accuracy (no selection on it)."""
+        with torch.no_grad():
+            self._text_features = self.class_text_features()
+        if len(ctx.val):
+            feats, labels = ctx.features.encode(ctx.data_root, ctx.val, desc=f"{self.name}: val", with_labels=True)
+            with torch.no_grad():
+                predictions = self.logits_from_features(feats.to(ctx.device)).argmax(-1).cpu()
+            self.val_top1 = 100.0 * float((predictions == labels).float().mean()) if len(labels) else None
+
+    @torch.no_grad()
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        if self._text_features is None:
+            raise RuntimeError(f"{self.name} must be fitted before scoring")
+        feats = F.normalize(features.float().to(self._text_features.device), dim=-1)
+        return self.logit_scale * feats @ self._text_features.t()
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"n_ctx": self.learner.n_ctx if self.learner else self.n_ctx,
+                               "class_specific": self.class_specific, "epochs": self.epochs, "views": self.views}
+        if self.history:
+            out["final_train_loss"] = self.history[-1]["train_loss"]
+        if self.val_top1 is not None:
+            out["val_top1"] = self.val_top1
+        return out

@@ -1,0 +1,132 @@
+"""Learnable prompt context in front of open_clip's frozen text tower (shared by CoOp and CoCoOp).
+
+Prompts are "[SOS] ctx_1 … ctx_M <class name>. [EOS]": the tokenized text "X X … X <name>." supplies
+the [SOS] embedding (prefix) and the class-name/EOS/padding embeddings (suffix); the M placeholders
+are replaced by learnable vectors. The text tower (token/positional embeddings, transformer with its
+causal mask, ln_final, EOT pooling, text_projection) is read from the open_clip model and never
+updated: its parameters get `requires_grad=False` and only the context (and CoCoOp's meta-net) are
+given to the optimizer.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FrozenTextEncoder", "PromptLearner", "warmup_cosine_lr", "freeze_text_tower"]
+
+
+def freeze_text_tower(model: nn.Module) -> None:
+    """Mark every CLIP parameter frozen (image and text towers alike)."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
+class FrozenTextEncoder(nn.Module):
+    """open_clip's `encode_text` from prompt embeddings instead of token ids (weights borrowed, not copied)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "clip", model)  # not a submodule: never in state_dict / parameters()
+        self.pool_type = getattr(model, "text_pool_type", "argmax")
+        self.eos_token_id = getattr(model, "text_eos_id", None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.clip.transformer.get_cast_dtype()
+
+    def forward(self, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """prompts (B, L, width) embeddings; tokens (B, L) the ids they came from (for EOT pooling)."""
+        from open_clip.transformer import text_global_pool
+
+        clip = self.clip
+        x = prompts.to(self.dtype) + clip.positional_embedding.to(self.dtype)
+        x = clip.transformer(x, attn_mask=clip.attn_mask)
+        x = clip.ln_final(x)
+        x = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_token_id)
+        projection = clip.text_projection
+        if projection is not None:
+            x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
+        return x.float()
+
+
+class PromptLearner(nn.Module):
+    """Context vectors (M, width) — or (C, M, width) when `class_specific` — plus the fixed token pieces.
+
+    `init_phrase` (e.g. "a photo of a") initializes the context from its token embeddings and fixes M
+    to its token count; otherwise M = `n_ctx` and the vectors are drawn from N(0, `init_std`²).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Callable, classnames: Sequence[str], n_ctx: int = 16,
+                 init_phrase: Optional[str] = None, class_specific: bool = False, init_std: float = 0.02) -> None:
+        super().__init__()
+        if not classnames:
+            raise ValueError("PromptLearner needs at least one class name")
+        embedding = model.token_embedding
+        width = embedding.weight.shape[1]
+        device = embedding.weight.device
+        context_length = int(model.positional_embedding.shape[0])
+        with torch.no_grad():
+            if init_phrase:
+                phrase_ids = _content_ids(tokenizer, init_phrase)
+                n_ctx = len(phrase_ids)
+                init = embedding(torch.tensor(phrase_ids, device=device)).float()
+                placeholder = init_phrase.strip()
+            else:
+                if n_ctx < 1:
+                    raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
+                init = torch.randn(n_ctx, width, device=device) * init_std
+                placeholder = " ".join(["X"] * n_ctx)
+            texts = [f"{placeholder} {name}." for name in classnames]
+            lengths = [len(_content_ids(tokenizer, text)) + 2 for text in texts]
+            too_long = [name for name, length in zip(classnames, lengths) if length > context_length]
+            if too_long:
+                raise ValueError(
+                    f"{n_ctx} context tokens + class name exceed the text context length {context_length} for "
+                    f"{len(too_long)} class(es), e.g. {too_long[0]!r}: use fewer context tokens (n_ctx)")
+            tokens = tokenizer(texts).to(device)
+            token_embeddings = embedding(tokens).float()
+        if class_specific:
+            init = init.unsqueeze(0).repeat(len(classnames), 1, 1)
+        self.n_ctx, self.class_specific, self.width = n_ctx, class_specific, width
+        self.ctx = nn.Parameter(init.clone())
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("prefix", token_embeddings[:, :1].clone(), persistent=False)
+        self.register_buffer("suffix", token_embeddings[:, 1 + n_ctx:].clone(), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.tokens.shape[0]
+
+    def forward(self, shift: Optional[torch.Tensor] = None, classes: Optional[slice] = None) -> torch.Tensor:
+        """Prompt embeddings (C', L, width) for the classes in `classes`; `shift` (width,) is added to
+        every context vector (CoCoOp's image-conditioned bias)."""
+        classes = classes or slice(None)
+        prefix, suffix = self.prefix[classes], self.suffix[classes]
+        ctx = self.ctx[classes] if self.class_specific else self.ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)
+        if shift is not None:
+            ctx = ctx + shift.view(1, 1, -1)
+        return torch.cat([prefix, ctx.to(prefix.dtype), suffix], dim=1)
+
+
+def _content_ids(tokenizer: Callable, text: str) -> list[int]:
+    """Token ids of `text` without the start/end tokens and padding."""
+    ids = tokenizer([text])[0].tolist()
+    end = ids.index(max(ids))  # EOT has the highest id in CLIP's vocabulary
+    return ids[1:end]
+
+
+def warmup_cosine_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int = 1,
+                     warmup_lr: float = 1e-5) -> float:
+    """CoOp/Dassl's schedule per epoch: constant `warmup_lr` for the warm-up epochs, then the cosine
+    of the full run: base_lr·(1 + cos(π·epoch/epochs))/2."""
+    if epoch < warmup_epochs:
+        return warmup_lr
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+def normalized(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)

@@ -1,0 +1,221 @@
+"""Tip-Adapter and Tip-Adapter-F (Zhang et al., ECCV 2022): a key-value cache of few-shot features.
+
+logits = logit_scale·f·Wᵀ + α·exp(−β(1 − f·keysᵀ))·values, f the L2-normalized test feature, W the
+zero-shot class embeddings, keys the L2-normalized mean of `augment_rounds` augmented features of each
+K-shot image (RandomResizedCrop at the model's input size, scale 0.5–1, bicubic, + flip), values one-hot.
+
+α and β start at the reference's ImageNet values (1.17, 1) and are searched on ctx.val (β over
+[0.1, 7) in 200 steps, α over [0.1, 3) in 20 steps; `search="small"` uses 20 × 10 for quick runs). The
+reference picks them — and Tip-Adapter-F's best epoch — on the test set; here only ctx.val is used.
+With an empty ctx.val the initial α/β (and the last epoch) are kept, with a log line saying so.
+
+Tip-Adapter-F trains the keys only: AdamW lr 1e-3 (eps 1e-4), 20 epochs, batch 256, cosine per
+iteration, α/β fixed while training, fresh augmented features every epoch (each epoch's features are
+cached under their own seed, so a rerun encodes nothing).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .base import FitContext, register_method
+from .frozen import FrozenEncoderMethod, require_features, resolve_templates, text_classifier
+
+__all__ = ["TipAdapter", "TipAdapterF", "tip_logits", "tip_cache_transform", "search_grid"]
+
+SEARCH_GRIDS = {"full": ((7.0, 200), (3.0, 20)), "small": ((7.0, 20), (3.0, 10))}
+
+
+def tip_logits(features: torch.Tensor, class_weights: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               alpha: float, beta: float, logit_scale: float) -> torch.Tensor:
+    """Tip-Adapter logits from raw features; `keys` (N_keys, D) are L2-normalized (trained ones as they are),
+    `values` (N_keys, C)."""
+    f = F.normalize(features.float(), dim=-1)
+    affinity = f @ keys.t()
+    return logit_scale * f @ class_weights.t() + alpha * torch.exp(-beta * (1.0 - affinity)) @ values
+
+
+def search_grid(high: float, steps: int) -> list[float]:
+    """The reference's grid: 0.1 + i·(high − 0.1)/steps for i in 0..steps−1."""
+    return [0.1 + i * (high - 0.1) / steps for i in range(steps)]
+
+
+def tip_cache_transform(backbone: Any, scale: tuple[float, float] = (0.5, 1.0)) -> tuple[Callable, str]:
+    """Tip-Adapter's cache augmentation at the model's input size, with a stable id for the feature cache."""
+    from torchvision import transforms as T
+
+    from ..backbone import _to_rgb
+
+    size = backbone.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    normalize = next(t for t in backbone.eval_transform.transforms if isinstance(t, T.Normalize))
+    transform = T.Compose([
+        T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        _to_rgb,
+        T.ToTensor(),
+        T.Normalize(mean=normalize.mean, std=normalize.std),
+    ])
+    name = f"tip-cache:rrc{size},scale{scale[0]}-{scale[1]},bicubic,flip,mean{tuple(normalize.mean)},std{tuple(normalize.std)}"
+    return transform, name
+
+
+def best_alpha_beta(val_feats: torch.Tensor, val_labels: torch.Tensor, class_weights: torch.Tensor,
+                    keys: torch.Tensor, values: torch.Tensor, logit_scale: float,
+                    betas: Sequence[float], alphas: Sequence[float]) -> tuple[float, float, float]:
+    """(α, β, val top-1 %) maximizing validation accuracy; first best wins on ties."""
+    f = F.normalize(val_feats.float(), dim=-1)
+    clip = logit_scale * f @ class_weights.t()
+    affinity = f @ keys.t()
+    alpha_t = torch.tensor(list(alphas), dtype=clip.dtype).view(-1, 1, 1)
+    best = (-1.0, 0.0, 0.0)
+    for beta in betas:
+        cache = torch.exp(-beta * (1.0 - affinity)) @ values  # (N, C)
+        predictions = (clip.unsqueeze(0) + alpha_t * cache.unsqueeze(0)).argmax(dim=-1)  # (A, N)
+        accuracy = (predictions == val_labels.view(1, -1)).float().mean(dim=1)
+        index = int(accuracy.argmax())
+        if float(accuracy[index]) > best[0]:
+            best = (float(accuracy[index]), float(alphas[index]), float(beta))
+    return best[1], best[2], 100.0 * best[0]
+
+
+@register_method("tip_adapter")
+class TipAdapter(FrozenEncoderMethod):
+    """Training-free Tip-Adapter. Options: alpha, beta (initial values), search ("full" | "small" | "none"),
+    augment_rounds, templates (None → ctx.templates; the reference uses the "tip" set)."""
+
+    def __init__(self, alpha: float = 1.17, beta: float = 1.0, search: str = "full", augment_rounds: int = 10,
+                 templates: Union[str, Sequence[str], None] = None) -> None:
+        if search not in (*SEARCH_GRIDS, "none"):
+            raise ValueError(f"tip_adapter search must be one of {[*SEARCH_GRIDS, 'none']}, got {search!r}")
+        if augment_rounds < 1:
+            raise ValueError(f"augment_rounds must be >= 1, got {augment_rounds}")
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.search = search
+        self.augment_rounds = augment_rounds
+        self.templates = templates
+        self.keys: Optional[torch.Tensor] = None
+        self.values: Optional[torch.Tensor] = None
+        self.class_weights: Optional[torch.Tensor] = None
+        self.logit_scale = 100.0
+        self.val_top1: Optional[float] = None
+        self.search_source = ""
+
+    # --------------------------------------------------------------- building blocks
+    def _build_cache(self, ctx: FitContext) -> None:
+        store = require_features(ctx)
+        self._bind(ctx)
+        self.class_weights = text_classifier(ctx, resolve_templates(self.templates, ctx)).to(ctx.device)
+        self.logit_scale = ctx.backbone.logit_scale
+        self._augment, self._augment_name = tip_cache_transform(ctx.backbone)
+        feats, labels = store.encode(ctx.data_root, ctx.train, transform=self._augment, rounds=self.augment_rounds,
+                                     seed=ctx.seed, desc="tip-adapter: cache keys", with_labels=True,
+                                     transform_name=self._augment_name)
+        if len(feats) == 0:
+            raise ValueError("tip_adapter: the training split has no decodable images")
+        self.keys = F.normalize(feats, dim=-1).to(ctx.device)
+        self.values = F.one_hot(labels, num_classes=len(ctx.classnames)).float().to(ctx.device)
+
+    def _val_features(self, ctx: FitContext) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        if not len(ctx.val):
+            return None
+        feats, labels = ctx.features.encode(ctx.data_root, ctx.val, desc="tip-adapter: val", with_labels=True)
+        return feats.to(ctx.device), labels.to(ctx.device)
+
+    def _search(self, ctx: FitContext, val: Optional[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if self.search == "none" or val is None:
+            self.search_source = "initial values" + ("" if val is not None else " (ctx.val is empty)")
+            if val is None and self.search != "none":
+                ctx.log("tip_adapter: no validation split; keeping the initial alpha/beta")
+            return
+        (beta_high, beta_steps), (alpha_high, alpha_steps) = SEARCH_GRIDS[self.search]
+        self.alpha, self.beta, self.val_top1 = best_alpha_beta(
+            val[0], val[1], self.class_weights, self.keys, self.values, self.logit_scale,
+            search_grid(beta_high, beta_steps), search_grid(alpha_high, alpha_steps))
+        self.search_source = "ctx.val"
+        ctx.log(f"{self.name}: alpha = {self.alpha:.3f}, beta = {self.beta:.3f}, val top-1 {self.val_top1:.2f}%")
+
+    # --------------------------------------------------------------- Method API
+    def fit(self, ctx: FitContext) -> dict[str, Any]:
+        self._build_cache(ctx)
+        self._search(ctx, self._val_features(ctx))
+        return self.summary()
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        if self.keys is None:
+            raise RuntimeError(f"{self.name} must be fitted before scoring")
+        return tip_logits(features.to(self.keys.device), self.class_weights, self.keys, self.values,
+                          self.alpha, self.beta, self.logit_scale)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"alpha": self.alpha, "beta": self.beta, "alpha_beta_from": self.search_source,
+                               "cache_size": 0 if self.keys is None else int(self.keys.shape[0])}
+        if self.val_top1 is not None:
+            out["val_top1"] = self.val_top1
+        return out
+
+
+@register_method("tip_adapter_f")
+class TipAdapterF(TipAdapter):
+    """Tip-Adapter-F: the cache keys are fine-tuned. Extra options: epochs, lr, batch_size, eps."""
+
+    def __init__(self, epochs: int = 20, lr: float = 1e-3, batch_size: int = 256, eps: float = 1e-4, **options: Any) -> None:
+        super().__init__(**options)
+        if epochs < 1 or batch_size < 1:
+            raise ValueError(f"tip_adapter_f needs epochs >= 1 and batch_size >= 1, got {epochs}, {batch_size}")
+        self.epochs, self.lr, self.batch_size, self.eps = epochs, lr, batch_size, eps
+        self.best_epoch: Optional[int] = None
+        self.history: list[dict[str, float]] = []
+
+    def _epoch_features(self, ctx: FitContext, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One freshly augmented view of the train set per epoch (cached under its own seed)."""
+        return ctx.features.encode(ctx.data_root, ctx.train, transform=self._augment, rounds=1,
+                                   seed=ctx.seed * 10_000 + 1 + epoch, desc=f"tip-adapter-f: epoch {epoch + 1}",
+                                   with_labels=True, transform_name=self._augment_name)
+
+    def fit(self, ctx: FitContext) -> dict[str, Any]:
+        self._build_cache(ctx)
+        val = self._val_features(ctx)
+        keys = torch.nn.Parameter(self.keys.clone())
+        optimizer = torch.optim.AdamW([keys], lr=self.lr, eps=self.eps)
+        steps_per_epoch = math.ceil(len(self.keys) / self.batch_size)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.epochs * steps_per_epoch)
+        generator = torch.Generator().manual_seed(ctx.seed)
+        best_accuracy, best_keys = -1.0, keys.detach().clone()
+        for epoch in range(self.epochs):
+            feats, labels = self._epoch_features(ctx, epoch)
+            feats, labels = feats.to(ctx.device), labels.to(ctx.device)
+            order = torch.randperm(len(feats), generator=generator).to(ctx.device)
+            total = 0.0
+            for start in range(0, len(order), self.batch_size):
+                index = order[start:start + self.batch_size]
+                logits = tip_logits(feats[index], self.class_weights, keys, self.values, self.alpha, self.beta,
+                                    self.logit_scale)
+                loss = F.cross_entropy(logits, labels[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                total += float(loss) * len(index)
+            record = {"epoch": epoch + 1, "train_loss": total / max(len(feats), 1)}
+            if val is not None:
+                with torch.no_grad():
+                    val_logits = tip_logits(val[0], self.class_weights, keys, self.values,
+                                            self.alpha, self.beta, self.logit_scale)
+                record["val_top1"] = 100.0 * float((val_logits.argmax(-1) == val[1]).float().mean())
+                if record["val_top1"] > best_accuracy:
+                    best_accuracy, best_keys, self.best_epoch = record["val_top1"], keys.detach().clone(), epoch + 1
+            self.history.append(record)
+            ctx.log(f"tip_adapter_f epoch {epoch + 1}/{self.epochs}: " +
+                    ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
+        if val is None:
+            best_keys, self.best_epoch = keys.detach().clone(), self.epochs
+        self.keys = best_keys  # used as trained (the reference does not renormalize them)
+        self._search(ctx, val)
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "best_epoch": self.best_epoch, "epochs": self.epochs}
