@@ -115,7 +115,7 @@ def _check_eval(root: Path, name: str, classes: ClassList, verify: bool, report:
         return
     report.line(
         f"{spec.display_name:<11} {_layout_name(spec.candidates, scan.layout)}: {scan.class_folders} classes, "
-        f"{scan.images:,} images, {len(scan.samples):,} of the run's classes, {scan.dropped:,} dropped {expected}"
+        f"{scan.images:,} images, {len(scan.samples):,} in run classes, {scan.dropped:,} dropped {expected}"
     )
     for problem in scan.problems():
         if scan.unsorted or (not scan.samples and not scan.images):
