@@ -1,6 +1,6 @@
 """Small generated ImageNet-family trees in the real on-disk layouts (for tests and demos).
 
-Each class has its own colour (hue spread over the classes) and shape (square / circle / triangle),
+Each class has its own colour (hue spread over the classes) and shape (one of five, cycling),
 so a tiny model can learn it; position, size and noise vary per image. The variants imitate their
 domain shift: -Sketch draws grey outlines, -R flat cartoon colours, -A heavy clutter. Everything is
 deterministic from `seed`.
@@ -39,6 +39,7 @@ LAYOUTS: dict[str, dict[str, str]] = {
 }
 VARIANTS = ("v2", "sketch", "a", "r")
 DEFAULT_WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361")  # ImageNet classes 0..3
+SHAPES = ("square", "circle", "triangle", "diamond", "hexagon")
 STYLES = {"train": "photo", "val": "photo", "v2": "photo", "sketch": "sketch", "a": "clutter", "r": "cartoon"}
 
 
@@ -68,14 +69,15 @@ def render_class_image(index: int, count: int, style: str, rng: random.Random, s
     x0, y0 = rng.uniform(0, size - extent), rng.uniform(0, size - extent)
     box = [x0, y0, x0 + extent, y0 + extent]
     width = max(1, size // 16)
-    shape = index % 3
-    if shape == 0:
+    shape = index % len(SHAPES)
+    centre = (x0 + extent / 2, y0 + extent / 2, extent / 2)
+    if SHAPES[shape] == "square":
         draw.rectangle(box, fill=fill, outline=outline, width=width)
-    elif shape == 1:
+    elif SHAPES[shape] == "circle":
         draw.ellipse(box, fill=fill, outline=outline, width=width)
     else:
-        points = [(x0 + extent / 2, y0), (x0, y0 + extent), (x0 + extent, y0 + extent)]
-        draw.polygon(points, fill=fill, outline=outline, width=width)
+        sides, rotation = {"triangle": (3, 0), "diamond": (4, 45), "hexagon": (6, 0)}[SHAPES[shape]]
+        draw.regular_polygon(centre, sides, rotation=rotation, fill=fill, outline=outline, width=width)
     if style == "clutter":
         for _ in range(3):
             cx, cy = rng.uniform(0, size), rng.uniform(0, size)
