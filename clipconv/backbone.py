@@ -15,6 +15,7 @@ from torch import nn
 __all__ = ["Backbone", "WeightsUnavailableError", "load_backbone", "resolve_device", "file_sha256"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+RANDOM_INIT_SEED = 0  # `pretrained=None` builds the same random weights every time
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -35,6 +36,7 @@ class Backbone:
     weights_id: str
     precision: str = "fp32"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    model_source: str = ""
 
     @property
     def visual(self) -> nn.Module:
@@ -42,16 +44,16 @@ class Backbone:
 
     @property
     def logit_scale(self) -> float:
-        return float(self.model.logit_scale.exp())
+        return float(self.model.logit_scale.detach().exp())
 
     def describe(self) -> dict[str, Any]:
-        """What identifies this backbone in checkpoints, caches and reports."""
-        return {
-            "model": self.model_name,
-            "pretrained": self.pretrained or "none",
-            "weights_id": self.weights_id,
-            "quick_gelu": self.quick_gelu,
-        }
+        """What identifies this backbone in checkpoints and caches (a weights file by its hash, not its path)."""
+        return {"model": self.model_name, "weights_id": self.weights_id, "quick_gelu": self.quick_gelu}
+
+    def source(self) -> dict[str, Any]:
+        """The arguments that rebuild this backbone with `load_backbone` on this machine."""
+        return {"model": self.model_source or self.model_name, "pretrained": self.pretrained or "none",
+                "quick_gelu": self.quick_gelu}
 
 
 def resolve_device(device: Union[str, torch.device, None] = None) -> torch.device:
@@ -163,7 +165,7 @@ def load_backbone(
     torchscript = False
     tag_cfg: dict = {}
     if tag is None:
-        weights_id = "random-init"
+        weights_id = f"random-init:seed{RANDOM_INIT_SEED}"
     elif Path(tag).exists():
         if not Path(tag).is_file():
             raise ValueError(f"--pretrained '{tag}' is a directory; give the weights file inside it")
@@ -203,6 +205,10 @@ def load_backbone(
             clip.load_state_dict(state)
         elif checkpoint is not None:
             clip = open_clip.create_model(name, pretrained=checkpoint, **create_kwargs)
+        elif tag is None:
+            with torch.random.fork_rng(devices=[]):  # reproducible random init, global RNG untouched
+                torch.manual_seed(RANDOM_INIT_SEED)
+                clip = open_clip.create_model(name, pretrained=None, **create_kwargs)
         else:
             clip = open_clip.create_model(name, pretrained=tag, **create_kwargs)
     except WeightsUnavailableError:
@@ -246,6 +252,7 @@ def load_backbone(
         weights_id=weights_id,
         precision=precision,
         device=dev,
+        model_source=str(Path(model).resolve()) if name != model else model,
     )
 
 

@@ -13,14 +13,16 @@ __all__ = ["collect_logits", "evaluate_method", "image_loader"]
 
 def image_loader(root: Path, samples: Sequence, transform: Callable, batch_size: int, workers: int,
                  shuffle: bool = False, generator: Optional[torch.Generator] = None, strict: bool = False):
-    """A DataLoader over (path, label) samples that skips undecodable images (errors when strict)."""
-    from .data import ImageListDataset, collate_skip_bad
+    """Batches of (images, labels) over (path, label) samples; undecodable images are skipped with one
+    warning at the end (an error naming the file when `strict`)."""
+    from .data.folder import ImageListDataset, SkipTracker, collate_skip_bad
 
     dataset = ImageListDataset(root, list(samples), transform, on_error="raise" if strict else "skip")
-    return torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate_skip_bad,
-        generator=generator, persistent_workers=False, drop_last=False,
-    ), dataset
+        generator=generator, drop_last=False,
+    )
+    return SkipTracker(loader, what=str(root))
 
 
 @torch.no_grad()
@@ -38,15 +40,11 @@ def collect_logits(
     """Run `score(images)` over a sample list; returns (logits, labels) on CPU."""
     from tqdm.auto import tqdm
 
-    loader, dataset = image_loader(root, samples, transform, batch_size, workers, strict=strict)
+    loader = image_loader(root, samples, transform, batch_size, workers, strict=strict)
     all_logits, all_labels = [], []
-    for batch in tqdm(loader, desc=desc or "eval", unit="batch", leave=False):
-        if batch is None:
-            continue
-        images, labels = batch
+    for images, labels in tqdm(loader, desc=desc or "eval", unit="batch", leave=False):
         all_logits.append(score(images.to(device)).float().cpu())
         all_labels.append(labels)
-    dataset.report_skipped()
     if not all_logits:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     return torch.cat(all_logits), torch.cat(all_labels)
@@ -55,6 +53,7 @@ def collect_logits(
 def evaluate_method(
     method: Any,
     splits: Sequence[Any],
+    data_root: Path,
     device: torch.device,
     features: Any = None,
     eval_transform: Optional[Callable] = None,
@@ -63,7 +62,7 @@ def evaluate_method(
     log: Callable[[str], None] = print,
     strict: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """{set name: {"top1", "top5", "n"}} for each evaluation split.
+    """{set name: {"top1", "top5", "n"}} for each evaluation split (sample paths relative to `data_root`).
 
     Frozen-image-encoder methods score features from `features` (a FeatureStore, so each set is encoded
     once per backbone); the others see preprocessed images. -A/-R splits carry a `subset` of class
@@ -72,13 +71,13 @@ def evaluate_method(
     results: dict[str, dict[str, float]] = {}
     for split in splits:
         if getattr(method, "frozen_image_encoder", False) and features is not None:
-            feats, labels = features.encode(split.root, split.samples, desc=split.display_name, with_labels=True)
+            feats, labels = features.encode(data_root, split.samples, desc=split.display_name, with_labels=True)
             logits = torch.cat([method.logits_from_features(chunk.to(device)).float().cpu()
                                 for chunk in feats.split(4096)]) if len(feats) else torch.empty(0, 0)
         else:
             if eval_transform is None:
                 raise ValueError("evaluate_method needs eval_transform for methods that read images")
-            logits, labels = collect_logits(method.logits, split.root, split.samples, eval_transform, device,
+            logits, labels = collect_logits(method.logits, data_root, split.samples, eval_transform, device,
                                             batch_size, workers, desc=split.display_name, strict=strict)
         results[split.name] = topk_accuracy(logits, labels, subset=split.subset)
         log(f"{split.display_name}: top-1 {results[split.name]['top1']:.2f}% on {results[split.name]['n']} images")

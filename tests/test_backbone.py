@@ -48,11 +48,20 @@ def test_torchscript_archive_is_recognised(tmp_path, tiny_config, tiny_backbone)
 
 def test_random_init_and_description(tiny_config):
     backbone = load_backbone(str(tiny_config), pretrained="none", device="cpu")
-    assert backbone.describe() == {
-        "model": tiny_config.stem, "pretrained": "none", "weights_id": "random-init", "quick_gelu": False,
-    }
+    assert backbone.describe() == {"model": tiny_config.stem, "weights_id": "random-init:seed0", "quick_gelu": False}
+    assert backbone.source() == {"model": str(tiny_config.resolve()), "pretrained": "none", "quick_gelu": False}
     assert backbone.model.visual.grid_size == (4, 4)
     assert backbone.eval_transform is not None and backbone.tokenizer(["x"]).shape[-1] == 16
+
+
+def test_random_init_is_reproducible_and_leaves_the_global_rng_alone(tiny_config):
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first = load_backbone(str(tiny_config), pretrained=None, device="cpu").model.state_dict()
+    assert torch.equal(torch.rand(1), expected_next)
+    second = load_backbone(str(tiny_config), pretrained=None, device="cpu").model.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_openai_tag_gets_quick_gelu_and_offline_error_is_actionable(monkeypatch, tmp_path):

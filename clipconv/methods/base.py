@@ -35,6 +35,7 @@ class FitContext:
     seed: int = 1
     output_dir: Optional[Path] = None
     class_hash: str = ""
+    class_ids: Sequence[str] = ()
     workers: int = 0
     log: Callable[[str], None] = print
 

@@ -1,0 +1,241 @@
+"""Training loop for image-encoder methods: AdamW, cosine schedule, autocast, per-epoch checkpoints, resume.
+
+Determinism: every epoch reseeds torch from (seed, epoch) and shuffles with a generator seeded the
+same way, so a run resumed from the checkpoint of epoch e replays epochs e+1… exactly as an
+uninterrupted run would (bit-identical on CPU).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .io import load_torch, save_torch
+
+__all__ = ["TrainConfig", "Trainer", "TrainingDivergedError", "build_optimizer", "build_scheduler", "epoch_seed",
+           "resolve_precision"]
+
+STATE_FILE = "train_state.pt"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; nothing is written past the last good checkpoint."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimization settings. Defaults are the paper's Convpass_CLIP protocol (Table 3)."""
+
+    epochs: int = 50
+    batch_size: int = 64
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.0
+    precision: str = "fp32"
+    grad_checkpointing: bool = False
+    seed: int = 1
+    workers: int = 0
+    eval_every: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' → bf16 on CUDA (fp16 if bf16 is unsupported), fp32 on CPU (bf16 backward is slower there)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (int(seed) * 1_000_003 + int(epoch) * 7_919) % (2**63 - 1)
+
+
+def build_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Per-iteration cosine decay to 0 after an optional linear warm-up."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch))) if cfg.warmup_epochs > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    """Trains the parameters of `model` that require grad with cross-entropy on (images, labels).
+
+    `make_loader(generator)` returns an iterable of (images, labels) batches shuffled with `generator`.
+    `validate()` (optional) returns a validation accuracy; the best epoch's trainable tensors are kept.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        make_loader: Callable[[torch.Generator], Any],
+        steps_per_epoch: int,
+        cfg: TrainConfig,
+        device: torch.device,
+        run_dir: Optional[Path] = None,
+        validate: Optional[Callable[[], float]] = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.model = model
+        self.make_loader = make_loader
+        self.cfg = cfg
+        self.device = device
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.validate = validate
+        self.log = log
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = build_optimizer(self.params, cfg)
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
+        self.precision = resolve_precision(cfg.precision, device)
+        self.scaler = torch.amp.GradScaler("cuda") if (self.precision == "fp16" and device.type == "cuda") else None
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.best: Optional[dict[str, Any]] = None
+
+    # ----- state -------------------------------------------------------------------------------
+    def _trainable(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _load_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if param.requires_grad:
+                    param.copy_(tensors[name].to(param.device, param.dtype))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "trainable": self._trainable(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "history": self.history,
+            "best": self.best,
+            "config": self.cfg.to_dict(),
+        }
+
+    def save_state(self) -> None:
+        if self.run_dir is not None:
+            save_torch(self.run_dir / STATE_FILE, self.state_dict())
+
+    def load_state(self, path: Path) -> None:
+        state = load_torch(path)
+        saved, current = state.get("config", {}), self.cfg.to_dict()
+        changed = {k: (saved.get(k), v) for k, v in current.items()
+                   if k not in ("workers", "eval_every") and saved.get(k) != v}
+        if changed:
+            raise ValueError(f"cannot resume from '{path}': training settings differ (saved, now): {changed}")
+        self._load_trainable(state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        self.best = state.get("best")
+
+    # ----- loop --------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def train_epoch(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        epoch = self.epoch + 1
+        seed = epoch_seed(self.cfg.seed, epoch)
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        self.model.train()
+        total_loss, total_seen, correct, step = 0.0, 0, 0, 0
+        started = time.perf_counter()
+        bar = tqdm(self.make_loader(generator), total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.cfg.epochs}",
+                   unit="batch", leave=False)
+        for batch in bar:
+            if batch is None:
+                continue
+            images, labels = batch
+            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.model(images)
+            loss = F.cross_entropy(logits.float(), labels)
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step + 1}, "
+                    f"lr {self.scheduler.get_last_lr()[0]:.3g}; the last good checkpoint is kept — "
+                    "lower --lr or --scale, or use --precision fp32"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            self.scheduler.step()
+            step += 1
+            total_loss += loss.item() * len(labels)
+            total_seen += len(labels)
+            correct += int((logits.argmax(dim=1) == labels).sum())
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        self.epoch = epoch
+        record = {
+            "epoch": epoch,
+            "loss": total_loss / max(1, total_seen),
+            "train_top1": 100.0 * correct / max(1, total_seen),
+            "lr": self.scheduler.get_last_lr()[0],
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        return record
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train until cfg.epochs (continuing from a loaded state); checkpoint after every epoch."""
+        while self.epoch < self.cfg.epochs:
+            record = self.train_epoch()
+            if self.validate is not None and (record["epoch"] % self.cfg.eval_every == 0
+                                              or record["epoch"] == self.cfg.epochs):
+                self.model.eval()
+                record["val_top1"] = float(self.validate())
+                if self.best is None or record["val_top1"] > self.best["val_top1"]:
+                    self.best = {"epoch": record["epoch"], "val_top1": record["val_top1"],
+                                 "trainable": self._trainable()}
+            self.history.append(record)
+            val = f" val top-1 {record['val_top1']:.2f}%" if "val_top1" in record else ""
+            self.log(f"epoch {record['epoch']}/{self.cfg.epochs}: loss {record['loss']:.4f} "
+                     f"train top-1 {record['train_top1']:.2f}% lr {record['lr']:.3g}{val} ({record['seconds']} s)")
+            self.save_state()
+        self.model.eval()
+        return self.history
+
+    def restore_best(self) -> Optional[dict[str, Any]]:
+        """Load the best validation epoch's tensors (no-op without validation); return its record."""
+        if self.best is None:
+            return None
+        self._load_trainable(self.best["trainable"])
+        return {"epoch": self.best["epoch"], "val_top1": self.best["val_top1"]}
