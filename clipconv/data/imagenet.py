@@ -106,7 +106,7 @@ class ClassList:
     ids: tuple[str, ...]
     names: tuple[str, ...]
     universe: tuple[str, ...] = ()
-    source: str = ""
+    source: str = field(default="", compare=False)  # where the universe came from (for messages)
     index: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
