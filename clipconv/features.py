@@ -79,6 +79,7 @@ class FeatureStore:
         return {
             "format": CACHE_FORMAT,
             "backbone": self.backbone.describe(),
+            "architecture": self._architecture(),
             "precision": getattr(self.backbone, "precision", "fp32"),
             "root": str(Path(root).resolve()),
             "samples": samples_digest(samples),
@@ -87,6 +88,21 @@ class FeatureStore:
             "rounds": int(rounds),
             "seed": int(seed),
         }
+
+    def _architecture(self) -> str:
+        """Digest of the model config, plus of the image-tower weights when they are a random init
+        (whose weights id says nothing about the actual numbers)."""
+        if getattr(self, "_architecture_id", None) is None:
+            import open_clip
+
+            digest = hashlib.sha256(json.dumps(open_clip.get_model_config(self.backbone.model_name),
+                                               sort_keys=True, default=str).encode("utf-8"))
+            if str(self.backbone.describe().get("weights_id", "")).startswith("random-init"):
+                for name, tensor in self.backbone.model.visual.state_dict().items():
+                    digest.update(name.encode("utf-8"))
+                    digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+            self._architecture_id = digest.hexdigest()
+        return self._architecture_id
 
     def _entry_path(self, key: dict) -> Optional[Path]:
         if self.cache_dir is None:

@@ -199,7 +199,7 @@ class TipAdapterF(TipAdapter):
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                total += float(loss) * len(index)
+                total += float(loss.detach()) * len(index)
             record = {"epoch": epoch + 1, "train_loss": total / max(len(feats), 1)}
             if val is not None:
                 with torch.no_grad():

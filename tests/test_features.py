@@ -1,0 +1,170 @@
+"""FeatureStore: correctness, cache hits, invalidation, interrupted writes, undecodable images."""
+from __future__ import annotations
+
+import torch
+import pytest
+from torchvision import transforms as T
+
+from baseline_world import make_world
+from clipconv.backbone import load_backbone
+from clipconv.features import FeatureStore, default_cache_dir, transform_id
+from clipconv.methods import build_method
+
+
+@pytest.fixture()
+def world(tmp_path, tiny_config):
+    return make_world(tmp_path, tiny_config)
+
+
+def _direct_features(backbone, root, samples):
+    from PIL import Image
+
+    images = torch.stack([backbone.eval_transform(Image.open(root / path).convert("RGB")) for path, _ in samples])
+    with torch.no_grad():
+        return backbone.model.encode_image(images).float()
+
+
+def test_features_equal_direct_encode_image(world):
+    feats, labels = world.store.encode(world.root, world.test_samples, with_labels=True)
+    assert feats.dtype == torch.float32 and feats.shape == (len(world.test_samples), 16)
+    assert labels.tolist() == [label for _, label in world.test_samples]
+    torch.testing.assert_close(feats, _direct_features(world.backbone, world.root, world.test_samples))
+
+
+def test_second_method_encodes_zero_images(world):
+    build_method("zero_shot").fit(world.ctx)
+    build_method("linear_probe", bisection_steps=1).fit(world.ctx)
+    first = world.store.encoder_calls
+    assert first == len(world.ctx.train) + len(world.ctx.val)
+    fresh = FeatureStore(world.backbone, world.store.cache_dir)  # a new process would see the same files
+    world.ctx.features = fresh
+    build_method("linear_probe", bisection_steps=1).fit(world.ctx)
+    assert fresh.encoder_calls == 0 and fresh.cache_hits == 2
+
+
+def test_sample_order_does_not_matter(world):
+    samples = world.test_samples
+    forward = world.store.encode(world.root, samples)
+    calls = world.store.encoder_calls
+    backward, labels = world.store.encode(world.root, samples[::-1], with_labels=True)
+    assert world.store.encoder_calls == calls
+    torch.testing.assert_close(backward, forward.flip(0))
+    assert labels.tolist() == [label for _, label in samples[::-1]]
+
+
+def test_changed_transform_invalidates(world):
+    world.store.encode(world.root, world.test_samples)
+    calls = world.store.encoder_calls
+    other = T.Compose([T.Resize(40), T.CenterCrop(32), T.ToTensor()])
+    world.store.encode(world.root, world.test_samples, transform=other)
+    assert world.store.encoder_calls == calls + len(world.test_samples)
+    world.store.encode(world.root, world.test_samples, transform=other)
+    assert world.store.encoder_calls == calls + len(world.test_samples)
+
+
+def test_changed_weights_file_invalidates(world, tmp_path, tiny_config):
+    weights = tmp_path / "weights.pt"
+    torch.save(world.backbone.model.state_dict(), weights)
+    loaded = load_backbone(str(tiny_config), pretrained=str(weights), device="cpu")
+    store = FeatureStore(loaded, world.store.cache_dir)
+    first = store.encode(world.root, world.test_samples)
+    store.encode(world.root, world.test_samples)
+    assert store.encoder_calls == len(world.test_samples)
+    state = world.backbone.model.state_dict()
+    state["visual.proj"] = state["visual.proj"] * 2
+    torch.save(state, weights)
+    changed = FeatureStore(load_backbone(str(tiny_config), pretrained=str(weights), device="cpu"),
+                           world.store.cache_dir)
+    second = changed.encode(world.root, world.test_samples)
+    assert changed.encoder_calls == len(world.test_samples)
+    torch.testing.assert_close(second, first * 2)
+
+
+def test_random_init_weights_are_part_of_the_key(world, tiny_config):
+    world.store.encode(world.root, world.test_samples)
+    changed = load_backbone(str(tiny_config), pretrained=None, device="cpu")
+    with torch.no_grad():
+        changed.model.visual.proj.mul_(2)  # same "random-init" id, different numbers
+    other = FeatureStore(changed, world.store.cache_dir)
+    other.encode(world.root, world.test_samples)
+    assert other.encoder_calls == len(world.test_samples)
+
+
+def test_interrupted_write_leaves_nothing_readable(world, monkeypatch):
+    import safetensors.torch
+
+    def killed(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"\x00" * 10)  # a partial file, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        world.store.encode(world.root, world.test_samples)
+    assert list(world.store.cache_dir.iterdir()) == []
+    monkeypatch.undo()
+    world.store.encode(world.root, world.test_samples)
+    assert world.store.encoder_calls == 2 * len(world.test_samples)
+
+
+def test_corrupt_entry_is_recomputed_not_read(world):
+    expected = world.store.encode(world.root, world.test_samples)
+    (entry,) = list(world.store.cache_dir.glob("*.safetensors"))
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="unreadable"):
+        again = world.store.encode(world.root, world.test_samples)
+    assert world.store.encoder_calls == 2 * len(world.test_samples)
+    torch.testing.assert_close(again, expected)
+
+
+def test_undecodable_images_are_skipped_consistently(world):
+    bad_path, _ = world.test_samples[1]
+    (world.root / bad_path).write_bytes(b"not a jpeg")
+    with pytest.warns(UserWarning, match="undecodable"):
+        feats, labels = world.store.encode(world.root, world.test_samples, with_labels=True)
+    kept = [s for i, s in enumerate(world.test_samples) if i != 1]
+    assert world.store.last_kept.tolist() == [i for i in range(len(world.test_samples)) if i != 1]
+    assert labels.tolist() == [label for _, label in kept]
+    torch.testing.assert_close(feats, _direct_features(world.backbone, world.root, kept))
+    cached, cached_labels = world.store.encode(world.root, world.test_samples, with_labels=True)
+    assert torch.equal(cached, feats) and torch.equal(cached_labels, labels)
+
+
+def test_augmented_rounds_are_seeded_and_averaged(world):
+    augment = T.Compose([T.RandomResizedCrop(32, scale=(0.5, 1.0)), T.RandomHorizontalFlip(), T.ToTensor()])
+    store = FeatureStore(world.backbone, None)
+    one = store.encode(world.root, world.test_samples, transform=augment, rounds=1, seed=3)
+    three = store.encode(world.root, world.test_samples, transform=augment, rounds=3, seed=3)
+    again = store.encode(world.root, world.test_samples, transform=augment, rounds=3, seed=3)
+    assert store.encoder_calls == 7 * len(world.test_samples)  # no cache: everything encoded
+    torch.testing.assert_close(three, again)
+    assert not torch.allclose(one, three)
+    other_seed = store.encode(world.root, world.test_samples, transform=augment, rounds=3, seed=4)
+    assert not torch.allclose(three, other_seed)
+
+
+def test_no_cache_writes_nothing(world, tmp_path):
+    store = FeatureStore(world.backbone, None)
+    store.encode(world.root, world.test_samples)
+    store.encode(world.root, world.test_samples)
+    assert store.encoder_calls == 2 * len(world.test_samples)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_bad_arguments(world):
+    with pytest.raises(ValueError, match="transform"):
+        world.store.encode(world.root, world.test_samples, transform="weird")
+    with pytest.raises(ValueError, match="rounds"):
+        world.store.encode(world.root, world.test_samples, rounds=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        FeatureStore(world.backbone, None, batch_size=0)
+
+
+def test_default_cache_dir_and_transform_id(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLIPCONV_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "features"
+
+    def helper(x):
+        return x
+
+    assert "0x" not in transform_id(T.Compose([T.Lambda(helper), helper]))
