@@ -1,0 +1,59 @@
+"""Zero-shot through the method equals a direct encode_image / encode_text computation."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from baseline_world import make_world
+from clipconv.methods import build_method
+
+
+@pytest.fixture()
+def world(tmp_path, tiny_config):
+    return make_world(tmp_path, tiny_config)
+
+
+def _images(world):
+    return torch.stack([world.backbone.eval_transform(Image.open(world.root / p).convert("RGB"))
+                        for p, _ in world.test_samples])
+
+
+def _direct_logits(world, templates):
+    model, tokenizer = world.backbone.model, world.backbone.tokenizer
+    with torch.no_grad():
+        image = F.normalize(model.encode_image(_images(world)), dim=-1)
+        per_class = []
+        for name in world.ctx.classnames:
+            text = F.normalize(model.encode_text(tokenizer([t.format(name) for t in templates])), dim=-1)
+            per_class.append(F.normalize(text.mean(0), dim=-1))
+        return model.logit_scale.exp() * image @ torch.stack(per_class).t()
+
+
+def test_zero_shot_equals_direct_computation(world):
+    method = build_method("zero_shot")
+    method.fit(world.ctx)
+    feats = world.store.encode(world.root, world.test_samples)
+    expected = _direct_logits(world, ["a photo of a {}."])
+    torch.testing.assert_close(method.logits_from_features(feats), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(method.logits(_images(world)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_named_template_set_is_an_ensemble(world):
+    from clipconv.prompts import load_templates
+
+    method = build_method("zero_shot", templates="tip")
+    summary = method.fit(world.ctx)
+    templates = load_templates("tip")
+    assert summary["templates"] == len(templates) > 1
+    feats = world.store.encode(world.root, world.test_samples)
+    torch.testing.assert_close(method.logits_from_features(feats), _direct_logits(world, templates),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_template_set_and_unfitted_use_fail_clearly(world):
+    with pytest.raises(FileNotFoundError, match="no_such_set"):
+        build_method("zero_shot", templates="no_such_set").fit(world.ctx)
+    with pytest.raises(RuntimeError, match="fitted"):
+        build_method("zero_shot").logits_from_features(torch.zeros(1, 16))
