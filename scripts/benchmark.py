@@ -1,0 +1,15 @@
+"""Benchmark Convpass on an open_clip image encoder (random init): forward, training-step precisions, memory.
+
+    python scripts/benchmark.py --model ViT-B-16 --batch 8 --repeats 3 --out bench.json
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clipconv.bench import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
