@@ -1,0 +1,123 @@
+"""Tip-Adapter(-F): α = 0 is zero-shot, logits follow the formula, α/β and the epoch come from ctx.val."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from baseline_world import make_world
+from clipconv.features import FeatureStore
+from clipconv.methods import build_method
+from clipconv.methods.tip_adapter import search_grid, tip_cache_transform
+
+
+@pytest.fixture()
+def world(tmp_path, tiny_config):
+    return make_world(tmp_path, tiny_config)
+
+
+def test_alpha_zero_equals_zero_shot(world):
+    zero_shot = build_method("zero_shot")
+    zero_shot.fit(world.ctx)
+    tip = build_method("tip_adapter", alpha=0.0, search="none", augment_rounds=2)
+    tip.fit(world.ctx)
+    feats = world.store.encode(world.root, world.test_samples)
+    torch.testing.assert_close(tip.logits_from_features(feats), zero_shot.logits_from_features(feats))
+
+
+def test_cache_keys_are_averaged_augmented_views(world):
+    rounds = 3
+    tip = build_method("tip_adapter", search="none", augment_rounds=rounds)
+    tip.fit(world.ctx)
+    transform, _ = tip_cache_transform(world.backbone)
+    model = world.backbone.model
+    views = []
+    for round_index in range(rounds):  # the FeatureStore's documented seeding: seed·1000 + round
+        torch.manual_seed(world.ctx.seed * 1000 + round_index)
+        images = torch.stack([transform(Image.open(world.root / p).convert("RGB")) for p, _ in world.ctx.train])
+        with torch.no_grad():
+            views.append(model.encode_image(images).float())
+    torch.testing.assert_close(tip.keys, F.normalize(torch.stack(views).mean(0), dim=-1), rtol=1e-4, atol=1e-5)
+    labels = torch.tensor([label for _, label in world.ctx.train])
+    assert torch.equal(tip.values, F.one_hot(labels, len(world.ctx.classnames)).float())
+
+
+def test_logits_follow_the_formula(world):
+    tip = build_method("tip_adapter", alpha=1.7, beta=3.0, search="none", augment_rounds=2)
+    tip.fit(world.ctx)
+    feats = world.store.encode(world.root, world.test_samples)
+    text = tip.class_weights
+    expected = []
+    for f in feats:  # one image at a time, written out term by term
+        f = f / f.norm()
+        clip = world.backbone.model.logit_scale.exp().item() * (text @ f)
+        cache = torch.zeros(len(world.ctx.classnames))
+        for key, value in zip(tip.keys, tip.values):
+            cache += torch.exp(-3.0 * (1 - key @ f)) * value
+        expected.append(clip + 1.7 * cache)
+    torch.testing.assert_close(tip.logits_from_features(feats), torch.stack(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_search_uses_val_only_and_finds_the_grid_optimum(world):
+    requested = []
+    store = world.store
+
+    class Spy:
+        def encode(self, root, samples, **kwargs):
+            requested.append({p for p, _ in samples})
+            return store.encode(root, samples, **kwargs)
+
+    world.ctx.features = Spy()
+    tip = build_method("tip_adapter", search="small", augment_rounds=2)
+    summary = tip.fit(world.ctx)
+    test_paths = {p for p, _ in world.test_samples}
+    assert requested and not any(paths & test_paths for paths in requested)
+    assert summary["alpha_beta_from"] == "ctx.val"
+    val, labels = store.encode(world.root, world.ctx.val, with_labels=True)
+    best = 0.0
+    for beta in search_grid(7.0, 20):
+        for alpha in search_grid(3.0, 10):
+            tip.alpha, tip.beta = alpha, beta
+            best = max(best, 100.0 * (tip.logits_from_features(val).argmax(-1) == labels).float().mean().item())
+    assert summary["val_top1"] == pytest.approx(best)
+    assert any(summary["beta"] == pytest.approx(b) for b in search_grid(7.0, 20))
+    assert any(summary["alpha"] == pytest.approx(a) for a in search_grid(3.0, 10))
+
+
+def test_no_val_keeps_initial_values(world):
+    world.ctx.val = []
+    summary = build_method("tip_adapter", augment_rounds=1).fit(world.ctx)
+    assert (summary["alpha"], summary["beta"]) == (1.17, 1.0)
+    assert "empty" in summary["alpha_beta_from"]
+
+
+def test_tip_adapter_f_trains_keys_and_picks_epoch_on_val(world):
+    plain = build_method("tip_adapter", search="none", augment_rounds=2)
+    plain.fit(world.ctx)
+    tuned = build_method("tip_adapter_f", search="none", augment_rounds=2, epochs=3, batch_size=4, lr=1e-2)
+    summary = tuned.fit(world.ctx)
+    assert tuned.keys.shape == plain.keys.shape and not torch.allclose(tuned.keys, plain.keys)
+    assert torch.equal(tuned.values, plain.values) and torch.equal(tuned.class_weights, plain.class_weights)
+    val_scores = [record["val_top1"] for record in tuned.history]
+    assert summary["best_epoch"] == 1 + val_scores.index(max(val_scores))
+    # per-epoch augmented features are cached: a second fit encodes nothing
+    again_store = FeatureStore(world.backbone, world.store.cache_dir)
+    world.ctx.features = again_store
+    build_method("tip_adapter_f", search="none", augment_rounds=2, epochs=3, batch_size=4, lr=1e-2).fit(world.ctx)
+    assert again_store.encoder_calls == 0
+
+
+def test_tip_adapter_f_lowers_training_loss(world):
+    tuned = build_method("tip_adapter_f", search="none", augment_rounds=1, epochs=6, batch_size=64, lr=5e-2)
+    tuned.fit(world.ctx)
+    assert tuned.history[-1]["train_loss"] < tuned.history[0]["train_loss"]
+
+
+def test_bad_options_fail_clearly():
+    with pytest.raises(ValueError, match="search"):
+        build_method("tip_adapter", search="huge")
+    with pytest.raises(ValueError, match="augment_rounds"):
+        build_method("tip_adapter", augment_rounds=0)
+    with pytest.raises(ValueError, match="epochs"):
+        build_method("tip_adapter_f", epochs=0)
