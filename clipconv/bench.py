@@ -61,14 +61,16 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 def interleaved_times(settings: dict[str, Callable[[], Any]], warmup: int, repeats: int,
                       device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call of each setting: `warmup` untimed rounds, then `repeats` rounds in turn."""
+    """Seconds per call of each setting: `warmup` untimed rounds, then `repeats` rounds in turn,
+    the order reversed every other round (A B, B A, ...) so that neither setting always runs first."""
     for _ in range(warmup):
         for fn in settings.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in settings}
-    for _ in range(repeats):
-        for name, fn in settings.items():
-            times[name].append(_timed(fn, device))
+    order = list(settings)
+    for round_index in range(repeats):
+        for name in order if round_index % 2 == 0 else order[::-1]:
+            times[name].append(_timed(settings[name], device))
     return times
 
 

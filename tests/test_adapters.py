@@ -449,9 +449,9 @@ def test_interleaved_times_warms_up_then_alternates_settings():
 
     calls: list[str] = []
     times = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                              warmup=1, repeats=2, device=torch.device("cpu"))
-    assert calls == ["a", "b"] * 3
-    assert [len(v) for v in times.values()] == [2, 2] and all(t >= 0 for v in times.values() for t in v)
+                              warmup=1, repeats=3, device=torch.device("cpu"))
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b"]
+    assert [len(v) for v in times.values()] == [3, 3] and all(t >= 0 for v in times.values() for t in v)
 
 
 def test_benchmark_runs_on_a_tiny_model_and_writes_json(tiny_config, tmp_path, capsys):
