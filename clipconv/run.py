@@ -138,10 +138,11 @@ def run_method(run: RunContext) -> dict[str, Any]:
 
     cfg, run_dir = run.config, run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", cfg.to_dict())
-    split_meta = {"shots": cfg.shots, "seed": cfg.seed, "val_shots": cfg.val_shots, "class_ids": list(run.classes.ids),
-                  "data_root": str(run.data_root.resolve())}
-    save_split(run_dir / "split.json", run.split, split_meta)
+    if not cfg.method_options.get("resume"):  # a resumed run keeps its original config and split
+        write_json(run_dir / "config.json", cfg.to_dict())
+        split_meta = {"shots": cfg.shots, "seed": cfg.seed, "val_shots": cfg.val_shots,
+                      "class_ids": list(run.classes.ids), "data_root": str(run.data_root.resolve())}
+        save_split(run_dir / "split.json", run.split, split_meta)
     log.info(f"{cfg.method}: {len(run.classes)} classes, {len(run.split.train)} train / {len(run.split.val)} val "
              f"images, backbone {run.backbone.model_name} ({run.backbone.weights_id}), device {run.device}")
 

@@ -97,6 +97,8 @@ def _resume_config(run_dir: str):
     saved = read_json(path)
     saved["method_options"] = {**saved.get("method_options", {}), "resume": True}
     saved["output_dir"] = str(run_dir)
+    if (Path(run_dir) / "split.json").is_file():
+        saved["split"] = str(Path(run_dir) / "split.json")
     return RunConfig(**saved)
 
 

@@ -74,7 +74,9 @@ class ConvpassCLIP(Method):
         head.requires_grad_(True)
         # A private copy: the shared backbone stays plain for the frozen-encoder methods and their feature cache.
         visual = copy.deepcopy(backbone.model.visual)
-        add_adapters(visual, scale=self.scales[0] if scale is None else scale, **self.adapter_options)
+        with torch.random.fork_rng(devices=[]):  # adapter initialization depends on the run's seed only
+            torch.manual_seed(self.train_config.seed)
+            add_adapters(visual, scale=self.scales[0] if scale is None else scale, **self.adapter_options)
         self.classifier = ImageClassifier(visual, head, backbone.logit_scale).to(ctx.device)
         return self.classifier
 
