@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .base import FitContext, register_method
 from .frozen import FrozenEncoderMethod, require_features
-from .prompt_learner import FrozenTextEncoder, PromptLearner, warmup_cosine_lr
+from .prompt_learner import FrozenTextEncoder, PromptLearner, frozen_parameters, warmup_cosine_lr
 
 __all__ = ["CoOp"]
 
@@ -105,14 +105,10 @@ class CoOp(FrozenEncoderMethod):
         views = self._train_views(ctx)
         if len(views[0][0]) == 0:
             raise ValueError(f"{self.name}: the training split has no decodable images")
-        model = ctx.backbone.model
-        flags = [p.requires_grad for p in model.parameters()]
-        for param in model.parameters():  # frozen during the fit; flags restored afterwards
-            param.requires_grad_(False)
         params = self.trainable_parameters()
         optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         generator = torch.Generator().manual_seed(ctx.seed)
-        try:
+        with frozen_parameters(ctx.backbone.model):
             for epoch in range(self.epochs):
                 lr = warmup_cosine_lr(epoch, self.lr, self.epochs, self.warmup_epochs, self.warmup_lr)
                 for group in optimizer.param_groups:
@@ -126,12 +122,9 @@ class CoOp(FrozenEncoderMethod):
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                    total += float(loss) * len(index)
+                    total += float(loss.detach()) * len(index)
                 self.history.append({"epoch": epoch + 1, "lr": lr, "train_loss": total / len(feats)})
                 ctx.log(f"{self.name} epoch {epoch + 1}/{self.epochs}: lr {lr:.3g}, loss {total / len(feats):.4f}")
-        finally:
-            for param, flag in zip(model.parameters(), flags):
-                param.requires_grad_(flag)
         self._finish(ctx)
         return self.summary()
 

@@ -4,25 +4,33 @@ Prompts are "[SOS] ctx_1 … ctx_M <class name>. [EOS]": the tokenized text "X X
 the [SOS] embedding (prefix) and the class-name/EOS/padding embeddings (suffix); the M placeholders
 are replaced by learnable vectors. The text tower (token/positional embeddings, transformer with its
 causal mask, ln_final, EOT pooling, text_projection) is read from the open_clip model and never
-updated: its parameters get `requires_grad=False` and only the context (and CoCoOp's meta-net) are
-given to the optimizer.
+updated: training runs inside `frozen_parameters(model)` and only the context (and CoCoOp's meta-net)
+are given to the optimizer.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FrozenTextEncoder", "PromptLearner", "warmup_cosine_lr", "freeze_text_tower"]
+__all__ = ["FrozenTextEncoder", "PromptLearner", "warmup_cosine_lr", "frozen_parameters"]
 
 
-def freeze_text_tower(model: nn.Module) -> None:
-    """Mark every CLIP parameter frozen (image and text towers alike)."""
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Within the block every parameter of `model` has requires_grad=False; the flags are restored after."""
+    flags = [param.requires_grad for param in model.parameters()]
     for param in model.parameters():
         param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in zip(model.parameters(), flags):
+            param.requires_grad_(flag)
 
 
 class FrozenTextEncoder(nn.Module):
@@ -113,7 +121,9 @@ class PromptLearner(nn.Module):
 
 
 def _content_ids(tokenizer: Callable, text: str) -> list[int]:
-    """Token ids of `text` without the start/end tokens and padding."""
+    """Token ids of `text` without the start/end tokens and padding (untruncated when the tokenizer allows)."""
+    if hasattr(tokenizer, "encode"):  # open_clip's SimpleTokenizer: BPE ids, no start/end, no truncation
+        return list(tokenizer.encode(text))
     ids = tokenizer([text])[0].tolist()
     end = ids.index(max(ids))  # EOT has the highest id in CLIP's vocabulary
     return ids[1:end]
