@@ -1,0 +1,112 @@
+"""Bad arguments: one clear message each, exit code 2, nothing written."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipconv.cli import eval_robustness, train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from clipconv.data import make_image_tree
+
+    return make_image_tree(tmp_path_factory.mktemp("bad-args") / "data", train_per_class=3, val_per_class=1,
+                           variants=())
+
+
+def _run(main, argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code, capsys.readouterr().err
+
+
+def _base(data, out, tiny_config):
+    return ["--data-root", str(data), "--model", str(tiny_config), "--pretrained", "none", "--epochs", "1",
+            "--workers", "0", "--output-dir", str(out), "--no-cache"]
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--shots", "0"], "--shots: must be a positive integer"),
+        (["--shots", "-3"], "--shots: must be a positive integer"),
+        (["--seed", "one"], "--seed: invalid int value"),
+        (["--method", "magic"], "unknown --method 'magic'"),
+        (["--lr", "0"], "--lr: must be positive"),
+        (["--method-options", "{not json"], "--method-options is not valid JSON"),
+        (["--eval-sets", "imagenet_c"], "invalid choice: 'imagenet_c'"),
+    ],
+)
+def test_bad_flags(data, tmp_path, tiny_config, capsys, extra, needle):
+    out = tmp_path / "run"
+    code, err = _run(train.main, _base(data, out, tiny_config) + extra, capsys)
+    assert code == 2 and needle in err
+    assert not out.exists()
+
+
+def test_unknown_model(data, tmp_path, capsys, tiny_config):
+    out = tmp_path / "run"
+    argv = _base(data, out, tiny_config)
+    argv[argv.index("--model") + 1] = "ViT-Z-1"
+    code, err = _run(train.main, argv, capsys)
+    assert code == 2 and "unknown model 'ViT-Z-1'" in err and not out.exists()
+
+
+def test_templates_without_placeholder(data, tmp_path, capsys, tiny_config):
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a photo of a {}.\na photo without a slot.\n")
+    out = tmp_path / "run"
+    code, err = _run(train.main, _base(data, out, tiny_config) + ["--templates", str(templates)], capsys)
+    assert code == 2 and "templates.txt:2:" in err and "exactly one" in err and not out.exists()
+
+
+def test_classnames_file_not_matching_the_data(data, tmp_path, capsys, tiny_config):
+    names = tmp_path / "names.txt"
+    names.write_text("n99999999 nothing\nn88888888 nobody\n")
+    out = tmp_path / "run"
+    code, err = _run(train.main, _base(data, out, tiny_config) + ["--classnames", str(names)], capsys)
+    assert code == 2 and "not class ids" in err and not out.exists()
+
+
+def test_no_data_root_mentions_layout_and_demo(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = _run(train.main, ["--shots", "16"], capsys)
+    assert code == 2 and "datasets/README.md" in err and "--demo" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_wrong_data_root(tmp_path, capsys, tiny_config):
+    out = tmp_path / "run"
+    code, err = _run(train.main, _base(tmp_path / "nowhere", out, tiny_config), capsys)
+    assert code == 2 and "nowhere" in err and "does not exist" in err and not out.exists()
+
+
+def test_checkpoint_from_another_class_set_or_architecture(data, tmp_path, capsys, tiny_config):
+    from conftest import write_tiny_config
+
+    run = tmp_path / "run"
+    assert train.main(_base(data, run, tiny_config) + ["--shots", "2", "--eval-sets", "imagenet"]) == 0
+    ckpt = str(run / "adapter.safetensors")
+
+    wide = write_tiny_config(tmp_path, name="tiny-wide", vision_cfg={"width": 64, "head_width": 16})
+    code, err = _run(eval_robustness.main, ["--checkpoint", ckpt, "--data-root", str(data), "--model", str(wide),
+                                            "--workers", "0", "--output-dir", str(tmp_path / "e1")], capsys)
+    assert code == 2 and "trained on backbone" in err and not (tmp_path / "e1").exists()
+
+    from clipconv.data import make_image_tree
+
+    other = make_image_tree(tmp_path / "other", wnids=["m000", "m001"], names=["red", "blue"], variants=(),
+                            train_per_class=1, val_per_class=1)
+    code, err = _run(eval_robustness.main, ["--checkpoint", ckpt, "--data-root", str(other), "--workers", "0",
+                                            "--output-dir", str(tmp_path / "e2")], capsys)
+    assert code == 2 and "not in the class universe" in err and not (tmp_path / "e2").exists()
+
+    code, err = _run(eval_robustness.main, ["--checkpoint", str(tmp_path / "missing.safetensors"),
+                                            "--data-root", str(data)], capsys)
+    assert code == 2 and "does not exist" in err
+
+
+def test_resume_of_a_folder_that_is_no_run(tmp_path, capsys):
+    code, err = _run(train.main, ["--resume", str(tmp_path)], capsys)
+    assert code == 2 and "no config.json" in err
