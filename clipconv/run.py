@@ -133,7 +133,7 @@ def run_method(run: RunContext) -> dict[str, Any]:
     from .data import eval_split
     from .data.fewshot import save_split
     from .evaluate import evaluate_method
-    from .features import FeatureStore
+    from .features import FeatureStore, default_cache_dir
     from .methods import FitContext, build_method
 
     cfg, run_dir = run.config, run.run_dir
@@ -151,7 +151,7 @@ def run_method(run: RunContext) -> dict[str, Any]:
     options.setdefault("workers", cfg.workers)
     options.setdefault("eval_batch_size", cfg.eval_batch_size)
     method = build_method(cfg.method, **method_kwargs(cfg.method, options))
-    features = FeatureStore(run.backbone, cache_dir=_cache_dir() if cfg.cache else None,
+    features = FeatureStore(run.backbone, cache_dir=default_cache_dir() if cfg.cache else None,
                             batch_size=cfg.eval_batch_size, workers=cfg.workers, device=run.device)
     ctx = FitContext(
         backbone=run.backbone, classnames=list(run.classes.names), data_root=run.data_root,
@@ -188,13 +188,6 @@ def write_results(run_dir: Path, label: str, metrics: dict[str, dict[str, float]
     counts = ", ".join(f"{name}: {int(m['n'])}" for name, m in metrics.items())
     write_text(run_dir / "results.md", f"# {label}: top-1 (%)\n\n{table}\nimages per set: {counts}\n")
     log.info("\n" + table)
-
-
-def _cache_dir() -> Path:
-    import os
-
-    base = os.environ.get("CLIPCONV_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "clipconv") / "features"
 
 
 def _jsonable(value: Any) -> Any:
