@@ -1,0 +1,128 @@
+"""run_table2 end to end on a generated tree with a tiny model; option handling; seed aggregation."""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import pytest
+
+from clipconv.cli.run_table2 import main
+from clipconv.data import load_split, make_image_tree
+from clipconv.table2 import PUBLISHED_LABEL, aggregate_seeds, method_options_for
+
+TINY_OPTIONS = {
+    "linear_probe": {"bisection_steps": 1},
+    "coop": {"epochs": 2, "views": 1, "n_ctx": 4},
+    "cocoop": {"epochs": 1, "views": 1},
+    "tip_adapter": {"search": "small", "augment_rounds": 2},
+    "tip_adapter_f": {"search": "small", "augment_rounds": 2, "epochs": 2},
+    "convpass": {"epochs": 1},
+}
+
+
+@pytest.fixture()
+def tree(tmp_path):
+    return make_image_tree(tmp_path / "data", train_per_class=6, val_per_class=2)
+
+
+def _run(tmp_path, tree, tiny_config, methods, out="out", extra=()):
+    options = {m: TINY_OPTIONS[m] for m in methods if m in TINY_OPTIONS}
+    argv = ["--data-root", str(tree), "--model", str(tiny_config), "--pretrained", "none", "--shots", "2",
+            "--val-shots", "2", "--seeds", "1", "2", "--workers", "0", "--device", "cpu",
+            "--output-dir", str(tmp_path / out), "--cache-dir", str(tmp_path / "cache"),
+            "--methods", *methods, "--method-options", json.dumps(options), *extra]
+    assert main(argv) == 0
+    return json.loads((tmp_path / out / "table2.json").read_text())
+
+
+def test_all_methods_two_seeds_end_to_end(tmp_path, tree, tiny_config):
+    methods = ["zero_shot", "linear_probe", "coop", "cocoop", "tip_adapter", "tip_adapter_f", "convpass"]
+    result = _run(tmp_path, tree, tiny_config, methods)
+    out = tmp_path / "out"
+    for seed in (1, 2):
+        split, meta = load_split(out / f"split_seed{seed}.json")
+        assert set(Counter(label for _, label in split.train).values()) == {2}
+        assert not {p for p, _ in split.train} & {p for p, _ in split.val}
+        assert meta["class_ids"] and len(split.val) == 2 * len(meta["class_ids"])
+    ran = [m for m in methods if m in result["measured"]]
+    assert ran == methods or ran == methods[:-1]  # convpass only when its module is registered
+    for name in ran:
+        per_seed = result["per_seed"][name]
+        assert sorted(per_seed) == ["1", "2"]
+        mean = result["measured"][name]["mean"]
+        assert set(mean) == {"imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r", "target_avg"}
+        expected = sum(per_seed[s]["row"]["imagenet"] for s in ("1", "2")) / 2
+        assert mean["imagenet"] == pytest.approx(expected)
+    # the eval sets are encoded once (by the first method); later frozen-encoder methods only add train views
+    seed_images = sum(len(load_split(out / f"split_seed{s}.json")[0].train) +
+                      len(load_split(out / f"split_seed{s}.json")[0].val) for s in (1, 2))
+    assert result["timing"]["linear_probe"]["images_encoded"] == seed_images
+    # Tip-Adapter-F reuses Tip-Adapter's cache keys and val features: it encodes only its 2 epoch views per seed
+    train_size = len(load_split(out / "split_seed1.json")[0].train)
+    assert result["timing"]["tip_adapter_f"]["images_encoded"] == 2 * 2 * train_size
+    markdown = (out / "table2.md").read_text()
+    assert PUBLISHED_LABEL in markdown and "| Tip-Adapter-F | 73.41 |" in markdown
+    assert markdown.index("measured (this run)") < markdown.index(PUBLISHED_LABEL)
+    rows = (out / "table2.csv").read_text().splitlines()
+    assert rows[0].startswith("source,method,imagenet,imagenet_std")
+    assert sum(r.startswith("measured,") for r in rows) == len(ran)
+    assert all(len(r.split(",")) == len(rows[0].split(",")) for r in rows if r.startswith("measured"))
+
+
+def test_rerun_reads_the_cache_and_reproduces(tmp_path, tree, tiny_config):
+    methods = ["zero_shot", "linear_probe", "tip_adapter"]
+    first = _run(tmp_path, tree, tiny_config, methods, out="a")
+    second = _run(tmp_path, tree, tiny_config, methods, out="b")
+    assert all(second["timing"][m]["images_encoded"] == 0 for m in methods)
+    assert first["timing"]["zero_shot"]["images_encoded"] > 0
+    for name in methods:
+        assert second["measured"][name]["mean"] == first["measured"][name]["mean"]
+
+
+def test_missing_convpass_is_skipped_with_a_warning(tmp_path, tree, tiny_config, monkeypatch):
+    from clipconv.methods.base import METHODS, method_names
+
+    method_names()
+    monkeypatch.delitem(METHODS, "convpass", raising=False)
+    with pytest.warns(UserWarning, match="convpass"):
+        result = _run(tmp_path, tree, tiny_config, ["zero_shot", "convpass"])
+    assert list(result["measured"]) == ["zero_shot"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--methods", "no_such_method"], "unknown method"),
+    (["--methods", "zero_shot", "--method-options", "{not json"], "not valid JSON"),
+    (["--methods", "coop", "--method-options", '{"coop": {"epochz": 1}}'], "epochz"),
+    (["--methods", "zero_shot", "--method-options", '{"coop": {"epochs": 1}}'], "not in --methods"),
+])
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, tree, tiny_config, capsys, extra, message):
+    argv = ["--data-root", str(tree), "--model", str(tiny_config), "--pretrained", "none", "--workers", "0",
+            "--output-dir", str(tmp_path / "out"), *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "table2.json").exists()
+
+
+def test_no_data_root_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2 and "--data-root" in capsys.readouterr().err
+
+
+def test_aggregate_is_mean_and_population_std():
+    mean, std = aggregate_seeds([{"imagenet": 10.0, "imagenet_v2": 1.0}, {"imagenet": 20.0, "imagenet_v2": 3.0}])
+    assert mean["imagenet"] == 15.0 and std["imagenet"] == 5.0 and std["imagenet_v2"] == 1.0
+    assert math.isnan(mean["target_avg"])  # -Sketch/-A/-R missing
+
+
+def test_epochs_scale_uses_each_methods_default():
+    from clipconv.methods.base import METHODS, method_names
+
+    method_names()
+    assert method_options_for("coop", METHODS["coop"], {}, 0.1) == {"epochs": 5}
+    assert method_options_for("cocoop", METHODS["cocoop"], {}, 0.1) == {"epochs": 1}
+    assert method_options_for("coop", METHODS["coop"], {"epochs": 3}, 0.1) == {"epochs": 3}
+    assert method_options_for("zero_shot", METHODS["zero_shot"], {}, 0.1) == {}
