@@ -57,3 +57,41 @@ def test_unknown_template_set_and_unfitted_use_fail_clearly(world):
         build_method("zero_shot", templates="no_such_set").fit(world.ctx)
     with pytest.raises(RuntimeError, match="fitted"):
         build_method("zero_shot").logits_from_features(torch.zeros(1, 16))
+
+
+def test_cli_compares_several_backbones_in_one_table(tmp_path, tiny_config):
+    from clipconv.cli.zero_shot import main
+    from clipconv.data import make_image_tree
+
+    tree = make_image_tree(tmp_path / "data", train_per_class=1, val_per_class=2)
+    torch.manual_seed(5)
+    from clipconv.backbone import load_backbone
+
+    other = load_backbone(str(tiny_config), pretrained=None, device="cpu")
+    with torch.no_grad():
+        other.model.visual.proj.mul_(-1)
+    weights = tmp_path / "other.pt"
+    torch.save(other.model.state_dict(), weights)
+    out = tmp_path / "out"
+    argv = ["--data-root", str(tree), "--model", str(tiny_config), "--pretrained", "none",
+            "--model", str(tiny_config), "--pretrained", str(weights), "--workers", "0", "--device", "cpu",
+            "--output-dir", str(out), "--no-cache"]
+    assert main(argv) == 0
+    import json
+
+    payload = json.loads((out / "zero_shot.json").read_text())
+    assert [r["pretrained"] for r in payload["results"]] == ["none", str(weights)]
+    assert set(payload["results"][0]["metrics"]) == {"imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a",
+                                                     "imagenet_r"}
+    table = (out / "zero_shot.md").read_text()
+    assert "tiny-clip (none)" in table and "tiny-clip (other.pt)" in table
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_cli_pairs_must_match(tmp_path, tiny_config, capsys):
+    from clipconv.cli.zero_shot import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data-root", str(tmp_path), "--model", "a", "--model", "b", "--pretrained", "x",
+              "--pretrained", "y", "--pretrained", "z"])
+    assert exit_info.value.code == 2 and "--pretrained" in capsys.readouterr().err
