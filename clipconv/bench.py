@@ -1,6 +1,7 @@
 """Benchmarks of Convpass on an open_clip image encoder (random init), as ratios within one run.
 
-(a) inference: adapted vs plain encoder forward (fp32, no grad);
+(a) inference: adapted vs plain encoder forward (fp32, no grad), in seconds and in counted FLOPs
+    (torch's FlopCounterMode: matmuls and convs), the latter immune to load from other processes;
 (b) one training step of adapters + a linear head: fp32, bf16 autocast, trunk cast to bf16 (adapters fp32);
 (c) memory: peak CUDA memory per step on a GPU; everywhere, the bytes autograd saves for backward
     (tensors saved by the step's graph, parameters excluded — activations and autocast weight copies).
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import os
 import platform
 import resource
 import statistics
@@ -90,6 +92,15 @@ def saved_for_backward_bytes(step: Callable[[], Any], exclude: Sequence[torch.Te
     return sum(storages.values())
 
 
+def forward_gflops(fn: Callable[[], Any]) -> float:
+    """GFLOPs torch counts for one call of `fn` (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
 def peak_cuda_bytes(step: Callable[[], Any], device: torch.device) -> Optional[int]:
     """Peak CUDA memory allocated during `step`, or None off CUDA."""
     if device.type != "cuda":
@@ -151,6 +162,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         return call
 
     inference = interleaved_times({"plain": infer(plain), "adapted": infer(adapted)}, cfg.warmup, cfg.repeats, device)
+    gflops = {"plain": forward_gflops(infer(plain)), "adapted": forward_gflops(infer(adapted))}
     del plain
 
     adapted.train()
@@ -183,6 +195,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
             "threads": torch.get_num_threads(),
             "device": str(device),
             "cpu": platform.processor() or platform.machine(),
+            "load_average_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         },
         "encoder": {
             "layers": len(adapted.transformer.resblocks),
@@ -193,8 +206,10 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         },
         "seconds": {"inference": inference, "training_step": training},
         "median_seconds": median,
+        "inference_gflops": gflops,
         "ratios": {
             "adapted_vs_plain_inference": median["infer_adapted"] / median["infer_plain"],
+            "adapted_vs_plain_inference_flops": gflops["adapted"] / gflops["plain"],
             "bf16_autocast_vs_fp32_step": median["train_bf16_autocast"] / median["train_fp32"],
             "bf16_trunk_vs_fp32_step": median["train_bf16_trunk"] / median["train_fp32"],
         },
@@ -217,12 +232,16 @@ def format_table(results: dict[str, Any]) -> str:
         f"| inference, plain encoder | {med['infer_plain']:.3f} | 1.00 | – | – |",
         f"| inference, adapted encoder | {med['infer_adapted']:.3f} | {med['infer_adapted'] / med['infer_plain']:.2f} | – | – |",
     ]
+    flops = results["inference_gflops"]
     for name, label in (("fp32", "train step, fp32"), ("bf16_autocast", "train step, bf16 autocast"),
                         ("bf16_trunk", "train step, trunk cast to bf16")):
         peak = mem[name]["peak_cuda_mb"]
         lines.append(f"| {label} | {med['train_' + name]:.3f} | {med['train_' + name] / fp32:.2f} | "
                      f"{mem[name]['saved_for_backward_mb']:.1f} | {'–' if peak is None else f'{peak:.0f}'} |")
-    lines.append(f"\nprocess peak RSS: {results['process_peak_rss_mb']:.0f} MB")
+    lines.append(f"\ncounted forward GFLOPs: plain {flops['plain']:.2f}, adapted {flops['adapted']:.2f} "
+                 f"(ratio {flops['adapted'] / flops['plain']:.4f})")
+    lines.append(f"process peak RSS: {results['process_peak_rss_mb']:.0f} MB; "
+                 f"1-min load average at the end: {results['environment']['load_average_1min_at_end']}")
     return "\n".join(lines)
 
 

@@ -463,13 +463,23 @@ def test_benchmark_runs_on_a_tiny_model_and_writes_json(tiny_config, tmp_path, c
     results = main(["--model", str(tiny_config), "--batch", "2", "--warmup", "0", "--repeats", "1",
                     "--classes", "5", "--out", str(out)])
     assert json.loads(out.read_text())["ratios"] == results["ratios"]
-    assert set(results["ratios"]) == {"adapted_vs_plain_inference", "bf16_autocast_vs_fp32_step", "bf16_trunk_vs_fp32_step"}
+    assert set(results["ratios"]) == {"adapted_vs_plain_inference", "adapted_vs_plain_inference_flops",
+                                      "bf16_autocast_vs_fp32_step", "bf16_trunk_vs_fp32_step"}
     assert all(r > 0 for r in results["ratios"].values())
+    assert results["ratios"]["adapted_vs_plain_inference_flops"] > 1.0
     layers, width = results["encoder"]["layers"], results["encoder"]["width"]
     assert results["encoder"]["trainable_adapter_params"] == _expected_convpass(layers, width, 8)
     assert all(m["saved_for_backward_mb"] > 0 for m in results["memory"].values())
     assert "train step, trunk cast to bf16" in capsys.readouterr().out
     assert [p.name for p in out.parent.iterdir()] == ["tiny.json"]  # no temp file left behind
+
+
+def test_forward_gflops_counts_matmuls():
+    from clipconv.bench import forward_gflops
+
+    layer = nn.Linear(100, 50, bias=False)
+    inputs = torch.randn(20, 100)
+    assert forward_gflops(lambda: layer(inputs)) == pytest.approx(2 * 20 * 100 * 50 / 1e9)
 
 
 def test_benchmark_refuses_bad_sizes(tiny_config):
