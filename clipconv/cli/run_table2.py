@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 from typing import Optional, Sequence
@@ -57,27 +58,50 @@ def _method_options(text: str) -> dict:
     return options
 
 
+def _demo_options(given: dict) -> dict:
+    """--demo: the demo module's per-method defaults, and CoOp with 4 tokens from "a photo of a" (the CoCoOp
+    paper's domain-generalization CoOp; 16 tokens do not fit the mini CLIP's 16-token text context)."""
+    from .. import demo
+
+    from ..methods.base import METHODS, method_names
+
+    method_names()
+    defaults = {"coop": {"n_ctx": 4, "init_phrase": "a photo of a"}}
+    for name, options in getattr(demo, "DEMO_TRAIN_DEFAULTS", {}).items():
+        if name in METHODS:  # keep only what the method's constructor accepts
+            parameters = inspect.signature(METHODS[name].__init__).parameters
+            open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+            defaults.setdefault(name, {}).update({k: v for k, v in options.items() if open_ended or k in parameters})
+    merged = {name: dict(options) for name, options in defaults.items()}
+    for name, options in given.items():
+        merged.setdefault(name, {}).update(options)
+    return merged
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from ..table2 import Table2Config, run_table2
 
     model, pretrained, data_root = args.model, args.pretrained, args.data_root
+    method_options = _method_options(args.method_options)
     if args.demo:
         from ..demo import MINI_CLIP_CONFIG, MINI_CLIP_WEIGHTS, ensure_world
 
         data_root = data_root or str(ensure_world())
         model = model or str(MINI_CLIP_CONFIG)
         pretrained = pretrained or str(MINI_CLIP_WEIGHTS)
+        method_options = _demo_options(method_options)
     elif data_root is None:
         from .common import NO_DATA_HELP
 
         parser.error(NO_DATA_HELP)
+    method_options = {k: v for k, v in method_options.items() if k in args.methods or not args.demo}
     cfg = Table2Config(
         data_root=data_root, output_dir=args.output_dir, shots=args.shots, seeds=args.seeds,
         val_shots=args.val_shots, methods=args.methods, model=model or "ViT-B-16",
         pretrained="openai" if pretrained is None else pretrained, classnames=args.classnames,
-        templates=args.templates, eval_sets=args.eval_sets, method_options=_method_options(args.method_options),
+        templates=args.templates, eval_sets=args.eval_sets, method_options=method_options,
         epochs_scale=args.epochs_scale, cache_dir=None if args.no_cache else (args.cache_dir or "default"),
         device=args.device, precision=args.precision, workers=args.workers, batch_size=args.batch_size,
     )
