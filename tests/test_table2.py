@@ -126,3 +126,19 @@ def test_epochs_scale_uses_each_methods_default():
     assert method_options_for("cocoop", METHODS["cocoop"], {}, 0.1) == {"epochs": 1}
     assert method_options_for("coop", METHODS["coop"], {"epochs": 3}, 0.1) == {"epochs": 3}
     assert method_options_for("zero_shot", METHODS["zero_shot"], {}, 0.1) == {}
+
+
+def test_every_option_is_a_named_constructor_parameter():
+    """Option filters (run_table2, the train CLI) see every option: no method hides options in **kwargs."""
+    import inspect
+
+    from clipconv.methods.base import METHODS, method_names
+
+    method_names()
+    for name in ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "coop", "cocoop"):
+        kinds = {p.kind for p in inspect.signature(METHODS[name].__init__).parameters.values()}
+        assert inspect.Parameter.VAR_KEYWORD not in kinds, name
+    tip_f = set(inspect.signature(METHODS["tip_adapter_f"].__init__).parameters)
+    assert set(inspect.signature(METHODS["tip_adapter"].__init__).parameters) <= tip_f
+    cocoop = set(inspect.signature(METHODS["cocoop"].__init__).parameters)
+    assert set(inspect.signature(METHODS["coop"].__init__).parameters) <= cocoop

@@ -45,9 +45,14 @@ class MetaNet(nn.Module):
 class CoCoOp(CoOp):
     """Conditional prompt learning; options as CoOp plus `eval_batch` (images per scoring chunk)."""
 
-    def __init__(self, n_ctx: int = 4, init_phrase: Optional[str] = "a photo of a", epochs: int = 10,
-                 batch_size: int = 1, eval_batch: int = 64, **options: Any) -> None:
-        super().__init__(n_ctx=n_ctx, init_phrase=init_phrase, epochs=epochs, batch_size=batch_size, **options)
+    def __init__(self, n_ctx: int = 4, init_phrase: Optional[str] = "a photo of a", class_specific: bool = False,
+                 epochs: int = 10, lr: float = 0.002, batch_size: int = 1, momentum: float = 0.9,
+                 weight_decay: float = 5e-4, warmup_epochs: int = 1, warmup_lr: float = 1e-5, views: int = 10,
+                 init_std: float = 0.02, class_chunk: Optional[int] = None, eval_batch: int = 64) -> None:
+        super().__init__(n_ctx=n_ctx, init_phrase=init_phrase, class_specific=class_specific, epochs=epochs, lr=lr,
+                         batch_size=batch_size, momentum=momentum, weight_decay=weight_decay,
+                         warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, views=views, init_std=init_std,
+                         class_chunk=class_chunk)
         if eval_batch < 1:
             raise ValueError(f"eval_batch must be >= 1, got {eval_batch}")
         self.eval_batch = eval_batch

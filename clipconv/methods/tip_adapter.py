@@ -162,8 +162,10 @@ class TipAdapter(FrozenEncoderMethod):
 class TipAdapterF(TipAdapter):
     """Tip-Adapter-F: the cache keys are fine-tuned. Extra options: epochs, lr, batch_size, eps."""
 
-    def __init__(self, epochs: int = 20, lr: float = 1e-3, batch_size: int = 256, eps: float = 1e-4, **options: Any) -> None:
-        super().__init__(**options)
+    def __init__(self, epochs: int = 20, lr: float = 1e-3, batch_size: int = 256, eps: float = 1e-4,
+                 alpha: float = 1.17, beta: float = 1.0, search: str = "full", augment_rounds: int = 10,
+                 templates: Union[str, Sequence[str], None] = None) -> None:
+        super().__init__(alpha=alpha, beta=beta, search=search, augment_rounds=augment_rounds, templates=templates)
         if epochs < 1 or batch_size < 1:
             raise ValueError(f"tip_adapter_f needs epochs >= 1 and batch_size >= 1, got {epochs}, {batch_size}")
         self.epochs, self.lr, self.batch_size, self.eps = epochs, lr, batch_size, eps
