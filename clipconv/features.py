@@ -21,9 +21,9 @@ import torch
 
 from .io import atomic_path
 
-__all__ = ["FeatureStore", "default_cache_dir", "transform_id", "samples_digest"]
+__all__ = ["FeatureStore", "default_cache_dir", "transform_id", "samples_digest", "item_seed"]
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: per-item augmentation seeding
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
@@ -44,6 +44,25 @@ def samples_digest(samples: Sequence[tuple[str, int]]) -> str:
     for path, label in sorted((str(p), int(l)) for p, l in samples):
         digest.update(f"{path}\t{label}\n".encode("utf-8"))
     return digest.hexdigest()
+
+
+def item_seed(round_seed: int, index: int) -> int:
+    """The torch seed set before transforming item `index` of a round (independent of workers and batching)."""
+    return (int(round_seed) * 1_000_003 + int(index)) % (2**63 - 1)
+
+
+class _SeededItems(torch.utils.data.Dataset):
+    """Seeds torch's RNG per item, so random augmentations depend only on (round seed, item index)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, round_seed: int) -> None:
+        self.dataset, self.round_seed = dataset, round_seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        torch.manual_seed(item_seed(self.round_seed, index))
+        return self.dataset[index]
 
 
 class FeatureStore:
@@ -72,6 +91,7 @@ class FeatureStore:
         self.device = torch.device(device) if device is not None else backbone.device
         self.encoder_calls = 0
         self.cache_hits = 0
+        self.last_kept = torch.empty(0, dtype=torch.long)
 
     # ------------------------------------------------------------------ keys
     def cache_key(self, root: Union[str, Path], samples: Sequence, transform_name: str, rounds: int, seed: int) -> dict:
@@ -126,8 +146,9 @@ class FeatureStore:
 
         `transform` is "eval", "train" (the backbone's transforms) or any callable; `transform_name`
         overrides the id used in the cache key. With `rounds > 1` the features of `rounds` augmented
-        passes are averaged (Tip-Adapter's cache keys); round r draws its augmentation from seed
-        `seed * 1000 + r`, so the result is reproducible.
+        passes are averaged (Tip-Adapter's cache keys); in round r item i (of the sorted sample list) is
+        transformed right after `torch.manual_seed(item_seed(seed * 1000 + r, i))`, so the result does not
+        depend on the number of workers or the batch size.
         """
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -209,8 +230,9 @@ class FeatureStore:
 
         from .data import ImageListDataset, collate_skip_bad
 
+        # the "label" carried through the loader is the sample's position, so skipped files are known exactly
         indexed = [(path, position) for position, (path, _) in enumerate(samples)]
-        dataset = ImageListDataset(root, indexed, transform, on_error="skip")
+        dataset = _SeededItems(ImageListDataset(root, indexed, transform, on_error="skip"), generator_seed)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.workers,
             collate_fn=collate_skip_bad, generator=torch.Generator().manual_seed(generator_seed),

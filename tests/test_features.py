@@ -143,6 +143,14 @@ def test_augmented_rounds_are_seeded_and_averaged(world):
     assert not torch.allclose(three, other_seed)
 
 
+def test_augmentation_does_not_depend_on_workers_or_batch_size(world):
+    augment = T.Compose([T.RandomResizedCrop(32, scale=(0.3, 1.0)), T.RandomHorizontalFlip(), T.ToTensor()])
+    serial = FeatureStore(world.backbone, None, batch_size=3, workers=0)
+    parallel = FeatureStore(world.backbone, None, batch_size=5, workers=2)
+    torch.testing.assert_close(serial.encode(world.root, world.test_samples, transform=augment, seed=7),
+                               parallel.encode(world.root, world.test_samples, transform=augment, seed=7))
+
+
 def test_no_cache_writes_nothing(world, tmp_path):
     store = FeatureStore(world.backbone, None)
     store.encode(world.root, world.test_samples)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from baseline_world import make_world
-from clipconv.features import FeatureStore
+from clipconv.features import FeatureStore, item_seed
 from clipconv.methods import build_method
 from clipconv.methods.tip_adapter import search_grid, tip_cache_transform
 
@@ -33,9 +33,12 @@ def test_cache_keys_are_averaged_augmented_views(world):
     transform, _ = tip_cache_transform(world.backbone)
     model = world.backbone.model
     views = []
-    for round_index in range(rounds):  # the FeatureStore's documented seeding: seed·1000 + round
-        torch.manual_seed(world.ctx.seed * 1000 + round_index)
-        images = torch.stack([transform(Image.open(world.root / p).convert("RGB")) for p, _ in world.ctx.train])
+    for round_index in range(rounds):  # the FeatureStore's documented per-item seeding
+        images = []
+        for index, (path, _) in enumerate(sorted(world.ctx.train)):
+            torch.manual_seed(item_seed(world.ctx.seed * 1000 + round_index, index))
+            images.append(transform(Image.open(world.root / path).convert("RGB")))
+        images = torch.stack(images)
         with torch.no_grad():
             views.append(model.encode_image(images).float())
     torch.testing.assert_close(tip.keys, F.normalize(torch.stack(views).mean(0), dim=-1), rtol=1e-4, atol=1e-5)
