@@ -226,9 +226,12 @@ def run_table2(cfg: Table2Config, log: Callable[[str], None] = print) -> dict[st
                 ctx.class_ids = list(classes.ids)
             log(f"== seed {seed}: {name} {options or ''}")
             calls = store.encoder_calls
+            before = _fingerprint(backbone.model)
             started = time.perf_counter()
             fit_summary = method.fit(ctx)
             fitted = time.perf_counter()
+            if _fingerprint(backbone.model) != before:  # later methods share the backbone and its cached features
+                raise RuntimeError(f"method '{name}' modified the shared backbone in place; it must work on a copy")
             metrics = evaluate_method(method, splits, data_root, device, features=store,
                                       eval_transform=backbone.eval_transform, batch_size=cfg.batch_size,
                                       workers=cfg.workers, log=log)
@@ -243,6 +246,14 @@ def run_table2(cfg: Table2Config, log: Callable[[str], None] = print) -> dict[st
             result = _write_outputs(out, cfg, per_seed, timing, info)
     log(f"Table 2 written to {out / 'table2.md'}")
     return result
+
+
+def _fingerprint(model: Any) -> tuple:
+    """Parameter names, shapes and sums: changes when a method alters the shared backbone in place."""
+    import torch
+
+    with torch.no_grad():
+        return tuple((n, tuple(p.shape), float(p.double().sum())) for n, p in model.state_dict().items())
 
 
 def _jsonable(value: Any) -> Any:

@@ -142,3 +142,20 @@ def test_every_option_is_a_named_constructor_parameter():
     assert set(inspect.signature(METHODS["tip_adapter"].__init__).parameters) <= tip_f
     cocoop = set(inspect.signature(METHODS["cocoop"].__init__).parameters)
     assert set(inspect.signature(METHODS["coop"].__init__).parameters) <= cocoop
+
+
+def test_a_method_that_alters_the_shared_backbone_is_stopped(tmp_path, tree, tiny_config, monkeypatch, capsys):
+    import torch
+
+    from clipconv.methods.zero_shot import ZeroShot
+
+    real_fit = ZeroShot.fit
+
+    def tampering_fit(self, ctx):
+        with torch.no_grad():
+            ctx.backbone.model.visual.proj.mul_(2)
+        return real_fit(self, ctx)
+
+    monkeypatch.setattr(ZeroShot, "fit", tampering_fit)
+    with pytest.raises(RuntimeError, match="zero_shot.*in place"):
+        _run(tmp_path, tree, tiny_config, ["zero_shot"])
