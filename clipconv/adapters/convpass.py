@@ -142,8 +142,9 @@ class Convpass(nn.Module):
                     f"got {num_tokens} tokens"
                 )
         hidden = self.act(self._project("down", x))
-        patches = hidden[:, 1:].transpose(1, 2).reshape(batch, self.dim, height, width)
-        patches = self.conv(patches).flatten(2).transpose(1, 2)
+        # (B, H·W, h) viewed as NCHW with channels-last strides: no copy in or out of the conv.
+        patches = hidden[:, 1:].reshape(batch, height, width, self.dim).permute(0, 3, 1, 2)
+        patches = self.conv(patches).permute(0, 2, 3, 1).reshape(batch, height * width, self.dim)
         cls = self._cls_conv(hidden[:, :1])
         hidden = self.dropout(self.act(torch.cat([cls, patches], dim=1)))
         return self._project("up", hidden)
