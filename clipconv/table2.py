@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .io import write_json, write_text
-from .report import DISPLAY, PUBLISHED_TABLE2, SUITE, TARGETS, markdown_table, results_row, target_average
+from .report import DISPLAY, PUBLISHED_TABLE2, SUITE, markdown_table, results_row, target_average
 
 __all__ = ["Table2Config", "TABLE2_METHODS", "METHOD_LABELS", "PUBLISHED_LABEL", "run_table2",
            "method_options_for", "aggregate_seeds"]

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .common import add_data_args, bad_input_errors, fail, non_negative_int, positive_int
+from .common import add_data_args, bad_input_errors, non_negative_int, positive_int
 
 DESCRIPTION = """Zero-shot CLIP on ImageNet, -V2, -Sketch, -A and -R. Several --model/--pretrained pairs (given in
 the same order) are compared in one table. Writes zero_shot.json and zero_shot.md to --output-dir."""

@@ -15,7 +15,7 @@ and `batch_size`/`eval_batch` bound the images per step.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

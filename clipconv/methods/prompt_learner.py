@@ -14,7 +14,6 @@ import math
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["FrozenTextEncoder", "PromptLearner", "warmup_cosine_lr", "frozen_parameters"]
@@ -136,7 +135,3 @@ def warmup_cosine_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int
     if epoch < warmup_epochs:
         return warmup_lr
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * epoch / epochs))
-
-
-def normalized(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.float(), dim=-1)
