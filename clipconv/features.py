@@ -72,6 +72,9 @@ class FeatureStore:
     (so a test can assert that a second method encoded nothing). Undecodable images are skipped; the
     returned labels (and `last_kept`, the positions in the given sample list that were kept) stay aligned
     with the features, which come back in the order of the given sample list.
+    Images are fed in the dtype of the backbone's weights (load it with precision="bf16"/"fp16" for a
+    cast model); no autocast is used, since autocast over frozen weights re-casts them on every call
+    (about 10× slower on CPU, see CALIBRATION.md).
     """
 
     def __init__(
