@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Pretrain the miniature CLIP shipped in clipconv/assets (see clipconv/assets/MINI_CLIP.md)."""
+import sys
+
+from clipconv.demo.pretrain import main
+
+if __name__ == "__main__":
+    sys.exit(main())
