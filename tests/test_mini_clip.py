@@ -83,7 +83,7 @@ def test_pretraining_stream_is_deterministic(tiny_config):
 
 
 def _tiny_run(tiny_config, seed: int):
-    torch.manual_seed(123)  # same initialization for every run: only the data seed varies
+    torch.manual_seed(123)  # load_backbone seeds its random init itself: only the data seed varies
     backbone = load_backbone(str(tiny_config), pretrained=None, device="cpu")
     config = P.PretrainConfig(seed=seed, steps=3, batch_size=12, pool_size=16, fresh_per_step=4, threads=1)
     summary = P.pretrain(backbone, config, log_every=0)

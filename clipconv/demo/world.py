@@ -26,7 +26,7 @@ __all__ = [
     "world_params", "default_world_root", "read_manifest",
 ]
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 MANIFEST_NAME = "clipconv_demo_world.json"
 _MARKER_NAME = ".clipconv_demo_world_in_progress"
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "moon", "arrow")
@@ -105,9 +105,9 @@ class Style:
 STYLES: dict[str, Style] = {
     # test domains
     "source": Style("photo"),
-    "v2": Style(
-        "photo", radius=(0.19, 0.3), centre=(0.3, 0.7), rotation=40.0, period=(0.38, 0.58),
-        background_value=(0.62, 0.92), background_saturation=(0.05, 0.4), noise=0.035, blur=0.6,
+    "v2": Style(  # the same photos, drifted: smaller, more rotated, softer focus, duller backgrounds
+        "photo", radius=(0.17, 0.27), centre=(0.3, 0.7), rotation=50.0, period=(0.38, 0.58),
+        background_value=(0.5, 0.9), background_saturation=(0.1, 0.5), noise=0.04, blur=0.9,
     ),
     "sketch": Style("sketch", radius=(0.22, 0.33), rotation=30.0, noise=0.03),
     "rendition": Style(
