@@ -122,3 +122,18 @@ def test_run_killed_mid_epoch_resumes_to_identical_weights_and_metrics(resume_wo
     a, b = load_file(str(straight / "adapter.safetensors")), load_file(str(killed / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((straight / "metrics.json").read_text()) == json.loads((killed / "metrics.json").read_text())
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(resume_world, tiny_config):
+    root, data = resume_world
+    out = root / "interrupted"
+    proc = subprocess.Popen(_cli(root, data, tiny_config, out, "--epochs", "40"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while not (out / "train_state.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert f"--resume {out}" in err
+    assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] >= 1

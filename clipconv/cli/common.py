@@ -17,6 +17,13 @@ NO_DATA_HELP = (
 )
 
 
+def plain_warnings() -> None:
+    """Show warnings as one `warning: message` line each, without source lines (CLI use)."""
+    import warnings
+
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+
+
 def fail(message: str) -> NoReturn:
     """Print `error: message` and exit with the bad-input code (nothing has been written)."""
     print(f"error: {message}", file=sys.stderr)

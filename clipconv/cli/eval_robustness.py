@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .common import add_data_args, add_runtime_args, apply_demo, bad_input_errors, fail
+from .common import add_data_args, add_runtime_args, apply_demo, bad_input_errors, fail, plain_warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +41,7 @@ class _Classifier:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    plain_warnings()
     from ..backbone import load_backbone, resolve_device
     from ..checkpoint import read_metadata
     from ..data import ClassList, eval_split, load_universe

@@ -17,6 +17,7 @@ from .common import (
     positive_int,
     non_negative_int,
     fail,
+    plain_warnings,
 )
 
 DESCRIPTION = """Train a few-shot CLIP method on K shots per class and evaluate it on ImageNet and its shifted
@@ -105,6 +106,7 @@ def _resume_config(run_dir: str):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    plain_warnings()
     from ..methods import method_names
 
     if args.list_methods:
