@@ -1,0 +1,147 @@
+"""PNG figures of Table-2 results: accuracy per method and domain (bars), accuracy against the number of shots.
+
+Both take the dict that `clipconv.table2.run_table2` returns (and writes as table2.json): its
+"measured" entry maps a method to {"label", "mean": {column: top-1}, "std": {column: std}, "seeds"}.
+matplotlib is imported (with the Agg backend) only when a figure is drawn, never at import of clipconv.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from .io import atomic_path
+from .report import DISPLAY, SUITE
+
+__all__ = ["BAR_COLUMNS", "SHOTS_COLUMNS", "column_label", "accuracy_bars", "accuracy_vs_shots"]
+
+BAR_COLUMNS = (*SUITE, "target_avg")
+SHOTS_COLUMNS = ("imagenet", "target_avg")
+PathLike = Union[str, Path]
+
+
+def column_label(column: str) -> str:
+    """Display name of a result column ("imagenet" → "ImageNet", "target_avg" → "target avg")."""
+    return DISPLAY.get(column, "target avg" if column == "target_avg" else column)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _measured(table: Mapping[str, Any], where: str) -> Mapping[str, Mapping[str, Any]]:
+    measured = table.get("measured") if isinstance(table, Mapping) else None
+    if not isinstance(measured, Mapping) or not measured:
+        raise ValueError(f"{where}: the table has no measured methods (expected run_table2's result / table2.json)")
+    return measured
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not math.isnan(value)
+
+
+def _save(fig: Any, path: PathLike) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    return path
+
+
+def accuracy_bars(table: Mapping[str, Any], path: PathLike, title: Optional[str] = None,
+                  columns: Sequence[str] = BAR_COLUMNS) -> Path:
+    """Grouped bar chart: a group per domain column, a bar per method (mean top-1 over seeds), error bars =
+    std over seeds when a method ran with several seeds; written to `path` (PNG, atomically)."""
+    measured = _measured(table, "accuracy_bars")
+    present = [c for c in columns if any(_finite(m.get("mean", {}).get(c)) for m in measured.values())]
+    if not present:
+        raise ValueError(f"accuracy_bars: no method has a value in any of the columns {list(columns)}")
+    plt = _pyplot()
+    methods = list(measured.values())
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(min(13.0, max(7.0, len(present) * (0.8 + 0.18 * len(methods)))), 4.5))
+    try:
+        for index, method in enumerate(methods):
+            mean, std = method.get("mean", {}), method.get("std", {})
+            several = len(method.get("seeds", ())) > 1
+            heights = [mean.get(c, math.nan) for c in present]
+            errors = [std.get(c, 0.0) if several and _finite(std.get(c)) else 0.0 for c in present]
+            offsets = [x - 0.4 + width * (index + 0.5) for x in range(len(present))]
+            ax.bar(offsets, heights, width, yerr=errors if several else None, capsize=2,
+                   label=method.get("label", "?"))
+        ax.set_xticks(range(len(present)), [column_label(c) for c in present])
+        ax.set_ylabel("top-1 accuracy (%)")
+        seeds = sorted({s for m in methods for s in m.get("seeds", ())})
+        spread = f"; error bars: std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""
+        ax.set_title((title or "Top-1 accuracy per method and domain") + spread, fontsize=10)
+        ax.set_ylim(0, 100 if max(_max_top(methods, present), 0) > 60 else None)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, ncol=min(4, len(methods)), loc="upper center", bbox_to_anchor=(0.5, -0.08),
+                  frameon=False)
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _max_top(methods: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> float:
+    values = [m.get("mean", {}).get(c) for m in methods for c in columns]
+    return max((v for v in values if _finite(v)), default=0.0)
+
+
+def accuracy_vs_shots(results_by_shots: Mapping[int, Mapping[str, Any]], path: PathLike,
+                      domain_columns: Sequence[str] = SHOTS_COLUMNS, title: Optional[str] = None) -> Path:
+    """Top-1 against K (log2 x axis): a subplot per domain column (default: ImageNet = the source set, and the
+    target average), a line per method (std over seeds as a band when there are several); PNG, atomically."""
+    if len(results_by_shots) < 1:
+        raise ValueError("accuracy_vs_shots: no results given (expected {shots: run_table2 result})")
+    bad = [k for k in results_by_shots if not isinstance(k, int) or isinstance(k, bool) or k < 1]
+    if bad:
+        raise ValueError(f"accuracy_vs_shots: shots must be positive integers, got {bad}")
+    if not domain_columns:
+        raise ValueError("accuracy_vs_shots: give at least one domain column")
+    shots = sorted(results_by_shots)
+    curves: dict[str, dict[str, list[tuple[int, float, float]]]] = {}
+    for k in shots:
+        for name, method in _measured(results_by_shots[k], f"accuracy_vs_shots ({k} shots)").items():
+            label = method.get("label", name)
+            several = len(method.get("seeds", ())) > 1
+            for column in domain_columns:
+                value = method.get("mean", {}).get(column)
+                if _finite(value):
+                    spread = method.get("std", {}).get(column, 0.0) if several else 0.0
+                    curves.setdefault(label, {}).setdefault(column, []).append(
+                        (k, value, spread if _finite(spread) else 0.0))
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(domain_columns), figsize=(5.0 * len(domain_columns), 4.2), sharey=True,
+                             squeeze=False)
+    try:
+        for ax, column in zip(axes[0], domain_columns):
+            for label, by_column in curves.items():
+                points = by_column.get(column, [])
+                if not points:
+                    continue
+                xs, ys, ss = zip(*points)
+                constant = len(set(ys)) == 1 and len(ys) > 1  # e.g. zero-shot: no training images used
+                line, = ax.plot(xs, ys, marker="o", label=label, linestyle="--" if constant else "-")
+                if any(ss):
+                    ax.fill_between(xs, [y - s for y, s in zip(ys, ss)], [y + s for y, s in zip(ys, ss)],
+                                    color=line.get_color(), alpha=0.15, linewidth=0)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(shots, [str(k) for k in shots])
+            ax.minorticks_off()
+            ax.set_xlabel("training images per class (shots)")
+            name = column_label(column)
+            ax.set_title(f"{name} (source)" if column == SUITE[0] else name, fontsize=10)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("top-1 accuracy (%)")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, fontsize=8, ncol=min(4, max(1, len(labels))), loc="lower center",
+                   bbox_to_anchor=(0.5, -0.02 - 0.05 * math.ceil(len(labels) / 4)), frameon=False)
+        fig.suptitle(title or "Top-1 accuracy against the number of shots", fontsize=11)
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,153 @@
+"""Table-2 figures: valid PNGs, written atomically, error bars only over several seeds, log2 shots axis."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from baseline_world import make_world
+from clipconv.plots import accuracy_bars, accuracy_vs_shots
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+COLUMNS = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r", "target_avg")
+
+
+def _entry(label: str, base: float, seeds=(1, 2, 3), spread: float = 1.5) -> dict:
+    mean = {c: base - 3 * i for i, c in enumerate(COLUMNS)}
+    return {"label": label, "mean": mean, "std": {c: spread for c in COLUMNS}, "seeds": list(seeds)}
+
+
+def _table(seeds=(1, 2, 3), offset: float = 0.0) -> dict:
+    return {"measured": {"zero_shot": _entry("ZS CLIP", 40 + offset, seeds),
+                         "linear_probe": _entry("LP CLIP", 35 + 2 * offset, seeds),
+                         "convpass": _entry("Convpass_CLIP", 55 + 3 * offset, seeds)}}
+
+
+def assert_valid_png(path: Path, min_bytes: int = 8000) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    assert len(data) > min_bytes, f"{path} is suspiciously small ({len(data)} bytes)"
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        width, height = image.size
+        assert width > 400 and height > 250
+        low, high = image.convert("L").getextrema()
+        assert high - low > 100  # something is drawn, not a blank canvas
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]  # no temp file left
+
+
+@pytest.fixture()
+def measured_world_table(tmp_path, tiny_config) -> dict:
+    """A real table: zero-shot and linear-probe top-1 of the tiny CLIP on the baseline world's val set."""
+    from clipconv.data import eval_split, resolve_run_classes
+    from clipconv.evaluate import evaluate_method
+    from clipconv.methods import build_method
+    from clipconv.report import results_row
+
+    world = make_world(tmp_path, tiny_config)
+    split = eval_split(world.root, "imagenet", resolve_run_classes(world.root))
+    measured = {}
+    for name, label in (("zero_shot", "ZS CLIP"), ("linear_probe", "LP CLIP")):
+        method = build_method(name, **({"bisection_steps": 1} if name == "linear_probe" else {}))
+        method.fit(world.ctx)
+        row = results_row(evaluate_method(method, [split], world.root, "cpu", features=world.store,
+                                          log=lambda message: None))
+        measured[name] = {"label": label, "mean": row, "std": {k: 0.0 for k in row}, "seeds": [1]}
+    return {"measured": measured}
+
+
+def test_bars_of_a_measured_table_are_a_png(tmp_path, measured_world_table):
+    path = accuracy_bars(measured_world_table, tmp_path / "figs" / "bars.png", title="tiny CLIP, tiny world")
+    assert path == tmp_path / "figs" / "bars.png"
+    assert_valid_png(path)
+
+
+def test_shots_plot_of_measured_tables_is_a_png(tmp_path, measured_world_table):
+    path = accuracy_vs_shots({1: measured_world_table, 2: measured_world_table}, tmp_path / "shots.png",
+                             domain_columns=("imagenet",), title="tiny CLIP, tiny world")
+    assert_valid_png(path)
+
+
+def test_bars_full_table_and_error_bars_only_with_several_seeds(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    calls = []
+    real_bar = matplotlib.axes.Axes.bar
+
+    def spy(self, x, height, *args, **kwargs):
+        calls.append((list(height), kwargs.get("yerr")))
+        return real_bar(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", spy)
+    assert_valid_png(accuracy_bars(_table(), tmp_path / "three_seeds.png", title="three seeds"))
+    assert len(calls) == 3  # one bar series per method, one bar per domain column
+    assert all(len(heights) == len(COLUMNS) for heights, _ in calls)
+    assert calls[0][0] == [_table()["measured"]["zero_shot"]["mean"][c] for c in COLUMNS]
+    assert all(yerr == [1.5] * len(COLUMNS) for _, yerr in calls)
+    calls.clear()
+    accuracy_bars(_table(seeds=(1,)), tmp_path / "one_seed.png")
+    assert len(calls) == 3 and all(yerr is None for _, yerr in calls)
+
+
+def test_bars_skip_columns_no_method_has(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    table = _table()
+    for entry in table["measured"].values():
+        entry["mean"] = {"imagenet": entry["mean"]["imagenet"], "target_avg": float("nan")}
+    ticks = []
+    real = matplotlib.axes.Axes.set_xticks
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks",
+                        lambda self, positions, labels=None, **kw: (ticks.append(labels), real(self, positions, labels, **kw)))
+    accuracy_bars(table, tmp_path / "bars.png")
+    assert ticks == [["ImageNet"]]
+
+
+def test_shots_plot_uses_a_log2_axis_and_one_panel_per_domain(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    scales, titles, lines = [], [], []
+    real_scale, real_title, real_plot = (matplotlib.axes.Axes.set_xscale, matplotlib.axes.Axes.set_title,
+                                         matplotlib.axes.Axes.plot)
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xscale",
+                        lambda self, value, **kw: (scales.append((value, kw.get("base"))), real_scale(self, value, **kw)))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda self, text, **kw: (titles.append(text), real_title(self, text, **kw)))
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, xs, ys, **kw: (lines.append((kw.get("label"), list(xs), list(ys))),
+                                                    real_plot(self, xs, ys, **kw))[1])
+    results = {k: _table(offset=k) for k in (16, 1, 4, 2, 8)}
+    path = accuracy_vs_shots(results, tmp_path / "shots.png", title="miniature benchmark")
+    assert_valid_png(path)
+    assert scales == [("log", 2), ("log", 2)]
+    assert titles == ["ImageNet (source)", "target avg"]
+    assert len(lines) == 2 * 3
+    label, xs, ys = lines[0]
+    assert label == "ZS CLIP" and xs == [1, 2, 4, 8, 16]
+    assert ys == [results[k]["measured"]["zero_shot"]["mean"]["imagenet"] for k in xs]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: accuracy_bars({"measured": {}}, p), "no measured methods"),
+    (lambda p: accuracy_bars({"rows": []}, p), "no measured methods"),
+    (lambda p: accuracy_bars(_table(), p, columns=("no_such_column",)), "no_such_column"),
+    (lambda p: accuracy_vs_shots({}, p), "no results"),
+    (lambda p: accuracy_vs_shots({0: _table()}, p), "positive integers"),
+    (lambda p: accuracy_vs_shots({1: {"measured": {}}}, p), "1 shots"),
+])
+def test_bad_input_is_refused_and_nothing_is_written(tmp_path, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(tmp_path / "out.png")
+    assert not list(tmp_path.iterdir())
+
+
+def test_importing_clipconv_does_not_import_matplotlib():
+    code = ("import sys, clipconv, clipconv.plots, clipconv.table2, clipconv.cli.run_table2; "
+            "assert 'matplotlib' not in sys.modules, 'matplotlib imported at import time'")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
