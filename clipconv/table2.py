@@ -5,23 +5,33 @@ every method's hyper-parameter choice) is drawn once and saved as `split_seed{s}
 are fitted on it and scored on the robustness suite. Frozen-encoder methods share one FeatureStore, so
 each image set is encoded once per backbone (and once per augmentation seed). Results are written
 after every method (`table2.json`, `table2.md`, `table2.csv`, atomically), next to the paper's
-published numbers, labelled as such. The std is the population std over seeds (as CoOp reports it).
+published numbers, labelled as such; `table2_bars.png` (accuracy per method and domain) when all
+methods are done. The std is the population std over seeds (as CoOp reports it).
+
+`run_shots_sweep` does this for several K with one backbone and one FeatureStore (the evaluation sets
+are encoded once for the whole sweep). Layout of its output directory:
+```
+shots_<K>/            table2.{md,csv,json}, table2_bars.png, split_seed<s>.json, <method>_seed<s>/ for each K
+table2.*, table2_bars.png        copies of the largest K's
+accuracy_vs_shots.{png,json,md}  top-1 on the source set and the target average against K (2+ values of K)
+```
 """
 from __future__ import annotations
 
 import inspect
 import math
+import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .io import write_json, write_text
+from .io import atomic_path, write_json, write_text
 from .report import DISPLAY, PUBLISHED_TABLE2, SUITE, markdown_table, results_row, target_average
 
-__all__ = ["Table2Config", "TABLE2_METHODS", "METHOD_LABELS", "PUBLISHED_LABEL", "run_table2",
-           "method_options_for", "aggregate_seeds"]
+__all__ = ["Table2Config", "TABLE2_METHODS", "METHOD_LABELS", "PUBLISHED_LABEL", "BARS_FILE", "SWEEP_FILE",
+           "run_table2", "run_shots_sweep", "shots_summary", "method_options_for", "aggregate_seeds"]
 
 TABLE2_METHODS = ("zero_shot", "linear_probe", "coop", "cocoop", "tip_adapter", "tip_adapter_f", "convpass")
 METHOD_LABELS = {
@@ -30,6 +40,8 @@ METHOD_LABELS = {
 }
 PUBLISHED_LABEL = "published (paper, ImageNet, ViT-B/16)"
 COLUMNS = (*SUITE, "target_avg")
+BARS_FILE = "table2_bars.png"
+SWEEP_FILE = "accuracy_vs_shots"  # .png, .json, .md
 
 
 @dataclass
@@ -54,6 +66,7 @@ class Table2Config:
     precision: str = "fp32"  # "auto": bf16 on CUDA, fp32 on CPU
     workers: int = 0
     batch_size: int = 64
+    benchmark_label: Optional[str] = None  # what the data is, for plot titles (e.g. "miniature benchmark")
 
 
 def _default_epochs(cls: type) -> Optional[int]:
@@ -160,13 +173,27 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
     return result
 
 
-def run_table2(cfg: Table2Config, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Fit and score every method of `cfg.methods` on the same splits per seed; write table2.{md,csv,json}."""
+@dataclass
+class _Session:
+    """What every K of a run shares: the backbone, the one FeatureStore, the class list, the data."""
+
+    backbone: Any
+    store: Any
+    classes: Any
+    templates: list
+    device: Any
+    data_root: Path
+    samples: list
+    splits: list
+    info: dict
+    methods: list
+
+
+def _open_session(cfg: Table2Config, cache_dir: Any) -> _Session:
+    """Validate `cfg`, load the backbone once and list the train and evaluation images."""
     from .backbone import load_backbone, resolve_device
-    from .data import eval_split, resolve_run_classes, sample_few_shot, save_split, train_samples
-    from .evaluate import evaluate_method
+    from .data import eval_split, resolve_run_classes, train_samples
     from .features import FeatureStore
-    from .methods import FitContext, build_method
     from .methods.base import METHODS, method_names
     from .prompts import load_templates
 
@@ -182,13 +209,11 @@ def run_table2(cfg: Table2Config, log: Callable[[str], None] = print) -> dict[st
     methods = [m for m in cfg.methods if m in METHODS]
     if "convpass" in cfg.methods and "convpass" not in METHODS:
         warnings.warn("method 'convpass' is not registered (clipconv/methods/finetune.py missing); row skipped",
-                      stacklevel=2)
+                      stacklevel=3)
     for name in methods:  # validate every option before any work
         method_options_for(name, METHODS[name], cfg.method_options.get(name, {}), cfg.epochs_scale)
 
     data_root = Path(cfg.data_root)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     classes = resolve_run_classes(data_root, cfg.classnames)
     templates = load_templates(cfg.templates)
     device = resolve_device(cfg.device)
@@ -198,33 +223,45 @@ def run_table2(cfg: Table2Config, log: Callable[[str], None] = print) -> dict[st
 
         precision = resolve_precision(precision, device)
     backbone = load_backbone(cfg.model, cfg.pretrained, device=device, precision=precision)
-    store = FeatureStore(backbone, cfg.cache_dir, batch_size=cfg.batch_size, workers=cfg.workers, device=device)
+    store = FeatureStore(backbone, cache_dir, batch_size=cfg.batch_size, workers=cfg.workers, device=device)
     samples = train_samples(data_root, classes)
     splits = [s for s in (eval_split(data_root, name, classes) for name in cfg.eval_sets) if s is not None]
     if not splits:
         raise ValueError(f"none of the evaluation sets {list(cfg.eval_sets)} was found under '{data_root}'")
     info = {"backbone": backbone.describe(), "classes": len(classes),
             "eval_sets": {s.name: len(s.samples) for s in splits}}
+    return _Session(backbone, store, classes, templates, device, data_root, samples, splits, info, methods)
+
+
+def _run_shots(cfg: Table2Config, session: _Session, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Every method for every seed at `cfg.shots`; table2.{md,csv,json} after each method, the bars at the end."""
+    from .data import sample_few_shot, save_split
+    from .evaluate import evaluate_method
+    from .methods import FitContext, build_method
+    from .methods.base import METHODS
+
+    out.mkdir(parents=True, exist_ok=True)
+    backbone, store, classes, data_root = session.backbone, session.store, session.classes, session.data_root
     per_seed: dict[str, dict[int, dict]] = {}
     timing: dict[str, dict[str, float]] = {}
     result: dict[str, Any] = {}
     for seed in cfg.seeds:
-        split = sample_few_shot(samples, cfg.shots, seed, val_shots=cfg.val_shots, root=data_root,
+        split = sample_few_shot(session.samples, cfg.shots, seed, val_shots=cfg.val_shots, root=data_root,
                                 class_names=classes.names)
         save_split(out / f"split_seed{seed}.json", split,
                    {"class_ids": list(classes.ids), "data_root": str(data_root.resolve())})
-        for name in methods:
+        for name in session.methods:
             options = method_options_for(name, METHODS[name], cfg.method_options.get(name, {}), cfg.epochs_scale,
                                          generic={"seed": seed, "workers": cfg.workers,
                                                   "eval_batch_size": cfg.batch_size})
             method = build_method(name, **options)
             ctx = FitContext(backbone=backbone, classnames=list(classes.names), data_root=data_root,
-                             train=split.train, val=split.val, templates=templates, features=store, device=device,
-                             seed=seed, output_dir=out / f"{name}_seed{seed}", class_hash=classes.hash(),
-                             workers=cfg.workers, log=log)
+                             train=split.train, val=split.val, templates=session.templates, features=store,
+                             device=session.device, seed=seed, output_dir=out / f"{name}_seed{seed}",
+                             class_hash=classes.hash(), workers=cfg.workers, log=log)
             if "class_ids" in inspect.signature(FitContext).parameters:
                 ctx.class_ids = list(classes.ids)
-            log(f"== seed {seed}: {name} {options or ''}")
+            log(f"== {cfg.shots}-shot, seed {seed}: {name} {options or ''}")
             calls = store.encoder_calls
             before = _fingerprint(backbone.model)
             started = time.perf_counter()
@@ -232,7 +269,7 @@ def run_table2(cfg: Table2Config, log: Callable[[str], None] = print) -> dict[st
             fitted = time.perf_counter()
             if _fingerprint(backbone.model) != before:  # later methods share the backbone and its cached features
                 raise RuntimeError(f"method '{name}' modified the shared backbone in place; it must work on a copy")
-            metrics = evaluate_method(method, splits, data_root, device, features=store,
+            metrics = evaluate_method(method, session.splits, data_root, session.device, features=store,
                                       eval_transform=backbone.eval_transform, batch_size=cfg.batch_size,
                                       workers=cfg.workers, log=log)
             done = time.perf_counter()
@@ -243,9 +280,103 @@ def run_table2(cfg: Table2Config, log: Callable[[str], None] = print) -> dict[st
             t["fit_seconds"] += fitted - started
             t["eval_seconds"] += done - fitted
             t["images_encoded"] += store.encoder_calls - calls
-            result = _write_outputs(out, cfg, per_seed, timing, info)
+            result = _write_outputs(out, cfg, per_seed, timing, session.info)
+    if result.get("measured"):
+        from .plots import accuracy_bars
+
+        accuracy_bars(result, out / BARS_FILE, title=f"{cfg.shots}-shot top-1, {_benchmark_title(cfg, session.info)}")
     log(f"Table 2 written to {out / 'table2.md'}")
     return result
+
+
+def _benchmark_title(cfg: Table2Config, info: dict) -> str:
+    """What the numbers are: the run's own label (e.g. the miniature benchmark) or the backbone and data."""
+    if cfg.benchmark_label:
+        return cfg.benchmark_label
+    backbone = info["backbone"]
+    return f"{Path(str(backbone['model'])).stem} ({backbone['weights_id']}) on {cfg.data_root}"
+
+
+def run_table2(cfg: Table2Config, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fit and score every method of `cfg.methods` on the same splits per seed; write table2.{md,csv,json}
+    and table2_bars.png in `cfg.output_dir`."""
+    session = _open_session(cfg, cfg.cache_dir)
+    return _run_shots(cfg, session, Path(cfg.output_dir), log)
+
+
+def run_shots_sweep(cfg: Table2Config, shots: Sequence[int],
+                    log: Callable[[str], None] = print) -> dict[int, dict[str, Any]]:
+    """Table 2 for each K of `shots` (same seeds, one backbone, one FeatureStore): per-K outputs in
+    `shots_{K}/`, the largest K's table2.* and table2_bars.png copied to `cfg.output_dir`, and
+    accuracy_vs_shots.{png,json,md} there. Returns {K: run_table2 result}.
+
+    The splits of every K come from the same seed, so a K-shot set is contained in every larger one.
+    With the feature cache disabled (`cache_dir=None`) a temporary cache lives for the sweep, so the
+    evaluation sets are still encoded once, not once per K.
+    """
+    import tempfile
+
+    ks = sorted(set(int(k) for k in shots))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"--shots must be positive integers, got {list(shots)}")
+    out = Path(cfg.output_dir)
+    results: dict[int, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="clipconv-sweep-features-") as scratch:
+        session = _open_session(cfg, cfg.cache_dir if cfg.cache_dir is not None else scratch)
+        for k in ks:
+            k_cfg = replace(cfg, shots=k, output_dir=str(out / f"shots_{k}"))
+            results[k] = _run_shots(k_cfg, session, out / f"shots_{k}", log)
+    largest = out / f"shots_{ks[-1]}"
+    for name in ("table2.md", "table2.csv", "table2.json", BARS_FILE):
+        if (largest / name).is_file():
+            with atomic_path(out / name) as tmp:
+                shutil.copyfile(largest / name, tmp)
+    if len(ks) > 1:
+        _write_sweep_outputs(out, cfg, results, _benchmark_title(cfg, session.info))
+    log(f"Table 2 for {ks[-1]} shots written to {out / 'table2.md'}")
+    return results
+
+
+def shots_summary(results_by_shots: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """{"shots": [K...], "columns": {...}, "methods": {label: {column: {"K": {"mean", "std"}}}}} of a sweep."""
+    ks = sorted(results_by_shots)
+    methods: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for k in ks:
+        for entry in results_by_shots[k].get("measured", {}).values():
+            for column in COLUMNS:
+                if column in entry["mean"]:
+                    methods.setdefault(entry["label"], {}).setdefault(column, {})[str(k)] = {
+                        "mean": entry["mean"][column], "std": entry["std"].get(column, float("nan"))}
+    return {"shots": ks, "columns": {c: DISPLAY.get(c, "target avg") for c in COLUMNS}, "methods": methods}
+
+
+def _write_sweep_outputs(out: Path, cfg: Table2Config, results: dict[int, dict[str, Any]], title: str) -> None:
+    from .plots import SHOTS_COLUMNS, accuracy_vs_shots
+
+    summary = shots_summary(results)
+    summary["seeds"] = list(cfg.seeds)
+    summary["benchmark"] = title
+    write_json(out / (SWEEP_FILE + ".json"), summary)
+    ks = summary["shots"]
+    md = [f"# Top-1 (%) against the number of shots: {title}", "",
+          f"Mean ± std over seeds {', '.join(str(s) for s in cfg.seeds)}; per-K tables in shots_<K>/table2.md.", ""]
+    for column in SHOTS_COLUMNS:
+        md += [f"## {DISPLAY.get(column, 'target avg')}", "",
+               "| method | " + " | ".join(f"{k}-shot" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for label, by_column in summary["methods"].items():
+            cells = by_column.get(column, {})
+            md.append(f"| {label} | " + " | ".join(_mean_std(cells.get(str(k)), len(cfg.seeds) > 1) for k in ks)
+                      + " |")
+        md.append("")
+    write_text(out / (SWEEP_FILE + ".md"), "\n".join(md))
+    accuracy_vs_shots(results, out / (SWEEP_FILE + ".png"), title=f"Top-1 against shots, {title}")
+
+
+def _mean_std(cell: Optional[dict[str, float]], with_std: bool) -> str:
+    if not cell or math.isnan(cell["mean"]):
+        return "–"
+    std = cell.get("std", float("nan"))
+    return f"{cell['mean']:.2f}" + ("" if math.isnan(std) or not with_std else f" ± {std:.2f}")
 
 
 def _fingerprint(model: Any) -> tuple:

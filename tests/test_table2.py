@@ -11,6 +11,8 @@ from clipconv.cli.run_table2 import main
 from clipconv.data import load_split, make_image_tree
 from clipconv.table2 import PUBLISHED_LABEL, aggregate_seeds, method_options_for
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
 TINY_OPTIONS = {
     "linear_probe": {"bisection_steps": 1},
     "coop": {"epochs": 2, "views": 1, "n_ctx": 4},
@@ -26,12 +28,13 @@ def tree(tmp_path):
     return make_image_tree(tmp_path / "data", train_per_class=6, val_per_class=2)
 
 
-def _run(tmp_path, tree, tiny_config, methods, out="out", extra=()):
+def _run(tmp_path, tree, tiny_config, methods, out="out", extra=(), shots=("2",), seeds=("1", "2"),
+         cache=True):
     options = {m: TINY_OPTIONS[m] for m in methods if m in TINY_OPTIONS}
-    argv = ["--data-root", str(tree), "--model", str(tiny_config), "--pretrained", "none", "--shots", "2",
-            "--val-shots", "2", "--seeds", "1", "2", "--workers", "0", "--device", "cpu",
-            "--output-dir", str(tmp_path / out), "--cache-dir", str(tmp_path / "cache"),
-            "--methods", *methods, "--method-options", json.dumps(options), *extra]
+    argv = ["--data-root", str(tree), "--model", str(tiny_config), "--pretrained", "none", "--shots", *shots,
+            "--val-shots", "2", "--seeds", *seeds, "--workers", "0", "--device", "cpu",
+            "--output-dir", str(tmp_path / out), "--methods", *methods, "--method-options", json.dumps(options),
+            *(["--cache-dir", str(tmp_path / "cache")] if cache else ["--no-cache"]), *extra]
     assert main(argv) == 0
     return json.loads((tmp_path / out / "table2.json").read_text())
 
@@ -68,6 +71,44 @@ def test_all_methods_two_seeds_end_to_end(tmp_path, tree, tiny_config):
     assert rows[0].startswith("source,method,imagenet,imagenet_std")
     assert sum(r.startswith("measured,") for r in rows) == len(ran)
     assert all(len(r.split(",")) == len(rows[0].split(",")) for r in rows if r.startswith("measured"))
+    assert (out / "table2_bars.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert not list(out.glob("shots_*")) and not (out / "accuracy_vs_shots.png").exists()  # single K: flat layout
+
+
+def test_shots_sweep_writes_per_k_tables_and_the_plot_and_encodes_test_sets_once(tmp_path, tree, tiny_config):
+    from test_plots import assert_valid_png
+
+    methods = ["zero_shot", "linear_probe"]
+    result = _run(tmp_path, tree, tiny_config, methods, shots=("2", "1"), seeds=("1",), cache=False)
+    out = tmp_path / "out"
+    per_k = {k: json.loads((out / f"shots_{k}" / "table2.json").read_text()) for k in (1, 2)}
+    for k, table in per_k.items():
+        assert table["config"]["shots"] == k and list(table["measured"]) == methods
+        assert (out / f"shots_{k}" / "table2.md").read_text().startswith(f"# Table 2: {k}-shot")
+        assert (out / f"shots_{k}" / "table2.csv").is_file()
+        assert_valid_png(out / f"shots_{k}" / "table2_bars.png", min_bytes=5000)
+        split, _ = load_split(out / f"shots_{k}" / "split_seed1.json")
+        assert set(Counter(label for _, label in split.train).values()) == {k}
+    assert result == per_k[2]  # the top-level table is the largest K's
+    assert (out / "table2.md").read_text() == (out / "shots_2" / "table2.md").read_text()
+    assert_valid_png(out / "table2_bars.png", min_bytes=5000)
+    # same seed for every K: the 1-shot set is inside the 2-shot set
+    one, two = (set(load_split(out / f"shots_{k}" / "split_seed1.json")[0].train) for k in (1, 2))
+    assert one < two
+    # the test sets are encoded once for the whole sweep (no disk cache: the sweep keeps a temporary one)
+    test_images = sum(per_k[1]["eval_sets"].values())
+    assert per_k[1]["timing"]["zero_shot"]["images_encoded"] == test_images
+    assert per_k[2]["timing"]["zero_shot"]["images_encoded"] == 0
+    split2, _ = load_split(out / "shots_2" / "split_seed1.json")
+    assert per_k[2]["timing"]["linear_probe"]["images_encoded"] == len(split2.train) + len(split2.val)
+    sweep = json.loads((out / "accuracy_vs_shots.json").read_text())
+    assert sweep["shots"] == [1, 2] and set(sweep["methods"]) == {"ZS CLIP", "LP CLIP"}
+    for k in (1, 2):
+        assert sweep["methods"]["LP CLIP"]["imagenet"][str(k)]["mean"] == \
+            per_k[k]["measured"]["linear_probe"]["mean"]["imagenet"]
+    markdown = (out / "accuracy_vs_shots.md").read_text()
+    assert "| method | 1-shot | 2-shot |" in markdown and "| LP CLIP |" in markdown
+    assert_valid_png(out / "accuracy_vs_shots.png")
 
 
 def test_rerun_reads_the_cache_and_reproduces(tmp_path, tree, tiny_config):
@@ -95,6 +136,9 @@ def test_missing_convpass_is_skipped_with_a_warning(tmp_path, tree, tiny_config,
     (["--methods", "zero_shot", "--method-options", "{not json"], "not valid JSON"),
     (["--methods", "coop", "--method-options", '{"coop": {"epochz": 1}}'], "epochz"),
     (["--methods", "zero_shot", "--method-options", '{"coop": {"epochs": 1}}'], "not in --methods"),
+    (["--methods", "zero_shot", "--shots", "0"], "--shots: must be a positive integer"),
+    (["--methods", "zero_shot", "--shots", "1", "0", "4"], "--shots: must be a positive integer"),
+    (["--methods", "zero_shot", "--shots", "two"], "--shots: expected an integer"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, tree, tiny_config, capsys, extra, message):
     argv = ["--data-root", str(tree), "--model", str(tiny_config), "--pretrained", "none", "--workers", "0",
