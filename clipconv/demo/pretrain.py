@@ -53,7 +53,7 @@ class PretrainConfig:
     batch_size: int = 128
     pool_size: int = 8192  # pre-rendered pairs, reused with fresh captions and flips
     fresh_per_step: int = 32  # newly rendered pairs in every batch
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_fraction: float = 0.05
     style_weights: dict[str, float] = field(default_factory=lambda: {"photo": 0.6, "drawing": 0.2, "cartoon": 0.2})

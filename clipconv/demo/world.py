@@ -26,7 +26,7 @@ __all__ = [
     "world_params", "default_world_root", "read_manifest",
 ]
 
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 MANIFEST_NAME = "clipconv_demo_world.json"
 _MARKER_NAME = ".clipconv_demo_world_in_progress"
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "moon", "arrow")
@@ -89,8 +89,8 @@ class Style:
     """Nuisance ranges of one rendering style (sizes are fractions of the image side)."""
 
     kind: str  # "photo", "sketch" or "cartoon"
-    radius: tuple[float, float] = (0.22, 0.32)
-    centre: tuple[float, float] = (0.32, 0.68)
+    radius: tuple[float, float] = (0.28, 0.38)
+    centre: tuple[float, float] = (0.4, 0.6)
     rotation: float = 25.0  # degrees, ±
     period: tuple[float, float] = (0.42, 0.55)  # pattern period as a fraction of the object radius
     background_value: tuple[float, float] = (0.78, 0.97)
@@ -106,12 +106,12 @@ STYLES: dict[str, Style] = {
     # test domains
     "source": Style("photo"),
     "v2": Style(  # the same photos, drifted: smaller, more rotated, softer focus, duller backgrounds
-        "photo", radius=(0.17, 0.27), centre=(0.3, 0.7), rotation=50.0, period=(0.38, 0.58),
+        "photo", radius=(0.23, 0.33), centre=(0.35, 0.65), rotation=50.0, period=(0.38, 0.58),
         background_value=(0.5, 0.9), background_saturation=(0.1, 0.5), noise=0.04, blur=0.9,
     ),
-    "sketch": Style("sketch", radius=(0.22, 0.33), rotation=30.0, noise=0.03),
+    "sketch": Style("sketch", radius=(0.27, 0.38), rotation=30.0, noise=0.03),
     "rendition": Style(
-        "cartoon", radius=(0.2, 0.34), rotation=35.0, period=(0.35, 0.7), background_value=(0.55, 1.0),
+        "cartoon", radius=(0.26, 0.38), rotation=35.0, period=(0.35, 0.7), background_value=(0.55, 1.0),
         background_saturation=(0.5, 0.95), squash=0.3,
     ),
     "adversarial": Style(
@@ -120,12 +120,12 @@ STYLES: dict[str, Style] = {
     ),
     # pretraining ("web") styles: broader photos, drawings and cartoons
     "photo": Style(
-        "photo", radius=(0.17, 0.34), centre=(0.28, 0.72), rotation=45.0, period=(0.38, 0.6),
-        background_value=(0.5, 0.97), background_saturation=(0.0, 0.5), noise=0.03, clutter=2,
+        "photo", radius=(0.24, 0.4), centre=(0.35, 0.65), rotation=35.0, period=(0.38, 0.6),
+        background_value=(0.5, 0.97), background_saturation=(0.0, 0.5), noise=0.03, clutter=1,
     ),
-    "drawing": Style("sketch", radius=(0.18, 0.34), rotation=45.0, noise=0.03),
+    "drawing": Style("sketch", radius=(0.24, 0.4), rotation=35.0, noise=0.03),
     "cartoon": Style(
-        "cartoon", radius=(0.18, 0.34), rotation=45.0, period=(0.35, 0.7), background_value=(0.55, 1.0),
+        "cartoon", radius=(0.24, 0.4), rotation=35.0, period=(0.35, 0.7), background_value=(0.55, 1.0),
         background_saturation=(0.4, 0.95), squash=0.25,
     ),
 }
