@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import math
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -308,14 +309,12 @@ def run_shots_sweep(cfg: Table2Config, shots: Sequence[int],
                     log: Callable[[str], None] = print) -> dict[int, dict[str, Any]]:
     """Table 2 for each K of `shots` (same seeds, one backbone, one FeatureStore): per-K outputs in
     `shots_{K}/`, the largest K's table2.* and table2_bars.png copied to `cfg.output_dir`, and
-    accuracy_vs_shots.{png,json,md} there. Returns {K: run_table2 result}.
+    accuracy_vs_shots.{png,json,md} there (refreshed after each K). Returns {K: run_table2 result}.
 
     The splits of every K come from the same seed, so a K-shot set is contained in every larger one.
     With the feature cache disabled (`cache_dir=None`) a temporary cache lives for the sweep, so the
     evaluation sets are still encoded once, not once per K.
     """
-    import tempfile
-
     ks = sorted(set(int(k) for k in shots))
     if not ks or ks[0] < 1:
         raise ValueError(f"--shots must be positive integers, got {list(shots)}")
@@ -326,13 +325,13 @@ def run_shots_sweep(cfg: Table2Config, shots: Sequence[int],
         for k in ks:
             k_cfg = replace(cfg, shots=k, output_dir=str(out / f"shots_{k}"))
             results[k] = _run_shots(k_cfg, session, out / f"shots_{k}", log)
+            if len(results) > 1:  # refreshed after every K, so an interrupted sweep keeps what it measured
+                _write_sweep_outputs(out, cfg, results, _benchmark_title(cfg, session.info))
     largest = out / f"shots_{ks[-1]}"
     for name in ("table2.md", "table2.csv", "table2.json", BARS_FILE):
         if (largest / name).is_file():
             with atomic_path(out / name) as tmp:
                 shutil.copyfile(largest / name, tmp)
-    if len(ks) > 1:
-        _write_sweep_outputs(out, cfg, results, _benchmark_title(cfg, session.info))
     log(f"Table 2 for {ks[-1]} shots written to {out / 'table2.md'}")
     return results
 
@@ -356,12 +355,16 @@ def _write_sweep_outputs(out: Path, cfg: Table2Config, results: dict[int, dict[s
     summary = shots_summary(results)
     summary["seeds"] = list(cfg.seeds)
     summary["benchmark"] = title
+    summary["timing"] = {str(k): results[k].get("timing", {}) for k in summary["shots"]}  # seconds per K, method
     write_json(out / (SWEEP_FILE + ".json"), summary)
     ks = summary["shots"]
+    seeds = ", ".join(str(s) for s in cfg.seeds)
+    over = f"Mean ± std over seeds {seeds}" if len(cfg.seeds) > 1 else f"Seed {seeds}"
     md = [f"# Top-1 (%) against the number of shots: {title}", "",
-          f"Mean ± std over seeds {', '.join(str(s) for s in cfg.seeds)}; per-K tables in shots_<K>/table2.md.", ""]
+          f"{over}; per-K tables in shots_<K>/table2.md.", ""]
     for column in SHOTS_COLUMNS:
-        md += [f"## {DISPLAY.get(column, 'target avg')}", "",
+        heading = DISPLAY.get(column, "target avg") + (" (source)" if column == SUITE[0] else "")
+        md += [f"## {heading}", "",
                "| method | " + " | ".join(f"{k}-shot" for k in ks) + " |", "|---|" + "---|" * len(ks)]
         for label, by_column in summary["methods"].items():
             cells = by_column.get(column, {})

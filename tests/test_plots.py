@@ -72,63 +72,53 @@ def test_shots_plot_of_measured_tables_is_a_png(tmp_path, measured_world_table):
     assert_valid_png(path)
 
 
-def test_bars_full_table_and_error_bars_only_with_several_seeds(tmp_path, monkeypatch):
+def _spy(monkeypatch, name: str) -> list:
+    """Record the (args, kwargs) of every call of matplotlib's `Axes.<name>`, still drawing as usual."""
     import matplotlib.axes
 
-    calls = []
-    real_bar = matplotlib.axes.Axes.bar
+    calls, real = [], getattr(matplotlib.axes.Axes, name)
 
-    def spy(self, x, height, *args, **kwargs):
-        calls.append((list(height), kwargs.get("yerr")))
-        return real_bar(self, x, height, *args, **kwargs)
+    def spy(self, *args, **kwargs):
+        calls.append((args, kwargs))
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(matplotlib.axes.Axes, "bar", spy)
+    monkeypatch.setattr(matplotlib.axes.Axes, name, spy)
+    return calls
+
+
+def test_bars_full_table_and_error_bars_only_with_several_seeds(tmp_path, monkeypatch):
+    bars = _spy(monkeypatch, "bar")
     assert_valid_png(accuracy_bars(_table(), tmp_path / "three_seeds.png", title="three seeds"))
-    assert len(calls) == 3  # one bar series per method, one bar per domain column
-    assert all(len(heights) == len(COLUMNS) for heights, _ in calls)
-    assert calls[0][0] == [_table()["measured"]["zero_shot"]["mean"][c] for c in COLUMNS]
-    assert all(yerr == [1.5] * len(COLUMNS) for _, yerr in calls)
-    calls.clear()
+    assert len(bars) == 3  # one bar series per method, one bar per domain column
+    heights = [list(args[1]) for args, _ in bars]
+    assert heights[0] == [_table()["measured"]["zero_shot"]["mean"][c] for c in COLUMNS]
+    assert all(len(h) == len(COLUMNS) for h in heights)
+    assert all(kwargs["yerr"] == [1.5] * len(COLUMNS) for _, kwargs in bars)
+    bars.clear()
     accuracy_bars(_table(seeds=(1,)), tmp_path / "one_seed.png")
-    assert len(calls) == 3 and all(yerr is None for _, yerr in calls)
+    assert len(bars) == 3 and all(kwargs["yerr"] is None for _, kwargs in bars)
 
 
 def test_bars_skip_columns_no_method_has(tmp_path, monkeypatch):
-    import matplotlib.axes
-
     table = _table()
     for entry in table["measured"].values():
         entry["mean"] = {"imagenet": entry["mean"]["imagenet"], "target_avg": float("nan")}
-    ticks = []
-    real = matplotlib.axes.Axes.set_xticks
-    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks",
-                        lambda self, positions, labels=None, **kw: (ticks.append(labels), real(self, positions, labels, **kw)))
+    ticks = _spy(monkeypatch, "set_xticks")
     accuracy_bars(table, tmp_path / "bars.png")
-    assert ticks == [["ImageNet"]]
+    assert [list(args[1]) for args, _ in ticks] == [["ImageNet"]]
 
 
 def test_shots_plot_uses_a_log2_axis_and_one_panel_per_domain(tmp_path, monkeypatch):
-    import matplotlib.axes
-
-    scales, titles, lines = [], [], []
-    real_scale, real_title, real_plot = (matplotlib.axes.Axes.set_xscale, matplotlib.axes.Axes.set_title,
-                                         matplotlib.axes.Axes.plot)
-    monkeypatch.setattr(matplotlib.axes.Axes, "set_xscale",
-                        lambda self, value, **kw: (scales.append((value, kw.get("base"))), real_scale(self, value, **kw)))
-    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
-                        lambda self, text, **kw: (titles.append(text), real_title(self, text, **kw)))
-    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
-                        lambda self, xs, ys, **kw: (lines.append((kw.get("label"), list(xs), list(ys))),
-                                                    real_plot(self, xs, ys, **kw))[1])
+    scales, titles, lines = (_spy(monkeypatch, name) for name in ("set_xscale", "set_title", "plot"))
     results = {k: _table(offset=k) for k in (16, 1, 4, 2, 8)}
     path = accuracy_vs_shots(results, tmp_path / "shots.png", title="miniature benchmark")
     assert_valid_png(path)
-    assert scales == [("log", 2), ("log", 2)]
-    assert titles == ["ImageNet (source)", "target avg"]
-    assert len(lines) == 2 * 3
-    label, xs, ys = lines[0]
-    assert label == "ZS CLIP" and xs == [1, 2, 4, 8, 16]
-    assert ys == [results[k]["measured"]["zero_shot"]["mean"]["imagenet"] for k in xs]
+    assert [(args[0], kwargs.get("base")) for args, kwargs in scales] == [("log", 2), ("log", 2)]
+    assert [args[0] for args, _ in titles] == ["ImageNet (source)", "target avg"]
+    assert len(lines) == 2 * 3  # a line per method in each panel
+    (xs, ys), kwargs = lines[0]
+    assert kwargs["label"] == "ZS CLIP" and list(xs) == [1, 2, 4, 8, 16]
+    assert list(ys) == [results[k]["measured"]["zero_shot"]["mean"]["imagenet"] for k in xs]
 
 
 @pytest.mark.parametrize("call, message", [

@@ -103,6 +103,7 @@ def test_shots_sweep_writes_per_k_tables_and_the_plot_and_encodes_test_sets_once
     assert per_k[2]["timing"]["linear_probe"]["images_encoded"] == len(split2.train) + len(split2.val)
     sweep = json.loads((out / "accuracy_vs_shots.json").read_text())
     assert sweep["shots"] == [1, 2] and set(sweep["methods"]) == {"ZS CLIP", "LP CLIP"}
+    assert sweep["timing"]["2"]["zero_shot"]["images_encoded"] == 0
     for k in (1, 2):
         assert sweep["methods"]["LP CLIP"]["imagenet"][str(k)]["mean"] == \
             per_k[k]["measured"]["linear_probe"]["mean"]["imagenet"]

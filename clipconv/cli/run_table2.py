@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     group.add_argument("--workers", type=non_negative_int, default=4, help="data-loading worker processes")
     group.add_argument("--batch-size", type=positive_int, default=128, help="images per encoder batch")
-    group.add_argument("--output-dir", default="runs/table2", help="where table2.*, table2_bars.png and split_seed*.json go (shots_<K>/ per K in a sweep)")
+    group.add_argument("--output-dir", default="runs/table2",
+                       help="where table2.*, table2_bars.png and split_seed*.json go (shots_<K>/ per K in a sweep)")
     group.add_argument("--no-cache", action="store_true", help="do not read or write the image-feature cache")
     group.add_argument("--cache-dir", default=None, help="feature cache (default $CLIPCONV_CACHE/features)")
     return parser
