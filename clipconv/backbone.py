@@ -144,6 +144,7 @@ def load_backbone(
     precision: str = "fp32",
     quick_gelu: Optional[bool] = None,
     image_interpolation: Optional[str] = None,
+    train_crop_scale: tuple[float, float] = (0.08, 1.0),
 ) -> Backbone:
     """Build an open_clip model, its train/eval transforms and its tokenizer.
 
@@ -151,6 +152,7 @@ def load_backbone(
     `pretrained` is an open_clip tag (e.g. "openai"), a local checkpoint file (open_clip state dict,
     safetensors, or OpenAI's TorchScript .pt) or None/"none" for random initialization.
     OpenAI weights get QuickGELU automatically; `quick_gelu` overrides the choice.
+    `train_crop_scale` is the area range of the train transform's random resized crop.
     `precision` casts the (frozen) weights: "fp32", "bf16" or "fp16".
     """
     import open_clip
@@ -238,7 +240,7 @@ def load_backbone(
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     cfg = PreprocessCfg(**pp)
-    train_transform = protocol_train_transform(cfg)
+    train_transform = protocol_train_transform(cfg, scale=tuple(train_crop_scale))
     eval_transform = image_transform_v2(cfg, is_train=False)
     tokenizer = open_clip.get_tokenizer(name)
     return Backbone(
@@ -266,10 +268,12 @@ def protocol_train_transform(cfg: Any, scale: tuple[float, float] = (0.08, 1.0),
 
     size = cfg.size if isinstance(cfg.size, int) else cfg.size[0]
     interp = T.InterpolationMode.BICUBIC if cfg.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
-    steps: list[Callable] = [T.RandomResizedCrop(size, scale=scale, interpolation=interp)]
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {scale}")
+    steps: list[Callable] = [_to_rgb, T.RandomResizedCrop(size, scale=scale, interpolation=interp)]
     if flip:
         steps.append(T.RandomHorizontalFlip())
-    steps += [_to_rgb, T.ToTensor(), T.Normalize(mean=cfg.mean, std=cfg.std)]
+    steps += [T.ToTensor(), T.Normalize(mean=cfg.mean, std=cfg.std)]
     return T.Compose(steps)
 
 

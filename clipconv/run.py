@@ -38,6 +38,7 @@ class RunConfig:
     output_dir: Optional[str] = None
     device: str = "auto"
     precision: str = "auto"
+    crop_scale: float = 0.08
     workers: int = 4
     eval_batch_size: int = 128
     cache: bool = True
@@ -108,7 +109,8 @@ def prepare_run(cfg: RunConfig, run_dir: Optional[Path] = None) -> RunContext:
         samples = train_samples(data_root, classes)
         split = sample_few_shot(samples, cfg.shots, cfg.seed, val_shots=cfg.val_shots, root=data_root,
                                 class_names=classes.names)
-    backbone = load_backbone(cfg.model, cfg.pretrained, device=device, precision=precision)
+    backbone = load_backbone(cfg.model, cfg.pretrained, device=device, precision=precision,
+                             train_crop_scale=(cfg.crop_scale, 1.0))
     return RunContext(cfg, data_root, backbone, classes, split, templates,
                       Path(run_dir) if run_dir else default_run_dir(cfg), device)
 

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--lr", type=positive_float, default=None, help="default 1e-5")
     group.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=None, help="default 0")
     group.add_argument("--warmup-epochs", type=float, default=None, help="default 0 (no warm-up)")
+    group.add_argument("--crop-scale", type=positive_float, default=None,
+                       help="smallest area fraction of the train random resized crop (default 0.08, the protocol's)")
     group.add_argument("--grad-checkpointing", action="store_true", default=None,
                        help="recompute trunk activations in backward (less memory, ~2x slower)")
     group.add_argument("--method-options", default="{}", help="JSON object of extra options for the method")
@@ -83,6 +85,7 @@ def _config_from_args(args: argparse.Namespace):
         val_shots=args.val_shots, split=args.split, model=args.model, pretrained=args.pretrained,
         classnames=args.classnames, templates=args.templates, eval_sets=tuple(args.eval_sets),
         output_dir=args.output_dir, device=args.device, precision=args.precision, workers=args.workers,
+        crop_scale=args.crop_scale if args.crop_scale is not None else 0.08,
         eval_batch_size=args.eval_batch_size, cache=not args.no_cache, strict=args.strict,
         method_options={k: v for k, v in options.items() if v is not None},
     )
