@@ -210,6 +210,9 @@ def save_checkpoint(model: torch.nn.Module, path: Union[str, Path], metadata: Op
     os.close(handle)
     try:
         save_file(state, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o644 & ~umask)  # mkstemp creates 0600; a shipped checkpoint must be readable
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -26,7 +26,7 @@ __all__ = [
     "world_params", "default_world_root", "read_manifest",
 ]
 
-WORLD_VERSION = 3
+WORLD_VERSION = 4
 MANIFEST_NAME = "clipconv_demo_world.json"
 _MARKER_NAME = ".clipconv_demo_world_in_progress"
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "moon", "arrow")
@@ -115,8 +115,8 @@ STYLES: dict[str, Style] = {
         background_saturation=(0.5, 0.95), squash=0.3,
     ),
     "adversarial": Style(
-        "photo", radius=(0.13, 0.21), centre=(0.25, 0.75), rotation=60.0, period=(0.4, 0.6),
-        background_value=(0.35, 0.9), background_saturation=(0.1, 0.6), noise=0.05, clutter=10, occluders=1,
+        "photo", radius=(0.2, 0.28), centre=(0.3, 0.7), rotation=60.0, period=(0.4, 0.6),
+        background_value=(0.35, 0.9), background_saturation=(0.1, 0.6), noise=0.05, clutter=8, occluders=1,
     ),
     # pretraining ("web") styles: broader photos, drawings and cartoons
     "photo": Style(
