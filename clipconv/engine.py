@@ -204,6 +204,9 @@ class Trainer:
             total_seen += len(labels)
             correct += int((logits.argmax(dim=1) == labels).sum())
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step == 0:
+            raise ValueError(f"epoch {epoch} had no decodable training image; check the data with "
+                             "scripts/check_data.py --verify")
         self.epoch = epoch
         record = {
             "epoch": epoch,

@@ -31,11 +31,11 @@ def topk_accuracy(
     logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5), subset: Optional[Sequence[int]] = None
 ) -> dict[str, float]:
     """{"top1": %, "top5": %, "n": count}; k is capped at the number of classes scored."""
+    if labels.numel() == 0:
+        return {**{f"top{k}": float("nan") for k in ks}, "n": 0}
     logits, labels = restrict_to_subset(logits, labels, subset)
     n = int(labels.numel())
     out: dict[str, float] = {}
-    if n == 0:
-        return {**{f"top{k}": float("nan") for k in ks}, "n": 0}
     ranked = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = ranked == labels.view(-1, 1)
     for k in ks:

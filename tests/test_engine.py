@@ -137,3 +137,9 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(resume_world, tiny_config):
     assert proc.returncode == 130
     assert f"--resume {out}" in err
     assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] >= 1
+
+
+def test_an_epoch_without_any_decodable_image_is_an_error():
+    trainer = Trainer(nn.Linear(3, 2), lambda g: [], 1, TrainConfig(epochs=1), torch.device("cpu"), log=lambda *_: None)
+    with pytest.raises(ValueError, match="no decodable training image"):
+        trainer.fit()
