@@ -38,7 +38,7 @@ class RunConfig:
     output_dir: Optional[str] = None
     device: str = "auto"
     precision: str = "auto"
-    crop_scale: float = 0.08
+    crop_scale: Optional[float] = 0.08
     workers: int = 4
     eval_batch_size: int = 128
     cache: bool = True

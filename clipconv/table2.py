@@ -62,6 +62,7 @@ class Table2Config:
     eval_sets: Sequence[str] = SUITE
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     epochs_scale: float = 1.0
+    crop_scale: float = 0.08  # smallest area of the train random resized crop (methods using train_transform)
     cache_dir: Optional[str] = "default"  # None disables the feature cache
     device: str = "auto"
     precision: str = "fp32"  # "auto": bf16 on CUDA, fp32 on CPU
@@ -223,7 +224,8 @@ def _open_session(cfg: Table2Config, cache_dir: Any) -> _Session:
         from .engine import resolve_precision
 
         precision = resolve_precision(precision, device)
-    backbone = load_backbone(cfg.model, cfg.pretrained, device=device, precision=precision)
+    backbone = load_backbone(cfg.model, cfg.pretrained, device=device, precision=precision,
+                             train_crop_scale=(cfg.crop_scale, 1.0))
     store = FeatureStore(backbone, cache_dir, batch_size=cfg.batch_size, workers=cfg.workers, device=device)
     samples = train_samples(data_root, classes)
     splits = [s for s in (eval_split(data_root, name, classes) for name in cfg.eval_sets) if s is not None]

@@ -107,7 +107,7 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 def apply_demo(cfg, parser: argparse.ArgumentParser) -> None:
     """Fill data root, backbone and demo training defaults for --demo; otherwise require --data-root."""
     if cfg.demo:
-        from ..demo import DEMO_TRAIN_DEFAULTS, MINI_CLIP_CONFIG, MINI_CLIP_WEIGHTS, ensure_world
+        from ..demo import DEMO_RUN_DEFAULTS, DEMO_TRAIN_DEFAULTS, MINI_CLIP_CONFIG, MINI_CLIP_WEIGHTS, ensure_world
 
         if cfg.data_root is None:
             cfg.data_root = str(ensure_world())
@@ -116,8 +116,12 @@ def apply_demo(cfg, parser: argparse.ArgumentParser) -> None:
             cfg.pretrained = str(MINI_CLIP_WEIGHTS)
         for key, value in DEMO_TRAIN_DEFAULTS.get(cfg.method, {}).items():
             cfg.method_options.setdefault(key, value)
+        if getattr(cfg, "crop_scale", None) is None:
+            cfg.crop_scale = DEMO_RUN_DEFAULTS["crop_scale"]
     elif cfg.data_root is None:
         parser.error(NO_DATA_HELP)
+    if getattr(cfg, "crop_scale", 0.08) is None:
+        cfg.crop_scale = 0.08
     cfg.model = cfg.model or DEFAULT_MODEL
     if cfg.pretrained is None:
         cfg.pretrained = DEFAULT_PRETRAINED

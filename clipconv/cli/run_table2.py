@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs-scale", type=positive_float, default=1.0,
                         help="multiply every method's default number of epochs (default 1)")
     add_data_args(parser)
+    parser.add_argument("--crop-scale", type=positive_float, default=None,
+                        help="smallest area fraction of the train random resized crop (default 0.08; 0.9 with --demo)")
     group = parser.add_argument_group("backbone")
     group.add_argument("--model", default=None, help="open_clip model name or model-config JSON (default ViT-B-16)")
     group.add_argument("--pretrained", default=None, help="open_clip tag, local weights file or 'none' (default openai)")
@@ -82,7 +84,7 @@ def _demo_options(given: dict) -> dict:
     from ..methods.base import METHODS, method_names
 
     method_names()
-    defaults = {"coop": {"n_ctx": 4, "init_phrase": "a photo of a"}}
+    defaults: dict = {}
     for name, options in getattr(demo, "DEMO_TRAIN_DEFAULTS", {}).items():
         if name in METHODS:  # keep only what the method's constructor accepts
             parameters = inspect.signature(METHODS[name].__init__).parameters
@@ -104,12 +106,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     benchmark_label = None
     method_options = _method_options(args.method_options)
     if args.demo:
+        from .. import demo
         from ..demo import MINI_CLIP_CONFIG, MINI_CLIP_WEIGHTS, ensure_world
 
         data_root = data_root or str(ensure_world())
         model = model or str(MINI_CLIP_CONFIG)
         pretrained = pretrained or str(MINI_CLIP_WEIGHTS)
         method_options = _demo_options(method_options)
+        if args.crop_scale is None:
+            args.crop_scale = demo.DEMO_RUN_DEFAULTS["crop_scale"]
         if model == str(MINI_CLIP_CONFIG):
             benchmark_label = "miniature benchmark (mini CLIP, generated world; not ImageNet)"
     elif data_root is None:
@@ -122,7 +127,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         val_shots=args.val_shots, methods=args.methods, model=model or "ViT-B-16",
         pretrained="openai" if pretrained is None else pretrained, classnames=args.classnames,
         templates=args.templates, eval_sets=args.eval_sets, method_options=method_options,
-        epochs_scale=args.epochs_scale, cache_dir=None if args.no_cache else (args.cache_dir or "default"),
+        epochs_scale=args.epochs_scale, crop_scale=args.crop_scale if args.crop_scale is not None else 0.08,
+        cache_dir=None if args.no_cache else (args.cache_dir or "default"),
         device=args.device, precision=args.precision, workers=args.workers, batch_size=args.batch_size,
         benchmark_label=benchmark_label,
     )

@@ -85,7 +85,7 @@ def _config_from_args(args: argparse.Namespace):
         val_shots=args.val_shots, split=args.split, model=args.model, pretrained=args.pretrained,
         classnames=args.classnames, templates=args.templates, eval_sets=tuple(args.eval_sets),
         output_dir=args.output_dir, device=args.device, precision=args.precision, workers=args.workers,
-        crop_scale=args.crop_scale if args.crop_scale is not None else 0.08,
+        crop_scale=args.crop_scale,
         eval_batch_size=args.eval_batch_size, cache=not args.no_cache, strict=args.strict,
         method_options={k: v for k, v in options.items() if v is not None},
     )

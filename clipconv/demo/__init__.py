@@ -6,9 +6,10 @@ from typing import Union
 
 import torch
 
+from clipconv.demo.defaults import DEMO_RUN_DEFAULTS, DEMO_TRAIN_DEFAULTS
 from clipconv.demo.world import DOMAINS, WORLD_CLASSES, ensure_world, generate_world, render
 
-__all__ = ["MINI_CLIP_CONFIG", "MINI_CLIP_WEIGHTS", "demo_backbone", "DOMAINS", "WORLD_CLASSES",
+__all__ = ["DEMO_RUN_DEFAULTS", "DEMO_TRAIN_DEFAULTS", "MINI_CLIP_CONFIG", "MINI_CLIP_WEIGHTS", "demo_backbone", "DOMAINS", "WORLD_CLASSES",
            "ensure_world", "generate_world", "render"]
 
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
