@@ -39,7 +39,7 @@ class RunConfig:
     device: str = "auto"
     precision: str = "auto"
     crop_scale: Optional[float] = 0.08
-    workers: int = 4
+    workers: int = 2
     eval_batch_size: int = 128
     cache: bool = True
     strict: bool = False

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import contextlib
 import sys
 from typing import Iterator, NoReturn
 
 EXIT_BAD_INPUT = 2
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)  # data-loading processes: no more than the machine's cores
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
 NO_DATA_HELP = (
@@ -98,7 +100,7 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, or auto")
     group.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                        help="frozen-trunk dtype and autocast (auto: bf16 on CUDA, fp32 on CPU)")
-    group.add_argument("--workers", type=non_negative_int, default=4, help="data-loading worker processes")
+    group.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS, help="data-loading worker processes")
     group.add_argument("--eval-batch-size", type=positive_int, default=128)
     group.add_argument("--output-dir", help="run directory (default runs/<method>_<K>shot_seed<S>_<time>)")
     group.add_argument("--no-cache", action="store_true", help="do not read or write the image-feature cache")

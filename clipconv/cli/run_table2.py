@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .common import add_data_args, bad_input_errors, fail, non_negative_int, positive_float, positive_int
+from .common import DEFAULT_WORKERS, add_data_args, bad_input_errors, fail, non_negative_int, positive_float, positive_int
 
 DESCRIPTION = """Reproduce Table 2 of the Convpass paper: zero-shot CLIP, linear probe, CoOp, CoCoOp, Tip-Adapter(-F)
 and Convpass_CLIP, each fitted on the same K-shot split (and validation split, drawn from the remaining
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default="auto", help="cuda, cpu or auto")
     group.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    group.add_argument("--workers", type=non_negative_int, default=4, help="data-loading worker processes")
+    group.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS, help="data-loading worker processes")
     group.add_argument("--batch-size", type=positive_int, default=128, help="images per encoder batch")
     group.add_argument("--output-dir", default="runs/table2",
                        help="where table2.*, table2_bars.png and split_seed*.json go (shots_<K>/ per K in a sweep)")

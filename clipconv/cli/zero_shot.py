@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .common import add_data_args, bad_input_errors, non_negative_int, positive_int
+from .common import DEFAULT_WORKERS, add_data_args, bad_input_errors, non_negative_int, positive_int
 
 DESCRIPTION = """Zero-shot CLIP on ImageNet, -V2, -Sketch, -A and -R. Several --model/--pretrained pairs (given in
 the same order) are compared in one table. Writes zero_shot.json and zero_shot.md to --output-dir."""
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default="auto")
     group.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    group.add_argument("--workers", type=non_negative_int, default=4)
+    group.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS)
     group.add_argument("--batch-size", type=positive_int, default=128)
     group.add_argument("--output-dir", default="runs/zero_shot")
     group.add_argument("--no-cache", action="store_true", help="do not read or write the image-feature cache")
