@@ -26,4 +26,5 @@ def demo_backbone(device: Union[str, torch.device, None] = None):
             f"the demo checkpoint '{MINI_CLIP_WEIGHTS}' is missing; reinstall clipconv or recreate it with "
             "scripts/pretrain_mini_clip.py (see clipconv/assets/MINI_CLIP.md)"
         )
-    return load_backbone(str(MINI_CLIP_CONFIG), pretrained=str(MINI_CLIP_WEIGHTS), device=device)
+    return load_backbone(str(MINI_CLIP_CONFIG), pretrained=str(MINI_CLIP_WEIGHTS), device=device,
+                         train_crop_scale=(DEMO_RUN_DEFAULTS["crop_scale"], 1.0))
