@@ -132,7 +132,7 @@ def method_kwargs(method_name: str, options: dict[str, Any]) -> dict[str, Any]:
 
 def run_method(run: RunContext) -> dict[str, Any]:
     """Fit the configured method on the K-shot split and evaluate it on the suite; write the run dir."""
-    from .data import eval_split
+    from .data import eval_splits
     from .data.fewshot import save_split
     from .evaluate import evaluate_method
     from .features import FeatureStore, default_cache_dir
@@ -164,7 +164,7 @@ def run_method(run: RunContext) -> dict[str, Any]:
     fit_summary = method.fit(ctx)
     fit_seconds = time.perf_counter() - started
 
-    splits = [s for s in (eval_split(run.data_root, name, run.classes) for name in cfg.eval_sets) if s is not None]
+    splits = eval_splits(run.data_root, cfg.eval_sets, run.classes)
     started = time.perf_counter()
     metrics = evaluate_method(method, splits, run.data_root, run.device, features=features,
                               eval_transform=run.backbone.eval_transform, batch_size=cfg.eval_batch_size,

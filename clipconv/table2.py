@@ -194,7 +194,7 @@ class _Session:
 def _open_session(cfg: Table2Config, cache_dir: Any) -> _Session:
     """Validate `cfg`, load the backbone once and list the train and evaluation images."""
     from .backbone import load_backbone, resolve_device
-    from .data import eval_split, resolve_run_classes, train_samples
+    from .data import eval_splits, resolve_run_classes, train_samples
     from .features import FeatureStore
     from .methods.base import METHODS, method_names
     from .prompts import load_templates
@@ -228,7 +228,7 @@ def _open_session(cfg: Table2Config, cache_dir: Any) -> _Session:
                              train_crop_scale=(cfg.crop_scale, 1.0))
     store = FeatureStore(backbone, cache_dir, batch_size=cfg.batch_size, workers=cfg.workers, device=device)
     samples = train_samples(data_root, classes)
-    splits = [s for s in (eval_split(data_root, name, classes) for name in cfg.eval_sets) if s is not None]
+    splits = eval_splits(data_root, cfg.eval_sets, classes)
     if not splits:
         raise ValueError(f"none of the evaluation sets {list(cfg.eval_sets)} was found under '{data_root}'")
     info = {"backbone": backbone.describe(), "classes": len(classes),

@@ -44,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     plain_warnings()
     from ..backbone import load_backbone, resolve_device
     from ..checkpoint import read_metadata
-    from ..data import ClassList, eval_split, load_universe
+    from ..data import ClassList, eval_splits, load_universe
     from ..engine import resolve_precision
     from ..evaluate import evaluate_method
     from ..methods.finetune import load_classifier
@@ -74,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         classifier, _ = load_classifier(checkpoint, backbone)
     out_dir = Path(args.output_dir) if args.output_dir else checkpoint.parent / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     setup_logging(out_dir)
-    splits = [s for s in (eval_split(cfg.data_root, name, classes) for name in args.eval_sets) if s is not None]
+    splits = eval_splits(cfg.data_root, args.eval_sets, classes)
     metrics = evaluate_method(_Classifier(classifier), splits, Path(cfg.data_root), device,
                               eval_transform=backbone.eval_transform, batch_size=args.eval_batch_size,
                               workers=args.workers, strict=args.strict)

@@ -52,7 +52,7 @@ def compare_zero_shot(data_root: Path, pairs: Sequence[tuple[str, str]], output_
     `backbones` (already loaded, one per pair) replaces loading by name — used by --demo.
     """
     from ..backbone import load_backbone, resolve_device
-    from ..data import EVAL_SETS, eval_split, resolve_run_classes
+    from ..data import EVAL_SETS, eval_splits, resolve_run_classes
     from ..engine import resolve_precision
     from ..evaluate import evaluate_method
     from ..features import FeatureStore
@@ -64,7 +64,7 @@ def compare_zero_shot(data_root: Path, pairs: Sequence[tuple[str, str]], output_
     classes = resolve_run_classes(data_root, classnames)
     template_list = load_templates(templates)
     dev = resolve_device(device)
-    splits = [s for s in (eval_split(data_root, name, classes) for name in (eval_sets or EVAL_SETS)) if s is not None]
+    splits = eval_splits(data_root, eval_sets or EVAL_SETS, classes)
     if not splits:
         raise ValueError(f"no evaluation set found under '{data_root}' (see datasets/README.md)")
     rows, results = [], []

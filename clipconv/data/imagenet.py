@@ -39,6 +39,7 @@ __all__ = [
     "train_samples",
     "scan_eval_set",
     "eval_split",
+    "eval_splits",
 ]
 
 PathLike = Union[str, Path]
@@ -374,3 +375,8 @@ def eval_split(data_root: PathLike, name: str, classes: ClassList) -> Optional[E
         return None
     return EvalSplit(spec.name, spec.display_name, scan.root, scan.samples, scan.subset, scan.dropped)
 
+
+
+def eval_splits(data_root: PathLike, names: Sequence[str], classes: ClassList) -> list[EvalSplit]:
+    """The evaluation sets among `names` that exist and hold run classes (each missing one warns once)."""
+    return [split for split in (eval_split(data_root, name, classes) for name in names) if split is not None]
