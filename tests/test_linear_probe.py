@@ -6,8 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 import clipconv.methods.linear_probe as lp
 from baseline_world import make_world
