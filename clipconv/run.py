@@ -33,7 +33,7 @@ class RunConfig:
     model: str = "ViT-B-16"
     pretrained: Optional[str] = "openai"
     classnames: Optional[str] = None
-    templates: str = "photo"
+    templates: Optional[str] = None  # None: each method's reference templates (Method.reference_templates)
     eval_sets: Sequence[str] = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
     output_dir: Optional[str] = None
     device: str = "auto"
@@ -60,7 +60,7 @@ class RunContext:
     backbone: Any
     classes: Any
     split: Any
-    templates: list[str]
+    templates: Optional[list[str]]  # None: each method's reference templates
     run_dir: Path
     device: torch.device
 
@@ -97,7 +97,7 @@ def prepare_run(cfg: RunConfig, run_dir: Optional[Path] = None) -> RunContext:
 
     data_root = Path(cfg.data_root)
     classes = resolve_run_classes(data_root, cfg.classnames)
-    templates = load_templates(cfg.templates)
+    templates = load_templates(cfg.templates) if cfg.templates else None
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     if cfg.split:
@@ -118,13 +118,15 @@ def prepare_run(cfg: RunConfig, run_dir: Optional[Path] = None) -> RunContext:
 def method_kwargs(method_name: str, options: dict[str, Any]) -> dict[str, Any]:
     """The options the method's constructor accepts (generic CLI flags apply where they make sense)."""
     from .engine import TrainConfig
-    from .methods.base import METHODS, method_names
+    from .methods.base import METHODS, method_names, method_option_defaults
     from .methods.finetune import ConvpassCLIP
 
     method_names()
     cls = METHODS[method_name]
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    allowed = {n for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind in named}
+    config_options = method_option_defaults(cls)
+    allowed = set(config_options) if config_options is not None else {
+        n for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind in named}
     if issubclass(cls, ConvpassCLIP):
         allowed |= set(TrainConfig().to_dict())
     return {k: v for k, v in options.items() if v is not None and k in allowed}
@@ -137,6 +139,7 @@ def run_method(run: RunContext) -> dict[str, Any]:
     from .evaluate import evaluate_method
     from .features import FeatureStore, default_cache_dir
     from .methods import FitContext, build_method
+    from .methods.base import METHOD_REFERENCE_TEMPLATES
 
     cfg, run_dir = run.config, run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -157,8 +160,11 @@ def run_method(run: RunContext) -> dict[str, Any]:
                             batch_size=cfg.eval_batch_size, workers=cfg.workers, device=run.device)
     ctx = FitContext(
         backbone=run.backbone, classnames=list(run.classes.names), data_root=run.data_root,
-        train=run.split.train, val=run.split.val, templates=run.templates, features=features, device=run.device,
-        seed=cfg.seed, output_dir=run_dir, class_hash=run.classes.hash(), class_ids=list(run.classes.ids), workers=cfg.workers, log=log.info,
+        train=run.split.train, val=run.split.val, features=features, device=run.device,
+        templates=METHOD_REFERENCE_TEMPLATES if run.templates is None else run.templates,
+        templates_name=cfg.templates or "",
+        seed=cfg.seed, output_dir=run_dir, class_hash=run.classes.hash(), class_ids=list(run.classes.ids), workers=cfg.workers,
+        eval_batch_size=cfg.eval_batch_size, log=log.info,
     )
     started = time.perf_counter()
     fit_summary = method.fit(ctx)

@@ -32,7 +32,7 @@ from .io import atomic_path, write_json, write_text
 from .report import DISPLAY, PUBLISHED_TABLE2, SUITE, markdown_table, results_row, target_average
 
 __all__ = ["Table2Config", "TABLE2_METHODS", "METHOD_LABELS", "PUBLISHED_LABEL", "BARS_FILE", "SWEEP_FILE",
-           "run_table2", "run_shots_sweep", "shots_summary", "method_options_for", "aggregate_seeds"]
+           "templates_used", "row_label", "run_table2", "run_shots_sweep", "shots_summary", "method_options_for", "aggregate_seeds"]
 
 TABLE2_METHODS = ("zero_shot", "linear_probe", "coop", "cocoop", "tip_adapter", "tip_adapter_f", "convpass")
 METHOD_LABELS = {
@@ -40,6 +40,8 @@ METHOD_LABELS = {
     "tip_adapter": "Tip-Adapter", "tip_adapter_f": "Tip-Adapter-F", "convpass": "Convpass_CLIP",
 }
 PUBLISHED_LABEL = "published (paper, ImageNet, ViT-B/16)"
+#: the template set behind a published row where the label must say it (the paper's ZS CLIP is single-prompt)
+PUBLISHED_TEMPLATES = {"zero_shot": ("photo", 1)}
 COLUMNS = (*SUITE, "target_avg")
 BARS_FILE = "table2_bars.png"
 SWEEP_FILE = "accuracy_vs_shots"  # .png, .json, .md
@@ -58,7 +60,7 @@ class Table2Config:
     model: str = "ViT-B-16"
     pretrained: Optional[str] = "openai"
     classnames: Optional[str] = None
-    templates: str = "photo"
+    templates: Optional[str] = None  # None: each method's reference set (Method.reference_templates)
     eval_sets: Sequence[str] = SUITE
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     epochs_scale: float = 1.0
@@ -72,6 +74,12 @@ class Table2Config:
 
 
 def _default_epochs(cls: type) -> Optional[int]:
+    from .methods.base import method_option_defaults
+
+    config_options = method_option_defaults(cls)
+    if config_options is not None:
+        epochs = config_options.get("epochs")
+        return epochs if isinstance(epochs, int) else None
     parameters = inspect.signature(cls.__init__).parameters
     if "epochs" in parameters and isinstance(parameters["epochs"].default, int):
         return parameters["epochs"].default
@@ -89,8 +97,11 @@ def method_options_for(name: str, cls: type, given: dict[str, Any], epochs_scale
                        generic: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Constructor options of one method: `given` (must be accepted, else a clear error), `epochs` scaled
     from the method's default when `epochs_scale` != 1 and not given, plus `generic` ones it accepts."""
-    parameters = inspect.signature(cls.__init__).parameters
-    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    from .methods.base import method_option_defaults
+
+    config_options = method_option_defaults(cls)
+    parameters = config_options if config_options is not None else inspect.signature(cls.__init__).parameters
+    open_ended = config_options is None and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     unknown = [k for k in given if k not in parameters and not open_ended]
     if unknown:
         accepted = sorted(k for k in parameters if k != "self")
@@ -120,34 +131,69 @@ def aggregate_seeds(rows: Sequence[dict[str, float]]) -> tuple[dict[str, float],
     return mean, std
 
 
+def templates_used(name: str, fits: Sequence[dict[str, Any]], run_templates: Optional[str]
+                   ) -> Optional[tuple[str, int]]:
+    """(template set, count) a row's method used: from its fit summaries ("template_set", "templates"), else
+    derived from the run's --templates or the method's reference set; None for a method without templates."""
+    for fit in fits:
+        if isinstance(fit, dict) and "template_set" in fit:
+            return str(fit["template_set"]), int(fit["templates"])
+    from .methods.base import METHODS
+    from .prompts import load_templates
+
+    reference = getattr(METHODS.get(name), "reference_templates", None)
+    if reference is None:
+        return None
+    chosen = run_templates or reference
+    return chosen, len(load_templates(chosen))
+
+
+def row_label(name: str, used: Optional[tuple[str, int]]) -> str:
+    """A row's label; zero-shot says single prompt or ensemble ("ZS CLIP (1 template)" — the paper's 66.73 —
+    vs "ZS CLIP (80-template ensemble)", open_clip's 68.34)."""
+    label = METHOD_LABELS.get(name, name)
+    if name == "zero_shot" and used is not None:
+        label += " (1 template)" if used[1] == 1 else f" ({used[1]}-template ensemble)"
+    return label
+
+
+def _templates_text(run_templates: Optional[str]) -> str:
+    return f"{run_templates} for every method" if run_templates else "each method's reference set (--templates overrides)"
+
+
 def _published_rows(methods: Sequence[str]) -> list[tuple[str, dict[str, float]]]:
     rows = []
     for name in methods:
         if name in PUBLISHED_TABLE2:
             values = dict(zip(SUITE, PUBLISHED_TABLE2[name]))
             values["target_avg"] = target_average(values)
-            rows.append((METHOD_LABELS.get(name, name), values))
+            rows.append((row_label(name, PUBLISHED_TEMPLATES.get(name)), values))
     return rows
 
 
 def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, dict]], timing: dict,
                    info: dict) -> dict[str, Any]:
-    measured, stds, summary_rows = [], {}, {}
+    measured, stds, summary_rows, template_lines = [], {}, {}, []
     for name in cfg.methods:
         seeds = per_seed.get(name, {})
         if not seeds:
             continue
-        label = METHOD_LABELS.get(name, name)
+        used = templates_used(name, [seeds[s].get("fit") for s in sorted(seeds)], cfg.templates)
+        label = row_label(name, used)
         mean, std = aggregate_seeds([seeds[s]["row"] for s in sorted(seeds)])
         measured.append((label, mean))
         stds[label] = std
-        summary_rows[name] = {"label": label, "mean": mean, "std": std, "seeds": sorted(seeds)}
+        summary_rows[name] = {"label": label, "mean": mean, "std": std, "seeds": sorted(seeds),
+                              "template_set": used[0] if used else None, "templates": used[1] if used else 0}
+        template_lines.append(f"| {label} | " + (f"{used[0]} ({used[1]})" if used else "none") + " |")
     published = _published_rows([n for n in TABLE2_METHODS if n in PUBLISHED_TABLE2])
     seeds_text = ", ".join(str(s) for s in cfg.seeds)
     md = [f"# Table 2: {cfg.shots}-shot, top-1 (%), mean ± std over seeds {seeds_text}", "",
           f"Backbone {info['backbone']['model']} ({info['backbone']['weights_id']}); data {cfg.data_root}; "
-          f"templates {cfg.templates}; validation: {cfg.val_shots} train images per class outside the K-shot set.",
+          f"templates: {_templates_text(cfg.templates)}; validation: {cfg.val_shots} train images per class outside "
+          f"the K-shot set.",
           "", "## measured (this run)", "", markdown_table(measured, stds), "",
+          "## prompt templates per row", "", "| method | template set (count) |", "|---|---|", *template_lines, "",
           "## " + PUBLISHED_LABEL, "",
           "Numbers printed in the Convpass paper (Table 2): full ImageNet, OpenAI ViT-B/16. For reference only — "
           "not comparable with a run on other data or another backbone.", "",
@@ -182,7 +228,7 @@ class _Session:
     backbone: Any
     store: Any
     classes: Any
-    templates: list
+    templates: Optional[list]  # None: each method's reference set
     device: Any
     data_root: Path
     samples: list
@@ -217,7 +263,7 @@ def _open_session(cfg: Table2Config, cache_dir: Any) -> _Session:
 
     data_root = Path(cfg.data_root)
     classes = resolve_run_classes(data_root, cfg.classnames)
-    templates = load_templates(cfg.templates)
+    templates = load_templates(cfg.templates) if cfg.templates else None
     device = resolve_device(cfg.device)
     precision = cfg.precision
     if precision == "auto":
@@ -241,7 +287,7 @@ def _run_shots(cfg: Table2Config, session: _Session, out: Path, log: Callable[[s
     from .data import sample_few_shot, save_split
     from .evaluate import evaluate_method
     from .methods import FitContext, build_method
-    from .methods.base import METHODS
+    from .methods.base import METHOD_REFERENCE_TEMPLATES, METHODS
 
     out.mkdir(parents=True, exist_ok=True)
     backbone, store, classes, data_root = session.backbone, session.store, session.classes, session.data_root
@@ -259,7 +305,9 @@ def _run_shots(cfg: Table2Config, session: _Session, out: Path, log: Callable[[s
                                                   "eval_batch_size": cfg.batch_size})
             method = build_method(name, **options)
             ctx = FitContext(backbone=backbone, classnames=list(classes.names), data_root=data_root,
-                             train=split.train, val=split.val, templates=session.templates, features=store,
+                             train=split.train, val=split.val, features=store,
+                             templates=METHOD_REFERENCE_TEMPLATES if session.templates is None else session.templates,
+                             templates_name=cfg.templates or "",
                              device=session.device, seed=seed, output_dir=out / f"{name}_seed{seed}",
                              class_hash=classes.hash(), workers=cfg.workers, log=log)
             if "class_ids" in inspect.signature(FitContext).parameters:

@@ -1,12 +1,17 @@
 """CoOp / CoCoOp: only the context (+ meta-net) learn, the text tower stays bit-identical, steps help."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from baseline_world import make_world
 from clipconv.methods import build_method
+from clipconv.methods.cocoop import CoCoOpConfig
+from clipconv.methods.coop import CoOp, CoOpConfig
 from clipconv.methods.prompt_learner import FrozenTextEncoder, PromptLearner, frozen_parameters, warmup_cosine_lr
+from tolerance import assert_close_scaled
 
 TINY = dict(epochs=1, views=1, batch_size=4)
 
@@ -31,7 +36,27 @@ def test_phrase_prompts_reproduce_encode_text(world):
     with torch.no_grad():
         ours = FrozenTextEncoder(model)(learner(), learner.tokens)
         reference = model.encode_text(tokenizer([f"a photo of a {name}." for name in world.ctx.classnames]))
-    torch.testing.assert_close(ours, reference.float(), rtol=1e-5, atol=1e-5)
+    assert_close_scaled(ours, reference.float())
+
+
+def test_phrase_length_counts_words_not_tokens(world):
+    """CoOp sets n_ctx = len(phrase.split(" ")): "itap of a" is 3 words but 4 BPE tokens (it·ap·of·a). The
+    context starts from the first 3 token embeddings; the 4th stays in the fixed part, so the initial
+    prompts still encode "itap of a <name>." exactly."""
+    model, tokenizer = world.backbone.model, world.backbone.tokenizer
+    phrase_tokens = tokenizer.encode("itap of a")
+    assert len(phrase_tokens) == 4  # the premise: words and tokens differ
+    learner = PromptLearner(model, tokenizer, world.ctx.classnames, init_phrase="itap of a")
+    assert learner.n_ctx == 3 and learner.ctx.shape[0] == 3
+    with torch.no_grad():
+        assert torch.equal(learner.ctx, model.token_embedding(torch.tensor(phrase_tokens[:3])).float())
+        ours = FrozenTextEncoder(model)(learner(), learner.tokens)
+        reference = model.encode_text(tokenizer([f"itap of a {name}." for name in world.ctx.classnames]))
+    assert_close_scaled(ours, reference.float())
+    assert PromptLearner(model, tokenizer, world.ctx.classnames, init_phrase="a_photo_of_a").n_ctx == 4
+    method = build_method("coop", init_phrase="itap of a", **TINY)
+    method.setup(world.ctx)
+    assert method.summary()["n_ctx"] == 3
 
 
 def test_text_encoder_is_not_a_submodule(world):
@@ -104,23 +129,65 @@ def test_class_chunks_change_nothing(world, name):
         a, b = whole.loss(feats, labels), chunked.loss(feats, labels)
         a.backward()
         b.backward()
-    torch.testing.assert_close(a, b)
-    torch.testing.assert_close(whole.learner.ctx.grad, chunked.learner.ctx.grad, rtol=1e-4, atol=1e-6)
+    assert_close_scaled(a, b)
+    # chunking changes the summation order of the backward: a few hundred ulps of the largest gradient entry
+    assert_close_scaled(whole.learner.ctx.grad, chunked.learner.ctx.grad)
 
 
 def test_cocoop_scoring_in_image_chunks_matches(world):
-    method = build_method("cocoop", eval_batch=3, **TINY)
+    world.ctx.eval_batch_size = 3  # images per scoring chunk come from the fit context
+    method = build_method("cocoop", **TINY)
     method.fit(world.ctx)
+    assert method.eval_batch == 3
     feats = world.store.encode(world.root, world.test_samples)
     with torch.no_grad():
         direct = method.batch_logits(feats)
-    torch.testing.assert_close(method.logits_from_features(feats), direct)
+    assert_close_scaled(method.logits_from_features(feats), direct)
 
 
-def test_schedule_is_warmup_then_cosine():
-    assert warmup_cosine_lr(0, 0.002, 50) == 1e-5
-    assert warmup_cosine_lr(1, 0.002, 50) == pytest.approx(0.001 * (1 + torch.cos(torch.tensor(torch.pi / 50)).item()))
-    assert warmup_cosine_lr(25, 0.002, 50) == pytest.approx(0.001)
+def _dassl_lr(epoch: int, base: float, epochs: int) -> float:
+    """Dassl's constant warm-up (1 epoch at 1e-5), then cosine with the count restarted (WARMUP_RECOUNT)."""
+    return 1e-5 if epoch == 0 else 0.5 * base * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+
+
+@pytest.mark.parametrize("name, epochs", [("coop", 50), ("cocoop", 10)])
+def test_schedule_is_dassl_warmup_then_restarted_cosine(name, epochs):
+    method = build_method(name)
+    assert method.config.epochs == epochs and method.config.lr == 0.002
+    lrs = [method.epoch_lr(e) for e in range(epochs)]
+    expected = [_dassl_lr(e, 0.002, epochs) for e in range(epochs)]
+    assert lrs == pytest.approx(expected, rel=4 * 2.0 ** -52)
+    assert lrs[0] == 1e-5 and lrs[1] == 0.002  # the first epoch after warm-up runs at the base lr exactly
+    half = epochs // 2 + 1  # cos(π/2): half the base lr
+    assert lrs[half] == pytest.approx(0.001, rel=1e-12)
+    assert lrs[-1] == pytest.approx(0.001 * (1 + math.cos(math.pi * (epochs - 2) / epochs)), rel=1e-12)
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))  # decreasing after the warm-up, never reaching 0
+
+
+def test_schedule_without_recount_continues_the_count():
+    assert warmup_cosine_lr(0, 0.002, 50, recount=False) == 1e-5
+    assert warmup_cosine_lr(1, 0.002, 50, recount=False) == 0.5 * 0.002 * (1 + math.cos(math.pi / 50))
+    assert warmup_cosine_lr(1, 0.002, 50) == 0.002
+    assert warmup_cosine_lr(3, 0.002, 10, warmup_epochs=2) == 0.5 * 0.002 * (1 + math.cos(math.pi / 10))
+
+
+def test_fit_trains_each_epoch_at_the_scheduled_lr(world):
+    method = build_method("coop", n_ctx=4, epochs=3, views=1, batch_size=64)
+    method.fit(world.ctx)
+    assert [record["lr"] for record in method.history] == [1e-5, 0.002, 0.5 * 0.002 * (1 + math.cos(math.pi / 3))]
+
+
+def test_options_are_config_dataclasses():
+    method = CoOp(CoOpConfig(n_ctx=4, epochs=2))
+    assert method.config.n_ctx == 4 and method.config.epochs == 2
+    assert build_method("coop", n_ctx=4).config == CoOpConfig(n_ctx=4)
+    assert build_method("cocoop").config == CoCoOpConfig() and CoCoOpConfig().init_phrase == "a photo of a"
+    assert (CoCoOpConfig().n_ctx, CoCoOpConfig().batch_size, CoCoOpConfig().epochs) == (4, 1, 10)
+    assert set(CoOpConfig.help()) == set(CoCoOpConfig.help()) and all(CoOpConfig.help().values())
+    with pytest.raises(ValueError, match="unknown option.*eval_batch"):
+        build_method("cocoop", eval_batch=3)  # scoring chunk size is FitContext.eval_batch_size now
+    with pytest.raises(ValueError, match="not both"):
+        CoOp(CoOpConfig(), n_ctx=3)
 
 
 def test_bad_options_fail_clearly(world):

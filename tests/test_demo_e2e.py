@@ -60,7 +60,7 @@ def test_sixteen_shot_convpass_beats_zero_shot_through_its_adapters(small_world)
                      class_ids=classes.ids, class_hash=classes.hash(), log=lambda *_: None)
     classifier = method.build(ctx)
     before = _accuracy(classifier, small_world, source, backbone.eval_transform)
-    assert before == pytest.approx(zero_shot, abs=1e-6), "an untrained classifier must be zero-shot CLIP"
+    assert before == zero_shot, "an untrained classifier must be zero-shot CLIP"  # same correct count
 
     method.fit(ctx)
     trained = _accuracy(classifier, small_world, source, backbone.eval_transform)

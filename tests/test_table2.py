@@ -66,6 +66,16 @@ def test_all_methods_two_seeds_end_to_end(tmp_path, tree, tiny_config):
     assert result["timing"]["tip_adapter_f"]["images_encoded"] == 2 * 2 * train_size
     markdown = (out / "table2.md").read_text()
     assert PUBLISHED_LABEL in markdown and "| Tip-Adapter-F | 73.41 |" in markdown
+    assert "| ZS CLIP (1 template) | 66.73 |" in markdown  # the paper's ZS row is the single prompt
+    # every row says which template set it used: each method's reference by default
+    templates = markdown[markdown.index("## prompt templates per row"):]
+    for row in ("| ZS CLIP (1 template) | photo (1) |", "| Tip-Adapter | tip (7) |", "| Tip-Adapter-F | tip (7) |",
+                "| LP CLIP | none |", "| CoOp | none |", "| CoCoOp | none |"):
+        assert row in templates, row
+    if "convpass" in ran:
+        assert "| Convpass_CLIP | photo (1) |" in templates
+    assert result["measured"]["tip_adapter"]["template_set"] == "tip" and result["measured"]["tip_adapter"]["templates"] == 7
+    assert result["per_seed"]["zero_shot"]["1"]["fit"]["template_set"] == "photo"
     assert markdown.index("measured (this run)") < markdown.index(PUBLISHED_LABEL)
     rows = (out / "table2.csv").read_text().splitlines()
     assert rows[0].startswith("source,method,imagenet,imagenet_std")
@@ -102,7 +112,7 @@ def test_shots_sweep_writes_per_k_tables_and_the_plot_and_encodes_test_sets_once
     split2, _ = load_split(out / "shots_2" / "split_seed1.json")
     assert per_k[2]["timing"]["linear_probe"]["images_encoded"] == len(split2.train) + len(split2.val)
     sweep = json.loads((out / "accuracy_vs_shots.json").read_text())
-    assert sweep["shots"] == [1, 2] and set(sweep["methods"]) == {"ZS CLIP", "LP CLIP"}
+    assert sweep["shots"] == [1, 2] and set(sweep["methods"]) == {"ZS CLIP (1 template)", "LP CLIP"}
     assert sweep["timing"]["2"]["zero_shot"]["images_encoded"] == 0
     for k in (1, 2):
         assert sweep["methods"]["LP CLIP"]["imagenet"][str(k)]["mean"] == \
@@ -120,6 +130,16 @@ def test_rerun_reads_the_cache_and_reproduces(tmp_path, tree, tiny_config):
     assert first["timing"]["zero_shot"]["images_encoded"] > 0
     for name in methods:
         assert second["measured"][name]["mean"] == first["measured"][name]["mean"]
+
+
+def test_run_templates_override_every_method_and_label_the_ensemble(tmp_path, tree, tiny_config):
+    result = _run(tmp_path, tree, tiny_config, ["zero_shot", "tip_adapter"], seeds=("1",),
+                  extra=("--templates", "clip80"))
+    assert result["measured"]["zero_shot"]["label"] == "ZS CLIP (80-template ensemble)"
+    markdown = (tmp_path / "out" / "table2.md").read_text()
+    assert "| ZS CLIP (80-template ensemble) | clip80 (80) |" in markdown and "| Tip-Adapter | clip80 (80) |" in markdown
+    assert "templates: clip80 for every method" in markdown
+    assert "| ZS CLIP (1 template) | 66.73 |" in markdown  # the published row stays the single prompt
 
 
 def test_missing_convpass_is_skipped_with_a_warning(tmp_path, tree, tiny_config, monkeypatch):
@@ -173,20 +193,24 @@ def test_epochs_scale_uses_each_methods_default():
     assert method_options_for("zero_shot", METHODS["zero_shot"], {}, 0.1) == {}
 
 
-def test_every_option_is_a_named_constructor_parameter():
-    """Option filters (run_table2, the train CLI) see every option: no method hides options in **kwargs."""
-    import inspect
+def test_option_filters_see_every_config_option():
+    """Option filters (run_table2, the train CLI) accept exactly the options of each method's config dataclass."""
+    import dataclasses
 
-    from clipconv.methods.base import METHODS, method_names
+    from clipconv.methods.base import METHODS, method_names, method_option_defaults
+    from clipconv.run import method_kwargs
 
     method_names()
     for name in ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "coop", "cocoop"):
-        kinds = {p.kind for p in inspect.signature(METHODS[name].__init__).parameters.values()}
-        assert inspect.Parameter.VAR_KEYWORD not in kinds, name
-    tip_f = set(inspect.signature(METHODS["tip_adapter_f"].__init__).parameters)
-    assert set(inspect.signature(METHODS["tip_adapter"].__init__).parameters) <= tip_f
-    cocoop = set(inspect.signature(METHODS["cocoop"].__init__).parameters)
-    assert set(inspect.signature(METHODS["coop"].__init__).parameters) <= cocoop
+        fields = {f.name for f in dataclasses.fields(METHODS[name].config_class)}
+        assert set(method_option_defaults(METHODS[name])) == fields, name
+        given = {field: getattr(METHODS[name].config_class(), field) for field in fields}
+        assert method_options_for(name, METHODS[name], given) == given
+        generic = {"seed": 3, "workers": 0, "eval_batch_size": 8}  # runtime values come from FitContext
+        assert method_options_for(name, METHODS[name], {}, generic=generic) == {}
+        assert method_kwargs(name, {**given, **generic}) == {k: v for k, v in given.items() if v is not None}
+    assert set(method_option_defaults(METHODS["tip_adapter"])) < set(method_option_defaults(METHODS["tip_adapter_f"]))
+    assert set(method_option_defaults(METHODS["coop"])) == set(method_option_defaults(METHODS["cocoop"]))
 
 
 def test_a_method_that_alters_the_shared_backbone_is_stopped(tmp_path, tree, tiny_config, monkeypatch, capsys):

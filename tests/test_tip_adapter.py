@@ -9,7 +9,10 @@ from PIL import Image
 from baseline_world import make_world
 from clipconv.features import FeatureStore, item_seed
 from clipconv.methods import build_method
-from clipconv.methods.tip_adapter import search_grid, tip_cache_transform
+from clipconv.methods.frozen import text_classifier
+from clipconv.methods.tip_adapter import TipAdapterConfig, TipAdapterF, TipAdapterFConfig, search_grid, tip_cache_transform
+from clipconv.prompts import load_templates
+from tolerance import assert_close_scaled, differs_beyond_tolerance
 
 
 @pytest.fixture()
@@ -18,12 +21,32 @@ def world(tmp_path, tiny_config):
 
 
 def test_alpha_zero_equals_zero_shot(world):
+    world.ctx.templates, world.ctx.templates_name = load_templates("clip80"), "clip80"  # a run-level --templates
     zero_shot = build_method("zero_shot")
-    zero_shot.fit(world.ctx)
+    assert zero_shot.fit(world.ctx)["template_set"] == "clip80"
     tip = build_method("tip_adapter", alpha=0.0, search="none", augment_rounds=2)
-    tip.fit(world.ctx)
+    assert tip.fit(world.ctx)["template_set"] == "clip80"  # the explicit set overrides both references
     feats = world.store.encode(world.root, world.test_samples)
-    torch.testing.assert_close(tip.logits_from_features(feats), zero_shot.logits_from_features(feats))
+    assert_close_scaled(tip.logits_from_features(feats), zero_shot.logits_from_features(feats))
+
+
+@pytest.mark.parametrize("name", ["tip_adapter", "tip_adapter_f"])
+def test_reference_templates_are_tips_seven(world, name):
+    """Without a run-level choice Tip-Adapter(-F) use the reference's 7 ImageNet templates."""
+    extra = {"epochs": 1} if name == "tip_adapter_f" else {}
+    tip = build_method(name, search="none", augment_rounds=1, **extra)
+    assert type(tip).reference_templates == "tip"
+    summary = tip.fit(world.ctx)
+    assert (summary["template_set"], summary["templates"]) == ("tip", 7)
+    assert torch.equal(tip.class_weights, text_classifier(world.ctx, load_templates("tip")))
+    option = build_method(name, search="none", augment_rounds=1, templates="photo", **extra).fit(world.ctx)
+    assert (option["template_set"], option["templates"]) == ("photo", 1)
+
+
+def test_tip_templates_file_is_the_reference_set():
+    assert load_templates("tip") == ["itap of a {}.", "a bad photo of the {}.", "a origami {}.",
+                                     "a photo of the large {}.", "a {} in a video game.", "art of the {}.",
+                                     "a photo of the small {}."]
 
 
 def test_cache_keys_are_averaged_augmented_views(world):
@@ -41,7 +64,7 @@ def test_cache_keys_are_averaged_augmented_views(world):
         images = torch.stack(images)
         with torch.no_grad():
             views.append(model.encode_image(images).float())
-    torch.testing.assert_close(tip.keys, F.normalize(torch.stack(views).mean(0), dim=-1), rtol=1e-4, atol=1e-5)
+    assert_close_scaled(tip.keys, F.normalize(torch.stack(views).mean(0), dim=-1))
     labels = torch.tensor([label for _, label in world.ctx.train])
     assert torch.equal(tip.values, F.one_hot(labels, len(world.ctx.classnames)).float())
 
@@ -59,7 +82,7 @@ def test_logits_follow_the_formula(world):
         for key, value in zip(tip.keys, tip.values):
             cache += torch.exp(-3.0 * (1 - key @ f)) * value
         expected.append(clip + 1.7 * cache)
-    torch.testing.assert_close(tip.logits_from_features(feats), torch.stack(expected), rtol=1e-4, atol=1e-4)
+    assert_close_scaled(tip.logits_from_features(feats), torch.stack(expected))
 
 
 def test_search_uses_val_only_and_finds_the_grid_optimum(world):
@@ -100,7 +123,7 @@ def test_tip_adapter_f_trains_keys_and_picks_epoch_on_val(world):
     plain.fit(world.ctx)
     tuned = build_method("tip_adapter_f", search="none", augment_rounds=2, epochs=3, batch_size=4, lr=1e-2)
     summary = tuned.fit(world.ctx)
-    assert tuned.keys.shape == plain.keys.shape and not torch.allclose(tuned.keys, plain.keys)
+    assert tuned.keys.shape == plain.keys.shape and differs_beyond_tolerance(tuned.keys, plain.keys)
     assert torch.equal(tuned.values, plain.values) and torch.equal(tuned.class_weights, plain.class_weights)
     val_scores = [record["val_top1"] for record in tuned.history]
     assert summary["best_epoch"] == 1 + val_scores.index(max(val_scores))
@@ -124,3 +147,14 @@ def test_bad_options_fail_clearly():
         build_method("tip_adapter", augment_rounds=0)
     with pytest.raises(ValueError, match="epochs"):
         build_method("tip_adapter_f", epochs=0)
+    with pytest.raises(ValueError, match="unknown option.*epochs"):
+        build_method("tip_adapter", epochs=3)  # training options belong to Tip-Adapter-F only
+
+
+def test_options_are_config_dataclasses():
+    assert TipAdapterF(TipAdapterFConfig(epochs=2)).config.epochs == 2
+    assert build_method("tip_adapter").config == TipAdapterConfig()
+    defaults = TipAdapterFConfig()
+    assert (defaults.alpha, defaults.beta, defaults.augment_rounds, defaults.epochs, defaults.lr, defaults.batch_size,
+            defaults.eps) == (1.17, 1.0, 10, 20, 1e-3, 256, 1e-4)
+    assert all(TipAdapterFConfig.help().values())

@@ -8,6 +8,7 @@ from PIL import Image
 
 from baseline_world import make_world
 from clipconv.methods import build_method
+from tolerance import assert_close_scaled
 
 
 @pytest.fixture()
@@ -33,11 +34,12 @@ def _direct_logits(world, templates):
 
 def test_zero_shot_equals_direct_computation(world):
     method = build_method("zero_shot")
-    method.fit(world.ctx)
+    summary = method.fit(world.ctx)
+    assert (summary["template_set"], summary["templates"]) == ("photo", 1)  # the reference single prompt
     feats = world.store.encode(world.root, world.test_samples)
     expected = _direct_logits(world, ["a photo of a {}."])
-    torch.testing.assert_close(method.logits_from_features(feats), expected, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(method.logits(_images(world)), expected, rtol=1e-4, atol=1e-4)
+    assert_close_scaled(method.logits_from_features(feats), expected)
+    assert_close_scaled(method.logits(_images(world)), expected)
 
 
 def test_named_template_set_is_an_ensemble(world):
@@ -46,10 +48,20 @@ def test_named_template_set_is_an_ensemble(world):
     method = build_method("zero_shot", templates="tip")
     summary = method.fit(world.ctx)
     templates = load_templates("tip")
-    assert summary["templates"] == len(templates) > 1
+    assert summary["templates"] == len(templates) > 1 and summary["template_set"] == "tip"
     feats = world.store.encode(world.root, world.test_samples)
-    torch.testing.assert_close(method.logits_from_features(feats), _direct_logits(world, templates),
-                               rtol=1e-4, atol=1e-4)
+    assert_close_scaled(method.logits_from_features(feats), _direct_logits(world, templates))
+
+
+def test_run_level_templates_override_the_reference(world):
+    from clipconv.prompts import load_templates
+
+    world.ctx.templates, world.ctx.templates_name = load_templates("clip80"), "clip80"
+    summary = build_method("zero_shot").fit(world.ctx)
+    assert (summary["template_set"], summary["templates"]) == ("clip80", 80)
+    world.ctx.templates_name = ""
+    assert build_method("zero_shot").fit(world.ctx)["template_set"] == "custom"  # an unnamed list
+    assert build_method("zero_shot", templates="photo").fit(world.ctx)["templates"] == 1  # option beats the run
 
 
 def test_unknown_template_set_and_unfitted_use_fail_clearly(world):
@@ -95,3 +107,15 @@ def test_cli_pairs_must_match(tmp_path, tiny_config, capsys):
         main(["--data-root", str(tmp_path), "--model", "a", "--model", "b", "--pretrained", "x",
               "--pretrained", "y", "--pretrained", "z"])
     assert exit_info.value.code == 2 and "--pretrained" in capsys.readouterr().err
+
+
+def test_each_method_declares_its_reference_templates():
+    """zero_shot and Convpass's head: the single "photo" prompt; Tip-Adapter(-F): the 7 "tip" templates;
+    methods without a text classifier from templates: None."""
+    from clipconv.methods.base import METHODS, method_names
+
+    method_names()
+    expected = {"zero_shot": "photo", "tip_adapter": "tip", "tip_adapter_f": "tip", "linear_probe": None,
+                "coop": None, "cocoop": None, "convpass": "photo"}
+    assert {name: METHODS[name].reference_templates for name in expected if name in METHODS} == \
+        {name: ref for name, ref in expected.items() if name in METHODS}

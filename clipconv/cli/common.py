@@ -80,8 +80,10 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--demo", action="store_true",
                        help="use the offline miniature benchmark and the shipped mini CLIP (no downloads)")
     group.add_argument("--classnames", help="file of '<id> <name>' lines overriding the class universe")
-    group.add_argument("--templates", default="photo",
-                       help="prompt templates: photo ('a photo of a {}.'), clip80, tip, or a file with one per line")
+    group.add_argument("--templates", default=None,
+                       help="prompt templates for every method that uses them: photo ('a photo of a {}.'), clip80, "
+                            "tip, or a file with one per line (default: each method's reference set: photo for "
+                            "zero-shot and Convpass, tip for Tip-Adapter(-F))")
     group.add_argument("--eval-sets", nargs="+", default=list(EVAL_SETS), choices=EVAL_SETS,
                        help="which sets of the robustness suite to evaluate")
     group.add_argument("--strict", action="store_true", help="stop at an undecodable image instead of skipping it")

@@ -42,7 +42,7 @@ def backbone_pairs(models: Optional[Sequence[str]], pretrained: Optional[Sequenc
     return list(zip(models, tags))
 
 
-def compare_zero_shot(data_root: Path, pairs: Sequence[tuple[str, str]], output_dir: Path, templates: str = "photo",
+def compare_zero_shot(data_root: Path, pairs: Sequence[tuple[str, str]], output_dir: Path, templates: Optional[str] = None,
                       eval_sets: Optional[Sequence[str]] = None, classnames: Optional[str] = None,
                       device: str = "auto", precision: str = "auto", workers: int = 0, batch_size: int = 128,
                       cache: bool = True, strict: bool = False, log: Callable[[str], None] = print,
@@ -58,10 +58,12 @@ def compare_zero_shot(data_root: Path, pairs: Sequence[tuple[str, str]], output_
     from ..features import FeatureStore
     from ..io import write_json, write_text
     from ..methods import FitContext, build_method
+    from ..methods.zero_shot import ZeroShot
     from ..prompts import load_templates
     from ..report import markdown_table, results_row
 
     classes = resolve_run_classes(data_root, classnames)
+    templates = templates or ZeroShot.reference_templates  # zero-shot CLIP's reference: the single "photo"
     template_list = load_templates(templates)
     dev = resolve_device(device)
     splits = eval_splits(data_root, eval_sets or EVAL_SETS, classes)
@@ -75,7 +77,8 @@ def compare_zero_shot(data_root: Path, pairs: Sequence[tuple[str, str]], output_
         method = build_method("zero_shot")
         started = time.perf_counter()
         method.fit(FitContext(backbone=backbone, classnames=list(classes.names), data_root=data_root, train=[],
-                              templates=template_list, features=store, device=dev, log=log))
+                              templates=template_list, templates_name=templates, features=store, device=dev,
+                              log=log))
         metrics = evaluate_method(method, splits, data_root, dev, features=store,
                                   eval_transform=backbone.eval_transform, batch_size=batch_size, workers=workers,
                                   log=log, strict=strict)

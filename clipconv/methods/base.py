@@ -5,14 +5,14 @@ import abc
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, TypeVar, Union
 
 import torch
 
 from ..backbone import Backbone
 
 __all__ = ["FitContext", "Method", "MethodConfig", "option", "METHODS", "register_method", "build_method",
-           "method_names"]
+           "method_names", "config_from", "MethodReferenceTemplates", "METHOD_REFERENCE_TEMPLATES", "method_option_defaults"]
 
 Sample = tuple[str, int]
 ConfigT = TypeVar("ConfigT", bound="MethodConfig")
@@ -60,6 +60,28 @@ class MethodConfig:
         return dataclasses.asdict(self)
 
 
+class MethodReferenceTemplates(tuple):
+    """Marker type of FitContext's default `templates`: the run chose no template set, so every method
+    uses its reference set (`Method.reference_templates`, resolved by `Method.templates_for`). Read as a
+    plain sequence it is zero-shot CLIP's single prompt "a photo of a {}.", the reference of the
+    text-initialized heads (zero-shot CLIP, Convpass)."""
+
+
+#: FitContext.templates when the run does not override the templates (each method uses its reference)
+METHOD_REFERENCE_TEMPLATES = MethodReferenceTemplates(("a photo of a {}.",))
+
+
+def config_from(config_class: type[ConfigT], config: Optional[ConfigT], options: Mapping[str, Any]) -> ConfigT:
+    """A method's config: `config` as given, or built from loose keyword `options` (never both)."""
+    if config is None:
+        return config_class.from_options(options)
+    if options:
+        raise ValueError(f"give either a {config_class.__name__} or keyword options, not both (got {sorted(options)})")
+    if not isinstance(config, config_class):
+        raise TypeError(f"expected a {config_class.__name__}, got {type(config).__name__}")
+    return config
+
+
 @dataclass
 class FitContext:
     """Everything a method may use to fit: never a test set.
@@ -67,6 +89,8 @@ class FitContext:
     `train` is the K-shot split and `val` a validation split drawn from the remaining train images
     (empty when no validation is requested); sample paths are relative to `data_root`.
     `features` is a `clipconv.features.FeatureStore` bound to `backbone` (cached frozen-encoder features).
+    `templates` left at its default means "each method's reference templates"; an explicit list (named
+    `templates_name`, e.g. the run's --templates) overrides them for every method that uses templates.
     """
 
     backbone: Backbone
@@ -74,7 +98,8 @@ class FitContext:
     data_root: Path
     train: Sequence[Sample]
     val: Sequence[Sample] = ()
-    templates: Sequence[str] = ("a photo of a {}.",)
+    templates: Sequence[str] = METHOD_REFERENCE_TEMPLATES
+    templates_name: str = ""
     features: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 1
@@ -93,6 +118,25 @@ class Method(abc.ABC):
     frozen_image_encoder: ClassVar[bool] = True
     #: the options dataclass of this method (`build_method(name, **options)` validates against it)
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    #: the template set (`clipconv.prompts` name) the method's reference code uses; None: no templates used.
+    #: "photo" (the single "a photo of a {}.") is zero-shot CLIP's and the text-initialized heads' reference.
+    reference_templates: ClassVar[Optional[str]] = "photo"
+
+    def templates_for(self, ctx: FitContext, override: Union[str, Sequence[str], None] = None
+                      ) -> tuple[str, list[str]]:
+        """(set name, templates) this method uses: `override` (a method option: set name, file or list),
+        else an explicit `ctx.templates`, else the method's `reference_templates`."""
+        from ..prompts import load_templates
+
+        if override is not None:
+            if isinstance(override, str):
+                return override, load_templates(override)
+            return "custom", list(override)
+        if not isinstance(ctx.templates, MethodReferenceTemplates):
+            return ctx.templates_name or "custom", list(ctx.templates)
+        if self.reference_templates is None:
+            raise ValueError(f"method '{self.name}' uses no prompt templates")
+        return self.reference_templates, load_templates(self.reference_templates)
 
     @abc.abstractmethod
     def fit(self, ctx: FitContext) -> dict[str, Any]:
@@ -131,6 +175,23 @@ def method_names() -> list[str]:
     from . import _load_all  # noqa: F401  (import side effect: registration)
 
     return sorted(METHODS)
+
+
+def method_option_defaults(cls: type) -> Optional[dict[str, Any]]:
+    """{option: default} of a method whose options are a `MethodConfig` dataclass; None for a method that
+    still takes plain keyword arguments."""
+    config_class = getattr(cls, "config_class", MethodConfig)
+    if config_class is MethodConfig:
+        return None
+    defaults = {}
+    for f in dataclasses.fields(config_class):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+        else:
+            defaults[f.name] = None
+    return defaults
 
 
 def build_method(name: str, **options: Any) -> Method:

@@ -3,7 +3,8 @@
 Defaults are the reference's: 4 context vectors initialized from "a photo of a"; meta-net
 Linear(E → E/16) → ReLU → Linear(E/16 → W) (E the image-embedding size, W the text width; 512 → 32 →
 512 for ViT-B/16) whose output is added to every context vector; batch 1, 10 epochs, SGD lr 0.002
-(momentum 0.9, wd 5e-4, one warm-up epoch at 1e-5, cosine).
+(momentum 0.9, wd 5e-4, one warm-up epoch at 1e-5, then cosine restarted after the warm-up: epoch
+e ≥ 1, 0-indexed, runs at 0.002·½(1 + cos(π·(e − 1)/10))). Options: `CoCoOpConfig`.
 
 Cost: the prompts depend on the image, so the text encoder runs over ALL C classes for EVERY image,
 in training and at test time: B·C text-encoder sequences per batch (ImageNet: 1,000 per image, so
@@ -11,20 +12,32 @@ evaluating 50,000 val images means 5·10⁷ text-encoder passes) and activation 
 in training (users report running out of 16–24 GB GPU memory on ImageNet). `class_chunk` encodes the
 classes in chunks — in training with activation checkpointing (the chunk is recomputed in the
 backward), so peak memory scales with the chunk instead of C at the price of a second forward —
-and `batch_size`/`eval_batch` bound the images per step.
+and `batch_size` / `FitContext.eval_batch_size` bound the images per training / scoring step.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import FitContext, register_method
-from .coop import CoOp
+from .base import FitContext, option, register_method
+from .coop import CoOp, CoOpConfig
 
-__all__ = ["CoCoOp", "MetaNet"]
+__all__ = ["CoCoOp", "CoCoOpConfig", "MetaNet"]
+
+
+@dataclass
+class CoCoOpConfig(CoOpConfig):
+    """CoOp's options with CoCoOp's reference defaults (configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1)."""
+
+    n_ctx: int = option(4, help="context vectors (reference: N_CTX 4); ignored when init_phrase is given")
+    init_phrase: Optional[str] = option("a photo of a", help="context init phrase; its word count sets n_ctx "
+                                                             "(reference: CTX_INIT \"a photo of a\")")
+    epochs: int = option(10, help="epochs (reference: MAX_EPOCH 10)")
+    batch_size: int = option(1, help="train batch size (reference: 1)")
 
 
 class MetaNet(nn.Module):
@@ -43,23 +56,20 @@ class MetaNet(nn.Module):
 
 @register_method("cocoop")
 class CoCoOp(CoOp):
-    """Conditional prompt learning; options as CoOp plus `eval_batch` (images per scoring chunk)."""
+    """Conditional prompt learning; options in `CoCoOpConfig` (CoOp's, with CoCoOp's defaults)."""
 
-    def __init__(self, n_ctx: int = 4, init_phrase: Optional[str] = "a photo of a", class_specific: bool = False,
-                 epochs: int = 10, lr: float = 0.002, batch_size: int = 1, momentum: float = 0.9,
-                 weight_decay: float = 5e-4, warmup_epochs: int = 1, warmup_lr: float = 1e-5, views: int = 10,
-                 init_std: float = 0.02, class_chunk: Optional[int] = None, eval_batch: int = 64) -> None:
-        super().__init__(n_ctx=n_ctx, init_phrase=init_phrase, class_specific=class_specific, epochs=epochs, lr=lr,
-                         batch_size=batch_size, momentum=momentum, weight_decay=weight_decay,
-                         warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, views=views, init_std=init_std,
-                         class_chunk=class_chunk)
-        if eval_batch < 1:
-            raise ValueError(f"eval_batch must be >= 1, got {eval_batch}")
-        self.eval_batch = eval_batch
+    config_class = CoCoOpConfig
+
+    def __init__(self, config: Optional[CoCoOpConfig] = None, **options: Any) -> None:
+        super().__init__(config, **options)
         self.meta_net: Optional[MetaNet] = None
+        self.eval_batch = FitContext.eval_batch_size  # images per scoring chunk: ctx.eval_batch_size once fitted
 
     def setup(self, ctx: FitContext) -> None:
         super().setup(ctx)
+        if ctx.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {ctx.eval_batch_size}")
+        self.eval_batch = ctx.eval_batch_size
         embed_dim = int(ctx.backbone.model.text_projection.shape[1]) if isinstance(
             ctx.backbone.model.text_projection, torch.Tensor) else int(ctx.backbone.model.text_projection.out_features)
         self.meta_net = MetaNet(embed_dim, self.learner.width).to(ctx.device)

@@ -2,8 +2,11 @@
 
 Defaults are the reference's ImageNet / ViT-B/16 settings: 16 context vectors shared across classes,
 class token at the end, random init N(0, 0.02²); SGD lr 0.002, momentum 0.9, weight decay 5e-4,
-50 epochs, batch 32, one constant warm-up epoch at 1e-5 then cosine per epoch. (The CoCoOp paper's
-domain-generalization runs use `n_ctx=4, init_phrase="a photo of a"`.)
+50 epochs, batch 32, one constant warm-up epoch at 1e-5 then a cosine per epoch whose count restarts
+after the warm-up (Dassl's WARMUP_RECOUNT=True: epoch e ≥ 1, 0-indexed, runs at
+0.002·½(1 + cos(π·(e − 1)/50)), so epoch 1 runs at 0.002). An init phrase sets the context length to
+its word count, as the reference does. (The CoCoOp paper's domain-generalization runs use
+`n_ctx=4, init_phrase="a photo of a"`.) Every option with its source: `CoOpConfig`.
 
 Image side: the image encoder is frozen, so image features come from the FeatureStore. Instead of
 re-encoding freshly augmented images every epoch (50 passes over the K-shot set), `views` augmented
@@ -15,6 +18,7 @@ to bound memory.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -22,31 +26,55 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import FitContext, register_method
+from .base import FitContext, MethodConfig, config_from, option, register_method
 from .frozen import FrozenEncoderMethod, require_features
 from .prompt_learner import FrozenTextEncoder, PromptLearner, frozen_parameters, warmup_cosine_lr
 
-__all__ = ["CoOp"]
+__all__ = ["CoOp", "CoOpConfig"]
+
+
+@dataclass
+class CoOpConfig(MethodConfig):
+    n_ctx: int = option(16, help="context vectors (configs/trainers/CoOp: N_CTX 16 for ImageNet ViT-B/16); "
+                                 "ignored when init_phrase is given")
+    init_phrase: Optional[str] = option(None, help="initialize the context from this phrase; its word count sets "
+                                                   "n_ctx (reference: CTX_INIT, empty = random init)")
+    class_specific: bool = option(False, help="one context per class (reference CSC False)")
+    epochs: int = option(50, help="epochs (reference vit_b16 ImageNet config: MAX_EPOCH 50)")
+    lr: float = option(0.002, help="SGD learning rate (reference: 0.002)")
+    batch_size: int = option(32, help="train batch size (reference: 32)")
+    momentum: float = option(0.9, help="SGD momentum (Dassl default 0.9)")
+    weight_decay: float = option(5e-4, help="SGD weight decay (Dassl default 5e-4)")
+    warmup_epochs: int = option(1, help="constant warm-up epochs (reference: WARMUP_EPOCH 1)")
+    warmup_lr: float = option(1e-5, help="warm-up learning rate (reference: WARMUP_CONS_LR 1e-5)")
+    warmup_recount: bool = option(True, help="restart the cosine count after the warm-up (Dassl WARMUP_RECOUNT, "
+                                             "True in the reference)")
+    views: int = option(10, help="augmented views of the train set encoded once and cycled over epochs (ours: "
+                                 "the reference re-augments every epoch; 0 = un-augmented features)")
+    init_std: float = option(0.02, help="std of the random context init (reference: 0.02)")
+    class_chunk: Optional[int] = option(None, help="classes per text-encoder pass, recomputed in the backward "
+                                                   "(bounds memory; None = all classes at once)")
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.views < 0 or self.warmup_epochs < 0:
+            raise ValueError(f"{type(self).__name__}: epochs and batch_size must be >= 1, views and warmup_epochs "
+                             f">= 0 (got epochs={self.epochs}, batch_size={self.batch_size}, views={self.views}, "
+                             f"warmup_epochs={self.warmup_epochs})")
+        if self.class_chunk is not None and self.class_chunk < 1:
+            raise ValueError(f"class_chunk must be >= 1 or None, got {self.class_chunk}")
+        if self.init_phrase is None and self.n_ctx < 1:
+            raise ValueError(f"n_ctx must be >= 1, got {self.n_ctx}")
 
 
 @register_method("coop")
 class CoOp(FrozenEncoderMethod):
     """Prompt learning with a static context. See the module docstring for options and defaults."""
 
-    def __init__(self, n_ctx: int = 16, init_phrase: Optional[str] = None, class_specific: bool = False,
-                 epochs: int = 50, lr: float = 0.002, batch_size: int = 32, momentum: float = 0.9,
-                 weight_decay: float = 5e-4, warmup_epochs: int = 1, warmup_lr: float = 1e-5, views: int = 10,
-                 init_std: float = 0.02, class_chunk: Optional[int] = None) -> None:
-        if epochs < 1 or batch_size < 1 or views < 0:
-            raise ValueError(f"{type(self).__name__}: epochs and batch_size must be >= 1 and views >= 0 "
-                             f"(got epochs={epochs}, batch_size={batch_size}, views={views})")
-        if class_chunk is not None and class_chunk < 1:
-            raise ValueError(f"class_chunk must be >= 1 or None, got {class_chunk}")
-        self.n_ctx, self.init_phrase, self.class_specific, self.init_std = n_ctx, init_phrase, class_specific, init_std
-        self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
-        self.momentum, self.weight_decay = momentum, weight_decay
-        self.warmup_epochs, self.warmup_lr = warmup_epochs, warmup_lr
-        self.views, self.class_chunk = views, class_chunk
+    config_class = CoOpConfig
+    reference_templates = None  # learnt prompts, no templates
+
+    def __init__(self, config: Optional[CoOpConfig] = None, **options: Any) -> None:
+        self.config = config_from(self.config_class, config, options)
         self.learner: Optional[PromptLearner] = None
         self.text_encoder: Optional[FrozenTextEncoder] = None
         self.logit_scale = 100.0
@@ -60,8 +88,9 @@ class CoOp(FrozenEncoderMethod):
         self._bind(ctx)
         model = ctx.backbone.model
         torch.manual_seed(ctx.seed)
-        self.learner = PromptLearner(model, ctx.backbone.tokenizer, list(ctx.classnames), self.n_ctx,
-                                     self.init_phrase, self.class_specific, self.init_std).to(ctx.device)
+        cfg = self.config
+        self.learner = PromptLearner(model, ctx.backbone.tokenizer, list(ctx.classnames), cfg.n_ctx,
+                                     cfg.init_phrase, cfg.class_specific, cfg.init_std).to(ctx.device)
         self.text_encoder = FrozenTextEncoder(model)
         self.logit_scale = ctx.backbone.logit_scale
 
@@ -71,7 +100,7 @@ class CoOp(FrozenEncoderMethod):
     def class_text_features(self, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
         """L2-normalized text features (C, embed_dim) of the current prompts, chunked over classes."""
         total = self.learner.num_classes
-        chunk = self.class_chunk or total
+        chunk = self.config.class_chunk or total
         pieces = []
         for start in range(0, total, chunk):
             classes = slice(start, min(start + chunk, total))
@@ -93,38 +122,44 @@ class CoOp(FrozenEncoderMethod):
 
     # ------------------------------------------------------------------ training
     def _train_views(self, ctx: FitContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        store = require_features(ctx)
-        if self.views == 0:
+        store, views = require_features(ctx), self.config.views
+        if views == 0:
             return [store.encode(ctx.data_root, ctx.train, desc=f"{self.name}: train", with_labels=True)]
         return [store.encode(ctx.data_root, ctx.train, transform="train", seed=ctx.seed * 10_000 + 100 + view,
-                             desc=f"{self.name}: train view {view + 1}/{self.views}", with_labels=True)
-                for view in range(min(self.views, self.epochs))]
+                             desc=f"{self.name}: train view {view + 1}/{views}", with_labels=True)
+                for view in range(min(views, self.config.epochs))]
+
+    def epoch_lr(self, epoch: int) -> float:
+        """Learning rate of 0-indexed `epoch` (Dassl's constant warm-up + cosine, see `warmup_cosine_lr`)."""
+        cfg = self.config
+        return warmup_cosine_lr(epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr, cfg.warmup_recount)
 
     def fit(self, ctx: FitContext) -> dict[str, Any]:
         self.setup(ctx)
         views = self._train_views(ctx)
         if len(views[0][0]) == 0:
             raise ValueError(f"{self.name}: the training split has no decodable images")
+        cfg = self.config
         params = self.trainable_parameters()
-        optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         generator = torch.Generator().manual_seed(ctx.seed)
         with frozen_parameters(ctx.backbone.model):
-            for epoch in range(self.epochs):
-                lr = warmup_cosine_lr(epoch, self.lr, self.epochs, self.warmup_epochs, self.warmup_lr)
+            for epoch in range(cfg.epochs):
+                lr = self.epoch_lr(epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 feats, labels = views[epoch % len(views)]
                 order = torch.randperm(len(feats), generator=generator)
                 total = 0.0
-                for start in range(0, len(order), self.batch_size):
-                    index = order[start:start + self.batch_size]
+                for start in range(0, len(order), cfg.batch_size):
+                    index = order[start:start + cfg.batch_size]
                     loss = self.loss(feats[index].to(ctx.device), labels[index].to(ctx.device))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     total += float(loss.detach()) * len(index)
                 self.history.append({"epoch": epoch + 1, "lr": lr, "train_loss": total / len(feats)})
-                ctx.log(f"{self.name} epoch {epoch + 1}/{self.epochs}: lr {lr:.3g}, loss {total / len(feats):.4f}")
+                ctx.log(f"{self.name} epoch {epoch + 1}/{cfg.epochs}: lr {lr:.3g}, loss {total / len(feats):.4f}")
         self._finish(ctx)
         return self.summary()
 
@@ -146,8 +181,10 @@ class CoOp(FrozenEncoderMethod):
         return self.logit_scale * feats @ self._text_features.t()
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"n_ctx": self.learner.n_ctx if self.learner else self.n_ctx,
-                               "class_specific": self.class_specific, "epochs": self.epochs, "views": self.views}
+        cfg = self.config
+        out: dict[str, Any] = {"n_ctx": self.learner.n_ctx if self.learner else cfg.n_ctx,
+                               "init_phrase": cfg.init_phrase, "class_specific": cfg.class_specific,
+                               "epochs": cfg.epochs, "views": cfg.views}
         if self.history:
             out["final_train_loss"] = self.history[-1]["train_loss"]
         if self.val_top1 is not None:

@@ -1,25 +1,14 @@
 """Shared pieces of the methods whose image encoder stays frozen (they score cached features)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import torch
 
 from ..head import class_embeddings
 from .base import FitContext, Method
 
-__all__ = ["FrozenEncoderMethod", "resolve_templates", "text_classifier", "require_features"]
-
-
-def resolve_templates(templates: Union[str, Sequence[str], None], ctx: FitContext) -> list[str]:
-    """A template-set name/file (`clipconv.prompts.load_templates`), an explicit list, or ctx.templates."""
-    if templates is None:
-        return list(ctx.templates)
-    if isinstance(templates, str):
-        from ..prompts import load_templates
-
-        return load_templates(templates)
-    return list(templates)
+__all__ = ["FrozenEncoderMethod", "text_classifier", "require_features", "templates_summary"]
 
 
 def text_classifier(ctx: FitContext, templates: Sequence[str]) -> torch.Tensor:
@@ -27,6 +16,11 @@ def text_classifier(ctx: FitContext, templates: Sequence[str]) -> torch.Tensor:
     backbone = ctx.backbone
     return class_embeddings(backbone.model, backbone.tokenizer, list(ctx.classnames), templates,
                             device=ctx.device).float()
+
+
+def templates_summary(name: str, templates: Sequence[str]) -> dict[str, Any]:
+    """How a method's summary records the template set it used: its name and its size."""
+    return {"template_set": name, "templates": len(templates)}
 
 
 def require_features(ctx: FitContext):

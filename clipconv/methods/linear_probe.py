@@ -1,29 +1,62 @@
-"""Linear-probe CLIP: L-BFGS logistic regression on L2-normalized frozen features (CLIP §3.2; CoOp's lpclip).
+"""Linear-probe CLIP as CoOp's `lpclip` runs it: L-BFGS logistic regression on raw frozen image features.
 
-The inverse regularization strength C is chosen on a validation split drawn from train, never on a
-test set: a coarse grid 1e6, 1e4, …, 1e-6 followed by `bisection_steps` refinements in log10 space
-(each step tries the midpoints on both sides of the current best and halves the step). When
-ctx.val is empty a stratified fold of the K-shot train set (`holdout` per class, at least one image
-left for training) is held out for the search only; the final model is refit on all of ctx.train.
-With one shot per class nothing can be held out and `default_C` is used.
+Reference protocol (KaiyangZhou/CoOp lpclip/, whose numbers are the "LP CLIP" rows of the CoOp/CoCoOp
+papers and of Convpass's Table 2): scikit-learn `LogisticRegression(solver="lbfgs", max_iter=1000)` on
+the RAW image-encoder output (no L2 normalization); the inverse regularization C is chosen on
+validation accuracy by
+  1. a grid 1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6 — the first best in that order wins (largest C on ties);
+  2. `bisection_steps` (8) steps over the range [c/10, 10·c] around it: fit C at both ends, keep the
+     better end (ties keep the left, smaller C), and continue on the half of the log10-range on that side
+     (left kept: [left, midpoint]; right kept: [midpoint, right]). The C kept at the LAST step is the
+     result (not the best C ever tried), as in the reference.
+
+Where we differ on purpose: the validation images come from train (ctx.val, or — when it is empty — a
+stratified fold of the K-shot set, `holdout` per class, with the final model refit on the whole K-shot
+set), never from a test set (lpclip draws ImageNet's few-shot val from the test set). With one shot per
+class nothing can be held out and `default_C` is used.
+`normalize=True` fits on L2-normalized features instead (as CLIP_benchmark's probe does); it is a
+named option, not the reference, and does not reproduce the published LP numbers.
 """
 from __future__ import annotations
 
 import math
 import warnings
 from collections import defaultdict
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import FitContext, register_method
+from .base import FitContext, MethodConfig, config_from, option, register_method
 from .frozen import FrozenEncoderMethod, require_features
 
-__all__ = ["LinearProbe", "make_classifier", "search_C"]
+__all__ = ["LinearProbe", "LinearProbeConfig", "make_classifier", "search_C", "lpclip_search", "COARSE_GRID"]
 
-COARSE_EXPONENTS = (6, 4, 2, 0, -2, -4, -6)
+#: lpclip's initial C grid, in its order (largest first: np.argmax's first best is the largest C)
+COARSE_GRID = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
+
+
+@dataclass
+class LinearProbeConfig(MethodConfig):
+    C: Optional[float] = option(None, help="fixed inverse regularization strength (skips the search)")
+    max_iter: int = option(1000, help="L-BFGS iterations (lpclip: 1000)")
+    bisection_steps: int = option(8, help="refinement steps after the C grid (lpclip: --num_step 8)")
+    normalize: bool = option(False, help="fit on L2-normalized features (not the reference: lpclip uses raw "
+                                         "features, which reproduce the published LP numbers)")
+    holdout: int = option(4, help="images per class held out of the K-shot set for the C search when there is "
+                                  "no validation split (lpclip's val uses 4 per class at 8/16 shots)")
+    default_C: float = option(0.316, help="C used when nothing can be held out (1 shot, no validation split)")
+
+    def __post_init__(self) -> None:
+        if self.max_iter < 1 or self.bisection_steps < 0 or self.holdout < 1:
+            raise ValueError(f"linear_probe needs max_iter >= 1, bisection_steps >= 0 and holdout >= 1 "
+                             f"(got {self.max_iter}, {self.bisection_steps}, {self.holdout})")
+        for name in ("C", "default_C"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"linear_probe option {name} must be > 0, got {value}")
 
 
 def make_classifier(C: float, max_iter: int):
@@ -33,33 +66,52 @@ def make_classifier(C: float, max_iter: int):
     return LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter)
 
 
-def _accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
-    return float((model.predict(x) == y).mean())
+def lpclip_search(score: Callable[[float], float], bisection_steps: int = 8,
+                  grid: Sequence[float] = COARSE_GRID) -> tuple[float, list[tuple[float, float]]]:
+    """lpclip's C search driven by `score(C)` (validation accuracy); returns (C, [(C, score) per call]).
+
+    Grid: the first best in `grid` order. Then each step scores both ends of [left, right] (initially
+    [c/10, 10·c]); the better end is kept (ties → left) and the next range is the half of the
+    log10-range on the kept side. The result is the end kept at the last step.
+    """
+    trace: list[tuple[float, float]] = []
+
+    def scored(C: float) -> float:
+        value = score(C)
+        trace.append((C, value))
+        return value
+
+    grid_scores = [scored(C) for C in grid]
+    peak = grid[int(np.argmax(grid_scores))]
+    chosen = peak
+    low, high = math.log10(peak) - 1.0, math.log10(peak) + 1.0
+    for _ in range(bisection_steps):
+        left_C, right_C = 10.0 ** low, 10.0 ** high
+        left, right = scored(left_C), scored(right_C)
+        middle = 0.5 * (low + high)
+        if left < right:
+            chosen, low = right_C, middle
+        else:
+            chosen, high = left_C, middle
+    return chosen, trace
 
 
 def search_C(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-             max_iter: int = 1000, bisection_steps: int = 8,
-             coarse: Sequence[int] = COARSE_EXPONENTS) -> tuple[float, dict[float, float]]:
-    """Best C by validation accuracy (ties → stronger regularization); returns (C, {C: accuracy})."""
+             max_iter: int = 1000, bisection_steps: int = 8) -> tuple[float, dict[float, float]]:
+    """lpclip's search with scikit-learn fits on (x_train, y_train) scored on (x_val, y_val);
+    returns (C, {C: validation accuracy}). Each distinct C is fitted once (fits are deterministic)."""
     scores: dict[float, float] = {}
 
-    def score(exponent: float) -> float:
-        C = 10.0 ** exponent
+    def score(C: float) -> float:
         if C not in scores:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # convergence warnings at extreme C are expected
                 model = make_classifier(C, max_iter).fit(x_train, y_train)
-            scores[C] = _accuracy(model, x_val, y_val)
+            scores[C] = float((model.predict(x_val) == y_val).mean())
         return scores[C]
 
-    ordered = sorted(coarse)  # ascending exponent: ties keep the smallest C
-    best = max(ordered, key=lambda e: (score(e), -e))
-    step = (max(ordered) - min(ordered)) / max(len(ordered) - 1, 1) / 2
-    for _ in range(bisection_steps):
-        candidates = [best - step, best, best + step]
-        best = max(candidates, key=lambda e: (score(e), -e))
-        step /= 2
-    return 10.0 ** best, scores
+    chosen, _ = lpclip_search(score, bisection_steps)
+    return chosen, scores
 
 
 def _holdout_fold(labels: Sequence[int], holdout: int, seed: int) -> tuple[list[int], list[int]]:
@@ -79,30 +131,29 @@ def _holdout_fold(labels: Sequence[int], holdout: int, seed: int) -> tuple[list[
 
 @register_method("linear_probe")
 class LinearProbe(FrozenEncoderMethod):
-    """Logistic regression on normalized features; C searched on validation data from train.
+    """Logistic regression on raw frozen features (lpclip); C searched on validation data from train."""
 
-    Options: `C` (fixed, skips the search), `max_iter`, `bisection_steps` (8 as in CoOp; fewer is
-    cheaper), `holdout` (per-class images held out when ctx.val is empty), `default_C`.
-    """
+    config_class = LinearProbeConfig
+    reference_templates = None  # no text side
 
-    def __init__(self, C: Optional[float] = None, max_iter: int = 1000, bisection_steps: int = 8,
-                 holdout: int = 4, default_C: float = 0.316) -> None:
-        self.C = C
-        self.max_iter = max_iter
-        self.bisection_steps = bisection_steps
-        self.holdout = holdout
-        self.default_C = default_C
+    def __init__(self, config: Optional[LinearProbeConfig] = None, **options: Any) -> None:
+        self.config = config_from(LinearProbeConfig, config, options)
         self.chosen_C: Optional[float] = None
         self.search_source = ""
         self.val_accuracy: Optional[float] = None
         self.weight: Optional[torch.Tensor] = None
         self.bias: Optional[torch.Tensor] = None
 
-    @staticmethod
-    def _numpy(features: torch.Tensor) -> np.ndarray:
-        return F.normalize(features.float(), dim=-1).numpy().astype(np.float64)
+    def _prepare(self, features: torch.Tensor) -> torch.Tensor:
+        """The features the classifier sees: raw (reference) or L2-normalized (`normalize=True`)."""
+        features = features.float()
+        return F.normalize(features, dim=-1) if self.config.normalize else features
+
+    def _numpy(self, features: torch.Tensor) -> np.ndarray:
+        return self._prepare(features).numpy().astype(np.float64)
 
     def fit(self, ctx: FitContext) -> dict[str, Any]:
+        cfg = self.config
         self._bind(ctx)
         store = require_features(ctx)
         feats, labels = store.encode(ctx.data_root, ctx.train, desc="linear probe: train", with_labels=True)
@@ -111,26 +162,26 @@ class LinearProbe(FrozenEncoderMethod):
         x, y = self._numpy(feats), labels.numpy()
         if len(np.unique(y)) < 2:
             raise ValueError("linear_probe needs at least two classes in the training split")
-        if self.C is not None:
-            self.chosen_C, self.search_source = float(self.C), "given"
+        if cfg.C is not None:
+            self.chosen_C, self.search_source = float(cfg.C), "given"
         elif len(ctx.val):
             val_feats, val_labels = store.encode(ctx.data_root, ctx.val, desc="linear probe: val", with_labels=True)
             self.chosen_C, scores = search_C(x, y, self._numpy(val_feats), val_labels.numpy(),
-                                             self.max_iter, self.bisection_steps)
+                                             cfg.max_iter, cfg.bisection_steps)
             self.val_accuracy, self.search_source = 100.0 * scores[self.chosen_C], "ctx.val"
         else:
-            fit_pos, val_pos = _holdout_fold(y.tolist(), self.holdout, ctx.seed)
+            fit_pos, val_pos = _holdout_fold(y.tolist(), cfg.holdout, ctx.seed)
             if not val_pos or len(np.unique(y[fit_pos])) < 2:
-                self.chosen_C, self.search_source = self.default_C, "default (nothing to hold out)"
-                ctx.log(f"linear_probe: no validation images; using default C = {self.default_C}")
+                self.chosen_C, self.search_source = cfg.default_C, "default (nothing to hold out)"
+                ctx.log(f"linear_probe: no validation images; using default C = {cfg.default_C}")
             else:
                 self.chosen_C, scores = search_C(x[fit_pos], y[fit_pos], x[val_pos], y[val_pos],
-                                                 self.max_iter, self.bisection_steps)
+                                                 cfg.max_iter, cfg.bisection_steps)
                 self.val_accuracy = 100.0 * scores[self.chosen_C]
                 self.search_source = f"held-out train fold ({len(val_pos)} images)"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = make_classifier(self.chosen_C, self.max_iter).fit(x, y)
+            model = make_classifier(self.chosen_C, cfg.max_iter).fit(x, y)
         self._store(model, num_classes=len(ctx.classnames))
         ctx.log(f"linear_probe: C = {self.chosen_C:.4g} ({self.search_source})")
         return self.summary()
@@ -151,10 +202,11 @@ class LinearProbe(FrozenEncoderMethod):
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
             raise RuntimeError("linear_probe must be fitted before scoring")
-        return F.normalize(features.float().to(self.weight.device), dim=-1) @ self.weight.t() + self.bias
+        return self._prepare(features.to(self.weight.device)) @ self.weight.t() + self.bias
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"C": self.chosen_C, "C_source": self.search_source}
+        out: dict[str, Any] = {"C": self.chosen_C, "C_source": self.search_source,
+                               "features": "l2-normalized" if self.config.normalize else "raw"}
         if self.val_accuracy is not None and not math.isnan(self.val_accuracy):
             out["val_top1"] = self.val_accuracy
         return out

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["FrozenTextEncoder", "PromptLearner", "warmup_cosine_lr", "frozen_parameters"]
+__all__ = ["FrozenTextEncoder", "PromptLearner", "warmup_cosine_lr", "phrase_context_length", "frozen_parameters"]
 
 
 @contextlib.contextmanager
@@ -63,8 +63,12 @@ class FrozenTextEncoder(nn.Module):
 class PromptLearner(nn.Module):
     """Context vectors (M, width) — or (C, M, width) when `class_specific` — plus the fixed token pieces.
 
-    `init_phrase` (e.g. "a photo of a") initializes the context from its token embeddings and fixes M
-    to its token count; otherwise M = `n_ctx` and the vectors are drawn from N(0, `init_std`²).
+    `init_phrase` (e.g. "a photo of a") fixes M to its WORD count, as the reference does
+    (`len(phrase.split(" "))`, underscores read as spaces), and initializes the context from the first M
+    token embeddings of the phrase; the prompt text is "<phrase> <class name>.", so when the phrase has
+    more BPE tokens than words (e.g. "itap of a": 3 words, 4 tokens) its remaining tokens stay in the
+    fixed part after the context, exactly as in CoOp. Otherwise M = `n_ctx` and the vectors are drawn
+    from N(0, `init_std`²).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Callable, classnames: Sequence[str], n_ctx: int = 16,
@@ -78,10 +82,13 @@ class PromptLearner(nn.Module):
         context_length = int(model.positional_embedding.shape[0])
         with torch.no_grad():
             if init_phrase:
-                phrase_ids = _content_ids(tokenizer, init_phrase)
-                n_ctx = len(phrase_ids)
-                init = embedding(torch.tensor(phrase_ids, device=device)).float()
-                placeholder = init_phrase.strip()
+                placeholder = init_phrase.replace("_", " ").strip()
+                n_ctx = phrase_context_length(placeholder)
+                phrase_ids = _content_ids(tokenizer, placeholder)
+                if n_ctx > len(phrase_ids):
+                    raise ValueError(f"init_phrase {init_phrase!r} has {n_ctx} space-separated words but only "
+                                     f"{len(phrase_ids)} tokens: separate its words by single spaces")
+                init = embedding(torch.tensor(phrase_ids[:n_ctx], device=device)).float()
             else:
                 if n_ctx < 1:
                     raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
@@ -128,10 +135,21 @@ def _content_ids(tokenizer: Callable, text: str) -> list[int]:
     return ids[1:end]
 
 
+def phrase_context_length(phrase: str) -> int:
+    """Context length CoOp derives from an init phrase: its number of space-separated words."""
+    return len(phrase.split(" "))
+
+
 def warmup_cosine_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int = 1,
-                     warmup_lr: float = 1e-5) -> float:
-    """CoOp/Dassl's schedule per epoch: constant `warmup_lr` for the warm-up epochs, then the cosine
-    of the full run: base_lr·(1 + cos(π·epoch/epochs))/2."""
+                     warmup_lr: float = 1e-5, recount: bool = True) -> float:
+    """Learning rate of 0-indexed `epoch` under Dassl's constant warm-up + cosine (CoOp/CoCoOp).
+
+    The first `warmup_epochs` run at `warmup_lr`. With `recount` (Dassl's WARMUP_RECOUNT=True, what the
+    CoOp/CoCoOp configs use) the cosine count restarts after the warm-up: epoch e runs at
+    base_lr·½(1 + cos(π·(e − warmup_epochs)/epochs)), so the first epoch after warm-up runs at base_lr.
+    `recount=False` continues the count instead: base_lr·½(1 + cos(π·e/epochs)).
+    """
     if epoch < warmup_epochs:
         return warmup_lr
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * epoch / epochs))
+    position = epoch - warmup_epochs if recount else epoch
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * position / epochs))

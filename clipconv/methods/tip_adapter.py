@@ -8,6 +8,8 @@ K-shot image (RandomResizedCrop at the model's input size, scale 0.5–1, bicubi
 [0.1, 7) in 200 steps, α over [0.1, 3) in 20 steps; `search="small"` uses 20 × 10 for quick runs). The
 reference picks them — and Tip-Adapter-F's best epoch — on the test set; here only ctx.val is used.
 With an empty ctx.val the initial α/β (and the last epoch) are kept, with a log line saying so.
+The text classifier uses the reference's 7 ImageNet templates (the "tip" set) unless the run's
+--templates or the `templates` option says otherwise.
 
 Tip-Adapter-F trains the keys only: AdamW lr 1e-3 (eps 1e-4), 20 epochs, batch 256, cosine per
 iteration, α/β fixed while training, fresh augmented features every epoch (each epoch's features are
@@ -16,17 +18,53 @@ cached under their own seed, so a rerun encodes nothing).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from .base import FitContext, register_method
-from .frozen import FrozenEncoderMethod, require_features, resolve_templates, text_classifier
+from .base import FitContext, MethodConfig, config_from, option, register_method
+from .frozen import FrozenEncoderMethod, require_features, templates_summary, text_classifier
 
-__all__ = ["TipAdapter", "TipAdapterF", "tip_logits", "tip_cache_transform", "search_grid"]
+__all__ = ["TipAdapter", "TipAdapterF", "TipAdapterConfig", "TipAdapterFConfig", "tip_logits", "tip_cache_transform",
+           "search_grid"]
 
 SEARCH_GRIDS = {"full": ((7.0, 200), (3.0, 20)), "small": ((7.0, 20), (3.0, 10))}
+
+
+@dataclass
+class TipAdapterConfig(MethodConfig):
+    alpha: float = option(1.17, help="initial residual ratio α (Tip-Adapter configs/imagenet.yaml: init_alpha)")
+    beta: float = option(1.0, help="initial sharpness β (Tip-Adapter configs/imagenet.yaml: init_beta)")
+    search: str = option("full", choices=(*SEARCH_GRIDS, "none"),
+                         help="α/β search on ctx.val: full = the reference grid (β 200 × α 20 steps), small = "
+                              "20 × 10 for quick runs, none = keep the initial values")
+    augment_rounds: int = option(10, help="augmented passes averaged into the cache keys (reference: "
+                                          "augment_epoch 10)")
+    templates: Union[str, Sequence[str], None] = option(
+        None, help="template set name, file or list; default: the run's --templates, else the reference's "
+                   "7 ImageNet templates ('tip')")
+
+    def __post_init__(self) -> None:
+        if self.search not in (*SEARCH_GRIDS, "none"):
+            raise ValueError(f"tip_adapter search must be one of {[*SEARCH_GRIDS, 'none']}, got {self.search!r}")
+        if self.augment_rounds < 1:
+            raise ValueError(f"augment_rounds must be >= 1, got {self.augment_rounds}")
+
+
+@dataclass
+class TipAdapterFConfig(TipAdapterConfig):
+    epochs: int = option(20, help="training epochs of the cache keys (configs/imagenet.yaml: train_epoch 20)")
+    lr: float = option(1e-3, help="AdamW learning rate, cosine per iteration (configs/imagenet.yaml: lr 0.001)")
+    batch_size: int = option(256, help="training batch size (reference ImageNet loader: 256)")
+    eps: float = option(1e-4, help="AdamW eps (reference: 1e-4)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"tip_adapter_f needs epochs >= 1 and batch_size >= 1, got {self.epochs}, "
+                             f"{self.batch_size}")
 
 
 def tip_logits(features: torch.Tensor, class_weights: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -84,34 +122,31 @@ def best_alpha_beta(val_feats: torch.Tensor, val_labels: torch.Tensor, class_wei
 
 @register_method("tip_adapter")
 class TipAdapter(FrozenEncoderMethod):
-    """Training-free Tip-Adapter. Options: alpha, beta (initial values), search ("full" | "small" | "none"),
-    augment_rounds, templates (None → ctx.templates; the reference uses the "tip" set)."""
+    """Training-free Tip-Adapter; options in `TipAdapterConfig`."""
 
-    def __init__(self, alpha: float = 1.17, beta: float = 1.0, search: str = "full", augment_rounds: int = 10,
-                 templates: Union[str, Sequence[str], None] = None) -> None:
-        if search not in (*SEARCH_GRIDS, "none"):
-            raise ValueError(f"tip_adapter search must be one of {[*SEARCH_GRIDS, 'none']}, got {search!r}")
-        if augment_rounds < 1:
-            raise ValueError(f"augment_rounds must be >= 1, got {augment_rounds}")
-        self.alpha, self.beta = float(alpha), float(beta)
-        self.search = search
-        self.augment_rounds = augment_rounds
-        self.templates = templates
+    config_class = TipAdapterConfig
+    reference_templates = "tip"
+
+    def __init__(self, config: Optional[TipAdapterConfig] = None, **options: Any) -> None:
+        self.config = config_from(self.config_class, config, options)
+        self.alpha, self.beta = float(self.config.alpha), float(self.config.beta)
         self.keys: Optional[torch.Tensor] = None
         self.values: Optional[torch.Tensor] = None
         self.class_weights: Optional[torch.Tensor] = None
         self.logit_scale = 100.0
         self.val_top1: Optional[float] = None
         self.search_source = ""
+        self.template_set, self._used_templates = "", []
 
     # --------------------------------------------------------------- building blocks
     def _build_cache(self, ctx: FitContext) -> None:
         store = require_features(ctx)
         self._bind(ctx)
-        self.class_weights = text_classifier(ctx, resolve_templates(self.templates, ctx)).to(ctx.device)
+        self.template_set, self._used_templates = self.templates_for(ctx, self.config.templates)
+        self.class_weights = text_classifier(ctx, self._used_templates).to(ctx.device)
         self.logit_scale = ctx.backbone.logit_scale
         self._augment, self._augment_name = tip_cache_transform(ctx.backbone)
-        feats, labels = store.encode(ctx.data_root, ctx.train, transform=self._augment, rounds=self.augment_rounds,
+        feats, labels = store.encode(ctx.data_root, ctx.train, transform=self._augment, rounds=self.config.augment_rounds,
                                      seed=ctx.seed, desc="tip-adapter: cache keys", with_labels=True,
                                      transform_name=self._augment_name)
         if len(feats) == 0:
@@ -126,12 +161,13 @@ class TipAdapter(FrozenEncoderMethod):
         return feats.to(ctx.device), labels.to(ctx.device)
 
     def _search(self, ctx: FitContext, val: Optional[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        if self.search == "none" or val is None:
+        search = self.config.search
+        if search == "none" or val is None:
             self.search_source = "initial values" + ("" if val is not None else " (ctx.val is empty)")
-            if val is None and self.search != "none":
+            if val is None and search != "none":
                 ctx.log("tip_adapter: no validation split; keeping the initial alpha/beta")
             return
-        (beta_high, beta_steps), (alpha_high, alpha_steps) = SEARCH_GRIDS[self.search]
+        (beta_high, beta_steps), (alpha_high, alpha_steps) = SEARCH_GRIDS[search]
         self.alpha, self.beta, self.val_top1 = best_alpha_beta(
             val[0], val[1], self.class_weights, self.keys, self.values, self.logit_scale,
             search_grid(beta_high, beta_steps), search_grid(alpha_high, alpha_steps))
@@ -152,7 +188,8 @@ class TipAdapter(FrozenEncoderMethod):
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"alpha": self.alpha, "beta": self.beta, "alpha_beta_from": self.search_source,
-                               "cache_size": 0 if self.keys is None else int(self.keys.shape[0])}
+                               "cache_size": 0 if self.keys is None else int(self.keys.shape[0]),
+                               **templates_summary(self.template_set, self._used_templates)}
         if self.val_top1 is not None:
             out["val_top1"] = self.val_top1
         return out
@@ -160,15 +197,12 @@ class TipAdapter(FrozenEncoderMethod):
 
 @register_method("tip_adapter_f")
 class TipAdapterF(TipAdapter):
-    """Tip-Adapter-F: the cache keys are fine-tuned. Extra options: epochs, lr, batch_size, eps."""
+    """Tip-Adapter-F: the cache keys are fine-tuned; options in `TipAdapterFConfig`."""
 
-    def __init__(self, epochs: int = 20, lr: float = 1e-3, batch_size: int = 256, eps: float = 1e-4,
-                 alpha: float = 1.17, beta: float = 1.0, search: str = "full", augment_rounds: int = 10,
-                 templates: Union[str, Sequence[str], None] = None) -> None:
-        super().__init__(alpha=alpha, beta=beta, search=search, augment_rounds=augment_rounds, templates=templates)
-        if epochs < 1 or batch_size < 1:
-            raise ValueError(f"tip_adapter_f needs epochs >= 1 and batch_size >= 1, got {epochs}, {batch_size}")
-        self.epochs, self.lr, self.batch_size, self.eps = epochs, lr, batch_size, eps
+    config_class = TipAdapterFConfig
+
+    def __init__(self, config: Optional[TipAdapterFConfig] = None, **options: Any) -> None:
+        super().__init__(config, **options)
         self.best_epoch: Optional[int] = None
         self.history: list[dict[str, float]] = []
 
@@ -181,19 +215,20 @@ class TipAdapterF(TipAdapter):
     def fit(self, ctx: FitContext) -> dict[str, Any]:
         self._build_cache(ctx)
         val = self._val_features(ctx)
+        cfg = self.config
         keys = torch.nn.Parameter(self.keys.clone())
-        optimizer = torch.optim.AdamW([keys], lr=self.lr, eps=self.eps)
-        steps_per_epoch = math.ceil(len(self.keys) / self.batch_size)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.epochs * steps_per_epoch)
+        optimizer = torch.optim.AdamW([keys], lr=cfg.lr, eps=cfg.eps)
+        steps_per_epoch = math.ceil(len(self.keys) / cfg.batch_size)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs * steps_per_epoch)
         generator = torch.Generator().manual_seed(ctx.seed)
         best_accuracy, best_keys = -1.0, keys.detach().clone()
-        for epoch in range(self.epochs):
+        for epoch in range(cfg.epochs):
             feats, labels = self._epoch_features(ctx, epoch)
             feats, labels = feats.to(ctx.device), labels.to(ctx.device)
             order = torch.randperm(len(feats), generator=generator).to(ctx.device)
             total = 0.0
-            for start in range(0, len(order), self.batch_size):
-                index = order[start:start + self.batch_size]
+            for start in range(0, len(order), cfg.batch_size):
+                index = order[start:start + cfg.batch_size]
                 logits = tip_logits(feats[index], self.class_weights, keys, self.values, self.alpha, self.beta,
                                     self.logit_scale)
                 loss = F.cross_entropy(logits, labels[index])
@@ -211,13 +246,13 @@ class TipAdapterF(TipAdapter):
                 if record["val_top1"] > best_accuracy:
                     best_accuracy, best_keys, self.best_epoch = record["val_top1"], keys.detach().clone(), epoch + 1
             self.history.append(record)
-            ctx.log(f"tip_adapter_f epoch {epoch + 1}/{self.epochs}: " +
+            ctx.log(f"tip_adapter_f epoch {epoch + 1}/{cfg.epochs}: " +
                     ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
         if val is None:
-            best_keys, self.best_epoch = keys.detach().clone(), self.epochs
+            best_keys, self.best_epoch = keys.detach().clone(), cfg.epochs
         self.keys = best_keys  # used as trained (the reference does not renormalize them)
         self._search(ctx, val)
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
-        return {**super().summary(), "best_epoch": self.best_epoch, "epochs": self.epochs}
+        return {**super().summary(), "best_epoch": self.best_epoch, "epochs": self.config.epochs}
