@@ -123,6 +123,8 @@ class TreeFamily(DatasetFamily):
 
     train_candidates: tuple[str, ...] = TRAIN_CANDIDATES
     train_expected: Optional[tuple[int, int]] = None
+    #: an evaluation class folder that is not a run class is an error (True) or dropped and counted (False)
+    eval_classes_must_be_trained: bool = False
 
     @property
     def specs(self) -> dict[str, EvalSetSpec]:
@@ -342,6 +344,7 @@ class FolderFamily(TreeFamily):
     """
 
     data_help = FOLDER_HELP
+    eval_classes_must_be_trained = True
 
     def __init__(self, train_root: PathLike, eval_roots: Optional[EvalRoots] = None,
                  classnames: Optional[PathLike] = None) -> None:

@@ -210,7 +210,7 @@ class EvalScan:
         return self.loose_images > 0 and self.class_folders == 0 and not self.unknown_folders
 
     def problems(self) -> list[str]:
-        """Human-readable issues, each naming the path and what was expected."""
+        """Human-readable issues, each naming the path and what was expected (`broken` entries apart)."""
         spec, issues = self.spec, []
         if not self.found:
             return [f"{spec.display_name} not found (looked for {', '.join(spec.candidates)})"]
@@ -221,8 +221,6 @@ class EvalScan:
             )
         elif self.loose_images:
             issues.append(f"{self.root} has {self.loose_images} images outside class folders (ignored)")
-        if self.broken:
-            issues.append(describe_broken(self.root, self.broken) + " (skipped)")
         if self.unknown_folders:
             expected = "numeric class-index folders" if spec.numeric_folders else "class-id folders of the universe"
             issues.append(
@@ -444,6 +442,8 @@ def split_from_scan(scan: EvalScan, data_root: PathLike, run_classes: int) -> Op
         )
         return None
     problems = scan.problems()
+    if scan.broken:
+        warnings.warn(describe_broken(scan.root, scan.broken) + "; skipped", stacklevel=2)
     if scan.unsorted:
         raise DataLayoutError(problems[0])
     if problems:
