@@ -42,7 +42,7 @@ from .imagenet import (
     scan_eval_set,
     train_samples,
 )
-from .synthetic import make_image_tree
+from .synthetic import make_class_folders, make_image_tree
 
 __all__ = [
     "FAMILIES",
@@ -90,4 +90,5 @@ __all__ = [
     "save_split",
     "load_split",
     "make_image_tree",
+    "make_class_folders",
 ]
