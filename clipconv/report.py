@@ -1,4 +1,9 @@
-"""Results as Table-2-style markdown and CSV: ImageNet | -V2 | -Sketch | -A | -R | target average."""
+"""Results as Table-2-style markdown and CSV: one column per evaluation set of a suite, then the target average.
+
+The columns come from a dataset family (`family.suite`, `family.display`); the defaults are ImageNet's
+(ImageNet | -V2 | -Sketch | -A | -R), and `SUITE`, `DISPLAY`, `TARGETS`, `PUBLISHED_TABLE2` stay
+importable as the ImageNet family's values.
+"""
 from __future__ import annotations
 
 import csv
@@ -6,40 +11,39 @@ import io
 import math
 from typing import Mapping, Optional, Sequence
 
+from .data.family import ImageNetFamily
+from .data.imagenet import PUBLISHED_TABLE2
+
 __all__ = ["SUITE", "DISPLAY", "TARGETS", "PUBLISHED_TABLE2", "target_average", "results_row", "markdown_table", "csv_table"]
 
-SUITE = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
-DISPLAY = {"imagenet": "ImageNet", "imagenet_v2": "-V2", "imagenet_sketch": "-Sketch", "imagenet_a": "-A", "imagenet_r": "-R"}
-TARGETS = SUITE[1:]
-
-# Convpass paper, Table 2 (ViT-B/16 CLIP, 16 shots): top-1 % on ImageNet / -V2 / -Sketch / -A / -R.
-PUBLISHED_TABLE2 = {
-    "zero_shot": (66.73, 60.83, 46.15, 47.77, 73.96),
-    "linear_probe": (65.85, 56.26, 34.77, 35.68, 58.43),
-    "coop": (71.51, 64.20, 47.99, 49.71, 75.21),
-    "cocoop": (71.02, 64.07, 48.75, 50.63, 76.18),
-    "tip_adapter_f": (73.41, 65.39, 48.58, 49.23, 77.54),
-    "convpass": (74.23, 66.61, 49.10, 49.27, 78.17),
-}
+SUITE: tuple[str, ...] = ImageNetFamily.suite
+DISPLAY: Mapping[str, str] = ImageNetFamily.display
+TARGETS: tuple[str, ...] = SUITE[1:]
 
 
-def target_average(values: Mapping[str, float]) -> float:
-    """Mean over the four shifted sets; NaN unless all four were evaluated."""
-    picked = [values.get(name) for name in TARGETS]
-    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in picked):
+def _is_missing(value: Optional[float]) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def target_average(values: Mapping[str, float], targets: Sequence[str] = TARGETS) -> float:
+    """Mean over the shifted sets `targets`; NaN unless all of them were evaluated (or there are none)."""
+    picked = [values.get(name) for name in targets]
+    if not picked or any(_is_missing(v) for v in picked):
         return float("nan")
     return sum(picked) / len(picked)
 
 
-def results_row(metrics: Mapping[str, Mapping[str, float]], key: str = "top1") -> dict[str, float]:
-    """{set: accuracy} for the suite's sets present in `metrics`, plus "target_avg"."""
-    row = {name: float(metrics[name][key]) for name in SUITE if name in metrics}
-    row["target_avg"] = target_average(row)
+def results_row(
+    metrics: Mapping[str, Mapping[str, float]], key: str = "top1", suite: Sequence[str] = SUITE
+) -> dict[str, float]:
+    """{set: accuracy} for the suite's sets present in `metrics`, plus "target_avg" (over suite[1:])."""
+    row = {name: float(metrics[name][key]) for name in suite if name in metrics}
+    row["target_avg"] = target_average(row, tuple(suite)[1:])
     return row
 
 
 def _fmt(value: Optional[float], std: Optional[float] = None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _is_missing(value):
         return "–"
     return f"{value:.2f} ± {std:.2f}" if std is not None and not math.isnan(std) else f"{value:.2f}"
 
@@ -48,22 +52,32 @@ def markdown_table(
     rows: Sequence[tuple[str, Mapping[str, float]]],
     stds: Optional[Mapping[str, Mapping[str, float]]] = None,
     columns: Sequence[str] = SUITE,
+    display: Optional[Mapping[str, str]] = None,
 ) -> str:
-    """One markdown table: a row per (label, {set: value}); '–' where a set was not evaluated."""
-    header = ["method"] + [DISPLAY.get(c, c) for c in columns] + ["target avg"]
+    """One markdown table: a row per (label, {set: value}); '–' where a set was not evaluated.
+
+    `columns`: the suite (source first); `display`: column titles by set name (default ImageNet's).
+    A row without "target_avg" gets the mean over `columns[1:]`.
+    """
+    titles = DISPLAY if display is None else display
+    targets = tuple(columns)[1:]
+    header = ["method"] + [titles.get(c, c) for c in columns] + ["target avg"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, values in rows:
         spread = (stds or {}).get(label, {})
         cells = [_fmt(values.get(c), spread.get(c)) for c in columns]
-        cells.append(_fmt(values.get("target_avg", target_average(values)), spread.get("target_avg")))
+        cells.append(_fmt(values.get("target_avg", target_average(values, targets)), spread.get("target_avg")))
         lines.append("| " + " | ".join([label] + cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def csv_table(rows: Sequence[tuple[str, Mapping[str, float]]], columns: Sequence[str] = SUITE) -> str:
+    """CSV with a column per set of `columns` (the suite, source first) and the target average."""
+    targets = tuple(columns)[1:]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["method", *columns, "target_avg"])
     for label, values in rows:
-        writer.writerow([label, *(values.get(c, "") for c in columns), values.get("target_avg", target_average(values))])
+        writer.writerow([label, *(values.get(c, "") for c in columns),
+                         values.get("target_avg", target_average(values, targets))])
     return buffer.getvalue()

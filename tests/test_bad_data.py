@@ -212,3 +212,80 @@ def test_empty_eval_set_warns(tmp_path):
     (root / "imagenet-r" / "README.txt").write_text("readme")
     with pytest.warns(UserWarning, match=r"imagenet-r has no images"):
         assert eval_split(root, "imagenet_r", resolve_run_classes(root)) is None
+
+
+# ------------------------------------------------------------------ issue 10: class entries, names, subsets
+OTHER = [wnid for wnid, _ in imagenet_classes()][4:8]  # universe ids that are not class folders of the tree
+
+
+def _break_class_entries(folder: Path) -> None:
+    """A symlink loop, a dangling symlink, an un-extracted class archive and a file named like a class id."""
+    os.symlink(folder / OTHER[0], folder / OTHER[0])  # points at itself
+    os.symlink(folder / "gone", folder / OTHER[1])
+    (folder / f"{OTHER[2]}.tar").write_bytes(b"tar")
+    (folder / OTHER[3]).write_text("not a folder")
+    (folder / "README.txt").write_text("an ordinary file: not reported")
+
+
+def test_broken_train_class_entries_are_skipped_with_one_warning_naming_them(tmp_path):
+    root = make_image_tree(tmp_path, train_per_class=1, val_per_class=1, variants=())
+    _break_class_entries(root / "imagenet/images/train")
+    with pytest.warns(UserWarning) as record:
+        classes = resolve_run_classes(root)
+    assert classes.ids == tuple(WNIDS)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1
+    for expected in (f"{OTHER[0]} (symlink loop)", f"{OTHER[1]} (dangling symlink)",
+                     f"{OTHER[2]}.tar (archive, not a folder", f"{OTHER[3]} (file, not a folder)"):
+        assert expected in messages[0]
+    assert "README.txt" not in messages[0] and "4 entries of" in messages[0]
+    assert len(train_samples(root, classes)) == 4
+
+
+def test_broken_eval_class_entries_warn_naming_them(tmp_path):
+    root = make_image_tree(tmp_path, train_per_class=1, val_per_class=1, variants=("sketch",))
+    classes = resolve_run_classes(root)
+    _break_class_entries(root / "imagenet-sketch/images")
+    with pytest.warns(UserWarning, match=rf"imagenet-sketch/images' cannot be used as class folders.*{OTHER[0]} "
+                                         r"\(symlink loop\)"):
+        assert len(eval_split(root, "imagenet_sketch", classes)) == 4
+
+
+def test_shared_class_names_warn_once_naming_them(tmp_path):
+    root = make_image_tree(tmp_path, train_per_class=1, val_per_class=1, variants=())
+    names = tmp_path / "names.txt"
+    names.write_text(f"{WNIDS[0]} missile\n{WNIDS[1]} tench\n{WNIDS[2]} missile\n{WNIDS[3]} shark\n")
+    with pytest.warns(UserWarning) as record:
+        classes = resolve_run_classes(root, names)
+    assert len(classes) == 4 and len(record) == 1
+    assert str(record[0].message).startswith("1 class name(s) are shared by several classes")
+    assert f"'missile' ({WNIDS[0]}, {WNIDS[2]})" in str(record[0].message)
+
+
+def test_full_imagenet_names_warn_about_missile_and_sunglasses_only():
+    from clipconv.data.imagenet import duplicate_names, load_universe
+
+    shared = duplicate_names(load_universe("/nonexistent"))
+    assert sorted(shared) == ["missile", "sunglasses"] and all(len(ids) == 2 for ids in shared.values())
+
+
+def test_classnames_file_with_a_bom_is_read(tmp_path):
+    root = make_image_tree(tmp_path, train_per_class=1, val_per_class=1, variants=())
+    names = tmp_path / "names.txt"
+    names.write_bytes(("\ufeff" + "".join(f"{w} thing {i}\n" for i, w in enumerate(WNIDS))).encode("utf-8"))
+    classes = resolve_run_classes(root, names)
+    assert classes.ids == tuple(WNIDS) and classes.names[0] == "thing 0"
+
+
+def test_restricted_set_records_its_class_count_and_warns_when_small(tmp_path):
+    root = make_image_tree(tmp_path, train_per_class=1, val_per_class=1, variants=("a", "sketch"),
+                           subset_wnids=[WNIDS[1]])
+    classes = resolve_run_classes(root)
+    with pytest.warns(UserWarning, match=r"-A is scored over only 1 class\(es\).*every prediction is right") as record:
+        split = eval_split(root, "imagenet_a", classes)
+    assert len(record) == 1
+    assert split.subset == [1] and split.num_classes == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sketch = eval_split(root, "imagenet_sketch", classes)
+    assert sketch.subset is None and sketch.num_classes == 4

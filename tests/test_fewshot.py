@@ -118,3 +118,28 @@ def test_load_errors_name_the_file(tmp_path):
     path = save_split(tmp_path / "labels.json", split, {"class_ids": ["a", "b"]})
     with pytest.raises(ValueError, match=r"labels.json.*labels \[3\]"):
         load_split(path)
+
+
+def test_shortfall_is_recorded_in_the_split_and_in_split_json(tmp_path):
+    samples = _samples({0: 20, 1: 5, 2: 3})
+    with pytest.warns(UserWarning):
+        split = sample_few_shot(samples, shots=8, seed=1, val_shots=4, verify=False, class_names=["a", "b", "c"])
+    assert split.shortfall == {"b": 5, "c": 3}
+    assert split.val_shortfall == {"b": 0, "c": 0}
+    path = save_split(tmp_path / "split.json", split, {"class_ids": ["a", "b", "c"]})
+    written = json.loads(path.read_text())
+    assert written["shortfall"] == {"b": 5, "c": 3} and written["val_shortfall"] == {"b": 0, "c": 0}
+    loaded, meta = load_split(path)
+    assert loaded.shortfall == split.shortfall and loaded.val_shortfall == split.val_shortfall
+    assert "shortfall" not in meta
+    full = sample_few_shot(samples, shots=3, seed=1, verify=False)
+    assert full.shortfall == {} and json.loads(save_split(tmp_path / "s2.json", full, {}).read_text())["shortfall"] == {}
+
+
+def test_shortfall_keys_tell_apart_classes_sharing_a_name():
+    with pytest.warns(UserWarning, match=r"missile \(label 0\) \(1\), missile \(label 1\) \(2\)"):
+        split = sample_few_shot(_samples({0: 1, 1: 2}), shots=4, seed=1, verify=False,
+                                class_names=["missile", "missile"])
+    assert split.shortfall == {"missile (label 0)": 1, "missile (label 1)": 2}
+    without_names = sample_few_shot(_samples({0: 1}), shots=2, seed=1, verify=False)
+    assert without_names.shortfall == {"0": 1}

@@ -11,25 +11,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..data.family import DatasetFamily, ImageNetFamily, TreeFamily, family_from_args
 from ..data.imagenet import (
     DATA_HELP,
-    EVAL_SET_SPECS,
-    EVAL_SETS,
-    TRAIN_CANDIDATES,
     ClassList,
     DataLayoutError,
     EvalScan,
+    duplicate_names,
     find_split_dir,
-    load_universe,
     resolve_run_classes,
-    scan_eval_set,
-    train_samples,
 )
-from ..data.images import is_decodable, list_subdirs
+from ..data.images import describe_broken, is_decodable, list_class_folders
 
-__all__ = ["main", "build_parser", "DataCheck", "check_data_root"]
-
-TRAIN_EXPECTED = (1_281_167, 1000)
+__all__ = ["main", "build_parser", "DataCheck", "check_data_root", "check_family"]
 
 
 class DataCheck:
@@ -58,6 +52,8 @@ class DataCheck:
 
 
 def _layout_name(candidates: Sequence[str], layout: str) -> str:
+    if len(candidates) == 1:
+        return layout
     return f"{layout} ({'CoOp' if layout == candidates[0] else 'raw'} layout)"
 
 
@@ -70,89 +66,125 @@ def _verify(root: Path, paths: Sequence[str], what: str, report: DataCheck) -> N
         report.warn(f"{what}: {len(bad)} undecodable file(s) will be skipped: {shown}")
 
 
-def _check_train(root: Path, classnames: Optional[str], shots: int, verify: bool, report: DataCheck) -> ClassList:
-    layout = find_split_dir(root, TRAIN_CANDIDATES)
+def _preview(items: Sequence[str], limit: int = 10) -> str:
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _check_train(family: TreeFamily, shots: int, verify: bool, report: DataCheck) -> ClassList:
+    root = family.data_root
+    layout = find_split_dir(root, family.train_candidates)
     if layout is None:
-        raise DataLayoutError(
-            f"no ImageNet train split under '{root}' (looked for {', '.join(TRAIN_CANDIDATES)})"
-        )
-    universe = load_universe(root, classnames)
-    unknown = sorted(set(list_subdirs(root / layout)) - set(universe.ids))
+        if isinstance(family, ImageNetFamily):
+            raise DataLayoutError(
+                f"no ImageNet train split under '{root}' (looked for {', '.join(family.train_candidates)})"
+            )
+        raise DataLayoutError(f"train folder '{root / family.train_candidates[0]}' does not exist")
+    universe = family.universe()
+    folders, broken = list_class_folders(root / layout, set(universe.ids))
+    unknown = sorted(set(folders) - set(universe.ids))
     if unknown:
-        shown = ", ".join(unknown[:10]) + (f", ... ({len(unknown) - 10} more)" if len(unknown) > 10 else "")
         report.error(
-            f"{root / layout}: {len(unknown)} folder(s) are not class ids of {universe.source}: {shown} "
+            f"{root / layout}: {len(unknown)} folder(s) are not class ids of {universe.source}: {_preview(unknown)} "
             "(remove them or pass --classnames FILE)"
         )
+    if broken:
+        report.error(describe_broken(root / layout, broken) + " (they will be skipped: fix or remove them)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        classes = resolve_run_classes(root, classnames, strict=False)
-        samples = train_samples(root, classes)
+        classes = resolve_run_classes(root, strict=False, train_candidates=family.train_candidates, universe=universe)
+        samples = family.train_samples(classes)
     per_class = Counter(label for _, label in samples)
     report.line(f"class universe: {len(universe)} classes from {universe.source}")
+    expected = family.train_expected
     report.line(
-        f"train       {_layout_name(TRAIN_CANDIDATES, layout)}: {len(classes)} classes, {len(samples):,} images "
-        f"(ImageNet-1k: {TRAIN_EXPECTED[1]} classes, {TRAIN_EXPECTED[0]:,} images)"
+        f"train       {_layout_name(family.train_candidates, layout)}: {len(classes)} classes, {len(samples):,} images"
+        + (f" (expected {expected[1]} classes, {expected[0]:,} images)" if expected and expected[0] else "")
     )
     if not samples:
         report.error(f"train split '{root / layout}' holds no images")
     short = [f"{classes.ids[i]} ({per_class.get(i, 0)})" for i in range(len(classes)) if per_class.get(i, 0) < shots]
     if short and samples:
-        shown = ", ".join(short[:10]) + (f", ... ({len(short) - 10} more)" if len(short) > 10 else "")
-        report.warn(f"train: {len(short)} class(es) have fewer than {shots} images: {shown}")
+        report.warn(f"train: {len(short)} class(es) have fewer than {shots} images: {_preview(short)}")
+    shared = duplicate_names(classes)
+    if shared:
+        report.warn(f"{len(shared)} class name(s) are shared by several classes (identical prompts): "
+                    + "; ".join(f"'{name}' ({', '.join(ids)})" for name, ids in shared.items()))
     if verify:
         _verify(root, [p for p, _ in samples], "train", report)
     return classes
 
 
-def _check_eval(root: Path, name: str, classes: ClassList, verify: bool, report: DataCheck) -> None:
-    spec = EVAL_SET_SPECS[name]
-    scan: EvalScan = scan_eval_set(root, name, classes)
-    expected = f"(expected {spec.expected_classes} classes, {spec.expected_images:,} images)"
+def _check_eval(family: TreeFamily, name: str, classes: ClassList, verify: bool, report: DataCheck) -> None:
+    scan: EvalScan = family.scan(name, classes)
+    spec = scan.spec
+    expected = f"(expected {spec.expected_classes} classes, {spec.expected_images:,} images)" if spec.expected_images else ""
     if not scan.found:
-        report.line(f"{spec.display_name:<11} missing {expected}")
+        report.line(f"{spec.display_name:<11} missing {expected}".rstrip())
         report.warn(f"{spec.display_name} not found (looked for {', '.join(spec.candidates)}); it will be skipped")
         return
+    scored = f", scored over {len(scan.subset)} class(es)" if scan.subset is not None else ""
     report.line(
         f"{spec.display_name:<11} {_layout_name(spec.candidates, scan.layout)}: {scan.class_folders} classes, "
-        f"{scan.images:,} images, {len(scan.samples):,} in run classes, {scan.dropped:,} dropped {expected}"
+        f"{scan.images:,} images, {len(scan.samples):,} in run classes, {scan.dropped:,} dropped{scored} {expected}".rstrip()
     )
+    if scan.broken:
+        report.error(f"{spec.display_name}: " + describe_broken(scan.root, scan.broken)
+                     + " (they will be skipped: fix or remove them)")
+    untrained = sorted(scan.unknown_folders + scan.outside_run_folders)
+    if family.eval_classes_must_be_trained and untrained:
+        report.error(f"{spec.display_name}: class folder(s) the train folder lacks: {_preview(untrained)}")
     for problem in scan.problems():
         if scan.unsorted or (not scan.samples and not scan.images):
             report.error(f"{spec.display_name}: {problem}")
-        else:
+        elif not (family.eval_classes_must_be_trained and scan.unknown_folders and "are not" in problem):
             report.warn(f"{spec.display_name}: {problem}")
     if verify and scan.samples:
-        _verify(root, [p for p, _ in scan.samples], spec.display_name, report)
+        _verify(family.data_root, [p for p, _ in scan.samples], spec.display_name, report)
+
+
+def check_family(family: DatasetFamily, shots: int = 16, verify: bool = False) -> DataCheck:
+    """Inspect the train split and every evaluation set of a family and return the report."""
+    report = DataCheck()
+    if not isinstance(family, TreeFamily):
+        report.error(f"check_data does not know how to inspect the '{family.name}' family")
+        return report
+    root = family.data_root
+    report.line(f"data root: {root.resolve()}" + (f" ({family.name} family)" if family.name != "imagenet" else ""))
+    if not root.is_dir():
+        report.error(f"data root '{root}' does not exist or is not a folder")
+        return report
+    try:
+        classes = _check_train(family, shots, verify, report)
+    except (DataLayoutError, FileNotFoundError, ValueError) as err:
+        report.error(str(err))
+        return report
+    for name in family.suite:
+        _check_eval(family, name, classes, verify, report)
+    return report
 
 
 def check_data_root(
     data_root: str, classnames: Optional[str] = None, shots: int = 16, verify: bool = False
 ) -> DataCheck:
-    """Inspect every set under `data_root` and return the report."""
-    report = DataCheck()
-    root = Path(data_root)
-    report.line(f"data root: {root.resolve()}")
-    if not root.is_dir():
-        report.error(f"data root '{root}' does not exist or is not a folder")
-        return report
-    try:
-        classes = _check_train(root, classnames, shots, verify, report)
-    except (DataLayoutError, FileNotFoundError, ValueError) as err:
-        report.error(str(err))
-        return report
-    for name in EVAL_SETS:
-        _check_eval(root, name, classes, verify, report)
-    return report
+    """Inspect every set of an ImageNet-family data root and return the report."""
+    return check_family(ImageNetFamily(data_root, classnames), shots, verify)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .common import eval_set_arg
+
     parser = argparse.ArgumentParser(
         prog="check_data.py",
-        description="Check an ImageNet-family data root: layouts found, sizes, and everything wrong.",
+        description="Check a dataset (ImageNet data root, --demo world, or your own --train-root/--eval-set "
+                    "folders): layouts found, sizes, and everything wrong.",
         epilog="Exit code: 0 usable (warnings allowed), 1 errors, 2 bad arguments. Layouts: datasets/README.md.",
     )
-    parser.add_argument("--data-root", required=True, help="folder holding imagenet/, imagenetv2/, ... (or raw layouts)")
+    parser.add_argument("--data-root", default=None,
+                        help="folder holding imagenet/, imagenetv2/, ... (or raw layouts); with --demo: a world folder")
+    parser.add_argument("--demo", action="store_true", help="check the miniature demo world (generated on first use)")
+    parser.add_argument("--train-root", default=None, help="your own data: a folder of class folders of train images")
+    parser.add_argument("--eval-set", action="append", type=eval_set_arg, default=None, metavar="NAME=DIR",
+                        help="your own data: a named test folder of class folders (repeatable; the first is the source)")
     parser.add_argument("--classnames", default=None, help="'<id> <name>' file defining the class universe")
     parser.add_argument("--shots", type=int, default=16, help="warn about train classes with fewer images (16)")
     parser.add_argument("--verify", action="store_true", help="decode every image to find undecodable files")
@@ -166,12 +198,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--shots must be positive, got {args.shots}")
     if args.classnames is not None and not Path(args.classnames).is_file():
         parser.error(f"--classnames file '{args.classnames}' does not exist")
-    report = check_data_root(args.data_root, args.classnames, args.shots, args.verify)
+    if args.data_root is None and not args.demo and args.train_root is None:
+        parser.error("give --data-root DIR (ImageNet), --train-root DIR with --eval-set NAME=DIR, or --demo")
+    try:
+        family = family_from_args(args.data_root, args.demo, args.train_root, args.eval_set, args.classnames)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    report = check_family(family, args.shots, args.verify)
     print(report.render())
     if report.errors:
-        print(
-            f"\n{DATA_HELP}\nNo ImageNet at hand? The training and evaluation scripts take --demo, an offline mini "
-            "benchmark that generates its own data."
-        )
+        print(f"\n{family.data_help}")
+        if isinstance(family, ImageNetFamily):
+            print("No ImageNet at hand? The training and evaluation scripts take --demo, an offline mini "
+                  "benchmark that generates its own data.")
         return 1
     return 0

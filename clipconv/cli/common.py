@@ -72,11 +72,28 @@ def positive_float(text: str) -> float:
     return value
 
 
+def eval_set_arg(text: str) -> tuple[str, str]:
+    """argparse type of `--eval-set NAME=DIR`: (name, dir); a malformed value exits 2 naming the flag."""
+    from ..data.family import parse_eval_set
+
+    try:
+        return parse_eval_set(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Data flags; `clipconv.data.family_from_args(args.data_root, args.demo, args.train_root, args.eval_set,
+    args.classnames)` picks the family from them."""
     from ..data import EVAL_SETS
 
     group = parser.add_argument_group("data")
     group.add_argument("--data-root", help="folder holding ImageNet and its variants (see datasets/README.md)")
+    group.add_argument("--train-root", metavar="DIR",
+                       help="your own data: a folder with one sub-folder of train images per class")
+    group.add_argument("--eval-set", action="append", type=eval_set_arg, metavar="NAME=DIR",
+                       help="your own data: a named test folder of class folders (repeatable; the first is the "
+                            "source column, a set holding some of the classes is scored over those only)")
     group.add_argument("--demo", action="store_true",
                        help="use the offline miniature benchmark and the shipped mini CLIP (no downloads)")
     group.add_argument("--classnames", help="file of '<id> <name>' lines overriding the class universe")

@@ -1,9 +1,33 @@
-"""Data layer: ImageNet-family layouts, class mapping, robust image decoding, few-shot splits."""
+"""Data layer: dataset families (ImageNet, the demo world, your own folders), class mapping, robust image
+decoding, few-shot splits."""
+from .family import (
+    FAMILIES,
+    DatasetFamily,
+    DemoFamily,
+    FolderFamily,
+    ImageNetFamily,
+    TreeFamily,
+    family_from_args,
+    family_names,
+    open_family,
+    parse_eval_set,
+    register_family,
+)
 from .fewshot import FewShotSplit, load_split, sample_few_shot, save_split
 from .folder import Batch, ImageListDataset, Sample, SkipTracker, collate_skip_bad, report_skipped
-from .images import IMAGE_EXTENSIONS, ImageDecodeError, is_decodable, list_images, load_rgb
+from .images import (
+    IMAGE_EXTENSIONS,
+    BrokenEntry,
+    ImageDecodeError,
+    is_decodable,
+    list_class_folders,
+    list_images,
+    load_rgb,
+)
 from .imagenet import (
     DATA_HELP,
+    FEW_CLASSES_WARNING,
+    PUBLISHED_TABLE2,
     EVAL_SET_SPECS,
     EVAL_SETS,
     ClassList,
@@ -18,9 +42,24 @@ from .imagenet import (
     scan_eval_set,
     train_samples,
 )
-from .synthetic import make_image_tree
+from .synthetic import make_class_folders, make_image_tree
 
 __all__ = [
+    "FAMILIES",
+    "DatasetFamily",
+    "TreeFamily",
+    "ImageNetFamily",
+    "DemoFamily",
+    "FolderFamily",
+    "family_from_args",
+    "family_names",
+    "open_family",
+    "parse_eval_set",
+    "register_family",
+    "BrokenEntry",
+    "list_class_folders",
+    "FEW_CLASSES_WARNING",
+    "PUBLISHED_TABLE2",
     "IMAGE_EXTENSIONS",
     "ImageDecodeError",
     "is_decodable",
@@ -51,4 +90,5 @@ __all__ = [
     "save_split",
     "load_split",
     "make_image_tree",
+    "make_class_folders",
 ]

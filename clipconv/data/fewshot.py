@@ -21,13 +21,20 @@ PathLike = Union[str, Path]
 
 @dataclass
 class FewShotSplit:
-    """A K-shot training set and a disjoint validation set, both sorted by path."""
+    """A K-shot training set and a disjoint validation set, both sorted by path.
+
+    `shortfall` / `val_shortfall`: {class: images drawn} for the classes that had fewer usable images
+    than asked (keyed by class name, or by label when no names were given); empty when every class
+    got its K. They are written to split.json, so the file says what was drawn.
+    """
 
     train: list[Sample]
     val: list[Sample] = field(default_factory=list)
     shots: Optional[int] = None
     seed: Optional[int] = None
     val_shots: int = 0
+    shortfall: dict[str, int] = field(default_factory=dict)
+    val_shortfall: dict[str, int] = field(default_factory=dict)
 
 
 def _draw(paths: list[str], count: int, usable) -> list[str]:
@@ -95,10 +102,14 @@ def sample_few_shot(
             if len(picked_val) < val_shots:
                 short_val.append((label, len(picked_val)))
 
+    def key(label: int) -> str:
+        if not class_names:
+            return str(label)
+        name = class_names[label]
+        return name if list(class_names).count(name) == 1 else f"{name} (label {label})"
+
     def describe(shorts):
-        return ", ".join(
-            f"{class_names[label] if class_names else label} ({count})" for label, count in shorts
-        )
+        return ", ".join(f"{key(label)} ({count})" for label, count in shorts)
 
     if short_train:
         warnings.warn(
@@ -114,13 +125,15 @@ def sample_few_shot(
         )
     if bad:
         warnings.warn(f"not drawn, undecodable: {', '.join(sorted(bad))}", stacklevel=2)
-    return FewShotSplit(sorted(train), sorted(val), shots, seed, val_shots)
+    return FewShotSplit(sorted(train), sorted(val), shots, seed, val_shots,
+                        {key(label): count for label, count in short_train},
+                        {key(label): count for label, count in short_val})
 
 
 def save_split(path: PathLike, split: FewShotSplit, meta: dict[str, Any]) -> Path:
     """Write a split as JSON (atomic): paths relative to the data root, shots, seed and `meta`
     (which should hold `class_ids`, the ordered run classes the labels index)."""
-    reserved = {"format", "train", "val"} & set(meta)
+    reserved = {"format", "train", "val", "shortfall", "val_shortfall"} & set(meta)
     if reserved:
         raise ValueError(f"save_split: meta may not use the reserved keys {sorted(reserved)}")
     for rel, _ in split.train + split.val:
@@ -131,6 +144,8 @@ def save_split(path: PathLike, split: FewShotSplit, meta: dict[str, Any]) -> Pat
         "shots": split.shots,
         "seed": split.seed,
         "val_shots": split.val_shots,
+        "shortfall": dict(split.shortfall),
+        "val_shortfall": dict(split.val_shortfall),
         **meta,
         "train": [[p, int(label)] for p, label in split.train],
         "val": [[p, int(label)] for p, label in split.val],
@@ -160,5 +175,10 @@ def load_split(path: PathLike) -> tuple[FewShotSplit, dict[str, Any]]:
         if bad:
             raise ValueError(f"split file '{path}': labels {sorted(set(bad))[:5]} outside 0..{len(class_ids) - 1}")
     payload.pop("format")
-    split = FewShotSplit(train, val, payload.get("shots"), payload.get("seed"), payload.get("val_shots", 0))
+    shortfall, val_shortfall = payload.pop("shortfall", {}) or {}, payload.pop("val_shortfall", {}) or {}
+    if not (isinstance(shortfall, dict) and isinstance(val_shortfall, dict)):
+        raise ValueError(f"split file '{path}': shortfall/val_shortfall must be {{class: images drawn}} objects")
+    split = FewShotSplit(train, val, payload.get("shots"), payload.get("seed"), payload.get("val_shots", 0),
+                         {str(k): int(v) for k, v in shortfall.items()},
+                         {str(k): int(v) for k, v in val_shortfall.items()})
     return split, payload

@@ -9,7 +9,14 @@ Contract (other modules rely on it):
   A train folder outside the universe is an error (`strict=True`, default) or skipped with a warning.
 - Eval sets map onto run classes: by folder name (val, -Sketch, -A, -R) or, for -V2, by
   `int(folder name)` = universe index. Images of classes not in the run are dropped and counted.
-  -A/-R carry `subset`: the run-class indices of their class folders, ascending.
+  -A/-R carry `subset`: the run-class indices of their class folders, ascending; every split carries
+  `num_classes`, the number of classes its argmax is over (a restricted set over fewer than
+  `FEW_CLASSES_WARNING` classes warns: its accuracy says little).
+- Entries of a split folder that should be class folders but are not usable (dangling symlink, symlink
+  loop, an un-extracted `<id>.tar`, a file named like a class id) are skipped with one warning naming
+  them (scripts/check_data.py reports them as errors).
+- The listing functions take the layout (`train_candidates`, `specs`, `universe`) as arguments, so other
+  families laid out as class-folder trees (the demo world, a user's own folders) reuse them.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ from typing import Optional, Sequence, Union
 
 from ..prompts import imagenet_classes, load_classnames_file
 from .folder import Sample
-from .images import list_images, list_subdirs
+from .images import BrokenEntry, describe_broken, list_class_folders, list_images
 
 __all__ = [
     "DataLayoutError",
@@ -30,6 +37,8 @@ __all__ = [
     "EVAL_SETS",
     "TRAIN_CANDIDATES",
     "DATA_HELP",
+    "PUBLISHED_TABLE2",
+    "FEW_CLASSES_WARNING",
     "ClassList",
     "EvalSplit",
     "EvalScan",
@@ -48,6 +57,21 @@ DATA_HELP = (
     "Lay out ImageNet as described in datasets/README.md (CoOp layout: $DATA/imagenet/images/train/<wnid>/..., "
     "or the raw train/<wnid>/ layout), and check it with `python scripts/check_data.py --data-root $DATA`."
 )
+
+
+# Convpass paper, Table 2 (ViT-B/16 CLIP, 16 shots): top-1 % on ImageNet / -V2 / -Sketch / -A / -R.
+PUBLISHED_TABLE2: dict[str, tuple[float, ...]] = {
+    "zero_shot": (66.73, 60.83, 46.15, 47.77, 73.96),
+    "linear_probe": (65.85, 56.26, 34.77, 35.68, 58.43),
+    "coop": (71.51, 64.20, 47.99, 49.71, 75.21),
+    "cocoop": (71.02, 64.07, 48.75, 50.63, 76.18),
+    "tip_adapter_f": (73.41, 65.39, 48.58, 49.23, 77.54),
+    "convpass": (74.23, 66.61, 49.10, 49.27, 78.17),
+}
+
+#: a set whose argmax is restricted to fewer classes than this warns (chance is 1/num_classes: with one
+#: class every prediction is right); ImageNet-A/-R have 200, a 4-class subset run of them has 2.
+FEW_CLASSES_WARNING = 10
 
 
 class DataLayoutError(ValueError):
@@ -147,6 +171,11 @@ class EvalSplit:
     samples: list[Sample]  # (path relative to the data root, run-class label), sorted by path
     subset: Optional[list[int]]  # -A/-R: run-class indices to restrict the argmax to; else None
     dropped: int  # images of classes outside the run (or of unknown/out-of-range folders)
+    num_classes: int = 0  # classes the argmax is over: len(subset), or all run classes (0: unknown)
+
+    def __post_init__(self) -> None:
+        if self.subset is not None:
+            self.num_classes = len(self.subset)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -165,6 +194,8 @@ class EvalScan:
     images: int = 0
     class_folders: int = 0
     unknown_folders: list[str] = field(default_factory=list)
+    outside_run_folders: list[str] = field(default_factory=list)  # universe classes the run does not hold
+    broken: list[BrokenEntry] = field(default_factory=list)
     out_of_range_folders: list[str] = field(default_factory=list)
     loose_images: int = 0
     universe_size: int = 0
@@ -179,7 +210,7 @@ class EvalScan:
         return self.loose_images > 0 and self.class_folders == 0 and not self.unknown_folders
 
     def problems(self) -> list[str]:
-        """Human-readable issues, each naming the path and what was expected."""
+        """Human-readable issues, each naming the path and what was expected (`broken` entries apart)."""
         spec, issues = self.spec, []
         if not self.found:
             return [f"{spec.display_name} not found (looked for {', '.join(spec.candidates)})"]
@@ -241,27 +272,55 @@ def load_universe(data_root: PathLike, classnames_file: Optional[PathLike] = Non
     return ClassList([w for w, _ in canonical], [n for _, n in canonical], source="prompts/imagenet_classnames.txt")
 
 
-def _train_dir(data_root: PathLike) -> tuple[Path, str]:
+def _train_dir(data_root: PathLike, candidates: Sequence[str] = TRAIN_CANDIDATES) -> tuple[Path, str]:
     root = _check_root(data_root)
-    layout = find_split_dir(root, TRAIN_CANDIDATES)
+    layout = find_split_dir(root, candidates)
     if layout is None:
+        if tuple(candidates) != TRAIN_CANDIDATES:
+            raise DataLayoutError(f"train folder '{root / candidates[0]}' does not exist or is not a folder")
         raise DataLayoutError(
             f"no ImageNet train split under '{root}' (looked for {', '.join(TRAIN_CANDIDATES)}). {DATA_HELP}"
         )
     return root / layout, layout
 
 
+def duplicate_names(classes: ClassList) -> dict[str, list[str]]:
+    """{class name: [ids]} for names that several classes share (ImageNet: 'missile', 'sunglasses')."""
+    by_name: dict[str, list[str]] = {}
+    for class_id, name in zip(classes.ids, classes.names):
+        by_name.setdefault(name, []).append(class_id)
+    return {name: ids for name, ids in by_name.items() if len(ids) > 1}
+
+
+def warn_duplicate_names(classes: ClassList) -> None:
+    """One warning line naming the class names shared by several classes (their prompts coincide)."""
+    shared = duplicate_names(classes)
+    if shared:
+        listing = "; ".join(f"'{name}' ({', '.join(ids)})" for name, ids in list(shared.items())[:5])
+        warnings.warn(f"{len(shared)} class name(s) are shared by several classes, so their text prompts are "
+                      f"identical: {listing}{' ...' if len(shared) > 5 else ''}", stacklevel=3)
+
+
 def resolve_run_classes(
-    data_root: PathLike, classnames_file: Optional[PathLike] = None, strict: bool = True
+    data_root: PathLike,
+    classnames_file: Optional[PathLike] = None,
+    strict: bool = True,
+    train_candidates: Sequence[str] = TRAIN_CANDIDATES,
+    universe: Optional[ClassList] = None,
 ) -> ClassList:
     """The run's classes: universe ids present as train folders, in universe order.
 
     A train folder that is not a universe id raises `DataLayoutError` (or, with `strict=False`,
-    is skipped with one warning naming it).
+    is skipped with one warning naming it). Unusable entries (dangling symlinks, loops, archives)
+    are skipped with one warning; class names shared by several classes warn once.
+    `universe` replaces `load_universe(data_root, classnames_file)` (other families).
     """
-    train_dir, _ = _train_dir(data_root)
-    universe = load_universe(data_root, classnames_file)
-    folders = set(list_subdirs(train_dir))
+    train_dir, _ = _train_dir(data_root, train_candidates)
+    universe = universe if universe is not None else load_universe(data_root, classnames_file)
+    listed, broken = list_class_folders(train_dir, set(universe.ids))
+    if broken:
+        warnings.warn(describe_broken(train_dir, broken) + "; skipped", stacklevel=2)
+    folders = set(listed)
     if not folders:
         raise DataLayoutError(f"train split '{train_dir}' has no class folders (expected <class id>/<images>)")
     unknown = sorted(folders - set(universe.ids))
@@ -276,14 +335,18 @@ def resolve_run_classes(
     keep = [i for i, class_id in enumerate(universe.ids) if class_id in folders]
     if not keep:
         raise DataLayoutError(f"train split '{train_dir}' has no folder named after a class id of {universe.source}")
-    return ClassList(
+    classes = ClassList(
         [universe.ids[i] for i in keep], [universe.names[i] for i in keep], universe.ids, universe.source
     )
+    warn_duplicate_names(classes)
+    return classes
 
 
-def train_samples(data_root: PathLike, classes: ClassList) -> list[Sample]:
+def train_samples(
+    data_root: PathLike, classes: ClassList, train_candidates: Sequence[str] = TRAIN_CANDIDATES
+) -> list[Sample]:
     """(path relative to data_root, run-class label) of every train image, sorted by path."""
-    train_dir, layout = _train_dir(data_root)
+    train_dir, layout = _train_dir(data_root, train_candidates)
     samples: list[Sample] = []
     empty = []
     for label, class_id in enumerate(classes.ids):
@@ -320,14 +383,19 @@ def _label_of_folder(
             scan.unknown_folders.append(folder)
             return None
     scan.class_folders += 1
+    if class_id not in classes.index:
+        scan.outside_run_folders.append(folder)
     return classes.index.get(class_id)
 
 
-def scan_eval_set(data_root: PathLike, name: str, classes: ClassList) -> EvalScan:
+def scan_eval_set(
+    data_root: PathLike, name: str, classes: ClassList, specs: Optional[dict[str, EvalSetSpec]] = None
+) -> EvalScan:
     """List one evaluation set and map it onto `classes` without warning or raising on data issues."""
-    if name not in EVAL_SET_SPECS:
-        raise ValueError(f"unknown evaluation set {name!r}; choose from {', '.join(EVAL_SETS)}")
-    spec = EVAL_SET_SPECS[name]
+    specs = EVAL_SET_SPECS if specs is None else specs
+    if name not in specs:
+        raise ValueError(f"unknown evaluation set {name!r}; choose from {', '.join(specs)}")
+    spec = specs[name]
     scan = EvalScan(spec, universe_size=len(classes.universe))
     root = _check_root(data_root)
     layout = find_split_dir(root, spec.candidates)
@@ -337,7 +405,8 @@ def scan_eval_set(data_root: PathLike, name: str, classes: ClassList) -> EvalSca
     scan.loose_images = len(list_images(scan.root))
     subset: set[int] = set()
     universe = set(classes.universe)
-    for folder in list_subdirs(scan.root):
+    folders, scan.broken = list_class_folders(scan.root, universe)
+    for folder in folders:
         label = _label_of_folder(spec, folder, classes, universe, scan)
         names = list_images(scan.root / folder)
         scan.images += len(names)
@@ -352,12 +421,18 @@ def scan_eval_set(data_root: PathLike, name: str, classes: ClassList) -> EvalSca
     return scan
 
 
-def eval_split(data_root: PathLike, name: str, classes: ClassList) -> Optional[EvalSplit]:
+def eval_split(
+    data_root: PathLike, name: str, classes: ClassList, specs: Optional[dict[str, EvalSetSpec]] = None
+) -> Optional[EvalSplit]:
     """An evaluation set mapped onto the run classes, or None (with one warning) when it is missing/unusable.
 
     An unsorted set (images directly in its root, e.g. raw ImageNet val) raises `DataLayoutError`.
     """
-    scan = scan_eval_set(data_root, name, classes)
+    return split_from_scan(scan_eval_set(data_root, name, classes, specs), data_root, len(classes))
+
+
+def split_from_scan(scan: EvalScan, data_root: PathLike, run_classes: int) -> Optional[EvalSplit]:
+    """The `EvalSplit` of a scan (warning about its problems), or None when it is missing or empty."""
     spec = scan.spec
     if not scan.found:
         warnings.warn(
@@ -367,16 +442,32 @@ def eval_split(data_root: PathLike, name: str, classes: ClassList) -> Optional[E
         )
         return None
     problems = scan.problems()
+    if scan.broken:
+        warnings.warn(describe_broken(scan.root, scan.broken) + "; skipped", stacklevel=2)
     if scan.unsorted:
         raise DataLayoutError(problems[0])
     if problems:
         warnings.warn(f"{spec.display_name}: " + "; ".join(problems), stacklevel=2)
     if not scan.samples:
         return None
-    return EvalSplit(spec.name, spec.display_name, scan.root, scan.samples, scan.subset, scan.dropped)
+    split = EvalSplit(spec.name, spec.display_name, scan.root, scan.samples, scan.subset, scan.dropped, run_classes)
+    warn_few_classes(split)
+    return split
 
 
+def warn_few_classes(split: EvalSplit) -> None:
+    """Warn when a restricted set's argmax is over fewer than `FEW_CLASSES_WARNING` classes."""
+    if split.subset is not None and split.num_classes < FEW_CLASSES_WARNING:
+        chance = 100.0 / max(split.num_classes, 1)
+        warnings.warn(
+            f"{split.display_name} is scored over only {split.num_classes} class(es) of the run (argmax restricted "
+            f"to its classes; chance {chance:.0f}%{', every prediction is right' if split.num_classes == 1 else ''})",
+            stacklevel=3,
+        )
 
-def eval_splits(data_root: PathLike, names: Sequence[str], classes: ClassList) -> list[EvalSplit]:
+
+def eval_splits(
+    data_root: PathLike, names: Sequence[str], classes: ClassList, specs: Optional[dict[str, EvalSetSpec]] = None
+) -> list[EvalSplit]:
     """The evaluation sets among `names` that exist and hold run classes (each missing one warns once)."""
-    return [split for split in (eval_split(data_root, name, classes) for name in names) if split is not None]
+    return [split for split in (eval_split(data_root, name, classes, specs) for name in names) if split is not None]

@@ -1,9 +1,11 @@
 """Image files: which names count as images, listing folders, robust RGB decoding."""
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
-from typing import Optional, Union
+from typing import Collection, NamedTuple, Optional, Union
 
 from PIL import Image, UnidentifiedImageError
 
@@ -14,6 +16,10 @@ __all__ = [
     "is_hidden",
     "list_images",
     "list_subdirs",
+    "BrokenEntry",
+    "describe_broken",
+    "list_class_folders",
+    "ARCHIVE_EXTENSIONS",
     "load_rgb",
     "is_decodable",
 ]
@@ -44,9 +50,69 @@ def list_images(folder: PathLike) -> list[str]:
 
 
 def list_subdirs(folder: PathLike) -> list[str]:
-    """Sorted names of the visible sub-folders of `folder` (symlinked folders included)."""
+    """Sorted names of the visible sub-folders of `folder` (symlinked folders included; broken links,
+    symlink loops and files are left out: `list_class_folders` names them)."""
+    return list_class_folders(folder)[0]
+
+
+ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz", ".zip", ".tar.xz")
+
+
+class BrokenEntry(NamedTuple):
+    """An entry of a split folder that should have been a class folder but cannot be used as one."""
+
+    name: str
+    reason: str  # "dangling symlink", "symlink loop", "file, not a folder", ...
+
+
+def _archive_stem(name: str) -> Optional[str]:
+    lower = name.lower()
+    for extension in ARCHIVE_EXTENSIONS:
+        if lower.endswith(extension):
+            return name[: len(name) - len(extension)]
+    return None
+
+
+def list_class_folders(
+    folder: PathLike, class_ids: Optional[Collection[str]] = None
+) -> tuple[list[str], list[BrokenEntry]]:
+    """Sorted class sub-folders of a split folder, and the entries that should have been class folders.
+
+    Broken: a dangling symlink, a symlink loop, an unreadable entry, an archive (`n01440764.tar`, an
+    un-extracted class) or a plain file named like one of `class_ids`. Other plain files (README.txt,
+    loose images) and hidden entries are neither.
+    """
+    folders: list[str] = []
+    broken: list[BrokenEntry] = []
     with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if not is_hidden(e.name) and e.is_dir())
+        for entry in entries:
+            if is_hidden(entry.name):
+                continue
+            try:
+                mode = os.stat(entry.path).st_mode  # follows symlinks
+            except FileNotFoundError:
+                broken.append(BrokenEntry(entry.name, "dangling symlink" if entry.is_symlink() else "vanished"))
+                continue
+            except OSError as err:
+                reason = "symlink loop" if err.errno == errno.ELOOP else f"unreadable ({err.strerror})"
+                broken.append(BrokenEntry(entry.name, reason))
+                continue
+            if stat.S_ISDIR(mode):
+                folders.append(entry.name)
+            elif is_image_name(entry.name):
+                continue  # loose images: counted by the callers that care
+            elif _archive_stem(entry.name) is not None:
+                broken.append(BrokenEntry(entry.name, "archive, not a folder (extract it)"))
+            elif class_ids is not None and entry.name in class_ids:
+                broken.append(BrokenEntry(entry.name, "file, not a folder"))
+    return sorted(folders), sorted(broken)
+
+
+def describe_broken(folder: PathLike, broken: list[BrokenEntry], limit: int = 10) -> str:
+    """One line naming the unusable entries of `folder` (for warnings and check_data)."""
+    shown = ", ".join(f"{b.name} ({b.reason})" for b in broken[:limit])
+    more = f", ... ({len(broken) - limit} more)" if len(broken) > limit else ""
+    return f"{len(broken)} entr{'y' if len(broken) == 1 else 'ies'} of '{folder}' cannot be used as class folders: {shown}{more}"
 
 
 def load_rgb(path: PathLike, draft_size: Optional[int] = None) -> Image.Image:

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from ..prompts import imagenet_classes
 
-__all__ = ["LAYOUTS", "DEFAULT_WNIDS", "make_image_tree", "render_class_image"]
+__all__ = ["LAYOUTS", "DEFAULT_WNIDS", "make_image_tree", "make_class_folders", "render_class_image"]
 
 # Where each split goes in the CoOp layout and in the raw layouts the authors ship.
 LAYOUTS: dict[str, dict[str, str]] = {
@@ -147,4 +147,25 @@ def make_image_tree(
     for variant in set(variants) & {"a", "r"}:
         paths[variant].mkdir(parents=True, exist_ok=True)
         (paths[variant] / "README.txt").write_text(f"Synthetic ImageNet-{variant.upper()} for tests.\n")
+    return root
+
+
+def make_class_folders(
+    root: Union[str, Path],
+    classes: Sequence[str],
+    per_class: int = 4,
+    style: str = "photo",
+    seed: int = 0,
+    size: int = 32,
+    all_classes: Optional[Sequence[str]] = None,
+) -> Path:
+    """Write `root/<class>/<class>_<i>.jpg` for each of `classes` (a "bring your own data" folder) and
+    return `root`. A class's colour and shape come from its position in `all_classes` (default
+    `classes`), so a folder holding a subset of the classes draws them like the full one."""
+    everything = list(all_classes) if all_classes is not None else list(classes)
+    root = Path(root)
+    for name in classes:
+        index = everything.index(name)
+        _write_images(root / name, [f"{name}_{i}.jpg" for i in range(per_class)], index, len(everything), style,
+                      seed, f"folder/{style}", size)
     return root
