@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from .io import OutputWriteError, atomic_path
+from .progress import progress
 
 __all__ = ["FeatureStore", "default_cache_dir", "transform_id", "samples_digest", "item_seed",
            "cache_dir_problem", "ENTRY_SUFFIX"]
@@ -300,8 +301,6 @@ class FeatureStore:
         return (total / rounds).float().contiguous(), labels, kept
 
     def _encode_once(self, root, samples, transform, generator_seed, desc):
-        from tqdm.auto import tqdm
-
         from .data import ImageListDataset, collate_skip_bad
 
         # the "label" carried through the loader is the sample's position, so skipped files are known exactly
@@ -314,7 +313,7 @@ class FeatureStore:
         model = self.backbone.model
         dtype = next(model.visual.parameters()).dtype
         feats, positions, skipped = [], [], []
-        for batch in tqdm(loader, desc=desc or "features", unit="batch", leave=False):
+        for batch in progress(loader, desc=desc or "features", unit="batch"):
             skipped.extend(getattr(batch, "skipped", ()))
             images, index = batch
             if len(index) == 0:
