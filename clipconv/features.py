@@ -37,8 +37,9 @@ _warned_dirs: set[str] = set()  # unusable cache folders already reported in thi
 
 def default_cache_dir() -> Path:
     """`$CLIPCONV_CACHE/features`, else `~/.cache/clipconv/features`."""
-    base = os.environ.get("CLIPCONV_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "clipconv") / "features"
+    from .cache import cache_root
+
+    return cache_root() / "features"
 
 
 def cache_dir_problem(folder: Union[str, Path]) -> Optional[str]:
