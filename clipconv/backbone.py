@@ -57,10 +57,32 @@ class Backbone:
 
 
 def resolve_device(device: Union[str, torch.device, None] = None) -> torch.device:
-    """`None`/"auto" → CUDA when present, else CPU."""
+    """`None`/"auto" → CUDA when present, else CPU; "cpu", "cuda", "cuda:N" and "mps" are checked to exist here.
+
+    Anything else, or a device this machine does not have, raises a ValueError that names the `--device`
+    value and what to use instead.
+    """
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    text = str(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {text}: not a device name; use auto, cpu, cuda, cuda:N (N = GPU index) or mps")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {text}: no CUDA device is available here (torch.cuda.is_available() is "
+                             "False); use --device cpu or auto")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {text}: this machine has {count} CUDA device(s) (cuda:0 … cuda:{count - 1}); "
+                             "use one of those, or --device auto")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {text}: Apple's MPS backend is not available here "
+                         "(torch.backends.mps.is_available() is False); use --device cpu or auto")
+    return dev
 
 
 def file_sha256(path: Union[str, Path], chunk: int = 1 << 20) -> str:

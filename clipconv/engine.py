@@ -165,7 +165,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def train_epoch(self) -> dict[str, Any]:
-        from tqdm.auto import tqdm
+        from .progress import progress
 
         epoch = self.epoch + 1
         seed = epoch_seed(self.cfg.seed, epoch)
@@ -174,7 +174,7 @@ class Trainer:
         self.model.train()
         total_loss, total_seen, correct, step = 0.0, 0, 0, 0
         started = time.perf_counter()
-        bar = tqdm(self.make_loader(generator), total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.cfg.epochs}",
+        bar = progress(self.make_loader(generator), total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.cfg.epochs}",
                    unit="batch", leave=False)
         for batch in bar:
             if batch is None:

@@ -38,11 +38,11 @@ def collect_logits(
     strict: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `score(images)` over a sample list; returns (logits, labels) on CPU."""
-    from tqdm.auto import tqdm
+    from .progress import progress
 
     loader = image_loader(root, samples, transform, batch_size, workers, strict=strict)
     all_logits, all_labels = [], []
-    for images, labels in tqdm(loader, desc=desc or "eval", unit="batch", leave=False):
+    for images, labels in progress(loader, desc=desc or "eval", unit="batch"):
         all_logits.append(score(images.to(device)).float().cpu())
         all_labels.append(labels)
     if not all_logits:

@@ -4,8 +4,10 @@ A cache entry is keyed by everything that changes the features: the backbone (`B
 model, weights id incl. file hash, QuickGELU) and its precision, the dataset (root + hash of the sorted
 sample list), the transform (an explicit id or its repr without memory addresses), the number of
 augmentation rounds and the seed. Entries are safetensors files written atomically (temp file + rename),
-so an interrupted run never leaves a readable partial entry; an entry whose stored key differs or that
-fails to load is recomputed.
+so an interrupted run never leaves a readable partial entry. Each entry stores the SHA-256 of its tensors;
+an entry whose stored key differs, that fails to load or whose bytes no longer match the checksum is
+recomputed and rewritten (with a warning naming it). A cache folder that cannot be written (a file, a
+read-only folder) turns the cache off with one warning saying how to fix it.
 """
 from __future__ import annotations
 
@@ -13,24 +15,63 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from .io import atomic_path
+from .io import OutputWriteError, atomic_path
+from .progress import progress
 
-__all__ = ["FeatureStore", "default_cache_dir", "transform_id", "samples_digest", "item_seed"]
+__all__ = ["FeatureStore", "default_cache_dir", "transform_id", "samples_digest", "item_seed",
+           "cache_dir_problem", "ENTRY_SUFFIX"]
 
-CACHE_FORMAT = 2  # 2: per-item augmentation seeding
+CACHE_FORMAT = 3  # 2: per-item augmentation seeding; 3: SHA-256 of the tensors in the metadata
+ENTRY_SUFFIX = ".safetensors"
+_TENSORS = ("features", "labels", "kept")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_warned_dirs: set[str] = set()  # unusable cache folders already reported in this process
 
 
 def default_cache_dir() -> Path:
     """`$CLIPCONV_CACHE/features`, else `~/.cache/clipconv/features`."""
-    base = os.environ.get("CLIPCONV_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "clipconv") / "features"
+    from .cache import cache_root
+
+    return cache_root() / "features"
+
+
+def cache_dir_problem(folder: Union[str, Path]) -> Optional[str]:
+    """Why `folder` cannot hold the cache (it, or a parent, is a file; it cannot be created or written), or None.
+
+    Writability is tested by creating (and removing) a temporary file, which also works for root, whom
+    permission bits do not stop.
+    """
+    folder = Path(folder)
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                return f"'{candidate}' is a file, not a folder"
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        return f"cannot write in '{folder}' ({err.strerror or err})"
+    return None
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of the cached tensors."""
+    digest = hashlib.sha256()
+    for name in _TENSORS:
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode("utf-8"))
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def transform_id(transform: Callable) -> str:
@@ -89,6 +130,7 @@ class FeatureStore:
             raise ValueError(f"FeatureStore batch_size must be >= 1, got {batch_size}")
         self.backbone = backbone
         self.cache_dir = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
+        self._cache_checked = False  # the folder is probed (and created) on first use, not here
         self.batch_size = batch_size
         self.workers = workers
         self.device = torch.device(device) if device is not None else backbone.device
@@ -128,10 +170,27 @@ class FeatureStore:
         return self._architecture_id
 
     def _entry_path(self, key: dict) -> Optional[Path]:
-        if self.cache_dir is None:
+        if self._usable_cache_dir() is None:
             return None
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()
-        return self.cache_dir / f"{digest[:40]}.safetensors"
+        return self.cache_dir / f"{digest[:40]}{ENTRY_SUFFIX}"
+
+    def _usable_cache_dir(self) -> Optional[Path]:
+        """The cache folder, created on first use; None (after one warning) when it cannot be used."""
+        if self.cache_dir is not None and not self._cache_checked:
+            self._cache_checked = True
+            problem = cache_dir_problem(self.cache_dir)
+            if problem is not None:
+                self._disable_cache(problem)
+        return self.cache_dir
+
+    def _disable_cache(self, problem: str) -> None:
+        """Run uncached from now on, with one warning per folder and process saying how to fix it."""
+        folder, self.cache_dir = str(self.cache_dir), None
+        if folder not in _warned_dirs:
+            _warned_dirs.add(folder)
+            warnings.warn(f"feature cache '{folder}' is not usable: {problem}; running without the cache "
+                          "(point CLIPCONV_CACHE at a writable folder, or pass --no-cache)", stacklevel=5)
 
     # ------------------------------------------------------------------ public
     def encode(
@@ -194,20 +253,34 @@ class FeatureStore:
 
         try:
             with safe_open(str(path), framework="pt") as handle:
-                stored = json.loads((handle.metadata() or {}).get("key", "null"))
+                metadata = handle.metadata() or {}
+                stored = json.loads(metadata.get("key", "null"))
                 if stored != json.loads(json.dumps(key)):
                     return None
-                return handle.get_tensor("features"), handle.get_tensor("labels"), handle.get_tensor("kept")
+                tensors = {name: handle.get_tensor(name) for name in _TENSORS}
         except Exception as err:  # a damaged entry is recomputed, never trusted
             warnings.warn(f"feature cache entry '{path}' is unreadable ({err}); recomputing it", stacklevel=3)
             return None
+        if metadata.get("sha256") != _checksum(tensors):
+            warnings.warn(f"feature cache entry '{path}' is damaged (its bytes do not match the stored SHA-256); "
+                          "recomputing it", stacklevel=3)
+            return None
+        return tensors["features"], tensors["labels"], tensors["kept"]
 
     def _write(self, path: Path, key: dict, feats: torch.Tensor, labels: torch.Tensor, kept: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
-        with atomic_path(path) as tmp:
-            save_file({"features": feats.contiguous(), "labels": labels.contiguous(), "kept": kept.contiguous()},
-                      str(tmp), metadata={"key": json.dumps(key)})
+        tensors = {"features": feats.contiguous(), "labels": labels.contiguous(), "kept": kept.contiguous()}
+        try:
+            with atomic_path(path) as tmp:
+                try:
+                    save_file(tensors, str(tmp), metadata={"key": json.dumps(key), "sha256": _checksum(tensors)})
+                except Exception as err:  # safetensors reports I/O errors as SafetensorError
+                    if isinstance(err, OSError):
+                        raise
+                    raise OSError(f"{type(err).__name__}: {err}") from err
+        except OutputWriteError as err:  # the cache is an optimization: the features are still returned
+            warnings.warn(f"feature cache entry not saved: {err}", stacklevel=3)
 
     @torch.no_grad()
     def _compute(self, root, samples, transform, rounds, seed, desc):
@@ -229,8 +302,6 @@ class FeatureStore:
         return (total / rounds).float().contiguous(), labels, kept
 
     def _encode_once(self, root, samples, transform, generator_seed, desc):
-        from tqdm.auto import tqdm
-
         from .data import ImageListDataset, collate_skip_bad
 
         # the "label" carried through the loader is the sample's position, so skipped files are known exactly
@@ -243,7 +314,7 @@ class FeatureStore:
         model = self.backbone.model
         dtype = next(model.visual.parameters()).dtype
         feats, positions, skipped = [], [], []
-        for batch in tqdm(loader, desc=desc or "features", unit="batch", leave=False):
+        for batch in progress(loader, desc=desc or "features", unit="batch"):
             skipped.extend(getattr(batch, "skipped", ()))
             images, index = batch
             if len(index) == 0:

@@ -35,9 +35,9 @@ def class_embeddings(
     encoded = []
     chunks = range(0, len(prompts), batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress as show_progress
 
-        chunks = tqdm(chunks, desc="text encoder", unit="batch")
+        chunks = show_progress(chunks, desc="text encoder", unit="batch")
     for start in chunks:
         tokens = tokenizer(prompts[start:start + batch_size]).to(device)
         encoded.append(F.normalize(model.encode_text(tokens).float(), dim=-1))

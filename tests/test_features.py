@@ -1,6 +1,8 @@
 """FeatureStore: correctness, cache hits, invalidation, interrupted writes, undecodable images."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import pytest
 from torchvision import transforms as T
@@ -177,3 +179,101 @@ def test_default_cache_dir_and_transform_id(monkeypatch, tmp_path):
         return x
 
     assert "0x" not in transform_id(T.Compose([T.Lambda(helper), helper]))
+
+
+def _flip_payload_bytes(entry, count: int = 8) -> None:
+    """Flip `count` bytes inside the tensor payload (after the safetensors header), keeping the size."""
+    import struct
+
+    data = bytearray(entry.read_bytes())
+    payload_start = 8 + struct.unpack("<Q", data[:8])[0]
+    for offset in range(count):
+        data[payload_start + 16 + offset * 4] ^= 0x5A
+    entry.write_bytes(bytes(data))
+
+
+def test_entry_with_damaged_payload_bytes_is_detected_recomputed_and_repaired(world):
+    expected = world.store.encode(world.root, world.test_samples)
+    (entry,) = list(world.store.cache_dir.glob("*.safetensors"))
+    size = entry.stat().st_size
+    _flip_payload_bytes(entry)
+    assert entry.stat().st_size == size
+    with pytest.warns(UserWarning, match=f"feature cache entry '{entry}' is damaged") as caught:
+        again = world.store.encode(world.root, world.test_samples)
+    assert len(caught) == 1
+    assert world.store.encoder_calls == 2 * len(world.test_samples)
+    assert torch.equal(again, expected)  # recomputed, not the damaged numbers
+    fresh = FeatureStore(world.backbone, world.store.cache_dir)  # the file was rewritten: a clean hit
+    assert torch.equal(fresh.encode(world.root, world.test_samples), expected)
+    assert fresh.encoder_calls == 0 and fresh.cache_hits == 1
+
+
+def _single_warning(caught) -> str:
+    messages = [str(w.message) for w in caught if "feature cache" in str(w.message)]
+    assert len(messages) == 1, messages
+    return messages[0]
+
+
+def test_cache_folder_that_is_a_file_runs_uncached_with_one_warning(world, tmp_path, monkeypatch):
+    import warnings
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("CLIPCONV_CACHE", str(blocker))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = FeatureStore(world.backbone)  # "default": $CLIPCONV_CACHE/features
+        assert store.cache_dir == blocker / "features"  # probed on first use, not on construction
+        first = store.encode(world.root, world.test_samples)
+        FeatureStore(world.backbone).encode(world.root, world.test_samples)  # same folder: no second warning
+    message = _single_warning(caught)
+    assert f"'{blocker}' is a file, not a folder" in message and "CLIPCONV_CACHE" in message
+    assert store.cache_dir is None and store.encoder_calls == len(world.test_samples)
+    torch.testing.assert_close(first, _direct_features(world.backbone, world.root, world.test_samples))
+    assert blocker.read_text() == ""
+
+
+def test_cache_folder_that_cannot_be_written_runs_uncached_with_one_warning(world, tmp_path, monkeypatch):
+    """Tests run as root, whom chmod 0555 does not stop; the probe (creating a temp file in the folder) is
+    made to fail as it does for a normal user in a read-only folder. A real chmod is checked when not root."""
+    import errno
+    import os
+    import tempfile
+    import warnings
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
+        real_mkstemp = tempfile.mkstemp
+
+        def refuse(*args, dir=None, **kwargs):
+            if dir is not None and Path(dir) == folder:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            return real_mkstemp(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = FeatureStore(world.backbone, folder)
+        store.encode(world.root, world.test_samples)
+    message = _single_warning(caught)
+    assert f"cannot write in '{folder}' (Permission denied)" in message
+    assert store.cache_dir is None and list(folder.iterdir()) == []
+    folder.chmod(0o755)
+
+
+def test_a_failed_cache_write_warns_and_still_returns_the_features(world, monkeypatch):
+    import errno
+    import os
+
+    import safetensors.torch
+
+    def full(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.warns(UserWarning, match="feature cache entry not saved: could not write .*No space left"):
+        feats = world.store.encode(world.root, world.test_samples)
+    assert feats.shape[0] == len(world.test_samples)
+    assert list(world.store.cache_dir.iterdir()) == []

@@ -58,9 +58,9 @@ def _layout_name(candidates: Sequence[str], layout: str) -> str:
 
 
 def _verify(root: Path, paths: Sequence[str], what: str, report: DataCheck) -> None:
-    from tqdm import tqdm
+    from ..progress import progress
 
-    bad = [p for p in tqdm(paths, desc=f"decoding {what}", unit="img", leave=False) if not is_decodable(root / p)]
+    bad = [p for p in progress(paths, desc=f"decoding {what}", unit="img") if not is_decodable(root / p)]
     if bad:
         shown = ", ".join(bad[:20]) + (f", ... ({len(bad) - 20} more)" if len(bad) > 20 else "")
         report.warn(f"{what}: {len(bad)} undecodable file(s) will be skipped: {shown}")

@@ -37,11 +37,12 @@ def bad_input_errors() -> Iterator[None]:
     """Turn the library's bad-input exceptions into one clear line and exit code 2."""
     from ..backbone import WeightsUnavailableError
     from ..checkpoint import CheckpointMismatchError
+    from ..io import OutputWriteError
 
     try:
         yield
     except (ValueError, FileNotFoundError, NotADirectoryError, WeightsUnavailableError,
-            CheckpointMismatchError) as err:
+            CheckpointMismatchError, OutputWriteError) as err:
         fail(str(err))
 
 

@@ -117,7 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.method not in method_names():
         parser.error(f"unknown --method '{args.method}'; choose one of {', '.join(method_names())}")
-    cfg = _resume_config(args.resume) if args.resume else _config_from_args(args)
+    with bad_input_errors():  # a damaged config.json is one line, not a traceback
+        cfg = _resume_config(args.resume) if args.resume else _config_from_args(args)
     if not args.resume:
         apply_demo(cfg, parser)
     from ..run import prepare_run, run_method, setup_logging
@@ -126,7 +127,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run = prepare_run(cfg, Path(cfg.output_dir) if cfg.output_dir else None)
     setup_logging(run.run_dir)
     try:
-        result = run_method(run)
+        with bad_input_errors():  # e.g. a damaged train_state.pt when resuming
+            result = run_method(run)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last finished epoch is saved; continue with --resume {run.run_dir}", file=sys.stderr)
         return 130

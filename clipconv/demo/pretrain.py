@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,8 +26,10 @@ from clipconv.demo.world import DOMAINS, WORLD_CLASSES, read_manifest, render
 
 __all__ = [
     "PretrainConfig", "CAPTION_TEMPLATES", "caption", "render_pretrain_batch", "pretrain",
-    "save_checkpoint", "zero_shot_accuracy", "main",
+    "save_checkpoint", "zero_shot_accuracy", "resolve_output", "DEFAULT_OUTPUT", "main",
 ]
+
+DEFAULT_OUTPUT = Path("mini_clip_pretrain") / "mini_clip.safetensors"  # relative to the working directory
 
 log = logging.getLogger(__name__)
 
@@ -203,21 +204,26 @@ def save_checkpoint(model: torch.nn.Module, path: Union[str, Path], metadata: Op
     """Write the model's state dict as fp16 safetensors, atomically (temp file + os.replace)."""
     from safetensors.torch import save_file
 
+    from clipconv.io import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(state, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o644 & ~umask)  # mkstemp creates 0600; a shipped checkpoint must be readable
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:  # readable like any new file (umask), no temp file left on failure
+        save_file(state, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    return path
+
+
+def resolve_output(output: Optional[Union[str, Path]], overwrite: bool = False) -> Path:
+    """Where pretraining writes its weights: `output`, else ./mini_clip_pretrain/mini_clip.safetensors.
+
+    The shipped checkpoint is never the default target; an existing file is replaced only with
+    `overwrite=True` (ValueError otherwise, before any training).
+    """
+    path = Path(output) if output else DEFAULT_OUTPUT
+    if path.is_dir():
+        raise ValueError(f"--output {path}: is a folder; give a .safetensors file path")
+    if path.exists() and not overwrite:
+        raise ValueError(f"--output {path}: the file exists; pass --overwrite to replace it, or choose another path")
     return path
 
 
@@ -274,7 +280,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     defaults = PretrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(MINI_CLIP_CONFIG), help="open_clip model-config JSON")
-    parser.add_argument("--out", default=str(MINI_CLIP_WEIGHTS), help="output .safetensors (fp16)")
+    parser.add_argument("--output", "--out", dest="out", default=None,
+                        help=f"output .safetensors (fp16); default ./{DEFAULT_OUTPUT}. The shipped "
+                             f"{MINI_CLIP_WEIGHTS.name} is replaced only if named here, with --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -293,6 +302,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be ≥ 1")
     if not 0 <= args.fresh_per_step <= args.batch_size:
         parser.error("--fresh-per-step must be between 0 and --batch-size")
+    try:
+        args.out = str(resolve_output(args.out, args.overwrite))
+    except ValueError as err:
+        parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     config = PretrainConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size, pool_size=args.pool_size,
@@ -309,5 +322,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     text = json.dumps(summary, indent=1)
     print(text)
     if args.report:
-        Path(args.report).write_text(text + "\n")
+        from clipconv.io import write_text
+
+        write_text(args.report, text + "\n")
     return 0

@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Show (`info`) or remove (`clear`) clipconv's cached image features and demo worlds; see clipconv/cache.py."""
+import sys
+
+from clipconv.cache import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""`python -m clipconv.cache info|clear`: reports and removes clipconv's cache files, and nothing else."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clipconv.cache import main
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    features = root / "features"
+    features.mkdir(parents=True)
+    (features / ("a" * 40 + ".safetensors")).write_bytes(b"x" * 1000)
+    (features / ("b" * 40 + ".safetensors")).write_bytes(b"x" * 3000)
+    (features / (".{}.safetensors.k2j3.tmp".format("c" * 40))).write_bytes(b"x" * 10)
+    (features / "notes.txt").write_text("mine")  # not clipconv's: must survive
+    world = root / "demo-world-0123456789ab"
+    (world / "imagenet").mkdir(parents=True)
+    (world / "imagenet" / "img.jpg").write_bytes(b"x" * 500)
+    (root / "demo-world-mine").mkdir()  # not a world name clipconv makes
+    (root / "other.bin").write_bytes(b"keep")
+    monkeypatch.setenv("CLIPCONV_CACHE", str(root))
+    return root
+
+
+def test_info_lists_location_entries_and_sizes(cache, capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"cache folder: {cache}\n" in out
+    assert f"feature entries: 2 (3.9 KB) in {cache / 'features'}" in out
+    assert "demo worlds: 1 (500 B)" in out and "leftover temporary files: 1 (10 B)" in out
+
+
+def test_clear_removes_only_clipconvs_files_and_says_what(cache, capsys):
+    assert main(["clear"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"removed 2 feature entries (3.9 KB) from {cache / 'features'}",
+                   f"removed 1 leftover temporary files (10 B) from {cache / 'features'}",
+                   f"removed 1 demo worlds (500 B) from {cache}: demo-world-0123456789ab"]
+    remaining = sorted(str(p.relative_to(cache)) for p in cache.rglob("*"))
+    assert remaining == ["demo-world-mine", "features", "features/notes.txt", "other.bin"]
+    assert main(["clear"]) == 0
+    assert capsys.readouterr().out == f"nothing to clear in {cache}\n"
+
+
+def test_clear_can_keep_worlds_and_removes_an_emptied_features_folder(cache, capsys):
+    (cache / "features" / "notes.txt").unlink()
+    assert main(["clear", "--keep-worlds"]) == 0
+    assert not (cache / "features").exists() and (cache / "demo-world-0123456789ab").is_dir()
+
+
+def test_a_real_feature_cache_is_found_and_cleared(cache, tiny_backbone, tmp_path):
+    from clipconv.data import make_image_tree, resolve_run_classes, train_samples
+    from clipconv.features import FeatureStore
+    from clipconv.cache import scan
+
+    root = make_image_tree(tmp_path / "data", train_per_class=2, val_per_class=1, variants=())
+    store = FeatureStore(tiny_backbone)  # the default folder: $CLIPCONV_CACHE/features
+    store.encode(root, train_samples(root, resolve_run_classes(root)))
+    assert len(scan().entries) == 3
+    assert main(["clear", "--keep-worlds"]) == 0
+    assert scan().entries == []
+
+
+def test_script_and_bad_folder(cache, tmp_path):
+    script = Path(__file__).parents[1] / "scripts" / "cache.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "CLIPCONV_CACHE": str(cache)}
+    ok = subprocess.run([sys.executable, str(script), "info"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and "feature entries: 2" in ok.stdout
+    (tmp_path / "file").write_text("")
+    bad = subprocess.run([sys.executable, str(script), "clear", "--dir", str(tmp_path / "file")],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: cache folder") and "Traceback" not in bad.stderr
+    assert (tmp_path / "file").exists()

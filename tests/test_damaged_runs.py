@@ -1,0 +1,57 @@
+"""`train --resume` on a run whose files were damaged: one line naming the file, exit 2, no traceback."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clipconv.cli.common import EXIT_BAD_INPUT
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_config):
+    from clipconv.data import make_image_tree
+
+    root = tmp_path_factory.mktemp("damaged")
+    data = make_image_tree(root / "data", train_per_class=4, val_per_class=2, variants=(), seed=5)
+    run = root / "run"
+    subprocess.run([sys.executable, "-m", "clipconv.cli.train", "--data-root", str(data), "--model", str(tiny_config),
+                    "--pretrained", "none", "--shots", "2", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                    "--output-dir", str(run), "--no-cache", "--eval-sets", "imagenet"],
+                   check=True, capture_output=True, env=_env())
+    return run
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+
+
+def _resume(run: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clipconv.cli.train", "--resume", str(run)],
+                          capture_output=True, text=True, env=_env())
+
+
+def _damaged_copy(finished_run: Path, tmp_path: Path, name: str) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "metrics.json").unlink()  # an unfinished run, interrupted after its first checkpoint
+    whole = (run / name).read_bytes()
+    (run / name).write_bytes(whole[: len(whole) // 3])
+    return run
+
+
+@pytest.mark.parametrize("name, advice", [("train_state.pt", "delete it to restart the run from scratch"),
+                                          ("config.json", "start a new run")])
+def test_resume_with_a_truncated_file_is_one_line_and_exit_2(finished_run, tmp_path, name, advice):
+    run = _damaged_copy(finished_run, tmp_path, name)
+    before = sorted(p.name for p in run.iterdir())
+    result = _resume(run)
+    assert result.returncode == EXIT_BAD_INPUT, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"'{run / name}' is damaged" in errors[0] and advice in errors[0]
+    assert sorted(p.name for p in run.iterdir()) == before  # no result written
