@@ -12,13 +12,14 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from ..io import write_text
 
 __all__ = [
     "SHAPES", "PATTERNS", "WorldClass", "WORLD_CLASSES", "Domain", "DOMAINS", "RENDITION_CLASSES",
@@ -364,18 +365,6 @@ def read_manifest(root: Union[str, Path]) -> Optional[dict]:
         return None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _class_folder(domain: Domain, cls: WorldClass) -> str:
     return str(cls.index) if domain.numeric_folders else cls.id
 
@@ -470,7 +459,7 @@ def generate_world(root: Union[str, Path], seed: int = 0, train_per_class: int =
                                  "numeric_folders": d.numeric_folders} for d in DOMAINS.values()},
             "counts": counts,
         }
-        _write_atomic(root / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+        write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
         (root / _MARKER_NAME).unlink()
     return root
 
