@@ -117,16 +117,14 @@ def prepare_run(cfg: RunConfig, run_dir: Optional[Path] = None) -> RunContext:
 
 def method_kwargs(method_name: str, options: dict[str, Any]) -> dict[str, Any]:
     """The options the method's constructor accepts (generic CLI flags apply where they make sense)."""
-    from .engine import TrainConfig
-    from .methods.base import METHODS, method_names
-    from .methods.finetune import ConvpassCLIP
+    from .methods.base import METHODS, MethodConfig, method_names
 
     method_names()
     cls = METHODS[method_name]
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     allowed = {n for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind in named}
-    if issubclass(cls, ConvpassCLIP):
-        allowed |= set(TrainConfig().to_dict())
+    if cls.config_class is not MethodConfig:  # methods with an options dataclass accept its fields
+        allowed |= set(cls.config_class.help())
     return {k: v for k, v in options.items() if v is not None and k in allowed}
 
 
@@ -158,7 +156,8 @@ def run_method(run: RunContext) -> dict[str, Any]:
     ctx = FitContext(
         backbone=run.backbone, classnames=list(run.classes.names), data_root=run.data_root,
         train=run.split.train, val=run.split.val, templates=run.templates, features=features, device=run.device,
-        seed=cfg.seed, output_dir=run_dir, class_hash=run.classes.hash(), class_ids=list(run.classes.ids), workers=cfg.workers, log=log.info,
+        seed=cfg.seed, output_dir=run_dir, class_hash=run.classes.hash(), class_ids=list(run.classes.ids), workers=cfg.workers,
+        eval_batch_size=cfg.eval_batch_size, log=log.info,
     )
     started = time.perf_counter()
     fit_summary = method.fit(ctx)

@@ -261,7 +261,7 @@ def _run_shots(cfg: Table2Config, session: _Session, out: Path, log: Callable[[s
             ctx = FitContext(backbone=backbone, classnames=list(classes.names), data_root=data_root,
                              train=split.train, val=split.val, templates=session.templates, features=store,
                              device=session.device, seed=seed, output_dir=out / f"{name}_seed{seed}",
-                             class_hash=classes.hash(), workers=cfg.workers, log=log)
+                             class_hash=classes.hash(), workers=cfg.workers, eval_batch_size=cfg.batch_size, log=log)
             if "class_ids" in inspect.signature(FitContext).parameters:
                 ctx.class_ids = list(classes.ids)
             log(f"== {cfg.shots}-shot, seed {seed}: {name} {options or ''}")
