@@ -529,3 +529,75 @@ def test_benchmark_refuses_bad_sizes(tiny_config):
 
     with pytest.raises(ValueError, match="--batch"):
         run_benchmark(BenchConfig(model=str(tiny_config), batch=0))
+
+
+# ---------------------------------------------------------------- drop_path (stochastic depth, issue 8)
+def test_drop_path_zero_changes_nothing_and_draws_no_random_numbers(visual):
+    """Train mode, drop_path=0: bit-identical to the block computed by hand (same operation order)."""
+    modules = add_adapters(visual, "convpass", dropout=0.0, drop_path=0.0, scale=0.5)
+    _randomize(modules)
+    visual.train()
+    tokens = torch.randn(2, 1 + 16, visual.transformer.width)
+    expected = tokens
+    for block in visual.transformer.resblocks:
+        n1 = block.ln_1(expected)
+        expected = expected + block.ls_1(block.attn.base_layer(n1, n1, n1, need_weights=False)[0]
+                                         + 0.5 * block.attn.adapter(n1))
+        n2 = block.ln_2(expected)
+        expected = expected + block.ls_2(block.mlp.base_layer(n2) + 0.5 * block.mlp.adapter(n2))
+    state = torch.get_rng_state()
+    out = visual.transformer(tokens)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(out, expected)
+
+
+def test_drop_path_rates_grow_linearly_over_depth(tiny_backbone):
+    from clipconv.adapters import adapted_modules
+
+    path = tiny_backbone.visual
+    add_adapters(path, "convpass", drop_path=0.2)
+    rates = [w.drop_rate for w in adapted_modules(path)]
+    layers = len(path.transformer.resblocks)
+    expected = [0.2 * i / (layers - 1) for i in range(layers) for _ in ("attn", "mlp")]
+    assert rates == pytest.approx(expected) and rates[-1] == pytest.approx(0.2)
+
+
+def _constant_wrapper(rate: float, sequential: bool = False) -> nn.Module:
+    """Trunk returns 1 everywhere, the adapter 10: every combination of kept/dropped terms is recognizable."""
+
+    class Constant(nn.Module):
+        def __init__(self, value: float) -> None:
+            super().__init__()
+            self.value = nn.Parameter(torch.tensor(value))
+
+        def forward(self, x):
+            return torch.ones_like(x) * self.value
+
+    wrapper = SequentialAdapter if sequential else ParallelAdapter
+    return wrapper(Constant(1.0), Constant(10.0), scale=1.0, drop_rate=rate)
+
+
+def test_drop_path_drops_trunk_and_adapter_per_sample_with_independent_masks():
+    torch.manual_seed(0)
+    rate = 0.5
+    wrapped = _constant_wrapper(rate).train()
+    out = wrapped(torch.zeros(400, 5, 3))
+    per_sample = out[:, 0, 0]
+    assert torch.equal(out, per_sample[:, None, None].expand_as(out))  # one decision per sample, all tokens
+    values = {round(float(v), 4) for v in per_sample.detach()}
+    assert values == {0.0, 1.0 / rate, 10.0 / rate, 11.0 / rate}  # both, trunk only, adapter only, none dropped
+    assert wrapped.eval()(torch.zeros(4, 5, 3)).eq(11.0).all()  # eval: nothing dropped, nothing rescaled
+
+
+def test_drop_path_in_train_mode_changes_the_encoder_output_and_eval_does_not(visual):
+    modules = add_adapters(visual, "convpass", dropout=0.0, drop_path=0.9)
+    _randomize(modules)
+    images = _images(visual, batch=8)
+    with torch.no_grad():
+        evaluated = visual.eval()(images)
+        again = visual(images)
+        visual.train()
+        torch.manual_seed(0)
+        trained = visual(images)
+    assert torch.equal(evaluated, again)
+    assert not torch.allclose(trained, evaluated, atol=1e-3)
