@@ -140,5 +140,7 @@ def make_config(kind: str, config: Optional[AdapterConfig] = None, **options: An
             raise ValueError(f"give either a config or options for adapter '{kind}', not both ({sorted(options)})")
         if not isinstance(config, spec.config):
             raise TypeError(f"adapter '{kind}' takes a {spec.config.__name__}, got {type(config).__name__}")
-        return config
-    return spec.config.from_options(options)
+    else:
+        config = spec.config.from_options(options)
+    spec.resolve_placement(config)  # a placement the kind excludes fails here, before any model is touched
+    return config
