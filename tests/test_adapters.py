@@ -601,3 +601,45 @@ def test_drop_path_in_train_mode_changes_the_encoder_output_and_eval_does_not(vi
         trained = visual(images)
     assert torch.equal(evaluated, again)
     assert not torch.allclose(trained, evaluated, atol=1e-3)
+
+
+def test_a_deep_copy_of_an_adapted_encoder_keeps_its_aliases_and_is_independent(visual):
+    _randomize(add_adapters(visual, "convpass"))
+    clone = copy.deepcopy(visual)
+    block, twin = visual.transformer.resblocks[0], clone.transformer.resblocks[0]
+    assert twin.attn.in_proj_weight is twin.attn.base_layer.in_proj_weight
+    assert twin.mlp.c_fc is twin.mlp.base_layer.c_fc
+    assert twin.attn.in_proj_weight is not block.attn.in_proj_weight
+    images = _images(visual)
+    with torch.no_grad():
+        assert torch.equal(clone(images), visual(images))
+        twin.attn.base_layer.in_proj_weight.add_(1.0)
+        assert torch.equal(twin.attn.in_proj_weight, twin.attn.base_layer.in_proj_weight)
+        assert not torch.equal(clone(images), visual(images))
+
+
+def test_prompt_tokens_are_skipped_by_the_grid_and_go_through_the_centre_tap():
+    """Layout [cls, 2 prompts, 3×3 patches, 1 appended prompt]: non-patch tokens only see themselves."""
+    torch.manual_seed(0)
+    side, prefix, suffix = 3, 3, 1
+    adapter = Convpass(8, 4, layout=TokenLayout(grid=(side, side), prefix=prefix, suffix=suffix)).eval().double()
+    _randomize(adapter)
+    tokens = torch.randn(1, prefix + side * side + suffix, 8, dtype=torch.float64)
+    found = _dependency(adapter, tokens)
+    grid = _expected_dependency(side, 1)[1:, 1:]
+    expected = torch.eye(tokens.shape[1], dtype=torch.bool)
+    expected[prefix:prefix + side * side, prefix:prefix + side * side] = grid
+    assert torch.equal(found, expected)
+    hidden = adapter.act(adapter.down(tokens[:, 1:2]))  # a prompt token = [cls]'s 1×1-image path
+    centre = adapter.conv.weight[:, :, 1, 1]
+    want = adapter.up(adapter.act(hidden @ centre.t() + adapter.conv.bias))
+    torch.testing.assert_close(adapter(tokens)[:, 1:2], want)
+    with pytest.raises(ValueError, match="3 \\+ 9 \\+ 1 tokens"):
+        adapter(tokens[:, :-2])
+
+
+def test_encoder_layout_comes_from_the_model(visual):
+    from clipconv.adapters import encoder_layout
+
+    assert encoder_layout(visual) == TokenLayout(grid=tuple(visual.grid_size), prefix=1)
+    assert encoder_layout(visual, prompt_tokens=4).prefix == 5
