@@ -40,7 +40,7 @@ class BenchConfig:
     batch: int = 8
     warmup: int = 1
     repeats: int = 3
-    method: str = "convpass"
+    kind: str = "convpass"
     dim: int = 8
     classes: int = 1000
     device: str = "cpu"
@@ -149,7 +149,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     for param in plain.parameters():
         param.requires_grad_(False)
     adapted = copy.deepcopy(plain)
-    adapters = add_adapters(adapted, cfg.method, dim=cfg.dim)
+    adapters = add_adapters(adapted, cfg.kind, dim=cfg.dim)
     generator = torch.Generator().manual_seed(cfg.seed)
     size = plain.image_size
     images = torch.randn(cfg.batch, 3, size[0], size[1], generator=generator).to(device)
@@ -223,7 +223,7 @@ def format_table(results: dict[str, Any]) -> str:
     cfg, med, mem = results["config"], results["median_seconds"], results["memory"]
     fp32 = med["train_fp32"]
     lines = [
-        f"{cfg['model']} {cfg['method']} h={cfg['dim']}, batch {cfg['batch']}, {cfg['repeats']} repeats, "
+        f"{cfg['model']} {cfg['kind']} h={cfg['dim']}, batch {cfg['batch']}, {cfg['repeats']} repeats, "
         f"{results['environment']['threads']} threads on {results['environment']['device']}; "
         f"{results['encoder']['trainable_adapter_params']:,} adapter parameters",
         "",
@@ -252,7 +252,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[BenchConfig, Optio
     parser.add_argument("--batch", type=int, default=defaults.batch)
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed rounds per setting")
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed rounds per setting")
-    parser.add_argument("--method", default=defaults.method, help="adapter method (registry name)")
+    parser.add_argument("--kind", "--method", dest="kind", default=defaults.kind,
+                        help="adapter kind (a name in clipconv.adapters.ADAPTERS)")
     parser.add_argument("--dim", type=int, default=defaults.dim, help="adapter bottleneck h")
     parser.add_argument("--classes", type=int, default=defaults.classes, help="head size")
     parser.add_argument("--device", default=defaults.device)

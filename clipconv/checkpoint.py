@@ -1,4 +1,8 @@
-"""Adapter checkpoints: only the trainable tensors, as safetensors, with metadata that must match."""
+"""Adapter checkpoints: only the trainable tensors, as safetensors, with metadata that must match.
+
+`trainable_state_dict` is the one definition of "the adapter weights" (adapters + head: every parameter
+that requires grad; `add_adapters` leaves exactly the adapters trainable in an encoder).
+"""
 from __future__ import annotations
 
 import json
@@ -16,18 +20,24 @@ __all__ = [
     "load_trainable",
     "read_metadata",
     "CheckpointMismatchError",
+    "DamagedCheckpointError",
     "METADATA_KEY",
     "CHECKED_FIELDS",
 ]
 
 METADATA_KEY = "clipconv"
-FORMAT_VERSION = 1
+# 2: adapters wrap attn/mlp (keys `...attn.adapter.*`); 1 had `...cp_attn.*` keys and option `method`.
+FORMAT_VERSION = 2
 # Fields whose mismatch makes a checkpoint unusable for a model; compared before loading any tensor.
 CHECKED_FIELDS = ("backbone", "adapter", "classes")
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint was made for another backbone, adapter configuration or class list."""
+
+
+class DamagedCheckpointError(ValueError):
+    """The checkpoint holds tensors that cannot be right (NaN or infinite values)."""
 
 
 def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -39,6 +49,14 @@ def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def _check_finite(tensors: Mapping[str, torch.Tensor], where: str, advice: str) -> None:
+    """DamagedCheckpointError naming the first tensor with NaN/inf values."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise DamagedCheckpointError(f"{where}: tensor '{name}' has {bad} non-finite value(s) (NaN/inf); {advice}")
+
+
 def save_trainable(module: nn.Module, path: Union[str, Path], metadata: Optional[Mapping[str, Any]] = None) -> Path:
     """Save the trainable tensors of `module` as safetensors (atomically) with JSON metadata."""
     from safetensors.torch import save_file
@@ -46,6 +64,7 @@ def save_trainable(module: nn.Module, path: Union[str, Path], metadata: Optional
     tensors = trainable_state_dict(module)
     if not tensors:
         raise ValueError("the module has no trainable parameters to save")
+    _check_finite(tensors, f"refusing to write '{path}'", "the trained weights diverged; nothing was written")
     meta = {"format_version": FORMAT_VERSION, **dict(metadata or {})}
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -67,7 +86,14 @@ def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
         raise ValueError(f"'{path}' is not a safetensors adapter checkpoint: {err}") from err
     if raw is None:
         raise ValueError(f"'{path}' has no clipconv metadata; it was not written by clipconv.save_trainable")
-    return json.loads(raw)
+    meta = json.loads(raw)
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint '{path}' has format version {version}, this clipconv reads version {FORMAT_VERSION} "
+            "(version 1 predates the adapter-wrapper layout); retrain it with this version"
+        )
+    return meta
 
 
 def _differences(found: Mapping[str, Any], expected: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -106,6 +132,8 @@ def load_trainable(
                 f"checkpoint '{path}' does not match this model:\n  " + "\n  ".join(diffs)
             )
     tensors = load_file(str(path))
+    _check_finite(tensors, f"checkpoint '{path}'", "the file is damaged or was saved from a diverged run — "
+                                                    "nothing was loaded; retrain or restore the file")
     params = {name: p for name, p in module.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))

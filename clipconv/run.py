@@ -117,18 +117,14 @@ def prepare_run(cfg: RunConfig, run_dir: Optional[Path] = None) -> RunContext:
 
 def method_kwargs(method_name: str, options: dict[str, Any]) -> dict[str, Any]:
     """The options the method's constructor accepts (generic CLI flags apply where they make sense)."""
-    from .engine import TrainConfig
-    from .methods.base import METHODS, method_names, method_option_defaults
-    from .methods.finetune import ConvpassCLIP
+    from .methods.base import METHODS, MethodConfig, method_names
 
     method_names()
     cls = METHODS[method_name]
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    config_options = method_option_defaults(cls)
-    allowed = set(config_options) if config_options is not None else {
-        n for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind in named}
-    if issubclass(cls, ConvpassCLIP):
-        allowed |= set(TrainConfig().to_dict())
+    allowed = {n for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind in named}
+    if cls.config_class is not MethodConfig:  # methods with an options dataclass accept its fields
+        allowed |= set(cls.config_class.help())
     return {k: v for k, v in options.items() if v is not None and k in allowed}
 
 

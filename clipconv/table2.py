@@ -309,7 +309,7 @@ def _run_shots(cfg: Table2Config, session: _Session, out: Path, log: Callable[[s
                              templates=METHOD_REFERENCE_TEMPLATES if session.templates is None else session.templates,
                              templates_name=cfg.templates or "",
                              device=session.device, seed=seed, output_dir=out / f"{name}_seed{seed}",
-                             class_hash=classes.hash(), workers=cfg.workers, log=log)
+                             class_hash=classes.hash(), workers=cfg.workers, eval_batch_size=cfg.batch_size, log=log)
             if "class_ids" in inspect.signature(FitContext).parameters:
                 ctx.class_ids = list(classes.ids)
             log(f"== {cfg.shots}-shot, seed {seed}: {name} {options or ''}")

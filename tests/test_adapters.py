@@ -12,11 +12,14 @@ from torch import nn
 
 from clipconv.adapters import (
     ADAPTERS,
+    AdaptedModule,
     Convpass,
-    ConvpassBlock,
+    ConvpassConfig,
+    ParallelAdapter,
+    SequentialAdapter,
     SharedProjections,
+    TokenLayout,
     adapter_modules,
-    adapter_state_dict,
     add_adapters,
     count_trainable,
     get_adapter,
@@ -25,18 +28,19 @@ from clipconv.adapters import (
     remove_adapters,
     set_adapter_scale,
 )
+from clipconv.checkpoint import trainable_state_dict
 from conftest import write_tiny_config
 
 VARIANTS = [
-    dict(method="convpass"),
-    dict(method="convpass", placement="attn"),
-    dict(method="convpass", placement="mlp"),
-    dict(method="convpass_attn"),
-    dict(method="convpass", sequential=True),
-    dict(method="convpass", placement="mlp", sequential=True),
-    dict(method="convpass", kernel_size=1),
-    dict(method="convpass", conv_init="xavier"),
-    dict(method="convpass_share", dim=4),
+    dict(kind="convpass"),
+    dict(kind="convpass", placement="attn"),
+    dict(kind="convpass", placement="mlp"),
+    dict(kind="convpass_attn"),
+    dict(kind="convpass", sequential=True),
+    dict(kind="convpass", placement="mlp", sequential=True),
+    dict(kind="convpass", kernel_size=1),
+    dict(kind="convpass", conv_init="xavier"),
+    dict(kind="convpass_share", dim=4),
 ]
 
 
@@ -62,13 +66,6 @@ def _expected_convpass(layers: int, width: int, dim: int, kernel: int = 3, place
     return placements * layers * ((2 * dim + 1) * width + kernel * kernel * dim * dim + 2 * dim)
 
 
-@pytest.fixture(scope="module")
-def vit_b16() -> nn.Module:
-    """The ViT-B/16 image encoder, random init (built once: parameter counts only)."""
-    torch.manual_seed(0)
-    return open_clip.create_model("ViT-B-16", pretrained=None).visual
-
-
 @pytest.fixture()
 def visual(tiny_backbone) -> nn.Module:
     return tiny_backbone.visual.eval()
@@ -87,35 +84,16 @@ def test_fresh_adapters_leave_encoder_output_unchanged(visual, variant):
 
 
 # ---------------------------------------------------------------- invariant 2: parameter counts
-@pytest.mark.parametrize(
-    "method, options, expected",
-    [
-        ("convpass", {}, 327_552),
-        ("convpass_attn", {}, 163_776),
-        ("convpass", {"placement": "mlp"}, 163_776),
-        ("convpass_share", {"dim": 32}, 56_064),
-    ],
-)
-def test_vit_b16_trainable_counts(vit_b16, method, options, expected):
-    layers, width = len(vit_b16.transformer.resblocks), vit_b16.transformer.width
-    assert (layers, width) == (12, 768)
-    try:
-        modules = add_adapters(vit_b16, method, **options)
-        assert count_trainable(vit_b16) == expected
-        assert count_trainable(modules) == expected
-        if method == "convpass":
-            assert expected == _expected_convpass(layers, width, 8, placements=2 if not options else 1)
-    finally:
-        remove_adapters(vit_b16)
-
-
-def test_vit_b16_remove_adapters_restores_plain_blocks(vit_b16):
-    keys = set(vit_b16.state_dict())
-    add_adapters(vit_b16, "convpass_share", dim=4)
-    remove_adapters(vit_b16)
-    assert set(vit_b16.state_dict()) == keys
-    assert all(type(b) is ResidualAttentionBlock for b in vit_b16.transformer.resblocks)
-    assert count_trainable(vit_b16) == 0
+# (exact ViT-B/16 counts of every registered kind: tests/test_adapter_contract.py)
+def test_remove_adapters_restores_plain_blocks(visual):
+    keys = set(visual.state_dict())
+    add_adapters(visual, "convpass_share", dim=4)
+    remove_adapters(visual)
+    assert set(visual.state_dict()) == keys
+    assert all(type(b) is ResidualAttentionBlock for b in visual.transformer.resblocks)
+    assert all(type(b.attn) is nn.MultiheadAttention and type(b.mlp) is nn.Sequential
+               for b in visual.transformer.resblocks)
+    assert count_trainable(visual) == 0
 
 
 @pytest.mark.parametrize("kernel", [1, 3, 5])
@@ -140,7 +118,7 @@ def test_share_projections_are_one_object_registered_once(visual):
     shared = modules[0]
     assert isinstance(shared, SharedProjections)
     assert all(m.shared is shared for m in modules[1:])
-    names = list(adapter_state_dict(visual))
+    names = list(trainable_state_dict(visual))
     assert sum(".down.weight" in n for n in names) == 1
     assert all(m.conv.groups == 4 and m.conv.bias is None for m in modules[1:])
 
@@ -225,21 +203,43 @@ def test_only_adapters_require_grad_and_receive_grads(visual):
             assert param.grad is None, name
 
 
-def test_blocks_stay_residual_attention_blocks_with_unchanged_keys(tiny_config, visual):
+def test_blocks_stay_open_clip_blocks_with_unchanged_keys(tiny_config, visual):
     before = copy.deepcopy(visual.state_dict())
     add_adapters(visual, "convpass")
-    assert all(isinstance(b, ResidualAttentionBlock) and isinstance(b, ConvpassBlock) for b in visual.transformer.resblocks)
-    assert visual.transformer.get_cast_dtype() == torch.float32
+    for block in visual.transformer.resblocks:
+        assert type(block) is ResidualAttentionBlock
+        assert isinstance(block.attn, ParallelAdapter) and isinstance(block.attn.base_layer, nn.MultiheadAttention)
+        assert isinstance(block.mlp, ParallelAdapter) and isinstance(block.mlp.base_layer, nn.Sequential)
+        assert block.attn.in_proj_weight is block.attn.base_layer.in_proj_weight  # aliased, not copied
+        assert block.attn.embed_dim == visual.transformer.width  # attributes read through
+    assert visual.transformer.get_cast_dtype() == torch.float32  # reads resblocks[0].mlp.c_fc
     adapted = visual.state_dict()
-    adapter_keys = set(adapter_state_dict(visual))
+    adapter_keys = set(trainable_state_dict(visual))
     assert set(adapted) - adapter_keys == set(before)
-    assert all(".cp_attn." in k or ".cp_mlp." in k for k in adapter_keys)
+    assert adapter_keys and all(".attn.adapter." in k or ".mlp.adapter." in k for k in adapter_keys)
+    assert not any("cp_" in k for k in adapted)
 
     fresh = open_clip.create_model(tiny_config.stem, pretrained=None).visual
     fresh.load_state_dict(before, strict=True)
     fresh.load_state_dict({k: v for k, v in adapted.items() if k not in adapter_keys}, strict=True)
-    result = visual.load_state_dict(before, strict=False)
+    shifted = {k: v + 1.0 for k, v in before.items()}  # an "original checkpoint" loads into the adapted model
+    result = visual.load_state_dict(shifted, strict=False)
     assert set(result.missing_keys) == adapter_keys and result.unexpected_keys == []
+    block = visual.transformer.resblocks[0]
+    assert torch.equal(block.attn.base_layer.in_proj_weight, shifted["transformer.resblocks.0.attn.in_proj_weight"])
+
+
+def test_freezing_by_identity_and_device_moves_keep_the_alias(visual):
+    modules = add_adapters(visual, "convpass")
+    block = visual.transformer.resblocks[0]
+    visual.double()
+    assert block.attn.base_layer.in_proj_weight.dtype == torch.float64
+    assert block.attn.in_proj_weight is block.attn.base_layer.in_proj_weight
+    visual.float()
+    backbone_ids = {id(p) for p in visual.parameters()} - {id(p) for p in modules.parameters()}
+    assert id(block.attn.base_layer.in_proj_weight) in backbone_ids
+    assert id(block.mlp.base_layer.c_fc.weight) in backbone_ids
+    assert not any(p.requires_grad for p in block.attn.base_layer.parameters())
 
 
 def test_gradient_checkpointing_gives_same_output_and_grads(visual):
@@ -269,37 +269,58 @@ def test_block_keeps_open_clip_call_signature_and_shares_layer_norm(visual):
     calls = []
     block.ln_1.register_forward_hook(lambda *args: calls.append("ln_1"))
     block.ln_2.register_forward_hook(lambda *args: calls.append("ln_2"))
+    seen = []
+    block.attn.adapter.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    block.ln_1.register_forward_hook(lambda module, args, out: seen.append(out))
     tokens = torch.randn(2, 17, visual.transformer.width)
     torch.testing.assert_close(block(tokens, None, None, None), block(tokens))
-    assert calls == ["ln_1", "ln_2", "ln_1", "ln_2"]
-    with pytest.raises(ValueError, match="k_x and v_x"):
-        block(tokens, tokens)
+    assert calls == ["ln_1", "ln_2", "ln_1", "ln_2"]  # each LayerNorm once per call, shared by both branches
+    assert seen[1] is seen[0]  # the adapter reads the very tensor ln_1 produced
 
 
 def test_sequential_adapter_reads_sub_block_output():
     torch.manual_seed(0)
     block = ResidualAttentionBlock(8, 2).eval()
-    cp_attn = Convpass(8, 4, dropout=0.0)
-    _randomize(cp_attn)
-    wrapped = ConvpassBlock(block, cp_attn, None, scale=0.5, sequential=True)
+    reference = copy.deepcopy(block)
+    adapter = Convpass(8, 4, dropout=0.0)
+    _randomize(adapter)
+    block.attn = SequentialAdapter(block.attn, adapter, scale=0.5)
     x = torch.randn(2, 10, 8)
-    a = block.ls_1(block.attention(block.ln_1(x)))
-    y = x + a + 0.5 * cp_attn(a)
-    expected = y + block.ls_2(block.mlp(block.ln_2(y)))
-    torch.testing.assert_close(wrapped(x), expected)
+    a = reference.ls_1(reference.attention(reference.ln_1(x)))
+    y = x + a + 0.5 * adapter(a)
+    expected = y + reference.ls_2(reference.mlp(reference.ln_2(y)))
+    torch.testing.assert_close(block(x), expected)
 
 
-def test_parallel_adapter_reads_normalized_input():
+def test_parallel_adapter_reads_normalized_input_and_handles_tuple_and_tensor_outputs():
     torch.manual_seed(0)
     block = ResidualAttentionBlock(8, 2).eval()
+    reference = copy.deepcopy(block)
     cp_attn, cp_mlp = Convpass(8, 4, dropout=0.0), Convpass(8, 4, dropout=0.0)
     _randomize(nn.ModuleList([cp_attn, cp_mlp]))
-    wrapped = ConvpassBlock(block, cp_attn, cp_mlp, scale=2.0)
+    block.attn = ParallelAdapter(block.attn, cp_attn, scale=2.0)  # nn.MultiheadAttention: a tuple
+    block.mlp = ParallelAdapter(block.mlp, cp_mlp, scale=2.0)  # nn.Sequential: a tensor
     x = torch.randn(2, 10, 8)
-    n1 = block.ln_1(x)
-    y = x + block.attention(n1) + 2.0 * cp_attn(n1)
-    n2 = block.ln_2(y)
-    torch.testing.assert_close(wrapped(x), y + block.mlp(n2) + 2.0 * cp_mlp(n2))
+    n1 = reference.ln_1(x)
+    y = x + reference.attention(n1) + 2.0 * cp_attn(n1)
+    n2 = reference.ln_2(y)
+    torch.testing.assert_close(block(x), y + reference.mlp(n2) + 2.0 * cp_mlp(n2))
+    out, weights = block.attn(n1, n1, n1, need_weights=True)
+    assert weights.shape == (2, 10, 10)
+    torch.testing.assert_close(out, reference.attn(n1, n1, n1)[0] + 2.0 * cp_attn(n1))
+
+
+def test_wrapper_of_a_tensor_returning_attention_module():
+    from open_clip.transformer import Attention
+
+    torch.manual_seed(0)
+    attention = Attention(8, 2).eval()
+    adapter = Convpass(8, 4, dropout=0.0)
+    _randomize(adapter)
+    wrapped = ParallelAdapter(attention, adapter, scale=3.0)
+    x = torch.randn(2, 10, 8)
+    torch.testing.assert_close(wrapped(x), attention(x) + 3.0 * adapter(x))
+    assert set(wrapped.state_dict()) == set(attention.state_dict()) | {f"adapter.{k}" for k in adapter.state_dict()}
 
 
 # ---------------------------------------------------------------- bad input and dtypes
@@ -307,16 +328,18 @@ def test_non_square_token_count_is_refused():
     with pytest.raises(ValueError, match="not a perfect square"):
         Convpass(8, 4)(torch.randn(1, 1 + 12, 8))
     with pytest.raises(ValueError, match="3×4 grid"):
-        Convpass(8, 4, grid_size=(3, 4))(torch.randn(1, 1 + 16, 8))
-    assert Convpass(8, 4, grid_size=(3, 4))(torch.randn(1, 1 + 12, 8)).shape == (1, 13, 8)
+        Convpass(8, 4, layout=TokenLayout(grid=(3, 4)))(torch.randn(1, 1 + 16, 8))
+    assert Convpass(8, 4, layout=TokenLayout(grid=(3, 4)))(torch.randn(1, 1 + 12, 8)).shape == (1, 13, 8)
 
 
 @pytest.mark.parametrize(
     "options, match",
     [
-        ({"method": "lora_nope"}, "unknown adapter method 'lora_nope'; known methods: .*convpass"),
-        ({"placement": "ffn"}, "unknown placement 'ffn'"),
-        ({"method": "convpass_attn", "placement": "mlp"}, "implies placement 'attn'"),
+        ({"kind": "lora_nope"}, "unknown adapter kind 'lora_nope'; known kinds: .*convpass"),
+        ({"placement": "ffn"}, "placement"),
+        ({"kind": "convpass_attn", "placement": "mlp"}, "implies placement 'attn'"),
+        ({"rank": 4}, r"unknown option\(s\) \['rank'\] for ConvpassConfig; known options: .*'dim'"),
+        ({"drop_path": 1.0}, "drop_path"),
         ({"dim": 0}, "positive integer"),
         ({"dim": -3}, "positive integer"),
         ({"kernel_size": 2}, "positive odd"),
@@ -329,7 +352,8 @@ def test_bad_arguments_are_refused_before_touching_the_encoder(visual, options, 
     with pytest.raises(ValueError, match=match):
         add_adapters(visual, **options)
     assert set(visual.state_dict()) == keys
-    assert all(type(b) is ResidualAttentionBlock for b in visual.transformer.resblocks)
+    assert all(type(b) is ResidualAttentionBlock and type(b.attn) is nn.MultiheadAttention
+               for b in visual.transformer.resblocks)
 
 
 def test_second_call_is_refused_until_adapters_are_removed(visual):
@@ -356,20 +380,38 @@ def test_patch_dropout_encoder_is_refused(tmp_path):
 def test_encoders_without_residual_attention_blocks_are_refused(tmp_path):
     with pytest.raises(TypeError, match="open_clip VisionTransformer"):
         add_adapters(nn.Sequential(nn.Linear(4, 4)))
-    path = write_tiny_config(tmp_path, "tiny-qknorm", vision_cfg={"qk_norm": True})
+    path = write_tiny_config(tmp_path, "tiny-scale-attn", vision_cfg={"scale_attn": True})
     open_clip.add_model_config(path)
     custom = open_clip.create_model(path.stem, pretrained=None).visual
-    with pytest.raises(TypeError, match="CustomResidualAttentionBlock"):
+    with pytest.raises(TypeError, match="ln_attn"):
         add_adapters(custom)
 
 
-def test_registry_lists_methods_and_refuses_unknown_or_duplicate_names():
+def test_custom_blocks_with_open_clips_attention_module_are_wrapped(tmp_path):
+    """qk_norm builds CustomResidualAttentionBlocks whose `attn` is open_clip's `Attention` (a tensor output)."""
+    path = write_tiny_config(tmp_path, "tiny-qknorm", vision_cfg={"qk_norm": True})
+    open_clip.add_model_config(path)
+    torch.manual_seed(0)
+    custom = open_clip.create_model(path.stem, pretrained=None).visual.eval()
+    images = _images(custom)
+    with torch.no_grad():
+        before = custom(images)
+    modules = add_adapters(custom, "convpass")
+    with torch.no_grad():
+        torch.testing.assert_close(custom(images), before, atol=0, rtol=0)
+        _randomize(modules)
+        assert not torch.allclose(custom(images), before, atol=1e-3)
+
+
+def test_registry_lists_kinds_and_refuses_unknown_or_duplicate_names():
     assert {"convpass", "convpass_attn", "convpass_share"} <= set(ADAPTERS)
     assert get_adapter("convpass_attn").placement == "attn"
-    with pytest.raises(ValueError, match="known methods"):
+    with pytest.raises(ValueError, match="known kinds"):
         get_adapter("nope")
     with pytest.raises(ValueError, match="already registered"):
-        register_adapter("convpass")(lambda width, **kw: None)
+        register_adapter("convpass", config=ConvpassConfig)(lambda config, target: None)
+    with pytest.raises(TypeError, match="AdapterConfig subclass"):
+        register_adapter("other", config=dict)
 
 
 def test_fp32_adapters_run_in_a_bf16_trunk(tiny_config):
@@ -487,3 +529,117 @@ def test_benchmark_refuses_bad_sizes(tiny_config):
 
     with pytest.raises(ValueError, match="--batch"):
         run_benchmark(BenchConfig(model=str(tiny_config), batch=0))
+
+
+# ---------------------------------------------------------------- drop_path (stochastic depth, issue 8)
+def test_drop_path_zero_changes_nothing_and_draws_no_random_numbers(visual):
+    """Train mode, drop_path=0: bit-identical to the block computed by hand (same operation order)."""
+    modules = add_adapters(visual, "convpass", dropout=0.0, drop_path=0.0, scale=0.5)
+    _randomize(modules)
+    visual.train()
+    tokens = torch.randn(2, 1 + 16, visual.transformer.width)
+    expected = tokens
+    for block in visual.transformer.resblocks:
+        n1 = block.ln_1(expected)
+        expected = expected + block.ls_1(block.attn.base_layer(n1, n1, n1, need_weights=False)[0]
+                                         + 0.5 * block.attn.adapter(n1))
+        n2 = block.ln_2(expected)
+        expected = expected + block.ls_2(block.mlp.base_layer(n2) + 0.5 * block.mlp.adapter(n2))
+    state = torch.get_rng_state()
+    out = visual.transformer(tokens)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(out, expected)
+
+
+def test_drop_path_rates_grow_linearly_over_depth(tiny_backbone):
+    from clipconv.adapters import adapted_modules
+
+    path = tiny_backbone.visual
+    add_adapters(path, "convpass", drop_path=0.2)
+    rates = [w.drop_rate for w in adapted_modules(path)]
+    layers = len(path.transformer.resblocks)
+    expected = [0.2 * i / (layers - 1) for i in range(layers) for _ in ("attn", "mlp")]
+    assert rates == pytest.approx(expected) and rates[-1] == pytest.approx(0.2)
+
+
+def _constant_wrapper(rate: float, sequential: bool = False) -> nn.Module:
+    """Trunk returns 1 everywhere, the adapter 10: every combination of kept/dropped terms is recognizable."""
+
+    class Constant(nn.Module):
+        def __init__(self, value: float) -> None:
+            super().__init__()
+            self.value = nn.Parameter(torch.tensor(value))
+
+        def forward(self, x):
+            return torch.ones_like(x) * self.value
+
+    wrapper = SequentialAdapter if sequential else ParallelAdapter
+    return wrapper(Constant(1.0), Constant(10.0), scale=1.0, drop_rate=rate)
+
+
+def test_drop_path_drops_trunk_and_adapter_per_sample_with_independent_masks():
+    torch.manual_seed(0)
+    rate = 0.5
+    wrapped = _constant_wrapper(rate).train()
+    out = wrapped(torch.zeros(400, 5, 3))
+    per_sample = out[:, 0, 0]
+    assert torch.equal(out, per_sample[:, None, None].expand_as(out))  # one decision per sample, all tokens
+    values = {round(float(v), 4) for v in per_sample.detach()}
+    assert values == {0.0, 1.0 / rate, 10.0 / rate, 11.0 / rate}  # both, trunk only, adapter only, none dropped
+    assert wrapped.eval()(torch.zeros(4, 5, 3)).eq(11.0).all()  # eval: nothing dropped, nothing rescaled
+
+
+def test_drop_path_in_train_mode_changes_the_encoder_output_and_eval_does_not(visual):
+    modules = add_adapters(visual, "convpass", dropout=0.0, drop_path=0.9)
+    _randomize(modules)
+    images = _images(visual, batch=8)
+    with torch.no_grad():
+        evaluated = visual.eval()(images)
+        again = visual(images)
+        visual.train()
+        torch.manual_seed(0)
+        trained = visual(images)
+    assert torch.equal(evaluated, again)
+    assert not torch.allclose(trained, evaluated, atol=1e-3)
+
+
+def test_a_deep_copy_of_an_adapted_encoder_keeps_its_aliases_and_is_independent(visual):
+    _randomize(add_adapters(visual, "convpass"))
+    clone = copy.deepcopy(visual)
+    block, twin = visual.transformer.resblocks[0], clone.transformer.resblocks[0]
+    assert twin.attn.in_proj_weight is twin.attn.base_layer.in_proj_weight
+    assert twin.mlp.c_fc is twin.mlp.base_layer.c_fc
+    assert twin.attn.in_proj_weight is not block.attn.in_proj_weight
+    images = _images(visual)
+    with torch.no_grad():
+        assert torch.equal(clone(images), visual(images))
+        twin.attn.base_layer.in_proj_weight.add_(1.0)
+        assert torch.equal(twin.attn.in_proj_weight, twin.attn.base_layer.in_proj_weight)
+        assert not torch.equal(clone(images), visual(images))
+
+
+def test_prompt_tokens_are_skipped_by_the_grid_and_go_through_the_centre_tap():
+    """Layout [cls, 2 prompts, 3×3 patches, 1 appended prompt]: non-patch tokens only see themselves."""
+    torch.manual_seed(0)
+    side, prefix, suffix = 3, 3, 1
+    adapter = Convpass(8, 4, layout=TokenLayout(grid=(side, side), prefix=prefix, suffix=suffix)).eval().double()
+    _randomize(adapter)
+    tokens = torch.randn(1, prefix + side * side + suffix, 8, dtype=torch.float64)
+    found = _dependency(adapter, tokens)
+    grid = _expected_dependency(side, 1)[1:, 1:]
+    expected = torch.eye(tokens.shape[1], dtype=torch.bool)
+    expected[prefix:prefix + side * side, prefix:prefix + side * side] = grid
+    assert torch.equal(found, expected)
+    hidden = adapter.act(adapter.down(tokens[:, 1:2]))  # a prompt token = [cls]'s 1×1-image path
+    centre = adapter.conv.weight[:, :, 1, 1]
+    want = adapter.up(adapter.act(hidden @ centre.t() + adapter.conv.bias))
+    torch.testing.assert_close(adapter(tokens)[:, 1:2], want)
+    with pytest.raises(ValueError, match="3 \\+ 9 \\+ 1 tokens"):
+        adapter(tokens[:, :-2])
+
+
+def test_encoder_layout_comes_from_the_model(visual):
+    from clipconv.adapters import encoder_layout
+
+    assert encoder_layout(visual) == TokenLayout(grid=tuple(visual.grid_size), prefix=1)
+    assert encoder_layout(visual, prompt_tokens=4).prefix == 5

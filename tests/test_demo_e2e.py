@@ -54,10 +54,9 @@ def test_sixteen_shot_convpass_beats_zero_shot_through_its_adapters(small_world)
     zero_shot = _accuracy(lambda x: F.normalize(backbone.model.encode_image(x), dim=-1) @ weights.t(),
                           small_world, source, backbone.eval_transform)
 
-    options = {**DEMO_TRAIN_DEFAULTS["convpass"], "workers": 0}
-    method = build_method("convpass", **options)
+    method = build_method("convpass", **DEMO_TRAIN_DEFAULTS["convpass"])
     ctx = FitContext(backbone=backbone, classnames=classes.names, data_root=small_world, train=split.train,
-                     class_ids=classes.ids, class_hash=classes.hash(), log=lambda *_: None)
+                     class_ids=classes.ids, class_hash=classes.hash(), workers=0, log=lambda *_: None)
     classifier = method.build(ctx)
     before = _accuracy(classifier, small_world, source, backbone.eval_transform)
     assert before == zero_shot, "an untrained classifier must be zero-shot CLIP"  # same correct count

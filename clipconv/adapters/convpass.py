@@ -2,7 +2,7 @@
 Vision Transformer Adapters", §3.2–3.3)."""
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -10,22 +10,36 @@ import torch.nn.functional as F
 from open_clip.transformer import QuickGELU
 from torch import nn
 
-from .registry import AdapterFactory, register_adapter
+from ..config import option
+from .registry import AdapterConfig, AdapterFactory, AdapterTarget, register_adapter
+from .tokens import TokenLayout
 
-__all__ = ["Convpass", "SharedProjections", "CONV_INITS", "grid_from_tokens"]
+__all__ = ["Convpass", "ConvpassConfig", "SharedProjections", "CONV_INITS"]
 
 CONV_INITS = ("identity", "xavier")
 
 
-def grid_from_tokens(num_tokens: int) -> tuple[int, int]:
-    """(H, W) of a square patch grid from a token count 1 + H·W ([cls] first)."""
-    side = math.isqrt(max(num_tokens - 1, 0))
-    if num_tokens < 2 or side * side != num_tokens - 1:
-        raise ValueError(
-            f"Convpass expects tokens ([cls] + a square H×W patch grid), got {num_tokens} tokens: "
-            f"{num_tokens} - 1 is not a perfect square; give grid_size=(H, W) for a non-square grid"
-        )
-    return side, side
+@dataclass
+class ConvpassConfig(AdapterConfig):
+    """Convpass hyper-parameters (paper §3.2, Table 3) on top of the wrapper's placement/scale/drop_path."""
+
+    dim: int = option(8, help="bottleneck width h (the paper's 8; 32 for convpass_share)")
+    kernel_size: int = option(3, help="k of the k×k conv over the patch grid (1: the Table 6 ablation)")
+    conv_init: str = option("identity", choices=CONV_INITS,
+                            help="conv init: identity (1 at each channel's centre tap) or xavier")
+    dropout: float = option(0.1, help="dropout before the up-projection (the official code's 0.1)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0:
+            raise ValueError(f"adapter dim (bottleneck width h) must be a positive integer, got {self.dim!r}")
+        if isinstance(self.kernel_size, bool) or not isinstance(self.kernel_size, int) \
+                or self.kernel_size <= 0 or self.kernel_size % 2 == 0:
+            raise ValueError(f"Convpass kernel_size must be a positive odd number, got {self.kernel_size!r}")
+        if self.conv_init not in CONV_INITS:
+            raise ValueError(f"Convpass conv_init must be one of {CONV_INITS}, got '{self.conv_init}'")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"Convpass dropout must be in [0, 1), got {self.dropout!r}")
 
 
 class SharedProjections(nn.Module):
@@ -42,8 +56,8 @@ class SharedProjections(nn.Module):
 class Convpass(nn.Module):
     """down (d→h) → QuickGELU → k×k conv over the patch grid → QuickGELU → Dropout → up (h→d).
 
-    Input and output: tokens (B, 1 + H·W, width), [cls] first, patches row-major. The grid is
-    `grid_size` when given, otherwise inferred as square from the token count. The [cls] token goes
+    Input and output: tokens (B, N, width) laid out as `layout` says (default: [cls] first, then a
+    square row-major patch grid inferred from N). Every non-patch token ([cls], prompt tokens) goes
     through the same conv as a 1×1 image, i.e. a linear map by the kernel's centre tap.
 
     With `share` (a `SharedProjections`), this is the `convpass_share` adapter: the shared bias-free
@@ -60,7 +74,7 @@ class Convpass(nn.Module):
         conv_init: str = "identity",
         dropout: float = 0.1,
         share: Optional[SharedProjections] = None,
-        grid_size: Optional[tuple[int, int]] = None,
+        layout: Optional[TokenLayout] = None,
     ) -> None:
         super().__init__()
         if width <= 0 or dim <= 0:
@@ -77,7 +91,7 @@ class Convpass(nn.Module):
                 f"but this Convpass has width={width}, dim={dim}"
             )
         self.width, self.dim, self.kernel_size = width, dim, kernel_size
-        self.grid_size = tuple(grid_size) if grid_size is not None else None
+        self.layout = layout if layout is not None else TokenLayout()
         self._share = (share,) if share is not None else ()  # a tuple: not registered as a child
         if share is None:
             self.down = nn.Linear(width, dim)
@@ -128,25 +142,21 @@ class Convpass(nn.Module):
             return cls * tap[:, 0]
         return F.linear(cls, tap, self.conv.bias)
 
+    def _centre_tap(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        return self._cls_conv(hidden) if hidden.shape[1] else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.width:
-            raise ValueError(f"Convpass expects tokens (B, 1 + H·W, {self.width}), got shape {tuple(x.shape)}")
+            raise ValueError(f"Convpass expects tokens (B, N, {self.width}), got shape {tuple(x.shape)}")
         batch, num_tokens, _ = x.shape
-        if self.grid_size is None:
-            height, width = grid_from_tokens(num_tokens)
-        else:
-            height, width = self.grid_size
-            if num_tokens != 1 + height * width:
-                raise ValueError(
-                    f"Convpass was built for a {height}×{width} grid (1 + {height * width} tokens), "
-                    f"got {num_tokens} tokens"
-                )
+        height, width = self.layout.grid_for(num_tokens)
+        start, end = self.layout.prefix, self.layout.prefix + height * width
         hidden = self.act(self._project("down", x))
         # (B, H·W, h) viewed as NCHW with channels-last strides: no copy in or out of the conv.
-        patches = hidden[:, 1:].reshape(batch, height, width, self.dim).permute(0, 3, 1, 2)
+        patches = hidden[:, start:end].reshape(batch, height, width, self.dim).permute(0, 3, 1, 2)
         patches = self.conv(patches).permute(0, 2, 3, 1).reshape(batch, height * width, self.dim)
-        cls = self._cls_conv(hidden[:, :1])
-        hidden = self.dropout(self.act(torch.cat([cls, patches], dim=1)))
+        parts = [self._centre_tap(hidden[:, :start]), patches, self._centre_tap(hidden[:, end:])]
+        hidden = self.dropout(self.act(torch.cat([p for p in parts if p is not None], dim=1)))
         return self._project("up", hidden)
 
     def extra_repr(self) -> str:
@@ -154,25 +164,25 @@ class Convpass(nn.Module):
         return f"width={self.width}, dim={self.dim}, kernel_size={self.kernel_size}, {kind}"
 
 
-@register_adapter("convpass")
-def build_convpass(width: int, *, dim: int = 8, kernel_size: int = 3, conv_init: str = "identity",
-                   dropout: float = 0.1, grid_size: Optional[tuple[int, int]] = None) -> AdapterFactory:
+@register_adapter("convpass", config=ConvpassConfig)
+def build_convpass(config: ConvpassConfig, target: AdapterTarget) -> AdapterFactory:
     """Convpass (§3.2): one full adapter per sub-block."""
-    return AdapterFactory(make=lambda: Convpass(width, dim, kernel_size, conv_init, dropout, grid_size=grid_size))
+    return AdapterFactory(make=lambda site: Convpass(target.width, config.dim, config.kernel_size, config.conv_init,
+                                                     config.dropout, layout=target.layout))
 
 
-@register_adapter("convpass_attn", placement="attn")
-def build_convpass_attn(width: int, **options) -> AdapterFactory:
+@register_adapter("convpass_attn", config=ConvpassConfig, placement="attn")
+def build_convpass_attn(config: ConvpassConfig, target: AdapterTarget) -> AdapterFactory:
     """Convpass parallel to attention only."""
-    return build_convpass(width, **options)
+    return build_convpass(config, target)
 
 
-@register_adapter("convpass_share")
-def build_convpass_share(width: int, *, dim: int = 8, kernel_size: int = 3, conv_init: str = "identity",
-                         dropout: float = 0.1, grid_size: Optional[tuple[int, int]] = None) -> AdapterFactory:
+@register_adapter("convpass_share", config=ConvpassConfig)
+def build_convpass_share(config: ConvpassConfig, target: AdapterTarget) -> AdapterFactory:
     """Convpass_share (§3.3): shared bias-free 1×1 down/up, a depthwise bias-free conv per adapter."""
-    shared = SharedProjections(width, dim)
+    shared = SharedProjections(target.width, config.dim)
     return AdapterFactory(
-        make=lambda: Convpass(width, dim, kernel_size, conv_init, dropout, share=shared, grid_size=grid_size),
+        make=lambda site: Convpass(target.width, config.dim, config.kernel_size, config.conv_init, config.dropout,
+                                   share=shared, layout=target.layout),
         shared=shared,
     )

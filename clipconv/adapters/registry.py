@@ -1,58 +1,146 @@
-"""Adapter methods by name: `register_adapter` fills `ADAPTERS`, `get_adapter` looks one up."""
+"""Adapter kinds by name: each kind is a config dataclass + a builder, registered once.
+
+Adding an adapter kind
+----------------------
+1. Write the module: `forward(tokens (B, N, width)) -> (B, N, width)`, initialized so that it outputs
+   exactly zero (e.g. a zero up-projection): then a fresh adapter leaves the encoder unchanged.
+   Grid-aware modules take a `TokenLayout` (clipconv/adapters/tokens.py) and skip non-patch tokens.
+2. Write its config: `@dataclass class MyConfig(AdapterConfig)` with one `option(default, help=...)`
+   field per hyper-parameter (validate them in `__post_init__`). `AdapterConfig` already holds the
+   options of the wrapper around each sub-block: placement, sequential, scale, drop_path.
+3. Register a builder that makes the adapters of one encoder:
+
+       @register_adapter("my_kind", config=MyConfig)
+       def build_my_kind(config: MyConfig, target: AdapterTarget) -> AdapterFactory:
+           return AdapterFactory(make=lambda site: MyModule(target.width, config.rank))
+
+   `make(site)` is called once per wrapped sub-block (`site` is "attn" or "mlp"); modules shared by all
+   adapters go in `AdapterFactory(shared=...)` (registered once on the encoder). `placement="attn"` in
+   `register_adapter` fixes the placement a kind implies (as `convpass_attn` does).
+4. Import the module in clipconv/adapters/__init__.py. The contract tests (tests/test_adapter_contract.py)
+   are parametrized over this registry and check the new kind at once: zero-init identity, gradients
+   only in its own weights, checkpoint round trip, backbone untouched by a training step.
+5. To train it as a method, register an `AdapterTuning` subclass in clipconv/methods/finetune.py with
+   `adapter_kind = "my_kind"`; its options come from MyConfig automatically.
+
+Kinds that modify leaf weights instead of sitting beside a sub-block (LoRA on the packed
+`in_proj_weight`, say) would add their own injection (e.g. `torch.nn.utils.parametrize`); the registry
+entry, the config base and `trainable_state_dict` stay as they are.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from torch import nn
 
-__all__ = ["AdapterFactory", "AdapterMethod", "ADAPTERS", "register_adapter", "get_adapter", "PLACEMENTS"]
+from ..config import Config, option
+from .tokens import TokenLayout
+
+__all__ = ["AdapterConfig", "AdapterFactory", "AdapterKind", "AdapterTarget", "ADAPTERS", "PLACEMENTS",
+           "register_adapter", "get_adapter", "make_config"]
 
 PLACEMENTS = ("attn+mlp", "attn", "mlp")
 
 
 @dataclass
-class AdapterFactory:
-    """Makes the adapters of one encoder: `make()` returns a new adapter for one sub-block;
-    `shared` holds modules every adapter uses (registered once on the encoder), or None."""
+class AdapterConfig(Config):
+    """Options of the wrapper around each adapted sub-block, shared by every kind (subclass per kind)."""
 
-    make: Callable[[], nn.Module]
+    placement: Optional[str] = option(None, choices=(None, *PLACEMENTS),
+                                      help="sub-blocks to adapt: attn+mlp, attn or mlp (default: the kind's own, "
+                                           "else attn+mlp)")
+    sequential: bool = option(False, help="adapter after its sub-block, reading its output (the Seq- ablations), "
+                                          "instead of beside it reading the same normalized input")
+    scale: float = option(1.0, help="scale s of the adapter branch")
+    drop_path: float = option(0.0, help="stochastic depth rate of the last block (linearly 0 → rate over depth, "
+                                        "timm's rule), applied to the trunk branch and the adapter branch with "
+                                        "independent masks, as the official Convpass code does; 0 = off")
+
+    def __post_init__(self) -> None:
+        if self.placement is not None and self.placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement '{self.placement}'; choose one of {PLACEMENTS}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise ValueError(f"adapter scale must be a finite number, got {self.scale!r}")
+        if not isinstance(self.drop_path, (int, float)) or not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path!r}")
+        self.scale = float(self.scale)
+        self.drop_path = float(self.drop_path)
+
+
+@dataclass(frozen=True)
+class AdapterTarget:
+    """What a builder may know about the encoder it adapts."""
+
+    width: int
+    layers: int
+    layout: TokenLayout
+
+
+@dataclass
+class AdapterFactory:
+    """Makes the adapters of one encoder: `make(site)` returns a new adapter for one sub-block ("attn" or
+    "mlp"); `shared` holds modules every adapter uses (registered once on the encoder), or None."""
+
+    make: Callable[[str], nn.Module]
     shared: Optional[nn.Module] = None
 
 
 @dataclass(frozen=True)
-class AdapterMethod:
-    """A registered adapter method.
-
-    `build(width, dim=, kernel_size=, conv_init=, dropout=) -> AdapterFactory`;
-    `placement` is the placement the method implies (e.g. "attn" for convpass_attn), or None.
-    """
+class AdapterKind:
+    """A registered adapter kind: its config dataclass, its builder and the placement it implies (or None)."""
 
     name: str
-    build: Callable[..., AdapterFactory]
+    config: type[AdapterConfig]
+    build: Callable[[Any, AdapterTarget], AdapterFactory]
     placement: Optional[str] = None
 
+    def resolve_placement(self, config: AdapterConfig) -> str:
+        placement = config.placement or self.placement or "attn+mlp"
+        if self.placement is not None and placement != self.placement:
+            raise ValueError(f"adapter kind '{self.name}' implies placement '{self.placement}', "
+                             f"got placement='{placement}'")
+        return placement
 
-ADAPTERS: dict[str, AdapterMethod] = {}
+
+ADAPTERS: dict[str, AdapterKind] = {}
 
 
-def register_adapter(name: str, placement: Optional[str] = None) -> Callable:
-    """Decorator registering `build(width, *, dim, kernel_size, conv_init, dropout) -> AdapterFactory`."""
+def register_adapter(name: str, *, config: type[AdapterConfig], placement: Optional[str] = None) -> Callable:
+    """Decorator registering `build(config, target) -> AdapterFactory` as adapter kind `name`."""
     if placement is not None and placement not in PLACEMENTS:
         raise ValueError(f"placement of adapter '{name}' must be one of {PLACEMENTS} or None, got '{placement}'")
+    if not (isinstance(config, type) and issubclass(config, AdapterConfig)):
+        raise TypeError(f"adapter '{name}': config must be an AdapterConfig subclass, got {config!r}")
 
-    def decorate(build: Callable[..., AdapterFactory]) -> Callable[..., AdapterFactory]:
+    def decorate(build: Callable[[Any, AdapterTarget], AdapterFactory]) -> Callable:
         if name in ADAPTERS:
-            raise ValueError(f"adapter method '{name}' is already registered")
-        ADAPTERS[name] = AdapterMethod(name=name, build=build, placement=placement)
+            raise ValueError(f"adapter kind '{name}' is already registered")
+        ADAPTERS[name] = AdapterKind(name=name, config=config, build=build, placement=placement)
         return build
 
     return decorate
 
 
-def get_adapter(name: str) -> AdapterMethod:
-    """The registered method called `name`; ValueError listing the known ones otherwise."""
+def get_adapter(name: str) -> AdapterKind:
+    """The registered kind called `name`; ValueError listing the known ones otherwise."""
     try:
         return ADAPTERS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown adapter method '{name}'; known methods: {sorted(ADAPTERS)}") from None
+        raise ValueError(f"unknown adapter kind '{name}'; known kinds: {sorted(ADAPTERS)}") from None
+
+
+def make_config(kind: str, config: Optional[AdapterConfig] = None, **options: Any) -> AdapterConfig:
+    """The config of `kind`: `config` as given (no extra options allowed then) or built from `options`
+    (unknown ones raise with the list of known ones)."""
+    spec = get_adapter(kind)
+    if config is not None:
+        if options:
+            raise ValueError(f"give either a config or options for adapter '{kind}', not both ({sorted(options)})")
+        if not isinstance(config, spec.config):
+            raise TypeError(f"adapter '{kind}' takes a {spec.config.__name__}, got {type(config).__name__}")
+    else:
+        config = spec.config.from_options(options)
+    spec.resolve_placement(config)  # a placement the kind excludes fails here, before any model is touched
+    return config

@@ -10,54 +10,21 @@ from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, TypeVar
 import torch
 
 from ..backbone import Backbone
+from ..config import Config, ConfigT, option
 
 __all__ = ["FitContext", "Method", "MethodConfig", "option", "METHODS", "register_method", "build_method",
            "method_names", "config_from", "MethodReferenceTemplates", "METHOD_REFERENCE_TEMPLATES", "method_option_defaults"]
 
 Sample = tuple[str, int]
-ConfigT = TypeVar("ConfigT", bound="MethodConfig")
-
-
-def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
-           choices: Optional[Sequence[Any]] = None) -> Any:
-    """A config field that carries its help text (and allowed values), as PEFT's `LoraConfig` fields do.
-
-    The help text is what `--help` shows; `choices` are checked by `MethodConfig.from_options`.
-    """
-    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None}
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
 
 
 @dataclass
-class MethodConfig:
+class MethodConfig(Config):
     """Every option of one method, with its reference default and help text (subclass per method).
 
-    Build from loose options with `from_options`: unknown keys raise with the list of known ones, so a
-    misspelled option never passes silently. Subclasses may validate values in `__post_init__`.
+    Build from loose options with `from_options`: unknown keys raise with the list of known ones.
+    The generic base (`clipconv.config.Config`) is shared with the adapter kinds' configs.
     """
-
-    @classmethod
-    def from_options(cls: type[ConfigT], options: Optional[Mapping[str, Any]] = None) -> ConfigT:
-        options = dict(options or {})
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for {cls.__name__}; known options: {sorted(known)}")
-        for name, value in options.items():
-            choices = known[name].metadata.get("choices")
-            if choices is not None and value not in choices:
-                raise ValueError(f"option '{name}' of {cls.__name__} must be one of {list(choices)}, got {value!r}")
-        return cls(**options)
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        """{option name: help text}."""
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class MethodReferenceTemplates(tuple):

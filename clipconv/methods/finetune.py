@@ -1,4 +1,5 @@
-"""Convpass_CLIP: adapters in the frozen image encoder + a text-initialized linear head, trained end to end.
+"""AdapterTuning: adapters in the frozen image encoder + a text-initialized linear head, trained end to end
+(the paper's Convpass_CLIP, for any registered adapter kind).
 
 The scale s of the adapter branch was searched over {0.01, 0.1, 1, 10, 100} in the paper, with no
 published value for CLIP. Several `scales` are trained one after another from the same initialization
@@ -8,61 +9,105 @@ and no validation split the last epoch is kept, as in the paper.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 
-from ..adapters import add_adapters, set_adapter_scale
+from ..adapters import AdapterConfig, ConvpassConfig, add_adapters, get_adapter, make_config, set_adapter_scale
 from ..checkpoint import save_trainable
 from ..engine import TrainConfig, Trainer
 from ..head import ImageClassifier, text_head
-from .base import FitContext, Method, register_method
+from .base import FitContext, Method, MethodConfig, option, register_method
 
-__all__ = ["ConvpassCLIP", "DEFAULT_SCALE"]
+__all__ = ["AdapterTuning", "AdapterTuningConfig", "tuning_config", "load_classifier", "DEFAULT_SCALE"]
 
 # Adam's step size does not depend on the gradient's scale, so with the paper's lr of 1e-5 the adapter
 # weights move by ~1e-5 per step whatever s is; s then sets how far the branch can move the residual
 # stream. s = 10 is the middle of the paper's grid; use --scale with several values and --val-shots to search.
 DEFAULT_SCALE = 10.0
+_TRAIN = TrainConfig()
 
 
-class ConvpassCLIP(Method):
-    """Adapters (Convpass by default) + text-initialized head; only those train."""
+@dataclass
+class AdapterTuningConfig(MethodConfig):
+    """Training options (defaults: the paper's Convpass_CLIP protocol, Table 3). `tuning_config(KindConfig)`
+    adds the adapter kind's own options (all but `scale`, which `scales` replaces)."""
+
+    scales: list[float] = option(default_factory=lambda: [DEFAULT_SCALE],
+                                 help="adapter scale(s) s; several are each trained and the best is chosen on the "
+                                      "validation split (--val-shots)")
+    epochs: int = option(_TRAIN.epochs, help="training epochs (the paper's 50)")
+    batch_size: int = option(_TRAIN.batch_size, help="images per step (the paper's 64)")
+    lr: float = option(_TRAIN.lr, help="AdamW learning rate (the paper's 1e-5)")
+    weight_decay: float = option(_TRAIN.weight_decay, help="AdamW weight decay (the paper's 0)")
+    warmup_epochs: float = option(_TRAIN.warmup_epochs, help="linear warm-up before the cosine decay, in epochs")
+    precision: str = option(_TRAIN.precision, choices=("auto", "fp32", "bf16", "fp16"),
+                            help="autocast precision of training (auto: bf16 on CUDA, fp32 on CPU)")
+    grad_checkpointing: bool = option(_TRAIN.grad_checkpointing,
+                                      help="recompute trunk activations in backward (less memory, slower)")
+    eval_every: int = option(_TRAIN.eval_every, help="validate every N epochs (with a validation split)")
+    resume: bool = option(False, help="continue from train_state.pt in the output directory (bit-identical)")
+
+    def __post_init__(self) -> None:
+        scales = [self.scales] if isinstance(self.scales, (int, float)) else list(self.scales)
+        if not scales:
+            raise ValueError("give at least one adapter scale")
+        self.scales = [float(s) for s in scales]
+
+    def adapter_options(self) -> dict[str, Any]:
+        """The adapter kind's options held in this config."""
+        names = {f.name for f in dataclasses.fields(self)} - {f.name for f in dataclasses.fields(AdapterTuningConfig)}
+        return {name: getattr(self, name) for name in sorted(names)}
+
+    def train_config(self, ctx: FitContext) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                           warmup_epochs=self.warmup_epochs, precision=self.precision,
+                           grad_checkpointing=self.grad_checkpointing, seed=ctx.seed, workers=ctx.workers,
+                           eval_every=self.eval_every)
+
+
+def tuning_config(adapter_config: type[AdapterConfig]) -> type[AdapterTuningConfig]:
+    """AdapterTuningConfig extended with the fields of an adapter kind's config (its `scale` excepted)."""
+    fields = []
+    for f in dataclasses.fields(adapter_config):
+        if f.name != "scale":
+            fields.append((f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory,
+                                                             metadata=f.metadata)))
+    name = adapter_config.__name__.replace("Config", "") + "TuningConfig"
+    return dataclasses.make_dataclass(name, fields, bases=(AdapterTuningConfig,))
+
+
+class AdapterTuning(Method):
+    """Adapters of kind `adapter_kind` + text-initialized head; only those train."""
 
     frozen_image_encoder = False
-    adapter_method = "convpass"
+    adapter_kind: ClassVar[str] = "convpass"
+    config_class: ClassVar[type[AdapterTuningConfig]] = tuning_config(ConvpassConfig)
 
-    def __init__(
-        self,
-        scales: Union[float, Sequence[float]] = DEFAULT_SCALE,
-        dim: int = 8,
-        placement: Optional[str] = None,
-        sequential: bool = False,
-        kernel_size: int = 3,
-        conv_init: str = "identity",
-        dropout: float = 0.1,
-        train: Union[TrainConfig, dict, None] = None,
-        eval_batch_size: int = 128,
-        resume: bool = False,
-        **train_options: Any,
-    ) -> None:
-        self.scales = [float(scales)] if isinstance(scales, (int, float)) else [float(s) for s in scales]
-        if not self.scales:
-            raise ValueError("give at least one adapter scale")
-        self.adapter_options = dict(method=self.adapter_method, dim=dim, placement=placement, sequential=sequential,
-                                    kernel_size=kernel_size, conv_init=conv_init, dropout=dropout)
-        cfg = train if isinstance(train, TrainConfig) else TrainConfig(**(train or {}))
-        for key, value in train_options.items():
-            if not hasattr(cfg, key):
-                raise TypeError(f"unknown option '{key}' for method '{self.name}'")
-            setattr(cfg, key, value)
-        self.train_config = cfg
-        self.eval_batch_size = eval_batch_size
-        self.resume = resume
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "config_class" not in cls.__dict__:  # the options of the subclass's own adapter kind
+            cls.config_class = tuning_config(get_adapter(cls.adapter_kind).config)
+
+    def __init__(self, config: Optional[AdapterTuningConfig] = None, **options: Any) -> None:
+        if config is None:
+            config = self.config_class.from_options(options)
+        elif options:
+            raise ValueError(f"give either a config or options for method '{self.name}', not both")
+        self.config = config
+        self.scales = list(config.scales)
+        # Validated now (unknown or bad adapter options fail before any training).
+        self.adapter_config = make_config(self.adapter_kind, scale=self.scales[0], **config.adapter_options())
         self.classifier: Optional[ImageClassifier] = None
         self.chosen: dict[str, Any] = {}
+
+    def adapter_metadata(self, scale: float) -> dict[str, Any]:
+        """The adapter kind and its options, as stored in checkpoints (see `load_classifier`)."""
+        return {"kind": self.adapter_kind, **dataclasses.replace(self.adapter_config, scale=scale).to_dict()}
 
     # ----- setup -------------------------------------------------------------------------------
     def build(self, ctx: FitContext, scale: Optional[float] = None) -> ImageClassifier:
@@ -74,9 +119,11 @@ class ConvpassCLIP(Method):
         head.requires_grad_(True)
         # A private copy: the shared backbone stays plain for the frozen-encoder methods and their feature cache.
         visual = copy.deepcopy(backbone.model.visual)
+        config = dataclasses.replace(self.adapter_config, scale=self.scales[0] if scale is None else scale)
         with torch.random.fork_rng(devices=[]):  # adapter initialization depends on the run's seed only
-            torch.manual_seed(self.train_config.seed)
-            add_adapters(visual, scale=self.scales[0] if scale is None else scale, **self.adapter_options)
+            torch.manual_seed(ctx.seed)
+            add_adapters(visual, self.adapter_kind, config)
+        visual.set_grad_checkpointing(self.config.grad_checkpointing)
         self.classifier = ImageClassifier(visual, head, backbone.logit_scale).to(ctx.device)
         return self.classifier
 
@@ -84,7 +131,7 @@ class ConvpassCLIP(Method):
         """What a checkpoint of this method must match to be loaded (see clipconv.checkpoint)."""
         return {
             "backbone": ctx.backbone.describe(),
-            "adapter": {**self.adapter_options, "scale": scale},
+            "adapter": self.adapter_metadata(scale),
             "classes": {"count": len(ctx.classnames), "hash": ctx.class_hash},
             "method": self.name,
             "source": ctx.backbone.source(),
@@ -96,7 +143,7 @@ class ConvpassCLIP(Method):
         from ..evaluate import collect_logits, image_loader
         from ..metrics import topk_accuracy
 
-        cfg = self.train_config
+        cfg = self.config.train_config(ctx)
         classifier = self.classifier or self.build(ctx)
         initial = {n: p.detach().clone() for n, p in classifier.named_parameters() if p.requires_grad}
         backbone = ctx.backbone
@@ -108,7 +155,7 @@ class ConvpassCLIP(Method):
 
         def validate() -> float:
             logits, labels = collect_logits(classifier, ctx.data_root, ctx.val, backbone.eval_transform, ctx.device,
-                                            self.eval_batch_size, cfg.workers, desc="val")
+                                            ctx.eval_batch_size, ctx.workers, desc="val")
             return topk_accuracy(logits, labels)["top1"]
 
         runs = []
@@ -126,7 +173,7 @@ class ConvpassCLIP(Method):
             trainer = Trainer(classifier, make_loader, batches, cfg, ctx.device, run_dir,
                               validate=validate if ctx.val else None, log=ctx.log)
             state_file = run_dir / "train_state.pt" if run_dir is not None else None
-            if self.resume and state_file is not None and state_file.is_file():
+            if self.config.resume and state_file is not None and state_file.is_file():
                 trainer.load_state(state_file)
                 ctx.log(f"resumed from {state_file} after epoch {trainer.epoch}")
             trainer.fit()
@@ -162,7 +209,8 @@ class ConvpassCLIP(Method):
         return self.classifier(images)
 
     def summary(self) -> dict[str, Any]:
-        return {"adapter": self.adapter_options, "train": self.train_config.to_dict(), **self.chosen}
+        return {"adapter": self.adapter_metadata(self.chosen.get("scale", self.scales[0])),
+                "train": self.config.to_dict(), **self.chosen}
 
 
 def load_classifier(path: Union[str, Path], backbone: Any) -> tuple[ImageClassifier, dict[str, Any]]:
@@ -179,11 +227,13 @@ def load_classifier(path: Union[str, Path], backbone: Any) -> tuple[ImageClassif
             f"checkpoint '{path}' was trained on backbone {meta.get('backbone')}, not on {backbone.describe()}; "
             f"pass the same --model/--pretrained (it was made with {meta.get('source')})"
         )
-    options = {k: v for k, v in meta["adapter"].items() if k != "scale"}
+    options = dict(meta["adapter"])
+    kind = options.pop("kind")
+    get_adapter(kind)  # an unknown kind fails with the list of known ones
     for param in backbone.model.parameters():
         param.requires_grad_(False)
     visual = copy.deepcopy(backbone.model.visual)
-    add_adapters(visual, scale=meta["adapter"]["scale"], **options)
+    add_adapters(visual, kind, **options)
     count = int(meta["classes"]["count"])
     head = torch.nn.Linear(int(backbone.model.visual.output_dim), count).to(backbone.device)
     classifier = ImageClassifier(visual, head, backbone.logit_scale).to(backbone.device)
@@ -193,21 +243,21 @@ def load_classifier(path: Union[str, Path], backbone: Any) -> tuple[ImageClassif
 
 
 @register_method("convpass")
-class Convpass(ConvpassCLIP):
-    """Convpass parallel to attention and MLP (the paper's main model)."""
+class ConvpassTuning(AdapterTuning):
+    """Convpass parallel to attention and MLP (the paper's main model, Convpass_CLIP)."""
 
-    adapter_method = "convpass"
+    adapter_kind = "convpass"
 
 
 @register_method("convpass_attn")
-class ConvpassAttn(ConvpassCLIP):
+class ConvpassAttnTuning(AdapterTuning):
     """Convpass beside attention only (Table 5 ablation)."""
 
-    adapter_method = "convpass_attn"
+    adapter_kind = "convpass_attn"
 
 
 @register_method("convpass_share")
-class ConvpassShare(ConvpassCLIP):
+class ConvpassShareTuning(AdapterTuning):
     """Convpass with shared 1×1 projections and depthwise 3×3 (§3.3); use dim=32."""
 
-    adapter_method = "convpass_share"
+    adapter_kind = "convpass_share"

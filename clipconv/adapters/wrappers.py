@@ -1,0 +1,116 @@
+"""Wrappers that put an adapter beside (or after) a sub-module and delegate to it, PEFT-style.
+
+`AdaptedModule(base, adapter)` stands where `base` stood (e.g. `block.attn`, `block.mlp` of an open_clip
+ResidualAttentionBlock) and calls `base` itself — no forward is copied, so whatever attention module
+open_clip uses (`nn.MultiheadAttention` returning a tuple, or its newer `Attention` returning a tensor)
+keeps its own code. The wrapper *aliases* the wrapped module's parameter and buffer dicts and its
+children, so state-dict keys are the original's (`attn.in_proj_weight`, `mlp.c_fc.weight`, ...) plus the
+adapter's (`attn.adapter.*`); original checkpoints load, and freezing by identity sees the same
+tensors. Attributes not found on the wrapper (`embed_dim`, `batch_first`, ...) are read from `base`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["AdaptedModule", "ParallelAdapter", "SequentialAdapter", "drop_path"]
+
+ADAPTER_NAME = "adapter"
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole samples with probability `rate`, scale the kept ones by 1/(1-rate)."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+def _dtype_of(module: nn.Module, fallback: torch.dtype) -> torch.dtype:
+    dtype = getattr(module, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next((p.dtype for p in module.parameters()), fallback)
+
+
+class AdaptedModule(nn.Module):
+    """Base of the wrappers: holds `base_layer` (not as a child: its tensors are aliased) and `adapter`.
+
+    `scale` multiplies the adapter term; `drop_rate` is the stochastic-depth rate of both terms.
+    Adapter inputs are cast to the adapter's dtype and its output back, so fp32 adapters run in a
+    bf16 trunk.
+    """
+
+    def __init__(self, base: nn.Module, adapter: nn.Module, scale: float = 1.0, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        if ADAPTER_NAME in base._modules or ADAPTER_NAME in base._parameters:
+            raise ValueError(f"{type(base).__name__} already has a '{ADAPTER_NAME}' member")
+        self.__dict__["_base"] = (base,)  # a tuple: not a registered child
+        # Share the tensor dicts: replacing a tensor through either object (to(), load_state_dict(assign=True))
+        # is seen by both, and state-dict keys stay those of the wrapped module.
+        self.__dict__["_parameters"] = base._parameters
+        self.__dict__["_buffers"] = base._buffers
+        self.__dict__["_non_persistent_buffers_set"] = base._non_persistent_buffers_set
+        for name, child in base._modules.items():
+            self._modules[name] = child
+        self.adapter = adapter
+        self.scale = float(scale)
+        self.drop_rate = float(drop_rate)
+        self.training = base.training
+
+    @property
+    def base_layer(self) -> nn.Module:
+        return self.__dict__["_base"][0]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_base")
+            if base is None:
+                raise
+            return getattr(base[0], name)
+
+    def train(self, mode: bool = True) -> "AdaptedModule":
+        super().train(mode)
+        self.base_layer.training = mode  # its children are ours too, already set
+        return self
+
+    def _adapter_term(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.adapter(x.to(_dtype_of(self.adapter, x.dtype))).to(x.dtype) * self.scale
+        return drop_path(out, self.drop_rate, self.training)
+
+    def _combine(self, x: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = self.base_layer(x, *args, **kwargs)
+        if isinstance(out, tuple):  # nn.MultiheadAttention: (output, weights)
+            return (self._combine(x, out[0]), *out[1:])
+        return self._combine(x, out)
+
+    def unwrap(self) -> nn.Module:
+        """The wrapped module, with this wrapper's train/eval mode."""
+        base = self.base_layer
+        base.train(self.training)
+        return base
+
+    def extra_repr(self) -> str:
+        return f"base={type(self.base_layer).__name__}, scale={self.scale}, drop_rate={self.drop_rate}"
+
+
+class ParallelAdapter(AdaptedModule):
+    """output = base(x, ...) + s·adapter(x): the adapter reads the sub-block's (normalized) input."""
+
+    def _combine(self, x: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
+        return drop_path(trunk, self.drop_rate, self.training) + self._adapter_term(x)
+
+
+class SequentialAdapter(AdaptedModule):
+    """output = a + s·adapter(a) with a = base(x, ...): the adapter reads the sub-block's output."""
+
+    def _combine(self, x: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
+        return drop_path(trunk, self.drop_rate, self.training) + self._adapter_term(trunk)
