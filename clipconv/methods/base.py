@@ -1,63 +1,52 @@
-"""The one interface every method shares: `fit(ctx)` then `logits(...)`."""
+"""The one interface every method shares: `fit(ctx)` then `logits(...)`, and the method registry.
+
+Adding a method
+---------------
+1. Write its options as a dataclass: `class MyConfig(MethodConfig)` with one `option(default, help=...)`
+   per option (the reference protocol's value as default; checks such as `check=positive`). The
+   command line (`--my-option`), `--help`, `--method-options` and config.json all come from it.
+2. Subclass `Method`, set `config_class = MyConfig`, accept the options as keyword arguments
+   (`build_method` has already validated them against `MyConfig`), and implement `fit(ctx)` (train on
+   `ctx.train`, choose hyper-parameters on `ctx.val` only, never touch `ctx.backbone` in place: copy
+   what you train) and `logits(images)` — or `logits_from_features(features)` with
+   `frozen_image_encoder = True` to score cached features. Seed, data-loading workers and the eval batch
+   size come from `ctx` (`ctx.seed`, `ctx.workers`, `ctx.eval_batch_size`), not from options.
+3. Decorate it with `@register_method("my_method")` and import its module in `methods/_load_all.py`.
+4. Nothing else: `scripts/train_imagenet_fs.py --method my_method --help` lists its options, Table 2
+   takes it with `--methods ... my_method`, and tests/test_method_contract.py fits it on a tiny world.
+"""
 from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
+import inspect
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 
 from ..backbone import Backbone
+from ..config import Config, option
+
+if TYPE_CHECKING:
+    from ..features import FeatureStore
 
 __all__ = ["FitContext", "Method", "MethodConfig", "option", "METHODS", "register_method", "build_method",
-           "method_names"]
+           "method_names", "method_config_class"]
 
 Sample = tuple[str, int]
-ConfigT = TypeVar("ConfigT", bound="MethodConfig")
-
-
-def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
-           choices: Optional[Sequence[Any]] = None) -> Any:
-    """A config field that carries its help text (and allowed values), as PEFT's `LoraConfig` fields do.
-
-    The help text is what `--help` shows; `choices` are checked by `MethodConfig.from_options`.
-    """
-    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None}
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
 
 
 @dataclass
-class MethodConfig:
+class MethodConfig(Config):
     """Every option of one method, with its reference default and help text (subclass per method).
 
     Build from loose options with `from_options`: unknown keys raise with the list of known ones, so a
     misspelled option never passes silently. Subclasses may validate values in `__post_init__`.
     """
-
-    @classmethod
-    def from_options(cls: type[ConfigT], options: Optional[Mapping[str, Any]] = None) -> ConfigT:
-        options = dict(options or {})
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for {cls.__name__}; known options: {sorted(known)}")
-        for name, value in options.items():
-            choices = known[name].metadata.get("choices")
-            if choices is not None and value not in choices:
-                raise ValueError(f"option '{name}' of {cls.__name__} must be one of {list(choices)}, got {value!r}")
-        return cls(**options)
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        """{option name: help text}."""
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -75,7 +64,7 @@ class FitContext:
     train: Sequence[Sample]
     val: Sequence[Sample] = ()
     templates: Sequence[str] = ("a photo of a {}.",)
-    features: Any = None
+    features: Optional["FeatureStore"] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 1
     output_dir: Optional[Path] = None
@@ -83,6 +72,7 @@ class FitContext:
     class_ids: Sequence[str] = ()
     workers: int = 0
     eval_batch_size: int = 128
+    resume: bool = False  # continue from the training state saved in output_dir
     log: Callable[[str], None] = print
 
 
@@ -111,7 +101,7 @@ class Method(abc.ABC):
         return {}
 
 
-METHODS: dict[str, Callable[..., Method]] = {}
+METHODS: dict[str, type[Method]] = {}
 
 
 def register_method(name: str) -> Callable[[type], type]:
@@ -133,9 +123,31 @@ def method_names() -> list[str]:
     return sorted(METHODS)
 
 
+@functools.lru_cache(maxsize=None)
+def method_config_class(cls: type[Method]) -> type[MethodConfig]:
+    """The options dataclass of a method: its `config_class`, or (while a method has not declared one)
+    a dataclass derived from its constructor's keyword parameters and their defaults."""
+    if dataclasses.fields(cls.config_class):
+        return cls.config_class
+    hints = typing.get_type_hints(cls.__init__)
+    fields = []
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+            continue
+        default = param.default if param.default is not param.empty else None
+        fields.append((name, hints.get(name, Any), option(default, help="")))
+    return dataclasses.make_dataclass(f"{cls.__name__}Config", fields, bases=(MethodConfig,))
+
+
 def build_method(name: str, **options: Any) -> Method:
-    """Instantiate a registered method; unknown names list the known ones."""
+    """Instantiate a registered method; unknown names and unknown or invalid options raise ValueError
+    listing what is known (options are validated against `method_config_class`)."""
     known = method_names()
     if name not in METHODS:
         raise ValueError(f"unknown method '{name}'; choose one of {known}")
-    return METHODS[name](**options)
+    cls = METHODS[name]
+    try:
+        method_config_class(cls).from_options(options)
+    except ValueError as err:
+        raise ValueError(f"method '{name}': {err}") from None
+    return cls(**options)

@@ -8,9 +8,11 @@ and no validation split the last epoch is kept, as in the paper.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 
@@ -18,9 +20,10 @@ from ..adapters import add_adapters, set_adapter_scale
 from ..checkpoint import save_trainable
 from ..engine import TrainConfig, Trainer
 from ..head import ImageClassifier, text_head
-from .base import FitContext, Method, register_method
+from ..config import non_negative, positive
+from .base import FitContext, Method, MethodConfig, option, register_method
 
-__all__ = ["ConvpassCLIP", "DEFAULT_SCALE"]
+__all__ = ["ConvpassCLIP", "ConvpassConfig", "DEFAULT_SCALE"]
 
 # Adam's step size does not depend on the gradient's scale, so with the paper's lr of 1e-5 the adapter
 # weights move by ~1e-5 per step whatever s is; s then sets how far the branch can move the residual
@@ -28,10 +31,44 @@ __all__ = ["ConvpassCLIP", "DEFAULT_SCALE"]
 DEFAULT_SCALE = 10.0
 
 
+@dataclass
+class ConvpassConfig(MethodConfig):
+    """Adapter and training options of Convpass_CLIP (defaults: the paper's protocol, Table 3)."""
+
+    scales: tuple[float, ...] = option((DEFAULT_SCALE,), check=positive, aliases=("--scale",),
+                                       help="adapter scale s; several values are each trained and the best is "
+                                            "chosen on the validation split (see README)")
+    dim: int = option(8, check=positive, help="bottleneck width h")
+    placement: Optional[Literal["attn+mlp", "attn", "mlp"]] = option(
+        None, choices=(None, "attn+mlp", "attn", "mlp"), help="sub-blocks with an adapter (default: the variant's)")
+    sequential: bool = option(False, help="adapters after the sub-blocks (Seq-)")
+    kernel_size: Literal[1, 3] = option(3, choices=(1, 3), help="adapter convolution kernel")
+    conv_init: Literal["identity", "xavier"] = option("identity", choices=("identity", "xavier"),
+                                                      help="initialization of the adapter convolution")
+    dropout: float = option(0.1, check=non_negative, help="dropout inside the adapter")
+    epochs: int = option(50, check=positive, help="training epochs")
+    batch_size: int = option(64, check=positive, help="images per training batch")
+    lr: float = option(1e-5, check=positive, help="AdamW learning rate")
+    weight_decay: float = option(0.0, check=non_negative, aliases=("--wd",), help="AdamW weight decay")
+    warmup_epochs: float = option(0.0, check=non_negative, help="linear warm-up epochs before the cosine decay")
+    grad_checkpointing: bool = option(False, help="recompute trunk activations in backward (less memory, ~2x slower)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", choices=("auto", "fp32", "bf16", "fp16"), cli=False, help="training autocast (auto: the run's)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scales, (int, float)):
+            self.scales = (float(self.scales),)
+        self.scales = tuple(float(s) for s in self.scales)
+        if not self.scales:
+            raise ValueError("give at least one adapter scale")
+        super().__post_init__()
+
+
 class ConvpassCLIP(Method):
     """Adapters (Convpass by default) + text-initialized head; only those train."""
 
     frozen_image_encoder = False
+    config_class = ConvpassConfig
     adapter_method = "convpass"
 
     def __init__(
@@ -75,7 +112,7 @@ class ConvpassCLIP(Method):
         # A private copy: the shared backbone stays plain for the frozen-encoder methods and their feature cache.
         visual = copy.deepcopy(backbone.model.visual)
         with torch.random.fork_rng(devices=[]):  # adapter initialization depends on the run's seed only
-            torch.manual_seed(self.train_config.seed)
+            torch.manual_seed(ctx.seed)
             add_adapters(visual, scale=self.scales[0] if scale is None else scale, **self.adapter_options)
         self.classifier = ImageClassifier(visual, head, backbone.logit_scale).to(ctx.device)
         return self.classifier
@@ -96,7 +133,8 @@ class ConvpassCLIP(Method):
         from ..evaluate import collect_logits, image_loader
         from ..metrics import topk_accuracy
 
-        cfg = self.train_config
+        cfg = dataclasses.replace(self.train_config, seed=ctx.seed, workers=ctx.workers)
+        eval_batch_size = ctx.eval_batch_size
         classifier = self.classifier or self.build(ctx)
         initial = {n: p.detach().clone() for n, p in classifier.named_parameters() if p.requires_grad}
         backbone = ctx.backbone
@@ -108,7 +146,7 @@ class ConvpassCLIP(Method):
 
         def validate() -> float:
             logits, labels = collect_logits(classifier, ctx.data_root, ctx.val, backbone.eval_transform, ctx.device,
-                                            self.eval_batch_size, cfg.workers, desc="val")
+                                            eval_batch_size, cfg.workers, desc="val")
             return topk_accuracy(logits, labels)["top1"]
 
         runs = []
@@ -126,7 +164,7 @@ class ConvpassCLIP(Method):
             trainer = Trainer(classifier, make_loader, batches, cfg, ctx.device, run_dir,
                               validate=validate if ctx.val else None, log=ctx.log)
             state_file = run_dir / "train_state.pt" if run_dir is not None else None
-            if self.resume and state_file is not None and state_file.is_file():
+            if (self.resume or ctx.resume) and state_file is not None and state_file.is_file():
                 trainer.load_state(state_file)
                 ctx.log(f"resumed from {state_file} after epoch {trainer.epoch}")
             trainer.fit()
