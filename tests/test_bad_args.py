@@ -29,13 +29,13 @@ def _base(data, out, tiny_config):
 @pytest.mark.parametrize(
     "extra, needle",
     [
-        (["--shots", "0"], "--shots: must be a positive integer"),
-        (["--shots", "-3"], "--shots: must be a positive integer"),
-        (["--seed", "one"], "--seed: invalid int value"),
+        (["--shots", "0"], "--shots: must be positive, got 0"),
+        (["--shots", "-3"], "--shots: must be positive, got -3"),
+        (["--seed", "one"], "--seed: expected an integer, got 'one'"),
         (["--method", "magic"], "unknown --method 'magic'"),
         (["--lr", "0"], "--lr: must be positive"),
         (["--method-options", "{not json"], "--method-options is not valid JSON"),
-        (["--eval-sets", "imagenet_c"], "invalid choice: 'imagenet_c'"),
+        (["--eval-sets", "imagenet_c"], "--eval-sets: unknown set(s) ['imagenet_c']"),
     ],
 )
 def test_bad_flags(data, tmp_path, tiny_config, capsys, extra, needle):

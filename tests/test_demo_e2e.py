@@ -25,7 +25,9 @@ def test_demo_runs_end_to_end_for_one_method(small_world, tmp_path):
     assert set(metrics) == {"imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"}
     assert metrics["imagenet"]["n"] == 32 * 6 and metrics["imagenet_a"]["n"] == 16 * 6
     config = json.loads((out / "config.json").read_text())
-    assert config["model"].endswith("mini_clip.json") and config["pretrained"].endswith("mini_clip.safetensors")
+    backbone = config["backbone"]
+    assert backbone["model"].endswith("mini_clip.json") and backbone["pretrained"].endswith("mini_clip.safetensors")
+    assert backbone["crop_scale"] == 0.9 and config["val_shots"] == 4
 
 
 def _accuracy(classifier, root, samples, transform) -> float:
@@ -54,8 +56,7 @@ def test_sixteen_shot_convpass_beats_zero_shot_through_its_adapters(small_world)
     zero_shot = _accuracy(lambda x: F.normalize(backbone.model.encode_image(x), dim=-1) @ weights.t(),
                           small_world, source, backbone.eval_transform)
 
-    options = {**DEMO_TRAIN_DEFAULTS["convpass"], "workers": 0}
-    method = build_method("convpass", **options)
+    method = build_method("convpass", **DEMO_TRAIN_DEFAULTS["convpass"])
     ctx = FitContext(backbone=backbone, classnames=classes.names, data_root=small_world, train=split.train,
                      class_ids=classes.ids, class_hash=classes.hash(), log=lambda *_: None)
     classifier = method.build(ctx)

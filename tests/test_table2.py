@@ -9,7 +9,8 @@ import pytest
 
 from clipconv.cli.run_table2 import main
 from clipconv.data import load_split, make_image_tree
-from clipconv.table2 import PUBLISHED_LABEL, aggregate_seeds, method_options_for
+from clipconv.session import method_options
+from clipconv.table2 import PUBLISHED_LABEL, aggregate_seeds
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -164,13 +165,11 @@ def test_aggregate_is_mean_and_population_std():
 
 
 def test_epochs_scale_uses_each_methods_default():
-    from clipconv.methods.base import METHODS, method_names
-
-    method_names()
-    assert method_options_for("coop", METHODS["coop"], {}, 0.1) == {"epochs": 5}
-    assert method_options_for("cocoop", METHODS["cocoop"], {}, 0.1) == {"epochs": 1}
-    assert method_options_for("coop", METHODS["coop"], {"epochs": 3}, 0.1) == {"epochs": 3}
-    assert method_options_for("zero_shot", METHODS["zero_shot"], {}, 0.1) == {}
+    assert method_options("coop", {}, 0.1) == {"epochs": 5}
+    assert method_options("cocoop", {}, 0.1) == {"epochs": 1}
+    assert method_options("coop", {"epochs": 3}, 0.1) == {"epochs": 3}
+    assert method_options("zero_shot", {}, 0.1) == {}
+    assert method_options("convpass", {}, 0.1, precision="fp32") == {"epochs": 5, "precision": "fp32"}
 
 
 def test_every_option_is_a_named_constructor_parameter():

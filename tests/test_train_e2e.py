@@ -59,14 +59,23 @@ def test_training_writes_every_output_and_reloading_reproduces_metrics(world):
     assert json.loads((subset / "metrics.json").read_text()) == {"imagenet_a": metrics["imagenet_a"]}
 
 
-def test_a_saved_split_is_reused(world):
+def test_a_saved_split_is_reused_and_one_from_another_k_or_seed_is_refused(world, capsys):
     first, second = world["root"] / "split-a", world["root"] / "split-b"
-    assert _train(world, first, "--eval-sets", "imagenet", "--epochs", "1") == 0
+    assert _train(world, first, "--eval-sets", "imagenet", "--epochs", "1", "--seed", "5") == 0
     assert _train(world, second, "--eval-sets", "imagenet", "--epochs", "1", "--seed", "5",
                   "--split", str(first / "split.json")) == 0
     a = json.loads((first / "split.json").read_text())
     b = json.loads((second / "split.json").read_text())
     assert a["train"] == b["train"]
+    for flag, value, needle in (("--seed", "6", "--seed 6 (the split has 5)"),
+                                ("--shots", "2", "--shots 2 (the split has 4)"),
+                                ("--val-shots", "0", "--val-shots 0 (the split has 4)")):
+        out = world["root"] / f"split-bad{flag}"
+        argv = ["--eval-sets", "imagenet", "--epochs", "1", "--seed", "5", flag, value,
+                "--split", str(first / "split.json")]
+        with pytest.raises(SystemExit) as info:
+            _train(world, out, *argv)
+        assert info.value.code == 2 and needle in capsys.readouterr().err and not out.exists()
 
 
 def test_checkpoint_refuses_other_weights(world, tmp_path, capsys):
