@@ -23,7 +23,7 @@ def test_frozen_weights_are_bit_identical_after_training_and_only_trainables_mov
     data = make_image_tree(tmp_path / "data", train_per_class=4, val_per_class=1, variants=())
     classes = resolve_run_classes(data)
     before = {k: v.clone() for k, v in tiny_backbone.model.state_dict().items()}
-    method = build_method("convpass", epochs=2, batch_size=4, lr=1e-2, workers=0)
+    method = build_method("convpass", epochs=2, batch_size=4, lr=1e-2)
     ctx = FitContext(backbone=tiny_backbone, classnames=classes.names, data_root=data,
                      train=train_samples(data, classes), class_ids=classes.ids, class_hash=classes.hash(),
                      log=lambda *_: None)
