@@ -23,7 +23,7 @@ variants (-V2, -Sketch, -A, -R). Defaults are the Convpass paper's Convpass_CLIP
 ViT-B/16 OpenAI weights, Convpass h=8 beside attention and MLP, AdamW lr 1e-5, batch 64, 50 epochs, cosine.
 `--method NAME --help` lists that method's options."""
 
-RUN_FIELDS = ("method", "shots", "seed", "val_shots", "split", "output_dir")
+RUN_FIELDS = ("shots", "seed", "val_shots", "split", "output_dir")
 METHOD_PREFIX = "method."
 
 
@@ -93,7 +93,7 @@ def _resume_config(run_dir: str, args: argparse.Namespace, parser: argparse.Argu
         if value != getattr(saved, name):
             conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {getattr(saved, name)})")
     if args.method_given and args.method_given != saved.method:
-        conflicts.append(f"--method {args.method} (saved: {saved.method})")
+        conflicts.append(f"--method {args.method_given} (saved: {saved.method})")
     for section in ("data", "backbone"):
         for name, value in given(args, args._fields[section]).items():
             if value != getattr(getattr(saved, section), name):
@@ -119,11 +119,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     pre = _pre_parse(argv)
     method = pre.method
-    if method is None and pre.resume:
+    if pre.resume:  # the saved run's method (a different --method is reported as a conflict)
         from ..io import read_json
 
         path = Path(pre.resume) / "config.json"
-        method = read_json(path).get("method") if path.is_file() else None
+        method = read_json(path).get("method") if path.is_file() else method
     method = method or "convpass"
     if method not in method_names():
         argparse.ArgumentParser(prog=Path(sys.argv[0]).name).error(
