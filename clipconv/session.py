@@ -21,11 +21,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
 from .config import BackboneConfig, DataConfig, RuntimeConfig
+from .evaluate import Scorer
 
 if TYPE_CHECKING:
     from .backbone import Backbone
@@ -38,14 +39,6 @@ __all__ = ["Session", "FitResult", "open_session", "open_data_family", "fit_and_
            "backbone_fingerprint", "jsonable", "Scorer"]
 
 log = logging.getLogger("clipconv")
-
-
-class Scorer(Protocol):
-    """What the evaluation suite scores: a fitted method (or a loaded classifier wrapped as one)."""
-
-    frozen_image_encoder: bool
-
-    def logits(self, images: torch.Tensor) -> torch.Tensor: ...
 
 
 def jsonable(value: Any) -> Any:
@@ -136,11 +129,10 @@ class Session:
 
 
 def open_session(data: DataConfig, backbone: BackboneConfig, runtime: RuntimeConfig, *,
-                 loaded: Optional["Backbone"] = None, classes: Optional["ClassList"] = None,
-                 cache_dir: Optional[str] = None, require_eval: bool = True) -> Session:
+                 loaded: Optional["Backbone"] = None, classes: Optional["ClassList"] = None) -> Session:
     """Resolve the data family, classes, templates and device, load the backbone (unless `loaded`) and
-    list the evaluation splits. `classes` overrides the family's (a checkpoint's own class list);
-    `cache_dir` overrides the runtime's feature-cache folder. Writes nothing."""
+    list the evaluation splits. `classes` overrides the family's (a checkpoint's own class list).
+    Writes nothing."""
     from .backbone import load_backbone, resolve_device
     from .engine import resolve_precision
     from .features import FeatureStore
@@ -160,12 +152,12 @@ def open_session(data: DataConfig, backbone: BackboneConfig, runtime: RuntimeCon
     if loaded is None:
         loaded = load_backbone(backbone.model, backbone.pretrained, device=device, precision=precision,
                                train_crop_scale=(backbone.crop_scale, 1.0))
-    cache = cache_dir or runtime.cache_dir or "default"
+    cache = runtime.cache_dir or "default"
     store = FeatureStore(loaded, cache if runtime.cache else None, batch_size=runtime.eval_batch_size,
                          workers=runtime.workers, device=device)
     names = data.eval_sets or family.suite
     splits = family.eval_splits(names, classes)
-    if require_eval and not splits:
+    if not splits:
         raise ValueError(f"none of the evaluation sets {list(names)} was found under '{family.data_root}'")
     return Session(data, runtime, family, classes, templates, loaded, store, splits, device, precision)
 

@@ -81,3 +81,11 @@ def _image(world, path):
     from PIL import Image
 
     return Image.open(world.root / path).convert("RGB")
+
+
+def test_demo_defaults_are_valid_options_of_their_methods():
+    from clipconv.demo.defaults import DEMO_TRAIN_DEFAULTS
+
+    for name, options in DEMO_TRAIN_DEFAULTS.items():
+        assert name in NAMES, name
+        method_config_class(METHODS[name]).from_options(options)

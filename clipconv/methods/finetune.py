@@ -46,12 +46,12 @@ class ConvpassConfig(MethodConfig):
     conv_init: Literal["identity", "xavier"] = option("identity", choices=("identity", "xavier"),
                                                       help="initialization of the adapter convolution")
     dropout: float = option(0.1, check=non_negative, help="dropout inside the adapter")
-    epochs: int = option(50, check=positive, help="training epochs")
-    batch_size: int = option(64, check=positive, help="images per training batch")
-    lr: float = option(1e-5, check=positive, help="AdamW learning rate")
-    weight_decay: float = option(0.0, check=non_negative, aliases=("--wd",), help="AdamW weight decay")
-    warmup_epochs: float = option(0.0, check=non_negative, help="linear warm-up epochs before the cosine decay")
-    grad_checkpointing: bool = option(False, help="recompute trunk activations in backward (less memory, ~2x slower)")
+    epochs: int = option(TrainConfig.epochs, check=positive, help="training epochs")
+    batch_size: int = option(TrainConfig.batch_size, check=positive, help="images per training batch")
+    lr: float = option(TrainConfig.lr, check=positive, help="AdamW learning rate")
+    weight_decay: float = option(TrainConfig.weight_decay, check=non_negative, aliases=("--wd",), help="AdamW weight decay")
+    warmup_epochs: float = option(TrainConfig.warmup_epochs, check=non_negative, help="linear warm-up epochs before the cosine decay")
+    grad_checkpointing: bool = option(TrainConfig.grad_checkpointing, help="recompute trunk activations in backward (less memory, ~2x slower)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", choices=("auto", "fp32", "bf16", "fp16"), cli=False, help="training autocast (auto: the run's)")
 
