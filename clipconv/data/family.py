@@ -15,6 +15,7 @@ import abc
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union
 
+from ..registry import Registry
 from ..report import PUBLISHED_TABLE2
 from .folder import Sample
 from .imagenet import EVAL_SET_SPECS, ClassList, EvalSplit, eval_splits, resolve_run_classes, train_samples
@@ -61,20 +62,12 @@ class DatasetFamily(abc.ABC):
         return {"family": self.name, "data_root": str(self.data_root)}
 
 
-FAMILIES: dict[str, Callable[..., DatasetFamily]] = {}
+FAMILIES: Registry[type[DatasetFamily]] = Registry("dataset family")
 
 
 def register_family(name: str) -> Callable[[type], type]:
     """Class decorator adding a dataset family to the registry under `name`."""
-
-    def decorate(cls: type) -> type:
-        if name in FAMILIES:
-            raise ValueError(f"dataset family '{name}' registered twice")
-        cls.name = name
-        FAMILIES[name] = cls
-        return cls
-
-    return decorate
+    return FAMILIES.register(name)
 
 
 def family_names() -> list[str]:
@@ -83,9 +76,7 @@ def family_names() -> list[str]:
 
 def open_family(name: str, **options: Any) -> DatasetFamily:
     """Build the registered family `name`; unknown names list the known ones."""
-    if name not in FAMILIES:
-        raise ValueError(f"unknown dataset family '{name}'; choose one of {family_names()}")
-    return FAMILIES[name](**options)
+    return FAMILIES.lookup(name)(**options)
 
 
 @register_family("imagenet")

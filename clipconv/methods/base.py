@@ -30,6 +30,7 @@ import torch
 
 from ..backbone import Backbone
 from ..config import Config, option
+from ..registry import Registry
 
 if TYPE_CHECKING:
     from ..features import FeatureStore
@@ -101,20 +102,12 @@ class Method(abc.ABC):
         return {}
 
 
-METHODS: dict[str, type[Method]] = {}
+METHODS: Registry[type[Method]] = Registry("method")
 
 
 def register_method(name: str) -> Callable[[type], type]:
     """Class decorator adding a method to the registry under `name`."""
-
-    def decorate(cls: type) -> type:
-        if name in METHODS:
-            raise ValueError(f"method '{name}' registered twice")
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return decorate
+    return METHODS.register(name)
 
 
 def method_names() -> list[str]:
@@ -142,10 +135,8 @@ def method_config_class(cls: type[Method]) -> type[MethodConfig]:
 def build_method(name: str, **options: Any) -> Method:
     """Instantiate a registered method; unknown names and unknown or invalid options raise ValueError
     listing what is known (options are validated against `method_config_class`)."""
-    known = method_names()
-    if name not in METHODS:
-        raise ValueError(f"unknown method '{name}'; choose one of {known}")
-    cls = METHODS[name]
+    method_names()
+    cls = METHODS.lookup(name)
     try:
         method_config_class(cls).from_options(options)
     except ValueError as err:
