@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 from .config import BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
 from .io import atomic_path, write_json, write_text
 from .report import DISPLAY, SUITE, markdown_table, results_row, target_average
-from .run import VAL_SHOTS
+from .run import VAL_SHOTS, environment
 from .session import Session, fit_and_evaluate, method_options, open_session
 
 __all__ = ["Table2Config", "TABLE2_METHODS", "METHOD_LABELS", "PUBLISHED_LABEL", "BARS_FILE", "SWEEP_FILE",
@@ -135,7 +135,7 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
     for label, values in published:
         csv_lines.append(f"\"{PUBLISHED_LABEL}\",{label}," + ",".join(f"{values[c]:.2f}," for c in COLUMNS))
     write_text(out / "table2.csv", "\n".join(csv_lines) + "\n")
-    result = {"config": cfg.to_dict(), **info, "columns": {c: DISPLAY.get(c, "target avg") for c in COLUMNS}, "measured": summary_rows,
+    result = {"config": cfg.to_dict(), "environment": environment(session), **info, "columns": {c: DISPLAY.get(c, "target avg") for c in COLUMNS}, "measured": summary_rows,
               "per_seed": {n: {str(s): v for s, v in seeds.items()} for n, seeds in per_seed.items()},
               "timing": timing,
               "published": {"label": PUBLISHED_LABEL, "rows": {label: values for label, values in published}}}

@@ -73,6 +73,8 @@ def test_all_methods_two_seeds_end_to_end(tmp_path, tree, tiny_config):
     assert sum(r.startswith("measured,") for r in rows) == len(ran)
     assert all(len(r.split(",")) == len(rows[0].split(",")) for r in rows if r.startswith("measured"))
     assert (out / "table2_bars.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert result["config"]["val_shots"] == 2 and result["config"]["runtime"]["workers"] == 0
+    assert result["environment"]["world_size"] == 1 and result["environment"]["device"] == "cpu"
     assert not list(out.glob("shots_*")) and not (out / "accuracy_vs_shots.png").exists()  # single K: flat layout
 
 

@@ -37,9 +37,10 @@ def _pre_parse(argv: Sequence[str]) -> argparse.Namespace:
 def build_parser(method: str = "convpass") -> argparse.ArgumentParser:
     """The full parser for `method`: run flags, shared groups, then the method's own option group."""
     from ..demo.defaults import DEMO_TRAIN_DEFAULTS
-    from ..methods.base import METHODS, method_config_class
+    from ..methods.base import METHODS, method_config_class, method_names
     from ..run import RunConfig
 
+    method_names()  # registers every method
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, RunConfig, skip=("method",))
     parser.add_argument("--method", default="convpass", help="registered method (default: convpass; see --list-methods)")
