@@ -84,12 +84,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = Table2Config(shots=shots[-1], method_options=method_options, benchmark_label=label, **table, **configs)
     except ValueError as err:
         parser.error(str(err))
+    from ..run import log, setup_logging
+
+    setup_logging(quiet=cfg.runtime.quiet)
     out = Path(cfg.output_dir)
     with bad_input_errors():
         if len(shots) > 1:
-            run_shots_sweep(cfg, shots)
+            run_shots_sweep(cfg, shots, log=log.info)
         else:
-            run_table2(cfg)
+            run_table2(cfg, log=log.info)
     print(f"table: {out / 'table2.md'}\nbar chart: {out / 'table2_bars.png'}")
     if len(shots) > 1:
         print(f"accuracy vs shots: {out / (SWEEP_FILE + '.png')} (tables: {out / (SWEEP_FILE + '.md')}, "

@@ -84,7 +84,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with bad_input_errors():
         pairs = backbone_pairs(args.model, args.pretrained, default=(backbone.model, backbone.pretrained))
         backbones = [dataclasses.replace(backbone, model=m, pretrained=p) for m, p in pairs]
-        compare_zero_shot(configs["data"], backbones, configs["runtime"], Path(args.output_dir))
+        from ..run import log, setup_logging
+
+        setup_logging(quiet=configs["runtime"].quiet)
+        compare_zero_shot(configs["data"], backbones, configs["runtime"], Path(args.output_dir), log=log.info)
     print(f"table: {Path(args.output_dir) / 'zero_shot.md'}")
     return 0
 
