@@ -135,19 +135,21 @@ def execute_run(run: PreparedRun) -> FitResult:
                               resume=run.resume)
     if result.not_evaluated:
         log.info(f"not evaluated (missing or empty): {', '.join(result.not_evaluated)}")
-    write_results(run_dir, cfg.method, result.metrics, result.to_dict(), columns=session.family.suite)
+    write_results(run_dir, cfg.method, session.row(result.metrics), result.metrics, result.to_dict(),
+                  columns=session.family.suite)
     return result
 
 
-def write_results(run_dir: Path, label: str, metrics: dict[str, dict[str, float]], summary: dict[str, Any],
-                  columns: Optional[Sequence[str]] = None) -> None:
-    """metrics.json ({set: {top1, top5, n}}), results.md (Table-2 row) and run_summary.json, atomically."""
-    from .report import SUITE, markdown_table, results_row
+def write_results(run_dir: Path, label: str, row: dict[str, float], metrics: dict[str, dict[str, float]],
+                  summary: dict[str, Any], columns: Sequence[str]) -> None:
+    """metrics.json ({set: {top1, top5, n}}), results.md (the Table-2 `row` over `columns`) and
+    run_summary.json, atomically."""
+    from .report import markdown_table
     from .session import jsonable
 
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "run_summary.json", jsonable(summary))
-    table = markdown_table([(label, results_row(metrics))], columns=columns or SUITE)
+    table = markdown_table([(label, row)], columns=columns)
     counts = ", ".join(f"{name}: {int(m['n'])}" for name, m in metrics.items())
     write_text(run_dir / "results.md", f"# {label}: top-1 (%)\n\n{table}\nimages per set: {counts}\n")
     log.info("\n" + table)

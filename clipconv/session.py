@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 
@@ -36,9 +37,17 @@ if TYPE_CHECKING:
     from .methods.base import Method
 
 __all__ = ["Session", "FitResult", "open_session", "open_data_family", "fit_and_evaluate", "method_options",
-           "backbone_fingerprint", "jsonable", "Scorer"]
+           "backbone_fingerprint", "jsonable", "target_mean", "Scorer"]
 
 log = logging.getLogger("clipconv")
+
+
+def target_mean(values: dict[str, float], targets: Sequence[str]) -> float:
+    """Mean over the `targets` columns of `values`; NaN unless all of them are there and finite."""
+    picked = [values.get(name) for name in targets]
+    if not picked or any(v is None or math.isnan(v) for v in picked):
+        return float("nan")
+    return sum(picked) / len(picked)
 
 
 def jsonable(value: Any) -> Any:
@@ -120,6 +129,17 @@ class Session:
         return evaluate_method(method, self.splits, self.data_root, self.device, features=self.store,
                                eval_transform=self.backbone.eval_transform, batch_size=self.runtime.eval_batch_size,
                                workers=self.runtime.workers, log=log_line, strict=self.data.strict)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Result columns: the family's suite (source set first) and "target_avg"."""
+        return (*self.family.suite, "target_avg")
+
+    def row(self, metrics: dict[str, dict[str, float]], key: str = "top1") -> dict[str, float]:
+        """{set: accuracy} for the suite's sets in `metrics`, plus "target_avg" (NaN unless every target ran)."""
+        row = {name: float(metrics[name][key]) for name in self.family.suite if name in metrics}
+        row["target_avg"] = target_mean(row, self.family.targets)
+        return row
 
     def info(self) -> dict[str, Any]:
         """What results record about the session (table2.json, run_summary.json)."""

@@ -28,9 +28,9 @@ from typing import Any, Callable, Optional, Sequence
 
 from .config import BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
 from .io import atomic_path, write_json, write_text
-from .report import DISPLAY, SUITE, markdown_table, results_row, target_average
+from .report import DISPLAY, SUITE, markdown_table
 from .run import VAL_SHOTS, environment
-from .session import Session, fit_and_evaluate, method_options, open_session
+from .session import Session, fit_and_evaluate, method_options, open_session, target_mean
 
 __all__ = ["Table2Config", "TABLE2_METHODS", "METHOD_LABELS", "PUBLISHED_LABEL", "BARS_FILE", "SWEEP_FILE",
            "run_table2", "run_shots_sweep", "shots_summary", "aggregate_seeds"]
@@ -41,7 +41,7 @@ METHOD_LABELS = {
     "tip_adapter": "Tip-Adapter", "tip_adapter_f": "Tip-Adapter-F", "convpass": "Convpass_CLIP",
 }
 PUBLISHED_LABEL = "published (paper, ImageNet, ViT-B/16)"
-COLUMNS = (*SUITE, "target_avg")
+COLUMNS = (*SUITE, "target_avg")  # ImageNet's; a run's columns come from its session's dataset family
 BARS_FILE = "table2_bars.png"
 SWEEP_FILE = "accuracy_vs_shots"  # .png, .json, .md
 
@@ -75,17 +75,19 @@ class Table2Config(Config):
                 for k, v in out.items()}
 
 
-def aggregate_seeds(rows: Sequence[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
-    """Mean and population std over seeds, per column present in every row."""
+def aggregate_seeds(rows: Sequence[dict[str, float]], columns: Sequence[str] = COLUMNS
+                    ) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and population std over seeds, per column present in every row (`columns`: the suite, source
+    set first, then "target_avg")."""
     mean, std = {}, {}
-    for column in COLUMNS:
+    for column in columns:
         values = [row[column] for row in rows if column in row and not math.isnan(row[column])]
         if values and len(values) == len(rows):
             mu = sum(values) / len(values)
             mean[column] = mu
             std[column] = math.sqrt(sum((v - mu) ** 2 for v in values) / len(values))
     if "target_avg" not in mean:
-        mean["target_avg"] = target_average(mean)
+        mean["target_avg"] = target_mean(mean, [c for c in columns[1:] if c != "target_avg"])
     return mean, std
 
 
@@ -94,7 +96,7 @@ def _published_rows(session: Session) -> list[tuple[str, dict[str, float]]]:
     for name in TABLE2_METHODS:
         if name in session.family.published:
             values = dict(session.family.published[name])
-            values["target_avg"] = target_average(values)
+            values["target_avg"] = target_mean(values, session.family.targets)
             rows.append((METHOD_LABELS.get(name, name), values))
     return rows
 
@@ -108,7 +110,7 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
         if not seeds:
             continue
         label = METHOD_LABELS.get(name, name)
-        mean, std = aggregate_seeds([seeds[s]["row"] for s in sorted(seeds)])
+        mean, std = aggregate_seeds([seeds[s]["row"] for s in sorted(seeds)], session.columns)
         measured.append((label, mean))
         stds[label] = std
         summary_rows[name] = {"label": label, "mean": mean, "std": std, "seeds": sorted(seeds)}
@@ -128,14 +130,15 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
         md.append(f"| {METHOD_LABELS.get(name, name)} | {t['fit_seconds']:.1f} | {t['eval_seconds']:.1f} | "
                   f"{t['images_encoded']} |")
     write_text(out / "table2.md", "\n".join(md) + "\n")
-    csv_lines = ["source,method," + ",".join(f"{c},{c}_std" for c in COLUMNS)]
+    columns = session.columns
+    csv_lines = ["source,method," + ",".join(f"{c},{c}_std" for c in columns)]
     for label, mean in measured:
-        cells = [f"{mean.get(c, float('nan')):.4f},{stds[label].get(c, float('nan')):.4f}" for c in COLUMNS]
+        cells = [f"{mean.get(c, float('nan')):.4f},{stds[label].get(c, float('nan')):.4f}" for c in columns]
         csv_lines.append(f"measured,{label}," + ",".join(cells))
     for label, values in published:
-        csv_lines.append(f"\"{PUBLISHED_LABEL}\",{label}," + ",".join(f"{values[c]:.2f}," for c in COLUMNS))
+        csv_lines.append(f"\"{PUBLISHED_LABEL}\",{label}," + ",".join(f"{values[c]:.2f}," for c in columns))
     write_text(out / "table2.csv", "\n".join(csv_lines) + "\n")
-    result = {"config": cfg.to_dict(), "environment": environment(session), **info, "columns": {c: DISPLAY.get(c, "target avg") for c in COLUMNS}, "measured": summary_rows,
+    result = {"config": cfg.to_dict(), "environment": environment(session), **info, "columns": {c: session.family.display.get(c, "target avg") for c in columns}, "measured": summary_rows,
               "per_seed": {n: {str(s): v for s, v in seeds.items()} for n, seeds in per_seed.items()},
               "timing": timing,
               "published": {"label": PUBLISHED_LABEL, "rows": {label: values for label, values in published}}}
@@ -184,7 +187,7 @@ def _run_shots(cfg: Table2Config, session: Session, methods: Sequence[str], out:
             log(f"== {cfg.shots}-shot, seed {seed}: {name} {options or ''}")
             fit = fit_and_evaluate(session, name, options, split, seed=seed, output_dir=out / f"{name}_seed{seed}",
                                    log_line=log)
-            per_seed.setdefault(name, {})[seed] = {"row": results_row(fit.metrics), "metrics": fit.metrics,
+            per_seed.setdefault(name, {})[seed] = {"row": session.row(fit.metrics), "metrics": fit.metrics,
                                                    **fit.to_dict()}
             t = timing.setdefault(name, {"fit_seconds": 0.0, "eval_seconds": 0.0, "images_encoded": 0})
             t["fit_seconds"] += fit.fit_seconds
@@ -194,7 +197,7 @@ def _run_shots(cfg: Table2Config, session: Session, methods: Sequence[str], out:
     if result.get("measured"):
         from .plots import accuracy_bars
 
-        accuracy_bars(result, out / BARS_FILE, title=f"{cfg.shots}-shot top-1, {_benchmark_title(cfg, session)}")
+        accuracy_bars(result, out / BARS_FILE, columns=session.columns, title=f"{cfg.shots}-shot top-1, {_benchmark_title(cfg, session)}")
     log(f"Table 2 written to {out / 'table2.md'}")
     return result
 
@@ -248,20 +251,24 @@ def run_shots_sweep(cfg: Table2Config, shots: Sequence[int],
 def shots_summary(results_by_shots: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """{"shots": [K...], "columns": {...}, "methods": {label: {column: {"K": {"mean", "std"}}}}} of a sweep."""
     ks = sorted(results_by_shots)
+    names = results_by_shots[ks[0]].get("columns") if ks else None
+    names = names or {c: DISPLAY.get(c, "target avg") for c in COLUMNS}
     methods: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for k in ks:
         for entry in results_by_shots[k].get("measured", {}).values():
-            for column in COLUMNS:
+            for column in names:
                 if column in entry["mean"]:
                     methods.setdefault(entry["label"], {}).setdefault(column, {})[str(k)] = {
                         "mean": entry["mean"][column], "std": entry["std"].get(column, float("nan"))}
-    return {"shots": ks, "columns": {c: DISPLAY.get(c, "target avg") for c in COLUMNS}, "methods": methods}
+    return {"shots": ks, "columns": dict(names), "methods": methods}
 
 
 def _write_sweep_outputs(out: Path, cfg: Table2Config, results: dict[int, dict[str, Any]], title: str) -> None:
-    from .plots import SHOTS_COLUMNS, accuracy_vs_shots
+    from .plots import accuracy_vs_shots
 
     summary = shots_summary(results)
+    source = next(iter(summary["columns"]))
+    shown = (source, "target_avg")  # the source set and the target average
     summary["seeds"] = list(cfg.seeds)
     summary["benchmark"] = title
     summary["timing"] = {str(k): results[k].get("timing", {}) for k in summary["shots"]}  # seconds per K, method
@@ -271,8 +278,8 @@ def _write_sweep_outputs(out: Path, cfg: Table2Config, results: dict[int, dict[s
     over = f"Mean ± std over seeds {seeds}" if len(cfg.seeds) > 1 else f"Seed {seeds}"
     md = [f"# Top-1 (%) against the number of shots: {title}", "",
           f"{over}; per-K tables in shots_<K>/table2.md.", ""]
-    for column in SHOTS_COLUMNS:
-        heading = DISPLAY.get(column, "target avg") + (" (source)" if column == SUITE[0] else "")
+    for column in shown:
+        heading = summary["columns"][column] + (" (source)" if column == source else "")
         md += [f"## {heading}", "",
                "| method | " + " | ".join(f"{k}-shot" for k in ks) + " |", "|---|" + "---|" * len(ks)]
         for label, by_column in summary["methods"].items():
@@ -281,7 +288,8 @@ def _write_sweep_outputs(out: Path, cfg: Table2Config, results: dict[int, dict[s
                       + " |")
         md.append("")
     write_text(out / (SWEEP_FILE + ".md"), "\n".join(md))
-    accuracy_vs_shots(results, out / (SWEEP_FILE + ".png"), title=f"Top-1 against shots, {title}")
+    accuracy_vs_shots(results, out / (SWEEP_FILE + ".png"), domain_columns=shown,
+                      title=f"Top-1 against shots, {title}")
 
 
 def _mean_std(cell: Optional[dict[str, float]], with_std: bool) -> str:

@@ -75,7 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out_dir = Path(args.output_dir) if args.output_dir else checkpoint.parent / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     setup_logging(out_dir, runtime.quiet)
     metrics = session.evaluate(_Classifier(classifier))
-    write_results(out_dir, meta.get("method", "checkpoint"), metrics,
+    write_results(out_dir, meta.get("method", "checkpoint"), session.row(metrics), metrics,
                   {"checkpoint": str(checkpoint.resolve()), "evaluated": list(metrics),
                    "not_evaluated": session.missing}, columns=session.family.suite)
     print(f"results: {out_dir}")

@@ -50,7 +50,7 @@ def compare_zero_shot(data: "DataConfig", backbones: Sequence["BackboneConfig"],
     and zero_shot.md atomically."""
     from ..data import FewShotSplit
     from ..io import write_json, write_text
-    from ..report import markdown_table, results_row
+    from ..report import markdown_table
     from ..session import fit_and_evaluate, open_session
 
     sessions = [open_session(data, backbone, runtime) for backbone in backbones]  # all checked before any work
@@ -59,10 +59,10 @@ def compare_zero_shot(data: "DataConfig", backbones: Sequence["BackboneConfig"],
         fit = fit_and_evaluate(session, "zero_shot", {}, FewShotSplit(train=[]), seed=0, log_line=log)
         tag = backbone.pretrained
         label = f"{session.backbone.model_name} ({Path(tag).name if tag and Path(tag).exists() else tag})"
-        rows.append((label, results_row(fit.metrics)))
+        rows.append((label, session.row(fit.metrics)))
         results.append({"label": label, "model": backbone.model, "pretrained": tag,
                         "backbone": session.backbone.describe(), "metrics": fit.metrics,
-                        "row": results_row(fit.metrics), "images_encoded": fit.images_encoded,
+                        "row": session.row(fit.metrics), "images_encoded": fit.images_encoded,
                         "seconds": round(fit.fit_seconds + fit.eval_seconds, 2)})
     output_dir.mkdir(parents=True, exist_ok=True)
     first = sessions[0]
