@@ -26,10 +26,9 @@ def world(tmp_path_factory, tiny_config):
     return {"root": root, "data": data, "weights": weights, "config": tiny_config}
 
 
-def _train(world, out, *extra):
+def _train(world, out, *extra, training=("--epochs", "2", "--batch-size", "4", "--lr", "1e-3")):
     argv = ["--data-root", str(world["data"]), "--model", str(world["config"]), "--pretrained", str(world["weights"]),
-            "--shots", "4", "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--workers", "0",
-            "--output-dir", str(out), "--no-cache", *extra]
+            "--shots", "4", *training, "--workers", "0", "--output-dir", str(out), "--no-cache", *extra]
     return train.main(argv)
 
 
@@ -103,3 +102,20 @@ def test_missing_variants_are_skipped_with_a_warning(world, tmp_path):
     summary = json.loads((run / "run_summary.json").read_text())
     assert summary["not_evaluated"] == ["imagenet_a"]
     assert "imagenet_a" not in json.loads((run / "metrics.json").read_text())
+
+
+def test_a_single_run_stops_a_method_that_alters_the_shared_backbone(world, tmp_path, monkeypatch):
+    from clipconv.methods.zero_shot import ZeroShot
+
+    real_fit = ZeroShot.fit
+
+    def tampering_fit(self, ctx):
+        with torch.no_grad():
+            ctx.backbone.model.visual.proj.mul_(2)
+        return real_fit(self, ctx)
+
+    monkeypatch.setattr(ZeroShot, "fit", tampering_fit)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="zero_shot.*in place"):
+        _train(world, run, "--method", "zero_shot", "--eval-sets", "imagenet", training=())
+    assert not (run / "metrics.json").exists()
