@@ -107,8 +107,8 @@ class Config:
 class DataConfig(Config):
     """Where the images come from: the dataset family and its options."""
 
-    family: str = option("imagenet", help="dataset family: imagenet (ImageNet and its shifted variants)",
-                         cli=False)
+    family: Optional[str] = option(None, help="dataset family (default: folder when --train-root is given, "
+                                              "else imagenet: ImageNet and its shifted variants)")
     data_root: Optional[str] = option(None, help="folder holding ImageNet and its variants (see datasets/README.md)")
     classnames: Optional[str] = option(None, help="file of '<id> <name>' lines overriding the class universe")
     train_root: Optional[str] = option(None, help="folder family: train images as <root>/<class>/*", cli=False)

@@ -13,11 +13,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from .config import BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
 from .io import write_json, write_text
 from .session import FitResult, Session, fit_and_evaluate, method_options, open_session
+
+if TYPE_CHECKING:
+    from .data import FewShotSplit
 
 __all__ = ["RunConfig", "PreparedRun", "prepare_run", "execute_run", "write_results", "setup_logging",
            "environment", "VAL_SHOTS", "CONFIG_FILE"]
@@ -97,7 +100,7 @@ class PreparedRun:
 
     config: RunConfig
     session: Session
-    split: Any
+    split: "FewShotSplit"
     options: dict[str, Any]
     run_dir: Path
     resume: bool = False

@@ -59,9 +59,10 @@ def open_data_family(data: DataConfig) -> "DatasetFamily":
     """The dataset family of `data`: the ONE place that maps data settings to a family."""
     from .data.family import open_family
 
+    name = data.family or ("folder" if data.train_root or data.eval_roots else "imagenet")
     options: dict[str, Any] = {"data_root": data.data_root, "classnames": data.classnames,
                                "train_root": data.train_root, "eval_roots": data.eval_roots or None}
-    return open_family(data.family, **{k: v for k, v in options.items() if v is not None})
+    return open_family(name, **{k: v for k, v in options.items() if v is not None})
 
 
 @dataclass

@@ -64,3 +64,13 @@ def test_demo_fills_only_what_no_flag_gave(tmp_path):
 
     args.method = "convpass"
     assert config_from_args(args, parser).method_options["lr"] == 0.1
+
+
+def test_the_dataset_family_is_chosen_in_one_place(tmp_path):
+    from clipconv.data.family import ImageNetFamily
+    from clipconv.session import open_data_family
+
+    family = open_data_family(DataConfig(data_root=str(tmp_path)))
+    assert isinstance(family, ImageNetFamily) and family.data_root == tmp_path
+    with pytest.raises(ValueError, match="unknown dataset family 'nope'; choose one of .*imagenet"):
+        open_data_family(DataConfig(family="nope", data_root=str(tmp_path)))
