@@ -29,7 +29,8 @@ log = logging.getLogger("clipconv")
 
 #: validation images per class drawn from train, outside the K shots — the one default of every entry point.
 #: It is what makes choosing hyper-parameters (Convpass's scale and epoch, the baselines' searches) possible
-#: without a test set; its cost is scoring 4 images per class once per epoch (8 % of 16-shot training).
+#: without a test set. Its cost: scoring 4 images per class after every epoch — forward only, so about 8 % of
+#: 16-shot training's compute; measured on the demo (5 epochs, 1 thread, load 3.7): fit 13.5 s vs 10.4 s.
 VAL_SHOTS = 4
 CONFIG_FILE = "config.json"
 VAL_HELP = ("validation images per class drawn from train, disjoint from the K shots; used to choose the scale, "
