@@ -191,17 +191,8 @@ def test_every_option_is_a_named_constructor_parameter():
 
 
 def test_a_method_that_alters_the_shared_backbone_is_stopped(tmp_path, tree, tiny_config, monkeypatch, capsys):
-    import torch
+    from tampering import make_zero_shot_tamper
 
-    from clipconv.methods.zero_shot import ZeroShot
-
-    real_fit = ZeroShot.fit
-
-    def tampering_fit(self, ctx):
-        with torch.no_grad():
-            ctx.backbone.model.visual.proj.mul_(2)
-        return real_fit(self, ctx)
-
-    monkeypatch.setattr(ZeroShot, "fit", tampering_fit)
+    make_zero_shot_tamper(monkeypatch)
     with pytest.raises(RuntimeError, match="zero_shot.*in place"):
         _run(tmp_path, tree, tiny_config, ["zero_shot"])

@@ -105,16 +105,9 @@ def test_missing_variants_are_skipped_with_a_warning(world, tmp_path):
 
 
 def test_a_single_run_stops_a_method_that_alters_the_shared_backbone(world, tmp_path, monkeypatch):
-    from clipconv.methods.zero_shot import ZeroShot
+    from tampering import make_zero_shot_tamper
 
-    real_fit = ZeroShot.fit
-
-    def tampering_fit(self, ctx):
-        with torch.no_grad():
-            ctx.backbone.model.visual.proj.mul_(2)
-        return real_fit(self, ctx)
-
-    monkeypatch.setattr(ZeroShot, "fit", tampering_fit)
+    make_zero_shot_tamper(monkeypatch)
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="zero_shot.*in place"):
         _train(world, run, "--method", "zero_shot", "--eval-sets", "imagenet", training=())

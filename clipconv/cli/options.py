@@ -137,13 +137,14 @@ def add_shared_args(parser: argparse.ArgumentParser, skip: Iterable[str] = (),
             for section, cls in SHARED.items()}
 
 
-def demo_overrides_help(method: Optional[str] = None) -> str:
+def demo_overrides_help() -> str:
+    """--demo's help: what it sets (the method's demo values are shown beside its options)."""
     from ..demo.defaults import DEMO_RUN_DEFAULTS
 
     settings = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_RUN_DEFAULTS.items())
-    text = ("use the offline miniature benchmark and the shipped mini CLIP (no downloads); sets the data root "
-            f"to the generated world, the mini CLIP as --model/--pretrained, {settings}")
-    return text + (", and the method's demo defaults shown with its options" if method else "")
+    return ("use the offline miniature benchmark and the shipped mini CLIP (no downloads): the data root is the "
+            f"generated world, --model/--pretrained the mini CLIP, {settings}, and the method's demo options "
+            "(shown as '--demo: value' beside them); flags given win")
 
 
 def shared_configs(args: argparse.Namespace, fields: Mapping[str, list[str]], parser: argparse.ArgumentParser,
