@@ -2,13 +2,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence
 
 import torch
 
 from .metrics import topk_accuracy
 
-__all__ = ["collect_logits", "evaluate_method", "image_loader"]
+if TYPE_CHECKING:
+    from .data import EvalSplit
+    from .features import FeatureStore
+
+__all__ = ["collect_logits", "evaluate_method", "image_loader", "Scorer"]
+
+
+class Scorer(Protocol):
+    """What the evaluation suite scores: a fitted method (or a loaded classifier wrapped as one).
+    Frozen-image-encoder scorers also provide `logits_from_features(features)`."""
+
+    frozen_image_encoder: bool
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor: ...
 
 
 def image_loader(root: Path, samples: Sequence, transform: Callable, batch_size: int, workers: int,
@@ -51,11 +64,11 @@ def collect_logits(
 
 
 def evaluate_method(
-    method: Any,
-    splits: Sequence[Any],
+    method: Scorer,
+    splits: Sequence["EvalSplit"],
     data_root: Path,
     device: torch.device,
-    features: Any = None,
+    features: Optional["FeatureStore"] = None,
     eval_transform: Optional[Callable] = None,
     batch_size: int = 64,
     workers: int = 0,

@@ -18,21 +18,22 @@ accuracy_vs_shots.{png,json,md}  top-1 on the source set and the target average 
 """
 from __future__ import annotations
 
-import inspect
 import math
 import shutil
 import tempfile
-import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from .config import BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
 from .io import atomic_path, write_json, write_text
-from .report import DISPLAY, PUBLISHED_TABLE2, SUITE, markdown_table, results_row, target_average
+from .report import DISPLAY, SUITE, markdown_table
+from .run import VAL_SHOTS, environment
+from .session import Session, fit_and_evaluate, method_options, open_session, target_mean
 
 __all__ = ["Table2Config", "TABLE2_METHODS", "METHOD_LABELS", "PUBLISHED_LABEL", "BARS_FILE", "SWEEP_FILE",
-           "templates_used", "row_label", "run_table2", "run_shots_sweep", "shots_summary", "method_options_for", "aggregate_seeds"]
+           "run_table2", "run_shots_sweep", "shots_summary", "aggregate_seeds"]
 
 TABLE2_METHODS = ("zero_shot", "linear_probe", "coop", "cocoop", "tip_adapter", "tip_adapter_f", "convpass")
 METHOD_LABELS = {
@@ -42,97 +43,57 @@ METHOD_LABELS = {
 PUBLISHED_LABEL = "published (paper, ImageNet, ViT-B/16)"
 #: the template set behind a published row where the label must say it (the paper's ZS CLIP is single-prompt)
 PUBLISHED_TEMPLATES = {"zero_shot": ("photo", 1)}
-COLUMNS = (*SUITE, "target_avg")
+COLUMNS = (*SUITE, "target_avg")  # ImageNet's; a run's columns come from its session's dataset family
 BARS_FILE = "table2_bars.png"
 SWEEP_FILE = "accuracy_vs_shots"  # .png, .json, .md
 
 
 @dataclass
-class Table2Config:
+class Table2Config(Config):
     """Settings of one Table-2 run (saved in table2.json)."""
 
-    data_root: str
-    output_dir: str = "runs/table2"
-    shots: int = 16
-    seeds: Sequence[int] = (1, 2, 3)
-    val_shots: int = 4
-    methods: Sequence[str] = TABLE2_METHODS
-    model: str = "ViT-B-16"
-    pretrained: Optional[str] = "openai"
-    classnames: Optional[str] = None
-    templates: Optional[str] = None  # None: each method's reference set (Method.reference_templates)
-    eval_sets: Sequence[str] = SUITE
-    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    epochs_scale: float = 1.0
-    crop_scale: float = 0.08  # smallest area of the train random resized crop (methods using train_transform)
-    cache_dir: Optional[str] = "default"  # None disables the feature cache
-    device: str = "auto"
-    precision: str = "fp32"  # "auto": bf16 on CUDA, fp32 on CPU
-    workers: int = 0
-    batch_size: int = 64
-    benchmark_label: Optional[str] = None  # what the data is, for plot titles (e.g. "miniature benchmark")
+    output_dir: str = option("runs/table2", help="where table2.*, table2_bars.png and split_seed*.json go "
+                                                 "(shots_<K>/ per K in a sweep)")
+    shots: int = option(16, check=positive, help="training images per class (K)")
+    seeds: tuple[int, ...] = option((1, 2, 3), check=seed_range, help="split and training seeds")
+    val_shots: int = option(VAL_SHOTS, check=non_negative,
+                            help="validation images per class from train, outside the K shots")
+    methods: tuple[str, ...] = option(TABLE2_METHODS, help="methods to run")
+    method_options: dict[str, dict[str, Any]] = option(default_factory=dict, cli=False,
+                                                       help="{method: {option: value}}")
+    epochs_scale: float = option(1.0, check=positive, help="multiply every method's default number of epochs")
+    benchmark_label: Optional[str] = option(None, cli=False, help="what the data is, for plot titles")
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        self.seeds, self.methods = tuple(self.seeds), tuple(self.methods)
+        super().__post_init__()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return {k: v.to_dict() if isinstance(v, Config) else list(v) if isinstance(v, tuple) else v
+                for k, v in out.items()}
 
 
-def _default_epochs(cls: type) -> Optional[int]:
-    from .methods.base import method_option_defaults
-
-    config_options = method_option_defaults(cls)
-    if config_options is not None:
-        epochs = config_options.get("epochs")
-        return epochs if isinstance(epochs, int) else None
-    parameters = inspect.signature(cls.__init__).parameters
-    if "epochs" in parameters and isinstance(parameters["epochs"].default, int):
-        return parameters["epochs"].default
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        try:  # methods trained by the engine take its options as keyword arguments
-            from .engine import TrainConfig
-
-            return int(TrainConfig().epochs)
-        except (ImportError, AttributeError):
-            return None
-    return None
-
-
-def method_options_for(name: str, cls: type, given: dict[str, Any], epochs_scale: float = 1.0,
-                       generic: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Constructor options of one method: `given` (must be accepted, else a clear error), `epochs` scaled
-    from the method's default when `epochs_scale` != 1 and not given, plus `generic` ones it accepts."""
-    from .methods.base import method_option_defaults
-
-    config_options = method_option_defaults(cls)
-    parameters = config_options if config_options is not None else inspect.signature(cls.__init__).parameters
-    open_ended = config_options is None and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    unknown = [k for k in given if k not in parameters and not open_ended]
-    if unknown:
-        accepted = sorted(k for k in parameters if k != "self")
-        raise ValueError(f"--method-options for '{name}': unknown option(s) {unknown}; it accepts {accepted}")
-    options = dict(given)
-    if epochs_scale != 1.0 and "epochs" not in options:
-        default = _default_epochs(cls)
-        if default is not None:
-            options["epochs"] = max(1, int(round(default * epochs_scale)))
-    for key, value in (generic or {}).items():
-        if key not in options and key in parameters:
-            options[key] = value
-    return options
-
-
-def aggregate_seeds(rows: Sequence[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
-    """Mean and population std over seeds, per column present in every row."""
+def aggregate_seeds(rows: Sequence[dict[str, float]], columns: Sequence[str] = COLUMNS
+                    ) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and population std over seeds, per column present in every row (`columns`: the suite, source
+    set first, then "target_avg")."""
     mean, std = {}, {}
-    for column in COLUMNS:
+    for column in columns:
         values = [row[column] for row in rows if column in row and not math.isnan(row[column])]
         if values and len(values) == len(rows):
             mu = sum(values) / len(values)
             mean[column] = mu
             std[column] = math.sqrt(sum((v - mu) ** 2 for v in values) / len(values))
     if "target_avg" not in mean:
-        mean["target_avg"] = target_average(mean)
+        mean["target_avg"] = target_mean(mean, [c for c in columns[1:] if c != "target_avg"])
     return mean, std
 
 
-def templates_used(name: str, fits: Sequence[dict[str, Any]], run_templates: Optional[str]
-                   ) -> Optional[tuple[str, int]]:
+def templates_used(name: str, fits: Sequence[Any], run_templates: Optional[str]) -> Optional[tuple[str, int]]:
     """(template set, count) a row's method used: from its fit summaries ("template_set", "templates"), else
     derived from the run's --templates or the method's reference set; None for a method without templates."""
     for fit in fits:
@@ -161,59 +122,60 @@ def _templates_text(run_templates: Optional[str]) -> str:
     return f"{run_templates} for every method" if run_templates else "each method's reference set (--templates overrides)"
 
 
-def _published_rows(methods: Sequence[str]) -> list[tuple[str, dict[str, float]]]:
+def _published_rows(session: Session) -> list[tuple[str, dict[str, float]]]:
     rows = []
-    for name in methods:
-        if name in PUBLISHED_TABLE2:
-            values = dict(zip(SUITE, PUBLISHED_TABLE2[name]))
-            values["target_avg"] = target_average(values)
+    for name in TABLE2_METHODS:
+        if name in session.family.published:
+            values = dict(session.family.published[name])
+            values["target_avg"] = target_mean(values, session.family.targets)
             rows.append((row_label(name, PUBLISHED_TEMPLATES.get(name)), values))
     return rows
 
 
 def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, dict]], timing: dict,
-                   info: dict) -> dict[str, Any]:
+                   session: Session) -> dict[str, Any]:
+    info = session.info()
+    table_columns = {"columns": session.family.suite, "display": session.family.display}
     measured, stds, summary_rows, template_lines = [], {}, {}, []
     for name in cfg.methods:
         seeds = per_seed.get(name, {})
         if not seeds:
             continue
-        used = templates_used(name, [seeds[s].get("fit") for s in sorted(seeds)], cfg.templates)
+        used = templates_used(name, [seeds[s].get("fit") for s in sorted(seeds)], cfg.data.templates)
         label = row_label(name, used)
-        mean, std = aggregate_seeds([seeds[s]["row"] for s in sorted(seeds)])
+        mean, std = aggregate_seeds([seeds[s]["row"] for s in sorted(seeds)], session.columns)
         measured.append((label, mean))
         stds[label] = std
         summary_rows[name] = {"label": label, "mean": mean, "std": std, "seeds": sorted(seeds),
                               "template_set": used[0] if used else None, "templates": used[1] if used else 0}
         template_lines.append(f"| {label} | " + (f"{used[0]} ({used[1]})" if used else "none") + " |")
-    published = _published_rows([n for n in TABLE2_METHODS if n in PUBLISHED_TABLE2])
+    published = _published_rows(session)
     seeds_text = ", ".join(str(s) for s in cfg.seeds)
     md = [f"# Table 2: {cfg.shots}-shot, top-1 (%), mean ± std over seeds {seeds_text}", "",
-          f"Backbone {info['backbone']['model']} ({info['backbone']['weights_id']}); data {cfg.data_root}; "
-          f"templates: {_templates_text(cfg.templates)}; validation: {cfg.val_shots} train images per class outside "
-          f"the K-shot set.",
-          "", "## measured (this run)", "", markdown_table(measured, stds), "",
+          f"Backbone {info['backbone']['model']} ({info['backbone']['weights_id']}); data {cfg.data.data_root}; "
+          f"templates: {_templates_text(cfg.data.templates)}; validation: {cfg.val_shots} train images per class "
+          f"outside the K-shot set.",
+          "", "## measured (this run)", "", markdown_table(measured, stds, **table_columns), "",
           "## prompt templates per row", "", "| method | template set (count) |", "|---|---|", *template_lines, "",
-          "## " + PUBLISHED_LABEL, "",
+          "## " + session.family.published_label, "",
           "Numbers printed in the Convpass paper (Table 2): full ImageNet, OpenAI ViT-B/16. For reference only — "
           "not comparable with a run on other data or another backbone.", "",
-          markdown_table(published), "",
+          markdown_table(published, **table_columns), "",
           "## wall time per method (seconds, summed over seeds)", "",
           "| method | fit | eval | images encoded by the feature cache |", "|---|---|---|---|"]
     for name, t in timing.items():
         md.append(f"| {METHOD_LABELS.get(name, name)} | {t['fit_seconds']:.1f} | {t['eval_seconds']:.1f} | "
                   f"{t['images_encoded']} |")
     write_text(out / "table2.md", "\n".join(md) + "\n")
-    csv_lines = ["source,method," + ",".join(f"{c},{c}_std" for c in COLUMNS)]
+    columns = session.columns
+    csv_lines = ["source,method," + ",".join(f"{c},{c}_std" for c in columns)]
     for label, mean in measured:
-        cells = [f"{mean.get(c, float('nan')):.4f},{stds[label].get(c, float('nan')):.4f}" for c in COLUMNS]
+        cells = [f"{mean.get(c, float('nan')):.4f},{stds[label].get(c, float('nan')):.4f}" for c in columns]
         csv_lines.append(f"measured,{label}," + ",".join(cells))
     for label, values in published:
-        csv_lines.append(f"\"{PUBLISHED_LABEL}\",{label}," + ",".join(f"{values[c]:.2f}," for c in COLUMNS))
+        csv_lines.append(f"\"{PUBLISHED_LABEL}\",{label}," + ",".join(f"{values[c]:.2f}," for c in columns))
     write_text(out / "table2.csv", "\n".join(csv_lines) + "\n")
-    result = {"config": {**asdict(cfg), "seeds": list(cfg.seeds), "methods": list(cfg.methods),
-                         "eval_sets": list(cfg.eval_sets)},
-              **info, "columns": {c: DISPLAY.get(c, "target avg") for c in COLUMNS}, "measured": summary_rows,
+    result = {"config": cfg.to_dict(), "environment": environment(session), **info, "columns": {c: session.family.display.get(c, "target avg") for c in columns}, "measured": summary_rows,
               "per_seed": {n: {str(s): v for s, v in seeds.items()} for n, seeds in per_seed.items()},
               "timing": timing,
               "published": {"label": PUBLISHED_LABEL, "rows": {label: values for label, values in published}}}
@@ -221,29 +183,10 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
     return result
 
 
-@dataclass
-class _Session:
-    """What every K of a run shares: the backbone, the one FeatureStore, the class list, the data."""
-
-    backbone: Any
-    store: Any
-    classes: Any
-    templates: Optional[list]  # None: each method's reference set
-    device: Any
-    data_root: Path
-    samples: list
-    splits: list
-    info: dict
-    methods: list
-
-
-def _open_session(cfg: Table2Config, cache_dir: Any) -> _Session:
-    """Validate `cfg`, load the backbone once and list the train and evaluation images."""
-    from .backbone import load_backbone, resolve_device
-    from .data import eval_splits, resolve_run_classes, train_samples
-    from .features import FeatureStore
+def _open_session(cfg: Table2Config, cache_dir: Optional[str] = None) -> tuple[Session, list[str]]:
+    """Validate `cfg` (methods and every option before any work), open the shared session (with the
+    feature cache in `cache_dir` when given, e.g. a sweep's temporary one)."""
     from .methods.base import METHODS, method_names
-    from .prompts import load_templates
 
     if not cfg.seeds:
         raise ValueError("give at least one seed (--seeds 1 2 3)")
@@ -258,101 +201,57 @@ def _open_session(cfg: Table2Config, cache_dir: Any) -> _Session:
     if "convpass" in cfg.methods and "convpass" not in METHODS:
         warnings.warn("method 'convpass' is not registered (clipconv/methods/finetune.py missing); row skipped",
                       stacklevel=3)
-    for name in methods:  # validate every option before any work
-        method_options_for(name, METHODS[name], cfg.method_options.get(name, {}), cfg.epochs_scale)
-
-    data_root = Path(cfg.data_root)
-    classes = resolve_run_classes(data_root, cfg.classnames)
-    templates = load_templates(cfg.templates) if cfg.templates else None
-    device = resolve_device(cfg.device)
-    precision = cfg.precision
-    if precision == "auto":
-        from .engine import resolve_precision
-
-        precision = resolve_precision(precision, device)
-    backbone = load_backbone(cfg.model, cfg.pretrained, device=device, precision=precision,
-                             train_crop_scale=(cfg.crop_scale, 1.0))
-    store = FeatureStore(backbone, cache_dir, batch_size=cfg.batch_size, workers=cfg.workers, device=device)
-    samples = train_samples(data_root, classes)
-    splits = eval_splits(data_root, cfg.eval_sets, classes)
-    if not splits:
-        raise ValueError(f"none of the evaluation sets {list(cfg.eval_sets)} was found under '{data_root}'")
-    info = {"backbone": backbone.describe(), "classes": len(classes),
-            "eval_sets": {s.name: len(s.samples) for s in splits}}
-    return _Session(backbone, store, classes, templates, device, data_root, samples, splits, info, methods)
+    for name in methods:
+        method_options(name, cfg.method_options.get(name, {}), cfg.epochs_scale)
+    runtime = cfg.runtime if cache_dir is None else replace(cfg.runtime, cache=True, cache_dir=cache_dir)
+    return open_session(cfg.data, cfg.backbone, runtime), methods
 
 
-def _run_shots(cfg: Table2Config, session: _Session, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def _run_shots(cfg: Table2Config, session: Session, methods: Sequence[str], out: Path,
+               log: Callable[[str], None]) -> dict[str, Any]:
     """Every method for every seed at `cfg.shots`; table2.{md,csv,json} after each method, the bars at the end."""
-    from .data import sample_few_shot, save_split
-    from .evaluate import evaluate_method
-    from .methods import FitContext, build_method
-    from .methods.base import METHOD_REFERENCE_TEMPLATES, METHODS
+    from .data import save_split
 
     out.mkdir(parents=True, exist_ok=True)
-    backbone, store, classes, data_root = session.backbone, session.store, session.classes, session.data_root
     per_seed: dict[str, dict[int, dict]] = {}
     timing: dict[str, dict[str, float]] = {}
     result: dict[str, Any] = {}
     for seed in cfg.seeds:
-        split = sample_few_shot(session.samples, cfg.shots, seed, val_shots=cfg.val_shots, root=data_root,
-                                class_names=classes.names)
-        save_split(out / f"split_seed{seed}.json", split,
-                   {"class_ids": list(classes.ids), "data_root": str(data_root.resolve())})
-        for name in session.methods:
-            options = method_options_for(name, METHODS[name], cfg.method_options.get(name, {}), cfg.epochs_scale,
-                                         generic={"seed": seed, "workers": cfg.workers,
-                                                  "eval_batch_size": cfg.batch_size})
-            method = build_method(name, **options)
-            ctx = FitContext(backbone=backbone, classnames=list(classes.names), data_root=data_root,
-                             train=split.train, val=split.val, features=store,
-                             templates=METHOD_REFERENCE_TEMPLATES if session.templates is None else session.templates,
-                             templates_name=cfg.templates or "",
-                             device=session.device, seed=seed, output_dir=out / f"{name}_seed{seed}",
-                             class_hash=classes.hash(), workers=cfg.workers, eval_batch_size=cfg.batch_size, log=log)
-            if "class_ids" in inspect.signature(FitContext).parameters:
-                ctx.class_ids = list(classes.ids)
+        split = session.draw_split(cfg.shots, seed, cfg.val_shots)
+        save_split(out / f"split_seed{seed}.json", split, session.split_meta())
+        for name in methods:
+            options = method_options(name, cfg.method_options.get(name, {}), cfg.epochs_scale, session.precision)
             log(f"== {cfg.shots}-shot, seed {seed}: {name} {options or ''}")
-            calls = store.encoder_calls
-            before = _fingerprint(backbone.model)
-            started = time.perf_counter()
-            fit_summary = method.fit(ctx)
-            fitted = time.perf_counter()
-            if _fingerprint(backbone.model) != before:  # later methods share the backbone and its cached features
-                raise RuntimeError(f"method '{name}' modified the shared backbone in place; it must work on a copy")
-            metrics = evaluate_method(method, session.splits, data_root, session.device, features=store,
-                                      eval_transform=backbone.eval_transform, batch_size=cfg.batch_size,
-                                      workers=cfg.workers, log=log)
-            done = time.perf_counter()
-            per_seed.setdefault(name, {})[seed] = {"row": results_row(metrics), "metrics": metrics,
-                                                   "fit": _jsonable(fit_summary), "options": _jsonable(options),
-                                                   "fit_seconds": fitted - started, "eval_seconds": done - fitted}
+            fit = fit_and_evaluate(session, name, options, split, seed=seed, output_dir=out / f"{name}_seed{seed}",
+                                   log_line=log)
+            per_seed.setdefault(name, {})[seed] = {"row": session.row(fit.metrics), "metrics": fit.metrics,
+                                                   **fit.to_dict()}
             t = timing.setdefault(name, {"fit_seconds": 0.0, "eval_seconds": 0.0, "images_encoded": 0})
-            t["fit_seconds"] += fitted - started
-            t["eval_seconds"] += done - fitted
-            t["images_encoded"] += store.encoder_calls - calls
-            result = _write_outputs(out, cfg, per_seed, timing, session.info)
+            t["fit_seconds"] += fit.fit_seconds
+            t["eval_seconds"] += fit.eval_seconds
+            t["images_encoded"] += fit.images_encoded
+            result = _write_outputs(out, cfg, per_seed, timing, session)
     if result.get("measured"):
         from .plots import accuracy_bars
 
-        accuracy_bars(result, out / BARS_FILE, title=f"{cfg.shots}-shot top-1, {_benchmark_title(cfg, session.info)}")
+        accuracy_bars(result, out / BARS_FILE, columns=session.columns, title=f"{cfg.shots}-shot top-1, {_benchmark_title(cfg, session)}")
     log(f"Table 2 written to {out / 'table2.md'}")
     return result
 
 
-def _benchmark_title(cfg: Table2Config, info: dict) -> str:
+def _benchmark_title(cfg: Table2Config, session: Session) -> str:
     """What the numbers are: the run's own label (e.g. the miniature benchmark) or the backbone and data."""
     if cfg.benchmark_label:
         return cfg.benchmark_label
-    backbone = info["backbone"]
-    return f"{Path(str(backbone['model'])).stem} ({backbone['weights_id']}) on {cfg.data_root}"
+    backbone = session.backbone
+    return f"{Path(str(backbone.model_name)).stem} ({backbone.weights_id}) on {cfg.data.data_root}"
 
 
 def run_table2(cfg: Table2Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fit and score every method of `cfg.methods` on the same splits per seed; write table2.{md,csv,json}
     and table2_bars.png in `cfg.output_dir`."""
-    session = _open_session(cfg, cfg.cache_dir)
-    return _run_shots(cfg, session, Path(cfg.output_dir), log)
+    session, methods = _open_session(cfg)
+    return _run_shots(cfg, session, methods, Path(cfg.output_dir), log)
 
 
 def run_shots_sweep(cfg: Table2Config, shots: Sequence[int],
@@ -362,7 +261,7 @@ def run_shots_sweep(cfg: Table2Config, shots: Sequence[int],
     accuracy_vs_shots.{png,json,md} there (refreshed after each K). Returns {K: run_table2 result}.
 
     The splits of every K come from the same seed, so a K-shot set is contained in every larger one.
-    With the feature cache disabled (`cache_dir=None`) a temporary cache lives for the sweep, so the
+    With the feature cache disabled (`runtime.cache=False`) a temporary cache lives for the sweep, so the
     evaluation sets are still encoded once, not once per K.
     """
     ks = sorted(set(int(k) for k in shots))
@@ -371,12 +270,12 @@ def run_shots_sweep(cfg: Table2Config, shots: Sequence[int],
     out = Path(cfg.output_dir)
     results: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="clipconv-sweep-features-") as scratch:
-        session = _open_session(cfg, cfg.cache_dir if cfg.cache_dir is not None else scratch)
+        session, methods = _open_session(cfg, cache_dir=None if cfg.runtime.cache else scratch)
         for k in ks:
             k_cfg = replace(cfg, shots=k, output_dir=str(out / f"shots_{k}"))
-            results[k] = _run_shots(k_cfg, session, out / f"shots_{k}", log)
+            results[k] = _run_shots(k_cfg, session, methods, out / f"shots_{k}", log)
             if len(results) > 1:  # refreshed after every K, so an interrupted sweep keeps what it measured
-                _write_sweep_outputs(out, cfg, results, _benchmark_title(cfg, session.info))
+                _write_sweep_outputs(out, cfg, results, _benchmark_title(cfg, session))
     largest = out / f"shots_{ks[-1]}"
     for name in ("table2.md", "table2.csv", "table2.json", BARS_FILE):
         if (largest / name).is_file():
@@ -389,20 +288,24 @@ def run_shots_sweep(cfg: Table2Config, shots: Sequence[int],
 def shots_summary(results_by_shots: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """{"shots": [K...], "columns": {...}, "methods": {label: {column: {"K": {"mean", "std"}}}}} of a sweep."""
     ks = sorted(results_by_shots)
+    names = results_by_shots[ks[0]].get("columns") if ks else None
+    names = names or {c: DISPLAY.get(c, "target avg") for c in COLUMNS}
     methods: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for k in ks:
         for entry in results_by_shots[k].get("measured", {}).values():
-            for column in COLUMNS:
+            for column in names:
                 if column in entry["mean"]:
                     methods.setdefault(entry["label"], {}).setdefault(column, {})[str(k)] = {
                         "mean": entry["mean"][column], "std": entry["std"].get(column, float("nan"))}
-    return {"shots": ks, "columns": {c: DISPLAY.get(c, "target avg") for c in COLUMNS}, "methods": methods}
+    return {"shots": ks, "columns": dict(names), "methods": methods}
 
 
 def _write_sweep_outputs(out: Path, cfg: Table2Config, results: dict[int, dict[str, Any]], title: str) -> None:
-    from .plots import SHOTS_COLUMNS, accuracy_vs_shots
+    from .plots import accuracy_vs_shots
 
     summary = shots_summary(results)
+    source = next(iter(summary["columns"]))
+    shown = (source, "target_avg")  # the source set and the target average
     summary["seeds"] = list(cfg.seeds)
     summary["benchmark"] = title
     summary["timing"] = {str(k): results[k].get("timing", {}) for k in summary["shots"]}  # seconds per K, method
@@ -412,8 +315,8 @@ def _write_sweep_outputs(out: Path, cfg: Table2Config, results: dict[int, dict[s
     over = f"Mean ± std over seeds {seeds}" if len(cfg.seeds) > 1 else f"Seed {seeds}"
     md = [f"# Top-1 (%) against the number of shots: {title}", "",
           f"{over}; per-K tables in shots_<K>/table2.md.", ""]
-    for column in SHOTS_COLUMNS:
-        heading = DISPLAY.get(column, "target avg") + (" (source)" if column == SUITE[0] else "")
+    for column in shown:
+        heading = summary["columns"][column] + (" (source)" if column == source else "")
         md += [f"## {heading}", "",
                "| method | " + " | ".join(f"{k}-shot" for k in ks) + " |", "|---|" + "---|" * len(ks)]
         for label, by_column in summary["methods"].items():
@@ -422,7 +325,8 @@ def _write_sweep_outputs(out: Path, cfg: Table2Config, results: dict[int, dict[s
                       + " |")
         md.append("")
     write_text(out / (SWEEP_FILE + ".md"), "\n".join(md))
-    accuracy_vs_shots(results, out / (SWEEP_FILE + ".png"), title=f"Top-1 against shots, {title}")
+    accuracy_vs_shots(results, out / (SWEEP_FILE + ".png"), domain_columns=shown,
+                      title=f"Top-1 against shots, {title}")
 
 
 def _mean_std(cell: Optional[dict[str, float]], with_std: bool) -> str:
@@ -430,17 +334,3 @@ def _mean_std(cell: Optional[dict[str, float]], with_std: bool) -> str:
         return "–"
     std = cell.get("std", float("nan"))
     return f"{cell['mean']:.2f}" + ("" if math.isnan(std) or not with_std else f" ± {std:.2f}")
-
-
-def _fingerprint(model: Any) -> tuple:
-    """Parameter names, shapes and sums: changes when a method alters the shared backbone in place."""
-    import torch
-
-    with torch.no_grad():
-        return tuple((n, tuple(p.shape), float(p.double().sum())) for n, p in model.state_dict().items())
-
-
-def _jsonable(value: Any) -> Any:
-    import json
-
-    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))

@@ -29,19 +29,33 @@ def _base(data, out, tiny_config):
 @pytest.mark.parametrize(
     "extra, needle",
     [
-        (["--shots", "0"], "--shots: must be a positive integer"),
-        (["--shots", "-3"], "--shots: must be a positive integer"),
-        (["--seed", "one"], "--seed: invalid int value"),
+        (["--shots", "0"], "--shots: must be positive, got 0"),
+        (["--shots", "-3"], "--shots: must be positive, got -3"),
+        (["--seed", "one"], "--seed: expected an integer, got 'one'"),
         (["--method", "magic"], "unknown --method 'magic'"),
         (["--lr", "0"], "--lr: must be positive"),
         (["--method-options", "{not json"], "--method-options is not valid JSON"),
-        (["--eval-sets", "imagenet_c"], "invalid choice: 'imagenet_c'"),
+        (["--eval-sets", "imagenet_c"], "--eval-sets: unknown set(s) ['imagenet_c']"),
+        (["--scale", "nan"], "--scales/--scale: must be a finite number, got nan"),
+        (["--scale", "0"], "--scales/--scale: must be positive, got 0.0"),
+        (["--scale", "1", "-2"], "--scales/--scale: must be positive, got -2.0"),
+        (["--weight-decay", "-5"], "--weight-decay/--wd: must be zero or more, got -5.0"),
+        (["--wd", "inf"], "--weight-decay/--wd: must be a finite number, got inf"),
+        (["--warmup-epochs", "-1"], "--warmup-epochs: must be zero or more, got -1.0"),
+        (["--seed", "1e23"], "--seed: expected an integer, got '1e23'"),
+        (["--seed", str(2**40)], "--seed: must be an integer in [0, 2**32)"),
+        (["--crop-scale", "1.5"], "--crop-scale: must be in (0, 1], got 1.5"),
+        (["--threads", "0"], "--threads: must be positive, got 0"),
+        (["--method-options", '{"lr": -1}'], "option 'lr' of ConvpassTuningConfig must be positive, got -1"),
+        (["--method-options", '{"scales": []}'], "give at least one adapter scale"),
+        (["--method-options", '{"epochz": 3}'], "unknown option(s) ['epochz']"),
     ],
 )
 def test_bad_flags(data, tmp_path, tiny_config, capsys, extra, needle):
     out = tmp_path / "run"
     code, err = _run(train.main, _base(data, out, tiny_config) + extra, capsys)
-    assert code == 2 and needle in err
+    assert code == 2 and needle in err, err
+    assert sum("error:" in line for line in err.splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
 
 
@@ -110,3 +124,47 @@ def test_checkpoint_from_another_class_set_or_architecture(data, tmp_path, capsy
 def test_resume_of_a_folder_that_is_no_run(tmp_path, capsys):
     code, err = _run(train.main, ["--resume", str(tmp_path)], capsys)
     assert code == 2 and "no config.json" in err
+
+
+
+def test_resume_refuses_flags_that_conflict_with_the_saved_run(data, tmp_path, tiny_config, capsys):
+    run = tmp_path / "run"
+    assert train.main(_base(data, run, tiny_config) + ["--shots", "2", "--eval-sets", "imagenet"]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "log.txt"}
+    code, err = _run(train.main, ["--resume", str(run), "--epochs", "4", "--seed", "9", "--method", "zero_shot",
+                                  "--output-dir", str(tmp_path / "elsewhere")], capsys)
+    assert code == 2
+    for needle in ("--epochs 4 (saved: 1)", "--seed 9 (saved: 1)", "--method zero_shot (saved: convpass)",
+                   "--output-dir"):
+        assert needle in err, (needle, err)
+    assert not (tmp_path / "elsewhere").exists()
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "log.txt"} == before
+
+
+def test_resume_accepts_runtime_flags_and_keeps_the_saved_config(data, tmp_path, tiny_config):
+    import json
+
+    run = tmp_path / "run"
+    assert train.main(_base(data, run, tiny_config) + ["--shots", "2", "--eval-sets", "imagenet"]) == 0
+    config = (run / "config.json").read_text()
+    assert train.main(["--resume", str(run), "--workers", "0", "--quiet", "--epochs", "1"]) == 0
+    assert (run / "config.json").read_text() == config
+    saved = json.loads(config)
+    assert saved["method_options"]["epochs"] == 1 and saved["environment"]["world_size"] == 1
+    assert {"torch", "open_clip", "device", "precision"} <= set(saved["environment"])
+
+
+def test_threads_and_quiet(data, tmp_path, tiny_config, capsys):
+    import json
+
+    threads = torch.get_num_threads()
+    run = tmp_path / "run"
+    try:
+        assert train.main(_base(data, run, tiny_config) + ["--shots", "2", "--eval-sets", "imagenet", "--threads",
+                                                           "1", "--quiet"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((run / "config.json").read_text())["environment"]["threads"] == 1
+    err = capsys.readouterr().err
+    assert "top-1" not in err and "epoch 1/1" in (run / "log.txt").read_text()

@@ -25,7 +25,9 @@ def test_demo_runs_end_to_end_for_one_method(small_world, tmp_path):
     assert set(metrics) == {"imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"}
     assert metrics["imagenet"]["n"] == 32 * 6 and metrics["imagenet_a"]["n"] == 16 * 6
     config = json.loads((out / "config.json").read_text())
-    assert config["model"].endswith("mini_clip.json") and config["pretrained"].endswith("mini_clip.safetensors")
+    backbone = config["backbone"]
+    assert backbone["model"].endswith("mini_clip.json") and backbone["pretrained"].endswith("mini_clip.safetensors")
+    assert backbone["crop_scale"] == 0.9 and config["val_shots"] == 4
 
 
 def _accuracy(classifier, root, samples, transform) -> float:

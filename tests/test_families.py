@@ -175,10 +175,10 @@ def test_family_from_args_picks_the_family_and_refuses_conflicts(byod, tmp_path)
 
 @pytest.mark.parametrize("value", ["sketch", "=dir", "sketch=", "a b=dir"])
 def test_eval_set_flag_parsing_exits_2_naming_the_flag(value, capsys):
-    from clipconv.cli.common import add_data_args
+    from clipconv.cli.options import add_shared_args
 
     parser = argparse.ArgumentParser()
-    add_data_args(parser)
+    add_shared_args(parser)
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["--train-root", "x", "--eval-set", value])
     assert exit_info.value.code == 2
@@ -186,12 +186,28 @@ def test_eval_set_flag_parsing_exits_2_naming_the_flag(value, capsys):
 
 
 def test_eval_set_flag_is_repeatable_and_ordered():
-    from clipconv.cli.common import add_data_args
+    from clipconv.cli.options import add_shared_args
 
     parser = argparse.ArgumentParser()
-    add_data_args(parser)
+    add_shared_args(parser)
     args = parser.parse_args(["--train-root", "t", "--eval-set", "val=/a", "--eval-set", "sketch=/b=c"])
     assert args.train_root == "t" and args.eval_set == [("val", "/a"), ("sketch", "/b=c")]
+
+
+def test_folder_flags_select_the_folder_family(byod):
+    """--train-root/--eval-set reach DataConfig (in order) and the one family resolver picks `folder`."""
+    from clipconv.cli.options import add_shared_args, shared_configs
+    from clipconv.session import open_data_family
+
+    parser = argparse.ArgumentParser()
+    fields = add_shared_args(parser)
+    args = parser.parse_args(["--train-root", str(byod["train"]), "--eval-set", f"sketch={byod['sketch']}",
+                              "--eval-set", f"cartoon={byod['cartoon']}"])
+    configs, _ = shared_configs(args, fields, parser)
+    data = configs["data"]
+    assert list(data.eval_roots) == ["sketch", "cartoon"]
+    family = open_data_family(data)
+    assert family.name == "folder" and family.suite == ("sketch", "cartoon")
 
 
 def test_folder_data_through_a_method_and_the_suite(byod, tiny_backbone):
@@ -265,3 +281,25 @@ def test_demo_family_generates_the_world_on_first_use(tmp_path):
     assert (tmp_path / "new" / MANIFEST_NAME).is_file()
     with pytest.raises(ValueError, match="train_per_class must be an integer"):
         open_family("demo", train_per_class=0)
+
+
+def test_own_folders_run_end_to_end_through_the_train_cli(byod, tiny_config, tmp_path):
+    """scripts/train_imagenet_fs.py on a user's folders: Convpass trains, every named set is scored, the
+    results table uses the user's set names and the -A/-R-style restricted scoring for the partial set."""
+    import json
+
+    from clipconv.cli import train
+
+    out = tmp_path / "run"
+    code = train.main(["--train-root", str(byod["train"]), "--eval-set", f"sketch={byod['sketch']}",
+                       "--eval-set", f"cartoon={byod['cartoon']}", "--model", str(tiny_config),
+                       "--pretrained", "none", "--shots", "2", "--val-shots", "1", "--epochs", "1",
+                       "--batch-size", "4", "--workers", "0", "--no-cache", "--output-dir", str(out)])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["sketch", "cartoon"]
+    assert metrics["sketch"]["n"] == 8 and metrics["cartoon"]["n"] == 6
+    table = (out / "results.md").read_text()
+    assert "| sketch | cartoon | target avg |" in table
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["train_root"] == str(byod["train"])

@@ -9,7 +9,8 @@ import pytest
 
 from clipconv.cli.run_table2 import main
 from clipconv.data import load_split, make_image_tree
-from clipconv.table2 import PUBLISHED_LABEL, aggregate_seeds, method_options_for
+from clipconv.session import method_options
+from clipconv.table2 import PUBLISHED_LABEL, aggregate_seeds
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -82,6 +83,8 @@ def test_all_methods_two_seeds_end_to_end(tmp_path, tree, tiny_config):
     assert sum(r.startswith("measured,") for r in rows) == len(ran)
     assert all(len(r.split(",")) == len(rows[0].split(",")) for r in rows if r.startswith("measured"))
     assert (out / "table2_bars.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert result["config"]["val_shots"] == 2 and result["config"]["runtime"]["workers"] == 0
+    assert result["environment"]["world_size"] == 1 and result["environment"]["device"] == "cpu"
     assert not list(out.glob("shots_*")) and not (out / "accuracy_vs_shots.png").exists()  # single K: flat layout
 
 
@@ -184,13 +187,11 @@ def test_aggregate_is_mean_and_population_std():
 
 
 def test_epochs_scale_uses_each_methods_default():
-    from clipconv.methods.base import METHODS, method_names
-
-    method_names()
-    assert method_options_for("coop", METHODS["coop"], {}, 0.1) == {"epochs": 5}
-    assert method_options_for("cocoop", METHODS["cocoop"], {}, 0.1) == {"epochs": 1}
-    assert method_options_for("coop", METHODS["coop"], {"epochs": 3}, 0.1) == {"epochs": 3}
-    assert method_options_for("zero_shot", METHODS["zero_shot"], {}, 0.1) == {}
+    assert method_options("coop", {}, 0.1) == {"epochs": 5}
+    assert method_options("cocoop", {}, 0.1) == {"epochs": 1}
+    assert method_options("coop", {"epochs": 3}, 0.1) == {"epochs": 3}
+    assert method_options("zero_shot", {}, 0.1) == {}
+    assert method_options("convpass", {}, 0.1, precision="fp32") == {"epochs": 5, "precision": "fp32"}
 
 
 def test_option_filters_see_every_config_option():
@@ -214,17 +215,8 @@ def test_option_filters_see_every_config_option():
 
 
 def test_a_method_that_alters_the_shared_backbone_is_stopped(tmp_path, tree, tiny_config, monkeypatch, capsys):
-    import torch
+    from tampering import make_zero_shot_tamper
 
-    from clipconv.methods.zero_shot import ZeroShot
-
-    real_fit = ZeroShot.fit
-
-    def tampering_fit(self, ctx):
-        with torch.no_grad():
-            ctx.backbone.model.visual.proj.mul_(2)
-        return real_fit(self, ctx)
-
-    monkeypatch.setattr(ZeroShot, "fit", tampering_fit)
+    make_zero_shot_tamper(monkeypatch)
     with pytest.raises(RuntimeError, match="zero_shot.*in place"):
         _run(tmp_path, tree, tiny_config, ["zero_shot"])

@@ -26,10 +26,9 @@ def world(tmp_path_factory, tiny_config):
     return {"root": root, "data": data, "weights": weights, "config": tiny_config}
 
 
-def _train(world, out, *extra):
+def _train(world, out, *extra, training=("--epochs", "2", "--batch-size", "4", "--lr", "1e-3")):
     argv = ["--data-root", str(world["data"]), "--model", str(world["config"]), "--pretrained", str(world["weights"]),
-            "--shots", "4", "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--workers", "0",
-            "--output-dir", str(out), "--no-cache", *extra]
+            "--shots", "4", *training, "--workers", "0", "--output-dir", str(out), "--no-cache", *extra]
     return train.main(argv)
 
 
@@ -59,14 +58,23 @@ def test_training_writes_every_output_and_reloading_reproduces_metrics(world):
     assert json.loads((subset / "metrics.json").read_text()) == {"imagenet_a": metrics["imagenet_a"]}
 
 
-def test_a_saved_split_is_reused(world):
+def test_a_saved_split_is_reused_and_one_from_another_k_or_seed_is_refused(world, capsys):
     first, second = world["root"] / "split-a", world["root"] / "split-b"
-    assert _train(world, first, "--eval-sets", "imagenet", "--epochs", "1") == 0
+    assert _train(world, first, "--eval-sets", "imagenet", "--epochs", "1", "--seed", "5") == 0
     assert _train(world, second, "--eval-sets", "imagenet", "--epochs", "1", "--seed", "5",
                   "--split", str(first / "split.json")) == 0
     a = json.loads((first / "split.json").read_text())
     b = json.loads((second / "split.json").read_text())
     assert a["train"] == b["train"]
+    for flag, value, needle in (("--seed", "6", "--seed 6 (the split has 5)"),
+                                ("--shots", "2", "--shots 2 (the split has 4)"),
+                                ("--val-shots", "0", "--val-shots 0 (the split has 4)")):
+        out = world["root"] / f"split-bad{flag}"
+        argv = ["--eval-sets", "imagenet", "--epochs", "1", "--seed", "5", flag, value,
+                "--split", str(first / "split.json")]
+        with pytest.raises(SystemExit) as info:
+            _train(world, out, *argv)
+        assert info.value.code == 2 and needle in capsys.readouterr().err and not out.exists()
 
 
 def test_checkpoint_refuses_other_weights(world, tmp_path, capsys):
@@ -94,3 +102,13 @@ def test_missing_variants_are_skipped_with_a_warning(world, tmp_path):
     summary = json.loads((run / "run_summary.json").read_text())
     assert summary["not_evaluated"] == ["imagenet_a"]
     assert "imagenet_a" not in json.loads((run / "metrics.json").read_text())
+
+
+def test_a_single_run_stops_a_method_that_alters_the_shared_backbone(world, tmp_path, monkeypatch):
+    from tampering import make_zero_shot_tamper
+
+    make_zero_shot_tamper(monkeypatch)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="zero_shot.*in place"):
+        _train(world, run, "--method", "zero_shot", "--eval-sets", "imagenet", training=())
+    assert not (run / "metrics.json").exists()

@@ -4,22 +4,21 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from .common import add_data_args, add_runtime_args, apply_demo, bad_input_errors, fail, plain_warnings
+from .common import bad_input_errors, fail, plain_warnings
+from .options import add_shared_args, shared_configs
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Evaluate a trained adapter checkpoint (RUN_DIR/adapter.safetensors) on ImageNet, -V2, "
-                    "-Sketch, -A and -R (any subset with --eval-sets).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "-Sketch, -A and -R (any subset with --eval-sets). --model/--pretrained default to what the "
+                    "checkpoint records.")
     parser.add_argument("--checkpoint", required=True, help="adapter.safetensors written by a training run")
-    add_data_args(parser)
-    group = parser.add_argument_group("backbone (default: as recorded in the checkpoint)")
-    group.add_argument("--model", default=None, help="open_clip model name or model-config JSON")
-    group.add_argument("--pretrained", default=None, help="open_clip tag or local weights file")
-    add_runtime_args(parser)
+    parser.add_argument("--output-dir", help="where metrics.json and results.md go "
+                                             "(default: <checkpoint folder>/eval-<time>)")
+    parser.set_defaults(_fields=add_shared_args(parser, skip=("crop_scale",)))
     return parser
 
 
@@ -28,7 +27,7 @@ class _Classifier:
 
     frozen_image_encoder = False
 
-    def __init__(self, classifier):
+    def __init__(self, classifier: Any) -> None:
         self.classifier = classifier
 
     def logits(self, images):
@@ -44,43 +43,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     plain_warnings()
     from ..backbone import load_backbone, resolve_device
     from ..checkpoint import read_metadata
-    from ..data import ClassList, eval_splits, load_universe
+    from ..data import ClassList, load_universe
     from ..engine import resolve_precision
-    from ..evaluate import evaluate_method
     from ..methods.finetune import load_classifier
-    from ..run import RunConfig, setup_logging, write_results
+    from ..run import setup_logging, write_results
+    from ..session import open_session
 
     checkpoint = Path(args.checkpoint)
     with bad_input_errors():
         meta = read_metadata(checkpoint)
     source = meta.get("source", {})
-    cfg = RunConfig(data_root=args.data_root, demo=args.demo, model=args.model or source.get("model"),
-                    pretrained=args.pretrained or source.get("pretrained"), classnames=args.classnames)
-    apply_demo(cfg, parser)
-    device = resolve_device(args.device)
+    configs, _ = shared_configs(args, args._fields, parser,
+                                fallback={"model": source.get("model"), "pretrained": source.get("pretrained")})
+    data, backbone_cfg, runtime = configs["data"], configs["backbone"], configs["runtime"]
     with bad_input_errors():
-        universe = load_universe(cfg.data_root, cfg.classnames)
+        universe = load_universe(data.data_root, data.classnames)
         ids = meta.get("class_ids") or []
         unknown = [i for i in ids if i not in universe.index]
         if not ids or unknown:
             fail(f"checkpoint '{checkpoint}' has classes {unknown[:5] or '(none recorded)'} that are not in the "
-                 f"class universe of '{cfg.data_root}' ({universe.source})")
+                 f"class universe of '{data.data_root}' ({universe.source})")
         classes = ClassList(ids, [universe.names[universe.index[i]] for i in ids], universe.ids, universe.source)
         if classes.hash() != meta["classes"]["hash"]:
             fail(f"checkpoint '{checkpoint}': class list hash differs from its recorded class ids")
-        backbone = load_backbone(cfg.model, cfg.pretrained, device=device,
-                                 precision=resolve_precision(args.precision, device),
+        device = resolve_device(runtime.device)
+        backbone = load_backbone(backbone_cfg.model, backbone_cfg.pretrained, device=device,
+                                 precision=resolve_precision(backbone_cfg.precision, device),
                                  quick_gelu=meta["backbone"].get("quick_gelu"))
         classifier, _ = load_classifier(checkpoint, backbone)
+        session = open_session(data, backbone_cfg, runtime, loaded=backbone, classes=classes)
     out_dir = Path(args.output_dir) if args.output_dir else checkpoint.parent / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    setup_logging(out_dir)
-    splits = eval_splits(cfg.data_root, args.eval_sets, classes)
-    metrics = evaluate_method(_Classifier(classifier), splits, Path(cfg.data_root), device,
-                              eval_transform=backbone.eval_transform, batch_size=args.eval_batch_size,
-                              workers=args.workers, strict=args.strict)
-    write_results(out_dir, meta.get("method", "checkpoint"), metrics,
+    setup_logging(out_dir, runtime.quiet)
+    metrics = session.evaluate(_Classifier(classifier))
+    write_results(out_dir, meta.get("method", "checkpoint"), session.row(metrics), metrics,
                   {"checkpoint": str(checkpoint.resolve()), "evaluated": list(metrics),
-                   "not_evaluated": [n for n in args.eval_sets if n not in metrics]})
+                   "not_evaluated": session.missing}, columns=session.family.suite,
+                  display=session.family.display)
     print(f"results: {out_dir}")
     return 0
 

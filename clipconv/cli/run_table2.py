@@ -3,12 +3,12 @@ with a bar chart per method and domain; `--shots 1 2 4 8 16` adds the accuracy-v
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .common import DEFAULT_WORKERS, add_data_args, bad_input_errors, fail, non_negative_int, positive_float, positive_int
+from .common import bad_input_errors, fail, positive_int
+from .options import add_config_args, add_shared_args, given, shared_configs
 
 DESCRIPTION = """Reproduce Table 2 of the Convpass paper: zero-shot CLIP, linear probe, CoOp, CoCoOp, Tip-Adapter(-F)
 and Convpass_CLIP, each fitted on the same K-shot split (and validation split, drawn from the remaining
@@ -23,7 +23,8 @@ one backbone and one feature store (the evaluation sets are encoded once for the
   <output-dir>/accuracy_vs_shots.{png,json,md}   top-1 on the source set and the target average vs K"""
 
 EPILOG = """method options: --method-options '{"coop": {"epochs": 5, "views": 2}, "tip_adapter": {"search": "small"}}'
-(keys are method names, values that method's constructor options); --epochs-scale 0.1 multiplies every
+(keys are method names, values that method's options: scripts/train_imagenet_fs.py --method NAME --help
+lists them); --demo adds each method's demo options (clipconv/demo/defaults.py); --epochs-scale 0.1 multiplies every
 method's default epoch count (an explicit "epochs" option wins).
 
 examples:
@@ -32,37 +33,20 @@ examples:
   python scripts/run_table2.py --data-root $DATA --shots 16        # ImageNet + variants, OpenAI ViT-B/16"""
 
 
+TABLE2_FIELDS = ("output_dir", "seeds", "val_shots", "methods", "epochs_scale")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from ..table2 import TABLE2_METHODS
+    from ..table2 import Table2Config
 
     parser = argparse.ArgumentParser(description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shots", type=positive_int, nargs="+", default=[16],
                         help="training images per class (default 16); several values (1 2 4 8 16) run a sweep "
                              "and plot accuracy against shots")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="split/training seeds (default 1 2 3)")
-    parser.add_argument("--val-shots", type=non_negative_int, default=4,
-                        help="validation images per class from train, outside the K shots (default 4)")
-    parser.add_argument("--methods", nargs="+", default=list(TABLE2_METHODS),
-                        help=f"methods to run (default: {' '.join(TABLE2_METHODS)})")
+    add_config_args(parser, Table2Config, skip=("shots",))
     parser.add_argument("--method-options", default="{}", help="JSON: {method: {option: value}} (see below)")
-    parser.add_argument("--epochs-scale", type=positive_float, default=1.0,
-                        help="multiply every method's default number of epochs (default 1)")
-    add_data_args(parser)
-    parser.add_argument("--crop-scale", type=positive_float, default=None,
-                        help="smallest area fraction of the train random resized crop (default 0.08; 0.9 with --demo)")
-    group = parser.add_argument_group("backbone")
-    group.add_argument("--model", default=None, help="open_clip model name or model-config JSON (default ViT-B-16)")
-    group.add_argument("--pretrained", default=None, help="open_clip tag, local weights file or 'none' (default openai)")
-    group = parser.add_argument_group("runtime")
-    group.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    group.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    group.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS, help="data-loading worker processes")
-    group.add_argument("--batch-size", type=positive_int, default=128, help="images per encoder batch")
-    group.add_argument("--output-dir", default="runs/table2",
-                       help="where table2.*, table2_bars.png and split_seed*.json go (shots_<K>/ per K in a sweep)")
-    group.add_argument("--no-cache", action="store_true", help="do not read or write the image-feature cache")
-    group.add_argument("--cache-dir", default=None, help="feature cache (default $CLIPCONV_CACHE/features)")
+    parser.set_defaults(_fields=add_shared_args(parser, aliases={"eval_batch_size": ("--batch-size",)}))
     return parser
 
 
@@ -76,68 +60,39 @@ def _method_options(text: str) -> dict:
     return options
 
 
-def _demo_options(given: dict) -> dict:
-    """--demo: the demo module's per-method defaults, and CoOp with 4 tokens from "a photo of a" (the CoCoOp
-    paper's domain-generalization CoOp; 16 tokens do not fit the mini CLIP's 16-token text context)."""
-    from .. import demo
-
-    from ..methods.base import METHODS, method_names
-
-    method_names()
-    defaults: dict = {}
-    for name, options in getattr(demo, "DEMO_TRAIN_DEFAULTS", {}).items():
-        if name in METHODS:  # keep only what the method's constructor accepts
-            parameters = inspect.signature(METHODS[name].__init__).parameters
-            open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-            defaults.setdefault(name, {}).update({k: v for k, v in options.items() if open_ended or k in parameters})
-    merged = {name: dict(options) for name, options in defaults.items()}
-    for name, options in given.items():
-        merged.setdefault(name, {}).update(options)
-    return merged
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..table2 import SWEEP_FILE, Table2Config, run_shots_sweep, run_table2
+    from ..demo import MINI_CLIP_CONFIG
+    from ..table2 import SWEEP_FILE, TABLE2_METHODS, Table2Config, run_shots_sweep, run_table2
 
-    model, pretrained, data_root = args.model, args.pretrained, args.data_root
     shots = sorted(set(args.shots))
-    benchmark_label = None
     method_options = _method_options(args.method_options)
-    if args.demo:
-        from .. import demo
-        from ..demo import MINI_CLIP_CONFIG, MINI_CLIP_WEIGHTS, ensure_world
+    table = given(args, TABLE2_FIELDS)
+    if args.demo:  # each method's demo options under what --method-options gives
+        from ..demo.defaults import demo_settings
 
-        data_root = data_root or str(ensure_world())
-        model = model or str(MINI_CLIP_CONFIG)
-        pretrained = pretrained or str(MINI_CLIP_WEIGHTS)
-        method_options = _demo_options(method_options)
-        if args.crop_scale is None:
-            args.crop_scale = demo.DEMO_RUN_DEFAULTS["crop_scale"]
-        if model == str(MINI_CLIP_CONFIG):
-            benchmark_label = "miniature benchmark (mini CLIP, generated world; not ImageNet)"
-    elif data_root is None:
-        from .common import NO_DATA_HELP
+        for name in table.get("methods", TABLE2_METHODS):
+            demo_options = demo_settings(name)["method_options"]
+            if demo_options:
+                method_options[name] = {**demo_options, **method_options.get(name, {})}
+    configs, _ = shared_configs(args, args._fields, parser)
+    label = None
+    if configs["backbone"].model == str(MINI_CLIP_CONFIG):
+        label = "miniature benchmark (mini CLIP, generated world; not ImageNet)"
+    try:
+        cfg = Table2Config(shots=shots[-1], method_options=method_options, benchmark_label=label, **table, **configs)
+    except ValueError as err:
+        parser.error(str(err))
+    from ..run import log, setup_logging
 
-        parser.error(NO_DATA_HELP)
-    method_options = {k: v for k, v in method_options.items() if k in args.methods or not args.demo}
-    cfg = Table2Config(
-        data_root=data_root, output_dir=args.output_dir, shots=shots[-1], seeds=args.seeds,
-        val_shots=args.val_shots, methods=args.methods, model=model or "ViT-B-16",
-        pretrained="openai" if pretrained is None else pretrained, classnames=args.classnames,
-        templates=args.templates, eval_sets=args.eval_sets, method_options=method_options,
-        epochs_scale=args.epochs_scale, crop_scale=args.crop_scale if args.crop_scale is not None else 0.08,
-        cache_dir=None if args.no_cache else (args.cache_dir or "default"),
-        device=args.device, precision=args.precision, workers=args.workers, batch_size=args.batch_size,
-        benchmark_label=benchmark_label,
-    )
-    out = Path(args.output_dir)
+    setup_logging(quiet=cfg.runtime.quiet)
+    out = Path(cfg.output_dir)
     with bad_input_errors():
         if len(shots) > 1:
-            run_shots_sweep(cfg, shots)
+            run_shots_sweep(cfg, shots, log=log.info)
         else:
-            run_table2(cfg)
+            run_table2(cfg, log=log.info)
     print(f"table: {out / 'table2.md'}\nbar chart: {out / 'table2_bars.png'}")
     if len(shots) > 1:
         print(f"accuracy vs shots: {out / (SWEEP_FILE + '.png')} (tables: {out / (SWEEP_FILE + '.md')}, "

@@ -1,70 +1,65 @@
-"""`scripts/train_imagenet_fs.py`: K-shot training of one method and its robustness evaluation."""
+"""`scripts/train_imagenet_fs.py`: K-shot training of one method and its robustness evaluation.
+
+The whole path from flags to metrics:
+  1. `build_parser(method)`: flags generated from RunConfig, the shared Data/Backbone/Runtime configs and
+     the chosen method's config class (two-stage parse: --method first, then its option group);
+  2. `config_from_args`: a `RunConfig` (--demo applied once, in `options.shared_configs`);
+  3. `clipconv.run.prepare_run` → `Session` + split + validated method options (nothing written);
+  4. `clipconv.run.execute_run` → `session.fit_and_evaluate` → metrics.json, results.md, run_summary.json.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .common import (
-    EXIT_BAD_INPUT,
-    add_backbone_args,
-    add_data_args,
-    add_runtime_args,
-    apply_demo,
-    bad_input_errors,
-    positive_float,
-    positive_int,
-    non_negative_int,
-    fail,
-    plain_warnings,
-)
+from .common import EXIT_BAD_INPUT, bad_input_errors, fail, plain_warnings
+from .options import add_config_args, add_shared_args, given, shared_configs
 
 DESCRIPTION = """Train a few-shot CLIP method on K shots per class and evaluate it on ImageNet and its shifted
 variants (-V2, -Sketch, -A, -R). Defaults are the Convpass paper's Convpass_CLIP protocol (Table 3):
-ViT-B/16 OpenAI weights, Convpass h=8 beside attention and MLP, AdamW lr 1e-5, batch 64, 50 epochs, cosine."""
+ViT-B/16 OpenAI weights, Convpass h=8 beside attention and MLP, AdamW lr 1e-5, batch 64, 50 epochs, cosine.
+`--method NAME --help` lists that method's options."""
+
+RUN_FIELDS = ("shots", "seed", "val_shots", "split", "output_dir")
+METHOD_PREFIX = "method."
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--method", default="convpass", help="registered method (see --list-methods)")
+def _pre_parse(argv: Sequence[str]) -> argparse.Namespace:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default=None)
+    pre.add_argument("--resume", default=None)
+    return pre.parse_known_args(argv)[0]
+
+
+def build_parser(method: str = "convpass") -> argparse.ArgumentParser:
+    """The full parser for `method`: run flags, shared groups, then the method's own option group."""
+    from ..demo.defaults import DEMO_TRAIN_DEFAULTS
+    from ..methods.base import METHODS, method_config_class, method_names
+    from ..run import RunConfig
+
+    method_names()  # registers every method
+    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, RunConfig, skip=("method",))
+    parser.add_argument("--method", default="convpass", help="registered method (default: convpass; see --list-methods)")
     parser.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
-    parser.add_argument("--shots", type=positive_int, default=16, help="training images per class (K)")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the K-shot split and of training")
-    parser.add_argument("--val-shots", type=non_negative_int, default=0,
-                        help="validation images per class drawn from train (disjoint from the K shots); "
-                             "used to choose the scale, the epoch and baselines' hyper-parameters")
-    parser.add_argument("--split", help="reuse a saved split.json instead of drawing one")
-    add_data_args(parser)
-    add_backbone_args(parser)
-    group = parser.add_argument_group("Convpass")
-    group.add_argument("--scale", type=float, nargs="+", default=None,
-                       help="adapter scale s; several values are each trained and the best is chosen on --val-shots "
-                            "(default 10, see README)")
-    group.add_argument("--dim", type=positive_int, default=None, help="bottleneck width h (default 8)")
-    group.add_argument("--placement", choices=("attn+mlp", "attn", "mlp"), default=None)
-    group.add_argument("--sequential", action="store_true", default=None, help="adapters after the sub-blocks (Seq-)")
-    group.add_argument("--kernel-size", type=int, choices=(1, 3), default=None)
-    group.add_argument("--conv-init", choices=("identity", "xavier"), default=None)
-    group = parser.add_argument_group("optimization")
-    group.add_argument("--epochs", type=positive_int, default=None, help="default 50 (the paper's)")
-    group.add_argument("--batch-size", type=positive_int, default=None, help="default 64")
-    group.add_argument("--lr", type=positive_float, default=None, help="default 1e-5")
-    group.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=None, help="default 0")
-    group.add_argument("--warmup-epochs", type=float, default=None, help="default 0 (no warm-up)")
-    group.add_argument("--crop-scale", type=positive_float, default=None,
-                       help="smallest area fraction of the train random resized crop (default 0.08, the protocol's)")
-    group.add_argument("--grad-checkpointing", action="store_true", default=None,
-                       help="recompute trunk activations in backward (less memory, ~2x slower)")
-    group.add_argument("--method-options", default="{}", help="JSON object of extra options for the method")
-    add_runtime_args(parser)
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last epoch")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue an interrupted run from its last epoch (only runtime flags may be given)")
+    parser.set_defaults(_fields={"run": RUN_FIELDS, **add_shared_args(parser)})
+    config_class = method_config_class(METHODS[method])
+    notes = {k: f"--demo: {v}" for k, v in DEMO_TRAIN_DEFAULTS.get(method, {}).items()}
+    method_fields = add_config_args(parser, config_class, title=f"{method} options", prefix=METHOD_PREFIX,
+                                    notes=notes)
+    parser.set_defaults(_method_fields=method_fields)
+    parser.add_argument("--method-options", default="{}",
+                        help=f"JSON object of further options of the method; known: {sorted(config_class.help())}")
     return parser
 
 
-def _config_from_args(args: argparse.Namespace):
-    import json
-
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The RunConfig of parsed flags: --method-options JSON over the method's flags over --demo's options."""
     from ..run import RunConfig
 
     try:
@@ -73,67 +68,89 @@ def _config_from_args(args: argparse.Namespace):
         fail(f"--method-options is not valid JSON: {err}")
     if not isinstance(extra, dict):
         fail("--method-options must be a JSON object")
-    options = {
-        "scales": args.scale, "dim": args.dim, "placement": args.placement, "sequential": args.sequential,
-        "kernel_size": args.kernel_size, "conv_init": args.conv_init, "epochs": args.epochs,
-        "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-        "warmup_epochs": args.warmup_epochs, "grad_checkpointing": args.grad_checkpointing,
-        "precision": args.precision, **extra,
-    }
-    return RunConfig(
-        method=args.method, data_root=args.data_root, demo=args.demo, shots=args.shots, seed=args.seed,
-        val_shots=args.val_shots, split=args.split, model=args.model, pretrained=args.pretrained,
-        classnames=args.classnames, templates=args.templates, eval_sets=tuple(args.eval_sets),
-        output_dir=args.output_dir, device=args.device, precision=args.precision, workers=args.workers,
-        crop_scale=args.crop_scale,
-        eval_batch_size=args.eval_batch_size, cache=not args.no_cache, strict=args.strict,
-        method_options={k: v for k, v in options.items() if v is not None},
-    )
+    configs, demo_options = shared_configs(args, args._fields, parser, method=args.method)
+    options = {**demo_options, **given(args, args._method_fields, METHOD_PREFIX), **extra}
+    run = {**given(args, RUN_FIELDS), "method": args.method}
+    try:
+        return RunConfig(**run, method_options=options, **configs)
+    except ValueError as err:
+        parser.error(str(err))
 
 
-def _resume_config(run_dir: str):
+def _resume_config(run_dir: str, args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The saved RunConfig of `run_dir`; flags that conflict with it are refused, listed."""
     from ..io import read_json
-    from ..run import RunConfig
+    from ..run import CONFIG_FILE, RunConfig
 
-    path = Path(run_dir) / "config.json"
+    path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
-        fail(f"--resume {run_dir}: no config.json there; give the run directory of an earlier run")
-    saved = read_json(path)
-    saved["method_options"] = {**saved.get("method_options", {}), "resume": True}
-    saved["output_dir"] = str(run_dir)
-    if (Path(run_dir) / "split.json").is_file():
-        saved["split"] = str(Path(run_dir) / "split.json")
-    return RunConfig(**saved)
+        fail(f"--resume {run_dir}: no {CONFIG_FILE} there; give the run directory of an earlier run")
+    with bad_input_errors():
+        saved = RunConfig.from_dict(read_json(path))
+    conflicts = []
+    for name, value in given(args, RUN_FIELDS).items():
+        if name == "output_dir" and Path(value).resolve() == Path(run_dir).resolve():
+            continue
+        if value != getattr(saved, name):
+            conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {getattr(saved, name)})")
+    if args.method_given and args.method_given != saved.method:
+        conflicts.append(f"--method {args.method_given} (saved: {saved.method})")
+    for section in ("data", "backbone"):
+        for name, value in given(args, args._fields[section]).items():
+            if value != getattr(getattr(saved, section), name):
+                conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {getattr(getattr(saved, section), name)})")
+    for name, value in given(args, args._method_fields, METHOD_PREFIX).items():
+        if saved.method_options.get(name, value) != value or name not in saved.method_options:
+            conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {saved.method_options.get(name, 'default')})")
+    if json.loads(args.method_options or "{}"):
+        conflicts.append("--method-options (the saved run's options are used)")
+    if conflicts:
+        fail(f"--resume {run_dir}: these flags conflict with the saved run: {'; '.join(conflicts)}; "
+             "drop them (only runtime flags such as --device/--workers may change) or start a new run")
+    runtime = {**saved.runtime.to_dict(), **given(args, args._fields["runtime"])}
+    with bad_input_errors():
+        return RunConfig.from_dict({**saved.to_dict(), "runtime": runtime, "output_dir": str(run_dir),
+                                    "split": str(Path(run_dir) / "split.json")})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     plain_warnings()
     from ..methods import method_names
 
+    pre = _pre_parse(argv)
+    method = pre.method
+    if pre.resume:  # the saved run's method (a different --method is reported as a conflict)
+        from ..io import read_json
+
+        path = Path(pre.resume) / "config.json"
+        with bad_input_errors():  # a damaged config.json is one line, not a traceback
+            method = read_json(path).get("method") if path.is_file() else method
+    method = method or "convpass"
+    if method not in method_names():
+        argparse.ArgumentParser(prog=Path(sys.argv[0]).name).error(
+            f"unknown --method '{method}'; choose one of {', '.join(method_names())}")
+    parser = build_parser(method)
+    args = parser.parse_args(argv)
+    args.method = method
     if args.list_methods:
         print("\n".join(method_names()))
         return 0
-    if args.method not in method_names():
-        parser.error(f"unknown --method '{args.method}'; choose one of {', '.join(method_names())}")
-    with bad_input_errors():  # a damaged config.json is one line, not a traceback
-        cfg = _resume_config(args.resume) if args.resume else _config_from_args(args)
-    if not args.resume:
-        apply_demo(cfg, parser)
-    from ..run import prepare_run, run_method, setup_logging
+    args.method_given = pre.method
+    with bad_input_errors():
+        cfg = _resume_config(args.resume, args, parser) if args.resume else config_from_args(args, parser)
+    from ..run import execute_run, prepare_run
 
     with bad_input_errors():
-        run = prepare_run(cfg, Path(cfg.output_dir) if cfg.output_dir else None)
-    setup_logging(run.run_dir)
+        run = prepare_run(cfg, resume=bool(args.resume))
     try:
         with bad_input_errors():  # e.g. a damaged train_state.pt when resuming
-            result = run_method(run)
+            result = execute_run(run)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last finished epoch is saved; continue with --resume {run.run_dir}", file=sys.stderr)
         return 130
     print(f"run directory: {run.run_dir}")
-    return 0 if result["metrics"] else EXIT_BAD_INPUT
+    return 0 if result.metrics else EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":  # pragma: no cover

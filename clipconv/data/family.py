@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union
 
 from ..prompts import load_classnames_file
+from ..registry import Registry
 from .folder import Sample
 from .imagenet import (
     DATA_HELP,
@@ -149,20 +150,12 @@ class TreeFamily(DatasetFamily):
         return [split for split in splits if split is not None]
 
 
-FAMILIES: dict[str, Callable[..., DatasetFamily]] = {}
+FAMILIES: Registry[type[DatasetFamily]] = Registry("dataset family")
 
 
 def register_family(name: str) -> Callable[[type], type]:
     """Class decorator adding a dataset family to the registry under `name`."""
-
-    def decorate(cls: type) -> type:
-        if name in FAMILIES:
-            raise ValueError(f"dataset family '{name}' registered twice")
-        cls.name = name
-        FAMILIES[name] = cls
-        return cls
-
-    return decorate
+    return FAMILIES.register(name)
 
 
 def family_names() -> list[str]:
@@ -171,9 +164,7 @@ def family_names() -> list[str]:
 
 def open_family(name: str, **options: Any) -> DatasetFamily:
     """Build the registered family `name`; unknown names list the known ones."""
-    if name not in FAMILIES:
-        raise ValueError(f"unknown dataset family '{name}'; choose one of {family_names()}")
-    return FAMILIES[name](**options)
+    return FAMILIES.lookup(name)(**options)
 
 
 # ------------------------------------------------------------------------------------------- imagenet

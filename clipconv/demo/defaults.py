@@ -23,3 +23,12 @@ DEMO_TRAIN_DEFAULTS = {
     # CoCoOp's domain-generalization CoOp: 4 tokens from "a photo of a" (16 do not fit the 16-token context).
     "coop": {"n_ctx": 4, "init_phrase": "a photo of a"},
 }
+
+
+def demo_settings(method: "str | None" = None) -> dict:
+    """What --demo sets unless a flag says otherwise: the mini CLIP, the demo crop scale and the method's
+    demo options (under "method_options"); the data root (the generated world) is filled by the CLI."""
+    from . import MINI_CLIP_CONFIG, MINI_CLIP_WEIGHTS
+
+    return {"family": "demo", "model": str(MINI_CLIP_CONFIG), "pretrained": str(MINI_CLIP_WEIGHTS), **DEMO_RUN_DEFAULTS,
+            "method_options": dict(DEMO_TRAIN_DEFAULTS.get(method, {})) if method else {}}

@@ -1,19 +1,43 @@
-"""The one interface every method shares: `fit(ctx)` then `logits(...)`."""
+"""The one interface every method shares: `fit(ctx)` then `logits(...)`, and the method registry.
+
+Adding a method
+---------------
+1. Write its options as a dataclass: `class MyConfig(MethodConfig)` with one `option(default, help=...)`
+   per option (the reference protocol's value as default; checks such as `check=positive`). The
+   command line (`--my-option`), `--help`, `--method-options` and config.json all come from it.
+2. Subclass `Method`, set `config_class = MyConfig`, accept the options as keyword arguments
+   (`build_method` has already validated them against `MyConfig`), and implement `fit(ctx)` (train on
+   `ctx.train`, choose hyper-parameters on `ctx.val` only, never touch `ctx.backbone` in place: copy
+   what you train) and `logits(images)` — or `logits_from_features(features)` with
+   `frozen_image_encoder = True` to score cached features. Seed, data-loading workers and the eval batch
+   size come from `ctx` (`ctx.seed`, `ctx.workers`, `ctx.eval_batch_size`), not from options.
+3. Decorate it with `@register_method("my_method")` and import its module in `methods/_load_all.py`.
+4. Nothing else: `scripts/train_imagenet_fs.py --method my_method --help` lists its options, Table 2
+   takes it with `--methods ... my_method`, and tests/test_method_contract.py fits it on a tiny world.
+"""
 from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
+import inspect
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Sequence, Union
 
 import torch
 
 from ..backbone import Backbone
 from ..config import Config, ConfigT, option
+from ..registry import Registry
+
+if TYPE_CHECKING:
+    from ..features import FeatureStore
 
 __all__ = ["FitContext", "Method", "MethodConfig", "option", "METHODS", "register_method", "build_method",
-           "method_names", "config_from", "MethodReferenceTemplates", "METHOD_REFERENCE_TEMPLATES", "method_option_defaults"]
+           "method_names", "method_config_class", "config_from", "MethodReferenceTemplates",
+           "METHOD_REFERENCE_TEMPLATES", "method_option_defaults"]
 
 Sample = tuple[str, int]
 
@@ -67,7 +91,7 @@ class FitContext:
     val: Sequence[Sample] = ()
     templates: Sequence[str] = METHOD_REFERENCE_TEMPLATES
     templates_name: str = ""
-    features: Any = None
+    features: Optional["FeatureStore"] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 1
     output_dir: Optional[Path] = None
@@ -75,6 +99,7 @@ class FitContext:
     class_ids: Sequence[str] = ()
     workers: int = 0
     eval_batch_size: int = 128
+    resume: bool = False  # continue from the training state saved in output_dir
     log: Callable[[str], None] = print
 
 
@@ -122,20 +147,12 @@ class Method(abc.ABC):
         return {}
 
 
-METHODS: dict[str, Callable[..., Method]] = {}
+METHODS: Registry[type[Method]] = Registry("method")
 
 
 def register_method(name: str) -> Callable[[type], type]:
     """Class decorator adding a method to the registry under `name`."""
-
-    def decorate(cls: type) -> type:
-        if name in METHODS:
-            raise ValueError(f"method '{name}' registered twice")
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return decorate
+    return METHODS.register(name)
 
 
 def method_names() -> list[str]:
@@ -161,9 +178,29 @@ def method_option_defaults(cls: type) -> Optional[dict[str, Any]]:
     return defaults
 
 
+@functools.lru_cache(maxsize=None)
+def method_config_class(cls: type[Method]) -> type[MethodConfig]:
+    """The options dataclass of a method: its `config_class`, or (while a method has not declared one)
+    a dataclass derived from its constructor's keyword parameters and their defaults."""
+    if dataclasses.fields(cls.config_class):
+        return cls.config_class
+    hints = typing.get_type_hints(cls.__init__)
+    fields = []
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+            continue
+        default = param.default if param.default is not param.empty else None
+        fields.append((name, hints.get(name, Any), option(default, help="")))
+    return dataclasses.make_dataclass(f"{cls.__name__}Config", fields, bases=(MethodConfig,))
+
+
 def build_method(name: str, **options: Any) -> Method:
-    """Instantiate a registered method; unknown names list the known ones."""
-    known = method_names()
-    if name not in METHODS:
-        raise ValueError(f"unknown method '{name}'; choose one of {known}")
-    return METHODS[name](**options)
+    """Instantiate a registered method; unknown names and unknown or invalid options raise ValueError
+    listing what is known (options are validated against `method_config_class`)."""
+    method_names()
+    cls = METHODS.lookup(name)
+    try:
+        method_config_class(cls).from_options(options)
+    except ValueError as err:
+        raise ValueError(f"method '{name}': {err}") from None
+    return cls(**options)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import torch
 
@@ -21,6 +22,7 @@ from ..adapters import AdapterConfig, ConvpassConfig, add_adapters, get_adapter,
 from ..checkpoint import save_trainable
 from ..engine import TrainConfig, Trainer
 from ..head import ImageClassifier, text_head
+from ..config import non_negative, positive
 from .base import FitContext, Method, MethodConfig, option, register_method
 
 __all__ = ["AdapterTuning", "AdapterTuningConfig", "tuning_config", "load_classifier", "DEFAULT_SCALE"]
@@ -37,26 +39,28 @@ class AdapterTuningConfig(MethodConfig):
     """Training options (defaults: the paper's Convpass_CLIP protocol, Table 3). `tuning_config(KindConfig)`
     adds the adapter kind's own options (all but `scale`, which `scales` replaces)."""
 
-    scales: list[float] = option(default_factory=lambda: [DEFAULT_SCALE],
-                                 help="adapter scale(s) s; several are each trained and the best is chosen on the "
+    scales: tuple[float, ...] = option((DEFAULT_SCALE,), check=positive, aliases=("--scale",),
+                                       help="adapter scale(s) s; several are each trained and the best is chosen on the "
                                       "validation split (--val-shots)")
-    epochs: int = option(_TRAIN.epochs, help="training epochs (the paper's 50)")
-    batch_size: int = option(_TRAIN.batch_size, help="images per step (the paper's 64)")
-    lr: float = option(_TRAIN.lr, help="AdamW learning rate (the paper's 1e-5)")
-    weight_decay: float = option(_TRAIN.weight_decay, help="AdamW weight decay (the paper's 0)")
-    warmup_epochs: float = option(_TRAIN.warmup_epochs, help="linear warm-up before the cosine decay, in epochs")
-    precision: str = option(_TRAIN.precision, choices=("auto", "fp32", "bf16", "fp16"),
-                            help="autocast precision of training (auto: bf16 on CUDA, fp32 on CPU)")
+    epochs: int = option(_TRAIN.epochs, check=positive, help="training epochs (the paper's 50)")
+    batch_size: int = option(_TRAIN.batch_size, check=positive, help="images per step (the paper's 64)")
+    lr: float = option(_TRAIN.lr, check=positive, help="AdamW learning rate (the paper's 1e-5)")
+    weight_decay: float = option(_TRAIN.weight_decay, check=non_negative, aliases=("--wd",), help="AdamW weight decay (the paper's 0)")
+    warmup_epochs: float = option(_TRAIN.warmup_epochs, check=non_negative, help="linear warm-up before the cosine decay, in epochs")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", choices=("auto", "fp32", "bf16", "fp16"), cli=False,
+        help="training autocast (auto: the run's --precision)")
     grad_checkpointing: bool = option(_TRAIN.grad_checkpointing,
                                       help="recompute trunk activations in backward (less memory, slower)")
-    eval_every: int = option(_TRAIN.eval_every, help="validate every N epochs (with a validation split)")
+    eval_every: int = option(_TRAIN.eval_every, check=positive, help="validate every N epochs (with a validation split)")
     resume: bool = option(False, help="continue from train_state.pt in the output directory (bit-identical)")
 
     def __post_init__(self) -> None:
         scales = [self.scales] if isinstance(self.scales, (int, float)) else list(self.scales)
         if not scales:
             raise ValueError("give at least one adapter scale")
-        self.scales = [float(s) for s in scales]
+        self.scales = tuple(float(s) for s in scales)
+        super().__post_init__()
 
     def adapter_options(self) -> dict[str, Any]:
         """The adapter kind's options held in this config."""
@@ -72,13 +76,16 @@ class AdapterTuningConfig(MethodConfig):
 
 def tuning_config(adapter_config: type[AdapterConfig]) -> type[AdapterTuningConfig]:
     """AdapterTuningConfig extended with the fields of an adapter kind's config (its `scale` excepted)."""
+    hints = typing.get_type_hints(adapter_config)  # resolved types: the new class lives in another module
     fields = []
     for f in dataclasses.fields(adapter_config):
         if f.name != "scale":
-            fields.append((f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory,
+            fields.append((f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory,
                                                              metadata=f.metadata)))
     name = adapter_config.__name__.replace("Config", "") + "TuningConfig"
-    return dataclasses.make_dataclass(name, fields, bases=(AdapterTuningConfig,))
+    config = dataclasses.make_dataclass(name, fields, bases=(AdapterTuningConfig,))
+    config.__module__ = __name__
+    return config
 
 
 class AdapterTuning(Method):
@@ -173,7 +180,7 @@ class AdapterTuning(Method):
             trainer = Trainer(classifier, make_loader, batches, cfg, ctx.device, run_dir,
                               validate=validate if ctx.val else None, log=ctx.log)
             state_file = run_dir / "train_state.pt" if run_dir is not None else None
-            if self.config.resume and state_file is not None and state_file.is_file():
+            if (self.config.resume or ctx.resume) and state_file is not None and state_file.is_file():
                 trainer.load_state(state_file)
                 ctx.log(f"resumed from {state_file} after epoch {trainer.epoch}")
             trainer.fit()

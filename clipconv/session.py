@@ -1,0 +1,268 @@
+"""One experiment, the same way for every entry point: a `Session` and `fit_and_evaluate`.
+
+A `Session` holds what several fits share: the dataset family and its classes, the prompt templates,
+the frozen backbone, one `FeatureStore` (so each image set is encoded once per backbone) and the
+evaluation suite's splits. `fit_and_evaluate(session, method, options, split)` builds the method from
+validated options, fits it on a K-shot split, checks that it left the shared backbone untouched, scores
+it on the suite and times both steps.
+
+    session = open_session(DataConfig(data_root=...), BackboneConfig(), RuntimeConfig())
+    split = session.draw_split(shots=16, seed=1, val_shots=4)
+    result = fit_and_evaluate(session, "convpass", {"epochs": 10}, split, seed=1, output_dir=Path("run"))
+    result.metrics  # {set name: {"top1", "top5", "n"}}
+
+Used by scripts/train_imagenet_fs.py (clipconv.run), run_table2.py (clipconv.table2), zero_shot.py and
+eval_robustness.py (`Session.evaluate` of a loaded checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+import torch
+
+from .config import BackboneConfig, DataConfig, RuntimeConfig
+from .evaluate import Scorer
+
+if TYPE_CHECKING:
+    from .backbone import Backbone
+    from .data import ClassList, EvalSplit, FewShotSplit
+    from .data.family import DatasetFamily
+    from .features import FeatureStore
+    from .methods.base import Method
+
+__all__ = ["Session", "FitResult", "open_session", "open_data_family", "fit_and_evaluate", "method_options",
+           "backbone_fingerprint", "jsonable", "target_mean", "Scorer"]
+
+log = logging.getLogger("clipconv")
+
+
+def target_mean(values: dict[str, float], targets: Sequence[str]) -> float:
+    """Mean over the `targets` columns of `values`; NaN unless all of them are there and finite."""
+    picked = [values.get(name) for name in targets]
+    if not picked or any(v is None or math.isnan(v) for v in picked):
+        return float("nan")
+    return sum(picked) / len(picked)
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with tensors/arrays as lists and anything else unknown as its str (for JSON files)."""
+    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def open_data_family(data: DataConfig) -> "DatasetFamily":
+    """The dataset family of `data`: the ONE place that maps data settings to a family."""
+    from .data.family import family_from_args, open_family
+
+    if data.family in (None, "imagenet", "demo", "folder"):
+        if data.family == "folder" and data.train_root is None:
+            raise ValueError("--family folder needs --train-root DIR and --eval-set NAME=DIR")
+        return family_from_args(data.data_root, data.family == "demo", data.train_root, data.eval_roots or None,
+                                data.classnames)
+    options = {"data_root": data.data_root, "classnames": data.classnames}
+    return open_family(data.family, **{k: v for k, v in options.items() if v is not None})
+
+
+@dataclass
+class Session:
+    """Backbone, data family, classes, templates, FeatureStore and evaluation splits shared by fits."""
+
+    data: DataConfig
+    runtime: RuntimeConfig
+    family: "DatasetFamily"
+    classes: "ClassList"
+    templates: Optional[list[str]]  # None: each method uses its reference set (Method.reference_templates)
+    backbone: "Backbone"
+    store: "FeatureStore"
+    splits: list["EvalSplit"]
+    device: torch.device
+    precision: str
+    _train: Optional[list] = field(default=None, repr=False)
+
+    @property
+    def data_root(self) -> Path:
+        return self.family.data_root
+
+    @property
+    def missing(self) -> list[str]:
+        """Requested evaluation sets that were not found (or hold no run class)."""
+        found = {s.name for s in self.splits}
+        return [name for name in self.data.eval_sets or self.family.suite if name not in found]
+
+    def train_samples(self) -> list:
+        if self._train is None:
+            self._train = self.family.train_samples(self.classes)
+        return self._train
+
+    def draw_split(self, shots: int, seed: int, val_shots: int) -> "FewShotSplit":
+        """`shots` train and `val_shots` validation images per class from the train pool, from `seed`."""
+        from .data import sample_few_shot
+
+        return sample_few_shot(self.train_samples(), shots, seed, val_shots=val_shots, root=self.data_root,
+                               class_names=self.classes.names)
+
+    def split_meta(self) -> dict[str, Any]:
+        return {"class_ids": list(self.classes.ids), "data_root": str(self.data_root.resolve())}
+
+    def load_split(self, path: str, shots: int, seed: int, val_shots: int) -> "FewShotSplit":
+        """A saved split; refused when drawn for other classes or with another K, seed or val shots."""
+        from .data.fewshot import load_split
+
+        split, meta = load_split(path)
+        if meta.get("class_ids") is not None and list(meta["class_ids"]) != list(self.classes.ids):
+            raise ValueError(f"split file '{path}' was drawn for other classes than the data under "
+                             f"'{self.data_root}'")
+        saved = {"shots": split.shots, "seed": split.seed, "val_shots": split.val_shots}
+        wanted = {"shots": shots, "seed": seed, "val_shots": val_shots}
+        differ = [f"--{k.replace('_', '-')} {wanted[k]} (the split has {v})" for k, v in saved.items()
+                  if v is not None and v != wanted[k]]
+        if differ:
+            raise ValueError(f"split file '{path}' does not match this run: {', '.join(differ)}; "
+                             "pass the split's values or drop --split")
+        return split
+
+    def evaluate(self, method: Scorer, log_line: Callable[[str], None] = log.info) -> dict[str, dict[str, float]]:
+        """{set name: {"top1", "top5", "n"}} of a fitted method on the session's evaluation splits."""
+        from .evaluate import evaluate_method
+
+        return evaluate_method(method, self.splits, self.data_root, self.device, features=self.store,
+                               eval_transform=self.backbone.eval_transform, batch_size=self.runtime.eval_batch_size,
+                               workers=self.runtime.workers, log=log_line, strict=self.data.strict)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Result columns: the family's suite (source set first) and "target_avg"."""
+        return (*self.family.suite, "target_avg")
+
+    def row(self, metrics: dict[str, dict[str, float]], key: str = "top1") -> dict[str, float]:
+        """{set: accuracy} for the suite's sets in `metrics`, plus "target_avg" (NaN unless every target ran)."""
+        row = {name: float(metrics[name][key]) for name in self.family.suite if name in metrics}
+        row["target_avg"] = target_mean(row, self.family.targets)
+        return row
+
+    def info(self) -> dict[str, Any]:
+        """What results record about the session (table2.json, run_summary.json)."""
+        return {"backbone": self.backbone.describe(), "classes": len(self.classes), "device": str(self.device),
+                "precision": self.precision, "data": self.family.describe(),
+                "eval_sets": {s.name: len(s.samples) for s in self.splits}}
+
+
+def open_session(data: DataConfig, backbone: BackboneConfig, runtime: RuntimeConfig, *,
+                 loaded: Optional["Backbone"] = None, classes: Optional["ClassList"] = None) -> Session:
+    """Resolve the data family, classes, templates and device, load the backbone (unless `loaded`) and
+    list the evaluation splits. `classes` overrides the family's (a checkpoint's own class list).
+    Writes nothing."""
+    from .backbone import load_backbone, resolve_device
+    from .engine import resolve_precision
+    from .features import FeatureStore
+    from .prompts import load_templates
+
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    family = open_data_family(data)
+    unknown = [name for name in data.eval_sets or () if name not in family.suite]
+    if unknown:
+        raise ValueError(f"--eval-sets: unknown set(s) {unknown} for the {family.name} family; choose from "
+                         f"{list(family.suite)}")
+    classes = classes if classes is not None else family.classes()
+    templates = load_templates(data.templates) if data.templates else None
+    device = resolve_device(runtime.device)
+    precision = resolve_precision(backbone.precision, device)
+    if loaded is None:
+        loaded = load_backbone(backbone.model, backbone.pretrained, device=device, precision=precision,
+                               train_crop_scale=(backbone.crop_scale, 1.0))
+    cache = runtime.cache_dir or "default"
+    store = FeatureStore(loaded, cache if runtime.cache else None, batch_size=runtime.eval_batch_size,
+                         workers=runtime.workers, device=device)
+    names = data.eval_sets or family.suite
+    splits = family.eval_splits(names, classes)
+    if not splits:
+        raise ValueError(f"none of the evaluation sets {list(names)} was found under '{family.data_root}'")
+    return Session(data, runtime, family, classes, templates, loaded, store, splits, device, precision)
+
+
+def method_options(name: str, options: Optional[dict[str, Any]] = None, epochs_scale: float = 1.0,
+                   precision: Optional[str] = None) -> dict[str, Any]:
+    """The options `name` is built with: `options` (unknown ones raise, listing the known ones), `epochs`
+    scaled from the method's default when `epochs_scale` != 1 and not given, and the run's `precision`
+    for a method that has a precision option it was not given."""
+    import dataclasses
+
+    from .methods.base import METHODS, method_config_class, method_names
+
+    if name not in method_names():
+        raise ValueError(f"unknown method '{name}'; choose one of {method_names()}")
+    config_class = method_config_class(METHODS[name])
+    out = dict(options or {})
+    try:
+        config_class.from_options(out)
+    except ValueError as err:
+        raise ValueError(f"method '{name}': {err}") from None
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+    if epochs_scale != 1.0 and "epochs" not in out and isinstance(defaults.get("epochs"), int):
+        out["epochs"] = max(1, int(round(defaults["epochs"] * epochs_scale)))
+    if precision is not None and "precision" in defaults and "precision" not in out:
+        out["precision"] = precision
+    return out
+
+
+def backbone_fingerprint(model: torch.nn.Module) -> tuple:
+    """Parameter names, shapes and sums: changes when a method alters the shared backbone in place."""
+    with torch.no_grad():
+        return tuple((n, tuple(p.shape), float(p.double().sum())) for n, p in model.state_dict().items())
+
+
+@dataclass
+class FitResult:
+    """One method fitted on one split and scored on the suite."""
+
+    method: str
+    options: dict[str, Any]
+    metrics: dict[str, dict[str, float]]
+    fit: dict[str, Any]
+    summary: dict[str, Any]
+    fit_seconds: float
+    eval_seconds: float
+    images_encoded: int
+    not_evaluated: list[str]
+    fitted: Any = field(default=None, repr=False)  # the fitted Method
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable({"method": self.method, "options": self.options, "summary": self.summary, "fit": self.fit,
+                         "fit_seconds": round(self.fit_seconds, 2), "eval_seconds": round(self.eval_seconds, 2),
+                         "images_encoded": self.images_encoded, "evaluated": list(self.metrics),
+                         "not_evaluated": self.not_evaluated})
+
+
+def fit_and_evaluate(session: Session, name: str, options: dict[str, Any], split: "FewShotSplit", *, seed: int,
+                     output_dir: Optional[Path] = None, resume: bool = False,
+                     log_line: Callable[[str], None] = log.info) -> FitResult:
+    """Build `name` from `options` (validated), fit it on `split`, check the shared backbone is untouched,
+    evaluate it on the session's suite; timings and the encoder images it cost in the result."""
+    from .methods import FitContext, build_method
+    from .methods.base import METHOD_REFERENCE_TEMPLATES
+
+    method: "Method" = build_method(name, **options)
+    ctx = FitContext(backbone=session.backbone, classnames=list(session.classes.names), data_root=session.data_root,
+                     train=split.train, val=split.val, features=session.store,
+                     templates=METHOD_REFERENCE_TEMPLATES if session.templates is None else session.templates,
+                     templates_name=session.data.templates or "",
+                     device=session.device, seed=seed, output_dir=output_dir, class_hash=session.classes.hash(),
+                     class_ids=list(session.classes.ids), workers=session.runtime.workers,
+                     eval_batch_size=session.runtime.eval_batch_size, resume=resume, log=log_line)
+    calls = session.store.encoder_calls
+    before = backbone_fingerprint(session.backbone.model)
+    started = time.perf_counter()
+    fit_summary = method.fit(ctx)
+    fitted = time.perf_counter()
+    if backbone_fingerprint(session.backbone.model) != before:  # later fits share it and its cached features
+        raise RuntimeError(f"method '{name}' modified the shared backbone in place; it must work on a copy")
+    metrics = session.evaluate(method, log_line)
+    done = time.perf_counter()
+    return FitResult(name, dict(options), metrics, jsonable(fit_summary), jsonable(method.summary()),
+                     fitted - started, done - fitted, session.store.encoder_calls - calls, session.missing, method)
