@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .io import load_torch, save_torch
+from .io import load_torch, remove_stale_temps, save_torch
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDivergedError", "build_optimizer", "build_scheduler", "epoch_seed",
            "resolve_precision"]
@@ -142,6 +142,7 @@ class Trainer:
             save_torch(self.run_dir / STATE_FILE, self.state_dict())
 
     def load_state(self, path: Path) -> None:
+        remove_stale_temps(path)  # a run killed while saving leaves its temp file beside the last good state
         state = load_torch(path)
         saved, current = state.get("config", {}), self.cfg.to_dict()
         changed = {k: (saved.get(k), v) for k, v in current.items()

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
-__all__ = ["OutputWriteError", "DamagedFileError", "atomic_path", "write_json", "write_text", "read_json",
+__all__ = ["OutputWriteError", "DamagedFileError", "atomic_path", "remove_stale_temps", "write_json", "write_text", "read_json",
            "save_torch", "load_torch", "new_file_mode"]
 
 
@@ -147,3 +147,12 @@ def load_torch(path: Union[str, Path], map_location: Union[str, torch.device] = 
         detail = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0][:160]
         state = "empty" if size == 0 else f"truncated or corrupted ({detail})"
         raise DamagedFileError(f"'{path}' is damaged: {state}; {what_to_do}") from err
+
+
+def remove_stale_temps(path: Union[str, Path]) -> list[Path]:
+    """Delete the temporary files a killed writer of `path` left beside it (`.<name>.*.tmp`); returns them."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale

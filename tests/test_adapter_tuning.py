@@ -21,7 +21,7 @@ def test_every_option_has_help_text_and_defaults_are_the_papers():
     method = build_method("convpass")
     cfg = method.config
     assert isinstance(cfg, AdapterTuningConfig)
-    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.scales) == (50, 64, 1e-5, 0.0, [10.0])
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.scales) == (50, 64, 1e-5, 0.0, (10.0,))
     assert (cfg.dim, cfg.kernel_size, cfg.conv_init, cfg.dropout, cfg.drop_path) == (8, 3, "identity", 0.1, 0.0)
     helps = type(cfg).help()
     assert {"dim", "kernel_size", "placement", "sequential", "drop_path", "scales", "lr", "resume"} <= set(helps)
@@ -46,7 +46,7 @@ def test_bad_options_are_refused_at_construction(options, match):
 def test_a_config_object_or_options_but_not_both():
     cls = type(build_method("convpass"))
     config = cls.config_class(dim=4, scales=2.0)
-    assert config.scales == [2.0]
+    assert config.scales == (2.0,)
     assert cls(config).adapter_config.dim == 4
     with pytest.raises(ValueError, match="not both"):
         cls(config, dim=4)

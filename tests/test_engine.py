@@ -113,7 +113,7 @@ def test_run_killed_mid_epoch_resumes_to_identical_weights_and_metrics(resume_wo
     saved_epoch = torch.load(state, weights_only=True)["epoch"]
     assert 1 <= saved_epoch < 6, f"kill came too late (epoch {saved_epoch})"
     assert not (killed / "metrics.json").exists()
-    assert not [p for p in killed.iterdir() if p.name.endswith(".tmp")]
+    # a kill during a save may leave a temp file, never a damaged train_state.pt (it loaded above)
 
     resumed = subprocess.run([sys.executable, "-m", "clipconv.cli.train", "--resume", str(killed)], env=env,
                              capture_output=True, text=True)
@@ -122,6 +122,7 @@ def test_run_killed_mid_epoch_resumes_to_identical_weights_and_metrics(resume_wo
     a, b = load_file(str(straight / "adapter.safetensors")), load_file(str(killed / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((straight / "metrics.json").read_text()) == json.loads((killed / "metrics.json").read_text())
+    assert not [p for p in killed.iterdir() if p.name.endswith(".tmp")]  # stale temps of the kill are gone
 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(resume_world, tiny_config):

@@ -143,3 +143,15 @@ def test_cli_handler_turns_write_errors_into_one_line(tmp_path, capsys):
     assert caught.value.code == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: could not write") and "Traceback" not in err
+
+
+def test_stale_temps_of_a_killed_writer_are_removed(tmp_path):
+    from clipconv.io import remove_stale_temps, write_text
+
+    final = write_text(tmp_path / "train_state.pt", "good")
+    stale = tmp_path / ".train_state.pt.ab12cd.tmp"
+    stale.write_text("half")
+    other = tmp_path / ".metrics.json.ab12cd.tmp"
+    other.write_text("not ours")
+    assert remove_stale_temps(final) == [stale]
+    assert not stale.exists() and other.exists() and final.read_text() == "good"

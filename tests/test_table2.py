@@ -195,23 +195,24 @@ def test_epochs_scale_uses_each_methods_default():
 
 
 def test_option_filters_see_every_config_option():
-    """Option filters (run_table2, the train CLI) accept exactly the options of each method's config dataclass."""
+    """The one option filter (session.method_options, used by every entry point) accepts exactly the options
+    of each method's config dataclass; runtime values (seed, workers, eval batch size) are not options."""
     import dataclasses
 
-    from clipconv.methods.base import METHODS, method_names, method_option_defaults
-    from clipconv.run import method_kwargs
+    from clipconv.methods.base import METHODS, method_names
+    from clipconv.session import method_options
 
     method_names()
     for name in ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "coop", "cocoop"):
         fields = {f.name for f in dataclasses.fields(METHODS[name].config_class)}
-        assert set(method_option_defaults(METHODS[name])) == fields, name
         given = {field: getattr(METHODS[name].config_class(), field) for field in fields}
-        assert method_options_for(name, METHODS[name], given) == given
-        generic = {"seed": 3, "workers": 0, "eval_batch_size": 8}  # runtime values come from FitContext
-        assert method_options_for(name, METHODS[name], {}, generic=generic) == {}
-        assert method_kwargs(name, {**given, **generic}) == {k: v for k, v in given.items() if v is not None}
-    assert set(method_option_defaults(METHODS["tip_adapter"])) < set(method_option_defaults(METHODS["tip_adapter_f"]))
-    assert set(method_option_defaults(METHODS["coop"])) == set(method_option_defaults(METHODS["cocoop"]))
+        assert method_options(name, given) == given
+        for generic in ("seed", "workers", "eval_batch_size"):  # runtime values come from FitContext
+            with pytest.raises(ValueError, match=f"unknown option.*{generic}"):
+                method_options(name, {generic: 1})
+    fields = lambda name: {f.name for f in dataclasses.fields(METHODS[name].config_class)}  # noqa: E731
+    assert fields("tip_adapter") < fields("tip_adapter_f")
+    assert fields("coop") == fields("cocoop")
 
 
 def test_a_method_that_alters_the_shared_backbone_is_stopped(tmp_path, tree, tiny_config, monkeypatch, capsys):

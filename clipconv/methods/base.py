@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FitContext", "Method", "MethodConfig", "option", "METHODS", "register_method", "build_method",
            "method_names", "method_config_class", "config_from", "MethodReferenceTemplates",
-           "METHOD_REFERENCE_TEMPLATES", "method_option_defaults"]
+           "METHOD_REFERENCE_TEMPLATES"]
 
 Sample = tuple[str, int]
 
@@ -159,23 +159,6 @@ def method_names() -> list[str]:
     from . import _load_all  # noqa: F401  (import side effect: registration)
 
     return sorted(METHODS)
-
-
-def method_option_defaults(cls: type) -> Optional[dict[str, Any]]:
-    """{option: default} of a method whose options are a `MethodConfig` dataclass; None for a method that
-    still takes plain keyword arguments."""
-    config_class = getattr(cls, "config_class", MethodConfig)
-    if config_class is MethodConfig:
-        return None
-    defaults = {}
-    for f in dataclasses.fields(config_class):
-        if f.default is not dataclasses.MISSING:
-            defaults[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            defaults[f.name] = f.default_factory()
-        else:
-            defaults[f.name] = None
-    return defaults
 
 
 @functools.lru_cache(maxsize=None)
