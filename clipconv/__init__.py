@@ -17,6 +17,10 @@ _EXPORTS = {
     "trainable_state_dict": "clipconv.checkpoint",
     "save_trainable": "clipconv.checkpoint",
     "load_trainable": "clipconv.checkpoint",
+    "open_family": "clipconv.data.family",
+    "open_session": "clipconv.session",
+    "fit_and_evaluate": "clipconv.session",
+    "build_method": "clipconv.methods",
 }
 
 __all__ = sorted(_EXPORTS)
