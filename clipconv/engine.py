@@ -42,6 +42,11 @@ class TrainConfig:
     seed: int = 1
     workers: int = 0
     eval_every: int = 1
+    #: learning-rate multipliers by parameter-name prefix, e.g. (("head.", 0.1),): one AdamW param group each
+    lr_scales: tuple[tuple[str, float], ...] = ()
+    #: L2-SP weight a: the loss adds a/2·||θ − θ₀||² over the trainable tensors, θ₀ = their values when the
+    #: Trainer is built (Li, Grandvalet & Davoudi, ICML 2018); 0 = plain cross-entropy
+    l2sp: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,8 +65,20 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (int(seed) * 1_000_003 + int(epoch) * 7_919) % (2**63 - 1)
 
 
-def build_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def build_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig,
+                    names: Optional[Sequence[str]] = None) -> torch.optim.Optimizer:
+    """AdamW over `params`; with `cfg.lr_scales` (and the parameters' `names`) one param group per prefix
+    with lr = cfg.lr · multiplier, the rest in a group at cfg.lr (first matching prefix wins)."""
+    if not cfg.lr_scales:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if names is None or len(names) != len(params):
+        raise ValueError("lr_scales needs the parameter names")
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, param in zip(names, params):
+        scale = next((float(m) for prefix, m in cfg.lr_scales if name.startswith(prefix)), 1.0)
+        groups.setdefault(scale, []).append(param)
+    return torch.optim.AdamW([{"params": group, "lr": cfg.lr * scale} for scale, group in groups.items()],
+                             lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
@@ -76,6 +93,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _normal(value: Any) -> Any:
+    """Lists and tuples compare alike (a saved state may hold either)."""
+    return tuple(_normal(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 class Trainer:
@@ -103,10 +125,15 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.validate = validate
         self.log = log
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
-        self.optimizer = build_optimizer(self.params, cfg)
+        if cfg.l2sp < 0:
+            raise ValueError(f"l2sp must be >= 0, got {cfg.l2sp}")
+        self.optimizer = build_optimizer(self.params, cfg, [n for n, _ in named])
+        # L2-SP anchor: the trainable tensors as given (before any resume load), i.e. the starting point θ₀
+        self.anchor = [p.detach().clone() for p in self.params] if cfg.l2sp > 0 else None
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
         self.precision = resolve_precision(cfg.precision, device)
@@ -145,8 +172,9 @@ class Trainer:
         remove_stale_temps(path)  # a run killed while saving leaves its temp file beside the last good state
         state = load_torch(path)
         saved, current = state.get("config", {}), self.cfg.to_dict()
-        changed = {k: (saved.get(k), v) for k, v in current.items()
-                   if k not in ("workers", "eval_every") and saved.get(k) != v}
+        defaults = TrainConfig().to_dict()  # states saved before an option existed ran at its default
+        changed = {k: (saved.get(k, defaults[k]), v) for k, v in current.items()
+                   if k not in ("workers", "eval_every") and _normal(saved.get(k, defaults[k])) != _normal(v)}
         if changed:
             raise ValueError(f"cannot resume from '{path}': training settings differ (saved, now): {changed}")
         self._load_trainable(state["trainable"])
@@ -164,6 +192,18 @@ class Trainer:
             return torch.autocast(self.device.type, enabled=False)
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
+
+    def penalty(self) -> torch.Tensor:
+        """The L2-SP term a/2·Σ||θ − θ₀||² (0 without `l2sp`)."""
+        if self.anchor is None:
+            return torch.zeros((), device=self.device)
+        total = sum(((p.float() - a.float()) ** 2).sum() for p, a in zip(self.params, self.anchor))
+        return 0.5 * self.cfg.l2sp * total
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training objective: cross-entropy, plus the L2-SP penalty when `l2sp` > 0."""
+        loss = F.cross_entropy(logits.float(), labels)
+        return loss + self.penalty() if self.anchor is not None else loss
 
     def train_epoch(self) -> dict[str, Any]:
         from .progress import progress
@@ -184,7 +224,7 @@ class Trainer:
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             with self._autocast():
                 logits = self.model(images)
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = self.loss(logits, labels)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
                     f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step + 1}, "

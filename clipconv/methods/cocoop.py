@@ -77,6 +77,13 @@ class CoCoOp(CoOp):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.learner.ctx, *self.meta_net.parameters()]
 
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        """Context vectors and meta-net (θ₀: the phrase context and the freshly initialized meta-net)."""
+        return {"ctx": self.learner.ctx, **{f"meta_net.{n}": p for n, p in self.meta_net.named_parameters()}}
+
+    def _refresh_scoring(self) -> None:
+        pass  # prompts are built per image at scoring time
+
     def batch_logits(self, features: torch.Tensor) -> torch.Tensor:
         image = F.normalize(features.float(), dim=-1)
         shifts = self.meta_net(image)

@@ -141,6 +141,7 @@ class CoOp(FrozenEncoderMethod):
             raise ValueError(f"{self.name}: the training split has no decodable images")
         cfg = self.config
         params = self.trainable_parameters()
+        theta0 = {name: p.detach().clone() for name, p in self.named_trainable().items()}
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         generator = torch.Generator().manual_seed(ctx.seed)
         with frozen_parameters(ctx.backbone.model):
@@ -160,8 +161,34 @@ class CoOp(FrozenEncoderMethod):
                     total += float(loss.detach()) * len(index)
                 self.history.append({"epoch": epoch + 1, "lr": lr, "train_loss": total / len(feats)})
                 ctx.log(f"{self.name} epoch {epoch + 1}/{cfg.epochs}: lr {lr:.3g}, loss {total / len(feats):.4f}")
+        self._endpoints = (theta0, {name: p.detach().clone() for name, p in self.named_trainable().items()})
         self._finish(ctx)
         return self.summary()
+
+    # ----- weight-space interpolation (clipconv.wise) ---------------------------------------------
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        """The trained tensors by name (CoOp: the context vectors)."""
+        return {"ctx": self.learner.ctx}
+
+    def interpolation_endpoints(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """θ₀ = the context as initialized at fit start (a phrase's embeddings with `init_phrase`; with the
+        reference random init a random prompt, NOT zero-shot CLIP), θ₁ = the trained context."""
+        endpoints = getattr(self, "_endpoints", None)
+        if endpoints is None:
+            raise RuntimeError(f"fit '{self.name}' before interpolating")
+        return endpoints
+
+    def load_interpolated(self, state: dict[str, torch.Tensor]) -> None:
+        params = self.named_trainable()
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+        self._refresh_scoring()
+
+    def _refresh_scoring(self) -> None:
+        """Recompute what scoring caches from the prompts (CoOp: the class text features)."""
+        with torch.no_grad():
+            self._text_features = self.class_text_features()
 
     def _finish(self, ctx: FitContext) -> None:
         """Freeze the learnt prompts for scoring and report validation accuracy (no selection on it)."""

@@ -54,6 +54,18 @@ class AdapterTuningConfig(MethodConfig):
                                       help="recompute trunk activations in backward (less memory, slower)")
     eval_every: int = option(_TRAIN.eval_every, check=positive, help="validate every N epochs (with a validation split)")
     resume: bool = option(False, help="continue from train_state.pt in the output directory (bit-identical)")
+    # Zero-shot-anchored training (project issue 11); the defaults are the paper's plain fine-tuning.
+    head: Literal["train", "frozen"] = option(
+        "train", choices=("train", "frozen"),
+        help="train: the text-initialized head trains with the adapters (the paper); frozen: the head stays the "
+             "zero-shot text head and only the adapters train (the frozen/zero-shot-classifier practice of LP-FT, "
+             "Kumar et al., ICLR 2022, and FLYP, Goyal et al., CVPR 2023)")
+    head_lr_scale: float = option(1.0, check=positive,
+                                  help="learning-rate multiplier of the head (its own AdamW param group); "
+                                       "1 = one lr for all (the paper)")
+    l2sp: float = option(0.0, check=non_negative,
+                         help="L2-SP weight a: adds a/2·||θ − θ₀||² over head + adapters toward their "
+                              "initialization (Li, Grandvalet & Davoudi, ICML 2018); 0 = off (the paper)")
 
     def __post_init__(self) -> None:
         scales = [self.scales] if isinstance(self.scales, (int, float)) else list(self.scales)
@@ -71,7 +83,8 @@ class AdapterTuningConfig(MethodConfig):
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
                            warmup_epochs=self.warmup_epochs, precision=self.precision,
                            grad_checkpointing=self.grad_checkpointing, seed=ctx.seed, workers=ctx.workers,
-                           eval_every=self.eval_every)
+                           eval_every=self.eval_every, l2sp=self.l2sp,
+                           lr_scales=(("head.", self.head_lr_scale),) if self.head_lr_scale != 1.0 else ())
 
 
 def tuning_config(adapter_config: type[AdapterConfig]) -> type[AdapterTuningConfig]:
@@ -111,6 +124,7 @@ class AdapterTuning(Method):
         self.adapter_config = make_config(self.adapter_kind, scale=self.scales[0], **config.adapter_options())
         self.classifier: Optional[ImageClassifier] = None
         self.chosen: dict[str, Any] = {}
+        self._endpoints: Optional[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = None
 
     def adapter_metadata(self, scale: float) -> dict[str, Any]:
         """The adapter kind and its options, as stored in checkpoints (see `load_classifier`)."""
@@ -177,14 +191,19 @@ class AdapterTuning(Method):
             if ctx.output_dir is not None:
                 run_dir = Path(ctx.output_dir) / (f"scale_{scale:g}" if len(self.scales) > 1 else ".")
             ctx.log(f"training {self.name} with scale s={scale:g}: {len(ctx.train)} images, {batches} batches/epoch")
-            trainer = Trainer(classifier, make_loader, batches, cfg, ctx.device, run_dir,
-                              validate=validate if ctx.val else None, log=ctx.log)
-            state_file = run_dir / "train_state.pt" if run_dir is not None else None
-            if (self.config.resume or ctx.resume) and state_file is not None and state_file.is_file():
-                trainer.load_state(state_file)
-                ctx.log(f"resumed from {state_file} after epoch {trainer.epoch}")
-            trainer.fit()
-            picked = trainer.restore_best()
+            frozen_head = self.config.head == "frozen"
+            classifier.head.requires_grad_(not frozen_head)  # a frozen head gets no gradient and no optimizer slot
+            try:
+                trainer = Trainer(classifier, make_loader, batches, cfg, ctx.device, run_dir,
+                                  validate=validate if ctx.val else None, log=ctx.log)
+                state_file = run_dir / "train_state.pt" if run_dir is not None else None
+                if (self.config.resume or ctx.resume) and state_file is not None and state_file.is_file():
+                    trainer.load_state(state_file)
+                    ctx.log(f"resumed from {state_file} after epoch {trainer.epoch}")
+                trainer.fit()
+                picked = trainer.restore_best()
+            finally:
+                classifier.head.requires_grad_(True)  # saved with the adapters, so checkpoints stay loadable
             record = {"scale": scale, "epochs": cfg.epochs, "final_loss": trainer.history[-1]["loss"],
                       "best_epoch": picked["epoch"] if picked else cfg.epochs,
                       "val_top1": picked["val_top1"] if picked else None, "history": trainer.history}
@@ -201,12 +220,28 @@ class AdapterTuning(Method):
                     param.copy_(best_tensors[name])
         set_adapter_scale(classifier.visual, best["scale"])
         classifier.eval()
+        self._endpoints = (initial, best_tensors)  # θ₀ (text head, zero adapters) and θ₁, for clipconv.wise
         self.chosen = {"scale": best["scale"], "best_epoch": best["record"]["best_epoch"],
                        "val_top1": best["record"]["val_top1"],
                        "selected_on": "validation split from train" if ctx.val else "last epoch (no validation split)"}
         if ctx.output_dir is not None:
             save_trainable(classifier, Path(ctx.output_dir) / "adapter.safetensors", self.metadata(ctx, best["scale"]))
         return {"chosen": self.chosen, "runs": runs}
+
+    # ----- weight-space interpolation (clipconv.wise) ---------------------------------------------
+    def interpolation_endpoints(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(θ₀, θ₁) over head + adapters: θ₀ = text head and zero-initialized adapters (zero-shot CLIP),
+        θ₁ = the trained (chosen) weights. The chosen scale s stays; at θ₀ the branch is zero whatever s."""
+        if self._endpoints is None:
+            raise RuntimeError(f"fit '{self.name}' before interpolating")
+        return self._endpoints
+
+    @torch.no_grad()
+    def load_interpolated(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.classifier.named_parameters())
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+        self.classifier.eval()
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:

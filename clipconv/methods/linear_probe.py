@@ -143,6 +143,9 @@ class LinearProbe(FrozenEncoderMethod):
         self.val_accuracy: Optional[float] = None
         self.weight: Optional[torch.Tensor] = None
         self.bias: Optional[torch.Tensor] = None
+        self._fit_ctx: Optional[FitContext] = None  # for the zero-shot endpoint of clipconv.wise
+        self._endpoints: Optional[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = None
+        self._mixed: Optional[dict[str, torch.Tensor]] = None
 
     def _prepare(self, features: torch.Tensor) -> torch.Tensor:
         """The features the classifier sees: raw (reference) or L2-normalized (`normalize=True`)."""
@@ -183,6 +186,7 @@ class LinearProbe(FrozenEncoderMethod):
             warnings.simplefilter("ignore")
             model = make_classifier(self.chosen_C, cfg.max_iter).fit(x, y)
         self._store(model, num_classes=len(ctx.classnames))
+        self._fit_ctx, self._endpoints, self._mixed = ctx, None, None
         ctx.log(f"linear_probe: C = {self.chosen_C:.4g} ({self.search_source})")
         return self.summary()
 
@@ -202,7 +206,47 @@ class LinearProbe(FrozenEncoderMethod):
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
             raise RuntimeError("linear_probe must be fitted before scoring")
+        if self._mixed is not None:
+            return self._mixed_logits(features.to(self.weight.device))
         return self._prepare(features.to(self.weight.device)) @ self.weight.t() + self.bias
+
+    # ----- weight-space interpolation (clipconv.wise) ---------------------------------------------
+    # One linear map on [normalize(f), f]: weight_normalized (C, D) acts on L2-normalized features,
+    # weight_raw (C, D) on raw features, plus bias. θ₀ is WiSE-FT's zero-shot head (logit scale × text
+    # embeddings on normalized features, zero bias), θ₁ the probe (on raw features — the reference — or on
+    # normalized ones with normalize=True, where θ(α) is a plain interpolation of one head).
+    def interpolation_endpoints(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        if self.weight is None or self._fit_ctx is None:
+            raise RuntimeError("fit 'linear_probe' before interpolating")
+        if self._endpoints is None:
+            from .zero_shot import ZeroShot
+
+            zero_shot = ZeroShot()
+            zero_shot.fit(self._fit_ctx)  # text side only: the run's (or the reference) zero-shot templates
+            text = zero_shot.weights.to(self.weight.device).float()
+            zeros = torch.zeros_like(self.weight)
+            theta0 = {"weight_normalized": zero_shot.logit_scale * text, "weight_raw": zeros.clone(),
+                      "bias": torch.zeros_like(self.bias)}
+            trained = (self.weight.clone(), zeros.clone()) if self.config.normalize else (zeros.clone(), self.weight.clone())
+            theta1 = {"weight_normalized": trained[0], "weight_raw": trained[1], "bias": self.bias.clone()}
+            self._endpoints = (theta0, theta1)
+        return self._endpoints
+
+    def load_interpolated(self, state: dict[str, torch.Tensor]) -> None:
+        self._mixed = {name: tensor.to(self.weight.device) for name, tensor in state.items()}
+        # terms whose weight is all zero are skipped, so θ₁ scores exactly as the fitted probe does
+        self._mixed_terms = [name for name in ("weight_normalized", "weight_raw") if bool(self._mixed[name].any())]
+
+    def _mixed_logits(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.float()
+        inputs = {"weight_normalized": F.normalize(features, dim=-1), "weight_raw": features}
+        total = None
+        for name in self._mixed_terms:
+            term = inputs[name] @ self._mixed[name].t()
+            total = term if total is None else total + term
+        if total is None:
+            total = torch.zeros(len(features), self._mixed["bias"].shape[0], device=features.device)
+        return total + self._mixed["bias"]
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"C": self.chosen_C, "C_source": self.search_source,

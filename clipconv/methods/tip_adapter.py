@@ -214,6 +214,7 @@ class TipAdapterF(TipAdapter):
 
     def fit(self, ctx: FitContext) -> dict[str, Any]:
         self._build_cache(ctx)
+        initial_keys = self.keys.clone()
         val = self._val_features(ctx)
         cfg = self.config
         keys = torch.nn.Parameter(self.keys.clone())
@@ -251,8 +252,21 @@ class TipAdapterF(TipAdapter):
         if val is None:
             best_keys, self.best_epoch = keys.detach().clone(), cfg.epochs
         self.keys = best_keys  # used as trained (the reference does not renormalize them)
+        self._endpoints = ({"keys": initial_keys}, {"keys": best_keys.clone()})
         self._search(ctx, val)
         return self.summary()
+
+    # ----- weight-space interpolation (clipconv.wise) ---------------------------------------------
+    def interpolation_endpoints(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """θ₀ = the untrained cache keys (training-free Tip-Adapter, NOT zero-shot CLIP), θ₁ = the trained
+        keys; α and β stay the ones chosen after training."""
+        endpoints = getattr(self, "_endpoints", None)
+        if endpoints is None:
+            raise RuntimeError(f"fit '{self.name}' before interpolating")
+        return endpoints
+
+    def load_interpolated(self, state: dict[str, torch.Tensor]) -> None:
+        self.keys = state["keys"].to(self.values.device)
 
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "best_epoch": self.best_epoch, "epochs": self.config.epochs}
