@@ -13,11 +13,14 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from .io import atomic_path
 from .report import DISPLAY, SUITE
 
-__all__ = ["BAR_COLUMNS", "SHOTS_COLUMNS", "column_label", "accuracy_bars", "accuracy_vs_shots"]
+__all__ = ["BAR_COLUMNS", "SHOTS_COLUMNS", "column_label", "accuracy_bars", "accuracy_vs_shots", "robustness_sweep",
+           "LOGIT_CLIP"]
 
 BAR_COLUMNS = (*SUITE, "target_avg")
 SHOTS_COLUMNS = ("imagenet", "target_avg")
 PathLike = Union[str, Path]
+#: accuracies (fractions) are clipped into [LOGIT_CLIP, 1 − LOGIT_CLIP] for the logit axes (0 % and 100 % are ±∞)
+LOGIT_CLIP = 1e-3
 
 
 def column_label(column: str) -> str:
@@ -142,6 +145,70 @@ def accuracy_vs_shots(results_by_shots: Mapping[int, Mapping[str, Any]], path: P
         fig.legend(handles, labels, fontsize=8, ncol=min(4, max(1, len(labels))), loc="lower center",
                    bbox_to_anchor=(0.5, -0.02 - 0.05 * math.ceil(len(labels) / 4)), frameon=False)
         fig.suptitle(title or "Top-1 accuracy against the number of shots", fontsize=11)
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _accuracy_pair(where: str, value: Any) -> tuple[float, float]:
+    try:
+        source, target = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"robustness_sweep: {where} must be (source top-1 %, target average %), got {value!r}") from None
+    for v in (source, target):
+        if not (math.isfinite(v) and 0.0 <= v <= 100.0):
+            raise ValueError(f"robustness_sweep: {where} has an accuracy outside [0, 100] %: {value!r}")
+    return source, target
+
+
+def _logit_fraction(percent: float) -> float:
+    return min(max(percent / 100.0, LOGIT_CLIP), 1.0 - LOGIT_CLIP)
+
+
+def robustness_sweep(points: Mapping[float, Sequence[float]], path: PathLike, title: Optional[str] = None,
+                     references: Optional[Mapping[str, Sequence[float]]] = None,
+                     source_name: str = "ImageNet", target_name: str = "target avg") -> Path:
+    """Effective-robustness view of a WiSE-FT sweep: x = source top-1, y = target average (both in %), on logit
+    axes (accuracies as fractions, `set_xscale("logit")`; Taori et al., 2020, Figure 1; Wortsman et al., 2022).
+
+    `points` maps each mixing coefficient α to (source %, target %): drawn as one line in α order, each point
+    labelled "α=…"; `references` maps labels (e.g. "zero-shot", "Tip-Adapter") to (source %, target %), drawn
+    as separate labelled markers. 0 % and 100 % are drawn at LOGIT_CLIP from the edge. PNG, written atomically.
+    """
+    if not points:
+        raise ValueError("robustness_sweep: no points given (expected {alpha: (source top-1 %, target avg %)})")
+    sweep = []
+    for alpha, value in points.items():
+        if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)):
+            raise ValueError(f"robustness_sweep: alpha must be a finite number, got {alpha!r}")
+        sweep.append((float(alpha), *_accuracy_pair(f"the point of alpha {alpha}", value)))
+    sweep.sort()
+    refs = [(str(label), *_accuracy_pair(f"reference '{label}'", value)) for label, value in (references or {}).items()]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    try:
+        xs = [_logit_fraction(s) for _, s, _ in sweep]
+        ys = [_logit_fraction(t) for _, _, t in sweep]
+        ax.plot(xs, ys, marker="o", label="WiSE-FT: θ(α) = (1−α)·θ₀ + α·θ₁")
+        for (alpha, _, _), x, y in zip(sweep, xs, ys):
+            ax.annotate(f"α={alpha:g}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        markers = "s^Dvp*hX"
+        for index, (label, source, target) in enumerate(refs):
+            x, y = _logit_fraction(source), _logit_fraction(target)
+            ax.plot([x], [y], marker=markers[index % len(markers)], linestyle="none", markersize=8, label=label)
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, -12), fontsize=8)
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        percent = FuncFormatter(lambda value, _: f"{100 * value:.4g}%")
+        for axis, set_scale in ((ax.xaxis, ax.set_xscale), (ax.yaxis, ax.set_yscale)):
+            set_scale("logit")
+            axis.set_major_formatter(percent)
+            axis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(f"{source_name} top-1 (source; logit scale)")
+        ax.set_ylabel(f"{target_name} top-1 (logit scale)")
+        ax.set_title(title or "Robustness of the weight-space interpolation", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="best")
         return _save(fig, path)
     finally:
         plt.close(fig)

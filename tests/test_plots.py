@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from baseline_world import make_world
-from clipconv.plots import accuracy_bars, accuracy_vs_shots
+from clipconv.plots import accuracy_bars, accuracy_vs_shots, robustness_sweep
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COLUMNS = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r", "target_avg")
@@ -141,3 +141,45 @@ def test_importing_clipconv_does_not_import_matplotlib():
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+# ----------------------------------------------------------------------------- robustness sweep (WiSE-FT)
+SWEEP = {0.5: (61.0, 40.0), 0.0: (55.0, 42.0), 1.0: (64.0, 35.5), 0.25: (59.0, 42.5)}
+
+
+def test_robustness_sweep_draws_one_labelled_point_per_alpha_on_logit_axes(tmp_path, monkeypatch):
+    scales = {name: _spy(monkeypatch, name) for name in ("set_xscale", "set_yscale")}
+    lines, notes = _spy(monkeypatch, "plot"), _spy(monkeypatch, "annotate")
+    path = robustness_sweep(SWEEP, tmp_path / "sweep.png", title="tiny sweep",
+                            references={"zero-shot": (55.0, 42.0), "Tip-Adapter": (60.0, 39.0)})
+    assert_valid_png(path, min_bytes=4000)
+    assert [args[0] for args, _ in scales["set_xscale"]] == ["logit"]
+    assert [args[0] for args, _ in scales["set_yscale"]] == ["logit"]
+    (xs, ys), _ = lines[0]  # the sweep, in alpha order, as fractions
+    assert list(xs) == pytest.approx([0.55, 0.59, 0.61, 0.64]) and list(ys) == pytest.approx([0.42, 0.425, 0.40, 0.355])
+    assert [args[0] for args, _ in notes] == ["α=0", "α=0.25", "α=0.5", "α=1", "zero-shot", "Tip-Adapter"]
+    assert [kwargs["label"] for _, kwargs in lines[1:]] == ["zero-shot", "Tip-Adapter"]
+    assert list(lines[2][0][0]) == pytest.approx([0.60]) and list(lines[2][0][1]) == pytest.approx([0.39])
+
+
+def test_robustness_sweep_clips_zero_and_hundred_percent(tmp_path, monkeypatch):
+    from clipconv.plots import LOGIT_CLIP
+
+    lines = _spy(monkeypatch, "plot")
+    assert_valid_png(robustness_sweep({0.0: (0.0, 100.0), 1.0: (50.0, 50.0)}, tmp_path / "edge.png"), min_bytes=4000)
+    (xs, ys), _ = lines[0]
+    assert (xs[0], ys[0]) == (LOGIT_CLIP, 1 - LOGIT_CLIP)
+
+
+@pytest.mark.parametrize("points, references, message", [
+    ({}, None, "no points"),
+    ({0.5: (101.0, 40.0)}, None, r"outside \[0, 100\]"),
+    ({0.5: (float("nan"), 40.0)}, None, r"outside \[0, 100\]"),
+    ({0.5: (50.0,)}, None, "must be \\(source top-1 %, target average %\\)"),
+    ({"half": (50.0, 40.0)}, None, "alpha must be a finite number"),
+    ({0.5: (50.0, 40.0)}, {"zero-shot": (50.0, -1.0)}, "reference 'zero-shot'"),
+])
+def test_robustness_sweep_refuses_bad_input_and_writes_nothing(tmp_path, points, references, message):
+    with pytest.raises(ValueError, match=message):
+        robustness_sweep(points, tmp_path / "out.png", references=references)
+    assert not list(tmp_path.iterdir())
