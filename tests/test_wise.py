@@ -185,3 +185,54 @@ def test_tip_adapter_f_alpha0_is_training_free_tip_adapter(world, features):
     assert torch.equal(tuned.keys, (0.5 * theta0["keys"] + 0.5 * theta1["keys"]))
     interpolate(tuned, 1.0)
     assert torch.equal(tuned.logits_from_features(features), trained)
+
+
+# ----------------------------------------------------------------------------- sweep through a session
+@pytest.fixture(scope="module")
+def session(world, tiny_config):
+    from clipconv.config import BackboneConfig, DataConfig, RuntimeConfig
+    from clipconv.session import open_session
+
+    return open_session(DataConfig(data_root=str(world.root), eval_sets=("imagenet",)),
+                        BackboneConfig(model=str(tiny_config), pretrained="none", precision="fp32"),
+                        RuntimeConfig(device="cpu", workers=0, cache=False), loaded=world.backbone)
+
+
+def test_wise_sweep_evaluates_each_alpha_and_ends_trained(world, session, zero_shot, convpass, features):
+    probe = build_method("linear_probe", C=1.0)
+    probe.fit(world.ctx)
+    trained_logits = probe.logits_from_features(features)
+    trained = session.evaluate(probe, log_line=lambda *_: None)
+    results = wise_sweep(session, probe, [0.0, 0.5, 1.0], log_line=lambda *_: None)
+    assert list(results) == [0.0, 0.5, 1.0]
+    assert results[1.0] == trained
+    assert results[0.0]["imagenet"]["top1"] == session.evaluate(zero_shot, log_line=lambda *_: None)["imagenet"]["top1"]
+    assert results[0.0]["imagenet"]["n"] == len(world.test_samples)
+    assert torch.equal(probe.logits_from_features(features), trained_logits)  # back at θ₁ after the sweep
+    # an image-encoder method through the same session
+    sweep = wise_sweep(session, convpass, [0.0, 1.0], log_line=lambda *_: None)
+    assert sweep[0.0]["imagenet"]["top1"] == session.evaluate(zero_shot, log_line=lambda *_: None)["imagenet"]["top1"]
+    assert sweep[1.0] == session.evaluate(convpass, log_line=lambda *_: None)
+
+
+def test_wise_sweep_restores_the_trained_weights_when_evaluation_fails(world, features):
+    probe = build_method("linear_probe", C=1.0)
+    probe.fit(world.ctx)
+    trained = probe.logits_from_features(features)
+
+    class Failing:
+        calls = 0
+
+        def evaluate(self, method, **_):
+            Failing.calls += 1
+            if Failing.calls == 2:
+                raise RuntimeError("disk full")
+            return {"alpha_logits": method.logits_from_features(features)}
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        wise_sweep(Failing(), probe, [0.0, 0.5])
+    assert torch.equal(probe.logits_from_features(features), trained)
+    with pytest.raises(ValueError, match="at least one"):
+        wise_sweep(Failing(), probe, [])
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        wise_sweep(Failing(), probe, [0.5, 2.0])
