@@ -101,7 +101,9 @@ def _normal(value: Any) -> Any:
 
 
 class Trainer:
-    """Trains the parameters of `model` that require grad with cross-entropy on (images, labels).
+    """Trains the parameters of `model` that require grad with cross-entropy on (images, labels) — plus the
+    L2-SP penalty toward their values at construction when `cfg.l2sp` > 0 (the logged "loss" is then the
+    whole objective) — with AdamW, one param group per `cfg.lr_scales` prefix.
 
     `make_loader(generator)` returns an iterable of (images, labels) batches shuffled with `generator`.
     `validate()` (optional) returns a validation accuracy; the best epoch's trainable tensors are kept.

@@ -188,3 +188,35 @@ def test_trained_head_moves_by_default(world):
     before = classifier.head.weight.detach().clone()
     method.fit(world.ctx)
     assert not torch.equal(classifier.head.weight.detach(), before)
+
+
+def test_l2sp_resume_is_bit_identical_and_anchors_at_the_start_not_the_checkpoint(tmp_path):
+    cfg = TrainConfig(epochs=3, lr=1e-1, l2sp=2.0)
+    straight = _linear()
+    Trainer(straight, _batches(), 4, cfg, CPU, log=lambda *_: None).fit()
+    first = _linear()
+    interrupted = Trainer(first, _batches(), 4, cfg, CPU, tmp_path, log=lambda *_: None)
+    interrupted.history.append(interrupted.train_epoch())
+    interrupted.save_state()
+    resumed_model = _linear()  # rebuilt at θ₀, as AdapterTuning does before loading the state
+    resumed = Trainer(resumed_model, _batches(), 4, cfg, CPU, tmp_path, log=lambda *_: None)
+    resumed.load_state(tmp_path / "train_state.pt")
+    resumed.fit()
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed_model.parameters()))
+
+
+def test_frozen_head_checkpoint_reloads_to_the_same_logits(world, tmp_path):
+    from clipconv.methods.finetune import load_classifier
+
+    method = build_method("convpass", epochs=1, batch_size=4, lr=1e-2, scales=[1.0], head="frozen")
+    ctx = world.ctx
+    original = ctx.output_dir
+    try:
+        ctx.output_dir = tmp_path
+        method.fit(ctx)
+    finally:
+        ctx.output_dir = original
+    reloaded, _ = load_classifier(tmp_path / "adapter.safetensors", world.backbone)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(reloaded(images), method.classifier(images))
