@@ -133,7 +133,7 @@ def test_l2sp_training_matches_a_hand_written_loop():
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     for ours, theirs in zip(model.parameters(), reference.parameters()):
         assert_close_scaled(ours, theirs)
     assert trainer.history[0]["loss"] == pytest.approx(sum(losses) / 2, rel=256 * torch.finfo(torch.float32).eps)
