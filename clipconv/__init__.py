@@ -21,6 +21,8 @@ _EXPORTS = {
     "open_session": "clipconv.session",
     "fit_and_evaluate": "clipconv.session",
     "build_method": "clipconv.methods",
+    "interpolate": "clipconv.wise",
+    "wise_sweep": "clipconv.wise",
 }
 
 __all__ = sorted(_EXPORTS)
