@@ -1,7 +1,7 @@
 """One few-shot run, from data to metrics: session → K-shot split → fit_and_evaluate → run directory.
 
     cfg = RunConfig(method="convpass", shots=16, data=DataConfig(data_root="$DATA"))
-    run = prepare_run(cfg)          # validates everything, loads the backbone; writes nothing
+    run = prepare_run(cfg)          # validates everything, loads the backbone; creates the (empty) run folder
     result = execute_run(run)       # fit, untouched-backbone check, suite evaluation, run directory
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from .config import BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
 from .io import write_json, write_text
+from .rundir import RUN_FILES, check_output_dir, claim_output_dir, held_files, new_run_dir
 from .session import FitResult, Session, fit_and_evaluate, method_options, open_session
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ log = logging.getLogger("clipconv")
 #: without a test set. Its cost: scoring 4 images per class after every epoch — forward only, so about 8 % of
 #: 16-shot training's compute; measured on the demo (5 epochs, 1 thread, load 3.7): fit 13.5 s vs 10.4 s.
 VAL_SHOTS = 4
+RUN_PATTERNS = ("scale_*",)  # per-scale sub-folders of a Convpass scale search
 CONFIG_FILE = "config.json"
 VAL_HELP = ("validation images per class drawn from train, disjoint from the K shots; used to choose the scale, "
             "the epoch and the baselines' hyper-parameters (0: none)")
@@ -107,17 +109,30 @@ class PreparedRun:
     resume: bool = False
 
 
-def prepare_run(cfg: RunConfig, resume: bool = False) -> PreparedRun:
-    """Check the method options, open the session, draw (or load) the split; raises ValueError on bad input."""
+def prepare_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> PreparedRun:
+    """Check the method options and the output folder, open the session, draw (or load) the split, then
+    create the run folder; raises ValueError on bad input (and then creates nothing).
+
+    Without `cfg.output_dir` the folder is a new `runs/<method>_<K>shot_seed<S>_<time>[-N]`, created
+    exclusively. A given folder that already holds a run is refused unless `overwrite` (its clipconv files
+    are removed first) or `resume`.
+    """
     options = method_options(cfg.method, cfg.method_options)
+    if cfg.output_dir:  # before any work: a file, a too-long name, an unwritable parent, an existing run
+        check_output_dir(cfg.output_dir)
+        if not resume and not overwrite and held_files(Path(cfg.output_dir), RUN_FILES, RUN_PATTERNS):
+            claim_output_dir(cfg.output_dir, RUN_FILES, RUN_PATTERNS,
+                             resume_hint=f"or --resume {cfg.output_dir} to continue it")
     session = open_session(cfg.data, cfg.backbone, cfg.runtime)
     if cfg.split:
         split = session.load_split(cfg.split, cfg.shots, cfg.seed, cfg.val_shots)
     else:
         split = session.draw_split(cfg.shots, cfg.seed, cfg.val_shots)
     options = method_options(cfg.method, options, precision=session.precision)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.output_dir or Path("runs") / f"{cfg.method}_{cfg.shots}shot_seed{cfg.seed}_{stamp}")
+    if cfg.output_dir:
+        run_dir = claim_output_dir(cfg.output_dir, RUN_FILES, RUN_PATTERNS, overwrite=overwrite, resume=resume)
+    else:
+        run_dir = new_run_dir("runs", f"{cfg.method}_{cfg.shots}shot_seed{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
     return PreparedRun(cfg, session, split, options, run_dir, resume)
 
 

@@ -112,3 +112,109 @@ def test_a_single_run_stops_a_method_that_alters_the_shared_backbone(world, tmp_
     with pytest.raises(RuntimeError, match="zero_shot.*in place"):
         _train(world, run, "--method", "zero_shot", "--eval-sets", "imagenet", training=())
     assert not (run / "metrics.json").exists()
+
+
+# ---- run folders: nothing overwritten, refused before any work (issue 10) ----
+
+def test_training_into_an_existing_run_is_refused_and_overwrite_replaces_only_its_files(world, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(world, run, "--eval-sets", "imagenet", "--epochs", "1", "--seed", "2") == 0
+    config_before = (run / "config.json").read_bytes()
+    metrics_before = (run / "metrics.json").read_bytes()
+    (run / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        _train(world, run, "--eval-sets", "imagenet", "--epochs", "1", "--seed", "3")
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert str(run) in err and "--overwrite" in err and f"--resume {run}" in err and "config.json" in err
+    assert (run / "config.json").read_bytes() == config_before
+    assert (run / "metrics.json").read_bytes() == metrics_before
+
+    (run / "train_state.pt").write_bytes(b"stale")  # a leftover that --overwrite must remove
+    assert _train(world, run, "--eval-sets", "imagenet", "--epochs", "1", "--seed", "3", "--overwrite") == 0
+    assert json.loads((run / "config.json").read_text())["seed"] == 3
+    assert not (run / "train_state.pt").exists() or (run / "train_state.pt").read_bytes() != b"stale"
+    assert (run / "notes.txt").read_text() == "mine"  # not clipconv's: left alone
+    assert len((run / "log.txt").read_text().split("epoch 1/1: loss")) == 2  # the old log is gone
+
+
+def test_a_partial_run_folder_is_refused_and_an_empty_folder_is_used(world, tmp_path, capsys):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "train_state.pt").write_bytes(b"x")
+    with pytest.raises(SystemExit) as info:
+        _train(world, partial, "--eval-sets", "imagenet", "--epochs", "1")
+    assert info.value.code == 2 and "train_state.pt" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _train(world, empty, "--eval-sets", "imagenet", "--epochs", "1") == 0
+    assert (empty / "metrics.json").is_file()
+
+
+def test_overwrite_and_resume_together_are_refused(world, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        train.main(["--resume", str(tmp_path), "--overwrite"])
+    assert info.value.code == 2 and "--overwrite and --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["file", "under_file", "too_long"])
+def test_unusable_output_dir_is_refused_before_any_work(world, tmp_path, capsys, monkeypatch, kind):
+    # tests run as root, so a read-only folder cannot be simulated with chmod: a path through a file is
+    # what "cannot be written" looks like here
+    import clipconv.run
+
+    called = []
+    monkeypatch.setattr(clipconv.run, "open_session", lambda *a, **k: called.append(1))
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    out = {"file": blocker, "under_file": blocker / "sub" / "run", "too_long": tmp_path / ("r" * 300)}[kind]
+    with pytest.raises(SystemExit) as info:
+        _train(world, out, "--epochs", "1")
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1 and "--output-dir" in err
+    assert not called, "the output folder must be checked before the session is opened"
+    assert blocker.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_runs_started_in_the_same_second_get_different_folders(world, tmp_path, monkeypatch):
+    import clipconv.run
+    from clipconv.run import RunConfig, prepare_run
+    from clipconv.config import BackboneConfig, DataConfig, RuntimeConfig
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(clipconv.run.time, "strftime", lambda fmt, *a: "20260101-000000")
+    cfg = RunConfig(method="zero_shot", shots=2, data=DataConfig(data_root=str(world["data"])),
+                    backbone=BackboneConfig(model=str(world["config"]), pretrained=str(world["weights"])),
+                    runtime=RuntimeConfig(workers=0, cache=False))
+    first, second = prepare_run(cfg).run_dir, prepare_run(cfg).run_dir
+    assert first != second and first.is_dir() and second.is_dir()
+    assert first.name == "zero_shot_2shot_seed1_20260101-000000"
+    assert second.name == "zero_shot_2shot_seed1_20260101-000000-2"
+
+
+def test_concurrent_folder_creation_never_shares():
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clipconv.rundir import new_run_dir
+
+    with tempfile.TemporaryDirectory() as parent:
+        with ThreadPoolExecutor(8) as pool:
+            folders = list(pool.map(lambda _: new_run_dir(parent, "same"), range(16)))
+        assert len(set(folders)) == 16
+
+
+def test_console_entry_points_name_existing_mains():
+    import configparser
+    import importlib
+    from pathlib import Path
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    entries = dict(line.split(" = ") for line in cfg["options.entry_points"]["console_scripts"].strip().splitlines())
+    assert {"clipconv-train", "clipconv-eval", "clipconv-check-data", "clipconv-table2",
+            "clipconv-zero-shot"} <= set(entries)
+    for target in entries.values():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func))
