@@ -312,3 +312,26 @@ def test_an_output_dir_under_a_file_is_refused_before_any_work(tmp_path, tree, t
         main(_argv(tmp_path, tree, tiny_config, ["zero_shot"], out="afile/out"))
     err = capsys.readouterr().err
     assert info.value.code == 2 and "--output-dir" in err and "afile" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sigterm_stops_the_table_like_ctrl_c_with_exit_143(tmp_path, tree, tiny_config, monkeypatch, capsys):
+    import os
+    import signal
+    import time
+
+    import clipconv.table2
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+        pytest.fail("SIGTERM did not stop the fit")
+
+    monkeypatch.setattr(clipconv.table2, "fit_and_evaluate", terminated)
+    out = tmp_path / "out"
+    assert main(_argv(tmp_path, tree, tiny_config, ["zero_shot"])) == 143
+    err = capsys.readouterr().err
+    assert "terminated" in err and f"--resume {out}" in err
+    assert json.loads((out / "table2.json").read_text())["complete"] is False
+    assert signal.getsignal(signal.SIGTERM) is before
