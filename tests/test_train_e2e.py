@@ -218,3 +218,28 @@ def test_console_entry_points_name_existing_mains():
     for target in entries.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func))
+
+
+def test_eval_robustness_takes_every_setting_from_the_run_beside_the_checkpoint(world, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(world, run, "--eval-sets", "imagenet", "imagenet_a", "--epochs", "1") == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"imagenet", "imagenet_a"}
+    for given in (run / "adapter.safetensors", run):  # the checkpoint or the run folder, nothing else
+        assert eval_robustness.main(["--checkpoint", str(given), "--workers", "0"]) == 0
+    evals = sorted(p for p in run.iterdir() if p.name.startswith("eval-"))
+    assert len(evals) == 2  # two evaluations in the same second: two folders
+    for folder in evals:
+        assert json.loads((folder / "metrics.json").read_text()) == metrics
+    # an output folder that already holds results is refused, before any work
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        eval_robustness.main(["--checkpoint", str(run), "--output-dir", str(evals[0])])
+    assert info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_eval_robustness_help_has_no_templates_and_names_the_output_folder(capsys):
+    with pytest.raises(SystemExit):
+        eval_robustness.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--templates" not in text and "RUN/eval-<time>" in text and "--data-root" in text
