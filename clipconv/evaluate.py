@@ -75,7 +75,8 @@ def evaluate_method(
     log: Callable[[str], None] = print,
     strict: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """{set name: {"top1", "top5", "n"}} for each evaluation split (sample paths relative to `data_root`).
+    """{set name: {"top1", "top5", "n", "classes"}} for each evaluation split (sample paths relative to
+    `data_root`; "classes": how many classes the argmax is over, fewer for a restricted -A/-R set).
 
     Frozen-image-encoder methods score features from `features` (a FeatureStore, so each set is encoded
     once per backbone); the others see preprocessed images. -A/-R splits carry a `subset` of class
@@ -92,6 +93,9 @@ def evaluate_method(
                 raise ValueError("evaluate_method needs eval_transform for methods that read images")
             logits, labels = collect_logits(method.logits, data_root, split.samples, eval_transform, device,
                                             batch_size, workers, desc=split.display_name, strict=strict)
-        results[split.name] = topk_accuracy(logits, labels, subset=split.subset)
-        log(f"{split.display_name}: top-1 {results[split.name]['top1']:.2f}% on {results[split.name]['n']} images")
+        classes = split.num_classes or (len(split.subset) if split.subset is not None else
+                                        int(logits.shape[1]) if logits.numel() else 0)
+        results[split.name] = {**topk_accuracy(logits, labels, subset=split.subset), "classes": classes}
+        log(f"{split.display_name}: top-1 {results[split.name]['top1']:.2f}% on {results[split.name]['n']} images "
+            f"over {classes} classes")
     return results

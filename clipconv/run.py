@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .data import FewShotSplit
 
 __all__ = ["RunConfig", "PreparedRun", "prepare_run", "execute_run", "write_results", "setup_logging",
-           "environment", "VAL_SHOTS", "CONFIG_FILE"]
+           "environment", "VAL_SHOTS", "CONFIG_FILE", "counts_line"]
 
 log = logging.getLogger("clipconv")
 
@@ -150,25 +150,38 @@ def execute_run(run: PreparedRun) -> FitResult:
     log.info(f"{cfg.method}: {len(session.classes)} classes, {len(run.split.train)} train / {len(run.split.val)} "
              f"val images, backbone {session.backbone.model_name} ({session.backbone.weights_id}), "
              f"device {session.device}")
+    for what, short in (("K-shot", run.split.shortfall), ("validation", run.split.val_shortfall)):
+        if short:
+            log.info(f"{what} shortfall: {len(short)} class(es) got fewer images than asked (images drawn): "
+                     + ", ".join(f"{name} ({n})" for name, n in sorted(short.items())))
     result = fit_and_evaluate(session, cfg.method, run.options, run.split, seed=cfg.seed, output_dir=run_dir,
                               resume=run.resume)
     if result.not_evaluated:
         log.info(f"not evaluated (missing or empty): {', '.join(result.not_evaluated)}")
-    write_results(run_dir, cfg.method, session.row(result.metrics), result.metrics, result.to_dict(),
+    shortfall = {"shortfall": dict(run.split.shortfall), "val_shortfall": dict(run.split.val_shortfall)}
+    write_results(run_dir, cfg.method, session.row(result.metrics), result.metrics, {**result.to_dict(), **shortfall},
                   columns=session.family.suite, display=session.family.display)
     return result
 
 
+def counts_line(metrics: Mapping[str, Mapping[str, Any]], display: Optional[Mapping[str, str]] = None) -> str:
+    """"images / classes per set: ImageNet 12 / 4, -A 6 / 2, ...": what each score is over (a restricted set
+    such as -A/-R is scored over its own classes only)."""
+    display = display or {}
+    cells = [f"{display.get(name, name)} {int(m['n'])} / " + (str(int(m["classes"])) if "classes" in m else "?")
+             for name, m in metrics.items()]
+    return "images / classes per set: " + ", ".join(cells)
+
+
 def write_results(run_dir: Path, label: str, row: dict[str, float], metrics: dict[str, dict[str, float]],
                   summary: dict[str, Any], columns: Sequence[str], display: Optional[Mapping[str, str]] = None) -> None:
-    """metrics.json ({set: {top1, top5, n}}), results.md (the Table-2 `row` over `columns`) and
-    run_summary.json, atomically."""
+    """metrics.json ({set: {top1, top5, n, classes}}), results.md (the Table-2 `row` over `columns`, then
+    the images / classes each score is over) and run_summary.json, atomically."""
     from .report import markdown_table
     from .session import jsonable
 
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "run_summary.json", jsonable(summary))
     table = markdown_table([(label, row)], columns=columns, display=display)
-    counts = ", ".join(f"{name}: {int(m['n'])}" for name, m in metrics.items())
-    write_text(run_dir / "results.md", f"# {label}: top-1 (%)\n\n{table}\nimages per set: {counts}\n")
+    write_text(run_dir / "results.md", f"# {label}: top-1 (%)\n\n{table}\n{counts_line(metrics, display)}\n")
     log.info("\n" + table)

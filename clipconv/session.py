@@ -9,7 +9,7 @@ it on the suite and times both steps.
     session = open_session(DataConfig(data_root=...), BackboneConfig(), RuntimeConfig())
     split = session.draw_split(shots=16, seed=1, val_shots=4)
     result = fit_and_evaluate(session, "convpass", {"epochs": 10}, split, seed=1, output_dir=Path("run"))
-    result.metrics  # {set name: {"top1", "top5", "n"}}
+    result.metrics  # {set name: {"top1", "top5", "n", "classes"}}
 
 Used by scripts/train_imagenet_fs.py (clipconv.run), run_table2.py (clipconv.table2), zero_shot.py and
 eval_robustness.py (`Session.evaluate` of a loaded checkpoint).
@@ -127,7 +127,7 @@ class Session:
         return split
 
     def evaluate(self, method: Scorer, log_line: Callable[[str], None] = log.info) -> dict[str, dict[str, float]]:
-        """{set name: {"top1", "top5", "n"}} of a fitted method on the session's evaluation splits."""
+        """{set name: {"top1", "top5", "n", "classes"}} of a fitted method on the session's evaluation splits."""
         from .evaluate import evaluate_method
 
         return evaluate_method(method, self.splits, self.data_root, self.device, features=self.store,

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 from .config import BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
 from .io import atomic_path, write_json, write_text
 from .report import DISPLAY, SUITE, markdown_table
-from .run import VAL_SHOTS, environment
+from .run import VAL_SHOTS, counts_line, environment
 from .rundir import check_output_dir, claim_output_dir, held_files, new_run_dir
 from .session import Session, fit_and_evaluate, method_options, open_session, target_mean
 
@@ -147,6 +147,15 @@ def _published_rows(session: Session) -> list[tuple[str, dict[str, float]]]:
     return rows
 
 
+def _first_metrics(per_seed: dict[str, dict[int, dict]]) -> dict[str, dict[str, float]]:
+    """The metrics of one fit (every fit is scored on the same sets): for the images / classes line."""
+    for seeds in per_seed.values():
+        for entry in seeds.values():
+            if entry.get("metrics"):
+                return entry["metrics"]
+    return {}
+
+
 def _missing(cfg: Table2Config, methods: Sequence[str], per_seed: dict[str, dict[int, dict]]) -> list[str]:
     """The "method seed s" fits not done yet."""
     return [f"{name} seed {seed}" for seed in cfg.seeds for name in methods if seed not in per_seed.get(name, {})]
@@ -179,6 +188,7 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
               f"{', ...' if len(missing) > 6 else ''}); finish with `run_table2.py --resume {_top(out)}`."]
               if missing else []),
           "", "## measured (this run)", "", markdown_table(measured, stds, **table_columns), "",
+          *([counts_line(_first_metrics(per_seed), session.family.display), ""] if _first_metrics(per_seed) else []),
           "## prompt templates per row", "", "| method | template set (count) |", "|---|---|", *template_lines, "",
           "## " + session.family.published_label, "",
           "Numbers printed in the Convpass paper (Table 2): full ImageNet, OpenAI ViT-B/16. For reference only — "

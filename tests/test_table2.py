@@ -265,6 +265,8 @@ def test_interrupted_table_is_marked_incomplete_and_resume_runs_only_the_missing
     assert final["complete"] is True and sorted(final["per_seed"]) == ["linear_probe", "zero_shot"]
     assert final["per_seed"]["zero_shot"]["1"]["row"] == zero_shot_row
     assert "INCOMPLETE" not in (out / "table2.md").read_text()
+    n = final["per_seed"]["zero_shot"]["1"]["metrics"]["imagenet"]
+    assert f"images / classes per set: ImageNet {n['n']} / {n['classes']}" in (out / "table2.md").read_text()
     assert (out / "table2_bars.png").read_bytes().startswith(PNG_SIGNATURE)
 
 

@@ -243,3 +243,23 @@ def test_eval_robustness_help_has_no_templates_and_names_the_output_folder(capsy
         eval_robustness.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--templates" not in text and "RUN/eval-<time>" in text and "--data-root" in text
+
+
+def test_scores_say_over_how_many_classes_and_shortfalls_reach_log_and_summary(world, tmp_path):
+    run = tmp_path / "run"
+    # 6 train images per class: 4 shots leave 2 of the 4 validation images asked for
+    assert _train(world, run, "--eval-sets", "imagenet", "imagenet_a", "--epochs", "1") == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    split = json.loads((run / "split.json").read_text())
+    n_classes = len(split["class_ids"])
+    assert metrics["imagenet"]["classes"] == n_classes
+    assert 0 < metrics["imagenet_a"]["classes"] < n_classes  # -A is scored over its own classes only
+    line = (f"images / classes per set: ImageNet {metrics['imagenet']['n']} / {n_classes}, "
+            f"-A {metrics['imagenet_a']['n']} / {metrics['imagenet_a']['classes']}")
+    assert line in (run / "results.md").read_text()
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert split["val_shortfall"] and summary["val_shortfall"] == split["val_shortfall"]
+    assert summary["shortfall"] == split["shortfall"] == {}
+    log = (run / "log.txt").read_text()
+    name, drawn = next(iter(sorted(split["val_shortfall"].items())))
+    assert "validation shortfall" in log and f"{name} ({drawn})" in log

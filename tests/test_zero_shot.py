@@ -97,6 +97,8 @@ def test_cli_compares_several_backbones_in_one_table(tmp_path, tiny_config):
                                                      "imagenet_r"}
     table = (out / "zero_shot.md").read_text()
     assert "tiny-clip (none)" in table and "tiny-clip (other.pt)" in table
+    a = payload["results"][0]["metrics"]["imagenet_a"]
+    assert a["classes"] < payload["classes"] and f"-A {a['n']} / {a['classes']}" in table  # -A over its own classes
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
 
 

@@ -60,6 +60,7 @@ def compare_zero_shot(data: "DataConfig", backbones: Sequence["BackboneConfig"],
     from ..data import FewShotSplit
     from ..io import write_json, write_text
     from ..report import markdown_table
+    from ..run import counts_line
     from ..session import fit_and_evaluate, open_session
 
     if output_dir is not None:  # before any work
@@ -91,7 +92,8 @@ def compare_zero_shot(data: "DataConfig", backbones: Sequence["BackboneConfig"],
     write_json(output_dir / "zero_shot.json", payload)
     table = markdown_table(rows, columns=first.family.suite, display=first.family.display)
     write_text(output_dir / "zero_shot.md",
-               f"# Zero-shot CLIP, templates '{data.templates}' ({len(first.templates)}): top-1 (%)\n\n{table}")
+               f"# Zero-shot CLIP, templates '{data.templates}' ({len(first.templates)}): top-1 (%)\n\n{table}\n"
+               + (counts_line(results[0]["metrics"], first.family.display) + "\n" if results else ""))
     log("\n" + table)
     return payload
 
