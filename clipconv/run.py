@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .data import FewShotSplit
 
 __all__ = ["RunConfig", "PreparedRun", "prepare_run", "execute_run", "write_results", "setup_logging",
-           "environment", "VAL_SHOTS", "CONFIG_FILE", "counts_line"]
+           "environment", "VAL_SHOTS", "CONFIG_FILE", "counts_line", "logits_saver"]
 
 log = logging.getLogger("clipconv")
 
@@ -33,7 +33,7 @@ log = logging.getLogger("clipconv")
 #: without a test set. Its cost: scoring 4 images per class after every epoch — forward only, so about 8 % of
 #: 16-shot training's compute; measured on the demo (5 epochs, 1 thread, load 3.7): fit 13.5 s vs 10.4 s.
 VAL_SHOTS = 4
-RUN_PATTERNS = ("scale_*",)  # per-scale sub-folders of a Convpass scale search
+RUN_PATTERNS = ("scale_*", "*_logits.safetensors")  # a Convpass scale search's sub-folders; --save-logits
 CONFIG_FILE = "config.json"
 VAL_HELP = ("validation images per class drawn from train, disjoint from the K shots; used to choose the scale, "
             "the epoch and the baselines' hyper-parameters (0: none)")
@@ -50,6 +50,8 @@ class RunConfig(Config):
     split: Optional[str] = option(None, help="reuse a saved split.json (drawn with the same --shots, --seed and "
                                              "--val-shots) instead of drawing one")
     output_dir: Optional[str] = option(None, help="run directory (default runs/<method>_<K>shot_seed<S>_<time>)")
+    save_logits: bool = option(False, help="also write <set>_logits.safetensors (the logits and labels of every "
+                                            "evaluation set) to the run directory")
     method_options: dict[str, Any] = option(default_factory=dict, cli=False, help="the method's options")
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -155,13 +157,26 @@ def execute_run(run: PreparedRun) -> FitResult:
             log.info(f"{what} shortfall: {len(short)} class(es) got fewer images than asked (images drawn): "
                      + ", ".join(f"{name} ({n})" for name, n in sorted(short.items())))
     result = fit_and_evaluate(session, cfg.method, run.options, run.split, seed=cfg.seed, output_dir=run_dir,
-                              resume=run.resume)
+                              resume=run.resume, on_logits=logits_saver(run_dir) if cfg.save_logits else None)
     if result.not_evaluated:
         log.info(f"not evaluated (missing or empty): {', '.join(result.not_evaluated)}")
     shortfall = {"shortfall": dict(run.split.shortfall), "val_shortfall": dict(run.split.val_shortfall)}
     write_results(run_dir, cfg.method, session.row(result.metrics), result.metrics, {**result.to_dict(), **shortfall},
                   columns=session.family.suite, display=session.family.display)
     return result
+
+
+def logits_saver(folder: Path):
+    """`on_logits` for evaluation: writes folder/<set>_logits.safetensors ({"logits", "labels"}) atomically."""
+    def save(name: str, logits: Any, labels: Any) -> None:
+        from safetensors.torch import save_file
+
+        from .io import atomic_path
+
+        with atomic_path(folder / f"{name}_logits.safetensors") as tmp:
+            save_file({"logits": logits.float().contiguous(), "labels": labels.long().contiguous()}, str(tmp))
+
+    return save
 
 
 def counts_line(metrics: Mapping[str, Mapping[str, Any]], display: Optional[Mapping[str, str]] = None) -> str:

@@ -263,3 +263,48 @@ def test_scores_say_over_how_many_classes_and_shortfalls_reach_log_and_summary(w
     log = (run / "log.txt").read_text()
     name, drawn = next(iter(sorted(split["val_shortfall"].items())))
     assert "validation shortfall" in log and f"{name} ({drawn})" in log
+
+
+def test_per_class_accuracy_and_saved_logits_reproduce_the_scores(world, tmp_path):
+    from safetensors.torch import load_file
+
+    from clipconv.metrics import restrict_to_subset
+
+    run = tmp_path / "run"
+    assert _train(world, run, "--eval-sets", "imagenet", "imagenet_a", "--epochs", "1", "--save-logits") == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    for name, m in metrics.items():
+        per_class = m["per_class"]
+        assert len(per_class) == m["classes"]
+        saved = load_file(str(run / f"{name}_logits.safetensors"))
+        logits, labels = saved["logits"], saved["labels"]
+        assert labels.shape == (m["n"],) and logits.shape[0] == m["n"]
+        if name == "imagenet_a":  # restricted: scored over the classes present in the set
+            subset = sorted(set(labels.tolist()))
+            assert len(subset) == m["classes"]
+            logits, labels = restrict_to_subset(logits, labels, subset)
+        assert 100.0 * (logits.argmax(1) == labels).float().mean().item() == pytest.approx(m["top1"], abs=1e-9)
+        counts = torch.bincount(labels, minlength=len(per_class)).tolist()
+        weighted = sum(acc * c for acc, c in zip(per_class, counts) if acc is not None) / sum(counts)
+        assert weighted == pytest.approx(m["top1"], rel=256 * torch.finfo(torch.float32).eps)
+    assert not list(run.glob(".*.tmp"))
+
+    again = tmp_path / "again"
+    assert eval_robustness.main(["--checkpoint", str(run), "--workers", "0", "--output-dir", str(again),
+                                 "--save-logits"]) == 0
+    for name in metrics:
+        a = load_file(str(run / f"{name}_logits.safetensors"))
+        b = load_file(str(again / f"{name}_logits.safetensors"))
+        assert torch.equal(a["labels"], b["labels"])
+        tol = 256 * torch.finfo(torch.float32).eps * a["logits"].abs().max().item()
+        assert (a["logits"] - b["logits"]).abs().max().item() <= tol
+
+
+def test_per_class_top1_counts_each_class_and_marks_empty_ones():
+    from clipconv.metrics import per_class_top1
+
+    logits = torch.tensor([[5.0, 0, 0, 0], [0, 5.0, 0, 0], [5.0, 0, 0, 0], [0, 0, 0, 5.0]])
+    labels = torch.tensor([0, 0, 1, 3])
+    assert per_class_top1(logits, labels, 4) == [50.0, 0.0, None, 100.0]
+    # restricted to classes {1, 3}: argmax over those two columns only
+    assert per_class_top1(logits[2:], labels[2:], 4, subset=[1, 3]) == [100.0, 100.0]

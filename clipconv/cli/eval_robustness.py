@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "already holding results is refused unless --overwrite")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results already in --output-dir (their clipconv files are deleted first)")
+    parser.add_argument("--save-logits", action="store_true",
+                        help="also write <set>_logits.safetensors (logits and labels of every set) to the output folder")
     parser.set_defaults(_fields=add_shared_args(parser, skip=("crop_scale", "templates")))
     return parser
 
@@ -67,7 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..data import ClassList, load_universe
     from ..engine import resolve_precision
     from ..methods.finetune import load_classifier
-    from ..run import setup_logging, write_results
+    from ..run import logits_saver, setup_logging, write_results
     from ..session import open_session
 
     from ..rundir import RUN_FILES, check_output_dir, claim_output_dir, held_files, new_run_dir
@@ -83,8 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         recorded = run_settings(checkpoint)
         if args.output_dir:  # before any work
             check_output_dir(args.output_dir)
-            if not args.overwrite and held_files(Path(args.output_dir), RUN_FILES):
-                claim_output_dir(args.output_dir, RUN_FILES)  # refuses, naming the files
+            if not args.overwrite and held_files(Path(args.output_dir), RUN_FILES, ("*_logits.safetensors",)):
+                claim_output_dir(args.output_dir, RUN_FILES, ("*_logits.safetensors",))  # refuses, naming the files
     source = meta.get("source", {})
     fallback = {"model": source.get("model"), "pretrained": source.get("pretrained"), **recorded}
     configs, _ = shared_configs(args, args._fields, parser, fallback=fallback)
@@ -106,11 +108,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         classifier, _ = load_classifier(checkpoint, backbone)
         session = open_session(data, backbone_cfg, runtime, loaded=backbone, classes=classes)
         if args.output_dir:
-            out_dir = claim_output_dir(args.output_dir, RUN_FILES, overwrite=args.overwrite)
+            out_dir = claim_output_dir(args.output_dir, RUN_FILES, ("*_logits.safetensors",), overwrite=args.overwrite)
         else:
             out_dir = new_run_dir(checkpoint.parent, f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
     setup_logging(out_dir, runtime.quiet)
-    metrics = session.evaluate(_Classifier(classifier))
+    metrics = session.evaluate(_Classifier(classifier), on_logits=logits_saver(out_dir) if args.save_logits else None)
     write_results(out_dir, meta.get("method", "checkpoint"), session.row(metrics), metrics,
                   {"checkpoint": str(checkpoint.resolve()), "evaluated": list(metrics),
                    "not_evaluated": session.missing}, columns=session.family.suite,

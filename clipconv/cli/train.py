@@ -24,7 +24,7 @@ variants (-V2, -Sketch, -A, -R). Defaults are the Convpass paper's Convpass_CLIP
 ViT-B/16 OpenAI weights, Convpass h=8 beside attention and MLP, AdamW lr 1e-5, batch 64, 50 epochs, cosine.
 `--method NAME --help` lists that method's options."""
 
-RUN_FIELDS = ("shots", "seed", "val_shots", "split", "output_dir")
+RUN_FIELDS = ("shots", "seed", "val_shots", "split", "output_dir", "save_logits")
 METHOD_PREFIX = "method."
 
 
@@ -92,7 +92,7 @@ def _resume_config(run_dir: str, args: argparse.Namespace, parser: argparse.Argu
         saved = RunConfig.from_dict(read_json(path))
     conflicts = []
     for name, value in given(args, RUN_FIELDS).items():
-        if name == "output_dir" and Path(value).resolve() == Path(run_dir).resolve():
+        if name == "save_logits" or (name == "output_dir" and Path(value).resolve() == Path(run_dir).resolve()):
             continue
         if value != getattr(saved, name):
             conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {getattr(saved, name)})")
@@ -113,6 +113,7 @@ def _resume_config(run_dir: str, args: argparse.Namespace, parser: argparse.Argu
     runtime = {**saved.runtime.to_dict(), **given(args, args._fields["runtime"])}
     with bad_input_errors():
         return RunConfig.from_dict({**saved.to_dict(), "runtime": runtime, "output_dir": str(run_dir),
+                                    "save_logits": given(args, RUN_FIELDS).get("save_logits", saved.save_logits),
                                     "split": str(Path(run_dir) / "split.json")})
 
 
