@@ -261,7 +261,8 @@ def _done_before(out: Path, methods: Sequence[str]) -> tuple[dict[str, dict[int,
 def _run_shots(cfg: Table2Config, session: Session, methods: Sequence[str], out: Path,
                log: Callable[[str], None], resume: bool = False) -> dict[str, Any]:
     """Every method for every seed at `cfg.shots`; table2.{md,csv,json} after each method, the bars at the end.
-    With `resume` the fits already in out/table2.json are kept and only the missing ones run. On
+    With `resume` the fits already in out/table2.json are kept and only the missing ones run (a trained
+    method continues from the last epoch saved in its <method>_seed<s>/ folder). On
     KeyboardInterrupt the table is written as incomplete ("complete": false) and the interrupt re-raised."""
     from .data import save_split
 
@@ -279,8 +280,8 @@ def _run_shots(cfg: Table2Config, session: Session, methods: Sequence[str], out:
             options = method_options(name, cfg.method_options.get(name, {}), cfg.epochs_scale, session.precision)
             log(f"== {cfg.shots}-shot, seed {seed}: {name} {options or ''}")
             try:
-                fit = fit_and_evaluate(session, name, options, split, seed=seed,
-                                       output_dir=out / f"{name}_seed{seed}", log_line=log)
+                fit = fit_and_evaluate(session, name, options, split, seed=seed,  # resume: from the last epoch
+                                       output_dir=out / f"{name}_seed{seed}", log_line=log, resume=resume)
             except KeyboardInterrupt:
                 _write_outputs(out, cfg, per_seed, timing, session, _missing(cfg, methods, per_seed))
                 log(f"interrupted during {name} seed {seed}: {out / 'table2.md'} is marked incomplete")

@@ -337,3 +337,27 @@ def test_sigterm_stops_the_table_like_ctrl_c_with_exit_143(tmp_path, tree, tiny_
     assert "terminated" in err and f"--resume {out}" in err
     assert json.loads((out / "table2.json").read_text())["complete"] is False
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_resume_continues_an_interrupted_training_from_its_saved_epoch(tmp_path, tree, tiny_config, monkeypatch):
+    import clipconv.table2
+
+    real = clipconv.table2.fit_and_evaluate
+
+    def trained_then_interrupted(*args, **kwargs):  # the epochs are saved, the table row is not
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(clipconv.table2, "fit_and_evaluate", trained_then_interrupted)
+    out = tmp_path / "out"
+    assert main(_argv(tmp_path, tree, tiny_config, ["convpass"])) == 130
+    assert (out / "convpass_seed1" / "train_state.pt").is_file()
+    monkeypatch.setattr(clipconv.table2, "fit_and_evaluate", real)
+    lines = []
+    import clipconv.run
+
+    monkeypatch.setattr(clipconv.run.log, "info", lambda message, *a, **k: lines.append(str(message)))
+    assert main(["--resume", str(out)]) == 0
+    assert any(line.startswith(f"resumed from {out / 'convpass_seed1' / 'train_state.pt'} after epoch 1")
+               for line in lines), lines
+    assert json.loads((out / "table2.json").read_text())["complete"] is True
