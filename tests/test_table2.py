@@ -195,21 +195,20 @@ def test_epochs_scale_uses_each_methods_default():
 
 
 def test_option_filters_see_every_config_option():
-    """Option filters (run_table2, the train CLI) accept exactly the options of each method's config dataclass."""
+    """`method_options` (run_table2, the train CLI) accepts exactly the options of each method's config
+    dataclass: every one passes through unchanged, and one more is refused naming the method."""
     import dataclasses
 
     from clipconv.methods.base import METHODS, method_names, method_option_defaults
-    from clipconv.run import method_kwargs
 
     method_names()
     for name in ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "coop", "cocoop"):
         fields = {f.name for f in dataclasses.fields(METHODS[name].config_class)}
         assert set(method_option_defaults(METHODS[name])) == fields, name
         given = {field: getattr(METHODS[name].config_class(), field) for field in fields}
-        assert method_options_for(name, METHODS[name], given) == given
-        generic = {"seed": 3, "workers": 0, "eval_batch_size": 8}  # runtime values come from FitContext
-        assert method_options_for(name, METHODS[name], {}, generic=generic) == {}
-        assert method_kwargs(name, {**given, **generic}) == {k: v for k, v in given.items() if v is not None}
+        assert method_options(name, given) == given
+        with pytest.raises(ValueError, match=f"method '{name}'.*not_an_option"):
+            method_options(name, {**given, "not_an_option": 1})
     assert set(method_option_defaults(METHODS["tip_adapter"])) < set(method_option_defaults(METHODS["tip_adapter_f"]))
     assert set(method_option_defaults(METHODS["coop"])) == set(method_option_defaults(METHODS["cocoop"]))
 
