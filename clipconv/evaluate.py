@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence
 
 import torch
 
-from .metrics import topk_accuracy
+from .metrics import per_class_top1, topk_accuracy
 
 if TYPE_CHECKING:
     from .data import EvalSplit
@@ -74,8 +74,12 @@ def evaluate_method(
     workers: int = 0,
     log: Callable[[str], None] = print,
     strict: bool = False,
+    on_logits: Optional[Callable[[str, torch.Tensor, torch.Tensor], None]] = None,
 ) -> dict[str, dict[str, float]]:
-    """{set name: {"top1", "top5", "n"}} for each evaluation split (sample paths relative to `data_root`).
+    """{set name: {"top1", "top5", "n", "classes", "per_class"}} for each evaluation split (sample paths
+    relative to `data_root`; "classes": how many classes the argmax is over, fewer for a restricted -A/-R
+    set; "per_class": the top-1 of each of those classes, None for one without images).
+    `on_logits(set name, logits, labels)` receives each set's scores (e.g. to save them).
 
     Frozen-image-encoder methods score features from `features` (a FeatureStore, so each set is encoded
     once per backbone); the others see preprocessed images. -A/-R splits carry a `subset` of class
@@ -92,6 +96,12 @@ def evaluate_method(
                 raise ValueError("evaluate_method needs eval_transform for methods that read images")
             logits, labels = collect_logits(method.logits, data_root, split.samples, eval_transform, device,
                                             batch_size, workers, desc=split.display_name, strict=strict)
-        results[split.name] = topk_accuracy(logits, labels, subset=split.subset)
-        log(f"{split.display_name}: top-1 {results[split.name]['top1']:.2f}% on {results[split.name]['n']} images")
+        classes = split.num_classes or (len(split.subset) if split.subset is not None else
+                                        int(logits.shape[1]) if logits.numel() else 0)
+        results[split.name] = {**topk_accuracy(logits, labels, subset=split.subset), "classes": classes,
+                               "per_class": per_class_top1(logits, labels, classes, subset=split.subset)}
+        if on_logits is not None:
+            on_logits(split.name, logits, labels)
+        log(f"{split.display_name}: top-1 {results[split.name]['top1']:.2f}% on {results[split.name]['n']} images "
+            f"over {classes} classes")
     return results

@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["restrict_to_subset", "topk_accuracy"]
+__all__ = ["restrict_to_subset", "topk_accuracy", "per_class_top1"]
 
 
 def restrict_to_subset(
@@ -42,3 +42,18 @@ def topk_accuracy(
         out[f"top{k}"] = 100.0 * hits[:, :k].any(dim=1).float().mean().item()
     out["n"] = n
     return out
+
+
+def per_class_top1(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                   subset: Optional[Sequence[int]] = None) -> list[Optional[float]]:
+    """Top-1 (%) of each class scored, in class order (the `subset`'s ascending order for -A/-R): one entry
+    per class the argmax is over; None for a class without images in the set."""
+    if subset is not None:
+        num_classes = len(subset)
+    if labels.numel() == 0:
+        return [None] * num_classes
+    logits, labels = restrict_to_subset(logits, labels, subset)
+    hits = (logits.argmax(dim=1) == labels).double()
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    correct = torch.bincount(labels, weights=hits, minlength=num_classes)
+    return [100.0 * c / n if n > 0 else None for c, n in zip(correct.tolist(), counts.tolist())]

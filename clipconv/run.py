@@ -1,7 +1,7 @@
 """One few-shot run, from data to metrics: session → K-shot split → fit_and_evaluate → run directory.
 
     cfg = RunConfig(method="convpass", shots=16, data=DataConfig(data_root="$DATA"))
-    run = prepare_run(cfg)          # validates everything, loads the backbone; writes nothing
+    run = prepare_run(cfg)          # validates everything, loads the backbone; creates the (empty) run folder
     result = execute_run(run)       # fit, untouched-backbone check, suite evaluation, run directory
 """
 from __future__ import annotations
@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from .config import BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
 from .io import write_json, write_text
+from .rundir import RUN_FILES, check_output_dir, claim_output_dir, held_files, new_run_dir
 from .session import FitResult, Session, fit_and_evaluate, method_options, open_session
 
 if TYPE_CHECKING:
     from .data import FewShotSplit
 
 __all__ = ["RunConfig", "PreparedRun", "prepare_run", "execute_run", "write_results", "setup_logging",
-           "environment", "VAL_SHOTS", "CONFIG_FILE"]
+           "environment", "VAL_SHOTS", "CONFIG_FILE", "counts_line", "logits_saver"]
 
 log = logging.getLogger("clipconv")
 
@@ -32,6 +33,7 @@ log = logging.getLogger("clipconv")
 #: without a test set. Its cost: scoring 4 images per class after every epoch — forward only, so about 8 % of
 #: 16-shot training's compute; measured on the demo (5 epochs, 1 thread, load 3.7): fit 13.5 s vs 10.4 s.
 VAL_SHOTS = 4
+RUN_PATTERNS = ("scale_*", "*_logits.safetensors")  # a Convpass scale search's sub-folders; --save-logits
 CONFIG_FILE = "config.json"
 VAL_HELP = ("validation images per class drawn from train, disjoint from the K shots; used to choose the scale, "
             "the epoch and the baselines' hyper-parameters (0: none)")
@@ -48,6 +50,8 @@ class RunConfig(Config):
     split: Optional[str] = option(None, help="reuse a saved split.json (drawn with the same --shots, --seed and "
                                              "--val-shots) instead of drawing one")
     output_dir: Optional[str] = option(None, help="run directory (default runs/<method>_<K>shot_seed<S>_<time>)")
+    save_logits: bool = option(False, help="also write <set>_logits.safetensors (the logits and labels of every "
+                                            "evaluation set) to the run directory")
     method_options: dict[str, Any] = option(default_factory=dict, cli=False, help="the method's options")
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -107,17 +111,30 @@ class PreparedRun:
     resume: bool = False
 
 
-def prepare_run(cfg: RunConfig, resume: bool = False) -> PreparedRun:
-    """Check the method options, open the session, draw (or load) the split; raises ValueError on bad input."""
+def prepare_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> PreparedRun:
+    """Check the method options and the output folder, open the session, draw (or load) the split, then
+    create the run folder; raises ValueError on bad input (and then creates nothing).
+
+    Without `cfg.output_dir` the folder is a new `runs/<method>_<K>shot_seed<S>_<time>[-N]`, created
+    exclusively. A given folder that already holds a run is refused unless `overwrite` (its clipconv files
+    are removed first) or `resume`.
+    """
     options = method_options(cfg.method, cfg.method_options)
+    if cfg.output_dir:  # before any work: a file, a too-long name, an unwritable parent, an existing run
+        check_output_dir(cfg.output_dir)
+        if not resume and not overwrite and held_files(Path(cfg.output_dir), RUN_FILES, RUN_PATTERNS):
+            claim_output_dir(cfg.output_dir, RUN_FILES, RUN_PATTERNS,
+                             resume_hint=f"or --resume {cfg.output_dir} to continue it")
     session = open_session(cfg.data, cfg.backbone, cfg.runtime)
     if cfg.split:
         split = session.load_split(cfg.split, cfg.shots, cfg.seed, cfg.val_shots)
     else:
         split = session.draw_split(cfg.shots, cfg.seed, cfg.val_shots)
     options = method_options(cfg.method, options, precision=session.precision)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.output_dir or Path("runs") / f"{cfg.method}_{cfg.shots}shot_seed{cfg.seed}_{stamp}")
+    if cfg.output_dir:
+        run_dir = claim_output_dir(cfg.output_dir, RUN_FILES, RUN_PATTERNS, overwrite=overwrite, resume=resume)
+    else:
+        run_dir = new_run_dir("runs", f"{cfg.method}_{cfg.shots}shot_seed{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
     return PreparedRun(cfg, session, split, options, run_dir, resume)
 
 
@@ -135,25 +152,51 @@ def execute_run(run: PreparedRun) -> FitResult:
     log.info(f"{cfg.method}: {len(session.classes)} classes, {len(run.split.train)} train / {len(run.split.val)} "
              f"val images, backbone {session.backbone.model_name} ({session.backbone.weights_id}), "
              f"device {session.device}")
+    for what, short in (("K-shot", run.split.shortfall), ("validation", run.split.val_shortfall)):
+        if short:
+            log.info(f"{what} shortfall: {len(short)} class(es) got fewer images than asked (images drawn): "
+                     + ", ".join(f"{name} ({n})" for name, n in sorted(short.items())))
     result = fit_and_evaluate(session, cfg.method, run.options, run.split, seed=cfg.seed, output_dir=run_dir,
-                              resume=run.resume)
+                              resume=run.resume, on_logits=logits_saver(run_dir) if cfg.save_logits else None)
     if result.not_evaluated:
         log.info(f"not evaluated (missing or empty): {', '.join(result.not_evaluated)}")
-    write_results(run_dir, cfg.method, session.row(result.metrics), result.metrics, result.to_dict(),
+    shortfall = {"shortfall": dict(run.split.shortfall), "val_shortfall": dict(run.split.val_shortfall)}
+    write_results(run_dir, cfg.method, session.row(result.metrics), result.metrics, {**result.to_dict(), **shortfall},
                   columns=session.family.suite, display=session.family.display)
     return result
 
 
+def logits_saver(folder: Path):
+    """`on_logits` for evaluation: writes folder/<set>_logits.safetensors ({"logits", "labels"}) atomically."""
+    def save(name: str, logits: Any, labels: Any) -> None:
+        from safetensors.torch import save_file
+
+        from .io import atomic_path
+
+        with atomic_path(folder / f"{name}_logits.safetensors") as tmp:
+            save_file({"logits": logits.float().contiguous(), "labels": labels.long().contiguous()}, str(tmp))
+
+    return save
+
+
+def counts_line(metrics: Mapping[str, Mapping[str, Any]], display: Optional[Mapping[str, str]] = None) -> str:
+    """"images / classes per set: ImageNet 12 / 4, -A 6 / 2, ...": what each score is over (a restricted set
+    such as -A/-R is scored over its own classes only)."""
+    display = display or {}
+    cells = [f"{display.get(name, name)} {int(m['n'])} / " + (str(int(m["classes"])) if "classes" in m else "?")
+             for name, m in metrics.items()]
+    return "images / classes per set: " + ", ".join(cells)
+
+
 def write_results(run_dir: Path, label: str, row: dict[str, float], metrics: dict[str, dict[str, float]],
                   summary: dict[str, Any], columns: Sequence[str], display: Optional[Mapping[str, str]] = None) -> None:
-    """metrics.json ({set: {top1, top5, n}}), results.md (the Table-2 `row` over `columns`) and
-    run_summary.json, atomically."""
+    """metrics.json ({set: {top1, top5, n, classes}}), results.md (the Table-2 `row` over `columns`, then
+    the images / classes each score is over) and run_summary.json, atomically."""
     from .report import markdown_table
     from .session import jsonable
 
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "run_summary.json", jsonable(summary))
     table = markdown_table([(label, row)], columns=columns, display=display)
-    counts = ", ".join(f"{name}: {int(m['n'])}" for name, m in metrics.items())
-    write_text(run_dir / "results.md", f"# {label}: top-1 (%)\n\n{table}\nimages per set: {counts}\n")
+    write_text(run_dir / "results.md", f"# {label}: top-1 (%)\n\n{table}\n{counts_line(metrics, display)}\n")
     log.info("\n" + table)

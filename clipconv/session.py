@@ -9,7 +9,7 @@ it on the suite and times both steps.
     session = open_session(DataConfig(data_root=...), BackboneConfig(), RuntimeConfig())
     split = session.draw_split(shots=16, seed=1, val_shots=4)
     result = fit_and_evaluate(session, "convpass", {"epochs": 10}, split, seed=1, output_dir=Path("run"))
-    result.metrics  # {set name: {"top1", "top5", "n"}}
+    result.metrics  # {set name: {"top1", "top5", "n", "classes"}}
 
 Used by scripts/train_imagenet_fs.py (clipconv.run), run_table2.py (clipconv.table2), zero_shot.py and
 eval_robustness.py (`Session.evaluate` of a loaded checkpoint).
@@ -126,13 +126,15 @@ class Session:
                              "pass the split's values or drop --split")
         return split
 
-    def evaluate(self, method: Scorer, log_line: Callable[[str], None] = log.info) -> dict[str, dict[str, float]]:
-        """{set name: {"top1", "top5", "n"}} of a fitted method on the session's evaluation splits."""
+    def evaluate(self, method: Scorer, log_line: Callable[[str], None] = log.info,
+                 on_logits: Optional[Callable[..., None]] = None) -> dict[str, dict[str, float]]:
+        """{set name: {"top1", "top5", "n", "classes"}} of a fitted method on the session's evaluation splits."""
         from .evaluate import evaluate_method
 
         return evaluate_method(method, self.splits, self.data_root, self.device, features=self.store,
                                eval_transform=self.backbone.eval_transform, batch_size=self.runtime.eval_batch_size,
-                               workers=self.runtime.workers, log=log_line, strict=self.data.strict)
+                               workers=self.runtime.workers, log=log_line, strict=self.data.strict,
+                               on_logits=on_logits)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -241,7 +243,8 @@ class FitResult:
 
 def fit_and_evaluate(session: Session, name: str, options: dict[str, Any], split: "FewShotSplit", *, seed: int,
                      output_dir: Optional[Path] = None, resume: bool = False,
-                     log_line: Callable[[str], None] = log.info) -> FitResult:
+                     log_line: Callable[[str], None] = log.info,
+                     on_logits: Optional[Callable[..., None]] = None) -> FitResult:
     """Build `name` from `options` (validated), fit it on `split`, check the shared backbone is untouched,
     evaluate it on the session's suite; timings and the encoder images it cost in the result."""
     from .methods import FitContext, build_method
@@ -262,7 +265,7 @@ def fit_and_evaluate(session: Session, name: str, options: dict[str, Any], split
     fitted = time.perf_counter()
     if backbone_fingerprint(session.backbone.model) != before:  # later fits share it and its cached features
         raise RuntimeError(f"method '{name}' modified the shared backbone in place; it must work on a copy")
-    metrics = session.evaluate(method, log_line)
+    metrics = session.evaluate(method, log_line, on_logits)
     done = time.perf_counter()
     return FitResult(name, dict(options), metrics, jsonable(fit_summary), jsonable(method.summary()),
                      fitted - started, done - fitted, session.store.encoder_calls - calls, session.missing, method)

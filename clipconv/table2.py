@@ -29,11 +29,13 @@ from typing import Any, Callable, Optional, Sequence
 from .config import BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
 from .io import atomic_path, write_json, write_text
 from .report import DISPLAY, SUITE, markdown_table
-from .run import VAL_SHOTS, environment
+from .run import VAL_SHOTS, counts_line, environment
+from .rundir import check_output_dir, claim_output_dir, held_files, new_run_dir
 from .session import Session, fit_and_evaluate, method_options, open_session, target_mean
 
 __all__ = ["Table2Config", "TABLE2_METHODS", "METHOD_LABELS", "PUBLISHED_LABEL", "BARS_FILE", "SWEEP_FILE",
-           "run_table2", "run_shots_sweep", "shots_summary", "aggregate_seeds"]
+           "run_table2", "run_shots_sweep", "shots_summary", "aggregate_seeds", "RECORD_FILE", "TABLE2_OWN_FILES",
+           "TABLE2_OWN_PATTERNS", "load_record"]
 
 TABLE2_METHODS = ("zero_shot", "linear_probe", "coop", "cocoop", "tip_adapter", "tip_adapter_f", "convpass")
 METHOD_LABELS = {
@@ -46,14 +48,19 @@ PUBLISHED_TEMPLATES = {"zero_shot": ("photo", 1)}
 COLUMNS = (*SUITE, "target_avg")  # ImageNet's; a run's columns come from its session's dataset family
 BARS_FILE = "table2_bars.png"
 SWEEP_FILE = "accuracy_vs_shots"  # .png, .json, .md
+RECORD_FILE = "table2_config.json"  # written first: what `--resume` continues ({"config": ..., "shots": [K...]})
+TABLE2_OWN_FILES = ("table2.json", "table2.md", "table2.csv", BARS_FILE, *(SWEEP_FILE + e for e in (".json", ".md",
+                    ".png")), RECORD_FILE, "log.txt")
+TABLE2_OWN_PATTERNS = ("split_seed*.json", "*_seed[0-9]*", "shots_[0-9]*")
 
 
 @dataclass
 class Table2Config(Config):
     """Settings of one Table-2 run (saved in table2.json)."""
 
-    output_dir: str = option("runs/table2", help="where table2.*, table2_bars.png and split_seed*.json go "
-                                                 "(shots_<K>/ per K in a sweep)")
+    output_dir: Optional[str] = option(None, help="where table2.*, table2_bars.png and split_seed*.json go "
+                                                  "(shots_<K>/ per K in a sweep; default: a new "
+                                                  "runs/table2_<K>shot_<time>)")
     shots: int = option(16, check=positive, help="training images per class (K)")
     seeds: tuple[int, ...] = option((1, 2, 3), check=seed_range, help="split and training seeds")
     val_shots: int = option(VAL_SHOTS, check=non_negative,
@@ -75,6 +82,14 @@ class Table2Config(Config):
         out = {name: getattr(self, name) for name in self.__dataclass_fields__}
         return {k: v.to_dict() if isinstance(v, Config) else list(v) if isinstance(v, tuple) else v
                 for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> "Table2Config":
+        """The inverse of `to_dict` (the "config" of table2_config.json / table2.json)."""
+        values = dict(saved)
+        for name, section in (("data", DataConfig), ("backbone", BackboneConfig), ("runtime", RuntimeConfig)):
+            values[name] = section.from_options(values.get(name, {}))
+        return cls.from_options(values)
 
 
 def aggregate_seeds(rows: Sequence[dict[str, float]], columns: Sequence[str] = COLUMNS
@@ -132,8 +147,22 @@ def _published_rows(session: Session) -> list[tuple[str, dict[str, float]]]:
     return rows
 
 
+def _first_metrics(per_seed: dict[str, dict[int, dict]]) -> dict[str, dict[str, float]]:
+    """The metrics of one fit (every fit is scored on the same sets): for the images / classes line."""
+    for seeds in per_seed.values():
+        for entry in seeds.values():
+            if entry.get("metrics"):
+                return entry["metrics"]
+    return {}
+
+
+def _missing(cfg: Table2Config, methods: Sequence[str], per_seed: dict[str, dict[int, dict]]) -> list[str]:
+    """The "method seed s" fits not done yet."""
+    return [f"{name} seed {seed}" for seed in cfg.seeds for name in methods if seed not in per_seed.get(name, {})]
+
+
 def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, dict]], timing: dict,
-                   session: Session) -> dict[str, Any]:
+                   session: Session, missing: Sequence[str] = ()) -> dict[str, Any]:
     info = session.info()
     table_columns = {"columns": session.family.suite, "display": session.family.display}
     measured, stds, summary_rows, template_lines = [], {}, {}, []
@@ -154,8 +183,12 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
     md = [f"# Table 2: {cfg.shots}-shot, top-1 (%), mean ± std over seeds {seeds_text}", "",
           f"Backbone {info['backbone']['model']} ({info['backbone']['weights_id']}); data {cfg.data.data_root}; "
           f"templates: {_templates_text(cfg.data.templates)}; validation: {cfg.val_shots} train images per class "
-          f"outside the K-shot set.",
+          f"outside the K-shot set.", *([
+              "", f"**INCOMPLETE**: {len(missing)} fit(s) not done yet ({', '.join(missing[:6])}"
+              f"{', ...' if len(missing) > 6 else ''}); finish with `run_table2.py --resume {_top(out)}`."]
+              if missing else []),
           "", "## measured (this run)", "", markdown_table(measured, stds, **table_columns), "",
+          *([counts_line(_first_metrics(per_seed), session.family.display), ""] if _first_metrics(per_seed) else []),
           "## prompt templates per row", "", "| method | template set (count) |", "|---|---|", *template_lines, "",
           "## " + session.family.published_label, "",
           "Numbers printed in the Convpass paper (Table 2): full ImageNet, OpenAI ViT-B/16. For reference only — "
@@ -175,7 +208,8 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
     for label, values in published:
         csv_lines.append(f"\"{PUBLISHED_LABEL}\",{label}," + ",".join(f"{values[c]:.2f}," for c in columns))
     write_text(out / "table2.csv", "\n".join(csv_lines) + "\n")
-    result = {"config": cfg.to_dict(), "environment": environment(session), **info, "columns": {c: session.family.display.get(c, "target avg") for c in columns}, "measured": summary_rows,
+    result = {"complete": not missing, "missing": list(missing), "output_dir": str(out),
+              "config": cfg.to_dict(), "environment": environment(session), **info, "columns": {c: session.family.display.get(c, "target avg") for c in columns}, "measured": summary_rows,
               "per_seed": {n: {str(s): v for s, v in seeds.items()} for n, seeds in per_seed.items()},
               "timing": timing,
               "published": {"label": PUBLISHED_LABEL, "rows": {label: values for label, values in published}}}
@@ -207,30 +241,60 @@ def _open_session(cfg: Table2Config, cache_dir: Optional[str] = None) -> tuple[S
     return open_session(cfg.data, cfg.backbone, runtime), methods
 
 
+def _top(out: Path) -> Path:
+    """The folder `--resume` takes: a sweep's top folder for its shots_<K>/ tables."""
+    return out.parent if out.name.startswith("shots_") and (out.parent / RECORD_FILE).exists() else out
+
+
+def _done_before(out: Path, methods: Sequence[str]) -> tuple[dict[str, dict[int, dict]], dict[str, dict[str, float]]]:
+    """(per_seed, timing) already in out/table2.json (a resumed run keeps them), else empty."""
+    from .io import read_json
+
+    if not (out / "table2.json").is_file():
+        return {}, {}
+    saved = read_json(out / "table2.json", what_to_do="delete it to re-run this table")
+    per_seed = {name: {int(s): v for s, v in seeds.items()} for name, seeds in saved.get("per_seed", {}).items()
+                if name in methods}
+    return per_seed, {name: t for name, t in saved.get("timing", {}).items() if name in per_seed}
+
+
 def _run_shots(cfg: Table2Config, session: Session, methods: Sequence[str], out: Path,
-               log: Callable[[str], None]) -> dict[str, Any]:
-    """Every method for every seed at `cfg.shots`; table2.{md,csv,json} after each method, the bars at the end."""
+               log: Callable[[str], None], resume: bool = False) -> dict[str, Any]:
+    """Every method for every seed at `cfg.shots`; table2.{md,csv,json} after each method, the bars at the end.
+    With `resume` the fits already in out/table2.json are kept and only the missing ones run (a trained
+    method continues from the last epoch saved in its <method>_seed<s>/ folder). On
+    KeyboardInterrupt the table is written as incomplete ("complete": false) and the interrupt re-raised."""
     from .data import save_split
 
     out.mkdir(parents=True, exist_ok=True)
-    per_seed: dict[str, dict[int, dict]] = {}
-    timing: dict[str, dict[str, float]] = {}
+    per_seed, timing = _done_before(out, methods) if resume else ({}, {})
     result: dict[str, Any] = {}
     for seed in cfg.seeds:
+        todo = [name for name in methods if seed not in per_seed.get(name, {})]
+        if not todo:
+            log(f"== {cfg.shots}-shot, seed {seed}: done before ({', '.join(methods)})")
+            continue
         split = session.draw_split(cfg.shots, seed, cfg.val_shots)
         save_split(out / f"split_seed{seed}.json", split, session.split_meta())
-        for name in methods:
+        for name in todo:
             options = method_options(name, cfg.method_options.get(name, {}), cfg.epochs_scale, session.precision)
             log(f"== {cfg.shots}-shot, seed {seed}: {name} {options or ''}")
-            fit = fit_and_evaluate(session, name, options, split, seed=seed, output_dir=out / f"{name}_seed{seed}",
-                                   log_line=log)
+            try:
+                fit = fit_and_evaluate(session, name, options, split, seed=seed,  # resume: from the last epoch
+                                       output_dir=out / f"{name}_seed{seed}", log_line=log, resume=resume)
+            except KeyboardInterrupt:
+                _write_outputs(out, cfg, per_seed, timing, session, _missing(cfg, methods, per_seed))
+                log(f"interrupted during {name} seed {seed}: {out / 'table2.md'} is marked incomplete")
+                raise
             per_seed.setdefault(name, {})[seed] = {"row": session.row(fit.metrics), "metrics": fit.metrics,
                                                    **fit.to_dict()}
             t = timing.setdefault(name, {"fit_seconds": 0.0, "eval_seconds": 0.0, "images_encoded": 0})
             t["fit_seconds"] += fit.fit_seconds
             t["eval_seconds"] += fit.eval_seconds
             t["images_encoded"] += fit.images_encoded
-            result = _write_outputs(out, cfg, per_seed, timing, session)
+            result = _write_outputs(out, cfg, per_seed, timing, session, _missing(cfg, methods, per_seed))
+    if not result:  # everything was done before: rewrite the tables from what is saved
+        result = _write_outputs(out, cfg, per_seed, timing, session, _missing(cfg, methods, per_seed))
     if result.get("measured"):
         from .plots import accuracy_bars
 
@@ -247,15 +311,59 @@ def _benchmark_title(cfg: Table2Config, session: Session) -> str:
     return f"{Path(str(backbone.model_name)).stem} ({backbone.weights_id}) on {cfg.data.data_root}"
 
 
-def run_table2(cfg: Table2Config, log: Callable[[str], None] = print) -> dict[str, Any]:
+def check_table2_dir(cfg: Table2Config, overwrite: bool = False, resume: bool = False) -> None:
+    """Refuse (ValueError) an unusable --output-dir, or one holding a table, before any work."""
+    if cfg.output_dir is None:
+        return
+    check_output_dir(cfg.output_dir)
+    if not (overwrite or resume) and held_files(Path(cfg.output_dir), TABLE2_OWN_FILES, TABLE2_OWN_PATTERNS):
+        claim_output_dir(cfg.output_dir, TABLE2_OWN_FILES, TABLE2_OWN_PATTERNS,
+                         resume_hint=f"or --resume {cfg.output_dir} to finish it")
+
+
+def _claim_table2_dir(cfg: Table2Config, shots: Sequence[int], overwrite: bool, resume: bool,
+                      log: Callable[[str], None]) -> Path:
+    """The output folder, created: a new unique runs/table2_<K>shot_<time> by default; the run's record
+    (table2_config.json) written in it unless resuming."""
+    if cfg.output_dir is None:
+        import time
+
+        out = new_run_dir("runs", f"table2_{'-'.join(str(k) for k in shots)}shot_{time.strftime('%Y%m%d-%H%M%S')}")
+    else:
+        out = claim_output_dir(cfg.output_dir, TABLE2_OWN_FILES, TABLE2_OWN_PATTERNS, overwrite=overwrite,
+                               resume=resume)
+    log(f"output folder: {out}")
+    if not resume:
+        write_json(out / RECORD_FILE, {"config": replace(cfg, output_dir=str(out)).to_dict(), "shots": list(shots)})
+    return out
+
+
+def load_record(folder: Path) -> tuple[Table2Config, list[int]]:
+    """(config, shots) of the Table-2 run in `folder` (its table2_config.json), for `--resume`."""
+    from .io import read_json
+
+    path = Path(folder) / RECORD_FILE
+    if not path.is_file():
+        raise ValueError(f"--resume {folder}: no {RECORD_FILE} there; give the output folder of an earlier "
+                         "run_table2.py run")
+    saved = read_json(path, what_to_do="the run cannot be resumed; start a new one")
+    return Table2Config.from_dict(saved["config"]), [int(k) for k in saved["shots"]]
+
+
+def run_table2(cfg: Table2Config, log: Callable[[str], None] = print, overwrite: bool = False,
+               resume: bool = False) -> dict[str, Any]:
     """Fit and score every method of `cfg.methods` on the same splits per seed; write table2.{md,csv,json}
-    and table2_bars.png in `cfg.output_dir`."""
+    and table2_bars.png in `cfg.output_dir` (a new unique folder when None; the result's "output_dir").
+    An --output-dir holding a table is refused unless `overwrite` (its files removed first) or `resume`
+    (the fits in its table2.json are kept, only the missing ones run)."""
+    check_table2_dir(cfg, overwrite, resume)
     session, methods = _open_session(cfg)
-    return _run_shots(cfg, session, methods, Path(cfg.output_dir), log)
+    out = _claim_table2_dir(cfg, [cfg.shots], overwrite, resume, log)
+    return _run_shots(replace(cfg, output_dir=str(out)), session, methods, out, log, resume=resume)
 
 
-def run_shots_sweep(cfg: Table2Config, shots: Sequence[int],
-                    log: Callable[[str], None] = print) -> dict[int, dict[str, Any]]:
+def run_shots_sweep(cfg: Table2Config, shots: Sequence[int], log: Callable[[str], None] = print,
+                    overwrite: bool = False, resume: bool = False) -> dict[int, dict[str, Any]]:
     """Table 2 for each K of `shots` (same seeds, one backbone, one FeatureStore): per-K outputs in
     `shots_{K}/`, the largest K's table2.* and table2_bars.png copied to `cfg.output_dir`, and
     accuracy_vs_shots.{png,json,md} there (refreshed after each K). Returns {K: run_table2 result}.
@@ -267,13 +375,15 @@ def run_shots_sweep(cfg: Table2Config, shots: Sequence[int],
     ks = sorted(set(int(k) for k in shots))
     if not ks or ks[0] < 1:
         raise ValueError(f"--shots must be positive integers, got {list(shots)}")
-    out = Path(cfg.output_dir)
+    check_table2_dir(cfg, overwrite, resume)
     results: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="clipconv-sweep-features-") as scratch:
         session, methods = _open_session(cfg, cache_dir=None if cfg.runtime.cache else scratch)
+        out = _claim_table2_dir(cfg, ks, overwrite, resume, log)
+        cfg = replace(cfg, output_dir=str(out))
         for k in ks:
             k_cfg = replace(cfg, shots=k, output_dir=str(out / f"shots_{k}"))
-            results[k] = _run_shots(k_cfg, session, methods, out / f"shots_{k}", log)
+            results[k] = _run_shots(k_cfg, session, methods, out / f"shots_{k}", log, resume=resume)
             if len(results) > 1:  # refreshed after every K, so an interrupted sweep keeps what it measured
                 _write_sweep_outputs(out, cfg, results, _benchmark_title(cfg, session))
     largest = out / f"shots_{ks[-1]}"

@@ -144,3 +144,35 @@ def test_an_epoch_without_any_decodable_image_is_an_error():
     trainer = Trainer(nn.Linear(3, 2), lambda g: [], 1, TrainConfig(epochs=1), torch.device("cpu"), log=lambda *_: None)
     with pytest.raises(ValueError, match="no decodable training image"):
         trainer.fit()
+
+
+def test_sigterm_stops_like_ctrl_c_with_exit_143_and_the_run_resumes(resume_world, tiny_config):
+    root, data = resume_world
+    out = root / "terminated"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_cli(root, data, tiny_config, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.time() + 120
+    while not (out / "train_state.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert f"--resume {out}" in err and "Traceback" not in err
+    assert not (out / "metrics.json").exists() and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    resumed = subprocess.run([sys.executable, "-m", "clipconv.cli.train", "--resume", str(out)], env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (out / "metrics.json").is_file()
+
+
+def test_sigterm_handler_is_restored_after_the_run():
+    from clipconv.rundir import Terminated, interrupt_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        with interrupt_on_sigterm():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    assert isinstance(caught.value, Terminated)
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -221,3 +221,144 @@ def test_a_method_that_alters_the_shared_backbone_is_stopped(tmp_path, tree, tin
     make_zero_shot_tamper(monkeypatch)
     with pytest.raises(RuntimeError, match="zero_shot.*in place"):
         _run(tmp_path, tree, tiny_config, ["zero_shot"])
+
+
+# ---- output folders, interruption and --resume (issue 10) ----
+
+def _argv(tmp_path, tree, tiny_config, methods, *extra, out="out"):
+    return ["--data-root", str(tree), "--model", str(tiny_config), "--pretrained", "none", "--shots", "2",
+            "--val-shots", "2", "--seeds", "1", "--workers", "0", "--device", "cpu", "--no-cache",
+            "--eval-sets", "imagenet", "--methods", *methods,
+            "--method-options", json.dumps({m: TINY_OPTIONS[m] for m in methods if m in TINY_OPTIONS}),
+            *(["--output-dir", str(tmp_path / out)] if out else []), *extra]
+
+
+def test_interrupted_table_is_marked_incomplete_and_resume_runs_only_the_missing_fits(tmp_path, tree, tiny_config,
+                                                                                       monkeypatch, capsys):
+    import clipconv.table2
+
+    real = clipconv.table2.fit_and_evaluate
+    calls = []
+
+    def interrupt_second(session, name, *args, **kwargs):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(session, name, *args, **kwargs)
+
+    monkeypatch.setattr(clipconv.table2, "fit_and_evaluate", interrupt_second)
+    out = tmp_path / "out"
+    assert main(_argv(tmp_path, tree, tiny_config, ["zero_shot", "linear_probe"])) == 130
+    err = capsys.readouterr().err
+    assert f"--resume {out}" in err and "Traceback" not in err
+    partial = json.loads((out / "table2.json").read_text())
+    assert partial["complete"] is False and partial["missing"] == ["linear_probe seed 1"]
+    assert list(partial["per_seed"]) == ["zero_shot"]
+    assert "INCOMPLETE" in (out / "table2.md").read_text() and f"--resume {out}" in (out / "table2.md").read_text()
+    zero_shot_row = partial["per_seed"]["zero_shot"]["1"]["row"]
+
+    calls.clear()
+    monkeypatch.setattr(clipconv.table2, "fit_and_evaluate",
+                        lambda session, name, *a, **k: calls.append(name) or real(session, name, *a, **k))
+    assert main(["--resume", str(out), "--workers", "0"]) == 0
+    assert calls == ["linear_probe"]  # zero-shot was not re-run
+    final = json.loads((out / "table2.json").read_text())
+    assert final["complete"] is True and sorted(final["per_seed"]) == ["linear_probe", "zero_shot"]
+    assert final["per_seed"]["zero_shot"]["1"]["row"] == zero_shot_row
+    assert "INCOMPLETE" not in (out / "table2.md").read_text()
+    n = final["per_seed"]["zero_shot"]["1"]["metrics"]["imagenet"]
+    assert f"images / classes per set: ImageNet {n['n']} / {n['classes']}" in (out / "table2.md").read_text()
+    assert (out / "table2_bars.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_resume_refuses_changed_settings_and_a_folder_without_a_table(tmp_path, tree, tiny_config, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--resume", str(tmp_path), "--seeds", "4"])
+    assert info.value.code == 2 and "--seeds" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["--resume", str(tmp_path)])
+    assert info.value.code == 2 and "table2_config.json" in capsys.readouterr().err
+
+
+def test_a_finished_table_is_never_replaced_without_overwrite(tmp_path, tree, tiny_config, capsys):
+    out = tmp_path / "out"
+    assert main(_argv(tmp_path, tree, tiny_config, ["zero_shot"])) == 0
+    before = (out / "table2.json").read_bytes()
+    (out / "stale_seed9").mkdir()  # a per-method folder of the old table: --overwrite removes it
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(_argv(tmp_path, tree, tiny_config, ["zero_shot"]))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--overwrite" in err and f"--resume {out}" in err
+    assert (out / "table2.json").read_bytes() == before
+    assert main(_argv(tmp_path, tree, tiny_config, ["zero_shot"], "--overwrite")) == 0
+    assert not (out / "stale_seed9").exists() and (out / "split_seed1.json").is_file()
+
+
+def test_default_table_folders_are_new_and_unique(tmp_path, tree, tiny_config, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("time.strftime", lambda fmt, *a: "20260101-000000")
+    assert main(_argv(tmp_path, tree, tiny_config, ["zero_shot"], out=None)) == 0
+    assert main(_argv(tmp_path, tree, tiny_config, ["zero_shot"], out=None)) == 0
+    made = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert made == ["table2_2shot_20260101-000000", "table2_2shot_20260101-000000-2"]
+    assert all((tmp_path / "runs" / m / "table2.json").is_file() for m in made)
+
+
+def test_an_output_dir_under_a_file_is_refused_before_any_work(tmp_path, tree, tiny_config, capsys, monkeypatch):
+    # tests run as root: a path through a file is how "not writable" is simulated
+    import clipconv.table2
+
+    monkeypatch.setattr(clipconv.table2, "open_session", lambda *a, **k: pytest.fail("session opened first"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as info:
+        main(_argv(tmp_path, tree, tiny_config, ["zero_shot"], out="afile/out"))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--output-dir" in err and "afile" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sigterm_stops_the_table_like_ctrl_c_with_exit_143(tmp_path, tree, tiny_config, monkeypatch, capsys):
+    import os
+    import signal
+    import time
+
+    import clipconv.table2
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+        pytest.fail("SIGTERM did not stop the fit")
+
+    monkeypatch.setattr(clipconv.table2, "fit_and_evaluate", terminated)
+    out = tmp_path / "out"
+    assert main(_argv(tmp_path, tree, tiny_config, ["zero_shot"])) == 143
+    err = capsys.readouterr().err
+    assert "terminated" in err and f"--resume {out}" in err
+    assert json.loads((out / "table2.json").read_text())["complete"] is False
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_resume_continues_an_interrupted_training_from_its_saved_epoch(tmp_path, tree, tiny_config, monkeypatch):
+    import clipconv.table2
+
+    real = clipconv.table2.fit_and_evaluate
+
+    def trained_then_interrupted(*args, **kwargs):  # the epochs are saved, the table row is not
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(clipconv.table2, "fit_and_evaluate", trained_then_interrupted)
+    out = tmp_path / "out"
+    assert main(_argv(tmp_path, tree, tiny_config, ["convpass"])) == 130
+    assert (out / "convpass_seed1" / "train_state.pt").is_file()
+    monkeypatch.setattr(clipconv.table2, "fit_and_evaluate", real)
+    lines = []
+    import clipconv.run
+
+    monkeypatch.setattr(clipconv.run.log, "info", lambda message, *a, **k: lines.append(str(message)))
+    assert main(["--resume", str(out)]) == 0
+    assert any(line.startswith(f"resumed from {out / 'convpass_seed1' / 'train_state.pt'} after epoch 1")
+               for line in lines), lines
+    assert json.loads((out / "table2.json").read_text())["complete"] is True

@@ -97,6 +97,8 @@ def test_cli_compares_several_backbones_in_one_table(tmp_path, tiny_config):
                                                      "imagenet_r"}
     table = (out / "zero_shot.md").read_text()
     assert "tiny-clip (none)" in table and "tiny-clip (other.pt)" in table
+    a = payload["results"][0]["metrics"]["imagenet_a"]
+    assert a["classes"] < payload["classes"] and f"-A {a['n']} / {a['classes']}" in table  # -A over its own classes
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
 
 
@@ -119,3 +121,52 @@ def test_each_method_declares_its_reference_templates():
                 "coop": None, "cocoop": None, "convpass": "photo"}
     assert {name: METHODS[name].reference_templates for name in expected if name in METHODS} == \
         {name: ref for name, ref in expected.items() if name in METHODS}
+
+
+def _zs_argv(tree, tiny_config, *extra):
+    return ["--data-root", str(tree), "--model", str(tiny_config), "--pretrained", "none", "--workers", "0",
+            "--device", "cpu", "--no-cache", "--eval-sets", "imagenet", *extra]
+
+
+@pytest.mark.parametrize("kind", ["file", "under_file", "too_long"])
+def test_cli_refuses_an_unusable_output_dir_before_evaluating(tmp_path, tiny_config, capsys, monkeypatch, kind):
+    # run as root, a chmod'ed folder stays writable: a path through a file stands for "cannot be written"
+    import clipconv.session
+    from clipconv.cli.zero_shot import main
+    from clipconv.data import make_image_tree
+
+    tree = make_image_tree(tmp_path / "data", train_per_class=1, val_per_class=1)
+    monkeypatch.setattr(clipconv.session, "fit_and_evaluate", lambda *a, **k: pytest.fail("evaluated first"))
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    out = {"file": blocker, "under_file": blocker / "out", "too_long": tmp_path / ("z" * 300)}[kind]
+    with pytest.raises(SystemExit) as info:
+        main(_zs_argv(tree, tiny_config, "--output-dir", str(out)))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--output-dir" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "data"]
+
+
+def test_cli_never_replaces_a_comparison_and_defaults_to_a_new_folder(tmp_path, tiny_config, capsys, monkeypatch):
+    import json
+
+    from clipconv.cli.zero_shot import main
+    from clipconv.data import make_image_tree
+
+    tree = make_image_tree(tmp_path / "data", train_per_class=1, val_per_class=1)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("time.strftime", lambda fmt, *a: "20260101-000000")
+    assert main(_zs_argv(tree, tiny_config)) == 0
+    assert main(_zs_argv(tree, tiny_config)) == 0
+    made = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert made == ["zero_shot_20260101-000000", "zero_shot_20260101-000000-2"]
+    first = tmp_path / "runs" / made[0]
+    before = (first / "zero_shot.json").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(_zs_argv(tree, tiny_config, "--output-dir", str(first)))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--overwrite" in err and str(first) in err
+    assert (first / "zero_shot.json").read_bytes() == before
+    assert main(_zs_argv(tree, tiny_config, "--output-dir", str(first), "--overwrite")) == 0
+    assert json.loads((first / "zero_shot.json").read_text())["output_dir"] == str(first)

@@ -12,14 +12,37 @@ from .options import add_shared_args, shared_configs
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Evaluate a trained adapter checkpoint (RUN_DIR/adapter.safetensors) on ImageNet, -V2, "
-                    "-Sketch, -A and -R (any subset with --eval-sets). --model/--pretrained default to what the "
-                    "checkpoint records.")
-    parser.add_argument("--checkpoint", required=True, help="adapter.safetensors written by a training run")
-    parser.add_argument("--output-dir", help="where metrics.json and results.md go "
-                                             "(default: <checkpoint folder>/eval-<time>)")
-    parser.set_defaults(_fields=add_shared_args(parser, skip=("crop_scale",)))
+        description="Evaluate a trained adapter checkpoint (RUN/adapter.safetensors, or the run folder RUN) on "
+                    "ImageNet, -V2, -Sketch, -A and -R. The data settings (--data-root, --eval-sets, ...) and "
+                    "--model/--pretrained default to what the run recorded (RUN/config.json, else the checkpoint); "
+                    "the classification head is in the checkpoint (no prompt templates are used). Writes "
+                    "metrics.json, results.md, run_summary.json and log.txt to a new folder RUN/eval-<time>.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="adapter.safetensors written by a training run, or that run's folder")
+    parser.add_argument("--output-dir", help="where metrics.json, results.md, run_summary.json and log.txt go "
+                                             "(default: a new RUN/eval-<time> beside the checkpoint); a folder "
+                                             "already holding results is refused unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results already in --output-dir (their clipconv files are deleted first)")
+    parser.add_argument("--save-logits", action="store_true",
+                        help="also write <set>_logits.safetensors (logits and labels of every set) to the output folder")
+    parser.set_defaults(_fields=add_shared_args(parser, skip=("crop_scale", "templates")))
     return parser
+
+
+def run_settings(checkpoint: Path) -> dict[str, Any]:
+    """The data and backbone settings recorded in the run's config.json beside `checkpoint` ({} if none):
+    the fallback of every data flag and of --model/--pretrained."""
+    from ..io import read_json
+    from ..run import CONFIG_FILE
+
+    path = checkpoint.parent / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    saved = read_json(path, what_to_do="give --data-root and --model/--pretrained explicitly, or repair the run")
+    data = {k: v for k, v in (saved.get("data") or {}).items() if k != "templates"}
+    backbone = {k: v for k, v in (saved.get("backbone") or {}).items() if k in ("model", "pretrained")}
+    return {**data, **backbone}
 
 
 class _Classifier:
@@ -46,15 +69,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..data import ClassList, load_universe
     from ..engine import resolve_precision
     from ..methods.finetune import load_classifier
-    from ..run import setup_logging, write_results
+    from ..run import logits_saver, setup_logging, write_results
     from ..session import open_session
 
+    from ..rundir import RUN_FILES, check_output_dir, claim_output_dir, held_files, new_run_dir
+
     checkpoint = Path(args.checkpoint)
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / "adapter.safetensors"
+        if not checkpoint.is_file():
+            fail(f"--checkpoint {args.checkpoint}: no adapter.safetensors in that folder; give a training run's "
+                 "folder or its adapter.safetensors")
     with bad_input_errors():
         meta = read_metadata(checkpoint)
+        recorded = run_settings(checkpoint)
+        if args.output_dir:  # before any work
+            check_output_dir(args.output_dir)
+            if not args.overwrite and held_files(Path(args.output_dir), RUN_FILES, ("*_logits.safetensors",)):
+                claim_output_dir(args.output_dir, RUN_FILES, ("*_logits.safetensors",))  # refuses, naming the files
     source = meta.get("source", {})
-    configs, _ = shared_configs(args, args._fields, parser,
-                                fallback={"model": source.get("model"), "pretrained": source.get("pretrained")})
+    fallback = {"model": source.get("model"), "pretrained": source.get("pretrained"), **recorded}
+    configs, _ = shared_configs(args, args._fields, parser, fallback=fallback)
     data, backbone_cfg, runtime = configs["data"], configs["backbone"], configs["runtime"]
     with bad_input_errors():
         universe = load_universe(data.data_root, data.classnames)
@@ -72,9 +107,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  quick_gelu=meta["backbone"].get("quick_gelu"))
         classifier, _ = load_classifier(checkpoint, backbone)
         session = open_session(data, backbone_cfg, runtime, loaded=backbone, classes=classes)
-    out_dir = Path(args.output_dir) if args.output_dir else checkpoint.parent / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+        if args.output_dir:
+            out_dir = claim_output_dir(args.output_dir, RUN_FILES, ("*_logits.safetensors",), overwrite=args.overwrite)
+        else:
+            out_dir = new_run_dir(checkpoint.parent, f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
     setup_logging(out_dir, runtime.quiet)
-    metrics = session.evaluate(_Classifier(classifier))
+    metrics = session.evaluate(_Classifier(classifier), on_logits=logits_saver(out_dir) if args.save_logits else None)
     write_results(out_dir, meta.get("method", "checkpoint"), session.row(metrics), metrics,
                   {"checkpoint": str(checkpoint.resolve()), "evaluated": list(metrics),
                    "not_evaluated": session.missing}, columns=session.family.suite,

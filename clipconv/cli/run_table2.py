@@ -30,7 +30,12 @@ method's default epoch count (an explicit "epochs" option wins).
 examples:
   python scripts/run_table2.py --demo --shots 16                  # miniature benchmark, offline
   python scripts/run_table2.py --demo --shots 1 2 4 8 16 --seeds 1  # + accuracy_vs_shots.png
-  python scripts/run_table2.py --data-root $DATA --shots 16        # ImageNet + variants, OpenAI ViT-B/16"""
+  python scripts/run_table2.py --data-root $DATA --shots 16        # ImageNet + variants, OpenAI ViT-B/16
+  python scripts/run_table2.py --resume runs/table2_16shot_<time>  # finish an interrupted table
+
+output folder: a new runs/table2_<K>shot_<time> (runs/table2_1-2-4-8-16shot_<time> for a sweep) unless
+--output-dir; a folder already holding a table is refused unless --overwrite or --resume. Ctrl-C or SIGTERM
+stops cleanly (exit 130 / 143): the table is kept, marked incomplete, and the --resume command printed."""
 
 
 TABLE2_FIELDS = ("output_dir", "seeds", "val_shots", "methods", "epochs_scale")
@@ -46,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "and plot accuracy against shots")
     add_config_args(parser, Table2Config, skip=("shots",))
     parser.add_argument("--method-options", default="{}", help="JSON: {method: {option: value}} (see below)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the table already in --output-dir (its clipconv files are deleted first)")
+    parser.add_argument("--resume", metavar="DIR",
+                        help="finish an interrupted table: the fits in DIR/table2.json are kept, only the missing "
+                             "ones run (its saved settings are used; only runtime flags may be given)")
     parser.set_defaults(_fields=add_shared_args(parser, aliases={"eval_batch_size": ("--batch-size",)}))
     return parser
 
@@ -60,11 +70,74 @@ def _method_options(text: str) -> dict:
     return options
 
 
+def _resume_config(args: argparse.Namespace, argv: Sequence[str]):
+    """(Table2Config, shots) saved in --resume DIR, with the runtime flags given; other flags are refused."""
+    from ..table2 import load_record
+
+    runtime_flags = {"--" + name.replace("_", "-") for name in args._fields["runtime"]} | {"--batch-size", "--resume"}
+    others = sorted({a.split("=")[0] for a in argv if a.startswith("--")} - runtime_flags)
+    if others:
+        fail(f"--resume {args.resume}: {', '.join(others)} cannot be changed when resuming (the saved settings are "
+             "used); drop them, or start a new table")
+    with bad_input_errors():
+        cfg, shots = load_record(Path(args.resume))
+    runtime = {**cfg.runtime.to_dict(), **given(args, args._fields["runtime"])}
+    from dataclasses import replace
+
+    from ..config import RuntimeConfig
+
+    with bad_input_errors():
+        return replace(cfg, output_dir=str(args.resume), runtime=RuntimeConfig.from_options(runtime)), shots
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.overwrite and args.resume:
+        fail("--overwrite and --resume exclude each other: --resume finishes the table, --overwrite replaces it")
+    if args.resume:
+        cfg, shots = _resume_config(args, argv)
+    else:
+        cfg, shots = _new_config(args, parser)
+    from ..rundir import exit_code, interrupt_on_sigterm
+    from ..run import log, setup_logging
+    from ..table2 import SWEEP_FILE, run_shots_sweep, run_table2
+
+    setup_logging(quiet=cfg.runtime.quiet)
+    state: dict = {}
+
+    def keep(line: str) -> None:  # the folder, once created, for the resume hint
+        if line.startswith("output folder: "):
+            state["out"] = line[len("output folder: "):]
+        log.info(line)
+
+    try:
+        with interrupt_on_sigterm(), bad_input_errors():
+            if len(shots) > 1:
+                results = run_shots_sweep(cfg, shots, log=keep, overwrite=args.overwrite, resume=bool(args.resume))
+                out = Path(results[shots[-1]]["output_dir"]).parent
+            else:
+                out = Path(run_table2(cfg, log=keep, overwrite=args.overwrite, resume=bool(args.resume))["output_dir"])
+    except KeyboardInterrupt as err:
+        what = "terminated" if exit_code(err) == 143 else "interrupted"
+        where = state.get("out") or cfg.output_dir
+        hint = f"; finish it with: run_table2.py --resume {where}" if where else ""
+        print(f"\n{what}: the finished fits are kept in the table (marked incomplete){hint}", file=sys.stderr)
+        return exit_code(err)
+    print(f"table: {out / 'table2.md'}\nbar chart: {out / 'table2_bars.png'}")
+    if len(shots) > 1:
+        print(f"accuracy vs shots: {out / (SWEEP_FILE + '.png')} (tables: {out / (SWEEP_FILE + '.md')}, "
+              f"per K: {out}/shots_<K>/)")
+    return 0
+
+
+def _new_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """(Table2Config, shots) of the flags given."""
     from ..demo import MINI_CLIP_CONFIG
-    from ..table2 import SWEEP_FILE, TABLE2_METHODS, Table2Config, run_shots_sweep, run_table2
+    from ..table2 import TABLE2_METHODS, Table2Config
 
     shots = sorted(set(args.shots))
     method_options = _method_options(args.method_options)
@@ -84,20 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = Table2Config(shots=shots[-1], method_options=method_options, benchmark_label=label, **table, **configs)
     except ValueError as err:
         parser.error(str(err))
-    from ..run import log, setup_logging
-
-    setup_logging(quiet=cfg.runtime.quiet)
-    out = Path(cfg.output_dir)
-    with bad_input_errors():
-        if len(shots) > 1:
-            run_shots_sweep(cfg, shots, log=log.info)
-        else:
-            run_table2(cfg, log=log.info)
-    print(f"table: {out / 'table2.md'}\nbar chart: {out / 'table2_bars.png'}")
-    if len(shots) > 1:
-        print(f"accuracy vs shots: {out / (SWEEP_FILE + '.png')} (tables: {out / (SWEEP_FILE + '.md')}, "
-              f"per K: {out}/shots_<K>/)")
-    return 0
+    return cfg, shots
 
 
 if __name__ == "__main__":  # pragma: no cover

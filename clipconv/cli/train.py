@@ -4,7 +4,8 @@ The whole path from flags to metrics:
   1. `build_parser(method)`: flags generated from RunConfig, the shared Data/Backbone/Runtime configs and
      the chosen method's config class (two-stage parse: --method first, then its option group);
   2. `config_from_args`: a `RunConfig` (--demo applied once, in `options.shared_configs`);
-  3. `clipconv.run.prepare_run` → `Session` + split + validated method options (nothing written);
+  3. `clipconv.run.prepare_run` → `Session` + split + validated method options + the run folder (checked
+     before any work, created uniquely; an existing run is refused unless --overwrite or --resume);
   4. `clipconv.run.execute_run` → `session.fit_and_evaluate` → metrics.json, results.md, run_summary.json.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ variants (-V2, -Sketch, -A, -R). Defaults are the Convpass paper's Convpass_CLIP
 ViT-B/16 OpenAI weights, Convpass h=8 beside attention and MLP, AdamW lr 1e-5, batch 64, 50 epochs, cosine.
 `--method NAME --help` lists that method's options."""
 
-RUN_FIELDS = ("shots", "seed", "val_shots", "split", "output_dir")
+RUN_FIELDS = ("shots", "seed", "val_shots", "split", "output_dir", "save_logits")
 METHOD_PREFIX = "method."
 
 
@@ -47,6 +48,8 @@ def build_parser(method: str = "convpass") -> argparse.ArgumentParser:
     parser.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue an interrupted run from its last epoch (only runtime flags may be given)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in --output-dir (its clipconv files are deleted first)")
     parser.set_defaults(_fields={"run": RUN_FIELDS, **add_shared_args(parser)})
     config_class = method_config_class(METHODS[method])
     notes = {k: f"--demo: {v}" for k, v in DEMO_TRAIN_DEFAULTS.get(method, {}).items()}
@@ -89,7 +92,7 @@ def _resume_config(run_dir: str, args: argparse.Namespace, parser: argparse.Argu
         saved = RunConfig.from_dict(read_json(path))
     conflicts = []
     for name, value in given(args, RUN_FIELDS).items():
-        if name == "output_dir" and Path(value).resolve() == Path(run_dir).resolve():
+        if name == "save_logits" or (name == "output_dir" and Path(value).resolve() == Path(run_dir).resolve()):
             continue
         if value != getattr(saved, name):
             conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {getattr(saved, name)})")
@@ -110,6 +113,7 @@ def _resume_config(run_dir: str, args: argparse.Namespace, parser: argparse.Argu
     runtime = {**saved.runtime.to_dict(), **given(args, args._fields["runtime"])}
     with bad_input_errors():
         return RunConfig.from_dict({**saved.to_dict(), "runtime": runtime, "output_dir": str(run_dir),
+                                    "save_logits": given(args, RUN_FIELDS).get("save_logits", saved.save_logits),
                                     "split": str(Path(run_dir) / "split.json")})
 
 
@@ -137,18 +141,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\n".join(method_names()))
         return 0
     args.method_given = pre.method
+    if args.overwrite and args.resume:
+        fail("--overwrite and --resume exclude each other: --resume continues the run, --overwrite replaces it")
     with bad_input_errors():
         cfg = _resume_config(args.resume, args, parser) if args.resume else config_from_args(args, parser)
+    from ..rundir import exit_code, interrupt_on_sigterm
     from ..run import execute_run, prepare_run
 
     with bad_input_errors():
-        run = prepare_run(cfg, resume=bool(args.resume))
+        run = prepare_run(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     try:
-        with bad_input_errors():  # e.g. a damaged train_state.pt when resuming
+        with interrupt_on_sigterm(), bad_input_errors():  # e.g. a damaged train_state.pt when resuming
             result = execute_run(run)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the last finished epoch is saved; continue with --resume {run.run_dir}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (raised as Terminated)
+        what = "terminated" if exit_code(err) == 143 else "interrupted"
+        print(f"\n{what}: the last finished epoch is saved; continue with --resume {run.run_dir}", file=sys.stderr)
+        return exit_code(err)
     print(f"run directory: {run.run_dir}")
     return 0 if result.metrics else EXIT_BAD_INPUT
 

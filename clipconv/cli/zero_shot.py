@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from ..config import BackboneConfig, DataConfig, RuntimeConfig
 
 DESCRIPTION = """Zero-shot CLIP on ImageNet, -V2, -Sketch, -A and -R. Several --model/--pretrained pairs (given in
-the same order) are compared in one table. Writes zero_shot.json and zero_shot.md to --output-dir."""
+the same order) are compared in one table. Writes zero_shot.json and zero_shot.md to a new folder
+runs/zero_shot_<time> (or --output-dir; a folder already holding a comparison is refused unless --overwrite)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,8 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "the mini CLIP with --demo)")
     group.add_argument("--pretrained", action="append", default=None,
                        help="open_clip tag, weights file or 'none'; one per --model (default openai)")
-    parser.add_argument("--output-dir", default="runs/zero_shot", help="where zero_shot.{json,md} go "
-                                                                       "(default: runs/zero_shot)")
+    parser.add_argument("--output-dir", default=None, help="where zero_shot.{json,md} go "
+                                                           "(default: a new runs/zero_shot_<time>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the comparison already in --output-dir (its clipconv files are deleted first)")
     parser.set_defaults(_fields=add_shared_args(parser, skip=("model", "pretrained", "crop_scale"),
                                                 aliases={"eval_batch_size": ("--batch-size",)}))
     return parser
@@ -45,19 +48,34 @@ def backbone_pairs(models: Optional[Sequence[str]], pretrained: Optional[Sequenc
 
 
 def compare_zero_shot(data: "DataConfig", backbones: Sequence["BackboneConfig"], runtime: "RuntimeConfig",
-                      output_dir: Path, log: Callable[[str], None] = print) -> dict:
+                      output_dir: Optional[Path] = None, log: Callable[[str], None] = print,
+                      overwrite: bool = False) -> dict:
     """Zero-shot accuracy of each backbone on the suite (one Session per backbone); writes zero_shot.json
-    and zero_shot.md atomically."""
+    and zero_shot.md atomically in `output_dir` (a new runs/zero_shot_<time> when None; the payload's
+    "output_dir"). The folder is checked before any work; one holding a comparison is refused unless
+    `overwrite`."""
+    import time
+
+    from ..rundir import ZERO_SHOT_FILES, check_output_dir, claim_output_dir, held_files, new_run_dir
     from ..data import FewShotSplit
     from ..io import write_json, write_text
     from ..report import markdown_table
+    from ..run import counts_line
     from ..session import fit_and_evaluate, open_session
 
+    if output_dir is not None:  # before any work
+        check_output_dir(output_dir)
+        if not overwrite and held_files(Path(output_dir), ZERO_SHOT_FILES):
+            claim_output_dir(output_dir, ZERO_SHOT_FILES)
     if data.templates is None:  # zero-shot CLIP's reference: the single "a photo of a {}." (the paper's 66.73)
         from ..methods.zero_shot import ZeroShot
 
         data = dataclasses.replace(data, templates=ZeroShot.reference_templates)
     sessions = [open_session(data, backbone, runtime) for backbone in backbones]  # all checked before any work
+    if output_dir is None:
+        output_dir = new_run_dir("runs", f"zero_shot_{time.strftime('%Y%m%d-%H%M%S')}")
+    else:
+        output_dir = claim_output_dir(output_dir, ZERO_SHOT_FILES, overwrite=overwrite)
     rows, results = [], []
     for backbone, session in zip(backbones, sessions):
         fit = fit_and_evaluate(session, "zero_shot", {}, FewShotSplit(train=[]), seed=0, log_line=log)
@@ -68,14 +86,14 @@ def compare_zero_shot(data: "DataConfig", backbones: Sequence["BackboneConfig"],
                         "backbone": session.backbone.describe(), "metrics": fit.metrics,
                         "row": session.row(fit.metrics), "images_encoded": fit.images_encoded,
                         "seconds": round(fit.fit_seconds + fit.eval_seconds, 2)})
-    output_dir.mkdir(parents=True, exist_ok=True)
     first = sessions[0]
-    payload = {"templates": data.templates, "n_templates": len(first.templates), "data_root": str(first.data_root),
+    payload = {"output_dir": str(output_dir), "templates": data.templates, "n_templates": len(first.templates), "data_root": str(first.data_root),
                "classes": len(first.classes), "results": results}
     write_json(output_dir / "zero_shot.json", payload)
     table = markdown_table(rows, columns=first.family.suite, display=first.family.display)
     write_text(output_dir / "zero_shot.md",
-               f"# Zero-shot CLIP, templates '{data.templates}' ({len(first.templates)}): top-1 (%)\n\n{table}")
+               f"# Zero-shot CLIP, templates '{data.templates}' ({len(first.templates)}): top-1 (%)\n\n{table}\n"
+               + (counts_line(results[0]["metrics"], first.family.display) + "\n" if results else ""))
     log("\n" + table)
     return payload
 
@@ -91,8 +109,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from ..run import log, setup_logging
 
         setup_logging(quiet=configs["runtime"].quiet)
-        compare_zero_shot(configs["data"], backbones, configs["runtime"], Path(args.output_dir), log=log.info)
-    print(f"table: {Path(args.output_dir) / 'zero_shot.md'}")
+        payload = compare_zero_shot(configs["data"], backbones, configs["runtime"],
+                                    Path(args.output_dir) if args.output_dir else None, log=log.info,
+                                    overwrite=args.overwrite)
+    print(f"table: {Path(payload['output_dir']) / 'zero_shot.md'}")
     return 0
 
 
