@@ -58,6 +58,18 @@ Only the train split is required; a missing test set is skipped with a warning.
   its ids are not ImageNet wnids (the offline mini benchmark), it defines the class universe instead
   of the 1000 ImageNet classes. `--classnames FILE` overrides both.
 
+## Your own data (the `folder` family)
+
+A train folder of class folders plus any number of named test folders of class folders:
+
+    python scripts/check_data.py --train-root my_data/train --eval-set photos=my_data/photos --eval-set sketch=my_data/sketches
+
+The first `--eval-set` is the source column, the others are the shifted targets (their mean is the
+target average). Class ids are the train folder names, labels follow their sorted order, and names
+are the folder names with `_` read as spaces unless `--classnames FILE` (`<folder> <name>` lines, in
+label order) says otherwise. A test folder may hold only some of the classes: it is scored with the
+argmax restricted to them, like ImageNet-A/-R. A test class without a train folder is an error.
+
 ## Getting the data
 
 - ImageNet-1k (ILSVRC2012): https://image-net.org (registration required); `train/` and a sorted `val/`.
