@@ -190,10 +190,10 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
           "", "## measured (this run)", "", markdown_table(measured, stds, **table_columns), "",
           *([counts_line(_first_metrics(per_seed), session.family.display), ""] if _first_metrics(per_seed) else []),
           "## prompt templates per row", "", "| method | template set (count) |", "|---|---|", *template_lines, "",
-          "## " + session.family.published_label, "",
-          "Numbers printed in the Convpass paper (Table 2): full ImageNet, OpenAI ViT-B/16. For reference only — "
-          "not comparable with a run on other data or another backbone.", "",
-          markdown_table(published, **table_columns), "",
+          *(["## " + session.family.published_label, "",
+              "Numbers printed in the Convpass paper (Table 2): full ImageNet, OpenAI ViT-B/16. For reference only "
+              "— not comparable with a run on other data or another backbone.", "",
+              markdown_table(published, **table_columns), ""] if published else []),
           "## wall time per method (seconds, summed over seeds)", "",
           "| method | fit | eval | images encoded by the feature cache |", "|---|---|---|---|"]
     for name, t in timing.items():

@@ -362,3 +362,27 @@ def test_resume_continues_an_interrupted_training_from_its_saved_epoch(tmp_path,
     assert any(line.startswith(f"resumed from {out / 'convpass_seed1' / 'train_state.pt'} after epoch 1")
                for line in lines), lines
     assert json.loads((out / "table2.json").read_text())["complete"] is True
+
+
+def test_own_folders_table_uses_their_names_and_prints_no_published_section(tmp_path, tiny_config):
+    """Table 2 on the folder family: columns are the user's set names, and the paper's ImageNet numbers
+    (which would be meaningless beside them) are left out."""
+    from clipconv.data.synthetic import make_class_folders
+
+    classes = ["cat", "dog", "fox"]
+    train = make_class_folders(tmp_path / "mine" / "train", classes, per_class=5)
+    photos = make_class_folders(tmp_path / "mine" / "photos", classes, per_class=2)
+    sketch = make_class_folders(tmp_path / "mine" / "sketch", classes[:2], per_class=2, style="sketch",
+                                all_classes=classes)
+    out = tmp_path / "table"
+    assert main(["--train-root", str(train), "--eval-set", f"photos={photos}", "--eval-set", f"sketch={sketch}",
+                 "--model", str(tiny_config), "--pretrained", "none", "--shots", "2", "--val-shots", "1",
+                 "--seeds", "1", "--workers", "0", "--device", "cpu", "--no-cache", "--output-dir", str(out),
+                 "--methods", "zero_shot", "linear_probe",
+                 "--method-options", json.dumps({"linear_probe": TINY_OPTIONS["linear_probe"]})]) == 0
+    markdown = (out / "table2.md").read_text()
+    assert "| method | photos | sketch | target avg |" in markdown
+    assert "Numbers printed in the Convpass paper" not in markdown and "66.73" not in markdown
+    assert "\n## \n" not in markdown  # no section without a title
+    result = json.loads((out / "table2.json").read_text())
+    assert set(result["measured"]["zero_shot"]["mean"]) == {"photos", "sketch", "target_avg"}
