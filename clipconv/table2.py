@@ -181,7 +181,7 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
     published = _published_rows(session)
     seeds_text = ", ".join(str(s) for s in cfg.seeds)
     md = [f"# Table 2: {cfg.shots}-shot, top-1 (%), mean ± std over seeds {seeds_text}", "",
-          f"Backbone {info['backbone']['model']} ({info['backbone']['weights_id']}); data {cfg.data.data_root}; "
+          f"Backbone {info['backbone']['model']} ({info['backbone']['weights_id']}); data {session.data_root}; "
           f"templates: {_templates_text(cfg.data.templates)}; validation: {cfg.val_shots} train images per class "
           f"outside the K-shot set.", *([
               "", f"**INCOMPLETE**: {len(missing)} fit(s) not done yet ({', '.join(missing[:6])}"
@@ -206,13 +206,13 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
         cells = [f"{mean.get(c, float('nan')):.4f},{stds[label].get(c, float('nan')):.4f}" for c in columns]
         csv_lines.append(f"measured,{label}," + ",".join(cells))
     for label, values in published:
-        csv_lines.append(f"\"{PUBLISHED_LABEL}\",{label}," + ",".join(f"{values[c]:.2f}," for c in columns))
+        csv_lines.append(f"\"{session.family.published_label}\",{label}," + ",".join(f"{values[c]:.2f}," for c in columns))
     write_text(out / "table2.csv", "\n".join(csv_lines) + "\n")
     result = {"complete": not missing, "missing": list(missing), "output_dir": str(out),
               "config": cfg.to_dict(), "environment": environment(session), **info, "columns": {c: session.family.display.get(c, "target avg") for c in columns}, "measured": summary_rows,
               "per_seed": {n: {str(s): v for s, v in seeds.items()} for n, seeds in per_seed.items()},
               "timing": timing,
-              "published": {"label": PUBLISHED_LABEL, "rows": {label: values for label, values in published}}}
+              "published": {"label": session.family.published_label, "rows": {label: values for label, values in published}}}
     write_json(out / "table2.json", result)
     return result
 
@@ -308,7 +308,7 @@ def _benchmark_title(cfg: Table2Config, session: Session) -> str:
     if cfg.benchmark_label:
         return cfg.benchmark_label
     backbone = session.backbone
-    return f"{Path(str(backbone.model_name)).stem} ({backbone.weights_id}) on {cfg.data.data_root}"
+    return f"{Path(str(backbone.model_name)).stem} ({backbone.weights_id}) on {session.data_root}"
 
 
 def check_table2_dir(cfg: Table2Config, overwrite: bool = False, resume: bool = False) -> None:

@@ -303,3 +303,11 @@ def test_own_folders_run_end_to_end_through_the_train_cli(byod, tiny_config, tmp
     assert "| sketch | cartoon | target avg |" in table
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["train_root"] == str(byod["train"])
+
+    from clipconv.cli import eval_robustness  # re-evaluation from the run folder alone, folder family too
+
+    again = tmp_path / "again"
+    assert eval_robustness.main(["--checkpoint", str(out), "--output-dir", str(again), "--workers", "0",
+                                 "--no-cache"]) == 0
+    reloaded = json.loads((again / "metrics.json").read_text())
+    assert {k: v["top1"] for k, v in reloaded.items()} == {k: v["top1"] for k, v in metrics.items()}

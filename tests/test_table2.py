@@ -384,5 +384,7 @@ def test_own_folders_table_uses_their_names_and_prints_no_published_section(tmp_
     assert "| method | photos | sketch | target avg |" in markdown
     assert "Numbers printed in the Convpass paper" not in markdown and "66.73" not in markdown
     assert "\n## \n" not in markdown  # no section without a title
+    assert "data None" not in markdown and f"data {tmp_path / 'mine'}" in markdown
     result = json.loads((out / "table2.json").read_text())
+    assert result["published"] == {"label": "", "rows": {}}
     assert set(result["measured"]["zero_shot"]["mean"]) == {"photos", "sketch", "target_avg"}

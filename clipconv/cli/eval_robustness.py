@@ -66,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     plain_warnings()
     from ..backbone import load_backbone, resolve_device
     from ..checkpoint import read_metadata
-    from ..data import ClassList, load_universe
+    from ..data import ClassList
     from ..engine import resolve_precision
     from ..methods.finetune import load_classifier
     from ..run import logits_saver, setup_logging, write_results
@@ -92,12 +92,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     configs, _ = shared_configs(args, args._fields, parser, fallback=fallback)
     data, backbone_cfg, runtime = configs["data"], configs["backbone"], configs["runtime"]
     with bad_input_errors():
-        universe = load_universe(data.data_root, data.classnames)
+        from ..session import open_data_family
+
+        family = open_data_family(data)
+        universe = family.universe()  # every class id the run's dataset family knows
         ids = meta.get("class_ids") or []
         unknown = [i for i in ids if i not in universe.index]
         if not ids or unknown:
             fail(f"checkpoint '{checkpoint}' has classes {unknown[:5] or '(none recorded)'} that are not in the "
-                 f"class universe of '{data.data_root}' ({universe.source})")
+                 f"class universe of '{family.data_root}' ({universe.source})")
         classes = ClassList(ids, [universe.names[universe.index[i]] for i in ids], universe.ids, universe.source)
         if classes.hash() != meta["classes"]["hash"]:
             fail(f"checkpoint '{checkpoint}': class list hash differs from its recorded class ids")
