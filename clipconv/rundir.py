@@ -16,17 +16,14 @@ import os
 import shutil
 import signal
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
-__all__ = ["RUN_FILES", "TABLE2_FILES", "ZERO_SHOT_FILES", "check_output_dir", "new_run_dir", "claim_output_dir",
+__all__ = ["RUN_FILES", "ZERO_SHOT_FILES", "check_output_dir", "new_run_dir", "claim_output_dir",
            "held_files", "remove_files", "Terminated", "interrupt_on_sigterm", "EXIT_SIGINT", "EXIT_SIGTERM"]
 
 #: files a training / evaluation run writes in its folder (also in `scale_<s>/` sub-folders)
 RUN_FILES = ("config.json", "split.json", "metrics.json", "results.md", "run_summary.json", "log.txt",
              "adapter.safetensors", "train_state.pt")
-#: files of a Table-2 run (plus `split_seed<s>.json`, `<method>_seed<s>/` and `shots_<K>/`)
-TABLE2_FILES = ("table2.json", "table2.md", "table2.csv", "table2_bars.png", "accuracy_vs_shots.json",
-                "accuracy_vs_shots.md", "accuracy_vs_shots.png", "log.txt")
 ZERO_SHOT_FILES = ("zero_shot.json", "zero_shot.md", "log.txt")
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 _PROBE = ".clipconv-write-probe"

@@ -13,7 +13,6 @@ from typing import Optional, Sequence
 
 from ..data.family import DatasetFamily, ImageNetFamily, TreeFamily, family_from_args
 from ..data.imagenet import (
-    DATA_HELP,
     ClassList,
     DataLayoutError,
     EvalScan,

@@ -23,7 +23,7 @@ from ..checkpoint import save_trainable
 from ..engine import TrainConfig, Trainer
 from ..head import ImageClassifier, text_head
 from ..config import non_negative, positive
-from .base import FitContext, Method, MethodConfig, option, register_method
+from .base import FitContext, Method, MethodConfig, config_from, option, register_method
 
 __all__ = ["AdapterTuning", "AdapterTuningConfig", "tuning_config", "load_classifier", "DEFAULT_SCALE"]
 
@@ -114,11 +114,7 @@ class AdapterTuning(Method):
             cls.config_class = tuning_config(get_adapter(cls.adapter_kind).config)
 
     def __init__(self, config: Optional[AdapterTuningConfig] = None, **options: Any) -> None:
-        if config is None:
-            config = self.config_class.from_options(options)
-        elif options:
-            raise ValueError(f"give either a config or options for method '{self.name}', not both")
-        self.config = config
+        self.config = config = config_from(self.config_class, config, options)
         self.scales = list(config.scales)
         # Validated now (unknown or bad adapter options fail before any training).
         self.adapter_config = make_config(self.adapter_kind, scale=self.scales[0], **config.adapter_options())
