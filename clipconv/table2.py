@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -220,21 +219,18 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
 def _open_session(cfg: Table2Config, cache_dir: Optional[str] = None) -> tuple[Session, list[str]]:
     """Validate `cfg` (methods and every option before any work), open the shared session (with the
     feature cache in `cache_dir` when given, e.g. a sweep's temporary one)."""
-    from .methods.base import METHODS, method_names
+    from .methods.base import method_names
 
     if not cfg.seeds:
         raise ValueError("give at least one seed (--seeds 1 2 3)")
     known = method_names()
-    unknown = [m for m in cfg.methods if m not in known and m != "convpass"]
+    unknown = [m for m in cfg.methods if m not in known]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {known}")
     stray = sorted(set(cfg.method_options) - set(cfg.methods))
     if stray:
         raise ValueError(f"--method-options names method(s) {stray} that are not in --methods {list(cfg.methods)}")
-    methods = [m for m in cfg.methods if m in METHODS]
-    if "convpass" in cfg.methods and "convpass" not in METHODS:
-        warnings.warn("method 'convpass' is not registered (clipconv/methods/finetune.py missing); row skipped",
-                      stacklevel=3)
+    methods = list(cfg.methods)
     for name in methods:
         method_options(name, cfg.method_options.get(name, {}), cfg.epochs_scale)
     runtime = cfg.runtime if cache_dir is None else replace(cfg.runtime, cache=True, cache_dir=cache_dir)

@@ -10,7 +10,8 @@ EXIT_BAD_INPUT = 2
 NO_DATA_HELP = (
     "no --data-root given. Lay out ImageNet and its variants as described in datasets/README.md "
     "(CoOp layout: $DATA/imagenet/images/{train,val}/<wnid>/, $DATA/imagenetv2/..., $DATA/imagenet-sketch/..., "
-    "$DATA/imagenet-adversarial/imagenet-a/, $DATA/imagenet-rendition/imagenet-r/) and pass --data-root $DATA, "
+    "$DATA/imagenet-adversarial/imagenet-a/, $DATA/imagenet-rendition/imagenet-r/) and pass --data-root $DATA; "
+    "for your own folders pass --train-root DIR with --eval-set NAME=DIR (repeatable); "
     "or run the offline miniature benchmark with --demo"
 )
 
