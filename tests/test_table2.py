@@ -145,6 +145,25 @@ def test_run_templates_override_every_method_and_label_the_ensemble(tmp_path, tr
     assert "| ZS CLIP (1 template) | 66.73 |" in markdown  # the published row stays the single prompt
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--methods", "no_such_method"], "unknown method"),
+    (["--methods", "zero_shot", "--method-options", "{not json"], "not valid JSON"),
+    (["--methods", "coop", "--method-options", '{"coop": {"epochz": 1}}'], "epochz"),
+    (["--methods", "zero_shot", "--method-options", '{"coop": {"epochs": 1}}'], "not in --methods"),
+    (["--methods", "zero_shot", "--shots", "0"], "--shots: must be a positive integer"),
+    (["--methods", "zero_shot", "--shots", "1", "0", "4"], "--shots: must be a positive integer"),
+    (["--methods", "zero_shot", "--shots", "two"], "--shots: expected an integer"),
+])
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, tree, tiny_config, capsys, extra, message):
+    argv = ["--data-root", str(tree), "--model", str(tiny_config), "--pretrained", "none", "--workers", "0",
+            "--output-dir", str(tmp_path / "out"), *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "table2.json").exists()
+
+
 def test_no_data_root_is_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([])
