@@ -138,7 +138,7 @@ def accuracy_vs_shots(results_by_shots: Mapping[int, Mapping[str, Any]], path: P
             ax.minorticks_off()
             ax.set_xlabel("training images per class (shots)")
             name = column_label(column)
-            ax.set_title(f"{name} (source)" if column == SUITE[0] else name, fontsize=10)
+            ax.set_title(f"{name} (source)" if column == domain_columns[0] else name, fontsize=10)
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("top-1 accuracy (%)")
         handles, labels = axes[0][0].get_legend_handles_labels()

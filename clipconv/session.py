@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
 from .config import BackboneConfig, DataConfig, RuntimeConfig
 from .evaluate import Scorer
+from .report import target_average
 
 if TYPE_CHECKING:
     from .backbone import Backbone
@@ -37,17 +37,9 @@ if TYPE_CHECKING:
     from .methods.base import Method
 
 __all__ = ["Session", "FitResult", "open_session", "open_data_family", "fit_and_evaluate", "method_options",
-           "backbone_fingerprint", "jsonable", "target_mean", "Scorer"]
+           "backbone_fingerprint", "jsonable", "Scorer"]
 
 log = logging.getLogger("clipconv")
-
-
-def target_mean(values: dict[str, float], targets: Sequence[str]) -> float:
-    """Mean over the `targets` columns of `values`; NaN unless all of them are there and finite."""
-    picked = [values.get(name) for name in targets]
-    if not picked or any(v is None or math.isnan(v) for v in picked):
-        return float("nan")
-    return sum(picked) / len(picked)
 
 
 def jsonable(value: Any) -> Any:
@@ -144,7 +136,7 @@ class Session:
     def row(self, metrics: dict[str, dict[str, float]], key: str = "top1") -> dict[str, float]:
         """{set: accuracy} for the suite's sets in `metrics`, plus "target_avg" (NaN unless every target ran)."""
         row = {name: float(metrics[name][key]) for name in self.family.suite if name in metrics}
-        row["target_avg"] = target_mean(row, self.family.targets)
+        row["target_avg"] = target_average(row, self.family.targets)
         return row
 
     def info(self) -> dict[str, Any]:

@@ -30,7 +30,8 @@ from .io import atomic_path, write_json, write_text
 from .report import DISPLAY, SUITE, markdown_table
 from .run import VAL_SHOTS, counts_line, environment
 from .rundir import check_output_dir, claim_output_dir, held_files, new_run_dir
-from .session import Session, fit_and_evaluate, method_options, open_session, target_mean
+from .report import target_average
+from .session import Session, fit_and_evaluate, method_options, open_session
 
 __all__ = ["Table2Config", "TABLE2_METHODS", "METHOD_LABELS", "PUBLISHED_LABEL", "BARS_FILE", "SWEEP_FILE",
            "run_table2", "run_shots_sweep", "shots_summary", "aggregate_seeds", "RECORD_FILE", "TABLE2_OWN_FILES",
@@ -103,7 +104,7 @@ def aggregate_seeds(rows: Sequence[dict[str, float]], columns: Sequence[str] = C
             mean[column] = mu
             std[column] = math.sqrt(sum((v - mu) ** 2 for v in values) / len(values))
     if "target_avg" not in mean:
-        mean["target_avg"] = target_mean(mean, [c for c in columns[1:] if c != "target_avg"])
+        mean["target_avg"] = target_average(mean, [c for c in columns[1:] if c != "target_avg"])
     return mean, std
 
 
@@ -141,7 +142,7 @@ def _published_rows(session: Session) -> list[tuple[str, dict[str, float]]]:
     for name in TABLE2_METHODS:
         if name in session.family.published:
             values = dict(session.family.published[name])
-            values["target_avg"] = target_mean(values, session.family.targets)
+            values["target_avg"] = target_average(values, session.family.targets)
             rows.append((row_label(name, PUBLISHED_TEMPLATES.get(name)), values))
     return rows
 
