@@ -15,7 +15,6 @@ __all__ = [
     "is_image_name",
     "is_hidden",
     "list_images",
-    "list_subdirs",
     "BrokenEntry",
     "describe_broken",
     "list_class_folders",
@@ -47,12 +46,6 @@ def list_images(folder: PathLike) -> list[str]:
     """Sorted names of the image files directly inside `folder` (symlinks followed)."""
     with os.scandir(folder) as entries:
         return sorted(e.name for e in entries if is_image_name(e.name) and e.is_file())
-
-
-def list_subdirs(folder: PathLike) -> list[str]:
-    """Sorted names of the visible sub-folders of `folder` (symlinked folders included; broken links,
-    symlink loops and files are left out: `list_class_folders` names them)."""
-    return list_class_folders(folder)[0]
 
 
 ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz", ".zip", ".tar.xz")
