@@ -145,7 +145,8 @@ class Convpass(nn.Module):
     def _centre_tap(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
         return self._cls_conv(hidden) if hidden.shape[1] else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before the up-projection: (B, N, width) → (B, N, h)."""
         if x.dim() != 3 or x.shape[-1] != self.width:
             raise ValueError(f"Convpass expects tokens (B, N, {self.width}), got shape {tuple(x.shape)}")
         batch, num_tokens, _ = x.shape
@@ -156,8 +157,30 @@ class Convpass(nn.Module):
         patches = hidden[:, start:end].reshape(batch, height, width, self.dim).permute(0, 3, 1, 2)
         patches = self.conv(patches).permute(0, 2, 3, 1).reshape(batch, height * width, self.dim)
         parts = [self._centre_tap(hidden[:, :start]), patches, self._centre_tap(hidden[:, end:])]
-        hidden = self.dropout(self.act(torch.cat([p for p in parts if p is not None], dim=1)))
-        return self._project("up", hidden)
+        return self.dropout(self.act(torch.cat([p for p in parts if p is not None], dim=1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._project("up", self._hidden(x))
+
+    def add_into(self, out: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """`out + scale · self(x)` (a new tensor) with the up-projection, its bias, the scale and the sum in one
+        `torch.addmm`: the (B, N, width) adapter output is never materialized, nor scaled or added on its own.
+        The bias rides along as an extra column of ones in the (B·N, h) hidden activations."""
+        hidden = self._hidden(x)
+        up = self.shared.up if self._share else self.up
+        weight = up.weight
+        if up.bias is not None:
+            hidden = torch.cat([hidden, hidden.new_ones(hidden.shape[:-1] + (1,))], dim=-1)
+            weight = torch.cat([weight, up.bias.unsqueeze(1)], dim=1)
+        if not out.is_contiguous() and out.transpose(0, 1).is_contiguous():
+            # (B, N, width) viewed from (N, B, width) memory, as nn.MultiheadAttention returns it: sum in that
+            # order (the small hidden is the one copied) and return the same kind of view
+            total = torch.addmm(out.transpose(0, 1).reshape(-1, out.shape[-1]),
+                                hidden.transpose(0, 1).reshape(-1, hidden.shape[-1]), weight.t(), alpha=scale)
+            return total.view(out.shape[1], out.shape[0], out.shape[2]).transpose(0, 1)
+        total = torch.addmm(out.reshape(-1, out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), weight.t(),
+                            alpha=scale)
+        return total.view(out.shape)
 
     def extra_repr(self) -> str:
         kind = "share" if self._share else "full"

@@ -36,6 +36,29 @@ def _dtype_of(module: nn.Module, fallback: torch.dtype) -> torch.dtype:
     return next((p.dtype for p in module.parameters()), fallback)
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Forward (pre-)hooks would see the adapter called: the fused path, which skips its __call__, is not taken."""
+    from torch.nn.modules import module as base
+
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or base._global_forward_hooks or base._global_forward_pre_hooks)
+
+
+def _token_major_strides(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x, or for a batch-first nn.MultiheadAttention off its inference fast path, a copy of x with (N, B, width)
+    memory order viewed as (B, N, width). Its Python path transposes the input to (N, B, width); from a contiguous
+    (B, N, width) tensor that view is not contiguous, and with grad enabled `linear` then runs the in-projection
+    as a batched matmul of N (B × width)·(width × 3·width) products, about 3× slower than one matmul on CPU.
+    One copy of x makes the transposed view contiguous, so the in-projection is one matmul."""
+    if not isinstance(base, nn.MultiheadAttention) or not base.batch_first or x.dim() != 3:
+        return x
+    if not (base.training or (torch.is_grad_enabled() and x.requires_grad)):
+        return x  # the fast path (torch._native_multi_head_attention) takes x as it is
+    if x.transpose(0, 1).is_contiguous():
+        return x
+    return x.transpose(0, 1).contiguous().transpose(0, 1)
+
+
 class AdaptedModule(nn.Module):
     """Base of the wrappers: holds `base_layer` (not as a child: its tensors are aliased) and `adapter`.
 
@@ -86,8 +109,25 @@ class AdaptedModule(nn.Module):
     def _combine(self, x: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    #: let adapters with an `add_into(out, x, scale)` method fold their output projection, the scale and the sum
+    #: with the trunk into one call (see Convpass.add_into); False forces the plain `trunk + s·adapter(x)`
+    fused: bool = True
+
+    def _add(self, trunk: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """trunk' + s·adapter(x), trunk' = drop_path(trunk): fused when the adapter can and nothing is dropped."""
+        add_into = getattr(self.adapter, "add_into", None) if self.fused and not _has_hooks(self.adapter) else None
+        same_dtype = trunk.dtype == x.dtype == _dtype_of(self.adapter, x.dtype) \
+            or torch.is_autocast_enabled(trunk.device.type)
+        if add_into is not None and same_dtype and (self.drop_rate == 0.0 or not self.training):
+            return add_into(trunk, x, self.scale)
+        return drop_path(trunk, self.drop_rate, self.training) + self._adapter_term(x)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        out = self.base_layer(x, *args, **kwargs)
+        base_x = _token_major_strides(self.base_layer, x)
+        if base_x is not x:  # the same values; key and value stay the very query object (self-attention)
+            args = tuple(base_x if a is x else a for a in args)
+            kwargs = {k: base_x if v is x else v for k, v in kwargs.items()}
+        out = self.base_layer(base_x, *args, **kwargs)
         if isinstance(out, tuple):  # nn.MultiheadAttention: (output, weights)
             return (self._combine(x, out[0]), *out[1:])
         return self._combine(x, out)
@@ -106,11 +146,11 @@ class ParallelAdapter(AdaptedModule):
     """output = base(x, ...) + s·adapter(x): the adapter reads the sub-block's (normalized) input."""
 
     def _combine(self, x: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
-        return drop_path(trunk, self.drop_rate, self.training) + self._adapter_term(x)
+        return self._add(trunk, x)
 
 
 class SequentialAdapter(AdaptedModule):
     """output = a + s·adapter(a) with a = base(x, ...): the adapter reads the sub-block's output."""
 
     def _combine(self, x: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
-        return drop_path(trunk, self.drop_rate, self.training) + self._adapter_term(trunk)
+        return self._add(trunk, trunk)
