@@ -1,11 +1,15 @@
-"""Benchmarks of Convpass on an open_clip image encoder (random init), as ratios within one run.
+"""Speed and memory of adapters in an open_clip image encoder (random init), as ratios measured in one run.
 
-(a) inference: adapted vs plain encoder forward (fp32, no grad), in seconds and in counted FLOPs
-    (torch's FlopCounterMode: matmuls and convs), the latter immune to load from other processes;
-(b) one training step of adapters + a linear head: fp32, bf16 autocast, trunk cast to bf16 (adapters fp32);
-(c) memory: peak CUDA memory per step on a GPU; everywhere, the bytes autograd saves for backward
-    (tensors saved by the step's graph, parameters excluded — activations and autocast weight copies).
-Repeats of the compared settings are interleaved so that load from other processes hits them alike.
+P1  adapted / plain inference time (fp32, no grad), beside the counted-FLOPs ratio (torch's FlopCounterMode:
+    matmuls, convolutions, attention — immune to load from other processes) and the adapted encoder with
+    the fused adapter path switched off (`AdaptedModule.fused = False`), which shows what fusing buys;
+P3  one training step of adapters + a linear head through the frozen trunk / plain inference time, with and
+    without gradient checkpointing (and, on CUDA or with --bf16, under bf16 autocast and with the trunk cast
+    to bf16), beside its counted-FLOPs ratio (≈ 2 when autograd computes no trunk weight gradients, ≈ 3 if it did);
+memory: the bytes autograd saves for backward per step (distinct storages, parameters excluded: activations
+    and autocast weight copies), with and without checkpointing; peak CUDA memory per step on a GPU.
+All timed settings run in rounds, the order reversed every other round, so that load from other processes
+hits them alike; a ratio is the median over rounds of the ratio within the round.
 """
 from __future__ import annotations
 
@@ -25,11 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import adapter_modules, add_adapters, count_trainable
+from .adapters import adapted_modules, adapter_modules, add_adapters, count_trainable
 
-__all__ = ["BenchConfig", "run_benchmark", "format_table", "main"]
+__all__ = ["BenchConfig", "TARGETS", "run_benchmark", "format_table", "main", "interleaved_times", "paired_ratio",
+           "saved_for_backward_bytes", "forward_gflops", "peak_cuda_bytes"]
 
 MB = 1024 * 1024
+#: the project's goals (issue 13): adapted/plain inference time, training step/plain inference time
+TARGETS = {"adapted_vs_plain_inference": 1.03, "train_step_vs_plain_inference": 2.4}
 
 
 @dataclass
@@ -46,6 +53,10 @@ class BenchConfig:
     device: str = "cpu"
     threads: Optional[int] = None
     seed: int = 0
+    #: also time bf16 training steps (autocast; trunk cast to bf16); None: on CUDA only (5–6× slower on CPU)
+    bf16: Optional[bool] = None
+    #: print the top operators of one adapted inference and one training step (torch.profiler); 0 = off
+    profile: int = 0
 
 
 def _sync(device: torch.device) -> None:
@@ -76,8 +87,16 @@ def interleaved_times(settings: dict[str, Callable[[], Any]], warmup: int, repea
     return times
 
 
+def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    """Median over rounds of times[numerator][i] / times[denominator][i] (settings timed in the same round)."""
+    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
+
+
 def saved_for_backward_bytes(step: Callable[[], Any], exclude: Sequence[torch.Tensor] = ()) -> int:
-    """Bytes of the distinct storages autograd saves during `step`, storages of `exclude` left out."""
+    """Bytes of the distinct storages autograd saves during `step`, storages of `exclude` left out.
+
+    Under non-reentrant gradient checkpointing the inputs of each checkpointed block are saved through
+    these hooks and counted; what the block saves internally is recomputed in backward and not."""
     excluded = {t.untyped_storage().data_ptr() for t in exclude}
     storages: dict[int, int] = {}
 
@@ -93,7 +112,7 @@ def saved_for_backward_bytes(step: Callable[[], Any], exclude: Sequence[torch.Te
 
 
 def forward_gflops(fn: Callable[[], Any]) -> float:
-    """GFLOPs torch counts for one call of `fn` (matmuls, convolutions, attention)."""
+    """GFLOPs torch counts for one call of `fn` (matmuls, convolutions, attention; backward too if it runs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
@@ -112,11 +131,50 @@ def peak_cuda_bytes(step: Callable[[], Any], device: torch.device) -> Optional[i
     return torch.cuda.max_memory_allocated(device)
 
 
+def top_operators(fn: Callable[[], Any], rows: int) -> list[dict[str, Any]]:
+    """The `rows` operators with the most self CPU time in one call of `fn` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [{"name": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
+             "calls": e.count} for e in events[:rows]]
+
+
+def _inference(encoder: nn.Module, images: torch.Tensor, fused: bool = True) -> Callable[[], Any]:
+    wrappers = adapted_modules(encoder)
+
+    def call() -> Any:
+        encoder.eval()
+        for wrapper in wrappers:
+            wrapper.fused = fused
+        with torch.no_grad():
+            return encoder(images)
+
+    return call
+
+
+def _counted(encoder: nn.Module, images: torch.Tensor) -> Callable[[], Any]:
+    """A no-grad forward in train mode, for FlopCounterMode: in eval, nn.MultiheadAttention's fused inference
+    kernel runs its matmuls out of the counter's sight (the adapters' dropout changes no FLOPs)."""
+    def call() -> Any:
+        encoder.train()
+        with torch.no_grad():
+            return encoder(images)
+
+    return call
+
+
 def _training_step(visual: nn.Module, head: nn.Linear, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                   labels: torch.Tensor, autocast_dtype: Optional[torch.dtype]) -> Callable[[], None]:
+                   labels: torch.Tensor, autocast_dtype: Optional[torch.dtype] = None,
+                   checkpointing: bool = False) -> Callable[[], None]:
     device_type = images.device.type
 
     def step() -> None:
+        visual.train()
+        visual.set_grad_checkpointing(checkpointing)
         optimizer.zero_grad(set_to_none=True)
         context = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         with context:
@@ -138,13 +196,19 @@ def _build_encoder(cfg: BenchConfig, device: torch.device) -> nn.Module:
     return open_clip.create_model(name, pretrained=None).visual.to(device).eval()
 
 
+def _optimizer(*modules: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for m in modules for p in m.parameters() if p.requires_grad], lr=1e-5)
+
+
 def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
-    """Run (a), (b), (c) for `cfg` and return the results (times in seconds, memory in MB)."""
+    """Time every setting in interleaved rounds, count FLOPs and saved bytes; return the results
+    (times in seconds, memory in MB, ratios as described in the module docstring)."""
     if cfg.batch <= 0 or cfg.repeats <= 0 or cfg.warmup < 0:
         raise ValueError(f"--batch and --repeats must be positive and --warmup non-negative, got {cfg}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
+    with_bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
     plain = _build_encoder(cfg, device)
     for param in plain.parameters():
         param.requires_grad_(False)
@@ -154,40 +218,51 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     size = plain.image_size
     images = torch.randn(cfg.batch, 3, size[0], size[1], generator=generator).to(device)
     labels = torch.randint(0, cfg.classes, (cfg.batch,), generator=generator).to(device)
-
-    def infer(encoder: nn.Module) -> Callable[[], Any]:
-        def call() -> Any:
-            with torch.no_grad():
-                return encoder(images)
-        return call
-
-    inference = interleaved_times({"plain": infer(plain), "adapted": infer(adapted)}, cfg.warmup, cfg.repeats, device)
-    gflops = {"plain": forward_gflops(infer(plain)), "adapted": forward_gflops(infer(adapted))}
-    del plain
-
-    adapted.train()
-    cast = copy.deepcopy(adapted).to(torch.bfloat16)
-    adapter_modules(cast).float()  # trunk bf16, adapters fp32
     head = nn.Linear(int(adapted.output_dim), cfg.classes).to(device)
-    head_cast = copy.deepcopy(head)
-    steps = {
-        "fp32": _training_step(adapted, head, torch.optim.AdamW([*adapters.parameters(), *head.parameters()], lr=1e-5),
-                               images, labels, None),
-        "bf16_autocast": _training_step(adapted, head, torch.optim.AdamW([*adapters.parameters(), *head.parameters()],
-                                                                         lr=1e-5), images, labels, torch.bfloat16),
-        "bf16_trunk": _training_step(cast, head_cast,
-                                     torch.optim.AdamW([*adapter_modules(cast).parameters(), *head_cast.parameters()],
-                                                       lr=1e-5), images.to(torch.bfloat16), labels, None),
-    }
-    params = {"fp32": [*adapted.parameters(), *head.parameters()], "bf16_autocast": [*adapted.parameters(), *head.parameters()],
-              "bf16_trunk": [*cast.parameters(), *head_cast.parameters()]}
-    memory = {name: {"saved_for_backward_mb": saved_for_backward_bytes(step, params[name]) / MB,
-                     "peak_cuda_mb": (lambda b: None if b is None else b / MB)(peak_cuda_bytes(step, device))}
-              for name, step in steps.items()}
-    training = interleaved_times(steps, max(cfg.warmup - 1, 0), cfg.repeats, device)
 
-    median = {k: statistics.median(v) for k, v in {**{f"infer_{k}": v for k, v in inference.items()},
-                                                   **{f"train_{k}": v for k, v in training.items()}}.items()}
+    settings: dict[str, Callable[[], Any]] = {
+        "infer_plain": _inference(plain, images),
+        "infer_adapted": _inference(adapted, images),
+        "infer_adapted_unfused": _inference(adapted, images, fused=False),
+        "train_fp32": _training_step(adapted, head, _optimizer(adapters, head), images, labels),
+        "train_fp32_checkpointing": _training_step(adapted, head, _optimizer(adapters, head), images, labels,
+                                                   checkpointing=True),
+    }
+    params = {"train_fp32": [*adapted.parameters(), *head.parameters()]}
+    params["train_fp32_checkpointing"] = params["train_fp32"]
+    if with_bf16:
+        cast = copy.deepcopy(adapted).to(torch.bfloat16)
+        adapter_modules(cast).float()  # trunk bf16, adapters fp32
+        head_cast = copy.deepcopy(head)
+        settings["train_bf16_autocast"] = _training_step(adapted, head, _optimizer(adapters, head), images, labels,
+                                                         torch.bfloat16)
+        settings["train_bf16_trunk"] = _training_step(cast, head_cast, _optimizer(adapter_modules(cast), head_cast),
+                                                      images.to(torch.bfloat16), labels)
+        params["train_bf16_autocast"] = params["train_fp32"]
+        params["train_bf16_trunk"] = [*cast.parameters(), *head_cast.parameters()]
+
+    gflops = {"plain": forward_gflops(_counted(plain, images)), "adapted": forward_gflops(_counted(adapted, images)),
+              "train_step": forward_gflops(settings["train_fp32"])}
+    memory = {name: {"saved_for_backward_mb": saved_for_backward_bytes(settings[name], params[name]) / MB,
+                     "peak_cuda_mb": (lambda b: None if b is None else b / MB)(peak_cuda_bytes(settings[name], device))}
+              for name in params}
+    times = interleaved_times(settings, cfg.warmup, cfg.repeats, device)
+    profile = {}
+    if cfg.profile > 0:
+        profile = {name: top_operators(settings[name], cfg.profile)
+                   for name in ("infer_plain", "infer_adapted", "train_fp32")}
+
+    ratios = {
+        "adapted_vs_plain_inference": paired_ratio(times, "infer_adapted", "infer_plain"),
+        "unfused_adapted_vs_plain_inference": paired_ratio(times, "infer_adapted_unfused", "infer_plain"),
+        "train_step_vs_plain_inference": paired_ratio(times, "train_fp32", "infer_plain"),
+        "checkpointed_train_step_vs_plain_inference": paired_ratio(times, "train_fp32_checkpointing", "infer_plain"),
+        "adapted_vs_plain_inference_flops": gflops["adapted"] / gflops["plain"],
+        "train_step_vs_plain_inference_flops": gflops["train_step"] / gflops["plain"],
+    }
+    if with_bf16:
+        ratios["bf16_autocast_vs_fp32_step"] = paired_ratio(times, "train_bf16_autocast", "train_fp32")
+        ratios["bf16_trunk_vs_fp32_step"] = paired_ratio(times, "train_bf16_trunk", "train_fp32")
     return {
         "config": asdict(cfg),
         "environment": {
@@ -195,6 +270,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
             "threads": torch.get_num_threads(),
             "device": str(device),
             "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
             "load_average_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         },
         "encoder": {
@@ -204,44 +280,62 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
             "trainable_adapter_params": count_trainable(adapters),
             "head_params": sum(p.numel() for p in head.parameters()),
         },
-        "seconds": {"inference": inference, "training_step": training},
-        "median_seconds": median,
-        "inference_gflops": gflops,
-        "ratios": {
-            "adapted_vs_plain_inference": median["infer_adapted"] / median["infer_plain"],
-            "adapted_vs_plain_inference_flops": gflops["adapted"] / gflops["plain"],
-            "bf16_autocast_vs_fp32_step": median["train_bf16_autocast"] / median["train_fp32"],
-            "bf16_trunk_vs_fp32_step": median["train_bf16_trunk"] / median["train_fp32"],
-        },
+        "seconds": times,
+        "median_seconds": {name: statistics.median(values) for name, values in times.items()},
+        "gflops": gflops,
+        "ratios": ratios,
+        "targets": {name: {"goal": goal, "met": ratios[name] <= goal} for name, goal in TARGETS.items()},
         "memory": memory,
+        "profile": profile,
         "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
+LABELS = {
+    "infer_plain": "inference, plain encoder",
+    "infer_adapted": "inference, adapted encoder (P1)",
+    "infer_adapted_unfused": "inference, adapted, fused path off",
+    "train_fp32": "train step, fp32 (P3)",
+    "train_fp32_checkpointing": "train step, fp32, gradient checkpointing",
+    "train_bf16_autocast": "train step, bf16 autocast",
+    "train_bf16_trunk": "train step, trunk cast to bf16",
+}
+
+
 def format_table(results: dict[str, Any]) -> str:
-    """A markdown table of the medians, ratios and memory."""
-    cfg, med, mem = results["config"], results["median_seconds"], results["memory"]
-    fp32 = med["train_fp32"]
+    """A markdown table of the medians, the within-round ratios to plain inference and memory."""
+    cfg, med, mem, env = results["config"], results["median_seconds"], results["memory"], results["environment"]
+    times = results["seconds"]
     lines = [
-        f"{cfg['model']} {cfg['kind']} h={cfg['dim']}, batch {cfg['batch']}, {cfg['repeats']} repeats, "
-        f"{results['environment']['threads']} threads on {results['environment']['device']}; "
+        f"{cfg['model']} {cfg['kind']} h={cfg['dim']}, batch {cfg['batch']}, {cfg['repeats']} interleaved rounds, "
+        f"{env['threads']} threads on {env['device']}; "
         f"{results['encoder']['trainable_adapter_params']:,} adapter parameters",
         "",
-        "| measurement | median s | ratio | saved for backward MB | peak CUDA MB |",
+        "| setting | median s | / plain inference | saved for backward MB | peak CUDA MB |",
         "|---|---|---|---|---|",
-        f"| inference, plain encoder | {med['infer_plain']:.3f} | 1.00 | – | – |",
-        f"| inference, adapted encoder | {med['infer_adapted']:.3f} | {med['infer_adapted'] / med['infer_plain']:.2f} | – | – |",
     ]
-    flops = results["inference_gflops"]
-    for name, label in (("fp32", "train step, fp32"), ("bf16_autocast", "train step, bf16 autocast"),
-                        ("bf16_trunk", "train step, trunk cast to bf16")):
-        peak = mem[name]["peak_cuda_mb"]
-        lines.append(f"| {label} | {med['train_' + name]:.3f} | {med['train_' + name] / fp32:.2f} | "
-                     f"{mem[name]['saved_for_backward_mb']:.1f} | {'–' if peak is None else f'{peak:.0f}'} |")
-    lines.append(f"\ncounted forward GFLOPs: plain {flops['plain']:.2f}, adapted {flops['adapted']:.2f} "
-                 f"(ratio {flops['adapted'] / flops['plain']:.4f})")
+    for name in times:
+        ratio = paired_ratio(times, name, "infer_plain")
+        memory = mem.get(name, {})
+        saved = memory.get("saved_for_backward_mb")
+        peak = memory.get("peak_cuda_mb")
+        lines.append(f"| {LABELS.get(name, name)} | {med[name]:.3f} | {ratio:.3f} | "
+                     f"{'–' if saved is None else f'{saved:.1f}'} | {'–' if peak is None else f'{peak:.0f}'} |")
+    ratios, flops = results["ratios"], results["gflops"]
+    lines.append("")
+    for name, target in results["targets"].items():
+        lines.append(f"{name}: {ratios[name]:.3f} (goal ≤ {target['goal']}: {'met' if target['met'] else 'NOT met'})")
+    lines.append(f"counted GFLOPs: plain forward {flops['plain']:.2f}, adapted forward {flops['adapted']:.2f} "
+                 f"(ratio {ratios['adapted_vs_plain_inference_flops']:.4f}), training step {flops['train_step']:.2f} "
+                 f"(ratio to plain forward {ratios['train_step_vs_plain_inference_flops']:.3f})")
+    for name in ("bf16_autocast_vs_fp32_step", "bf16_trunk_vs_fp32_step"):
+        if name in ratios:
+            lines.append(f"{name}: {ratios[name]:.2f}")
+    for name, rows in results.get("profile", {}).items():
+        lines.append(f"\ntop operators, {LABELS.get(name, name)} (self CPU ms, share, calls):")
+        lines += [f"  {r['name']:<50} {r['self_ms']:9.1f} {100 * r['share']:5.1f}% {r['calls']:6d}" for r in rows]
     lines.append(f"process peak RSS: {results['process_peak_rss_mb']:.0f} MB; "
-                 f"1-min load average at the end: {results['environment']['load_average_1min_at_end']}")
+                 f"1-min load average at the end: {env['load_average_1min_at_end']}")
     return "\n".join(lines)
 
 
@@ -250,8 +344,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[BenchConfig, Optio
     defaults = BenchConfig()
     parser.add_argument("--model", default=defaults.model, help="open_clip model name or model-config JSON")
     parser.add_argument("--batch", type=int, default=defaults.batch)
-    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed rounds per setting")
-    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed rounds per setting")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed rounds")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed rounds of every setting")
     parser.add_argument("--kind", "--method", dest="kind", default=defaults.kind,
                         help="adapter kind (a name in clipconv.adapters.ADAPTERS)")
     parser.add_argument("--dim", type=int, default=defaults.dim, help="adapter bottleneck h")
@@ -259,6 +353,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[BenchConfig, Optio
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time bf16 training steps (default: on CUDA only)")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="list the top ROWS operators of one inference and one training step")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = vars(parser.parse_args(argv))
     out = args.pop("out")

@@ -474,63 +474,6 @@ def test_adapters_follow_the_encoder_train_eval_mode(visual):
     assert not any(m.training for m in modules)
 
 
-# ---------------------------------------------------------------- benchmarks (clipconv.bench)
-def test_saved_for_backward_bytes_counts_activations_and_skips_excluded_parameters():
-    from clipconv.bench import saved_for_backward_bytes
-
-    layer = nn.Linear(4, 3)
-    inputs = torch.randn(5, 4)
-    step = lambda: layer(inputs).sum().backward()  # noqa: E731  (saves the input for the weight grad)
-    assert saved_for_backward_bytes(step, exclude=list(layer.parameters())) == inputs.nbytes
-    inputs.requires_grad_(True)  # now the weight is saved too, for the input grad
-    assert saved_for_backward_bytes(step) == inputs.nbytes + layer.weight.nbytes
-
-
-def test_interleaved_times_warms_up_then_alternates_settings():
-    from clipconv.bench import interleaved_times
-
-    calls: list[str] = []
-    times = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                              warmup=1, repeats=3, device=torch.device("cpu"))
-    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b"]
-    assert [len(v) for v in times.values()] == [3, 3] and all(t >= 0 for v in times.values() for t in v)
-
-
-def test_benchmark_runs_on_a_tiny_model_and_writes_json(tiny_config, tmp_path, capsys):
-    import json
-
-    from clipconv.bench import main
-
-    out = tmp_path / "bench" / "tiny.json"
-    results = main(["--model", str(tiny_config), "--batch", "2", "--warmup", "0", "--repeats", "1",
-                    "--classes", "5", "--out", str(out)])
-    assert json.loads(out.read_text())["ratios"] == results["ratios"]
-    assert set(results["ratios"]) == {"adapted_vs_plain_inference", "adapted_vs_plain_inference_flops",
-                                      "bf16_autocast_vs_fp32_step", "bf16_trunk_vs_fp32_step"}
-    assert all(r > 0 for r in results["ratios"].values())
-    assert results["ratios"]["adapted_vs_plain_inference_flops"] > 1.0
-    layers, width = results["encoder"]["layers"], results["encoder"]["width"]
-    assert results["encoder"]["trainable_adapter_params"] == _expected_convpass(layers, width, 8)
-    assert all(m["saved_for_backward_mb"] > 0 for m in results["memory"].values())
-    assert "train step, trunk cast to bf16" in capsys.readouterr().out
-    assert [p.name for p in out.parent.iterdir()] == ["tiny.json"]  # no temp file left behind
-
-
-def test_forward_gflops_counts_matmuls():
-    from clipconv.bench import forward_gflops
-
-    layer = nn.Linear(100, 50, bias=False)
-    inputs = torch.randn(20, 100)
-    assert forward_gflops(lambda: layer(inputs)) == pytest.approx(2 * 20 * 100 * 50 / 1e9)
-
-
-def test_benchmark_refuses_bad_sizes(tiny_config):
-    from clipconv.bench import BenchConfig, run_benchmark
-
-    with pytest.raises(ValueError, match="--batch"):
-        run_benchmark(BenchConfig(model=str(tiny_config), batch=0))
-
-
 # ---------------------------------------------------------------- drop_path (stochastic depth, issue 8)
 def test_drop_path_zero_changes_nothing_and_draws_no_random_numbers(visual):
     """Train mode, drop_path=0: bit-identical to the block computed by hand (same operation order)."""
