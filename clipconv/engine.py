@@ -136,7 +136,6 @@ class Trainer:
         log: Callable[[str], None] = print,
     ) -> None:
         self.model = model
-        self.forward = compile_module(model) if cfg.compile else model  # compiled: same parameters, faster
         self.make_loader = make_loader
         self.cfg = cfg
         self.device = device
@@ -211,6 +210,14 @@ class Trainer:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
+    def training_forward(self) -> Callable[..., Any]:
+        """`self.model`, or with `cfg.compile` its torch.compile wrapper (built once per model object)."""
+        if not self.cfg.compile:
+            return self.model
+        if getattr(self, "_compiled", (None,))[0] is not self.model:
+            self._compiled = (self.model, compile_module(self.model))
+        return self._compiled[1]
+
     def penalty(self) -> torch.Tensor:
         """The L2-SP term a/2·Σ||θ − θ₀||² (0 without `l2sp`)."""
         if self.anchor is None:
@@ -241,7 +248,7 @@ class Trainer:
             images, labels = batch
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             with self._autocast():
-                logits = self.forward(images)
+                logits = self.training_forward()(images)
             loss = self.loss(logits, labels)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(

@@ -175,3 +175,15 @@ def test_compile_option_reaches_the_trainer_and_is_a_cli_flag():
 
     args = build_parser("convpass").parse_args(["--compile"])
     assert given(args, args._method_fields, METHOD_PREFIX) == {"compile": True}
+
+
+def test_training_forward_is_the_model_or_one_compiled_wrapper_per_model_object(monkeypatch):
+    monkeypatch.setattr(engine, "COMPILE_BACKEND", "eager")
+    model = nn.Linear(3, 2)
+    plain = Trainer(model, lambda g: [], 1, TrainConfig(), torch.device("cpu"))
+    assert plain.training_forward() is model
+    trainer = Trainer(model, lambda g: [], 1, TrainConfig(compile=True), torch.device("cpu"))
+    compiled = trainer.training_forward()
+    assert compiled is not model and trainer.training_forward() is compiled
+    trainer.model = nn.Sequential(model)  # e.g. wrapped after construction (DistributedDataParallel)
+    assert trainer.training_forward() is not compiled
