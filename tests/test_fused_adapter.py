@@ -147,18 +147,34 @@ def test_fused_path_under_bf16_autocast_matches_the_unfused_one(tiny_backbone):
     _close(fused_out, plain_out, eps=torch.finfo(torch.bfloat16).eps / 16)
 
 
-def test_attention_input_is_restrided_only_off_the_fast_path():
-    from clipconv.adapters.wrappers import _token_major_strides
+def test_attention_inputs_are_relaid_only_off_the_fast_path_and_give_the_same_attention():
+    from clipconv.adapters.wrappers import _attention_inputs
 
+    torch.manual_seed(0)
     attention = nn.MultiheadAttention(12, 3, batch_first=True).requires_grad_(False)
     x = torch.randn(2, 5, 12)
     attention.eval()
-    assert _token_major_strides(attention, x) is x  # inference: the fast path takes any strides
+    assert _attention_inputs(attention, x, (x, x), {}) == (x, (x, x), {})  # inference: the fast path takes x
     attention.train()
-    moved = _token_major_strides(attention, x)
-    assert moved is not x and torch.equal(moved, x) and moved.transpose(0, 1).is_contiguous()
-    assert _token_major_strides(attention, moved) is moved  # already in token-major memory
-    assert _token_major_strides(nn.Linear(12, 12).train(), x) is x  # only attention is restrided
+    query, (key, value), kwargs = _attention_inputs(attention, x, (x, x), {"need_weights": False})
+    assert query is not x and torch.equal(query, x) and query.transpose(0, 1).is_contiguous()
+    assert key is not query and value is not key and torch.equal(key, x) and torch.equal(value, x)
+    assert key.data_ptr() == value.data_ptr() == query.data_ptr()  # views of one copy
+    assert kwargs == {"need_weights": False}
+    other = torch.randn(2, 5, 12)
+    assert _attention_inputs(attention, x, (other, other), {})[1] == (other, other)  # cross-attention untouched
+    assert _attention_inputs(nn.Linear(12, 12).train(), x, (), {})[0] is x  # only attention is relaid
     attention.eval()
     needs_grad = x.clone().requires_grad_(True)
-    assert _token_major_strides(attention, needs_grad).transpose(0, 1).is_contiguous()
+    assert _attention_inputs(attention, needs_grad, (needs_grad, needs_grad), {})[0] is not needs_grad
+    # the relaid call computes the plain self-attention, outputs and input gradients
+    attention.train()
+    inputs = x.clone().requires_grad_(True)
+    plain = attention(inputs, inputs, inputs, need_weights=False)[0]
+    query, args, kwargs = _attention_inputs(attention, inputs, (inputs, inputs), {"need_weights": False})
+    relaid = attention(query, *args, **kwargs)[0]
+    _close(relaid, plain)
+    weights = torch.linspace(-1, 1, plain.numel()).view_as(plain)
+    (grad_plain,) = torch.autograd.grad((plain * weights).sum(), inputs)
+    (grad_relaid,) = torch.autograd.grad((relaid * weights).sum(), inputs)
+    _close(grad_relaid, grad_plain)
