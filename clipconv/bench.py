@@ -9,7 +9,8 @@ P3  one training step of adapters + a linear head through the frozen trunk / pla
 memory: the bytes autograd saves for backward per step (distinct storages, parameters excluded: activations
     and autocast weight copies), with and without checkpointing; peak CUDA memory per step on a GPU.
 All timed settings run in rounds, the order reversed every other round, so that load from other processes
-hits them alike; a ratio is the median over rounds of the ratio within the round.
+hits them alike; a ratio is the median over rounds of the ratio within the round, of wall time and of the
+process's CPU time (with one thread on a shared CPU, CPU time leaves out the waits for a core).
 """
 from __future__ import annotations
 
@@ -64,18 +65,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
     _sync(device)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
-def interleaved_times(settings: dict[str, Callable[[], Any]], warmup: int, repeats: int,
-                      device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call of each setting: `warmup` untimed rounds, then `repeats` rounds in turn,
-    the order reversed every other round (A B, B A, ...) so that neither setting always runs first."""
+def interleaved_times(settings: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: torch.device,
+                      cpu_seconds: Optional[dict[str, list[float]]] = None) -> dict[str, list[float]]:
+    """Wall seconds per call of each setting: `warmup` untimed rounds, then `repeats` rounds in turn,
+    the order reversed every other round (A B, B A, ...) so that neither setting always runs first.
+    `cpu_seconds`, if given, receives the process CPU time of each call: with one thread on a CPU shared with
+    other jobs, that is the work done, without the time spent waiting for a core."""
     for _ in range(warmup):
         for fn in settings.values():
             fn()
@@ -83,7 +87,10 @@ def interleaved_times(settings: dict[str, Callable[[], Any]], warmup: int, repea
     order = list(settings)
     for round_index in range(repeats):
         for name in order if round_index % 2 == 0 else order[::-1]:
-            times[name].append(_timed(settings[name], device))
+            wall, cpu = _timed(settings[name], device)
+            times[name].append(wall)
+            if cpu_seconds is not None:
+                cpu_seconds.setdefault(name, []).append(cpu)
     return times
 
 
@@ -246,7 +253,8 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     memory = {name: {"saved_for_backward_mb": saved_for_backward_bytes(settings[name], params[name]) / MB,
                      "peak_cuda_mb": (lambda b: None if b is None else b / MB)(peak_cuda_bytes(settings[name], device))}
               for name in params}
-    times = interleaved_times(settings, cfg.warmup, cfg.repeats, device)
+    cpu_seconds: dict[str, list[float]] = {}
+    times = interleaved_times(settings, cfg.warmup, cfg.repeats, device, cpu_seconds)
     profile = {}
     if cfg.profile > 0:
         profile = {name: top_operators(settings[name], cfg.profile)
@@ -263,6 +271,10 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     if with_bf16:
         ratios["bf16_autocast_vs_fp32_step"] = paired_ratio(times, "train_bf16_autocast", "train_fp32")
         ratios["bf16_trunk_vs_fp32_step"] = paired_ratio(times, "train_bf16_trunk", "train_fp32")
+    cpu_ratios = {name: paired_ratio(cpu_seconds, numerator, "infer_plain") for name, numerator in (
+        ("adapted_vs_plain_inference", "infer_adapted"), ("unfused_adapted_vs_plain_inference", "infer_adapted_unfused"),
+        ("train_step_vs_plain_inference", "train_fp32"),
+        ("checkpointed_train_step_vs_plain_inference", "train_fp32_checkpointing"))}
     return {
         "config": asdict(cfg),
         "environment": {
@@ -282,8 +294,10 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         },
         "seconds": times,
         "median_seconds": {name: statistics.median(values) for name, values in times.items()},
+        "cpu_seconds": cpu_seconds,
         "gflops": gflops,
         "ratios": ratios,
+        "ratios_of_cpu_time": cpu_ratios,
         "targets": {name: {"goal": goal, "met": ratios[name] <= goal} for name, goal in TARGETS.items()},
         "memory": memory,
         "profile": profile,
@@ -311,20 +325,24 @@ def format_table(results: dict[str, Any]) -> str:
         f"{env['threads']} threads on {env['device']}; "
         f"{results['encoder']['trainable_adapter_params']:,} adapter parameters",
         "",
-        "| setting | median s | / plain inference | saved for backward MB | peak CUDA MB |",
-        "|---|---|---|---|---|",
+        "| setting | median wall s | wall / plain inference | CPU time / plain inference | saved for backward MB "
+        "| peak CUDA MB |",
+        "|---|---|---|---|---|---|",
     ]
+    cpu = results["cpu_seconds"]
     for name in times:
         ratio = paired_ratio(times, name, "infer_plain")
+        cpu_ratio = paired_ratio(cpu, name, "infer_plain")
         memory = mem.get(name, {})
         saved = memory.get("saved_for_backward_mb")
         peak = memory.get("peak_cuda_mb")
-        lines.append(f"| {LABELS.get(name, name)} | {med[name]:.3f} | {ratio:.3f} | "
+        lines.append(f"| {LABELS.get(name, name)} | {med[name]:.3f} | {ratio:.3f} | {cpu_ratio:.3f} | "
                      f"{'–' if saved is None else f'{saved:.1f}'} | {'–' if peak is None else f'{peak:.0f}'} |")
     ratios, flops = results["ratios"], results["gflops"]
     lines.append("")
     for name, target in results["targets"].items():
-        lines.append(f"{name}: {ratios[name]:.3f} (goal ≤ {target['goal']}: {'met' if target['met'] else 'NOT met'})")
+        lines.append(f"{name}: {ratios[name]:.3f} wall, {results['ratios_of_cpu_time'][name]:.3f} CPU time "
+                     f"(goal ≤ {target['goal']}: {'met' if target['met'] else 'NOT met'} on wall time)")
     lines.append(f"counted GFLOPs: plain forward {flops['plain']:.2f}, adapted forward {flops['adapted']:.2f} "
                  f"(ratio {ratios['adapted_vs_plain_inference_flops']:.4f}), training step {flops['train_step']:.2f} "
                  f"(ratio to plain forward {ratios['train_step_vs_plain_inference_flops']:.3f})")

@@ -64,6 +64,10 @@ def test_interleaved_times_warms_up_then_alternates_settings():
                               warmup=1, repeats=3, device=torch.device("cpu"))
     assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b"]
     assert [len(v) for v in times.values()] == [3, 3] and all(t >= 0 for v in times.values() for t in v)
+    cpu: dict[str, list[float]] = {}
+    interleaved_times({"a": lambda: sum(range(10_000))}, warmup=0, repeats=2, device=torch.device("cpu"),
+                      cpu_seconds=cpu)
+    assert list(cpu) == ["a"] and len(cpu["a"]) == 2 and all(t >= 0 for t in cpu["a"])
 
 
 def test_paired_ratio_is_the_median_of_within_round_ratios():
@@ -87,6 +91,10 @@ def test_benchmark_runs_on_a_tiny_model_and_reports_every_key(tiny_config, tmp_p
     assert all(r > 0 for r in results["ratios"].values())
     assert results["ratios"]["adapted_vs_plain_inference_flops"] > 1.0
     assert set(results["targets"]) == {"adapted_vs_plain_inference", "train_step_vs_plain_inference"}
+    assert set(results["ratios_of_cpu_time"]) == {
+        "adapted_vs_plain_inference", "unfused_adapted_vs_plain_inference", "train_step_vs_plain_inference",
+        "checkpointed_train_step_vs_plain_inference"}
+    assert results["cpu_seconds"].keys() == results["seconds"].keys()
     assert set(results["seconds"]) == {"infer_plain", "infer_adapted", "infer_adapted_unfused", "train_fp32",
                                        "train_fp32_checkpointing", "train_bf16_autocast", "train_bf16_trunk"}
     assert set(results["memory"]) == {"train_fp32", "train_fp32_checkpointing", "train_bf16_autocast",
