@@ -77,6 +77,12 @@ def test_paired_ratio_is_the_median_of_within_round_ratios():
     assert paired_ratio(times, "a", "b") == pytest.approx(2.0)
 
 
+def test_fastest_ratio_compares_the_least_disturbed_calls():
+    from clipconv.bench import fastest_ratio
+
+    assert fastest_ratio({"a": [3.0, 2.5, 9.0], "b": [2.0, 1.0, 4.0]}, "a", "b") == pytest.approx(2.5)
+
+
 def test_benchmark_runs_on_a_tiny_model_and_reports_every_key(tiny_config, tmp_path, capsys):
     from clipconv.bench import main
 
@@ -95,6 +101,8 @@ def test_benchmark_runs_on_a_tiny_model_and_reports_every_key(tiny_config, tmp_p
         "adapted_vs_plain_inference", "unfused_adapted_vs_plain_inference", "train_step_vs_plain_inference",
         "checkpointed_train_step_vs_plain_inference"}
     assert results["cpu_seconds"].keys() == results["seconds"].keys()
+    assert {name: set(r) for name, r in results["ratios_of_fastest"].items()} == {
+        name: {"wall", "cpu"} for name in results["targets"]}
     assert set(results["seconds"]) == {"infer_plain", "infer_adapted", "infer_adapted_unfused", "train_fp32",
                                        "train_fp32_checkpointing", "train_bf16_autocast", "train_bf16_trunk"}
     assert set(results["memory"]) == {"train_fp32", "train_fp32_checkpointing", "train_bf16_autocast",
