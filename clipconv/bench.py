@@ -33,8 +33,7 @@ from torch import nn
 from .adapters import adapted_modules, adapter_modules, add_adapters, count_trainable
 
 __all__ = ["BenchConfig", "TARGETS", "run_benchmark", "format_table", "main", "interleaved_times", "paired_ratio",
-           "fastest_ratio",
-           "saved_for_backward_bytes", "forward_gflops", "peak_cuda_bytes"]
+           "fastest_ratio", "saved_for_backward_bytes", "forward_gflops", "peak_cuda_bytes"]
 
 MB = 1024 * 1024
 #: the project's goals (issue 13): adapted/plain inference time, training step/plain inference time
