@@ -20,6 +20,7 @@ VIT_B16_COUNTS = {
     "convpass": ({"dim": 8}, 327_552),  # 2L((2h+1)d + 9h² + 2h)
     "convpass_attn": ({"dim": 8}, 163_776),  # half of that
     "convpass_share": ({"dim": 32}, 56_064),  # 2dh + 2L·9h
+    "lora": ({}, 294_912),  # L · 2 targets (q, v) · r(d + d), r = 8
 }
 
 
