@@ -1,5 +1,6 @@
 """Adapters for open_clip image encoders: a registry of kinds (Convpass and its variants, LoRA, BitFit,
 VPT-deep), injected by wrapping the attention / MLP sub-modules of each block, or by the kind's own injection."""
+from .bitfit import BitFitBiases, BitFitConfig, encoder_biases
 from .convpass import CONV_INITS, Convpass, ConvpassConfig, SharedProjections
 from .lora import LORA_TARGETS, LoRA, LoRAAttention, LoRAConfig, LoRALinear, add_lora, lora_attention, lora_wrappers
 from .inject import (
@@ -29,6 +30,7 @@ from .registry import (
     register_adapter,
 )
 from .tokens import TokenLayout, encoder_layout
+from .vpt import DeepPrompts, PromptedBlock, VPTConfig, vpt_init_bound
 from .wrappers import AdaptedModule, AdapterRecord, ParallelAdapter, ParameterView, SequentialAdapter
 
 __all__ = [
@@ -38,6 +40,13 @@ __all__ = [
     "SHARED_NAME",
     "AdaptedModule",
     "AdapterRecord",
+    "DeepPrompts",
+    "PromptedBlock",
+    "VPTConfig",
+    "vpt_init_bound",
+    "BitFitBiases",
+    "BitFitConfig",
+    "encoder_biases",
     "LORA_TARGETS",
     "LoRA",
     "LoRAAttention",

@@ -95,6 +95,9 @@ def tuning_config(adapter_config: type[AdapterConfig]) -> type[AdapterTuningConf
         if f.name != "scale":
             fields.append((f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory,
                                                              metadata=f.metadata)))
+    if not getattr(adapter_config, "scaled", True):  # bitfit, vpt_deep: no branch to scale, s = 1 only
+        fields.append(("scales", tuple[float, ...], option((1.0,), check=positive, aliases=("--scale",),
+                                                           help="this adapter kind has no branch to scale: 1 only")))
     name = adapter_config.__name__.replace("Config", "") + "TuningConfig"
     config = dataclasses.make_dataclass(name, fields, bases=(AdapterTuningConfig,))
     config.__module__ = __name__
