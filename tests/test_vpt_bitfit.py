@@ -149,6 +149,22 @@ def test_convpass_after_vpt_skips_the_prompts_and_keeps_3x3_locality(visual):
     assert not adapted_modules(visual) and prompt_tokens(visual) == 0
 
 
+def test_lora_after_vpt_reaches_the_wrapped_blocks_attention(visual):
+    images = _images(visual)
+    add_adapters(visual, "vpt_deep", tokens=2)
+    with torch.no_grad():
+        prompted = visual(images)
+        lora = add_adapters(visual, "lora")
+        assert torch.equal(visual(images), prompted)  # zero B: still VPT alone
+        for module in lora:
+            for param in module.in_proj.B.values():
+                param.fill_(0.1)
+        assert differs_beyond_tolerance(visual(images), prompted)  # the block's own forward calls the LoRA wrapper
+    assert all(type(block.base_layer.attn).__name__ == "LoRAAttention" for block in visual.transformer.resblocks)
+    remove_adapters(visual)
+    assert all(type(block.attn).__name__ == "MultiheadAttention" for block in visual.transformer.resblocks)
+
+
 # ----------------------------------------------------------------------------------------- BitFit
 def test_bitfit_trains_exactly_the_encoders_biases(visual):
     names = {n for n, _ in visual.named_parameters() if n.endswith("bias")}
