@@ -34,7 +34,6 @@ class BitFitConfig(AdapterConfig):
     """BitFit has no hyper-parameters of its own; it has no placement, branch scale or stochastic depth."""
 
     scaled: ClassVar[bool] = False
-    default_scales: ClassVar[tuple[float, ...]] = (1.0,)
 
     def __post_init__(self) -> None:
         super().__post_init__()

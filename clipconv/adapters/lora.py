@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,10 +62,7 @@ def _check_numbers(rank: Any, alpha: Any, dropout: Any) -> None:
 @dataclass
 class LoRAConfig(AdapterConfig):
     """LoRA on the image encoder's attention. Defaults: PEFT's `LoraConfig` (r = 8, lora_alpha = 8,
-    lora_dropout = 0) and the LoRA paper's choice of W_q and W_v (Hu et al., 2022, §7.1). The branch scale s
-    multiplies alpha/r; AdapterTuning's default for LoRA is s = 1 (the reference)."""
-
-    default_scales: ClassVar[tuple[float, ...]] = (1.0,)
+    lora_dropout = 0) and the LoRA paper's choice of W_q and W_v (Hu et al., 2022, §7.1)."""
 
     targets: tuple[str, ...] = option(("q", "v"), help="attention projections to adapt, any of q k v o (the LoRA "
                                                         "paper's q v; CLIP-LoRA uses q k v)")

@@ -38,8 +38,7 @@ Two extension points, both through the `AdapterFactory` a builder returns:
   still validates the config, refuses a second injection, and freezes everything but the adapters.
 
 A kind without a branch to scale (BitFit, VPT) sets `scaled: ClassVar[bool] = False` on its config: its
-`scale` must stay 1 and `set_adapter_scale` refuses any other value. `default_scales: ClassVar` sets the
-default of AdapterTuning's `scales` for the kind (LoRA: (1.0,), its reference; None: Convpass's 10). A kind that cannot equal the plain
+`scale` must stay 1 and `set_adapter_scale` refuses any other value. A kind that cannot equal the plain
 encoder at initialization (VPT's prompts take attention mass) registers with `identity_at_init=False`; the
 contract tests then assert that it is *not* the identity, so the flag stays truthful.
 """
@@ -72,8 +71,6 @@ class AdapterConfig(Config):
     scale: float = option(1.0, help="scale s of the adapter branch")
     #: False for kinds with no adapter branch to scale (BitFit, VPT): their `scale` must be 1.
     scaled: ClassVar[bool] = True
-    #: The default of AdapterTuning's `scales` for this kind; None: the Convpass protocol's default (10).
-    default_scales: ClassVar[Optional[tuple[float, ...]]] = None
 
     drop_path: float = option(0.0, help="stochastic depth rate of the last block (linearly 0 → rate over depth, "
                                         "timm's rule), applied to the trunk branch and the adapter branch with "

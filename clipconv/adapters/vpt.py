@@ -42,7 +42,6 @@ class VPTConfig(AdapterConfig):
     """VPT-deep hyper-parameters (VPT's defaults; the number of prompts was searched per task in the paper)."""
 
     scaled: ClassVar[bool] = False
-    default_scales: ClassVar[tuple[float, ...]] = (1.0,)
 
     tokens: int = option(10, help="prompt tokens P per block (the issue's 10; VPT searched {1, 5, 10, 50, 100, 200})")
     dropout: float = option(0.0, help="dropout on the prompt tokens (VPT's config default 0)")

@@ -95,13 +95,9 @@ def tuning_config(adapter_config: type[AdapterConfig]) -> type[AdapterTuningConf
         if f.name != "scale":
             fields.append((f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory,
                                                              metadata=f.metadata)))
-    scales = getattr(adapter_config, "default_scales", None)  # a kind's own reference scale (LoRA, BitFit, VPT: 1)
-    if scales is not None:
-        help_text = ("adapter scale(s) s multiplying the kind's update; several are each trained and the best is "
-                     f"chosen on the validation split (--val-shots); default {list(scales)}, the kind's reference"
-                     if getattr(adapter_config, "scaled", True) else "this adapter kind has no branch to scale: 1 only")
-        fields.append(("scales", tuple[float, ...], option(tuple(scales), check=positive, aliases=("--scale",),
-                                                           help=help_text)))
+    if not getattr(adapter_config, "scaled", True):  # bitfit, vpt_deep: no branch to scale, s = 1 only
+        fields.append(("scales", tuple[float, ...], option((1.0,), check=positive, aliases=("--scale",),
+                                                           help="this adapter kind has no branch to scale: 1 only")))
     name = adapter_config.__name__.replace("Config", "") + "TuningConfig"
     config = dataclasses.make_dataclass(name, fields, bases=(AdapterTuningConfig,))
     config.__module__ = __name__
