@@ -28,9 +28,12 @@ def image_loader(root: Path, samples: Sequence, transform: Callable, batch_size:
                  shuffle: bool = False, generator: Optional[torch.Generator] = None, strict: bool = False):
     """Batches of (images, labels) over (path, label) samples; undecodable images are skipped with one
     warning at the end (an error naming the file when `strict`)."""
-    from .data.folder import ImageListDataset, SkipTracker, collate_skip_bad
+    from .data import image_dataset
+    from .data.folder import SkipTracker, collate_skip_bad
 
-    dataset = ImageListDataset(root, list(samples), transform, on_error="raise" if strict else "skip")
+    dataset = image_dataset(root, list(samples), transform, on_error="raise" if strict else "skip")
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        shuffle, generator = False, None  # streamed webdataset shards: read in order, once
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate_skip_bad,
         generator=generator, drop_last=False,
