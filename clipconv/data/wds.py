@@ -116,7 +116,9 @@ def shard_paths(split_dir: Path) -> list[Path]:
 def _samples(urls: Sequence[str], **options: Any):
     import webdataset as wds
 
-    return wds.WebDataset(list(urls), shardshuffle=False, nodesplitter=None, empty_check=False, **options)
+    # no node/worker splitting here: callers read whole shards and split them across workers themselves
+    return wds.WebDataset(list(urls), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False,
+                          **options)
 
 
 def _label(sample: dict, shard: Path) -> int:
