@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .config import BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
+from .clip_benchmark import write_benchmark_results
 from .io import atomic_path, write_json, write_text
 from .report import DISPLAY, SUITE, markdown_table
 from .run import VAL_SHOTS, counts_line, environment
@@ -283,6 +284,8 @@ def _run_shots(cfg: Table2Config, session: Session, methods: Sequence[str], out:
                 _write_outputs(out, cfg, per_seed, timing, session, _missing(cfg, methods, per_seed))
                 log(f"interrupted during {name} seed {seed}: {out / 'table2.md'} is marked incomplete")
                 raise
+            write_benchmark_results(out / f"{name}_seed{seed}", session.family, fit.metrics, cfg.backbone.model,
+                                    cfg.backbone.pretrained, name, {"fewshot_k": cfg.shots, "seed": seed})
             per_seed.setdefault(name, {})[seed] = {"row": session.row(fit.metrics), "metrics": fit.metrics,
                                                    **fit.to_dict()}
             t = timing.setdefault(name, {"fit_seconds": 0.0, "eval_seconds": 0.0, "images_encoded": 0})
