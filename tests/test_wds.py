@@ -385,3 +385,27 @@ def test_changed_shards_are_reindexed(world, tmp_path):
     second = open_family("wds", data_root=str(root)).eval_splits(["imagenet_a"], family.classes())[0]
     assert [label for _, label in first.samples] == [1, 3] * 3
     assert [label for _, label in second.samples] == [3, 1] * 3
+
+
+def test_check_data_lists_the_shards_and_flags_undecodable_images(world, tmp_path, capsys):
+    import shutil
+
+    from clipconv.cli import check_data
+
+    root = Path(shutil.copytree(world["shards"], tmp_path / "wds"))
+    assert check_data.main(["--family", "wds", "--data-root", str(root), "--shots", "4", "--verify"]) == 0
+    report = capsys.readouterr().out
+    assert "train       4 classes, 20 images" in report and "ImageNet    12 images in run classes" in report
+    assert "-A          6 images in run classes, 0 dropped, scored over 2 class(es)" in report
+    assert "-V2         missing" in report and "undecodable" not in report
+    files = _files(world["folders"]["imagenet_a"], A_CLASSES)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(files[0][0].read_bytes()[:100])
+    write_shards(root / "wds_imagenet-a" / "test", [(broken, 0), *files[1:]], per_shard=10)
+    assert check_data.main(["--family", "wds", "--data-root", str(root), "--verify"]) == 0
+    report = capsys.readouterr().out
+    assert "-A: 1 undecodable image(s) will be skipped" in report and "0.tar#s0000000" in report
+    shard = root / "wds_imagenet-a" / "test" / "0.tar"
+    shard.write_bytes(shard.read_bytes()[:700])
+    assert check_data.main(["--family", "wds", "--data-root", str(root)]) == 1
+    assert "0.tar' is damaged" in capsys.readouterr().out
