@@ -56,9 +56,6 @@ def open_data_family(data: DataConfig) -> "DatasetFamily":
             raise ValueError("--family folder needs --train-root DIR and --eval-set NAME=DIR")
         return family_from_args(data.data_root, data.family == "demo", data.train_root, data.eval_roots or None,
                                 data.classnames)
-    if data.train_root is not None or data.eval_roots:
-        raise ValueError(f"--family {data.family} reads its sets from --data-root; --train-root / --eval-set belong to "
-                         "the folder family")
     options = {"data_root": data.data_root, "classnames": data.classnames}
     return open_family(data.family, **{k: v for k, v in options.items() if v is not None})
 

@@ -49,7 +49,7 @@ from .images import ImageDecodeError
 from .imagenet import EVAL_SET_SPECS, PUBLISHED_TABLE2, ClassList, DataLayoutError, EvalSplit, warn_few_classes
 
 __all__ = ["WdsFamily", "WDS_FOLDERS", "SHARD_SEPARATOR", "IMAGE_KEYS", "is_shard_sample", "shard_paths",
-           "index_shard", "ShardStream", "ExtractedShardSamples", "image_dataset", "read_templates_file",
+           "index_shard", "ShardStream", "ExtractedShardSamples", "image_dataset", "as_files", "extract_samples", "read_templates_file",
            "subset_wnids"]
 
 PathLike = Union[str, Path]
@@ -209,15 +209,18 @@ class ShardStream(torch.utils.data.IterableDataset):
     Only the shards holding the given samples are read, each once; DataLoader workers split them by
     shard (so the order across workers interleaves: callers match items by their label, e.g. the position
     FeatureStore passes). `round_seed`: torch is seeded with `item_seed(round_seed, i)` before transforming
-    the i-th given sample (as FeatureStore's map-style path does). Undecodable images: `BadImage`
+    the i-th given sample (as FeatureStore's map-style path does; `seed_offset` is added to i, for a slice
+    of a longer list, e.g. one rank's share under torchrun). Undecodable images: `BadImage`
     (on_error="skip") or ImageDecodeError (on_error="raise").
     """
 
     def __init__(self, root: PathLike, samples: Sequence[Sample], transform: Optional[Callable] = None,
-                 on_error: str = "skip", round_seed: Optional[int] = None, draft_size: Optional[int] = None) -> None:
+                 on_error: str = "skip", round_seed: Optional[int] = None, draft_size: Optional[int] = None,
+                 seed_offset: int = 0) -> None:
         self.root = Path(root)
         self.samples = [(str(p), int(label)) for p, label in samples]
         self.transform, self.on_error, self.round_seed, self.draft_size = transform, on_error, round_seed, draft_size
+        self.seed_offset = seed_offset
         self.wanted: dict[str, dict[str, int]] = {}
         for position, (path, _) in enumerate(self.samples):
             shard, key = _split_ref(path)
@@ -248,7 +251,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                     continue
                 if self.transform is not None:
                     if self.round_seed is not None:
-                        torch.manual_seed(item_seed(self.round_seed, position))
+                        torch.manual_seed(item_seed(self.round_seed, self.seed_offset + position))
                     image = self.transform(image)
                 yield image, self.samples[position][1]
 
@@ -299,30 +302,39 @@ def extract_samples(root: PathLike, paths: Sequence[str]) -> dict[str, Path]:
     return files
 
 
+def as_files(root: PathLike, samples: Sequence[Sample]) -> tuple[Path, list[Sample]]:
+    """(root, samples) readable as image files: shard samples are extracted once (`extract_samples`) and
+    given as absolute paths under root "/"; file samples come back unchanged. For code that opens
+    `root / path` itself (e.g. a decoded-image cache)."""
+    samples = [(str(p), int(label)) for p, label in samples]
+    if not samples or not is_shard_sample(samples[0][0]):
+        return Path(root), samples
+    files = extract_samples(root, [p for p, _ in samples])
+    return Path(os.sep), [(str(files[p]), label) for p, label in samples]
+
+
 class ExtractedShardSamples(ImageListDataset):
     """Map-style `(image, label)` of shard samples, extracted once to files (K-shot training: shuffled,
     many epochs and augmentation rounds over a small part of large shards)."""
 
     def __init__(self, root: PathLike, samples: Sequence[Sample], transform: Optional[Callable] = None,
                  on_error: str = "skip", draft_size: Optional[int] = None) -> None:
-        samples = [(str(p), int(label)) for p, label in samples]
-        files = extract_samples(root, [p for p, _ in samples])
-        super().__init__("/", [(str(files[p]), label) for p, label in samples], transform, on_error, draft_size)
+        super().__init__(*as_files(root, samples), transform, on_error, draft_size)
 
 
 def image_dataset(root: PathLike, samples: Sequence[Sample], transform: Optional[Callable] = None,
                   on_error: str = "skip", round_seed: Optional[int] = None,
-                  draft_size: Optional[int] = None) -> torch.utils.data.Dataset:
+                  draft_size: Optional[int] = None, seed_offset: int = 0) -> torch.utils.data.Dataset:
     """The dataset reading `samples` (paths relative to `root`): image files (`ImageListDataset`), or
     webdataset shard samples: streamed (`ShardStream`) for test splits, extracted once
-    (`ExtractedShardSamples`) for train splits. `round_seed` is only applied by `ShardStream` (map-style
-    datasets are seeded per item by their caller)."""
+    (`ExtractedShardSamples`) for train splits. `round_seed` / `seed_offset` are only applied by `ShardStream`
+    (map-style datasets are seeded per item by their caller)."""
     samples = list(samples)
     if not samples or not is_shard_sample(samples[0][0]):
         return ImageListDataset(root, samples, transform, on_error=on_error, draft_size=draft_size)
     if any(_split_ref(p)[0].split("/")[-2:-1] == ["train"] for p, _ in samples):
         return ExtractedShardSamples(root, samples, transform, on_error, draft_size)
-    return ShardStream(root, samples, transform, on_error, round_seed, draft_size)
+    return ShardStream(root, samples, transform, on_error, round_seed, draft_size, seed_offset)
 
 
 # ------------------------------------------------------------------------------------------ classes
