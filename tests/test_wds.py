@@ -405,6 +405,27 @@ def test_bad_shards_stop_with_one_line_and_exit_2_before_writing(world, tmp_path
     assert not out.exists()
 
 
+def test_a_hostile_sample_key_is_extracted_inside_the_cache(tmp_path):
+    """Training reads drawn samples as extracted files: a key such as '../../x' must not escape the cache."""
+    import tarfile
+
+    from clipconv.data.wds import extract_samples
+
+    image = next(iter(_files(make_folder(tmp_path), ["x"])))[0]
+    shard = tmp_path / "wds_imagenet1k" / "train" / "0.tar"
+    shard.parent.mkdir(parents=True)
+    with tarfile.open(shard, "w") as tar:
+        tar.add(image, arcname="../../escaped.jpg")
+        label = tmp_path / "label.cls"
+        label.write_text("0")
+        tar.add(label, arcname="../../escaped.cls")
+    files = extract_samples(tmp_path, ["wds_imagenet1k/train/0.tar#../../escaped"])
+    target = files["wds_imagenet1k/train/0.tar#../../escaped"]
+    assert target.read_bytes() == image.read_bytes()
+    assert (tmp_path / "cache" / "wds-samples") in target.resolve().parents
+    assert not list(tmp_path.parent.glob("escaped*")) and not list((tmp_path / "cache").glob("escaped*"))
+
+
 def test_changed_shards_are_reindexed(world, tmp_path):
     """The index cache is keyed by the shard's size and time: a rewritten shard is listed again."""
     import os

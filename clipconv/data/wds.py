@@ -266,6 +266,11 @@ def _extract_dir(root: Path, shard: str) -> Path:
     return _cache_root() / "wds-samples" / _shard_identity(root / shard)
 
 
+def _extracted_name(key: str, ext: str) -> str:
+    """File name of an extracted sample: a digest of its key (a key from a tar may hold '/' or '..')."""
+    return f"{hashlib.sha256(key.encode('utf-8')).hexdigest()[:32]}.{ext}"
+
+
 def extract_samples(root: PathLike, paths: Sequence[str]) -> dict[str, Path]:
     """{shard sample path: file holding its image bytes}: samples not extracted yet are read in one pass over
     their shards (webdataset) and written under `$CLIPCONV_CACHE/wds-samples/<shard identity>/`."""
@@ -277,7 +282,7 @@ def extract_samples(root: PathLike, paths: Sequence[str]) -> dict[str, Path]:
     for path in paths:
         shard, key = _split_ref(path)
         folder = _extract_dir(root, shard)
-        existing = [folder / f"{key}.{ext}" for ext in IMAGE_KEYS if (folder / f"{key}.{ext}").is_file()]
+        existing = [folder / _extracted_name(key, ext) for ext in IMAGE_KEYS if (folder / _extracted_name(key, ext)).is_file()]
         if existing:
             files[path] = existing[0]
         else:
@@ -290,7 +295,7 @@ def extract_samples(root: PathLike, paths: Sequence[str]) -> dict[str, Path]:
             if key not in keys:
                 continue
             ext = _image_key(sample, root / shard)
-            target = folder / f"{key}.{ext}"
+            target = folder / _extracted_name(key, ext)
             folder.mkdir(parents=True, exist_ok=True)
             with atomic_path(target) as tmp:
                 Path(tmp).write_bytes(sample[ext])
