@@ -120,8 +120,8 @@ class DataConfig(Config):
     templates: Optional[str] = option(
         None, help="prompt templates for every method that uses them: photo ('a photo of a {}.'), clip80, tip, or "
                    "a file with one per line, or dataset (the data's own templates file: CLIP_benchmark's "
-                   "zeroshot_classification_templates.txt, wds family) (default: each method's reference set: photo for zero-shot and the "
-                   "adapter heads, tip for Tip-Adapter(-F))")
+                   "zeroshot_classification_templates.txt, wds family) (default: each method's reference set: "
+                   "photo for zero-shot and the adapter heads, tip for Tip-Adapter(-F))")
     strict: bool = option(False, help="stop at an undecodable image instead of skipping it")
 
     def __post_init__(self) -> None:

@@ -49,8 +49,8 @@ from .images import ImageDecodeError
 from .imagenet import EVAL_SET_SPECS, PUBLISHED_TABLE2, ClassList, DataLayoutError, EvalSplit, warn_few_classes
 
 __all__ = ["WdsFamily", "WDS_FOLDERS", "SHARD_SEPARATOR", "IMAGE_KEYS", "is_shard_sample", "shard_paths",
-           "index_shard", "ShardStream", "ExtractedShardSamples", "image_dataset", "as_files", "extract_samples", "read_templates_file",
-           "subset_wnids"]
+           "index_shard", "ShardStream", "ExtractedShardSamples", "image_dataset", "as_files", "extract_samples",
+           "read_templates_file", "subset_wnids"]
 
 PathLike = Union[str, Path]
 
@@ -282,7 +282,8 @@ def extract_samples(root: PathLike, paths: Sequence[str]) -> dict[str, Path]:
     for path in paths:
         shard, key = _split_ref(path)
         folder = _extract_dir(root, shard)
-        existing = [folder / _extracted_name(key, ext) for ext in IMAGE_KEYS if (folder / _extracted_name(key, ext)).is_file()]
+        existing = [folder / _extracted_name(key, ext) for ext in IMAGE_KEYS
+                    if (folder / _extracted_name(key, ext)).is_file()]
         if existing:
             files[path] = existing[0]
         else:
