@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence
 
 import torch
 
-from .metrics import per_class_top1, topk_accuracy
+from .metrics import mean_per_class_recall, per_class_top1, topk_accuracy
 
 if TYPE_CHECKING:
     from .data import EvalSplit
@@ -28,9 +28,12 @@ def image_loader(root: Path, samples: Sequence, transform: Callable, batch_size:
                  shuffle: bool = False, generator: Optional[torch.Generator] = None, strict: bool = False):
     """Batches of (images, labels) over (path, label) samples; undecodable images are skipped with one
     warning at the end (an error naming the file when `strict`)."""
-    from .data.folder import ImageListDataset, SkipTracker, collate_skip_bad
+    from .data import image_dataset
+    from .data.folder import SkipTracker, collate_skip_bad
 
-    dataset = ImageListDataset(root, list(samples), transform, on_error="raise" if strict else "skip")
+    dataset = image_dataset(root, list(samples), transform, on_error="raise" if strict else "skip")
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        shuffle, generator = False, None  # streamed webdataset shards: read in order, once
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate_skip_bad,
         generator=generator, drop_last=False,
@@ -76,9 +79,10 @@ def evaluate_method(
     strict: bool = False,
     on_logits: Optional[Callable[[str, torch.Tensor, torch.Tensor], None]] = None,
 ) -> dict[str, dict[str, float]]:
-    """{set name: {"top1", "top5", "n", "classes", "per_class"}} for each evaluation split (sample paths
-    relative to `data_root`; "classes": how many classes the argmax is over, fewer for a restricted -A/-R
-    set; "per_class": the top-1 of each of those classes, None for one without images).
+    """{set name: {"top1", "top5", "n", "classes", "mean_per_class_recall", "per_class"}} for each evaluation
+    split (sample paths relative to `data_root`; "classes": how many classes the argmax is over, fewer for a
+    restricted -A/-R set; "mean_per_class_recall": sklearn's balanced accuracy in %, over the classes with
+    images; "per_class": the top-1 of each of those classes, None for one without images).
     `on_logits(set name, logits, labels)` receives each set's scores (e.g. to save them).
 
     Frozen-image-encoder methods score features from `features` (a FeatureStore, so each set is encoded
@@ -99,6 +103,7 @@ def evaluate_method(
         classes = split.num_classes or (len(split.subset) if split.subset is not None else
                                         int(logits.shape[1]) if logits.numel() else 0)
         results[split.name] = {**topk_accuracy(logits, labels, subset=split.subset), "classes": classes,
+                               "mean_per_class_recall": mean_per_class_recall(logits, labels, subset=split.subset),
                                "per_class": per_class_top1(logits, labels, classes, subset=split.subset)}
         if on_logits is not None:
             on_logits(split.name, logits, labels)

@@ -302,11 +302,13 @@ class FeatureStore:
         return (total / rounds).float().contiguous(), labels, kept
 
     def _encode_once(self, root, samples, transform, generator_seed, desc):
-        from .data import ImageListDataset, collate_skip_bad
+        from .data import collate_skip_bad, image_dataset
 
         # the "label" carried through the loader is the sample's position, so skipped files are known exactly
         indexed = [(path, position) for position, (path, _) in enumerate(samples)]
-        dataset = _SeededItems(ImageListDataset(root, indexed, transform, on_error="skip"), generator_seed)
+        dataset = image_dataset(root, indexed, transform, on_error="skip", round_seed=generator_seed)
+        if not isinstance(dataset, torch.utils.data.IterableDataset):  # streamed shards seed each item themselves
+            dataset = _SeededItems(dataset, generator_seed)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.workers,
             collate_fn=collate_skip_bad, generator=torch.Generator().manual_seed(generator_seed),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from .config import BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
+from .clip_benchmark import write_benchmark_results
 from .io import write_json, write_text
 from .rundir import RUN_FILES, check_output_dir, claim_output_dir, held_files, new_run_dir
 from .session import FitResult, Session, fit_and_evaluate, method_options, open_session
@@ -23,7 +24,7 @@ from .session import FitResult, Session, fit_and_evaluate, method_options, open_
 if TYPE_CHECKING:
     from .data import FewShotSplit
 
-__all__ = ["RunConfig", "PreparedRun", "prepare_run", "execute_run", "write_results", "setup_logging",
+__all__ = ["RunConfig", "PreparedRun", "prepare_run", "execute_run", "write_results", "recall_line", "setup_logging",
            "environment", "VAL_SHOTS", "CONFIG_FILE", "counts_line", "logits_saver"]
 
 log = logging.getLogger("clipconv")
@@ -33,7 +34,8 @@ log = logging.getLogger("clipconv")
 #: without a test set. Its cost: scoring 4 images per class after every epoch — forward only, so about 8 % of
 #: 16-shot training's compute; measured on the demo (5 epochs, 1 thread, load 3.7): fit 13.5 s vs 10.4 s.
 VAL_SHOTS = 4
-RUN_PATTERNS = ("scale_*", "*_logits.safetensors")  # a Convpass scale search's sub-folders; --save-logits
+#: a Convpass scale search's sub-folders; --save-logits; the CLIP_benchmark-format results
+RUN_PATTERNS = ("scale_*", "*_logits.safetensors", "clip_benchmark")
 CONFIG_FILE = "config.json"
 VAL_HELP = ("validation images per class drawn from train, disjoint from the K shots; used to choose the scale, "
             "the epoch and the baselines' hyper-parameters (0: none)")
@@ -163,6 +165,8 @@ def execute_run(run: PreparedRun) -> FitResult:
     shortfall = {"shortfall": dict(run.split.shortfall), "val_shortfall": dict(run.split.val_shortfall)}
     write_results(run_dir, cfg.method, session.row(result.metrics), result.metrics, {**result.to_dict(), **shortfall},
                   columns=session.family.suite, display=session.family.display)
+    write_benchmark_results(run_dir, session.family, result.metrics, cfg.backbone.model, cfg.backbone.pretrained,
+                            cfg.method, {"fewshot_k": cfg.shots, "seed": cfg.seed})
     return result
 
 
@@ -188,6 +192,14 @@ def counts_line(metrics: Mapping[str, Mapping[str, Any]], display: Optional[Mapp
     return "images / classes per set: " + ", ".join(cells)
 
 
+def recall_line(metrics: Mapping[str, Mapping[str, Any]], display: Optional[Mapping[str, str]] = None) -> str:
+    """"mean per-class recall (%): ImageNet 70.12, -V2 ...": sklearn's balanced accuracy of each set."""
+    display = display or {}
+    cells = [f"{display.get(name, name)} {float(m['mean_per_class_recall']):.2f}" for name, m in metrics.items()
+             if "mean_per_class_recall" in m]
+    return "mean per-class recall (%): " + ", ".join(cells)
+
+
 def write_results(run_dir: Path, label: str, row: dict[str, float], metrics: dict[str, dict[str, float]],
                   summary: dict[str, Any], columns: Sequence[str], display: Optional[Mapping[str, str]] = None) -> None:
     """metrics.json ({set: {top1, top5, n, classes}}), results.md (the Table-2 `row` over `columns`, then
@@ -198,5 +210,6 @@ def write_results(run_dir: Path, label: str, row: dict[str, float], metrics: dic
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "run_summary.json", jsonable(summary))
     table = markdown_table([(label, row)], columns=columns, display=display)
-    write_text(run_dir / "results.md", f"# {label}: top-1 (%)\n\n{table}\n{counts_line(metrics, display)}\n")
+    write_text(run_dir / "results.md", f"# {label}: top-1 (%)\n\n{table}\n{counts_line(metrics, display)}\n"
+                                       f"{recall_line(metrics, display)}\n")
     log.info("\n" + table)

@@ -96,7 +96,7 @@ class Session:
         from .data import sample_few_shot
 
         return sample_few_shot(self.train_samples(), shots, seed, val_shots=val_shots, root=self.data_root,
-                               class_names=self.classes.names)
+                               verify=self.family.verify_draws, class_names=self.classes.names)
 
     def split_meta(self) -> dict[str, Any]:
         return {"class_ids": list(self.classes.ids), "data_root": str(self.data_root.resolve())}
@@ -164,7 +164,8 @@ def open_session(data: DataConfig, backbone: BackboneConfig, runtime: RuntimeCon
         raise ValueError(f"--eval-sets: unknown set(s) {unknown} for the {family.name} family; choose from "
                          f"{list(family.suite)}")
     classes = classes if classes is not None else family.classes()
-    templates = load_templates(data.templates) if data.templates else None
+    templates = (family.dataset_templates() if data.templates == "dataset" else
+                 load_templates(data.templates) if data.templates else None)
     device = resolve_device(runtime.device)
     precision = resolve_precision(backbone.precision, device)
     if loaded is None:

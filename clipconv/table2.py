@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .config import BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
+from .clip_benchmark import write_benchmark_results
 from .io import atomic_path, write_json, write_text
 from .report import DISPLAY, SUITE, markdown_table
 from .run import VAL_SHOTS, counts_line, environment
@@ -166,6 +167,7 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
     info = session.info()
     table_columns = {"columns": session.family.suite, "display": session.family.display}
     measured, stds, summary_rows, template_lines = [], {}, {}, []
+    recall_rows, recall_stds = [], {}  # sklearn's balanced accuracy (CLIP_benchmark's mean_per_class_recall)
     for name in cfg.methods:
         seeds = per_seed.get(name, {})
         if not seeds:
@@ -178,6 +180,12 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
         summary_rows[name] = {"label": label, "mean": mean, "std": std, "seeds": sorted(seeds),
                               "template_set": used[0] if used else None, "templates": used[1] if used else 0}
         template_lines.append(f"| {label} | " + (f"{used[0]} ({used[1]})" if used else "none") + " |")
+        if all(seeds[s].get("metrics") and all("mean_per_class_recall" in m for m in seeds[s]["metrics"].values())
+               for s in seeds):  # (tables resumed from before the recall was recorded have none)
+            recall_mean, recall_std = aggregate_seeds(
+                [session.row(seeds[s]["metrics"], "mean_per_class_recall") for s in sorted(seeds)], session.columns)
+            recall_rows.append((label, recall_mean))
+            recall_stds[label] = recall_std
     published = _published_rows(session)
     seeds_text = ", ".join(str(s) for s in cfg.seeds)
     md = [f"# Table 2: {cfg.shots}-shot, top-1 (%), mean ± std over seeds {seeds_text}", "",
@@ -189,6 +197,8 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
               if missing else []),
           "", "## measured (this run)", "", markdown_table(measured, stds, **table_columns), "",
           *([counts_line(_first_metrics(per_seed), session.family.display), ""] if _first_metrics(per_seed) else []),
+          *(["## mean per-class recall (%), mean ± std over seeds", "",
+             markdown_table(recall_rows, recall_stds, **table_columns), ""] if recall_rows else []),
           "## prompt templates per row", "", "| method | template set (count) |", "|---|---|", *template_lines, "",
           *(["## " + session.family.published_label, "",
               "Numbers printed in the Convpass paper (Table 2): full ImageNet, OpenAI ViT-B/16. For reference only "
@@ -283,6 +293,8 @@ def _run_shots(cfg: Table2Config, session: Session, methods: Sequence[str], out:
                 _write_outputs(out, cfg, per_seed, timing, session, _missing(cfg, methods, per_seed))
                 log(f"interrupted during {name} seed {seed}: {out / 'table2.md'} is marked incomplete")
                 raise
+            write_benchmark_results(out / f"{name}_seed{seed}", session.family, fit.metrics, cfg.backbone.model,
+                                    cfg.backbone.pretrained, name, {"fewshot_k": cfg.shots, "seed": seed})
             per_seed.setdefault(name, {})[seed] = {"row": session.row(fit.metrics), "metrics": fit.metrics,
                                                    **fit.to_dict()}
             t = timing.setdefault(name, {"fit_seconds": 0.0, "eval_seconds": 0.0, "images_encoded": 0})

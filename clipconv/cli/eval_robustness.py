@@ -85,8 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         recorded = run_settings(checkpoint)
         if args.output_dir:  # before any work
             check_output_dir(args.output_dir)
-            if not args.overwrite and held_files(Path(args.output_dir), RUN_FILES, ("*_logits.safetensors",)):
-                claim_output_dir(args.output_dir, RUN_FILES, ("*_logits.safetensors",))  # refuses, naming the files
+            if not args.overwrite and held_files(Path(args.output_dir), RUN_FILES, ("*_logits.safetensors", "clip_benchmark")):
+                claim_output_dir(args.output_dir, RUN_FILES, ("*_logits.safetensors", "clip_benchmark"))  # refuses, naming the files
     source = meta.get("source", {})
     fallback = {"model": source.get("model"), "pretrained": source.get("pretrained"), **recorded}
     configs, _ = shared_configs(args, args._fields, parser, fallback=fallback)
@@ -111,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         classifier, _ = load_classifier(checkpoint, backbone)
         session = open_session(data, backbone_cfg, runtime, loaded=backbone, classes=classes)
         if args.output_dir:
-            out_dir = claim_output_dir(args.output_dir, RUN_FILES, ("*_logits.safetensors",), overwrite=args.overwrite)
+            out_dir = claim_output_dir(args.output_dir, RUN_FILES, ("*_logits.safetensors", "clip_benchmark"), overwrite=args.overwrite)
         else:
             out_dir = new_run_dir(checkpoint.parent, f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
     setup_logging(out_dir, runtime.quiet)
@@ -120,6 +120,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   {"checkpoint": str(checkpoint.resolve()), "evaluated": list(metrics),
                    "not_evaluated": session.missing}, columns=session.family.suite,
                   display=session.family.display)
+    from ..clip_benchmark import write_benchmark_results
+
+    write_benchmark_results(out_dir, session.family, metrics, backbone_cfg.model, backbone_cfg.pretrained,
+                            meta.get("method", "checkpoint"), {"checkpoint": str(checkpoint.resolve())})
     print(f"results: {out_dir}")
     return 0
 
