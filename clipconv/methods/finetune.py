@@ -156,7 +156,23 @@ class AdapterTuning(Method):
         }
 
     # ----- fit ---------------------------------------------------------------------------------
+    @staticmethod
+    def decoded_train(ctx: FitContext):
+        """The K-shot training images decoded once for all epochs (None without `ctx.decoded_cache`)."""
+        if not ctx.decoded_cache:
+            return None
+        from ..data.decoded import decoded_images
+        from ..data.draft import needed_short_side
+
+        folder = None if ctx.decoded_cache is True else ctx.decoded_cache
+        decoded = decoded_images(ctx.data_root, ctx.train, needed_short_side(ctx.backbone.train_transform),
+                                 cache_dir=folder, workers=ctx.workers)
+        ctx.log(f"decoded training images: {len(decoded)} ({decoded.nbytes / 2**20:.1f} MB"
+                f"{', read from the cache' if decoded.from_disk else ''})")
+        return decoded
+
     def fit(self, ctx: FitContext) -> dict[str, Any]:
+        from ..data.draft import draft_for
         from ..evaluate import collect_logits, image_loader
         from ..metrics import topk_accuracy
 
@@ -166,13 +182,19 @@ class AdapterTuning(Method):
         backbone = ctx.backbone
         batches = math.ceil(len(ctx.train) / cfg.batch_size)
 
+        decoded = self.decoded_train(ctx)
+        train_draft = draft_for(ctx.draft, backbone.train_transform, training=True)
+        pin = torch.device(ctx.device).type == "cuda"
+
         def make_loader(generator: torch.Generator):
             return image_loader(ctx.data_root, ctx.train, backbone.train_transform, cfg.batch_size, cfg.workers,
-                                shuffle=True, generator=generator)
+                                shuffle=True, generator=generator, draft_size=train_draft, decoded=decoded,
+                                pin_memory=pin)
 
         def validate() -> float:
             logits, labels = collect_logits(classifier, ctx.data_root, ctx.val, backbone.eval_transform, ctx.device,
-                                            ctx.eval_batch_size, ctx.workers, desc="val")
+                                            ctx.eval_batch_size, ctx.workers, desc="val",
+                                            draft_size=draft_for(ctx.draft, backbone.eval_transform, training=False))
             return topk_accuracy(logits, labels)["top1"]
 
         runs = []

@@ -1,0 +1,254 @@
+"""Loader benchmark: today's image path vs the new one (draft decoding, decoded K-shot cache), as ratios.
+
+    OMP_NUM_THREADS=1 python scripts/benchmark.py loaders --images 256 --source 500x375 --epochs 3
+
+On generated JPEGs (default 500×375, ImageNet's typical size) it times, in one run with the two paths
+interleaved (A B, B A, ...):
+  * the evaluation loader (CLIP's Resize + CenterCrop transform): full decode vs `draft` decoding;
+  * the training loader (RandomResizedCrop + flip): every epoch decoding every JPEG vs the decoded
+    cache (epoch 1 includes decoding and writing the cache entry; later epochs read memory).
+and reports images/s and new/today ratios. `--check-source` also measures what drafting changes on
+larger JPEGs, where it applies: the mean and max absolute difference of the transformed pixels (0–255).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["LoaderBenchConfig", "write_jpegs", "model_transforms", "run_loader_benchmark", "draft_difference",
+           "format_loader_table", "main"]
+
+
+@dataclass
+class LoaderBenchConfig:
+    """What to benchmark; every field is a flag of `scripts/benchmark.py loaders`."""
+
+    images: int = 256
+    source: str = "500x375"
+    size: int = 224
+    epochs: int = 3
+    batch: int = 32
+    workers: int = 0
+    repeats: int = 2
+    check_source: Optional[str] = "1000x750"
+    check_images: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.images < 1 or self.epochs < 2 or self.repeats < 1 or self.batch < 1 or self.workers < 0:
+            raise ValueError("the loaders benchmark needs --images >= 1, --epochs >= 2, --repeats >= 1, --batch >= 1 "
+                             "and --workers >= 0")
+        _wh(self.source)
+        if self.check_source:
+            _wh(self.check_source)
+
+
+def _wh(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"image size must look like 500x375, got {text!r}") from None
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {text!r}")
+    return width, height
+
+
+def write_jpegs(folder: Path, count: int, size: tuple[int, int], seed: int = 0, classes: int = 2,
+                quality: int = 90) -> list[tuple[str, int]]:
+    """Write `count` photo-like JPEGs (smooth colour fields, edges and sensor-like noise) of `size`
+    (width, height) as `folder/c<k>/<i>.jpg`; return the (relative path, label) samples."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    width, height = size
+    samples = []
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    for index in range(count):
+        label = index % classes
+        coarse = rng.random((max(2, height // 32), max(2, width // 32), 3)).astype(np.float32) * 255
+        field = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.BICUBIC),
+                           dtype=np.float32)
+        cx, cy, radius = rng.random() * width, rng.random() * height, (0.1 + 0.3 * rng.random()) * min(size)
+        disc = ((xx - cx) ** 2 + (yy - cy) ** 2) < radius ** 2
+        field[disc] = 0.5 * field[disc] + 0.5 * rng.random(3).astype(np.float32) * 255
+        field += rng.normal(0, 8, field.shape).astype(np.float32)
+        rel = f"c{label}/{index:05d}.jpg"
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(field.clip(0, 255).astype(np.uint8)).save(folder / rel, "JPEG", quality=quality)
+        samples.append((rel, label))
+    return samples
+
+
+def model_transforms(size: int):
+    """(train, eval) transforms of a CLIP model with input `size`: the protocol's RandomResizedCrop(0.08–1)
+    + flip, and open_clip's Resize + CenterCrop, with OpenAI's normalization."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from .backbone import protocol_train_transform
+
+    cfg = PreprocessCfg(size=size)
+    return protocol_train_transform(cfg), image_transform_v2(cfg, is_train=False)
+
+
+def _drain(loader) -> int:
+    seen = 0
+    for images, labels in loader:
+        seen += len(labels)
+    return seen
+
+
+def _eval_pass(root, samples, transform, cfg, draft_size) -> float:
+    from .evaluate import image_loader
+
+    start = time.perf_counter()
+    seen = _drain(image_loader(root, samples, transform, cfg.batch, cfg.workers, draft_size=draft_size))
+    assert seen == len(samples)
+    return time.perf_counter() - start
+
+
+def _train_epochs(root, samples, transform, cfg, cached: bool, cache_dir: Path) -> list[float]:
+    """Seconds of each epoch; with `cached`, epoch 1 includes decoding (and writing the disk entry)."""
+    from .data.decoded import decoded_images
+    from .data.draft import needed_short_side
+    from .evaluate import image_loader
+
+    shutil.rmtree(cache_dir, ignore_errors=True)  # every repeat builds the cache afresh
+    seconds, decoded = [], None
+    for epoch in range(cfg.epochs):
+        start = time.perf_counter()
+        if cached and decoded is None:
+            decoded = decoded_images(root, samples, needed_short_side(transform), cache_dir=cache_dir,
+                                     workers=cfg.workers)
+        generator = torch.Generator().manual_seed(cfg.seed + epoch)
+        torch.manual_seed(cfg.seed + epoch)
+        seen = _drain(image_loader(root, samples, transform, cfg.batch, cfg.workers, shuffle=True,
+                                   generator=generator, decoded=decoded))
+        assert seen == len(samples)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def draft_difference(root: Path, samples: Sequence, transform, draft_size: Optional[int]) -> dict[str, float]:
+    """What drafting changes after `transform` (a PIL → tensor transform without normalization is best):
+    mean and max absolute difference of the outputs ×255 between drafted and full decoding."""
+    from .data.folder import ImageListDataset
+
+    full = ImageListDataset(root, samples, transform)
+    drafted = ImageListDataset(root, samples, transform, draft_size=draft_size)
+    diffs = [((full[i][0] - drafted[i][0]).abs() * 255).flatten() for i in range(len(samples))]
+    every = torch.cat(diffs)
+    return {"mean_abs": float(every.mean()), "max_abs": float(every.max()),
+            "p99_abs": float(every.kthvalue(max(1, int(0.99 * every.numel()))).values)}
+
+
+def run_loader_benchmark(cfg: LoaderBenchConfig, workdir: Optional[Path] = None) -> dict[str, Any]:
+    """Run the interleaved comparison; returns the settings, per-path seconds and the ratios."""
+    from .data.draft import draft_for, needed_short_side
+
+    own = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="clipconv-loaders.")) if own else Path(workdir)
+    try:
+        root = workdir / "images"
+        samples = write_jpegs(root, cfg.images, _wh(cfg.source), cfg.seed)
+        train_t, eval_t = model_transforms(cfg.size)
+        eval_draft = draft_for("eval", eval_t, training=False)
+        evals = {"today": [], "new": []}
+        trains = {"today": [], "new": []}
+        for round_index in range(cfg.repeats):
+            order = ("today", "new") if round_index % 2 == 0 else ("new", "today")
+            for path in order:
+                evals[path].append(_eval_pass(root, samples, eval_t, cfg, eval_draft if path == "new" else None))
+            for path in order:
+                trains[path].append(_train_epochs(root, samples, train_t, cfg, path == "new", workdir / "cache"))
+        n = len(samples)
+        rate = {
+            "eval": {p: n / min(v) for p, v in evals.items()},
+            "train_epoch1": {p: n / min(r[0] for r in v) for p, v in trains.items()},
+            "train_later": {p: n / min(float(np.mean(r[1:])) for r in v) for p, v in trains.items()},
+        }
+        result: dict[str, Any] = {
+            "config": asdict(cfg),
+            "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "platform": platform.platform(), "load_avg": list(os.getloadavg())},
+            "draft_size_eval": eval_draft, "needed_short_side_train": needed_short_side(train_t),
+            "seconds": {"eval": evals, "train": trains},
+            "images_per_s": rate,
+            "ratios": {k: v["new"] / v["today"] for k, v in rate.items()},
+        }
+        if cfg.check_source:
+            from torchvision import transforms as T
+
+            check_root = workdir / "check"
+            check = write_jpegs(check_root, cfg.check_images, _wh(cfg.check_source), cfg.seed + 1)
+            unnormalized = T.Compose([t for t in eval_t.transforms if not isinstance(t, T.Normalize)])
+            result["draft_check"] = {"source": cfg.check_source, "images": len(check), "draft_size": eval_draft,
+                                     **draft_difference(check_root, check, unnormalized, eval_draft)}
+        return result
+    finally:
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def format_loader_table(result: dict[str, Any]) -> str:
+    cfg = result["config"]
+    lines = [f"loaders on {cfg['images']} generated {cfg['source']} JPEGs -> {cfg['size']} px, batch {cfg['batch']}, "
+             f"workers {cfg['workers']}, {cfg['epochs']} epochs, best of {cfg['repeats']} interleaved repeats",
+             f"{'loader':<22}{'today img/s':>12}{'new img/s':>12}{'ratio':>8}"]
+    names = {"eval": "evaluation", "train_epoch1": "training, epoch 1", "train_later": "training, epochs 2+"}
+    for key, label in names.items():
+        rate = result["images_per_s"][key]
+        lines.append(f"{label:<22}{rate['today']:>12.1f}{rate['new']:>12.1f}{result['ratios'][key]:>7.2f}x")
+    check = result.get("draft_check")
+    if check:
+        lines.append(f"draft on {check['images']} {check['source']} JPEGs (eval transform, 0-255 units): mean |diff| "
+                     f"{check['mean_abs']:.2f}, p99 {check['p99_abs']:.1f}, max {check['max_abs']:.1f}")
+    lines.append(f"load average {result['machine']['load_avg']}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[LoaderBenchConfig, Optional[str]]:
+    defaults = LoaderBenchConfig()
+    parser = argparse.ArgumentParser(prog="scripts/benchmark.py loaders", description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=defaults.images, help="generated JPEGs")
+    parser.add_argument("--source", default=defaults.source, help="their size WxH (default 500x375)")
+    parser.add_argument("--size", type=int, default=defaults.size, help="model input size")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs per repeat (>= 2)")
+    parser.add_argument("--batch", type=int, default=defaults.batch)
+    parser.add_argument("--workers", type=int, default=defaults.workers, help="DataLoader worker processes")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="interleaved repeats (best kept)")
+    parser.add_argument("--check-source", default=defaults.check_source,
+                        help="size of the JPEGs on which to measure what drafting changes ('' to skip)")
+    parser.add_argument("--check-images", type=int, default=defaults.check_images)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--out", help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    out = args.out
+    del args.out
+    try:
+        cfg = LoaderBenchConfig(**vars(args))
+    except ValueError as err:
+        parser.error(str(err))
+    return cfg, out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Parse flags, run, print the table and write JSON (`--out`)."""
+    from .io import write_json
+
+    cfg, out = parse_args(argv)
+    result = run_loader_benchmark(cfg)
+    print(format_loader_table(result))
+    if out is not None:
+        write_json(out, result)
+        print(f"wrote {out}")
+    return result
