@@ -56,13 +56,15 @@ def collect_logits(
     desc: str = "",
     strict: bool = False,
     draft_size: Optional[int] = None,
+    decoded=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run `score(images)` over a sample list; returns (logits, labels) on CPU."""
+    """Run `score(images)` over a sample list; returns (logits, labels) on CPU (`draft_size`, `decoded`:
+    see `image_loader`)."""
     from .progress import progress
 
     device = torch.device(device)
     loader = image_loader(root, samples, transform, batch_size, workers, strict=strict, draft_size=draft_size,
-                          pin_memory=device.type == "cuda")
+                          decoded=decoded, pin_memory=device.type == "cuda")
     all_logits, all_labels = [], []
     for images, labels in progress(loader, desc=desc or "eval", unit="batch"):
         all_logits.append(score(images.to(device, non_blocking=True)).float().cpu())

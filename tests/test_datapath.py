@@ -256,6 +256,20 @@ def test_large_images_are_cached_at_the_needed_side_never_smaller(big_jpegs):
         assert np.array_equal(full.array(index), np.asarray(load_rgb(root / path)))
 
 
+@pytest.mark.parametrize("draft", [None, 64])
+def test_validation_images_cached_after_the_eval_resize_score_exactly_as_the_files(big_jpegs, draft):
+    from clipconv.data.draft import leading_resize
+
+    root, samples = big_jpegs
+    _, evaluation = model_transforms(64)
+    decoded = decoded_images(root, samples, draft, prepare=leading_resize(evaluation))
+    assert [tuple(int(v) for v in decoded.shapes[i]) for i in range(len(samples))] == [(64, 85)] * len(samples)
+    score = lambda images: images.flatten(1)  # noqa: E731 — every pixel is compared
+    plain, plain_labels = collect_logits(score, root, samples, evaluation, torch.device("cpu"), 4, draft_size=draft)
+    cached, cached_labels = collect_logits(score, root, samples, evaluation, torch.device("cpu"), 4, decoded=decoded)
+    assert torch.equal(plain, cached) and torch.equal(plain_labels, cached_labels)
+
+
 def test_decoded_dataset_raises_naming_the_file_when_strict(small_jpegs):
     from clipconv.data import ImageDecodeError
 
@@ -274,19 +288,25 @@ def test_unusable_cache_folder_keeps_the_images_in_memory(small_jpegs, tmp_path)
     assert len(decoded) == len(samples) and int(decoded.ok.sum()) == len(samples) - 1
 
 
-def test_adapter_training_with_the_decoded_cache_gives_the_same_weights(tmp_path, tiny_config):
+def test_adapter_training_with_the_decoded_cache_gives_the_same_weights(tmp_path, tiny_config, monkeypatch):
+    import clipconv.data.folder as folder
     from baseline_world import make_world
 
     from clipconv.methods import build_method
 
     world = make_world(tmp_path, tiny_config, shots=2, val_shots=1, classes=2)
+    file_reads = []
+    monkeypatch.setattr(folder, "load_rgb", lambda path, draft_size=None: file_reads.append(path) or load_rgb(path))
     weights = {}
     for cache in (False, True, str(tmp_path / "decoded")):
+        file_reads.clear()
         method = build_method("convpass", epochs=2, batch_size=2, lr=1e-2, scales=[1.0])
         method.fit(dataclasses.replace(world.ctx, decoded_cache=cache))
+        # without the cache every epoch reads every train and val file; with it the loaders read none
+        assert len(file_reads) == (0 if cache else 2 * (len(world.ctx.train) + len(world.ctx.val)))
         weights[str(cache)] = {n: p.detach().clone() for n, p in method.classifier.named_parameters()
                                if p.requires_grad}
-    assert len(list((tmp_path / "decoded").iterdir())) == 1
+    assert len(list((tmp_path / "decoded").iterdir())) == 2  # the train and the validation images
     reference = weights["False"]
     for name, tensor in reference.items():
         for other in list(weights)[1:]:

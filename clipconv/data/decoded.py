@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .folder import BadImage, Sample
+from ..features import transform_id
 from .images import ImageDecodeError, load_rgb
 
 __all__ = ["DecodedImages", "DecodedImageDataset", "decoded_images", "decoded_cache_dir", "decode_key", "ENTRY_SUFFIX"]
@@ -102,9 +103,11 @@ class DecodedImageDataset(Dataset):
         return image, self.samples[index][1]
 
 
-def _decode_one(path: Path, short_side: Optional[int]) -> np.ndarray:
+def _decode_one(path: Path, short_side: Optional[int], prepare: Optional[Callable] = None) -> np.ndarray:
     image = load_rgb(path, draft_size=short_side)
-    if short_side is not None and min(image.size) > short_side:
+    if prepare is not None:
+        image = prepare(image)
+    elif short_side is not None and min(image.size) > short_side:
         width, height = image.size
         scale = short_side / min(width, height)
         size = (short_side, max(short_side, round(height * scale))) if width <= height else \
@@ -114,15 +117,16 @@ def _decode_one(path: Path, short_side: Optional[int]) -> np.ndarray:
 
 
 class _Decode(Dataset):
-    def __init__(self, root: Path, samples: Sequence[Sample], short_side: Optional[int]) -> None:
-        self.root, self.samples, self.short_side = root, samples, short_side
+    def __init__(self, root: Path, samples: Sequence[Sample], short_side: Optional[int],
+                 prepare: Optional[Callable]) -> None:
+        self.root, self.samples, self.short_side, self.prepare = root, samples, short_side, prepare
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         try:
-            return index, _decode_one(self.root / self.samples[index][0], self.short_side)
+            return index, _decode_one(self.root / self.samples[index][0], self.short_side, self.prepare)
         except ImageDecodeError as err:
             return index, str(err)
 
@@ -131,7 +135,8 @@ def _identity(item):
     return item
 
 
-def decode_key(root: Union[str, Path], samples: Sequence[Sample], short_side: Optional[int]) -> dict:
+def decode_key(root: Union[str, Path], samples: Sequence[Sample], short_side: Optional[int],
+               prepare: Optional[Callable] = None) -> dict:
     """What identifies a decoded set: root, the ordered samples with their file sizes and mtimes, the size."""
     root = Path(root)
     digest = hashlib.sha256()
@@ -143,7 +148,7 @@ def decode_key(root: Union[str, Path], samples: Sequence[Sample], short_side: Op
             stamp = "missing"
         digest.update(f"{path}\t{int(label)}\t{stamp}\n".encode("utf-8"))
     return {"format": FORMAT, "root": str(root.resolve()), "files": digest.hexdigest(), "n": len(samples),
-            "short_side": short_side, "resize": "draft+bicubic"}
+            "short_side": short_side, "resize": "draft+bicubic" if prepare is None else transform_id(prepare)}
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -203,10 +208,11 @@ def _write(path: Path, key: dict, decoded: DecodedImages) -> None:
         warnings.warn(f"decoded-image cache entry not saved: {err}", stacklevel=3)
 
 
-def _decode_all(root: Path, samples: Sequence[Sample], short_side: Optional[int], workers: int) -> DecodedImages:
+def _decode_all(root: Path, samples: Sequence[Sample], short_side: Optional[int], workers: int,
+                prepare: Optional[Callable]) -> DecodedImages:
     arrays: list[Optional[np.ndarray]] = [None] * len(samples)
     errors: dict[int, str] = {}
-    loader = torch.utils.data.DataLoader(_Decode(root, samples, short_side), batch_size=None, num_workers=workers,
+    loader = torch.utils.data.DataLoader(_Decode(root, samples, short_side, prepare), batch_size=None, num_workers=workers,
                                          collate_fn=_identity)
     for index, result in loader:
         if isinstance(result, str):
@@ -228,9 +234,14 @@ def _decode_all(root: Path, samples: Sequence[Sample], short_side: Optional[int]
 
 
 def decoded_images(root: Union[str, Path], samples: Sequence[Sample], short_side: Optional[int],
-                   cache_dir: Union[str, Path, None] = None, workers: int = 0) -> DecodedImages:
+                   cache_dir: Union[str, Path, None] = None, workers: int = 0,
+                   prepare: Optional[Callable] = None) -> DecodedImages:
     """The decoded images of `samples` (paths relative to `root`), read from the entry under `cache_dir`
-    when one matches and is intact, else decoded (and written there). `cache_dir=None`: memory only."""
+    when one matches and is intact, else decoded (and written there). `cache_dir=None`: memory only.
+
+    JPEGs are drafted to keep both sides >= `short_side` (None: full size). Then `prepare` (a deterministic
+    PIL → PIL step, e.g. the evaluation transform's leading Resize, which the transform then skips as a
+    no-op) is applied, or else an image whose shorter side exceeds `short_side` is resized to it."""
     root = Path(root)
     samples = [(str(p), int(l)) for p, l in samples]
     path = None
@@ -242,12 +253,12 @@ def decoded_images(root: Union[str, Path], samples: Sequence[Sample], short_side
             warnings.warn(f"decoded-image cache '{cache_dir}' is not usable: {problem}; keeping the images in "
                           "memory only (point CLIPCONV_CACHE at a writable folder)", stacklevel=2)
         else:
-            key = decode_key(root, samples, short_side)
+            key = decode_key(root, samples, short_side, prepare)
             path = _entry_path(Path(cache_dir), key)
             found = _read(path, key)
             if found is not None:
                 return found
-    decoded = _decode_all(root, samples, short_side, workers)
+    decoded = _decode_all(root, samples, short_side, workers, prepare)
     if path is not None:
         _write(path, key, decoded)
     return decoded

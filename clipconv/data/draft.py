@@ -22,7 +22,7 @@ import math
 import types
 from typing import Any, Callable, Optional
 
-__all__ = ["needed_short_side", "DRAFT_MODES", "draft_for"]
+__all__ = ["needed_short_side", "DRAFT_MODES", "draft_for", "leading_resize"]
 
 #: RuntimeConfig.draft: which loaders decode JPEGs at a reduced DCT scale
 DRAFT_MODES = ("eval", "all", "off")
@@ -69,3 +69,17 @@ def draft_for(mode: str, transform: Optional[Callable], training: bool) -> Optio
     if mode == "off" or (training and mode == "eval"):
         return None
     return needed_short_side(transform)
+
+
+def leading_resize(transform: Optional[Callable]) -> Optional[Callable]:
+    """The transform's first geometric step when it is a deterministic `Resize` (the evaluation transform's),
+    else None. Images cached after it pass the transform unchanged: torchvision's resize returns an image
+    that already has the output size as it is."""
+    from torchvision import transforms as T
+
+    for step in list(getattr(transform, "transforms", [transform])):
+        if isinstance(step, T.Resize):
+            return step
+        if not _pixelwise(step):
+            return None
+    return None
