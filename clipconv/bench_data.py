@@ -5,6 +5,8 @@
 On generated JPEGs (default 500×375, ImageNet's typical size) it times, in one run with the two paths
 interleaved (A B, B A, ...):
   * the evaluation loader (CLIP's Resize + CenterCrop transform): full decode vs `draft` decoding;
+  * a validation pass after the first (a training run validates every epoch): the files again vs the
+    images cached after the transform's Resize (exact);
   * the training loader (RandomResizedCrop + flip): every epoch decoding every JPEG vs the decoded
     cache (epoch 1 includes decoding and writing the cache entry; later epochs read memory).
 and reports images/s and new/today ratios. `--check-source` also measures what drafting changes on
@@ -107,11 +109,12 @@ def _drain(loader) -> int:
     return seen
 
 
-def _eval_pass(root, samples, transform, cfg, draft_size) -> float:
+def _eval_pass(root, samples, transform, cfg, draft_size, decoded=None) -> float:
     from .evaluate import image_loader
 
     start = time.perf_counter()
-    seen = _drain(image_loader(root, samples, transform, cfg.batch, cfg.workers, draft_size=draft_size))
+    seen = _drain(image_loader(root, samples, transform, cfg.batch, cfg.workers, draft_size=draft_size,
+                               decoded=decoded))
     assert seen == len(samples)
     return time.perf_counter() - start
 
@@ -122,6 +125,9 @@ def _train_epochs(root, samples, transform, cfg, cached: bool, cache_dir: Path) 
     from .data.draft import needed_short_side
     from .evaluate import image_loader
 
+    from .data.decoded import wait_for_writes
+
+    wait_for_writes()
     shutil.rmtree(cache_dir, ignore_errors=True)  # every repeat builds the cache afresh
     seconds, decoded = [], None
     for epoch in range(cfg.epochs):
@@ -164,15 +170,24 @@ def run_loader_benchmark(cfg: LoaderBenchConfig, workdir: Optional[Path] = None)
         eval_draft = draft_for("eval", eval_t, training=False)
         evals = {"today": [], "new": []}
         trains = {"today": [], "new": []}
+        repeated = {"today": [], "new": []}
+        from .data.decoded import decoded_images
+        from .data.draft import leading_resize
+
+        decoded_val = decoded_images(root, samples, eval_draft, workers=cfg.workers, prepare=leading_resize(eval_t))
         for round_index in range(cfg.repeats):
             order = ("today", "new") if round_index % 2 == 0 else ("new", "today")
             for path in order:
                 evals[path].append(_eval_pass(root, samples, eval_t, cfg, eval_draft if path == "new" else None))
+            for path in order:  # a validation pass after the first (per-epoch validation of a training run)
+                repeated[path].append(_eval_pass(root, samples, eval_t, cfg, None,
+                                                 decoded_val if path == "new" else None))
             for path in order:
                 trains[path].append(_train_epochs(root, samples, train_t, cfg, path == "new", workdir / "cache"))
         n = len(samples)
         rate = {
             "eval": {p: n / min(v) for p, v in evals.items()},
+            "eval_repeated": {p: n / min(v) for p, v in repeated.items()},
             "train_epoch1": {p: n / min(r[0] for r in v) for p, v in trains.items()},
             "train_later": {p: n / min(float(np.mean(r[1:])) for r in v) for p, v in trains.items()},
         }
@@ -181,7 +196,7 @@ def run_loader_benchmark(cfg: LoaderBenchConfig, workdir: Optional[Path] = None)
             "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "platform": platform.platform(), "load_avg": list(os.getloadavg())},
             "draft_size_eval": eval_draft, "needed_short_side_train": needed_short_side(train_t),
-            "seconds": {"eval": evals, "train": trains},
+            "seconds": {"eval": evals, "eval_repeated": repeated, "train": trains},
             "images_per_s": rate,
             "ratios": {k: v["new"] / v["today"] for k, v in rate.items()},
         }
@@ -195,6 +210,9 @@ def run_loader_benchmark(cfg: LoaderBenchConfig, workdir: Optional[Path] = None)
                                      **draft_difference(check_root, check, unnormalized, eval_draft)}
         return result
     finally:
+        from .data.decoded import wait_for_writes
+
+        wait_for_writes()
         if own:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -204,7 +222,8 @@ def format_loader_table(result: dict[str, Any]) -> str:
     lines = [f"loaders on {cfg['images']} generated {cfg['source']} JPEGs -> {cfg['size']} px, batch {cfg['batch']}, "
              f"workers {cfg['workers']}, {cfg['epochs']} epochs, best of {cfg['repeats']} interleaved repeats",
              f"{'loader':<22}{'today img/s':>12}{'new img/s':>12}{'ratio':>8}"]
-    names = {"eval": "evaluation", "train_epoch1": "training, epoch 1", "train_later": "training, epochs 2+"}
+    names = {"eval": "evaluation", "eval_repeated": "validation, pass 2+", "train_epoch1": "training, epoch 1",
+             "train_later": "training, epochs 2+"}
     for key, label in names.items():
         rate = result["images_per_s"][key]
         lines.append(f"{label:<22}{rate['today']:>12.1f}{rate['new']:>12.1f}{result['ratios'][key]:>7.2f}x")

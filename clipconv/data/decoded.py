@@ -10,7 +10,8 @@ pixels, so the crops' statistics are those of the full image; for ImageNet-sized
 
 On disk, an entry `$CLIPCONV_CACHE/decoded/<40 hex>.safetensors` is keyed like the feature cache: the
 data root, a SHA-256 over the ordered (path, label, file size, mtime) list, `short_side`; it stores the
-SHA-256 of its tensors, is written atomically (clipconv.io), and an entry that is unreadable or whose
+SHA-256 of its tensors, is written atomically (clipconv.io) by a background thread while training
+starts (a reader of the same entry in the process waits for it), and an entry that is unreadable or whose
 bytes do not match is reported with a warning and decoded again.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +34,14 @@ from .folder import BadImage, Sample
 from ..features import transform_id
 from .images import ImageDecodeError, load_rgb
 
-__all__ = ["DecodedImages", "DecodedImageDataset", "decoded_images", "decoded_cache_dir", "decode_key", "ENTRY_SUFFIX"]
+__all__ = ["DecodedImages", "DecodedImageDataset", "decoded_images", "decoded_cache_dir", "decode_key", "ENTRY_SUFFIX",
+           "wait_for_writes"]
 
 FORMAT = 1
 ENTRY_SUFFIX = ".safetensors"
 _TENSORS = ("pixels", "offsets", "shapes", "ok")
+_pending: dict[str, threading.Thread] = {}  # entries being written in the background, by path
+_pending_lock = threading.Lock()
 
 
 def decoded_cache_dir() -> Path:
@@ -156,9 +161,9 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     for name in _TENSORS:
         tensor = tensors[name].contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode("utf-8"))
-        if tensor.numel():
-            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.dtype != torch.bool
-                          else tensor.to(torch.uint8).numpy().tobytes())
+        if tensor.numel():  # hashed in place (no copy of the pixels)
+            digest.update(memoryview((tensor.to(torch.uint8) if tensor.dtype == torch.bool
+                                      else tensor.view(torch.uint8)).numpy()))
     return digest.hexdigest()
 
 
@@ -167,6 +172,7 @@ def _entry_path(cache_dir: Path, key: dict) -> Path:
 
 
 def _read(path: Path, key: dict) -> Optional[DecodedImages]:
+    wait_for_writes(path)
     if not path.is_file():
         return None
     from safetensors import safe_open
@@ -206,6 +212,26 @@ def _write(path: Path, key: dict, decoded: DecodedImages) -> None:
                 raise OSError(f"{type(err).__name__}: {err}") from err
     except OutputWriteError as err:  # the cache is an optimization: the images are still returned
         warnings.warn(f"decoded-image cache entry not saved: {err}", stacklevel=3)
+
+
+def _write_in_background(path: Path, key: dict, decoded: DecodedImages) -> None:
+    """Hash and write the entry in a thread while training starts (hashing and file writes release the GIL).
+    The thread is not a daemon, so the interpreter finishes the write before it exits."""
+    thread = threading.Thread(target=_write, args=(path, key, decoded), name=f"clipconv-decoded-cache {path.name}")
+    with _pending_lock:
+        _pending[str(path)] = thread
+    thread.start()
+
+
+def wait_for_writes(path: Union[str, Path, None] = None) -> None:
+    """Wait until the background write of the entry `path` (of every entry when None) has finished."""
+    with _pending_lock:
+        threads = [t for p, t in _pending.items() if path is None or p == str(path)]
+    for thread in threads:
+        thread.join()
+    with _pending_lock:
+        for p in [p for p, t in _pending.items() if not t.is_alive()]:
+            del _pending[p]
 
 
 def _decode_all(root: Path, samples: Sequence[Sample], short_side: Optional[int], workers: int,
@@ -260,5 +286,5 @@ def decoded_images(root: Union[str, Path], samples: Sequence[Sample], short_side
                 return found
     decoded = _decode_all(root, samples, short_side, workers, prepare)
     if path is not None:
-        _write(path, key, decoded)
+        _write_in_background(path, key, decoded)
     return decoded
