@@ -9,7 +9,7 @@ interleaved (A B, B A, ...):
     images cached after the transform's Resize (exact);
   * the training loader (RandomResizedCrop + flip): every epoch decoding every JPEG vs the decoded
     cache (epoch 1 includes decoding and writing the cache entry; later epochs read memory).
-and reports images/s and new/today ratios. `--check-source` also measures what drafting changes on
+and reports median images/s and the median over repeats of each repeat's today/new time ratio. `--check-source` also measures what drafting changes on
 larger JPEGs, where it applies: the mean and max absolute difference of the transformed pixels (0–255).
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -41,7 +42,7 @@ class LoaderBenchConfig:
     epochs: int = 3
     batch: int = 32
     workers: int = 0
-    repeats: int = 2
+    repeats: int = 5
     check_source: Optional[str] = "1000x750"
     check_images: int = 32
     seed: int = 0
@@ -185,12 +186,15 @@ def run_loader_benchmark(cfg: LoaderBenchConfig, workdir: Optional[Path] = None)
             for path in order:
                 trains[path].append(_train_epochs(root, samples, train_t, cfg, path == "new", workdir / "cache"))
         n = len(samples)
-        rate = {
-            "eval": {p: n / min(v) for p, v in evals.items()},
-            "eval_repeated": {p: n / min(v) for p, v in repeated.items()},
-            "train_epoch1": {p: n / min(r[0] for r in v) for p, v in trains.items()},
-            "train_later": {p: n / min(float(np.mean(r[1:])) for r in v) for p, v in trains.items()},
+        seconds = {  # per repeat: seconds of a pass over the n images
+            "eval": evals, "eval_repeated": repeated,
+            "train_epoch1": {p: [r[0] for r in v] for p, v in trains.items()},
+            "train_later": {p: [float(np.mean(r[1:])) for r in v] for p, v in trains.items()},
         }
+        # medians over repeats; the ratio is the median of each repeat's today/new time (the two paths of a
+        # repeat ran back to back, so load from other processes changes both alike)
+        rate = {k: {p: n / statistics.median(v[p]) for p in v} for k, v in seconds.items()}
+        ratios = {k: statistics.median(t / w for t, w in zip(v["today"], v["new"])) for k, v in seconds.items()}
         result: dict[str, Any] = {
             "config": asdict(cfg),
             "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -198,7 +202,7 @@ def run_loader_benchmark(cfg: LoaderBenchConfig, workdir: Optional[Path] = None)
             "draft_size_eval": eval_draft, "needed_short_side_train": needed_short_side(train_t),
             "seconds": {"eval": evals, "eval_repeated": repeated, "train": trains},
             "images_per_s": rate,
-            "ratios": {k: v["new"] / v["today"] for k, v in rate.items()},
+            "ratios": ratios,
         }
         if cfg.check_source:
             from torchvision import transforms as T
@@ -220,7 +224,7 @@ def run_loader_benchmark(cfg: LoaderBenchConfig, workdir: Optional[Path] = None)
 def format_loader_table(result: dict[str, Any]) -> str:
     cfg = result["config"]
     lines = [f"loaders on {cfg['images']} generated {cfg['source']} JPEGs -> {cfg['size']} px, batch {cfg['batch']}, "
-             f"workers {cfg['workers']}, {cfg['epochs']} epochs, best of {cfg['repeats']} interleaved repeats",
+             f"workers {cfg['workers']}, {cfg['epochs']} epochs, medians of {cfg['repeats']} interleaved repeats",
              f"{'loader':<22}{'today img/s':>12}{'new img/s':>12}{'ratio':>8}"]
     names = {"eval": "evaluation", "eval_repeated": "validation, pass 2+", "train_epoch1": "training, epoch 1",
              "train_later": "training, epochs 2+"}
@@ -244,7 +248,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[LoaderBenchConfig,
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs per repeat (>= 2)")
     parser.add_argument("--batch", type=int, default=defaults.batch)
     parser.add_argument("--workers", type=int, default=defaults.workers, help="DataLoader worker processes")
-    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="interleaved repeats (best kept)")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="interleaved repeats (medians kept)")
     parser.add_argument("--check-source", default=defaults.check_source,
                         help="size of the JPEGs on which to measure what drafting changes ('' to skip)")
     parser.add_argument("--check-images", type=int, default=defaults.check_images)
