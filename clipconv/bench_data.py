@@ -10,7 +10,8 @@ interleaved (A B, B A, ...):
   * the training loader (RandomResizedCrop + flip): every epoch decoding every JPEG vs the decoded
     cache (epoch 1 includes decoding and writing the cache entry; later epochs read memory).
 and reports median images/s and the median over repeats of each repeat's today/new time ratio. `--check-source` also measures what drafting changes on
-larger JPEGs, where it applies: the mean and max absolute difference of the transformed pixels (0–255).
+larger JPEGs, where it applies: the mean and max absolute difference of the transformed pixels (0–255);
+`--zero-shot-check 192` how the shipped mini CLIP's zero-shot predictions change (`draft_zero_shot_check`).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 __all__ = ["LoaderBenchConfig", "write_jpegs", "model_transforms", "run_loader_benchmark", "draft_difference",
+           "draft_zero_shot_check",
            "format_loader_table", "main"]
 
 
@@ -45,12 +47,14 @@ class LoaderBenchConfig:
     repeats: int = 5
     check_source: Optional[str] = "1000x750"
     check_images: int = 32
+    zero_shot_check: int = 0  # image size of the mini-CLIP zero-shot check of drafting (0: skip)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.images < 1 or self.epochs < 2 or self.repeats < 1 or self.batch < 1 or self.workers < 0:
-            raise ValueError("the loaders benchmark needs --images >= 1, --epochs >= 2, --repeats >= 1, --batch >= 1 "
-                             "and --workers >= 0")
+        if (self.images < 1 or self.epochs < 2 or self.repeats < 1 or self.batch < 1 or self.workers < 0
+                or self.zero_shot_check < 0):
+            raise ValueError("the loaders benchmark needs --images >= 1, --epochs >= 2, --repeats >= 1, --batch >= 1, "
+                             "--workers >= 0 and --zero-shot-check >= 0")
         _wh(self.source)
         if self.check_source:
             _wh(self.check_source)
@@ -158,6 +162,52 @@ def draft_difference(root: Path, samples: Sequence, transform, draft_size: Optio
             "p99_abs": float(every.kthvalue(max(1, int(0.99 * every.numel()))).values)}
 
 
+@torch.no_grad()
+def draft_zero_shot_check(image_size: int = 192, per_class: int = 8, seed: int = 0,
+                          workdir: Optional[Path] = None) -> dict[str, Any]:
+    """What drafting changes in a pretrained model's predictions: the demo world's source-domain images
+    rendered at `image_size` px (JPEG, quality 90), scored zero-shot by the shipped mini CLIP (48 px, so
+    192 px images decode at 1/4 scale) with full and with drafted decoding: top-1 of each, how often the
+    two argmaxes agree, and the largest logit difference relative to the largest |logit|."""
+    from .data.draft import draft_for
+    from .data.folder import ImageListDataset
+    from .demo import demo_backbone
+    from .demo.world import WORLD_CLASSES, image_rng, render
+    from .head import class_embeddings
+
+    own = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="clipconv-draft-check.")) if own else Path(workdir)
+    try:
+        samples = []
+        for cls in WORLD_CLASSES:
+            for index in range(per_class):
+                rel = f"{cls.id}/{index:03d}.jpg"
+                (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
+                render(cls.index, "source", image_rng(seed, "source", cls.index, index), image_size).save(
+                    workdir / rel, "JPEG", quality=90)
+                samples.append((rel, cls.index))
+        backbone = demo_backbone("cpu")
+        text = class_embeddings(backbone.model, backbone.tokenizer, [c.name for c in WORLD_CLASSES],
+                                ["a photo of a {}."])
+        draft_size = draft_for("eval", backbone.eval_transform, training=False)
+        logits = {}
+        for name, size in (("full", None), ("draft", draft_size)):
+            dataset = ImageListDataset(workdir, samples, backbone.eval_transform, draft_size=size)
+            images = torch.stack([dataset[i][0] for i in range(len(samples))])
+            feats = backbone.model.encode_image(images)
+            logits[name] = 100.0 * torch.nn.functional.normalize(feats, dim=-1) @ text.T
+        labels = torch.tensor([label for _, label in samples])
+        top1 = {k: float((v.argmax(1) == labels).float().mean() * 100) for k, v in logits.items()}
+        return {"images": len(samples), "image_size": image_size, "draft_size": draft_size,
+                "decoded_size": list(ImageListDataset(workdir, samples[:1], None, draft_size=draft_size)[0][0].size),
+                "top1_full": top1["full"], "top1_draft": top1["draft"],
+                "argmax_agreement": float((logits["full"].argmax(1) == logits["draft"].argmax(1)).float().mean() * 100),
+                "max_logit_diff_rel": float((logits["full"] - logits["draft"]).abs().max() / logits["full"].abs().max())}
+    finally:
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 def run_loader_benchmark(cfg: LoaderBenchConfig, workdir: Optional[Path] = None) -> dict[str, Any]:
     """Run the interleaved comparison; returns the settings, per-path seconds and the ratios."""
     from .data.draft import draft_for, needed_short_side
@@ -212,6 +262,9 @@ def run_loader_benchmark(cfg: LoaderBenchConfig, workdir: Optional[Path] = None)
             unnormalized = T.Compose([t for t in eval_t.transforms if not isinstance(t, T.Normalize)])
             result["draft_check"] = {"source": cfg.check_source, "images": len(check), "draft_size": eval_draft,
                                      **draft_difference(check_root, check, unnormalized, eval_draft)}
+        if cfg.zero_shot_check:
+            result["draft_zero_shot"] = draft_zero_shot_check(cfg.zero_shot_check, seed=cfg.seed,
+                                                              workdir=workdir / "zero-shot")
         return result
     finally:
         from .data.decoded import wait_for_writes
@@ -235,6 +288,12 @@ def format_loader_table(result: dict[str, Any]) -> str:
     if check:
         lines.append(f"draft on {check['images']} {check['source']} JPEGs (eval transform, 0-255 units): mean |diff| "
                      f"{check['mean_abs']:.2f}, p99 {check['p99_abs']:.1f}, max {check['max_abs']:.1f}")
+    zs = result.get("draft_zero_shot")
+    if zs:
+        lines.append(f"draft on {zs['images']} demo images of {zs['image_size']} px -> decoded {zs['decoded_size']}, mini "
+                     f"CLIP zero-shot: top-1 {zs['top1_full']:.2f}% full vs {zs['top1_draft']:.2f}% drafted, argmax "
+                     f"agreement {zs['argmax_agreement']:.1f}%, max |logit diff| {100 * zs['max_logit_diff_rel']:.1f}% "
+                     "of max |logit|")
     lines.append(f"load average {result['machine']['load_avg']}")
     return "\n".join(lines)
 
@@ -252,6 +311,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[LoaderBenchConfig,
     parser.add_argument("--check-source", default=defaults.check_source,
                         help="size of the JPEGs on which to measure what drafting changes ('' to skip)")
     parser.add_argument("--check-images", type=int, default=defaults.check_images)
+    parser.add_argument("--zero-shot-check", type=int, default=defaults.zero_shot_check, metavar="PX",
+                        help="also score demo-world images rendered at PX px with the mini CLIP, full vs drafted "
+                             "decoding (e.g. 192: 1/4 scale; 0: skip)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args(argv)

@@ -369,3 +369,13 @@ def test_benchmark_script_refuses_bad_loader_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--source", "big"])
     assert exit_info.value.code == 2 and "500x375" in capsys.readouterr().err
+
+
+def test_zero_shot_check_scores_full_and_drafted_decodes_with_the_mini_clip(tmp_path):
+    from clipconv.bench_data import draft_zero_shot_check
+
+    check = draft_zero_shot_check(image_size=96, per_class=1, workdir=tmp_path)
+    assert check["images"] == 32 and check["draft_size"] == 48
+    assert check["decoded_size"] == [48, 48]  # 96 px decoded at 1/2: the draft is applied
+    assert 0 < check["max_logit_diff_rel"] < 0.5  # different decodes, the same pictures
+    assert check["argmax_agreement"] >= 50 and 0 <= check["top1_draft"] <= 100
