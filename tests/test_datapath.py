@@ -379,3 +379,13 @@ def test_zero_shot_check_scores_full_and_drafted_decodes_with_the_mini_clip(tmp_
     assert check["decoded_size"] == [48, 48]  # 96 px decoded at 1/2: the draft is applied
     assert 0 < check["max_logit_diff_rel"] < 0.5  # different decodes, the same pictures
     assert check["argmax_agreement"] >= 50 and 0 <= check["top1_draft"] <= 100
+
+
+def test_session_hands_the_runtime_options_to_the_fit_context(tmp_path, monkeypatch):
+    from clipconv.config import RuntimeConfig
+    from clipconv.session import _decoded_cache
+
+    monkeypatch.setenv("CLIPCONV_CACHE", str(tmp_path))
+    assert _decoded_cache(RuntimeConfig()) == str(tmp_path / "decoded")
+    assert _decoded_cache(RuntimeConfig(cache=False)) is True  # --no-cache: decoded in memory only
+    assert _decoded_cache(RuntimeConfig(decoded_cache=False)) is False
