@@ -6,7 +6,9 @@ uint8 RGB arrays. An image whose shorter side exceeds `short_side` is decoded at
 bit-exact. Use `short_side = needed_short_side(train_transform)` (915 for RandomResizedCrop(224,
 scale=(0.08, 1))): every crop the transform can draw then still holds >= its output size in source
 pixels, so the crops' statistics are those of the full image; for ImageNet-sized images (shorter side
-< 915) nothing is resized and the batches equal those of the JPEG path exactly.
+< 915) nothing is resized and the batches equal those of the JPEG path exactly. Validation images are
+cached after the evaluation transform's own Resize (`prepare=`), which the transform then skips, so
+validation scores are exactly those of the files.
 
 On disk, an entry `$CLIPCONV_CACHE/decoded/<40 hex>.safetensors` is keyed like the feature cache: the
 data root, a SHA-256 over the ordered (path, label, file size, mtime) list, `short_side`; it stores the
@@ -30,8 +32,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .folder import BadImage, Sample
 from ..features import transform_id
+from .folder import BadImage, Sample
 from .images import ImageDecodeError, load_rgb
 
 __all__ = ["DecodedImages", "DecodedImageDataset", "decoded_images", "decoded_cache_dir", "decode_key", "ENTRY_SUFFIX",
@@ -75,7 +77,7 @@ class DecodedImages:
         """The decoded image (an error naming the file when it was undecodable)."""
         if not bool(self.ok[index]):
             raise ImageDecodeError(self.errors.get(index, "undecodable image"))
-        return Image.fromarray(self.array(index), mode="RGB")
+        return Image.fromarray(self.array(index))  # (h, w, 3) uint8: RGB
 
     @property
     def nbytes(self) -> int:
