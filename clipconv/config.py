@@ -152,6 +152,13 @@ class RuntimeConfig(Config):
     eval_batch_size: int = option(128, check=positive, help="images per encoder batch when scoring")
     cache: bool = option(True, help="do not read or write the image-feature cache")
     cache_dir: Optional[str] = option(None, help="feature cache folder (default $CLIPCONV_CACHE/features)")
+    draft: Literal["eval", "all", "off"] = option("off", choices=("eval", "all", "off"),
+                        help="decode JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) when the model transform shrinks "
+                             "them at least that much (faster; top-1 moves < 1 point but near-tie predictions can "
+                             "flip): eval (evaluation and feature loaders), all (training too), off (full-size "
+                             "decoding everywhere, as the reference codes: the default)")
+    decoded_cache: bool = option(True, help="do not keep the K-shot train and validation images decoded (in memory "
+                                            "and under $CLIPCONV_CACHE/decoded): decode every JPEG in every epoch")
     threads: Optional[int] = option(None, check=positive,
                                     help="CPU threads of torch (torch.set_num_threads; default: torch's choice)")
     quiet: bool = option(False, help="log warnings and the final table only")

@@ -125,6 +125,7 @@ class FeatureStore:
         batch_size: int = 64,
         workers: int = 0,
         device: Union[str, torch.device, None] = None,
+        draft: str = "off",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"FeatureStore batch_size must be >= 1, got {batch_size}")
@@ -133,6 +134,8 @@ class FeatureStore:
         self._cache_checked = False  # the folder is probed (and created) on first use, not here
         self.batch_size = batch_size
         self.workers = workers
+        self.draft = draft  # reduced-size JPEG decoding (clipconv.data.draft): "eval", "all" or "off"
+        self._draft_size: Optional[int] = None
         self.device = torch.device(device) if device is not None else backbone.device
         self.encoder_calls = 0
         self.cache_hits = 0
@@ -220,6 +223,11 @@ class FeatureStore:
         func = self._resolve_transform(transform)
         name = transform_name or (f"backbone.{transform}:" + transform_id(func) if isinstance(transform, str)
                                   else transform_id(func))
+        from .data.draft import draft_for
+
+        self._draft_size = draft_for(self.draft, func, training=not (isinstance(transform, str) and transform == "eval"))
+        if self._draft_size is not None:  # drafted features differ slightly: their own cache entries
+            name += f"|draft>={self._draft_size}"
         key = self.cache_key(root, samples, name, rounds, seed)
         path = self._entry_path(key)
         cached = self._read(path, key) if path is not None else None
@@ -306,12 +314,14 @@ class FeatureStore:
 
         # the "label" carried through the loader is the sample's position, so skipped files are known exactly
         indexed = [(path, position) for position, (path, _) in enumerate(samples)]
-        dataset = image_dataset(root, indexed, transform, on_error="skip", round_seed=generator_seed)
+        dataset = image_dataset(root, indexed, transform, on_error="skip", round_seed=generator_seed,
+                                draft_size=self._draft_size)
         if not isinstance(dataset, torch.utils.data.IterableDataset):  # streamed shards seed each item themselves
             dataset = _SeededItems(dataset, generator_seed)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.workers,
             collate_fn=collate_skip_bad, generator=torch.Generator().manual_seed(generator_seed),
+            pin_memory=self.device.type == "cuda",
         )
         model = self.backbone.model
         dtype = next(model.visual.parameters()).dtype
@@ -321,7 +331,7 @@ class FeatureStore:
             images, index = batch
             if len(index) == 0:
                 continue
-            out = model.encode_image(images.to(self.device, dtype=dtype))
+            out = model.encode_image(images.to(self.device, dtype=dtype, non_blocking=True))
             self.encoder_calls += len(index)
             feats.append(out.float().cpu())
             positions.append(index)

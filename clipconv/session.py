@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 
@@ -126,7 +126,7 @@ class Session:
         return evaluate_method(method, self.splits, self.data_root, self.device, features=self.store,
                                eval_transform=self.backbone.eval_transform, batch_size=self.runtime.eval_batch_size,
                                workers=self.runtime.workers, log=log_line, strict=self.data.strict,
-                               on_logits=on_logits)
+                               on_logits=on_logits, draft=self.runtime.draft)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -173,7 +173,7 @@ def open_session(data: DataConfig, backbone: BackboneConfig, runtime: RuntimeCon
                                train_crop_scale=(backbone.crop_scale, 1.0))
     cache = runtime.cache_dir or "default"
     store = FeatureStore(loaded, cache if runtime.cache else None, batch_size=runtime.eval_batch_size,
-                         workers=runtime.workers, device=device)
+                         workers=runtime.workers, device=device, draft=runtime.draft)
     names = data.eval_sets or family.suite
     splits = family.eval_splits(names, classes)
     if not splits:
@@ -250,7 +250,8 @@ def fit_and_evaluate(session: Session, name: str, options: dict[str, Any], split
                      templates_name=session.data.templates or "",
                      device=session.device, seed=seed, output_dir=output_dir, class_hash=session.classes.hash(),
                      class_ids=list(session.classes.ids), workers=session.runtime.workers,
-                     eval_batch_size=session.runtime.eval_batch_size, resume=resume, log=log_line)
+                     eval_batch_size=session.runtime.eval_batch_size, draft=session.runtime.draft,
+                     decoded_cache=_decoded_cache(session.runtime), resume=resume, log=log_line)
     calls = session.store.encoder_calls
     before = backbone_fingerprint(session.backbone.model)
     started = time.perf_counter()
@@ -262,3 +263,12 @@ def fit_and_evaluate(session: Session, name: str, options: dict[str, Any], split
     done = time.perf_counter()
     return FitResult(name, dict(options), metrics, jsonable(fit_summary), jsonable(method.summary()),
                      fitted - started, done - fitted, session.store.encoder_calls - calls, session.missing, method)
+
+
+def _decoded_cache(runtime: RuntimeConfig) -> Union[bool, str]:
+    """FitContext.decoded_cache: a folder under $CLIPCONV_CACHE, True (memory only, with --no-cache) or False."""
+    if not runtime.decoded_cache:
+        return False
+    from .data.decoded import decoded_cache_dir
+
+    return str(decoded_cache_dir()) if runtime.cache else True

@@ -159,7 +159,32 @@ class AdapterTuning(Method):
         }
 
     # ----- fit ---------------------------------------------------------------------------------
+    @staticmethod
+    def decoded_splits(ctx: FitContext):
+        """(train, val) images decoded once for all epochs, or None for each without `ctx.decoded_cache`.
+
+        Train images are kept at >= the side every random resized crop needs (bit-exact below it); validation
+        images after the evaluation transform's deterministic Resize (so validation sees the same pixels)."""
+        if not ctx.decoded_cache:
+            return None, None
+        from ..data.decoded import decoded_images
+        from ..data.draft import draft_for, leading_resize, needed_short_side
+
+        folder = None if ctx.decoded_cache is True else ctx.decoded_cache
+        train = decoded_images(ctx.data_root, ctx.train, needed_short_side(ctx.backbone.train_transform),
+                               cache_dir=folder, workers=ctx.workers)
+        resize = leading_resize(ctx.backbone.eval_transform)
+        val = None
+        if ctx.val and resize is not None:
+            val = decoded_images(ctx.data_root, ctx.val, draft_for(ctx.draft, ctx.backbone.eval_transform, False),
+                                 cache_dir=folder, workers=ctx.workers, prepare=resize)
+        ctx.log(f"decoded images: {len(train)} train ({train.nbytes / 2**20:.1f} MB"
+                f"{', from the cache' if train.from_disk else ''})"
+                + (f", {len(val)} val ({val.nbytes / 2**20:.1f} MB)" if val is not None else ""))
+        return train, val
+
     def fit(self, ctx: FitContext) -> dict[str, Any]:
+        from ..data.draft import draft_for
         from ..evaluate import collect_logits, image_loader
         from ..metrics import topk_accuracy
 
@@ -169,13 +194,19 @@ class AdapterTuning(Method):
         backbone = ctx.backbone
         batches = math.ceil(len(ctx.train) / cfg.batch_size)
 
+        decoded, decoded_val = self.decoded_splits(ctx)
+        train_draft = draft_for(ctx.draft, backbone.train_transform, training=True)
+        pin = torch.device(ctx.device).type == "cuda"
+
         def make_loader(generator: torch.Generator):
             return image_loader(ctx.data_root, ctx.train, backbone.train_transform, cfg.batch_size, cfg.workers,
-                                shuffle=True, generator=generator)
+                                shuffle=True, generator=generator, draft_size=train_draft, decoded=decoded,
+                                pin_memory=pin)
 
         def validate() -> float:
             logits, labels = collect_logits(classifier, ctx.data_root, ctx.val, backbone.eval_transform, ctx.device,
-                                            ctx.eval_batch_size, ctx.workers, desc="val")
+                                            ctx.eval_batch_size, ctx.workers, desc="val", decoded=decoded_val,
+                                            draft_size=draft_for(ctx.draft, backbone.eval_transform, training=False))
             return topk_accuracy(logits, labels)["top1"]
 
         runs = []
