@@ -211,7 +211,10 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
           "## wall time per method (seconds, summed over seeds)", "",
           "| method | fit | eval | images encoded by the feature cache |", "|---|---|---|---|"]
     for name, t in timing.items():
-        md.append(f"| {METHOD_LABELS.get(name, name)} | {t['fit_seconds']:.1f} | {t['eval_seconds']:.1f} | "
+        shown = METHOD_LABELS.get(name, name)
+        if name.endswith(wise_key("")):  # the WiSE row: no fit of its own, one more evaluation per seed
+            shown = wise_label(METHOD_LABELS.get(name[:-len(wise_key(""))], name), cfg.wise_alpha)
+        md.append(f"| {shown} | {t['fit_seconds']:.1f} | {t['eval_seconds']:.1f} | "
                   f"{t['images_encoded']} |")
     write_text(out / "table2.md", "\n".join(md) + "\n")
     columns = session.columns

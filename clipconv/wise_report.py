@@ -56,7 +56,10 @@ def run_sweep(session: Session, method: Any, alphas: Sequence[float], out_dir: P
     if plotted:
         from .plots import robustness_sweep
 
-        refs = {ZERO_SHOT_REFERENCE: (rows[0.0][source], rows[0.0]["target_avg"]), **references}
+        zero = (rows[0.0][source], rows[0.0]["target_avg"])
+        same = [label for label, point in references.items() if tuple(point) == zero]  # one marker, both names
+        refs = {"\n= ".join([ZERO_SHOT_REFERENCE, *same]): zero,
+                **{label: point for label, point in references.items() if label not in same}}
         robustness_sweep({a: (rows[a][source], rows[a]["target_avg"]) for a in asked}, out_dir / "wise_sweep.png",
                          title=f"WiSE-FT sweep of {name} ({checkpoint.parent.name})", references=refs,
                          source_name=display.get(source, source))

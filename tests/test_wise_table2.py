@@ -38,6 +38,8 @@ def test_default_wise_row_is_labelled_and_says_alpha_was_fixed_in_advance(tmp_pa
     assert table["per_seed"]["convpass+wise"]["1"]["alpha"] == 0.5
     md = (tmp_path / "out" / "table2.md").read_text()
     assert "| Convpass_CLIP + WiSE (α = 0.5) |" in md and "never chosen on a test set" in md
+    timing = md[md.index("## wall time"):]
+    assert "| Convpass_CLIP + WiSE (α = 0.5) | 0.0 |" in timing  # no fit of its own
     assert "Convpass_CLIP + WiSE (α = 0.5)" in (tmp_path / "out" / "table2.csv").read_text()
 
 
