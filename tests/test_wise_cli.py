@@ -198,3 +198,30 @@ def test_bad_anchored_training_flags_exit_2(world, tmp_path, capsys, extra, flag
         _train(world, tmp_path / "run", *extra)
     assert info.value.code == 2 and f"argument {flag}:" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_without_its_starting_point_is_refused_for_wise(runs, tmp_path, capsys):
+    """A checkpoint written before θ₀ was recorded (no "init" metadata): --wise stops with one line, exit 2."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from clipconv.checkpoint import METADATA_KEY
+
+    old = tmp_path / "old"
+    shutil.copytree(runs["plain"], old, ignore=shutil.ignore_patterns("wise-*", "eval-*"))
+    path = old / "adapter.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    record = json.loads(metadata[METADATA_KEY])
+    del record["init"]
+    save_file(tensors, str(path), metadata={**metadata, METADATA_KEY: json.dumps(record)})
+    before = sorted(p.name for p in old.iterdir())
+    with pytest.raises(SystemExit) as info:
+        eval_robustness.main(["--checkpoint", str(old), "--workers", "0", "--wise", "0.5"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "does not record its starting point" in err and "Traceback" not in err
+    assert sorted(p.name for p in old.iterdir()) == before
+    assert eval_robustness.main(["--checkpoint", str(old), "--workers", "0", "--output-dir", str(tmp_path / "e")]) == 0
