@@ -20,6 +20,7 @@ from .clip_benchmark import write_benchmark_results
 from .io import write_json, write_text
 from .rundir import RUN_FILES, check_output_dir, claim_output_dir, held_files, new_run_dir
 from .session import FitResult, Session, fit_and_evaluate, method_options, open_session
+from .wise import alpha_check, wise_label
 
 if TYPE_CHECKING:
     from .data import FewShotSplit
@@ -54,6 +55,11 @@ class RunConfig(Config):
     output_dir: Optional[str] = option(None, help="run directory (default runs/<method>_<K>shot_seed<S>_<time>)")
     save_logits: bool = option(False, help="also write <set>_logits.safetensors (the logits and labels of every "
                                             "evaluation set) to the run directory")
+    wise_alpha: Optional[float] = option(
+        None, check=alpha_check,
+        help="after training, evaluate θ(α) = (1 − α)·θ₀ + α·θ₁ between the zero-shot start θ₀ and the trained "
+             "weights θ₁ (WiSE-FT, Wortsman et al., 2022; 0.5 is its default); adapter.safetensors keeps θ₁, so "
+             "eval_robustness.py --wise can score any α later (default: off, the trained weights)")
     method_options: dict[str, Any] = option(default_factory=dict, cli=False, help="the method's options")
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -122,6 +128,13 @@ def prepare_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -
     are removed first) or `resume`.
     """
     options = method_options(cfg.method, cfg.method_options)
+    if cfg.wise_alpha is not None:
+        from .methods.base import METHODS
+        from .wise import supports_interpolation
+
+        if not supports_interpolation(METHODS[cfg.method]):
+            raise ValueError(f"--wise-alpha: method '{cfg.method}' has no trained weights to interpolate; WiSE-FT "
+                             "applies to trained methods (convpass, linear_probe, coop, cocoop, tip_adapter_f)")
     if cfg.output_dir:  # before any work: a file, a too-long name, an unwritable parent, an existing run
         check_output_dir(cfg.output_dir)
         if not resume and not overwrite and held_files(Path(cfg.output_dir), RUN_FILES, RUN_PATTERNS):
@@ -159,11 +172,13 @@ def execute_run(run: PreparedRun) -> FitResult:
             log.info(f"{what} shortfall: {len(short)} class(es) got fewer images than asked (images drawn): "
                      + ", ".join(f"{name} ({n})" for name, n in sorted(short.items())))
     result = fit_and_evaluate(session, cfg.method, run.options, run.split, seed=cfg.seed, output_dir=run_dir,
-                              resume=run.resume, on_logits=logits_saver(run_dir) if cfg.save_logits else None)
+                              resume=run.resume, on_logits=logits_saver(run_dir) if cfg.save_logits else None,
+                              wise_alpha=cfg.wise_alpha)
     if result.not_evaluated:
         log.info(f"not evaluated (missing or empty): {', '.join(result.not_evaluated)}")
     shortfall = {"shortfall": dict(run.split.shortfall), "val_shortfall": dict(run.split.val_shortfall)}
-    write_results(run_dir, cfg.method, session.row(result.metrics), result.metrics, {**result.to_dict(), **shortfall},
+    label = cfg.method if cfg.wise_alpha is None else wise_label(cfg.method, cfg.wise_alpha)
+    write_results(run_dir, label, session.row(result.metrics), result.metrics, {**result.to_dict(), **shortfall},
                   columns=session.family.suite, display=session.family.display)
     write_benchmark_results(run_dir, session.family, result.metrics, cfg.backbone.model, cfg.backbone.pretrained,
                             cfg.method, {"fewshot_k": cfg.shots, "seed": cfg.seed})

@@ -237,9 +237,12 @@ class FitResult:
 def fit_and_evaluate(session: Session, name: str, options: dict[str, Any], split: "FewShotSplit", *, seed: int,
                      output_dir: Optional[Path] = None, resume: bool = False,
                      log_line: Callable[[str], None] = log.info,
-                     on_logits: Optional[Callable[..., None]] = None) -> FitResult:
+                     on_logits: Optional[Callable[..., None]] = None,
+                     wise_alpha: Optional[float] = None) -> FitResult:
     """Build `name` from `options` (validated), fit it on `split`, check the shared backbone is untouched,
-    evaluate it on the session's suite; timings and the encoder images it cost in the result."""
+    evaluate it on the session's suite; timings and the encoder images it cost in the result. With
+    `wise_alpha` the fitted method is evaluated (and left) at θ(α) (clipconv.wise; files the fit wrote,
+    such as adapter.safetensors, keep θ₁)."""
     from .methods import FitContext, build_method
     from .methods.base import METHOD_REFERENCE_TEMPLATES
 
@@ -259,9 +262,17 @@ def fit_and_evaluate(session: Session, name: str, options: dict[str, Any], split
     fitted = time.perf_counter()
     if backbone_fingerprint(session.backbone.model) != before:  # later fits share it and its cached features
         raise RuntimeError(f"method '{name}' modified the shared backbone in place; it must work on a copy")
+    summary = method.summary()
+    if wise_alpha is not None:
+        from .wise import WISE_NOTE, interpolate
+
+        interpolate(method, wise_alpha)
+        log_line(f"evaluating θ(α) at α = {wise_alpha:g}: {WISE_NOTE}")
+        summary = {**summary, "wise": {"alpha": wise_alpha, "evaluated": "theta(alpha)",
+                                       "checkpoint": "theta1 (alpha = 1; the trained weights)"}}
     metrics = session.evaluate(method, log_line, on_logits)
     done = time.perf_counter()
-    return FitResult(name, dict(options), metrics, jsonable(fit_summary), jsonable(method.summary()),
+    return FitResult(name, dict(options), metrics, jsonable(fit_summary), jsonable(summary),
                      fitted - started, done - fitted, session.store.encoder_calls - calls, session.missing, method)
 
 

@@ -80,7 +80,7 @@ def test_all_methods_two_seeds_end_to_end(tmp_path, tree, tiny_config):
     assert markdown.index("measured (this run)") < markdown.index(PUBLISHED_LABEL)
     rows = (out / "table2.csv").read_text().splitlines()
     assert rows[0].startswith("source,method,imagenet,imagenet_std")
-    assert sum(r.startswith("measured,") for r in rows) == len(ran)
+    assert sum(r.startswith("measured,") for r in rows) == len(ran) + 1  # + "Convpass_CLIP + WiSE (α = 0.5)"
     assert all(len(r.split(",")) == len(rows[0].split(",")) for r in rows if r.startswith("measured"))
     assert (out / "table2_bars.png").read_bytes()[:8] == PNG_SIGNATURE
     assert result["config"]["val_shots"] == 2 and result["config"]["runtime"]["workers"] == 0

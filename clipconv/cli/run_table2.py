@@ -14,7 +14,9 @@ DESCRIPTION = """Reproduce Table 2 of the Convpass paper: zero-shot CLIP, linear
 and Convpass_CLIP, each fitted on the same K-shot split (and validation split, drawn from the remaining
 train images) per seed, scored on ImageNet, -V2, -Sketch, -A and -R; mean ± std over seeds in
 table2.md / table2.csv / table2.json beside the paper's published numbers, and table2_bars.png
-(top-1 per method and domain, error bars = std over seeds).
+(top-1 per method and domain, error bars = std over seeds). Convpass also gets a row
+"Convpass_CLIP + WiSE (α = 0.5)": the same fit interpolated halfway back to zero-shot CLIP in weight space
+(WiSE-FT's default α, fixed in advance; --wise-alpha, --wise-methods).
 
 Several values of --shots (e.g. --shots 1 2 4 8 16) run the whole table for each K with the same seeds,
 one backbone and one feature store (the evaluation sets are encoded once for the sweep):
@@ -38,7 +40,7 @@ output folder: a new runs/table2_<K>shot_<time> (runs/table2_1-2-4-8-16shot_<tim
 stops cleanly (exit 130 / 143): the table is kept, marked incomplete, and the --resume command printed."""
 
 
-TABLE2_FIELDS = ("output_dir", "seeds", "val_shots", "methods", "epochs_scale")
+TABLE2_FIELDS = ("output_dir", "seeds", "val_shots", "methods", "epochs_scale", "wise_alpha", "wise_methods")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ variants (-V2, -Sketch, -A, -R). Defaults are the Convpass paper's Convpass_CLIP
 ViT-B/16 OpenAI weights, Convpass h=8 beside attention and MLP, AdamW lr 1e-5, batch 64, 50 epochs, cosine.
 `--method NAME --help` lists that method's options."""
 
-RUN_FIELDS = ("shots", "seed", "val_shots", "split", "output_dir", "save_logits")
+RUN_FIELDS = ("shots", "seed", "val_shots", "split", "output_dir", "save_logits", "wise_alpha")
 METHOD_PREFIX = "method."
 
 

@@ -25,7 +25,8 @@ from ..head import ImageClassifier, text_head
 from ..config import non_negative, positive
 from .base import FitContext, Method, MethodConfig, config_from, option, register_method
 
-__all__ = ["AdapterTuning", "AdapterTuningConfig", "tuning_config", "load_classifier", "DEFAULT_SCALE"]
+__all__ = ["AdapterTuning", "AdapterTuningConfig", "tuning_config", "load_classifier", "load_endpoints",
+           "DEFAULT_SCALE"]
 
 # Adam's step size does not depend on the gradient's scale, so with the paper's lr of 1e-5 the adapter
 # weights move by ~1e-5 per step whatever s is; s then sets how far the branch can move the residual
@@ -140,9 +141,7 @@ class AdapterTuning(Method):
         # A private copy: the shared backbone stays plain for the frozen-encoder methods and their feature cache.
         visual = copy.deepcopy(backbone.model.visual)
         config = dataclasses.replace(self.adapter_config, scale=self.scales[0] if scale is None else scale)
-        with torch.random.fork_rng(devices=[]):  # adapter initialization depends on the run's seed only
-            torch.manual_seed(ctx.seed)
-            add_adapters(visual, self.adapter_kind, config)
+        _seeded_adapters(visual, self.adapter_kind, ctx.seed, config)
         visual.set_grad_checkpointing(self.config.grad_checkpointing)
         self.classifier = ImageClassifier(visual, head, backbone.logit_scale).to(ctx.device)
         return self.classifier
@@ -156,6 +155,8 @@ class AdapterTuning(Method):
             "method": self.name,
             "source": ctx.backbone.source(),
             "class_ids": list(ctx.class_ids),
+            # the starting point θ₀ (text head, seeded adapter init), rebuilt by `load_endpoints` for WiSE-FT
+            "init": {"seed": ctx.seed, "templates": list(ctx.templates)},
         }
 
     # ----- fit ---------------------------------------------------------------------------------
@@ -312,6 +313,45 @@ def load_classifier(path: Union[str, Path], backbone: Any) -> tuple[ImageClassif
     load_trainable(classifier, path, expected={"backbone": backbone.describe(), "adapter": meta["adapter"]})
     classifier.eval()
     return classifier, meta
+
+
+def _seeded_adapters(visual: torch.nn.Module, kind: str, seed: int, config: Optional[AdapterConfig] = None,
+                     **options: Any) -> None:
+    """Inject `kind` adapters initialized from `seed` alone (the global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        add_adapters(visual, kind, config, **options)
+
+
+def load_endpoints(path: Union[str, Path], backbone: Any, classnames: list[str]
+                   ) -> tuple[ImageClassifier, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """(classifier at θ₁, θ₀, θ₁, metadata) of an adapter checkpoint, for WiSE-FT (clipconv.wise).
+
+    θ₁ is the checkpoint; θ₀ is rebuilt as training started: the text head of `classnames` with the recorded
+    templates and the adapters initialized from the recorded seed (the run directory keeps θ₀ implicitly).
+    Raises ValueError when the checkpoint has no such record or θ₀ does not match its tensors.
+    """
+    classifier, meta = load_classifier(path, backbone)
+    init = meta.get("init")
+    if not isinstance(init, dict) or "seed" not in init or not init.get("templates"):
+        raise ValueError(f"checkpoint '{path}' does not record its starting point (seed, templates): it was written "
+                         "before weight-space interpolation was supported; train it again to use --wise")
+    if len(classnames) != classifier.head.out_features:
+        raise ValueError(f"checkpoint '{path}' has {classifier.head.out_features} classes, not {len(classnames)}")
+    options = dict(meta["adapter"])
+    kind = options.pop("kind")
+    visual = copy.deepcopy(backbone.model.visual)
+    _seeded_adapters(visual, kind, int(init["seed"]), **options)
+    head = text_head(backbone.model, backbone.tokenizer, list(classnames), list(init["templates"]), backbone.device)
+    start = ImageClassifier(visual, head, backbone.logit_scale).to(backbone.device)
+    names = [n for n, p in classifier.named_parameters() if p.requires_grad]
+    initial = dict(start.named_parameters())
+    missing = [n for n in names if n not in initial or initial[n].shape != dict(classifier.named_parameters())[n].shape]
+    if missing:
+        raise ValueError(f"checkpoint '{path}': the rebuilt starting point lacks or reshapes {missing[:3]}")
+    theta0 = {n: initial[n].detach().clone() for n in names}
+    theta1 = {n: p.detach().clone() for n, p in classifier.named_parameters() if p.requires_grad}
+    return classifier, theta0, theta1, meta
 
 
 @register_method("convpass")
