@@ -87,7 +87,7 @@ def test_all_methods_two_seeds_end_to_end(tmp_path, tree, tiny_config):
     assert result["environment"]["world_size"] == 1 and result["environment"]["device"] == "cpu"
     assert not list(out.glob("shots_*")) and not (out / "accuracy_vs_shots.png").exists()  # single K: flat layout
     recall = markdown[markdown.index("## mean per-class recall (%)"):markdown.index("## prompt templates per row")]
-    assert sum(line.startswith("| ") for line in recall.splitlines()) == 1 + len(ran)  # header + a row per method
+    assert sum(line.startswith("| ") for line in recall.splitlines()) == 2 + len(ran)  # header + a row per method + the WiSE row
     # one CLIP_benchmark JSON per fit and set, under the ImageNet names CLIP_benchmark uses
     for name in ran:
         for seed in ("1", "2"):
