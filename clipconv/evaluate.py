@@ -50,17 +50,19 @@ def collect_logits(
     desc: str = "",
     strict: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run `score(images)` over a sample list; returns (logits, labels) on CPU."""
+    """Run `score(images)` over a sample list; returns (logits, labels) on CPU, in sample order. Under
+    torchrun each rank scores its contiguous shard and every rank gets all of them (clipconv.distributed)."""
+    from . import distributed
     from .progress import progress
 
-    loader = image_loader(root, samples, transform, batch_size, workers, strict=strict)
+    loader = image_loader(root, distributed.shard(list(samples)), transform, batch_size, workers, strict=strict)
     all_logits, all_labels = [], []
     for images, labels in progress(loader, desc=desc or "eval", unit="batch"):
         all_logits.append(score(images.to(device)).float().cpu())
         all_labels.append(labels)
-    if not all_logits:
-        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-    return torch.cat(all_logits), torch.cat(all_labels)
+    logits = torch.cat(all_logits) if all_logits else torch.empty(0, 0)
+    labels = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.long)
+    return distributed.gather_rows(logits, labels)
 
 
 def evaluate_method(

@@ -106,6 +106,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..run import log, setup_logging
     from ..table2 import SWEEP_FILE, run_shots_sweep, run_table2
 
+    from ..distributed import init_from_env
+
+    with bad_input_errors():
+        init_from_env(cfg.runtime.device)  # under torchrun: join the process group (no-op otherwise)
     setup_logging(quiet=cfg.runtime.quiet)
     state: dict = {}
 

@@ -145,10 +145,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fail("--overwrite and --resume exclude each other: --resume continues the run, --overwrite replaces it")
     with bad_input_errors():
         cfg = _resume_config(args.resume, args, parser) if args.resume else config_from_args(args, parser)
+    from ..distributed import init_from_env
     from ..rundir import exit_code, interrupt_on_sigterm
     from ..run import execute_run, prepare_run
 
     with bad_input_errors():
+        init_from_env(cfg.runtime.device)  # under torchrun: join the process group (no-op otherwise)
         run = prepare_run(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     try:
         with interrupt_on_sigterm(), bad_input_errors():  # e.g. a damaged train_state.pt when resuming

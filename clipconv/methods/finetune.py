@@ -105,6 +105,7 @@ class AdapterTuning(Method):
     """Adapters of kind `adapter_kind` + text-initialized head; only those train."""
 
     frozen_image_encoder = False
+    data_parallel = True  # trains with DistributedDataParallel under torchrun (batch_size split across ranks)
     adapter_kind: ClassVar[str] = "convpass"
     config_class: ClassVar[type[AdapterTuningConfig]] = tuning_config(ConvpassConfig)
 
@@ -157,7 +158,9 @@ class AdapterTuning(Method):
 
     # ----- fit ---------------------------------------------------------------------------------
     def fit(self, ctx: FitContext) -> dict[str, Any]:
-        from ..evaluate import collect_logits, image_loader
+        from ..data.folder import ImageListDataset
+        from ..distributed import train_loader
+        from ..evaluate import collect_logits
         from ..metrics import topk_accuracy
 
         cfg = self.config.train_config(ctx)
@@ -166,9 +169,9 @@ class AdapterTuning(Method):
         backbone = ctx.backbone
         batches = math.ceil(len(ctx.train) / cfg.batch_size)
 
-        def make_loader(generator: torch.Generator):
-            return image_loader(ctx.data_root, ctx.train, backbone.train_transform, cfg.batch_size, cfg.workers,
-                                shuffle=True, generator=generator)
+        def make_loader(generator: torch.Generator):  # the global batches; this rank's slices under torchrun
+            dataset = ImageListDataset(ctx.data_root, ctx.train, backbone.train_transform, on_error="skip")
+            return train_loader(dataset, cfg.batch_size, cfg.workers, generator, what=str(ctx.data_root))
 
         def validate() -> float:
             logits, labels = collect_logits(classifier, ctx.data_root, ctx.val, backbone.eval_transform, ctx.device,
