@@ -6,9 +6,10 @@ Without torchrun's environment (WORLD_SIZE unset or 1) every function here is th
 identity: no process group, the whole sample list, no wrapping. Under torchrun:
 
 * `init_from_env(device)` joins the process group (gloo on CPU, nccl on CUDA, one GPU per local rank);
-* evaluation and feature extraction read one contiguous shard of the sample list per rank
-  (`shard_bounds`) and `gather_rows` concatenates the shards in rank order, i.e. in dataset order, on
-  every rank;
+* evaluation and feature extraction read one contiguous shard of the sample list per rank, made of
+  whole batches of the single-process run (`batch_shard_bounds`), and `gather_rows` concatenates the
+  shards in rank order, i.e. in dataset order, on every rank: the logits and features are bit-identical
+  to one process's;
 * training keeps the single-process global batch and epoch order: `train_loader` draws the epoch's
   permutation exactly as DataLoader(shuffle=True, generator=g) does, cuts it into global batches of
   `batch_size` and gives each rank a contiguous slice of every global batch; the engine scales each
@@ -29,9 +30,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVa
 import torch
 
 __all__ = ["init_from_env", "is_distributed", "world_size", "rank", "is_main", "backend", "barrier",
-           "on_main", "broadcast_object", "gather_objects", "all_reduce_sum", "shard_bounds", "shard",
+           "on_main", "broadcast_object", "gather_objects", "all_reduce_sum", "shard_bounds", "batch_shard_bounds", "shard",
            "gather_rows", "local_device", "wrap_model", "check_batch_size", "rank_seed", "GlobalBatchShards",
-           "SeededTrainItems", "train_loader", "IGNORE_LABEL"]
+           "SeededTrainItems", "train_loader", "report_skipped_everywhere", "IGNORE_LABEL"]
 
 T = TypeVar("T")
 #: the label of a padding item (a rank whose slice of a short last global batch is empty): cross-entropy's
@@ -110,6 +111,10 @@ def init_from_env(device: Optional[str] = None) -> int:
         torch.cuda.set_device(launch.local_rank)
     dist.init_process_group(backend="nccl" if wants_cuda else "gloo")
     atexit.register(_shutdown)
+    if dist.get_rank() != 0:  # rank 0 reports; what only another rank sees is gathered to it first
+        import warnings
+
+        warnings.simplefilter("ignore")
     return dist.get_world_size()
 
 
@@ -209,9 +214,19 @@ def shard_bounds(n: int, ranks: Optional[int] = None, index: Optional[int] = Non
     return start, start + base + (1 if index < extra else 0)
 
 
-def shard(items: Sequence[T]) -> Sequence[T]:
-    """This rank's contiguous shard of `items` (all of them when single)."""
-    start, end = shard_bounds(len(items))
+def batch_shard_bounds(n: int, batch_size: int, ranks: Optional[int] = None,
+                       index: Optional[int] = None) -> tuple[int, int]:
+    """[start, end) of rank `index`'s shard made of whole batches: the ceil(n / batch_size) batches of one
+    process are split by `shard_bounds`, so every item is processed in the same batch as in one process
+    (same shapes, same kernels: bit-identical results)."""
+    batches = -(-int(n) // int(batch_size))
+    first, last = shard_bounds(batches, ranks, index)
+    return min(first * batch_size, n), min(last * batch_size, n)
+
+
+def shard(items: Sequence[T], batch_size: int = 1) -> Sequence[T]:
+    """This rank's contiguous shard of `items` in whole batches of `batch_size` (all of them when single)."""
+    start, end = batch_shard_bounds(len(items), batch_size)
     return items[start:end]
 
 
@@ -249,8 +264,15 @@ def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
                          "run in one process")
     from torch.nn.parallel import DistributedDataParallel
 
+    import inspect
+
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=False)
+    options = {"device_ids": ids, "find_unused_parameters": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:  # newer torch
+        options["forward_sync_buffers"] = False
+    else:
+        options["broadcast_buffers"] = False
+    return DistributedDataParallel(model, **options)
 
 
 class GlobalBatchShards(torch.utils.data.Sampler):
@@ -303,6 +325,18 @@ class SeededTrainItems(torch.utils.data.Dataset):
         return item
 
 
+def report_skipped_everywhere(own: Sequence[str], reported: bool, what: str) -> None:
+    """Under torchrun, rank 0 warns about the undecodable files the other ranks skipped in their shards
+    (`own`: this rank's; `reported`: whether rank 0 already warned about its own)."""
+    if not is_distributed():
+        return
+    from .data.folder import report_skipped
+
+    parts = gather_objects(list(own))
+    if is_main():
+        report_skipped([path for part in (parts[1:] if reported else parts) for path in part], what)
+
+
 class _AllBatches:
     """Iterate a loader built with collate_skip_bad yielding every batch, empty ones too (each rank must
     take every step); one warning naming the skipped files at the end."""
@@ -320,7 +354,8 @@ class _AllBatches:
         for batch in self.loader:
             skipped.extend(getattr(batch, "skipped", ()))
             yield batch
-        report_skipped(skipped, self.what)
+        everywhere = [path for part in gather_objects(skipped) for path in part]  # collective: every rank
+        report_skipped(everywhere if is_main() else (), self.what)
 
 
 def train_loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, generator: torch.Generator,

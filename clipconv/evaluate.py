@@ -51,15 +51,17 @@ def collect_logits(
     strict: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `score(images)` over a sample list; returns (logits, labels) on CPU, in sample order. Under
-    torchrun each rank scores its contiguous shard and every rank gets all of them (clipconv.distributed)."""
+    torchrun each rank scores a contiguous run of whole batches and every rank gets all of them
+    (clipconv.distributed), bit-identical to one process."""
     from . import distributed
     from .progress import progress
 
-    loader = image_loader(root, distributed.shard(list(samples)), transform, batch_size, workers, strict=strict)
+    loader = image_loader(root, distributed.shard(list(samples), batch_size), transform, batch_size, workers, strict=strict)
     all_logits, all_labels = [], []
     for images, labels in progress(loader, desc=desc or "eval", unit="batch"):
         all_logits.append(score(images.to(device)).float().cpu())
         all_labels.append(labels)
+    distributed.report_skipped_everywhere(loader.skipped, True, loader.what)
     logits = torch.cat(all_logits) if all_logits else torch.empty(0, 0)
     labels = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.long)
     return distributed.gather_rows(logits, labels)

@@ -309,8 +309,8 @@ class FeatureStore:
         # the "label" carried through the loader is the sample's position, so skipped files are known exactly
         indexed = [(path, position) for position, (path, _) in enumerate(samples)]
         dataset = _SeededItems(ImageListDataset(root, indexed, transform, on_error="skip"), generator_seed)
-        if distributed.is_distributed():  # this rank's contiguous shard, seeded by the items' global positions
-            dataset = torch.utils.data.Subset(dataset, range(*distributed.shard_bounds(len(indexed))))
+        if distributed.is_distributed():  # this rank's run of whole batches, seeded by the items' global positions
+            dataset = torch.utils.data.Subset(dataset, range(*distributed.batch_shard_bounds(len(indexed), self.batch_size)))
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.workers,
             collate_fn=collate_skip_bad, generator=torch.Generator().manual_seed(generator_seed),

@@ -145,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fail("--overwrite and --resume exclude each other: --resume continues the run, --overwrite replaces it")
     with bad_input_errors():
         cfg = _resume_config(args.resume, args, parser) if args.resume else config_from_args(args, parser)
-    from ..distributed import init_from_env
+    from ..distributed import init_from_env, is_main
     from ..rundir import exit_code, interrupt_on_sigterm
     from ..run import execute_run, prepare_run
 
@@ -159,7 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         what = "terminated" if exit_code(err) == 143 else "interrupted"
         print(f"\n{what}: the last finished epoch is saved; continue with --resume {run.run_dir}", file=sys.stderr)
         return exit_code(err)
-    print(f"run directory: {run.run_dir}")
+    if is_main():
+        print(f"run directory: {run.run_dir}")
     return 0 if result.metrics else EXIT_BAD_INPUT
 
 
