@@ -269,9 +269,9 @@ def _train_argv(world, out, epochs=2, batch=4):
             "--output-dir", str(out)]
 
 
-def _torchrun(args, **kwargs):
+def _torchrun(args, module="clipconv.cli.train", **kwargs):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "clipconv.cli.train", *args]
+           "-m", module, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, **kwargs)
 
@@ -333,3 +333,47 @@ def test_torchrun_run_killed_after_an_epoch_resumes_to_the_straight_run(world):
     a, b = _adapter(root / "straight"), _adapter(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same collectives in the same order: bit-identical
     assert json.loads((root / "straight/metrics.json").read_text()) == json.loads((killed / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_torchrun_evaluation_of_a_checkpoint_equals_one_process_bit_for_bit(world):
+    from safetensors.torch import load_file
+
+    from clipconv.cli import eval_robustness, train
+
+    root = world["root"]
+    run = root / "to-eval"
+    assert train.main(_train_argv(world, run)) == 0
+    argv = ["--checkpoint", str(run / "adapter.safetensors"), "--data-root", str(world["data"]), "--workers", "0",
+            "--eval-batch-size", "5", "--save-logits", "--threads", "1"]
+    assert eval_robustness.main([*argv, "--output-dir", str(root / "eval-one")]) == 0
+    two = _torchrun([*argv, "--output-dir", str(root / "eval-two")], module="clipconv.cli.eval_robustness")
+    assert two.returncode == 0, two.stderr[-3000:]
+    names = sorted(p.name for p in (root / "eval-one").glob("*_logits.safetensors"))
+    assert len(names) == 5 and names == sorted(p.name for p in (root / "eval-two").glob("*_logits.safetensors"))
+    for name in names:
+        a, b = load_file(str(root / "eval-one" / name)), load_file(str(root / "eval-two" / name))
+        assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["labels"], b["labels"]), name
+    assert (json.loads((root / "eval-one/metrics.json").read_text())
+            == json.loads((root / "eval-two/metrics.json").read_text()))
+
+
+@pytest.mark.slow
+def test_torchrun_table2_matches_one_process(world):
+    from clipconv.cli import run_table2
+
+    root = world["root"]
+    argv = ["--data-root", str(world["data"]), "--model", str(world["config"]), "--pretrained", str(world["weights"]),
+            "--shots", "4", "--seeds", "1", "--methods", "zero_shot", "linear_probe", "convpass", "--method-options",
+            json.dumps({"convpass": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "dropout": 0}}),
+            "--workers", "0", "--threads", "1", "--eval-batch-size", "3"]
+    assert run_table2.main([*argv, "--cache-dir", str(root / "cache-one"), "--output-dir", str(root / "t-one")]) == 0
+    two = _torchrun([*argv, "--cache-dir", str(root / "cache-two"), "--output-dir", str(root / "t-two")],
+                    module="clipconv.cli.run_table2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    one_t, two_t = (json.loads((root / f"t-{k}/table2.json").read_text()) for k in ("one", "two"))
+    for name in ("zero_shot", "linear_probe", "convpass"):
+        assert one_t["per_seed"][name]["1"]["metrics"] == two_t["per_seed"][name]["1"]["metrics"], name
+    assert two_t["environment"]["world_size"] == 2
+    assert (sorted(p.name for p in (root / "cache-one").iterdir())
+            == sorted(p.name for p in (root / "cache-two").iterdir()))  # the same entries, written once

@@ -67,6 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..backbone import load_backbone, resolve_device
     from ..checkpoint import read_metadata
     from ..data import ClassList
+    from ..distributed import init_from_env, is_main, local_device, on_main
     from ..engine import resolve_precision
     from ..methods.finetune import load_classifier
     from ..run import logits_saver, setup_logging, write_results
@@ -104,23 +105,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         classes = ClassList(ids, [universe.names[universe.index[i]] for i in ids], universe.ids, universe.source)
         if classes.hash() != meta["classes"]["hash"]:
             fail(f"checkpoint '{checkpoint}': class list hash differs from its recorded class ids")
-        device = resolve_device(runtime.device)
+        init_from_env(runtime.device)  # under torchrun: join the process group, each rank scores a shard
+        device = local_device(resolve_device(runtime.device))
         backbone = load_backbone(backbone_cfg.model, backbone_cfg.pretrained, device=device,
                                  precision=resolve_precision(backbone_cfg.precision, device),
                                  quick_gelu=meta["backbone"].get("quick_gelu"))
         classifier, _ = load_classifier(checkpoint, backbone)
         session = open_session(data, backbone_cfg, runtime, loaded=backbone, classes=classes)
-        if args.output_dir:
-            out_dir = claim_output_dir(args.output_dir, RUN_FILES, ("*_logits.safetensors",), overwrite=args.overwrite)
-        else:
-            out_dir = new_run_dir(checkpoint.parent, f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
+
+        def create() -> Path:  # on rank 0 only under torchrun; the others get its path
+            if args.output_dir:
+                return claim_output_dir(args.output_dir, RUN_FILES, ("*_logits.safetensors",), overwrite=args.overwrite)
+            return new_run_dir(checkpoint.parent, f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
+
+        out_dir = on_main(create)
     setup_logging(out_dir, runtime.quiet)
     metrics = session.evaluate(_Classifier(classifier), on_logits=logits_saver(out_dir) if args.save_logits else None)
     write_results(out_dir, meta.get("method", "checkpoint"), session.row(metrics), metrics,
                   {"checkpoint": str(checkpoint.resolve()), "evaluated": list(metrics),
                    "not_evaluated": session.missing}, columns=session.family.suite,
                   display=session.family.display)
-    print(f"results: {out_dir}")
+    if is_main():
+        print(f"results: {out_dir}")
     return 0
 
 
