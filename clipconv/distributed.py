@@ -114,7 +114,10 @@ def init_from_env(device: Optional[str] = None) -> int:
     if dist.get_rank() != 0:  # rank 0 reports; what only another rank sees is gathered to it first
         import warnings
 
+        from .progress import set_quiet
+
         warnings.simplefilter("ignore")
+        set_quiet(True)
     return dist.get_world_size()
 
 

@@ -2,7 +2,9 @@
 
 Determinism: every epoch reseeds torch from (seed, epoch) and shuffles with a generator seeded the
 same way, so a run resumed from the checkpoint of epoch e replays epochs e+1… exactly as an
-uninterrupted run would (bit-identical on CPU).
+uninterrupted run would (bit-identical on CPU). Under torchrun the model is wrapped in
+DistributedDataParallel and each rank trains on its slice of the same global batches
+(clipconv.distributed); see `Trainer._train_epoch_distributed` for how the loss is scaled.
 """
 from __future__ import annotations
 
