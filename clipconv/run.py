@@ -135,6 +135,7 @@ def prepare_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -
     else:
         split = session.draw_split(cfg.shots, cfg.seed, cfg.val_shots)
     options = method_options(cfg.method, options, precision=session.precision)
+
     def create() -> Path:  # on rank 0 only under torchrun; the others get its path
         if cfg.output_dir:
             return claim_output_dir(cfg.output_dir, RUN_FILES, RUN_PATTERNS, overwrite=overwrite, resume=resume)
