@@ -63,20 +63,25 @@ def collect_logits(
     draft_size: Optional[int] = None,
     decoded=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run `score(images)` over a sample list; returns (logits, labels) on CPU (`draft_size`, `decoded`:
-    see `image_loader`)."""
+    """Run `score(images)` over a sample list; returns (logits, labels) on CPU, in sample order (`draft_size`,
+    `decoded`: see `image_loader`). Under torchrun each rank scores a contiguous run of whole batches and every
+    rank gets all of them (clipconv.distributed), bit-identical to one process."""
+    from . import distributed
     from .progress import progress
 
     device = torch.device(device)
-    loader = image_loader(root, samples, transform, batch_size, workers, strict=strict, draft_size=draft_size,
-                          decoded=decoded, pin_memory=device.type == "cuda")
+    if decoded is not None and distributed.is_distributed():
+        raise ValueError("decoded images cannot be sharded across processes; pass decoded=None under torchrun")
+    loader = image_loader(root, distributed.shard(list(samples), batch_size), transform, batch_size, workers,
+                          strict=strict, draft_size=draft_size, decoded=decoded, pin_memory=device.type == "cuda")
     all_logits, all_labels = [], []
     for images, labels in progress(loader, desc=desc or "eval", unit="batch"):
         all_logits.append(score(images.to(device, non_blocking=True)).float().cpu())
         all_labels.append(labels)
-    if not all_logits:
-        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-    return torch.cat(all_logits), torch.cat(all_labels)
+    distributed.report_skipped_everywhere(loader.skipped, True, loader.what)
+    logits = torch.cat(all_logits) if all_logits else torch.empty(0, 0)
+    labels = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.long)
+    return distributed.gather_rows(logits, labels)
 
 
 def evaluate_method(

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from . import distributed
 from .io import OutputWriteError, atomic_path
 from .progress import progress
 
@@ -229,14 +230,15 @@ class FeatureStore:
         if self._draft_size is not None:  # drafted features differ slightly: their own cache entries
             name += f"|draft>={self._draft_size}"
         key = self.cache_key(root, samples, name, rounds, seed)
-        path = self._entry_path(key)
-        cached = self._read(path, key) if path is not None else None
+        # under torchrun rank 0 alone looks at the cache and sends the entry (or its absence) to the others
+        path = distributed.on_main(lambda: self._entry_path(key))
+        cached = distributed.on_main(lambda: self._read(path, key)) if path is not None else None
         if cached is not None:
             self.cache_hits += 1
             feats, labels, kept = cached
         else:
             feats, labels, kept = self._compute(root, samples, func, rounds, seed, desc)
-            if path is not None:
+            if path is not None and distributed.is_main():
                 self._write(path, key, feats, labels, kept)
         original = torch.as_tensor(order, dtype=torch.long)[kept] if len(kept) else kept
         back = torch.argsort(original)
@@ -314,10 +316,19 @@ class FeatureStore:
 
         # the "label" carried through the loader is the sample's position, so skipped files are known exactly
         indexed = [(path, position) for position, (path, _) in enumerate(samples)]
-        dataset = image_dataset(root, indexed, transform, on_error="skip", round_seed=generator_seed,
-                                draft_size=self._draft_size)
+        if distributed.is_distributed():  # this rank's run of whole batches, seeded by the items' global positions
+            start, end = distributed.batch_shard_bounds(len(indexed), self.batch_size)
+        else:
+            start, end = 0, len(indexed)
+        dataset = image_dataset(root, indexed if start == 0 and end == len(indexed) else indexed[start:end], transform,
+                                on_error="skip", round_seed=generator_seed, draft_size=self._draft_size,
+                                seed_offset=start)
         if not isinstance(dataset, torch.utils.data.IterableDataset):  # streamed shards seed each item themselves
-            dataset = _SeededItems(dataset, generator_seed)
+            if (start, end) != (0, len(indexed)):  # seeds from the global positions
+                dataset = image_dataset(root, indexed, transform, on_error="skip", draft_size=self._draft_size)
+                dataset = torch.utils.data.Subset(_SeededItems(dataset, generator_seed), range(start, end))
+            else:
+                dataset = _SeededItems(dataset, generator_seed)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.workers,
             collate_fn=collate_skip_bad, generator=torch.Generator().manual_seed(generator_seed),
@@ -335,12 +346,15 @@ class FeatureStore:
             self.encoder_calls += len(index)
             feats.append(out.float().cpu())
             positions.append(index)
+        skipped = [path for part in distributed.gather_objects(skipped) for path in part]
         if skipped:
             from .data import report_skipped
 
             report_skipped(skipped, f"images under '{root}'")
         kept = torch.cat(positions) if positions else torch.empty(0, dtype=torch.long)
-        all_labels = torch.tensor([samples[i][1] for i in kept.tolist()], dtype=torch.long)
         width = int(getattr(model.visual, "output_dim", 0) or 0)
         features = torch.cat(feats) if feats else torch.empty(0, width)
+        features, kept = distributed.gather_rows(features, kept)  # in sample order on every rank
+        self.encoder_calls += len(kept)
+        all_labels = torch.tensor([samples[i][1] for i in kept.tolist()], dtype=torch.long)
         return features, all_labels, kept

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
+from . import distributed
 from .config import BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
 from .clip_benchmark import write_benchmark_results
 from .io import write_json, write_text
@@ -85,12 +86,15 @@ def environment(session: Session) -> dict[str, Any]:
     import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
-            "device": str(session.device), "precision": session.precision, "world_size": 1,
-            "threads": torch.get_num_threads()}
+            "device": str(session.device), "precision": session.precision, "world_size": distributed.world_size(),
+            "backend": distributed.backend(), "threads": torch.get_num_threads()}
 
 
 def setup_logging(run_dir: Optional[Path] = None, quiet: bool = False) -> None:
-    """Log to stderr (warnings only when `quiet`) and, when given, to run_dir/log.txt (appending)."""
+    """Log to stderr (warnings only when `quiet`) and, when given, to run_dir/log.txt (appending).
+    Under torchrun only rank 0 logs (the other ranks show warnings only and write no log.txt)."""
+    if not distributed.is_main():
+        run_dir, quiet = None, True
     log.setLevel(logging.INFO)
     for handler in list(log.handlers):
         log.removeHandler(handler)
@@ -146,10 +150,13 @@ def prepare_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -
     else:
         split = session.draw_split(cfg.shots, cfg.seed, cfg.val_shots)
     options = method_options(cfg.method, options, precision=session.precision)
-    if cfg.output_dir:
-        run_dir = claim_output_dir(cfg.output_dir, RUN_FILES, RUN_PATTERNS, overwrite=overwrite, resume=resume)
-    else:
-        run_dir = new_run_dir("runs", f"{cfg.method}_{cfg.shots}shot_seed{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
+
+    def create() -> Path:  # on rank 0 only under torchrun; the others get its path
+        if cfg.output_dir:
+            return claim_output_dir(cfg.output_dir, RUN_FILES, RUN_PATTERNS, overwrite=overwrite, resume=resume)
+        return new_run_dir("runs", f"{cfg.method}_{cfg.shots}shot_seed{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
+
+    run_dir = distributed.on_main(create)
     return PreparedRun(cfg, session, split, options, run_dir, resume)
 
 

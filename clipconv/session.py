@@ -152,6 +152,7 @@ def open_session(data: DataConfig, backbone: BackboneConfig, runtime: RuntimeCon
     list the evaluation splits. `classes` overrides the family's (a checkpoint's own class list).
     Writes nothing."""
     from .backbone import load_backbone, resolve_device
+    from .distributed import local_device
     from .engine import resolve_precision
     from .features import FeatureStore
     from .prompts import load_templates
@@ -166,7 +167,7 @@ def open_session(data: DataConfig, backbone: BackboneConfig, runtime: RuntimeCon
     classes = classes if classes is not None else family.classes()
     templates = (family.dataset_templates() if data.templates == "dataset" else
                  load_templates(data.templates) if data.templates else None)
-    device = resolve_device(runtime.device)
+    device = local_device(resolve_device(runtime.device))  # cuda:LOCAL_RANK under torchrun
     precision = resolve_precision(backbone.precision, device)
     if loaded is None:
         loaded = load_backbone(backbone.model, backbone.pretrained, device=device, precision=precision,
@@ -188,6 +189,7 @@ def method_options(name: str, options: Optional[dict[str, Any]] = None, epochs_s
     for a method that has a precision option it was not given."""
     import dataclasses
 
+    from .distributed import check_batch_size
     from .methods.base import METHODS, method_config_class, method_names
 
     if name not in method_names():
@@ -195,7 +197,9 @@ def method_options(name: str, options: Optional[dict[str, Any]] = None, epochs_s
     config_class = method_config_class(METHODS[name])
     out = dict(options or {})
     try:
-        config_class.from_options(out)
+        config = config_class.from_options(out)
+        if getattr(METHODS[name], "data_parallel", False):  # its batch is split across torchrun's processes
+            check_batch_size(config.batch_size)
     except ValueError as err:
         raise ValueError(f"method '{name}': {err}") from None
     defaults = {f.name: f.default for f in dataclasses.fields(config_class)}

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .config import BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
+from . import distributed
 from .clip_benchmark import write_benchmark_results
 from .io import atomic_path, write_json, write_text
 from .report import DISPLAY, SUITE, markdown_table
@@ -291,7 +292,8 @@ def _run_shots(cfg: Table2Config, session: Session, methods: Sequence[str], out:
     KeyboardInterrupt the table is written as incomplete ("complete": false) and the interrupt re-raised."""
     from .data import save_split
 
-    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
     wise = wise_methods(cfg.wise_methods, methods)
     per_seed, timing = _done_before(out, [*methods, *map(wise_key, wise)]) if resume else ({}, {})
     result: dict[str, Any] = {}
@@ -372,13 +374,15 @@ def _claim_table2_dir(cfg: Table2Config, shots: Sequence[int], overwrite: bool, 
                       log: Callable[[str], None]) -> Path:
     """The output folder, created: a new unique runs/table2_<K>shot_<time> by default; the run's record
     (table2_config.json) written in it unless resuming."""
-    if cfg.output_dir is None:
-        import time
+    def create() -> Path:  # on rank 0 only under torchrun; the others get its path
+        if cfg.output_dir is None:
+            import time
 
-        out = new_run_dir("runs", f"table2_{'-'.join(str(k) for k in shots)}shot_{time.strftime('%Y%m%d-%H%M%S')}")
-    else:
-        out = claim_output_dir(cfg.output_dir, TABLE2_OWN_FILES, TABLE2_OWN_PATTERNS, overwrite=overwrite,
-                               resume=resume)
+            return new_run_dir("runs", f"table2_{'-'.join(str(k) for k in shots)}shot_{time.strftime('%Y%m%d-%H%M%S')}")
+        return claim_output_dir(cfg.output_dir, TABLE2_OWN_FILES, TABLE2_OWN_PATTERNS, overwrite=overwrite,
+                                resume=resume)
+
+    out = distributed.on_main(create)
     log(f"output folder: {out}")
     if not resume:
         write_json(out / RECORD_FILE, {"config": replace(cfg, output_dir=str(out)).to_dict(), "shots": list(shots)})

@@ -141,6 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..backbone import load_backbone, resolve_device
     from ..checkpoint import read_metadata
     from ..data import ClassList
+    from ..distributed import init_from_env, is_main, local_device, on_main
     from ..engine import resolve_precision
     from ..methods.finetune import load_classifier
     from ..run import logits_saver, setup_logging, write_results
@@ -186,7 +187,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         classes = ClassList(ids, [universe.names[universe.index[i]] for i in ids], universe.ids, universe.source)
         if classes.hash() != meta["classes"]["hash"]:
             fail(f"checkpoint '{checkpoint}': class list hash differs from its recorded class ids")
-        device = resolve_device(runtime.device)
+        init_from_env(runtime.device)  # under torchrun: join the process group, each rank scores a shard
+        device = local_device(resolve_device(runtime.device))
         backbone = load_backbone(backbone_cfg.model, backbone_cfg.pretrained, device=device,
                                  precision=resolve_precision(backbone_cfg.precision, device),
                                  quick_gelu=meta["backbone"].get("quick_gelu"))
@@ -197,11 +199,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             classifier, _ = load_classifier(checkpoint, backbone)
         session = open_session(data, backbone_cfg, runtime, loaded=backbone, classes=classes)
-        if args.output_dir:
-            out_dir = claim_output_dir(args.output_dir, own, ("*_logits.safetensors", "clip_benchmark"), overwrite=args.overwrite)
-        else:
+
+        def create() -> Path:  # on rank 0 only under torchrun; the others get its path
+            if args.output_dir:
+                return claim_output_dir(args.output_dir, own, ("*_logits.safetensors", "clip_benchmark"),
+                                        overwrite=args.overwrite)
             prefix = "wise" if args.wise else "eval"
-            out_dir = new_run_dir(checkpoint.parent, f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
+            return new_run_dir(checkpoint.parent, f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+        out_dir = on_main(create)
     setup_logging(out_dir, runtime.quiet)
     if args.wise:
         from ..wise_report import run_sweep
@@ -214,11 +220,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   {"checkpoint": str(checkpoint.resolve()), "evaluated": list(metrics),
                    "not_evaluated": session.missing}, columns=session.family.suite,
                   display=session.family.display)
-    from ..clip_benchmark import write_benchmark_results
+    if is_main():
+        from ..clip_benchmark import write_benchmark_results
 
-    write_benchmark_results(out_dir, session.family, metrics, backbone_cfg.model, backbone_cfg.pretrained,
-                            meta.get("method", "checkpoint"), {"checkpoint": str(checkpoint.resolve())})
-    print(f"results: {out_dir}")
+        write_benchmark_results(out_dir, session.family, metrics, backbone_cfg.model, backbone_cfg.pretrained,
+                                meta.get("method", "checkpoint"), {"checkpoint": str(checkpoint.resolve())})
+        print(f"results: {out_dir}")
     return 0
 
 

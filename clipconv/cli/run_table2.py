@@ -108,6 +108,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..run import log, setup_logging
     from ..table2 import SWEEP_FILE, run_shots_sweep, run_table2
 
+    from ..distributed import init_from_env, is_main
+
+    with bad_input_errors():
+        init_from_env(cfg.runtime.device)  # under torchrun: join the process group (no-op otherwise)
     setup_logging(quiet=cfg.runtime.quiet)
     state: dict = {}
 
@@ -129,6 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hint = f"; finish it with: run_table2.py --resume {where}" if where else ""
         print(f"\n{what}: the finished fits are kept in the table (marked incomplete){hint}", file=sys.stderr)
         return exit_code(err)
+    if not is_main():
+        return 0
     print(f"table: {out / 'table2.md'}\nbar chart: {out / 'table2_bars.png'}")
     if len(shots) > 1:
         print(f"accuracy vs shots: {out / (SWEEP_FILE + '.png')} (tables: {out / (SWEEP_FILE + '.md')}, "

@@ -109,6 +109,7 @@ class AdapterTuning(Method):
     """Adapters of kind `adapter_kind` + text-initialized head; only those train."""
 
     frozen_image_encoder = False
+    data_parallel = True  # trains with DistributedDataParallel under torchrun (batch_size split across ranks)
     adapter_kind: ClassVar[str] = "convpass"
     config_class: ClassVar[type[AdapterTuningConfig]] = tuning_config(ConvpassConfig)
 
@@ -170,13 +171,14 @@ class AdapterTuning(Method):
             return None, None
         from ..data.decoded import decoded_images
         from ..data.draft import draft_for, leading_resize, needed_short_side
+        from ..distributed import is_distributed
 
         folder = None if ctx.decoded_cache is True else ctx.decoded_cache
         train = decoded_images(ctx.data_root, ctx.train, needed_short_side(ctx.backbone.train_transform),
                                cache_dir=folder, workers=ctx.workers)
         resize = leading_resize(ctx.backbone.eval_transform)
         val = None
-        if ctx.val and resize is not None:
+        if ctx.val and resize is not None and not is_distributed():  # (validation is sharded under torchrun)
             val = decoded_images(ctx.data_root, ctx.val, draft_for(ctx.draft, ctx.backbone.eval_transform, False),
                                  cache_dir=folder, workers=ctx.workers, prepare=resize)
         ctx.log(f"decoded images: {len(train)} train ({train.nbytes / 2**20:.1f} MB"
@@ -185,8 +187,11 @@ class AdapterTuning(Method):
         return train, val
 
     def fit(self, ctx: FitContext) -> dict[str, Any]:
+        from ..data import image_dataset
+        from ..data.decoded import DecodedImageDataset
         from ..data.draft import draft_for
-        from ..evaluate import collect_logits, image_loader
+        from ..distributed import train_loader
+        from ..evaluate import collect_logits
         from ..metrics import topk_accuracy
 
         cfg = self.config.train_config(ctx)
@@ -199,9 +204,13 @@ class AdapterTuning(Method):
         train_draft = draft_for(ctx.draft, backbone.train_transform, training=True)
         pin = torch.device(ctx.device).type == "cuda"
 
-        def make_loader(generator: torch.Generator):
-            return image_loader(ctx.data_root, ctx.train, backbone.train_transform, cfg.batch_size, cfg.workers,
-                                shuffle=True, generator=generator, draft_size=train_draft, decoded=decoded,
+        def make_loader(generator: torch.Generator):  # the global batches; this rank's slices under torchrun
+            if decoded is not None:
+                dataset = DecodedImageDataset(decoded, ctx.data_root, ctx.train, backbone.train_transform, "skip")
+            else:
+                dataset = image_dataset(ctx.data_root, ctx.train, backbone.train_transform, on_error="skip",
+                                        draft_size=train_draft)
+            return train_loader(dataset, cfg.batch_size, cfg.workers, generator, what=str(ctx.data_root),
                                 pin_memory=pin)
 
         def validate() -> float:
