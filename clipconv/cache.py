@@ -1,7 +1,8 @@
 """See and clear clipconv's on-disk caches: `python -m clipconv.cache info|clear [--dir DIR]`.
 
 The cache folder is `$CLIPCONV_CACHE`, else `~/.cache/clipconv`. It holds image-feature entries
-(`features/<40 hex>.safetensors`, see clipconv.features) and generated demo worlds
+(`features/<40 hex>.safetensors`, see clipconv.features), decoded K-shot images
+(`decoded/<40 hex>.safetensors`, see clipconv.data.decoded) and generated demo worlds
 (`demo-world-<12 hex>/`). `clear` removes only those (and temporary files a killed write left behind);
 anything else in the folder is left alone. It asks nothing and prints what it removed.
 """
@@ -41,6 +42,7 @@ class CacheContents:
 
     root: Path
     entries: list[Path] = field(default_factory=list)  # feature-cache entries
+    decoded: list[Path] = field(default_factory=list)  # decoded-image entries (clipconv.data.decoded)
     leftovers: list[Path] = field(default_factory=list)  # temp files of interrupted writes
     worlds: list[Path] = field(default_factory=list)  # generated demo worlds
 
@@ -52,13 +54,13 @@ def scan(root: Optional[Path] = None) -> CacheContents:
     """The clipconv files in `root` (default `cache_root()`); nothing else is listed."""
     root = Path(root) if root is not None else cache_root()
     found = CacheContents(root)
-    features = root / "features"
-    if features.is_dir():
-        for path in sorted(features.iterdir()):
-            if path.is_file() and _ENTRY.match(path.name):
-                found.entries.append(path)
-            elif path.is_file() and _ENTRY_TEMP.match(path.name):
-                found.leftovers.append(path)
+    for folder, entries in ((root / "features", found.entries), (root / "decoded", found.decoded)):
+        if folder.is_dir():
+            for path in sorted(folder.iterdir()):
+                if path.is_file() and _ENTRY.match(path.name):
+                    entries.append(path)
+                elif path.is_file() and _ENTRY_TEMP.match(path.name):
+                    found.leftovers.append(path)
     if root.is_dir():
         found.worlds = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.is_symlink() and _WORLD.match(p.name)]
     return found
@@ -77,6 +79,9 @@ def describe(found: CacheContents) -> str:
     lines = [f"cache folder: {found.root}" + ("" if found.root.is_dir() else " (does not exist)"),
              f"feature entries: {len(found.entries)} ({_human(found.size(found.entries))}) in {found.root / 'features'}",
              f"demo worlds: {len(found.worlds)} ({_human(found.size(found.worlds))})"]
+    if found.decoded:
+        lines.insert(2, f"decoded-image entries: {len(found.decoded)} ({_human(found.size(found.decoded))}) in "
+                        f"{found.root / 'decoded'}")
     if found.leftovers:
         lines.append(f"leftover temporary files: {len(found.leftovers)} ({_human(found.size(found.leftovers))})")
     return "\n".join(lines)
@@ -86,7 +91,8 @@ def clear(root: Optional[Path] = None, worlds: bool = True) -> list[str]:
     """Remove clipconv's cache files under `root`; return one line per kind of thing removed."""
     found = scan(root)
     report = []
-    for what, paths in (("feature entries", found.entries), ("leftover temporary files", found.leftovers),
+    for what, paths in (("feature entries", found.entries), ("decoded-image entries", found.decoded),
+                        ("leftover temporary files", found.leftovers),
                         ("demo worlds", found.worlds if worlds else [])):
         if not paths:
             continue
@@ -95,9 +101,9 @@ def clear(root: Optional[Path] = None, worlds: bool = True) -> list[str]:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         shown = "" if what != "demo worlds" else ": " + ", ".join(p.name for p in paths)
         report.append(f"removed {len(paths)} {what} ({_human(size)}) from {paths[0].parent}{shown}")
-    features = found.root / "features"
-    if features.is_dir() and not any(features.iterdir()):
-        features.rmdir()
+    for folder in (found.root / "features", found.root / "decoded"):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
     return report
 
 

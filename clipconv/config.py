@@ -107,8 +107,9 @@ class Config:
 class DataConfig(Config):
     """Where the images come from: the dataset family and its options."""
 
-    family: Optional[str] = option(None, help="dataset family: imagenet, demo or folder (default: demo with --demo, "
-                                              "folder with --train-root, else imagenet: ImageNet and its variants)")
+    family: Optional[str] = option(None, help="dataset family: imagenet, demo, folder or wds (CLIP_benchmark's webdataset "
+                                              "shards under --data-root; default: demo with --demo, folder with "
+                                              "--train-root, else imagenet: ImageNet and its variants)")
     data_root: Optional[str] = option(None, help="folder holding ImageNet and its variants (see datasets/README.md)")
     classnames: Optional[str] = option(None, help="file of '<id> <name>' lines overriding the class universe")
     train_root: Optional[str] = option(None, help="your own data: a folder with one sub-folder of train images per "
@@ -118,8 +119,9 @@ class DataConfig(Config):
         None, help="which evaluation sets to score (default: the family's whole suite)")
     templates: Optional[str] = option(
         None, help="prompt templates for every method that uses them: photo ('a photo of a {}.'), clip80, tip, or "
-                   "a file with one per line (default: each method's reference set: photo for zero-shot and the "
-                   "adapter heads, tip for Tip-Adapter(-F))")
+                   "a file with one per line, or dataset (the data's own templates file: CLIP_benchmark's "
+                   "zeroshot_classification_templates.txt, wds family) (default: each method's reference set: "
+                   "photo for zero-shot and the adapter heads, tip for Tip-Adapter(-F))")
     strict: bool = option(False, help="stop at an undecodable image instead of skipping it")
 
     def __post_init__(self) -> None:
@@ -150,6 +152,13 @@ class RuntimeConfig(Config):
     eval_batch_size: int = option(128, check=positive, help="images per encoder batch when scoring")
     cache: bool = option(True, help="do not read or write the image-feature cache")
     cache_dir: Optional[str] = option(None, help="feature cache folder (default $CLIPCONV_CACHE/features)")
+    draft: Literal["eval", "all", "off"] = option("off", choices=("eval", "all", "off"),
+                        help="decode JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) when the model transform shrinks "
+                             "them at least that much (faster; top-1 moves < 1 point but near-tie predictions can "
+                             "flip): eval (evaluation and feature loaders), all (training too), off (full-size "
+                             "decoding everywhere, as the reference codes: the default)")
+    decoded_cache: bool = option(True, help="do not keep the K-shot train and validation images decoded (in memory "
+                                            "and under $CLIPCONV_CACHE/decoded): decode every JPEG in every epoch")
     threads: Optional[int] = option(None, check=positive,
                                     help="CPU threads of torch (torch.set_num_threads; default: torch's choice)")
     quiet: bool = option(False, help="log warnings and the final table only")

@@ -2,7 +2,9 @@
 
 Determinism: every epoch reseeds torch from (seed, epoch) and shuffles with a generator seeded the
 same way, so a run resumed from the checkpoint of epoch e replays epochs e+1… exactly as an
-uninterrupted run would (bit-identical on CPU).
+uninterrupted run would (bit-identical on CPU). Under torchrun the model is wrapped in
+DistributedDataParallel and each rank trains on its slice of the same global batches
+(clipconv.distributed); see `Trainer._train_epoch_distributed` for how the loss is scaled.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .io import load_torch, remove_stale_temps, save_torch
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDivergedError", "build_optimizer", "build_scheduler", "epoch_seed",
@@ -158,6 +161,10 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self.best: Optional[dict[str, Any]] = None
+        # under torchrun: DistributedDataParallel over the trainable parameters (the model itself otherwise)
+        distributed.check_batch_size(cfg.batch_size)
+        self.forward_model = distributed.wrap_model(model, device)
+        self._image_shape: Optional[tuple[int, ...]] = None
 
     # ----- state -------------------------------------------------------------------------------
     def _trainable(self) -> dict[str, torch.Tensor]:
@@ -182,7 +189,7 @@ class Trainer:
         }
 
     def save_state(self) -> None:
-        if self.run_dir is not None:
+        if self.run_dir is not None and distributed.is_main():
             save_torch(self.run_dir / STATE_FILE, self.state_dict())
 
     def load_state(self, path: Path) -> None:
@@ -235,9 +242,11 @@ class Trainer:
 
         epoch = self.epoch + 1
         seed = epoch_seed(self.cfg.seed, epoch)
-        torch.manual_seed(seed)
+        torch.manual_seed(distributed.rank_seed(seed))  # dropout masks; `seed` itself in one process
         generator = torch.Generator().manual_seed(seed)
         self.model.train()
+        if distributed.is_distributed():
+            return self._train_epoch_distributed(epoch, generator)
         total_loss, total_seen, correct, step = 0.0, 0, 0, 0
         started = time.perf_counter()
         bar = progress(self.make_loader(generator), total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.cfg.epochs}",
@@ -282,6 +291,77 @@ class Trainer:
             "seconds": round(time.perf_counter() - started, 2),
         }
         return record
+
+    def _padding_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One zero image with IGNORE_LABEL: what a rank left without a decodable image feeds DDP."""
+        shape = self._image_shape
+        if shape is None:
+            size = getattr(getattr(self.model, "visual", None), "image_size", None)
+            if size is None:
+                raise RuntimeError("a rank got no decodable training image and the input size is unknown")
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            shape = (3, *size)
+        return torch.zeros(1, *shape), torch.full((1,), distributed.IGNORE_LABEL, dtype=torch.long)
+
+    def _train_epoch_distributed(self, epoch: int, generator: torch.Generator) -> dict[str, Any]:
+        """`train_epoch` under torchrun: this rank's slice of each global batch; its summed cross-entropy
+        is scaled by world size / global batch size, so DDP's gradient average is the gradient of the
+        global batch's mean loss (the single-process objective), L2-SP added once per rank."""
+        from .progress import progress
+
+        ranks = distributed.world_size()
+        sums = torch.zeros(3, dtype=torch.float64)  # loss · images, images, correct (this rank)
+        step = 0
+        started = time.perf_counter()
+        bar = progress(self.make_loader(generator), total=self.steps_per_epoch,
+                       desc=f"epoch {epoch}/{self.cfg.epochs}", unit="batch", leave=False)
+        for images, labels in bar:
+            if len(labels) == 0:
+                images, labels = self._padding_batch()
+            self._image_shape = tuple(images.shape[1:])
+            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            real = labels != distributed.IGNORE_LABEL
+            count = distributed.all_reduce_sum(torch.tensor([float(real.sum())], dtype=torch.float64))
+            if count.item() == 0:  # every image of this global batch was undecodable: skipped, as in one process
+                continue
+            with self._autocast():
+                logits = self.forward_model(images)
+            summed = F.cross_entropy(logits.float(), labels, reduction="sum",
+                                     ignore_index=distributed.IGNORE_LABEL)
+            penalty = self.penalty() if self.anchor is not None else None
+            check = distributed.all_reduce_sum(torch.tensor([summed.item()], dtype=torch.float64))
+            mean = check.item() / count.item() + (penalty.item() if penalty is not None else 0.0)
+            if not math.isfinite(mean):
+                raise TrainingDivergedError(
+                    f"non-finite loss ({mean}) at epoch {epoch}, step {step + 1}, "
+                    f"lr {self.scheduler.get_last_lr()[0]:.3g}; the last good checkpoint is kept — "
+                    "lower --lr or --scale, or use --precision fp32"
+                )
+            loss = summed * (ranks / count.item())
+            if penalty is not None:
+                loss = loss + penalty
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            self.scheduler.step()
+            step += 1
+            seen = int(real.sum())
+            sums += torch.tensor([mean * seen, seen, float(((logits.argmax(dim=1) == labels) & real).sum())],
+                                 dtype=torch.float64)
+            bar.set_postfix(loss=f"{mean:.4f}")
+        if step == 0:
+            raise ValueError(f"epoch {epoch} had no decodable training image; check the data with "
+                             "scripts/check_data.py --verify")
+        total_loss, total_seen, correct = distributed.all_reduce_sum(sums).tolist()
+        self.epoch = epoch
+        return {"epoch": epoch, "loss": total_loss / max(1, total_seen),
+                "train_top1": 100.0 * correct / max(1, total_seen), "lr": self.scheduler.get_last_lr()[0],
+                "seconds": round(time.perf_counter() - started, 2)}
 
     def fit(self) -> list[dict[str, Any]]:
         """Train until cfg.epochs (continuing from a loaded state); checkpoint after every epoch."""

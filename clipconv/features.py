@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from . import distributed
 from .io import OutputWriteError, atomic_path
 from .progress import progress
 
@@ -125,6 +126,7 @@ class FeatureStore:
         batch_size: int = 64,
         workers: int = 0,
         device: Union[str, torch.device, None] = None,
+        draft: str = "off",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"FeatureStore batch_size must be >= 1, got {batch_size}")
@@ -133,6 +135,8 @@ class FeatureStore:
         self._cache_checked = False  # the folder is probed (and created) on first use, not here
         self.batch_size = batch_size
         self.workers = workers
+        self.draft = draft  # reduced-size JPEG decoding (clipconv.data.draft): "eval", "all" or "off"
+        self._draft_size: Optional[int] = None
         self.device = torch.device(device) if device is not None else backbone.device
         self.encoder_calls = 0
         self.cache_hits = 0
@@ -220,15 +224,21 @@ class FeatureStore:
         func = self._resolve_transform(transform)
         name = transform_name or (f"backbone.{transform}:" + transform_id(func) if isinstance(transform, str)
                                   else transform_id(func))
+        from .data.draft import draft_for
+
+        self._draft_size = draft_for(self.draft, func, training=not (isinstance(transform, str) and transform == "eval"))
+        if self._draft_size is not None:  # drafted features differ slightly: their own cache entries
+            name += f"|draft>={self._draft_size}"
         key = self.cache_key(root, samples, name, rounds, seed)
-        path = self._entry_path(key)
-        cached = self._read(path, key) if path is not None else None
+        # under torchrun rank 0 alone looks at the cache and sends the entry (or its absence) to the others
+        path = distributed.on_main(lambda: self._entry_path(key))
+        cached = distributed.on_main(lambda: self._read(path, key)) if path is not None else None
         if cached is not None:
             self.cache_hits += 1
             feats, labels, kept = cached
         else:
             feats, labels, kept = self._compute(root, samples, func, rounds, seed, desc)
-            if path is not None:
+            if path is not None and distributed.is_main():
                 self._write(path, key, feats, labels, kept)
         original = torch.as_tensor(order, dtype=torch.long)[kept] if len(kept) else kept
         back = torch.argsort(original)
@@ -302,14 +312,27 @@ class FeatureStore:
         return (total / rounds).float().contiguous(), labels, kept
 
     def _encode_once(self, root, samples, transform, generator_seed, desc):
-        from .data import ImageListDataset, collate_skip_bad
+        from .data import collate_skip_bad, image_dataset
 
         # the "label" carried through the loader is the sample's position, so skipped files are known exactly
         indexed = [(path, position) for position, (path, _) in enumerate(samples)]
-        dataset = _SeededItems(ImageListDataset(root, indexed, transform, on_error="skip"), generator_seed)
+        if distributed.is_distributed():  # this rank's run of whole batches, seeded by the items' global positions
+            start, end = distributed.batch_shard_bounds(len(indexed), self.batch_size)
+        else:
+            start, end = 0, len(indexed)
+        dataset = image_dataset(root, indexed if start == 0 and end == len(indexed) else indexed[start:end], transform,
+                                on_error="skip", round_seed=generator_seed, draft_size=self._draft_size,
+                                seed_offset=start)
+        if not isinstance(dataset, torch.utils.data.IterableDataset):  # streamed shards seed each item themselves
+            if (start, end) != (0, len(indexed)):  # seeds from the global positions
+                dataset = image_dataset(root, indexed, transform, on_error="skip", draft_size=self._draft_size)
+                dataset = torch.utils.data.Subset(_SeededItems(dataset, generator_seed), range(start, end))
+            else:
+                dataset = _SeededItems(dataset, generator_seed)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.workers,
             collate_fn=collate_skip_bad, generator=torch.Generator().manual_seed(generator_seed),
+            pin_memory=self.device.type == "cuda",
         )
         model = self.backbone.model
         dtype = next(model.visual.parameters()).dtype
@@ -319,16 +342,19 @@ class FeatureStore:
             images, index = batch
             if len(index) == 0:
                 continue
-            out = model.encode_image(images.to(self.device, dtype=dtype))
+            out = model.encode_image(images.to(self.device, dtype=dtype, non_blocking=True))
             self.encoder_calls += len(index)
             feats.append(out.float().cpu())
             positions.append(index)
+        skipped = [path for part in distributed.gather_objects(skipped) for path in part]
         if skipped:
             from .data import report_skipped
 
             report_skipped(skipped, f"images under '{root}'")
         kept = torch.cat(positions) if positions else torch.empty(0, dtype=torch.long)
-        all_labels = torch.tensor([samples[i][1] for i in kept.tolist()], dtype=torch.long)
         width = int(getattr(model.visual, "output_dim", 0) or 0)
         features = torch.cat(feats) if feats else torch.empty(0, width)
+        features, kept = distributed.gather_rows(features, kept)  # in sample order on every rank
+        self.encoder_calls += len(kept)
+        all_labels = torch.tensor([samples[i][1] for i in kept.tolist()], dtype=torch.long)
         return features, all_labels, kept

@@ -69,9 +69,16 @@ def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`.
 
     Any OSError while preparing, writing or renaming becomes an `OutputWriteError` naming `path`; the
-    temporary file is always removed.
+    temporary file is always removed. Under torchrun only rank 0 writes: other ranks get a private
+    temporary path that is deleted afterwards (`path` is left alone).
     """
     path = Path(path)
+    from .distributed import is_main
+
+    if not is_main():
+        with tempfile.TemporaryDirectory(prefix="clipconv-rank-") as scratch:
+            yield Path(scratch) / path.name
+        return
     tmp: Optional[Path] = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +158,11 @@ def load_torch(path: Union[str, Path], map_location: Union[str, torch.device] = 
 
 def remove_stale_temps(path: Union[str, Path]) -> list[Path]:
     """Delete the temporary files a killed writer of `path` left beside it (`.<name>.*.tmp`); returns them."""
+    from .distributed import is_main
+
     path = Path(path)
+    if not is_main():  # rank 0 tidies up under torchrun
+        return []
     stale = sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
     for tmp in stale:
         tmp.unlink(missing_ok=True)

@@ -1,11 +1,11 @@
-"""Top-k accuracy, with the argmax optionally restricted to a class subset (ImageNet-A/-R)."""
+"""Top-k accuracy and mean per-class recall, with the argmax optionally restricted to a class subset (ImageNet-A/-R)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["restrict_to_subset", "topk_accuracy", "per_class_top1"]
+__all__ = ["restrict_to_subset", "topk_accuracy", "per_class_top1", "mean_per_class_recall"]
 
 
 def restrict_to_subset(
@@ -57,3 +57,21 @@ def per_class_top1(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
     counts = torch.bincount(labels, minlength=num_classes).double()
     correct = torch.bincount(labels, weights=hits, minlength=num_classes)
     return [100.0 * c / n if n > 0 else None for c, n in zip(correct.tolist(), counts.tolist())]
+
+
+def mean_per_class_recall(logits: torch.Tensor, labels: torch.Tensor,
+                          subset: Optional[Sequence[int]] = None) -> float:
+    """Mean over the classes present in `labels` of each class's recall (top-1 within the class), in %.
+
+    sklearn's `balanced_accuracy_score(labels, argmax)` × 100 (what CLIP_benchmark reports as
+    `mean_per_class_recall`): classes without images in the set do not count; the argmax is restricted to
+    `subset` like `topk_accuracy`. NaN for an empty set.
+    """
+    if labels.numel() == 0:
+        return float("nan")
+    logits, labels = restrict_to_subset(logits, labels, subset)
+    hits = (logits.argmax(dim=1) == labels).double()
+    counts = torch.bincount(labels).double()
+    correct = torch.bincount(labels, weights=hits, minlength=len(counts))
+    present = counts > 0
+    return 100.0 * (correct[present] / counts[present]).mean().item()

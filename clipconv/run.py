@@ -15,15 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
+from . import distributed
 from .config import BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
+from .clip_benchmark import write_benchmark_results
 from .io import write_json, write_text
 from .rundir import RUN_FILES, check_output_dir, claim_output_dir, held_files, new_run_dir
 from .session import FitResult, Session, fit_and_evaluate, method_options, open_session
+from .wise import alpha_check, wise_label
 
 if TYPE_CHECKING:
     from .data import FewShotSplit
 
-__all__ = ["RunConfig", "PreparedRun", "prepare_run", "execute_run", "write_results", "setup_logging",
+__all__ = ["RunConfig", "PreparedRun", "prepare_run", "execute_run", "write_results", "recall_line", "setup_logging",
            "environment", "VAL_SHOTS", "CONFIG_FILE", "counts_line", "logits_saver"]
 
 log = logging.getLogger("clipconv")
@@ -33,7 +36,8 @@ log = logging.getLogger("clipconv")
 #: without a test set. Its cost: scoring 4 images per class after every epoch — forward only, so about 8 % of
 #: 16-shot training's compute; measured on the demo (5 epochs, 1 thread, load 3.7): fit 13.5 s vs 10.4 s.
 VAL_SHOTS = 4
-RUN_PATTERNS = ("scale_*", "*_logits.safetensors")  # a Convpass scale search's sub-folders; --save-logits
+#: a Convpass scale search's sub-folders; --save-logits; the CLIP_benchmark-format results
+RUN_PATTERNS = ("scale_*", "*_logits.safetensors", "clip_benchmark")
 CONFIG_FILE = "config.json"
 VAL_HELP = ("validation images per class drawn from train, disjoint from the K shots; used to choose the scale, "
             "the epoch and the baselines' hyper-parameters (0: none)")
@@ -52,6 +56,11 @@ class RunConfig(Config):
     output_dir: Optional[str] = option(None, help="run directory (default runs/<method>_<K>shot_seed<S>_<time>)")
     save_logits: bool = option(False, help="also write <set>_logits.safetensors (the logits and labels of every "
                                             "evaluation set) to the run directory")
+    wise_alpha: Optional[float] = option(
+        None, check=alpha_check,
+        help="after training, evaluate θ(α) = (1 − α)·θ₀ + α·θ₁ between the zero-shot start θ₀ and the trained "
+             "weights θ₁ (WiSE-FT, Wortsman et al., 2022; 0.5 is its default); adapter.safetensors keeps θ₁, so "
+             "eval_robustness.py --wise can score any α later (default: off, the trained weights)")
     method_options: dict[str, Any] = option(default_factory=dict, cli=False, help="the method's options")
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -77,12 +86,15 @@ def environment(session: Session) -> dict[str, Any]:
     import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
-            "device": str(session.device), "precision": session.precision, "world_size": 1,
-            "threads": torch.get_num_threads()}
+            "device": str(session.device), "precision": session.precision, "world_size": distributed.world_size(),
+            "backend": distributed.backend(), "threads": torch.get_num_threads()}
 
 
 def setup_logging(run_dir: Optional[Path] = None, quiet: bool = False) -> None:
-    """Log to stderr (warnings only when `quiet`) and, when given, to run_dir/log.txt (appending)."""
+    """Log to stderr (warnings only when `quiet`) and, when given, to run_dir/log.txt (appending).
+    Under torchrun only rank 0 logs (the other ranks show warnings only and write no log.txt)."""
+    if not distributed.is_main():
+        run_dir, quiet = None, True
     log.setLevel(logging.INFO)
     for handler in list(log.handlers):
         log.removeHandler(handler)
@@ -120,6 +132,13 @@ def prepare_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -
     are removed first) or `resume`.
     """
     options = method_options(cfg.method, cfg.method_options)
+    if cfg.wise_alpha is not None:
+        from .methods.base import METHODS
+        from .wise import supports_interpolation
+
+        if not supports_interpolation(METHODS[cfg.method]):
+            raise ValueError(f"--wise-alpha: method '{cfg.method}' has no trained weights to interpolate; WiSE-FT "
+                             "applies to trained methods (convpass, linear_probe, coop, cocoop, tip_adapter_f)")
     if cfg.output_dir:  # before any work: a file, a too-long name, an unwritable parent, an existing run
         check_output_dir(cfg.output_dir)
         if not resume and not overwrite and held_files(Path(cfg.output_dir), RUN_FILES, RUN_PATTERNS):
@@ -131,10 +150,13 @@ def prepare_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -
     else:
         split = session.draw_split(cfg.shots, cfg.seed, cfg.val_shots)
     options = method_options(cfg.method, options, precision=session.precision)
-    if cfg.output_dir:
-        run_dir = claim_output_dir(cfg.output_dir, RUN_FILES, RUN_PATTERNS, overwrite=overwrite, resume=resume)
-    else:
-        run_dir = new_run_dir("runs", f"{cfg.method}_{cfg.shots}shot_seed{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
+
+    def create() -> Path:  # on rank 0 only under torchrun; the others get its path
+        if cfg.output_dir:
+            return claim_output_dir(cfg.output_dir, RUN_FILES, RUN_PATTERNS, overwrite=overwrite, resume=resume)
+        return new_run_dir("runs", f"{cfg.method}_{cfg.shots}shot_seed{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
+
+    run_dir = distributed.on_main(create)
     return PreparedRun(cfg, session, split, options, run_dir, resume)
 
 
@@ -157,12 +179,16 @@ def execute_run(run: PreparedRun) -> FitResult:
             log.info(f"{what} shortfall: {len(short)} class(es) got fewer images than asked (images drawn): "
                      + ", ".join(f"{name} ({n})" for name, n in sorted(short.items())))
     result = fit_and_evaluate(session, cfg.method, run.options, run.split, seed=cfg.seed, output_dir=run_dir,
-                              resume=run.resume, on_logits=logits_saver(run_dir) if cfg.save_logits else None)
+                              resume=run.resume, on_logits=logits_saver(run_dir) if cfg.save_logits else None,
+                              wise_alpha=cfg.wise_alpha)
     if result.not_evaluated:
         log.info(f"not evaluated (missing or empty): {', '.join(result.not_evaluated)}")
     shortfall = {"shortfall": dict(run.split.shortfall), "val_shortfall": dict(run.split.val_shortfall)}
-    write_results(run_dir, cfg.method, session.row(result.metrics), result.metrics, {**result.to_dict(), **shortfall},
+    label = cfg.method if cfg.wise_alpha is None else wise_label(cfg.method, cfg.wise_alpha)
+    write_results(run_dir, label, session.row(result.metrics), result.metrics, {**result.to_dict(), **shortfall},
                   columns=session.family.suite, display=session.family.display)
+    write_benchmark_results(run_dir, session.family, result.metrics, cfg.backbone.model, cfg.backbone.pretrained,
+                            cfg.method, {"fewshot_k": cfg.shots, "seed": cfg.seed})
     return result
 
 
@@ -188,6 +214,14 @@ def counts_line(metrics: Mapping[str, Mapping[str, Any]], display: Optional[Mapp
     return "images / classes per set: " + ", ".join(cells)
 
 
+def recall_line(metrics: Mapping[str, Mapping[str, Any]], display: Optional[Mapping[str, str]] = None) -> str:
+    """"mean per-class recall (%): ImageNet 70.12, -V2 ...": sklearn's balanced accuracy of each set."""
+    display = display or {}
+    cells = [f"{display.get(name, name)} {float(m['mean_per_class_recall']):.2f}" for name, m in metrics.items()
+             if "mean_per_class_recall" in m]
+    return "mean per-class recall (%): " + ", ".join(cells)
+
+
 def write_results(run_dir: Path, label: str, row: dict[str, float], metrics: dict[str, dict[str, float]],
                   summary: dict[str, Any], columns: Sequence[str], display: Optional[Mapping[str, str]] = None) -> None:
     """metrics.json ({set: {top1, top5, n, classes}}), results.md (the Table-2 `row` over `columns`, then
@@ -198,5 +232,6 @@ def write_results(run_dir: Path, label: str, row: dict[str, float], metrics: dic
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "run_summary.json", jsonable(summary))
     table = markdown_table([(label, row)], columns=columns, display=display)
-    write_text(run_dir / "results.md", f"# {label}: top-1 (%)\n\n{table}\n{counts_line(metrics, display)}\n")
+    write_text(run_dir / "results.md", f"# {label}: top-1 (%)\n\n{table}\n{counts_line(metrics, display)}\n"
+                                       f"{recall_line(metrics, display)}\n")
     log.info("\n" + table)

@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 
@@ -96,7 +96,7 @@ class Session:
         from .data import sample_few_shot
 
         return sample_few_shot(self.train_samples(), shots, seed, val_shots=val_shots, root=self.data_root,
-                               class_names=self.classes.names)
+                               verify=self.family.verify_draws, class_names=self.classes.names)
 
     def split_meta(self) -> dict[str, Any]:
         return {"class_ids": list(self.classes.ids), "data_root": str(self.data_root.resolve())}
@@ -126,7 +126,7 @@ class Session:
         return evaluate_method(method, self.splits, self.data_root, self.device, features=self.store,
                                eval_transform=self.backbone.eval_transform, batch_size=self.runtime.eval_batch_size,
                                workers=self.runtime.workers, log=log_line, strict=self.data.strict,
-                               on_logits=on_logits)
+                               on_logits=on_logits, draft=self.runtime.draft)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -152,6 +152,7 @@ def open_session(data: DataConfig, backbone: BackboneConfig, runtime: RuntimeCon
     list the evaluation splits. `classes` overrides the family's (a checkpoint's own class list).
     Writes nothing."""
     from .backbone import load_backbone, resolve_device
+    from .distributed import local_device
     from .engine import resolve_precision
     from .features import FeatureStore
     from .prompts import load_templates
@@ -164,15 +165,16 @@ def open_session(data: DataConfig, backbone: BackboneConfig, runtime: RuntimeCon
         raise ValueError(f"--eval-sets: unknown set(s) {unknown} for the {family.name} family; choose from "
                          f"{list(family.suite)}")
     classes = classes if classes is not None else family.classes()
-    templates = load_templates(data.templates) if data.templates else None
-    device = resolve_device(runtime.device)
+    templates = (family.dataset_templates() if data.templates == "dataset" else
+                 load_templates(data.templates) if data.templates else None)
+    device = local_device(resolve_device(runtime.device))  # cuda:LOCAL_RANK under torchrun
     precision = resolve_precision(backbone.precision, device)
     if loaded is None:
         loaded = load_backbone(backbone.model, backbone.pretrained, device=device, precision=precision,
                                train_crop_scale=(backbone.crop_scale, 1.0))
     cache = runtime.cache_dir or "default"
     store = FeatureStore(loaded, cache if runtime.cache else None, batch_size=runtime.eval_batch_size,
-                         workers=runtime.workers, device=device)
+                         workers=runtime.workers, device=device, draft=runtime.draft)
     names = data.eval_sets or family.suite
     splits = family.eval_splits(names, classes)
     if not splits:
@@ -187,6 +189,7 @@ def method_options(name: str, options: Optional[dict[str, Any]] = None, epochs_s
     for a method that has a precision option it was not given."""
     import dataclasses
 
+    from .distributed import check_batch_size
     from .methods.base import METHODS, method_config_class, method_names
 
     if name not in method_names():
@@ -194,7 +197,9 @@ def method_options(name: str, options: Optional[dict[str, Any]] = None, epochs_s
     config_class = method_config_class(METHODS[name])
     out = dict(options or {})
     try:
-        config_class.from_options(out)
+        config = config_class.from_options(out)
+        if getattr(METHODS[name], "data_parallel", False):  # its batch is split across torchrun's processes
+            check_batch_size(config.batch_size)
     except ValueError as err:
         raise ValueError(f"method '{name}': {err}") from None
     defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
@@ -236,9 +241,12 @@ class FitResult:
 def fit_and_evaluate(session: Session, name: str, options: dict[str, Any], split: "FewShotSplit", *, seed: int,
                      output_dir: Optional[Path] = None, resume: bool = False,
                      log_line: Callable[[str], None] = log.info,
-                     on_logits: Optional[Callable[..., None]] = None) -> FitResult:
+                     on_logits: Optional[Callable[..., None]] = None,
+                     wise_alpha: Optional[float] = None) -> FitResult:
     """Build `name` from `options` (validated), fit it on `split`, check the shared backbone is untouched,
-    evaluate it on the session's suite; timings and the encoder images it cost in the result."""
+    evaluate it on the session's suite; timings and the encoder images it cost in the result. With
+    `wise_alpha` the fitted method is evaluated (and left) at θ(α) (clipconv.wise; files the fit wrote,
+    such as adapter.safetensors, keep θ₁)."""
     from .methods import FitContext, build_method
     from .methods.base import METHOD_REFERENCE_TEMPLATES
 
@@ -249,7 +257,8 @@ def fit_and_evaluate(session: Session, name: str, options: dict[str, Any], split
                      templates_name=session.data.templates or "",
                      device=session.device, seed=seed, output_dir=output_dir, class_hash=session.classes.hash(),
                      class_ids=list(session.classes.ids), workers=session.runtime.workers,
-                     eval_batch_size=session.runtime.eval_batch_size, resume=resume, log=log_line)
+                     eval_batch_size=session.runtime.eval_batch_size, draft=session.runtime.draft,
+                     decoded_cache=_decoded_cache(session.runtime), resume=resume, log=log_line)
     calls = session.store.encoder_calls
     before = backbone_fingerprint(session.backbone.model)
     started = time.perf_counter()
@@ -257,7 +266,24 @@ def fit_and_evaluate(session: Session, name: str, options: dict[str, Any], split
     fitted = time.perf_counter()
     if backbone_fingerprint(session.backbone.model) != before:  # later fits share it and its cached features
         raise RuntimeError(f"method '{name}' modified the shared backbone in place; it must work on a copy")
+    summary = method.summary()
+    if wise_alpha is not None:
+        from .wise import WISE_NOTE, interpolate
+
+        interpolate(method, wise_alpha)
+        log_line(f"evaluating θ(α) at α = {wise_alpha:g}: {WISE_NOTE}")
+        summary = {**summary, "wise": {"alpha": wise_alpha, "evaluated": "theta(alpha)",
+                                       "checkpoint": "theta1 (alpha = 1; the trained weights)"}}
     metrics = session.evaluate(method, log_line, on_logits)
     done = time.perf_counter()
-    return FitResult(name, dict(options), metrics, jsonable(fit_summary), jsonable(method.summary()),
+    return FitResult(name, dict(options), metrics, jsonable(fit_summary), jsonable(summary),
                      fitted - started, done - fitted, session.store.encoder_calls - calls, session.missing, method)
+
+
+def _decoded_cache(runtime: RuntimeConfig) -> Union[bool, str]:
+    """FitContext.decoded_cache: a folder under $CLIPCONV_CACHE, True (memory only, with --no-cache) or False."""
+    if not runtime.decoded_cache:
+        return False
+    from .data.decoded import decoded_cache_dir
+
+    return str(decoded_cache_dir()) if runtime.cache else True

@@ -26,12 +26,15 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .config import BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
+from . import distributed
+from .clip_benchmark import write_benchmark_results
 from .io import atomic_path, write_json, write_text
 from .report import DISPLAY, SUITE, markdown_table
 from .run import VAL_SHOTS, counts_line, environment
 from .rundir import check_output_dir, claim_output_dir, held_files, new_run_dir
 from .report import target_average
 from .session import Session, fit_and_evaluate, method_options, open_session
+from .wise import WISE_DEFAULT_ALPHA, WISE_NOTE, alpha_check, wise_key, wise_label, wise_methods, wise_sweep
 
 __all__ = ["Table2Config", "TABLE2_METHODS", "METHOD_LABELS", "PUBLISHED_LABEL", "BARS_FILE", "SWEEP_FILE",
            "run_table2", "run_shots_sweep", "shots_summary", "aggregate_seeds", "RECORD_FILE", "TABLE2_OWN_FILES",
@@ -70,12 +73,20 @@ class Table2Config(Config):
                                                        help="{method: {option: value}}")
     epochs_scale: float = option(1.0, check=positive, help="multiply every method's default number of epochs")
     benchmark_label: Optional[str] = option(None, cli=False, help="what the data is, for plot titles")
+    wise_alpha: float = option(WISE_DEFAULT_ALPHA, check=alpha_check,
+                               help="α of the '+ WiSE' rows, θ(α) = (1 − α)·θ₀ + α·θ₁ (WiSE-FT's default 0.5, fixed "
+                                    "in advance, never chosen on a test set)")
+    wise_methods: Optional[tuple[str, ...]] = option(
+        None, help="trained methods that also get a '+ WiSE (α)' row, from the same fit (default: convpass when it "
+                   "runs; none: no WiSE rows)")
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
         self.seeds, self.methods = tuple(self.seeds), tuple(self.methods)
+        if self.wise_methods is not None:
+            self.wise_methods = tuple(self.wise_methods)
         super().__post_init__()
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,8 +168,9 @@ def _first_metrics(per_seed: dict[str, dict[int, dict]]) -> dict[str, dict[str, 
 
 
 def _missing(cfg: Table2Config, methods: Sequence[str], per_seed: dict[str, dict[int, dict]]) -> list[str]:
-    """The "method seed s" fits not done yet."""
-    return [f"{name} seed {seed}" for seed in cfg.seeds for name in methods if seed not in per_seed.get(name, {})]
+    """The "method seed s" fits (and WiSE rows) not done yet."""
+    rows = [*methods, *map(wise_key, wise_methods(cfg.wise_methods, methods))]
+    return [f"{name} seed {seed}" for seed in cfg.seeds for name in rows if seed not in per_seed.get(name, {})]
 
 
 def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, dict]], timing: dict,
@@ -166,18 +178,27 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
     info = session.info()
     table_columns = {"columns": session.family.suite, "display": session.family.display}
     measured, stds, summary_rows, template_lines = [], {}, {}, []
-    for name in cfg.methods:
+    recall_rows, recall_stds = [], {}  # sklearn's balanced accuracy (CLIP_benchmark's mean_per_class_recall)
+    wise = wise_methods(cfg.wise_methods, cfg.methods)
+    for name in [k for m in cfg.methods for k in ((m, wise_key(m)) if m in wise else (m,))]:
         seeds = per_seed.get(name, {})
         if not seeds:
             continue
-        used = templates_used(name, [seeds[s].get("fit") for s in sorted(seeds)], cfg.data.templates)
-        label = row_label(name, used)
+        base = name[:-len(wise_key(""))] if name.endswith(wise_key("")) else name
+        used = templates_used(base, [entry.get("fit") for entry in per_seed.get(base, {}).values()], cfg.data.templates)
+        label = row_label(base, used) if base == name else wise_label(row_label(base, used), cfg.wise_alpha)
         mean, std = aggregate_seeds([seeds[s]["row"] for s in sorted(seeds)], session.columns)
         measured.append((label, mean))
         stds[label] = std
         summary_rows[name] = {"label": label, "mean": mean, "std": std, "seeds": sorted(seeds),
                               "template_set": used[0] if used else None, "templates": used[1] if used else 0}
         template_lines.append(f"| {label} | " + (f"{used[0]} ({used[1]})" if used else "none") + " |")
+        if all(seeds[s].get("metrics") and all("mean_per_class_recall" in m for m in seeds[s]["metrics"].values())
+               for s in seeds):  # (tables resumed from before the recall was recorded have none)
+            recall_mean, recall_std = aggregate_seeds(
+                [session.row(seeds[s]["metrics"], "mean_per_class_recall") for s in sorted(seeds)], session.columns)
+            recall_rows.append((label, recall_mean))
+            recall_stds[label] = recall_std
     published = _published_rows(session)
     seeds_text = ", ".join(str(s) for s in cfg.seeds)
     md = [f"# Table 2: {cfg.shots}-shot, top-1 (%), mean ± std over seeds {seeds_text}", "",
@@ -188,7 +209,11 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
               f"{', ...' if len(missing) > 6 else ''}); finish with `run_table2.py --resume {_top(out)}`."]
               if missing else []),
           "", "## measured (this run)", "", markdown_table(measured, stds, **table_columns), "",
+          *([f"+ WiSE (α = {cfg.wise_alpha:g}): {WISE_NOTE} (WiSE-FT's default α = 0.5 unless --wise-alpha).", ""]
+            if any(wise_key(m) in per_seed for m in wise) else []),
           *([counts_line(_first_metrics(per_seed), session.family.display), ""] if _first_metrics(per_seed) else []),
+          *(["## mean per-class recall (%), mean ± std over seeds", "",
+             markdown_table(recall_rows, recall_stds, **table_columns), ""] if recall_rows else []),
           "## prompt templates per row", "", "| method | template set (count) |", "|---|---|", *template_lines, "",
           *(["## " + session.family.published_label, "",
               "Numbers printed in the Convpass paper (Table 2): full ImageNet, OpenAI ViT-B/16. For reference only "
@@ -197,7 +222,10 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
           "## wall time per method (seconds, summed over seeds)", "",
           "| method | fit | eval | images encoded by the feature cache |", "|---|---|---|---|"]
     for name, t in timing.items():
-        md.append(f"| {METHOD_LABELS.get(name, name)} | {t['fit_seconds']:.1f} | {t['eval_seconds']:.1f} | "
+        shown = METHOD_LABELS.get(name, name)
+        if name.endswith(wise_key("")):  # the WiSE row: no fit of its own, one more evaluation per seed
+            shown = wise_label(METHOD_LABELS.get(name[:-len(wise_key(""))], name), cfg.wise_alpha)
+        md.append(f"| {shown} | {t['fit_seconds']:.1f} | {t['eval_seconds']:.1f} | "
                   f"{t['images_encoded']} |")
     write_text(out / "table2.md", "\n".join(md) + "\n")
     columns = session.columns
@@ -234,6 +262,7 @@ def _open_session(cfg: Table2Config, cache_dir: Optional[str] = None) -> tuple[S
     methods = list(cfg.methods)
     for name in methods:
         method_options(name, cfg.method_options.get(name, {}), cfg.epochs_scale)
+    wise_methods(cfg.wise_methods, methods)  # a method that does not run or cannot be interpolated: refused now
     runtime = cfg.runtime if cache_dir is None else replace(cfg.runtime, cache=True, cache_dir=cache_dir)
     return open_session(cfg.data, cfg.backbone, runtime), methods
 
@@ -263,11 +292,14 @@ def _run_shots(cfg: Table2Config, session: Session, methods: Sequence[str], out:
     KeyboardInterrupt the table is written as incomplete ("complete": false) and the interrupt re-raised."""
     from .data import save_split
 
-    out.mkdir(parents=True, exist_ok=True)
-    per_seed, timing = _done_before(out, methods) if resume else ({}, {})
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    wise = wise_methods(cfg.wise_methods, methods)
+    per_seed, timing = _done_before(out, [*methods, *map(wise_key, wise)]) if resume else ({}, {})
     result: dict[str, Any] = {}
-    for seed in cfg.seeds:
-        todo = [name for name in methods if seed not in per_seed.get(name, {})]
+    for seed in cfg.seeds:  # a fit whose WiSE row is missing runs again (the row needs the fitted weights)
+        todo = [name for name in methods if seed not in per_seed.get(name, {})
+                or (name in wise and seed not in per_seed.get(wise_key(name), {}))]
         if not todo:
             log(f"== {cfg.shots}-shot, seed {seed}: done before ({', '.join(methods)})")
             continue
@@ -283,6 +315,10 @@ def _run_shots(cfg: Table2Config, session: Session, methods: Sequence[str], out:
                 _write_outputs(out, cfg, per_seed, timing, session, _missing(cfg, methods, per_seed))
                 log(f"interrupted during {name} seed {seed}: {out / 'table2.md'} is marked incomplete")
                 raise
+            write_benchmark_results(out / f"{name}_seed{seed}", session.family, fit.metrics, cfg.backbone.model,
+                                    cfg.backbone.pretrained, name, {"fewshot_k": cfg.shots, "seed": seed})
+            if name in wise:  # the same fit at θ(α): no second training
+                _add_wise_row(session, fit, cfg.wise_alpha, seed, per_seed, timing, log)
             per_seed.setdefault(name, {})[seed] = {"row": session.row(fit.metrics), "metrics": fit.metrics,
                                                    **fit.to_dict()}
             t = timing.setdefault(name, {"fit_seconds": 0.0, "eval_seconds": 0.0, "images_encoded": 0})
@@ -298,6 +334,22 @@ def _run_shots(cfg: Table2Config, session: Session, methods: Sequence[str], out:
         accuracy_bars(result, out / BARS_FILE, columns=session.columns, title=f"{cfg.shots}-shot top-1, {_benchmark_title(cfg, session)}")
     log(f"Table 2 written to {out / 'table2.md'}")
     return result
+
+
+def _add_wise_row(session: Session, fit: Any, alpha: float, seed: int, per_seed: dict[str, dict[int, dict]],
+                  timing: dict, log: Callable[[str], None]) -> None:
+    """Score the fitted method of `fit` at θ(α) (its trained weights are loaded again afterwards) and record
+    it under wise_key(method) for `seed`."""
+    import time
+
+    started = time.perf_counter()
+    log(f"   {fit.method} + WiSE (alpha {alpha:g}): the same fit at θ(α) = (1 − α)·θ₀ + α·θ₁")
+    metrics = wise_sweep(session, fit.fitted, [alpha], log_line=log)[alpha]
+    seconds = time.perf_counter() - started
+    per_seed.setdefault(wise_key(fit.method), {})[seed] = {"row": session.row(metrics), "metrics": metrics,
+                                                           "alpha": alpha, "of": fit.method}
+    t = timing.setdefault(wise_key(fit.method), {"fit_seconds": 0.0, "eval_seconds": 0.0, "images_encoded": 0})
+    t["eval_seconds"] += seconds
 
 
 def _benchmark_title(cfg: Table2Config, session: Session) -> str:
@@ -322,13 +374,15 @@ def _claim_table2_dir(cfg: Table2Config, shots: Sequence[int], overwrite: bool, 
                       log: Callable[[str], None]) -> Path:
     """The output folder, created: a new unique runs/table2_<K>shot_<time> by default; the run's record
     (table2_config.json) written in it unless resuming."""
-    if cfg.output_dir is None:
-        import time
+    def create() -> Path:  # on rank 0 only under torchrun; the others get its path
+        if cfg.output_dir is None:
+            import time
 
-        out = new_run_dir("runs", f"table2_{'-'.join(str(k) for k in shots)}shot_{time.strftime('%Y%m%d-%H%M%S')}")
-    else:
-        out = claim_output_dir(cfg.output_dir, TABLE2_OWN_FILES, TABLE2_OWN_PATTERNS, overwrite=overwrite,
-                               resume=resume)
+            return new_run_dir("runs", f"table2_{'-'.join(str(k) for k in shots)}shot_{time.strftime('%Y%m%d-%H%M%S')}")
+        return claim_output_dir(cfg.output_dir, TABLE2_OWN_FILES, TABLE2_OWN_PATTERNS, overwrite=overwrite,
+                                resume=resume)
+
+    out = distributed.on_main(create)
     log(f"output folder: {out}")
     if not resume:
         write_json(out / RECORD_FILE, {"config": replace(cfg, output_dir=str(out)).to_dict(), "shots": list(shots)})

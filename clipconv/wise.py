@@ -24,11 +24,17 @@ its trained weights. A method takes part by implementing
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
-__all__ = ["Interpolable", "supports_interpolation", "mix", "interpolate", "wise_sweep"]
+__all__ = ["Interpolable", "supports_interpolation", "mix", "interpolate", "wise_sweep", "alpha_check",
+           "WISE_DEFAULT_ALPHA", "WISE_NOTE", "wise_key", "wise_label", "wise_methods"]
+
+#: WiSE-FT's default mixing coefficient, fixed in advance (Wortsman et al., 2022), never chosen on a test set
+WISE_DEFAULT_ALPHA = 0.5
+WISE_NOTE = ("weight-space interpolation θ(α) = (1 − α)·θ₀ + α·θ₁ of the same fit with its starting point "
+             "(WiSE-FT, Wortsman et al., CVPR 2022); α is fixed in advance, never chosen on a test set")
 
 State = dict[str, torch.Tensor]
 
@@ -43,6 +49,45 @@ class Interpolable(Protocol):
 def supports_interpolation(method: Any) -> bool:
     """True when the method exposes interpolation endpoints (the trained methods)."""
     return isinstance(method, Interpolable)
+
+
+def alpha_check(value: Any) -> Optional[str]:
+    """Config check of a WiSE-FT α: None when it is a finite number in [0, 1], else what is wrong."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0.0 <= v <= 1.0):
+            return f"must be a number in [0, 1] (0 = the starting point, 1 = the trained weights), got {v}"
+    return None
+
+
+def wise_key(name: str) -> str:
+    """The result key of a method's WiSE row ("convpass" → "convpass+wise")."""
+    return f"{name}+wise"
+
+
+def wise_label(label: str, alpha: float) -> str:
+    """"Convpass_CLIP" → "Convpass_CLIP + WiSE (α = 0.5)"."""
+    return f"{label} + WiSE (α = {alpha:g})"
+
+
+def wise_methods(asked: Optional[Sequence[str]], methods: Sequence[str], default: Sequence[str] = ("convpass",)
+                 ) -> list[str]:
+    """The methods of `methods` that get a WiSE row: `asked` (None: those of `default` that run; ["none"]:
+    none). Raises ValueError for a method that does not run or has no trained weights to interpolate."""
+    from .methods.base import METHODS, method_names
+
+    if asked is None:
+        return [m for m in default if m in methods]
+    asked = [m for m in asked if m != "none"]
+    method_names()  # registers every method
+    stray = [m for m in asked if m not in methods]
+    if stray:
+        raise ValueError(f"--wise-methods {stray}: not among --methods {list(methods)}")
+    untrained = [m for m in asked if not supports_interpolation(METHODS[m])]
+    if untrained:
+        raise ValueError(f"--wise-methods {untrained}: no trained weights to interpolate (WiSE-FT applies to trained "
+                         "methods such as convpass, linear_probe, coop, cocoop, tip_adapter_f)")
+    return list(dict.fromkeys(asked))
 
 
 def _check_alpha(alpha: float) -> float:

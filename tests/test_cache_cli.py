@@ -78,3 +78,15 @@ def test_script_and_bad_folder(cache, tmp_path):
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.startswith("error: cache folder") and "Traceback" not in bad.stderr
     assert (tmp_path / "file").exists()
+
+
+def test_decoded_image_entries_are_listed_and_cleared(cache, capsys):
+    decoded = cache / "decoded"
+    decoded.mkdir()
+    (decoded / ("d" * 40 + ".safetensors")).write_bytes(b"x" * 2048)
+    (decoded / "mine.txt").write_text("not clipconv's")
+    assert main(["info"]) == 0
+    assert f"decoded-image entries: 1 (2.0 KB) in {decoded}" in capsys.readouterr().out
+    assert main(["clear", "--keep-worlds"]) == 0
+    assert f"removed 1 decoded-image entries (2.0 KB) from {decoded}" in capsys.readouterr().out.splitlines()
+    assert sorted(p.name for p in decoded.iterdir()) == ["mine.txt"]

@@ -40,8 +40,8 @@ def _open(byod, **kwargs) -> FolderFamily:
                        eval_roots={"sketch": byod["sketch"], "cartoon": byod["cartoon"]}, **kwargs)
 
 
-def test_registry_holds_the_three_families_and_refuses_unknown_names():
-    assert family_names() == ["demo", "folder", "imagenet"]
+def test_registry_holds_the_four_families_and_refuses_unknown_names():
+    assert family_names() == ["demo", "folder", "imagenet", "wds"]
     with pytest.raises(ValueError, match="unknown dataset family 'cifar'.*imagenet"):
         open_family("cifar")
 

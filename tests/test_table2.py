@@ -80,12 +80,30 @@ def test_all_methods_two_seeds_end_to_end(tmp_path, tree, tiny_config):
     assert markdown.index("measured (this run)") < markdown.index(PUBLISHED_LABEL)
     rows = (out / "table2.csv").read_text().splitlines()
     assert rows[0].startswith("source,method,imagenet,imagenet_std")
-    assert sum(r.startswith("measured,") for r in rows) == len(ran)
+    assert sum(r.startswith("measured,") for r in rows) == len(ran) + 1  # + "Convpass_CLIP + WiSE (α = 0.5)"
     assert all(len(r.split(",")) == len(rows[0].split(",")) for r in rows if r.startswith("measured"))
     assert (out / "table2_bars.png").read_bytes()[:8] == PNG_SIGNATURE
     assert result["config"]["val_shots"] == 2 and result["config"]["runtime"]["workers"] == 0
     assert result["environment"]["world_size"] == 1 and result["environment"]["device"] == "cpu"
     assert not list(out.glob("shots_*")) and not (out / "accuracy_vs_shots.png").exists()  # single K: flat layout
+    recall = markdown[markdown.index("## mean per-class recall (%)"):markdown.index("## prompt templates per row")]
+    assert sum(line.startswith("| ") for line in recall.splitlines()) == 2 + len(ran)  # header + a row per method + the WiSE row
+    # one CLIP_benchmark JSON per fit and set, under the ImageNet names CLIP_benchmark uses
+    for name in ran:
+        for seed in ("1", "2"):
+            records = [json.loads(f.read_text()) for f in (out / f"{name}_seed{seed}" / "clip_benchmark").glob("*.json")]
+            assert sorted(r["dataset"] for r in records) == ["imagenet-a", "imagenet-r", "imagenet1k", "imagenet_sketch",
+                                                             "imagenetv2"]
+            ours = {"imagenet1k": "imagenet", "imagenetv2": "imagenet_v2", "imagenet_sketch": "imagenet_sketch",
+                    "imagenet-a": "imagenet_a", "imagenet-r": "imagenet_r"}
+            for record in records:
+                metrics = result["per_seed"][name][seed]["metrics"][ours[record["dataset"]]]
+                assert record["metrics"]["acc1"] == pytest.approx(metrics["top1"] / 100, rel=1e-12)
+                assert record["metrics"]["mean_per_class_recall"] == pytest.approx(
+                    metrics["mean_per_class_recall"] / 100, rel=1e-12)
+                assert (record["seed"], record["fewshot_k"], record["method"]) == (int(seed), 2, name)
+                assert record["task"] == {"zero_shot": "zeroshot_classification",
+                                          "linear_probe": "linear_probe"}.get(name, f"fewshot_{name}")
 
 
 def test_shots_sweep_writes_per_k_tables_and_the_plot_and_encodes_test_sets_once(tmp_path, tree, tiny_config):

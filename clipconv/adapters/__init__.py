@@ -1,16 +1,22 @@
-"""Adapters for open_clip image encoders: a registry of kinds (Convpass and its variants), injected by
-wrapping the attention / MLP sub-modules of each block."""
+"""Adapters for open_clip image encoders: a registry of kinds (Convpass and its variants, LoRA, BitFit,
+VPT-deep), injected by wrapping the attention / MLP sub-modules of each block, or by the kind's own injection."""
+from .bitfit import BitFitBiases, BitFitConfig, encoder_biases
 from .convpass import CONV_INITS, Convpass, ConvpassConfig, SharedProjections
+from .lora import LORA_TARGETS, LoRA, LoRAAttention, LoRAConfig, LoRALinear, add_lora, lora_attention, lora_wrappers
 from .inject import (
     SHARED_NAME,
     adapted_modules,
+    adapter_kinds,
     adapter_modules,
     adapter_parameters,
     add_adapters,
     count_trainable,
     get_adapter_scale,
+    prompt_tokens,
     remove_adapters,
     set_adapter_scale,
+    transformer_blocks,
+    unwrap_all,
 )
 from .registry import (
     ADAPTERS,
@@ -24,7 +30,8 @@ from .registry import (
     register_adapter,
 )
 from .tokens import TokenLayout, encoder_layout
-from .wrappers import AdaptedModule, ParallelAdapter, SequentialAdapter
+from .vpt import DeepPrompts, PromptedBlock, VPTConfig, vpt_init_bound
+from .wrappers import AdaptedModule, AdapterRecord, ParallelAdapter, ParameterView, SequentialAdapter
 
 __all__ = [
     "ADAPTERS",
@@ -32,6 +39,27 @@ __all__ = [
     "CONV_INITS",
     "SHARED_NAME",
     "AdaptedModule",
+    "AdapterRecord",
+    "DeepPrompts",
+    "PromptedBlock",
+    "VPTConfig",
+    "vpt_init_bound",
+    "BitFitBiases",
+    "BitFitConfig",
+    "encoder_biases",
+    "LORA_TARGETS",
+    "LoRA",
+    "LoRAAttention",
+    "LoRAConfig",
+    "LoRALinear",
+    "ParameterView",
+    "add_lora",
+    "lora_attention",
+    "adapter_kinds",
+    "lora_wrappers",
+    "prompt_tokens",
+    "transformer_blocks",
+    "unwrap_all",
     "AdapterConfig",
     "AdapterFactory",
     "AdapterKind",

@@ -145,8 +145,7 @@ def check_family(family: DatasetFamily, shots: int = 16, verify: bool = False) -
     """Inspect the train split and every evaluation set of a family and return the report."""
     report = DataCheck()
     if not isinstance(family, TreeFamily):
-        report.error(f"check_data does not know how to inspect the '{family.name}' family")
-        return report
+        return _check_listed(family, shots, verify, report)
     root = family.data_root
     report.line(f"data root: {root.resolve()}" + (f" ({family.name} family)" if family.name != "imagenet" else ""))
     if not root.is_dir():
@@ -159,6 +158,56 @@ def check_family(family: DatasetFamily, shots: int = 16, verify: bool = False) -
         return report
     for name in family.suite:
         _check_eval(family, name, classes, verify, report)
+    return report
+
+
+def _decode_all(family: DatasetFamily, samples: Sequence, what: str, report: DataCheck) -> None:
+    """Decode every image of `samples` with the family's reader; undecodable ones are a warning."""
+    import torch
+
+    from ..data import image_dataset
+    from ..data.folder import BadImage
+    from ..progress import progress
+
+    dataset = image_dataset(family.data_root, samples, None)
+    items = dataset if isinstance(dataset, torch.utils.data.IterableDataset) else (dataset[i] for i in range(len(dataset)))
+    bad = [item.path for item in progress(items, desc=f"decoding {what}", unit="img", total=len(samples))
+           if isinstance(item, BadImage)]
+    if bad:
+        report.warn(f"{what}: {len(bad)} undecodable image(s) will be skipped: {_preview(bad, 20)}")
+
+
+def _check_listed(family: DatasetFamily, shots: int, verify: bool, report: DataCheck) -> DataCheck:
+    """A family that is not a class-folder tree (webdataset shards): list it through its own interface."""
+    report.line(f"data root: {family.data_root.resolve()} ({family.name} family)")
+    try:
+        classes = family.classes()
+        samples = family.train_samples(classes)
+        per_class = Counter(label for _, label in samples)
+        report.line(f"class universe: {len(classes)} classes from {classes.source}")
+        report.line(f"train       {len(per_class)} classes, {len(samples):,} images")
+        short = [f"{classes.names[i]} ({per_class.get(i, 0)})" for i in range(len(classes)) if per_class.get(i, 0) < shots]
+        if short:
+            report.warn(f"train: {len(short)} class(es) have fewer than {shots} images: {_preview(short)}")
+        if verify:
+            _decode_all(family, samples, "train", report)
+        for name in family.suite:
+            display = family.display.get(name, name)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                splits = family.eval_splits([name], classes)
+            for warning in caught:
+                report.warn(str(warning.message))
+            if not splits:
+                report.line(f"{display:<11} missing")
+                continue
+            split = splits[0]
+            scored = f", scored over {len(split.subset)} class(es)" if split.subset is not None else ""
+            report.line(f"{display:<11} {len(split):,} images in run classes, {split.dropped:,} dropped{scored}")
+            if verify:
+                _decode_all(family, split.samples, display, report)
+    except (DataLayoutError, FileNotFoundError, ValueError) as err:
+        report.error(str(err))
     return report
 
 
@@ -184,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-root", default=None, help="your own data: a folder of class folders of train images")
     parser.add_argument("--eval-set", action="append", type=eval_set_arg, default=None, metavar="NAME=DIR",
                         help="your own data: a named test folder of class folders (repeatable; the first is the source)")
+    parser.add_argument("--family", default=None, choices=("wds",),
+                        help="wds: CLIP_benchmark's webdataset shards under --data-root (wds_imagenet1k, ...)")
     parser.add_argument("--classnames", default=None, help="'<id> <name>' file defining the class universe")
     parser.add_argument("--shots", type=int, default=16, help="warn about train classes with fewer images (16)")
     parser.add_argument("--verify", action="store_true", help="decode every image to find undecodable files")
@@ -200,7 +251,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.data_root is None and not args.demo and args.train_root is None:
         parser.error("give --data-root DIR (ImageNet), --train-root DIR with --eval-set NAME=DIR, or --demo")
     try:
-        family = family_from_args(args.data_root, args.demo, args.train_root, args.eval_set, args.classnames)
+        if args.family is not None:
+            if args.data_root is None or args.demo or args.train_root is not None:
+                raise ValueError(f"--family {args.family} takes --data-root only")
+            from ..data.family import open_family
+
+            family = open_family(args.family, data_root=args.data_root, classnames=args.classnames)
+        else:
+            family = family_from_args(args.data_root, args.demo, args.train_root, args.eval_set, args.classnames)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     report = check_family(family, args.shots, args.verify)

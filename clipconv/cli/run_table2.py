@@ -14,7 +14,9 @@ DESCRIPTION = """Reproduce Table 2 of the Convpass paper: zero-shot CLIP, linear
 and Convpass_CLIP, each fitted on the same K-shot split (and validation split, drawn from the remaining
 train images) per seed, scored on ImageNet, -V2, -Sketch, -A and -R; mean ± std over seeds in
 table2.md / table2.csv / table2.json beside the paper's published numbers, and table2_bars.png
-(top-1 per method and domain, error bars = std over seeds).
+(top-1 per method and domain, error bars = std over seeds). Convpass also gets a row
+"Convpass_CLIP + WiSE (α = 0.5)": the same fit interpolated halfway back to zero-shot CLIP in weight space
+(WiSE-FT's default α, fixed in advance; --wise-alpha, --wise-methods).
 
 Several values of --shots (e.g. --shots 1 2 4 8 16) run the whole table for each K with the same seeds,
 one backbone and one feature store (the evaluation sets are encoded once for the sweep):
@@ -38,7 +40,7 @@ output folder: a new runs/table2_<K>shot_<time> (runs/table2_1-2-4-8-16shot_<tim
 stops cleanly (exit 130 / 143): the table is kept, marked incomplete, and the --resume command printed."""
 
 
-TABLE2_FIELDS = ("output_dir", "seeds", "val_shots", "methods", "epochs_scale")
+TABLE2_FIELDS = ("output_dir", "seeds", "val_shots", "methods", "epochs_scale", "wise_alpha", "wise_methods")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +108,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..run import log, setup_logging
     from ..table2 import SWEEP_FILE, run_shots_sweep, run_table2
 
+    from ..distributed import init_from_env, is_main
+
+    with bad_input_errors():
+        init_from_env(cfg.runtime.device)  # under torchrun: join the process group (no-op otherwise)
     setup_logging(quiet=cfg.runtime.quiet)
     state: dict = {}
 
@@ -127,6 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hint = f"; finish it with: run_table2.py --resume {where}" if where else ""
         print(f"\n{what}: the finished fits are kept in the table (marked incomplete){hint}", file=sys.stderr)
         return exit_code(err)
+    if not is_main():
+        return 0
     print(f"table: {out / 'table2.md'}\nbar chart: {out / 'table2_bars.png'}")
     if len(shots) > 1:
         print(f"accuracy vs shots: {out / (SWEEP_FILE + '.png')} (tables: {out / (SWEEP_FILE + '.md')}, "

@@ -24,7 +24,7 @@ variants (-V2, -Sketch, -A, -R). Defaults are the Convpass paper's Convpass_CLIP
 ViT-B/16 OpenAI weights, Convpass h=8 beside attention and MLP, AdamW lr 1e-5, batch 64, 50 epochs, cosine.
 `--method NAME --help` lists that method's options."""
 
-RUN_FIELDS = ("shots", "seed", "val_shots", "split", "output_dir", "save_logits")
+RUN_FIELDS = ("shots", "seed", "val_shots", "split", "output_dir", "save_logits", "wise_alpha")
 METHOD_PREFIX = "method."
 
 
@@ -145,10 +145,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fail("--overwrite and --resume exclude each other: --resume continues the run, --overwrite replaces it")
     with bad_input_errors():
         cfg = _resume_config(args.resume, args, parser) if args.resume else config_from_args(args, parser)
+    from ..distributed import init_from_env, is_main
     from ..rundir import exit_code, interrupt_on_sigterm
     from ..run import execute_run, prepare_run
 
     with bad_input_errors():
+        init_from_env(cfg.runtime.device)  # under torchrun: join the process group (no-op otherwise)
         run = prepare_run(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     try:
         with interrupt_on_sigterm(), bad_input_errors():  # e.g. a damaged train_state.pt when resuming
@@ -157,7 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         what = "terminated" if exit_code(err) == 143 else "interrupted"
         print(f"\n{what}: the last finished epoch is saved; continue with --resume {run.run_dir}", file=sys.stderr)
         return exit_code(err)
-    print(f"run directory: {run.run_dir}")
+    if is_main():
+        print(f"run directory: {run.run_dir}")
     return 0 if result.metrics else EXIT_BAD_INPUT
 
 

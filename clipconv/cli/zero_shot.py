@@ -60,13 +60,15 @@ def compare_zero_shot(data: "DataConfig", backbones: Sequence["BackboneConfig"],
     from ..data import FewShotSplit
     from ..io import write_json, write_text
     from ..report import markdown_table
-    from ..run import counts_line
+    from ..clip_benchmark import BENCHMARK_DIR, write_benchmark_results
+    from ..run import counts_line, recall_line
     from ..session import fit_and_evaluate, open_session
 
+    ZERO_SHOT_PATTERNS = (BENCHMARK_DIR,)  # the CLIP_benchmark-format results folder
     if output_dir is not None:  # before any work
         check_output_dir(output_dir)
-        if not overwrite and held_files(Path(output_dir), ZERO_SHOT_FILES):
-            claim_output_dir(output_dir, ZERO_SHOT_FILES)
+        if not overwrite and held_files(Path(output_dir), ZERO_SHOT_FILES, ZERO_SHOT_PATTERNS):
+            claim_output_dir(output_dir, ZERO_SHOT_FILES, ZERO_SHOT_PATTERNS)
     if data.templates is None:  # zero-shot CLIP's reference: the single "a photo of a {}." (the paper's 66.73)
         from ..methods.zero_shot import ZeroShot
 
@@ -75,7 +77,7 @@ def compare_zero_shot(data: "DataConfig", backbones: Sequence["BackboneConfig"],
     if output_dir is None:
         output_dir = new_run_dir("runs", f"zero_shot_{time.strftime('%Y%m%d-%H%M%S')}")
     else:
-        output_dir = claim_output_dir(output_dir, ZERO_SHOT_FILES, overwrite=overwrite)
+        output_dir = claim_output_dir(output_dir, ZERO_SHOT_FILES, ZERO_SHOT_PATTERNS, overwrite=overwrite)
     rows, results = [], []
     for backbone, session in zip(backbones, sessions):
         fit = fit_and_evaluate(session, "zero_shot", {}, FewShotSplit(train=[]), seed=0, log_line=log)
@@ -86,6 +88,8 @@ def compare_zero_shot(data: "DataConfig", backbones: Sequence["BackboneConfig"],
                         "backbone": session.backbone.describe(), "metrics": fit.metrics,
                         "row": session.row(fit.metrics), "images_encoded": fit.images_encoded,
                         "seconds": round(fit.fit_seconds + fit.eval_seconds, 2)})
+        write_benchmark_results(output_dir, session.family, fit.metrics, backbone.model, tag, "zero_shot",
+                                {"templates": data.templates})
     first = sessions[0]
     payload = {"output_dir": str(output_dir), "templates": data.templates, "n_templates": len(first.templates), "data_root": str(first.data_root),
                "classes": len(first.classes), "results": results}
@@ -93,7 +97,8 @@ def compare_zero_shot(data: "DataConfig", backbones: Sequence["BackboneConfig"],
     table = markdown_table(rows, columns=first.family.suite, display=first.family.display)
     write_text(output_dir / "zero_shot.md",
                f"# Zero-shot CLIP, templates '{data.templates}' ({len(first.templates)}): top-1 (%)\n\n{table}\n"
-               + (counts_line(results[0]["metrics"], first.family.display) + "\n" if results else ""))
+               + (counts_line(results[0]["metrics"], first.family.display) + "\n" if results else "")
+               + "".join(f"{r['label']}: {recall_line(r['metrics'], first.family.display)}\n" for r in results))
     log("\n" + table)
     return payload
 

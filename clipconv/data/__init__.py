@@ -43,6 +43,7 @@ from .imagenet import (
     train_samples,
 )
 from .synthetic import make_class_folders, make_image_tree
+from .wds import WdsFamily, image_dataset
 
 __all__ = [
     "FAMILIES",
@@ -51,6 +52,8 @@ __all__ = [
     "ImageNetFamily",
     "DemoFamily",
     "FolderFamily",
+    "WdsFamily",
+    "image_dataset",
     "family_from_args",
     "family_names",
     "open_family",

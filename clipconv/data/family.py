@@ -17,6 +17,8 @@ Registered families:
   restricted to its classes (like ImageNet-A/-R); a class folder the train folder lacks is an error.
   Class names: from a `<folder name> <class name>` file (like ImageNet's classnames.txt; its order is
   the label order) or from the folder names (sorted, underscores read as spaces).
+- `wds` (clipconv/data/wds.py): CLIP_benchmark's webdataset shards of ImageNet and its variants
+  (wds_imagenet1k, wds_imagenetv2, wds_imagenet_sketch, wds_imagenet-a, wds_imagenet-r under one root).
 
 Adding a family:
 1. Subclass `DatasetFamily` (or `TreeFamily` when the sets are class-folder trees: then give
@@ -89,6 +91,11 @@ class DatasetFamily(abc.ABC):
     published_label: str = ""
     #: what to tell a user whose data does not fit (appended to layout errors)
     data_help: str = ""
+    #: CLIP_benchmark's dataset name of each set, for its result files (default: the set's own name)
+    benchmark_names: Mapping[str, str] = {}
+    #: decode each drawn K-shot image and replace an undecodable one (False: the family cannot read single
+    #: images cheaply before the draw, e.g. webdataset shards; a bad one is then skipped when read)
+    verify_draws: bool = True
 
     def __init__(self, data_root: PathLike) -> None:
         self.data_root = Path(data_root)
@@ -113,6 +120,15 @@ class DatasetFamily(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """What a run records about its data (config.json / table2.json)."""
         return {"family": self.name, "data_root": str(self.data_root)}
+
+    def benchmark_name(self, set_name: str) -> str:
+        """The set's dataset name in CLIP_benchmark result files."""
+        return self.benchmark_names.get(set_name, set_name)
+
+    def dataset_templates(self) -> list[str]:
+        """Prompt templates shipped with the data (`--templates dataset`); most families have none."""
+        raise ValueError(f"--templates dataset: the {self.name or type(self).__name__} family ships no templates "
+                         "file; use photo, clip80, tip or a file")
 
 
 class TreeFamily(DatasetFamily):
@@ -181,6 +197,8 @@ class ImageNetFamily(TreeFamily):
     published = IMAGENET_PUBLISHED
     published_label = "published (paper, ImageNet, ViT-B/16)"
     data_help = DATA_HELP
+    benchmark_names = {"imagenet": "imagenet1k", "imagenet_v2": "imagenetv2", "imagenet_sketch": "imagenet_sketch",
+                       "imagenet_a": "imagenet-a", "imagenet_r": "imagenet-r"}
     train_candidates = TRAIN_CANDIDATES
     train_expected = (1_281_167, 1000)
 

@@ -99,6 +99,9 @@ class FitContext:
     class_ids: Sequence[str] = ()
     workers: int = 0
     eval_batch_size: int = 128
+    draft: str = "off"  # reduced-size JPEG decoding of image loaders (clipconv.data.draft)
+    #: keep the decoded train images for all epochs (clipconv.data.decoded): False, True (in memory) or a folder
+    decoded_cache: Union[bool, str] = False
     resume: bool = False  # continue from the training state saved in output_dir
     log: Callable[[str], None] = print
 

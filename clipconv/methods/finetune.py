@@ -25,7 +25,8 @@ from ..head import ImageClassifier, text_head
 from ..config import non_negative, positive
 from .base import FitContext, Method, MethodConfig, config_from, option, register_method
 
-__all__ = ["AdapterTuning", "AdapterTuningConfig", "tuning_config", "load_classifier", "DEFAULT_SCALE"]
+__all__ = ["AdapterTuning", "AdapterTuningConfig", "tuning_config", "load_classifier", "load_endpoints",
+           "DEFAULT_SCALE"]
 
 # Adam's step size does not depend on the gradient's scale, so with the paper's lr of 1e-5 the adapter
 # weights move by ~1e-5 per step whatever s is; s then sets how far the branch can move the residual
@@ -98,6 +99,9 @@ def tuning_config(adapter_config: type[AdapterConfig]) -> type[AdapterTuningConf
         if f.name != "scale":
             fields.append((f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory,
                                                              metadata=f.metadata)))
+    if not getattr(adapter_config, "scaled", True):  # bitfit, vpt_deep: no branch to scale, s = 1 only
+        fields.append(("scales", tuple[float, ...], option((1.0,), check=positive, aliases=("--scale",),
+                                                           help="this adapter kind has no branch to scale: 1 only")))
     name = adapter_config.__name__.replace("Config", "") + "TuningConfig"
     config = dataclasses.make_dataclass(name, fields, bases=(AdapterTuningConfig,))
     config.__module__ = __name__
@@ -108,6 +112,7 @@ class AdapterTuning(Method):
     """Adapters of kind `adapter_kind` + text-initialized head; only those train."""
 
     frozen_image_encoder = False
+    data_parallel = True  # trains with DistributedDataParallel under torchrun (batch_size split across ranks)
     adapter_kind: ClassVar[str] = "convpass"
     config_class: ClassVar[type[AdapterTuningConfig]] = tuning_config(ConvpassConfig)
 
@@ -140,9 +145,7 @@ class AdapterTuning(Method):
         # A private copy: the shared backbone stays plain for the frozen-encoder methods and their feature cache.
         visual = copy.deepcopy(backbone.model.visual)
         config = dataclasses.replace(self.adapter_config, scale=self.scales[0] if scale is None else scale)
-        with torch.random.fork_rng(devices=[]):  # adapter initialization depends on the run's seed only
-            torch.manual_seed(ctx.seed)
-            add_adapters(visual, self.adapter_kind, config)
+        _seeded_adapters(visual, self.adapter_kind, ctx.seed, config)
         visual.set_grad_checkpointing(self.config.grad_checkpointing)
         self.classifier = ImageClassifier(visual, head, backbone.logit_scale).to(ctx.device)
         return self.classifier
@@ -156,11 +159,42 @@ class AdapterTuning(Method):
             "method": self.name,
             "source": ctx.backbone.source(),
             "class_ids": list(ctx.class_ids),
+            # the starting point θ₀ (text head, seeded adapter init), rebuilt by `load_endpoints` for WiSE-FT
+            "init": {"seed": ctx.seed, "templates": list(ctx.templates)},
         }
 
     # ----- fit ---------------------------------------------------------------------------------
+    @staticmethod
+    def decoded_splits(ctx: FitContext):
+        """(train, val) images decoded once for all epochs, or None for each without `ctx.decoded_cache`.
+
+        Train images are kept at >= the side every random resized crop needs (bit-exact below it); validation
+        images after the evaluation transform's deterministic Resize (so validation sees the same pixels)."""
+        if not ctx.decoded_cache:
+            return None, None
+        from ..data.decoded import decoded_images
+        from ..data.draft import draft_for, leading_resize, needed_short_side
+        from ..distributed import is_distributed
+
+        folder = None if ctx.decoded_cache is True else ctx.decoded_cache
+        train = decoded_images(ctx.data_root, ctx.train, needed_short_side(ctx.backbone.train_transform),
+                               cache_dir=folder, workers=ctx.workers)
+        resize = leading_resize(ctx.backbone.eval_transform)
+        val = None
+        if ctx.val and resize is not None and not is_distributed():  # (validation is sharded under torchrun)
+            val = decoded_images(ctx.data_root, ctx.val, draft_for(ctx.draft, ctx.backbone.eval_transform, False),
+                                 cache_dir=folder, workers=ctx.workers, prepare=resize)
+        ctx.log(f"decoded images: {len(train)} train ({train.nbytes / 2**20:.1f} MB"
+                f"{', from the cache' if train.from_disk else ''})"
+                + (f", {len(val)} val ({val.nbytes / 2**20:.1f} MB)" if val is not None else ""))
+        return train, val
+
     def fit(self, ctx: FitContext) -> dict[str, Any]:
-        from ..evaluate import collect_logits, image_loader
+        from ..data import image_dataset
+        from ..data.decoded import DecodedImageDataset
+        from ..data.draft import draft_for
+        from ..distributed import train_loader
+        from ..evaluate import collect_logits
         from ..metrics import topk_accuracy
 
         cfg = self.config.train_config(ctx)
@@ -169,13 +203,23 @@ class AdapterTuning(Method):
         backbone = ctx.backbone
         batches = math.ceil(len(ctx.train) / cfg.batch_size)
 
-        def make_loader(generator: torch.Generator):
-            return image_loader(ctx.data_root, ctx.train, backbone.train_transform, cfg.batch_size, cfg.workers,
-                                shuffle=True, generator=generator)
+        decoded, decoded_val = self.decoded_splits(ctx)
+        train_draft = draft_for(ctx.draft, backbone.train_transform, training=True)
+        pin = torch.device(ctx.device).type == "cuda"
+
+        def make_loader(generator: torch.Generator):  # the global batches; this rank's slices under torchrun
+            if decoded is not None:
+                dataset = DecodedImageDataset(decoded, ctx.data_root, ctx.train, backbone.train_transform, "skip")
+            else:
+                dataset = image_dataset(ctx.data_root, ctx.train, backbone.train_transform, on_error="skip",
+                                        draft_size=train_draft)
+            return train_loader(dataset, cfg.batch_size, cfg.workers, generator, what=str(ctx.data_root),
+                                pin_memory=pin)
 
         def validate() -> float:
             logits, labels = collect_logits(classifier, ctx.data_root, ctx.val, backbone.eval_transform, ctx.device,
-                                            ctx.eval_batch_size, ctx.workers, desc="val")
+                                            ctx.eval_batch_size, ctx.workers, desc="val", decoded=decoded_val,
+                                            draft_size=draft_for(ctx.draft, backbone.eval_transform, training=False))
             return topk_accuracy(logits, labels)["top1"]
 
         runs = []
@@ -281,6 +325,45 @@ def load_classifier(path: Union[str, Path], backbone: Any) -> tuple[ImageClassif
     load_trainable(classifier, path, expected={"backbone": backbone.describe(), "adapter": meta["adapter"]})
     classifier.eval()
     return classifier, meta
+
+
+def _seeded_adapters(visual: torch.nn.Module, kind: str, seed: int, config: Optional[AdapterConfig] = None,
+                     **options: Any) -> None:
+    """Inject `kind` adapters initialized from `seed` alone (the global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        add_adapters(visual, kind, config, **options)
+
+
+def load_endpoints(path: Union[str, Path], backbone: Any, classnames: list[str]
+                   ) -> tuple[ImageClassifier, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """(classifier at θ₁, θ₀, θ₁, metadata) of an adapter checkpoint, for WiSE-FT (clipconv.wise).
+
+    θ₁ is the checkpoint; θ₀ is rebuilt as training started: the text head of `classnames` with the recorded
+    templates and the adapters initialized from the recorded seed (the run directory keeps θ₀ implicitly).
+    Raises ValueError when the checkpoint has no such record or θ₀ does not match its tensors.
+    """
+    classifier, meta = load_classifier(path, backbone)
+    init = meta.get("init")
+    if not isinstance(init, dict) or "seed" not in init or not init.get("templates"):
+        raise ValueError(f"checkpoint '{path}' does not record its starting point (seed, templates): it was written "
+                         "before weight-space interpolation was supported; train it again to use --wise")
+    if len(classnames) != classifier.head.out_features:
+        raise ValueError(f"checkpoint '{path}' has {classifier.head.out_features} classes, not {len(classnames)}")
+    options = dict(meta["adapter"])
+    kind = options.pop("kind")
+    visual = copy.deepcopy(backbone.model.visual)
+    _seeded_adapters(visual, kind, int(init["seed"]), **options)
+    head = text_head(backbone.model, backbone.tokenizer, list(classnames), list(init["templates"]), backbone.device)
+    start = ImageClassifier(visual, head, backbone.logit_scale).to(backbone.device)
+    names = [n for n, p in classifier.named_parameters() if p.requires_grad]
+    initial = dict(start.named_parameters())
+    missing = [n for n in names if n not in initial or initial[n].shape != dict(classifier.named_parameters())[n].shape]
+    if missing:
+        raise ValueError(f"checkpoint '{path}': the rebuilt starting point lacks or reshapes {missing[:3]}")
+    theta0 = {n: initial[n].detach().clone() for n in names}
+    theta1 = {n: p.detach().clone() for n, p in classifier.named_parameters() if p.requires_grad}
+    return classifier, theta0, theta1, meta
 
 
 @register_method("convpass")

@@ -1,0 +1,530 @@
+"""The `wds` family: CLIP_benchmark's webdataset shards of ImageNet and its variants, read with `webdataset`.
+
+Layout (as written by CLIP_benchmark's `clip_benchmark_export_wds` / `convert_dataset`), under one root:
+
+    <root>/wds_imagenet1k/{classnames.txt, zeroshot_classification_templates.txt, train/, test/}
+    <root>/wds_imagenetv2/..., wds_imagenet_sketch/..., wds_imagenet-a/..., wds_imagenet-r/...   (test/ only)
+    <split>/0.tar, 1.tar, ... (+ nshards.txt: their count, when present it must match the files)
+
+A sample is `<key>.{jpg,jpeg,png,webp}` + `<key>.cls` (the integer label). Class mapping:
+- the universe: `wds_imagenet1k/classnames.txt`. 1000 names = ImageNet: labels are ImageNet class indices,
+  ids the sorted wnids and names the project's CLIP names (as in the `imagenet` family). Any other list:
+  the names themselves are the classes (a generic CLIP_benchmark classification set). `classnames=FILE`
+  (`<id> <name>` lines, one per label) overrides it.
+- -A/-R: CLIP_benchmark builds them with torchvision's ImageFolder over their 200 wnid folders, so their
+  labels are 0..199 in sorted-wnid order; label j is the j-th wnid of timm's `imagenet_{a,r}_synsets.txt`
+  (clipconv/assets/imagenet_{a,r}_wnids.txt), scored with the argmax over those 200 classes. Their
+  classnames.txt, when present, must name the same classes.
+- other sets: the same labels as the universe when their classnames.txt is absent or equal to it;
+  otherwise each name is matched to the one universe class of that name (a set over fewer classes is
+  scored with the argmax restricted to them).
+
+A sample's path (relative to the root) is `<set folder>/<split>/<n>.tar#<key>`. Listing a split reads
+each shard once with `webdataset` (keys and labels; cached under `$CLIPCONV_CACHE/wds-index`, keyed by
+the shard's path, size and modification time). Evaluation streams the shards in order (every sample
+once; DataLoader workers take whole shards). K-shot training: the split is drawn from the train
+listing with the usual seeded logic, then the chosen samples are read in one pass over their shards and
+kept as files under `$CLIPCONV_CACHE/wds-samples` (epochs, augmentation rounds and shuffling then read
+them as ordinary files). A damaged shard, a sample without image or label, or a label outside the
+class list is a `DataLayoutError` naming the shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..prompts import imagenet_classes, load_classnames_file
+from .family import DatasetFamily, register_family
+from .folder import BadImage, ImageListDataset, Sample
+from .images import ImageDecodeError
+from .imagenet import EVAL_SET_SPECS, PUBLISHED_TABLE2, ClassList, DataLayoutError, EvalSplit, warn_few_classes
+
+__all__ = ["WdsFamily", "WDS_FOLDERS", "SHARD_SEPARATOR", "IMAGE_KEYS", "is_shard_sample", "shard_paths",
+           "index_shard", "ShardStream", "ExtractedShardSamples", "image_dataset", "as_files", "extract_samples",
+           "read_templates_file", "subset_wnids"]
+
+PathLike = Union[str, Path]
+
+#: our set name -> CLIP_benchmark's folder (its dataset name is "wds/" + the folder without "wds_")
+WDS_FOLDERS = {
+    "imagenet": "wds_imagenet1k",
+    "imagenet_v2": "wds_imagenetv2",
+    "imagenet_sketch": "wds_imagenet_sketch",
+    "imagenet_a": "wds_imagenet-a",
+    "imagenet_r": "wds_imagenet-r",
+}
+SUBSET_ASSETS = {"imagenet_a": "imagenet_a_wnids.txt", "imagenet_r": "imagenet_r_wnids.txt"}
+SHARD_SEPARATOR = "#"
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CLASSNAMES_FILE = "classnames.txt"
+TEMPLATES_FILE = "zeroshot_classification_templates.txt"
+_SHARD = re.compile(r"^(\d+)\.tar$")
+WDS_HELP = (
+    "Give --data-root the folder holding CLIP_benchmark's wds_imagenet1k (with train/ and test/ shard folders and "
+    "classnames.txt), wds_imagenetv2, wds_imagenet_sketch, wds_imagenet-a and wds_imagenet-r."
+)
+
+
+def _cache_root() -> Path:
+    from ..cache import cache_root
+
+    return cache_root()
+
+
+# ------------------------------------------------------------------------------------------ shards
+def is_shard_sample(path: str) -> bool:
+    """True for a sample path `<...>/<n>.tar#<key>` (a sample inside a webdataset shard)."""
+    shard, sep, key = str(path).partition(SHARD_SEPARATOR)
+    return bool(sep and key and shard.endswith(".tar"))
+
+
+def _split_ref(path: str) -> tuple[str, str]:
+    shard, _, key = str(path).partition(SHARD_SEPARATOR)
+    return shard, key
+
+
+def shard_paths(split_dir: Path) -> list[Path]:
+    """The shards of one split folder in order (0.tar, 1.tar, ...); nshards.txt, when present, must match."""
+    if not split_dir.is_dir():
+        raise DataLayoutError(f"shard folder '{split_dir}' does not exist. {WDS_HELP}")
+    numbered = sorted((int(m.group(1)), entry) for entry in os.listdir(split_dir) if (m := _SHARD.match(entry)))
+    count_file = split_dir / "nshards.txt"
+    if count_file.is_file():
+        text = count_file.read_text(encoding="utf-8").strip()
+        if not text.isdigit():
+            raise DataLayoutError(f"'{count_file}' should hold the number of shards, got {text[:40]!r}")
+        expected = int(text)
+        missing = [f"{i}.tar" for i in range(expected) if not (split_dir / f"{i}.tar").is_file()]
+        if missing:
+            raise DataLayoutError(f"'{split_dir}' lacks {len(missing)} of the {expected} shards nshards.txt announces: "
+                                  f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        return [split_dir / f"{i}.tar" for i in range(expected)]
+    if not numbered:
+        raise DataLayoutError(f"'{split_dir}' holds no shards (expected 0.tar, 1.tar, ...). {WDS_HELP}")
+    return [split_dir / name for _, name in numbered]
+
+
+def _samples(urls: Sequence[str], **options: Any):
+    import webdataset as wds
+
+    # no node/worker splitting here: callers read whole shards and split them across workers themselves
+    return wds.WebDataset(list(urls), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False,
+                          **options)
+
+
+def _label(sample: dict, shard: Path) -> int:
+    raw = sample.get("cls")
+    key = sample.get("__key__")
+    if raw is None:
+        raise DataLayoutError(f"shard '{shard}': sample '{key}' has no .cls label")
+    try:
+        return int(raw.decode("utf-8").strip() if isinstance(raw, bytes) else raw)
+    except ValueError:
+        raise DataLayoutError(f"shard '{shard}': sample '{key}' has a .cls that is not an integer ({raw[:20]!r})") from None
+
+
+def _image_key(sample: dict, shard: Path) -> str:
+    found = [ext for ext in IMAGE_KEYS if ext in sample]
+    if not found:
+        raise DataLayoutError(f"shard '{shard}': sample '{sample.get('__key__')}' has no image "
+                              f"({', '.join('.' + e for e in IMAGE_KEYS)})")
+    return found[0]
+
+
+def _iterate(shard: Path) -> Iterator[dict]:
+    """The samples of one shard; a damaged tar raises a DataLayoutError naming it."""
+    iterator = iter(_samples([str(shard)]))
+    while True:
+        try:
+            sample = next(iterator)
+        except StopIteration:
+            return
+        except DataLayoutError:
+            raise
+        except Exception as err:  # tarfile.ReadError, truncated stream, ... (webdataset re-raises them)
+            raise DataLayoutError(f"shard '{shard}' is damaged ({type(err).__name__}: {err}); download it again") from None
+        yield sample
+
+
+def _shard_identity(shard: Path) -> str:
+    stat = shard.stat()
+    text = f"{shard.resolve()}\n{stat.st_size}\n{stat.st_mtime_ns}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:40]
+
+
+def index_shard(shard: Path, use_cache: bool = True) -> list[tuple[str, int]]:
+    """[(key, label)] of one shard in stored order (read once with webdataset, then cached)."""
+    from ..io import OutputWriteError, write_json
+
+    entry = _cache_root() / "wds-index" / f"{_shard_identity(shard)}.json"
+    if use_cache and entry.is_file():
+        try:
+            payload = json.loads(entry.read_text(encoding="utf-8"))
+            if payload.get("shard") == str(shard.resolve()):
+                return [(str(k), int(v)) for k, v in payload["samples"]]
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged index entry is rebuilt
+    listed, seen = [], set()
+    for sample in _iterate(shard):
+        key = sample["__key__"]
+        if key in seen:
+            raise DataLayoutError(f"shard '{shard}': sample key '{key}' appears twice")
+        seen.add(key)
+        _image_key(sample, shard)
+        listed.append((key, _label(sample, shard)))
+    if use_cache:
+        try:
+            write_json(entry, {"shard": str(shard.resolve()), "samples": listed})
+        except OutputWriteError as err:
+            warnings.warn(f"webdataset index not cached: {err}", stacklevel=2)
+    return listed
+
+
+def _decode(data: bytes, where: str, draft_size: Optional[int] = None) -> Image.Image:
+    """RGB image from encoded bytes (as `load_rgb` decodes a file); ImageDecodeError naming `where`."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if draft_size and image.format == "JPEG":
+                image.draft("RGB", (draft_size, draft_size))
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        reason = "empty file" if not data else f"{type(err).__name__}: {err}"
+        raise ImageDecodeError(f"cannot decode image '{where}' ({reason})") from err
+
+
+# ----------------------------------------------------------------------------------------- readers
+class ShardStream(torch.utils.data.IterableDataset):
+    """`(image, label)` of shard samples (paths `<shard>#<key>` relative to `root`), streamed in shard order.
+
+    Only the shards holding the given samples are read, each once; DataLoader workers split them by
+    shard (so the order across workers interleaves: callers match items by their label, e.g. the position
+    FeatureStore passes). `round_seed`: torch is seeded with `item_seed(round_seed, i)` before transforming
+    the i-th given sample (as FeatureStore's map-style path does; `seed_offset` is added to i, for a slice
+    of a longer list, e.g. one rank's share under torchrun). Undecodable images: `BadImage`
+    (on_error="skip") or ImageDecodeError (on_error="raise").
+    """
+
+    def __init__(self, root: PathLike, samples: Sequence[Sample], transform: Optional[Callable] = None,
+                 on_error: str = "skip", round_seed: Optional[int] = None, draft_size: Optional[int] = None,
+                 seed_offset: int = 0) -> None:
+        self.root = Path(root)
+        self.samples = [(str(p), int(label)) for p, label in samples]
+        self.transform, self.on_error, self.round_seed, self.draft_size = transform, on_error, round_seed, draft_size
+        self.seed_offset = seed_offset
+        self.wanted: dict[str, dict[str, int]] = {}
+        for position, (path, _) in enumerate(self.samples):
+            shard, key = _split_ref(path)
+            self.wanted.setdefault(shard, {})[key] = position
+        self.shards = sorted(self.wanted, key=_shard_order)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self):
+        from ..features import item_seed
+
+        info = torch.utils.data.get_worker_info()
+        shards = self.shards if info is None else self.shards[info.id::info.num_workers]
+        for shard in shards:
+            wanted = self.wanted[shard]
+            for sample in _iterate(self.root / shard):
+                position = wanted.get(sample["__key__"])
+                if position is None:
+                    continue
+                where = f"{self.root / shard}{SHARD_SEPARATOR}{sample['__key__']}"
+                try:
+                    image = _decode(sample[_image_key(sample, self.root / shard)], where, self.draft_size)
+                except ImageDecodeError as err:
+                    if self.on_error == "raise":
+                        raise
+                    yield BadImage(where, str(err))
+                    continue
+                if self.transform is not None:
+                    if self.round_seed is not None:
+                        torch.manual_seed(item_seed(self.round_seed, self.seed_offset + position))
+                    image = self.transform(image)
+                yield image, self.samples[position][1]
+
+
+def _shard_order(shard: str) -> tuple:
+    folder, _, name = shard.rpartition("/")
+    match = _SHARD.match(name)
+    return (folder, int(match.group(1)) if match else -1, name)
+
+
+def _extract_dir(root: Path, shard: str) -> Path:
+    return _cache_root() / "wds-samples" / _shard_identity(root / shard)
+
+
+def _extracted_name(key: str, ext: str) -> str:
+    """File name of an extracted sample: a digest of its key (a key from a tar may hold '/' or '..')."""
+    return f"{hashlib.sha256(key.encode('utf-8')).hexdigest()[:32]}.{ext}"
+
+
+def extract_samples(root: PathLike, paths: Sequence[str]) -> dict[str, Path]:
+    """{shard sample path: file holding its image bytes}: samples not extracted yet are read in one pass over
+    their shards (webdataset) and written under `$CLIPCONV_CACHE/wds-samples/<shard identity>/`."""
+    from ..io import atomic_path
+
+    root = Path(root)
+    files: dict[str, Path] = {}
+    todo: dict[str, set[str]] = {}
+    for path in paths:
+        shard, key = _split_ref(path)
+        folder = _extract_dir(root, shard)
+        existing = [folder / _extracted_name(key, ext) for ext in IMAGE_KEYS
+                    if (folder / _extracted_name(key, ext)).is_file()]
+        if existing:
+            files[path] = existing[0]
+        else:
+            todo.setdefault(shard, set()).add(key)
+    for shard in sorted(todo, key=_shard_order):
+        folder = _extract_dir(root, shard)
+        keys = todo[shard]
+        for sample in _iterate(root / shard):
+            key = sample["__key__"]
+            if key not in keys:
+                continue
+            ext = _image_key(sample, root / shard)
+            target = folder / _extracted_name(key, ext)
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(target) as tmp:
+                Path(tmp).write_bytes(sample[ext])
+            files[f"{shard}{SHARD_SEPARATOR}{key}"] = target
+            keys.discard(key)
+        if keys:
+            raise DataLayoutError(f"shard '{root / shard}' no longer holds sample(s) {sorted(keys)[:5]}; "
+                                  "it changed since the split was drawn")
+    return files
+
+
+def as_files(root: PathLike, samples: Sequence[Sample]) -> tuple[Path, list[Sample]]:
+    """(root, samples) readable as image files: shard samples are extracted once (`extract_samples`) and
+    given as absolute paths under root "/"; file samples come back unchanged. For code that opens
+    `root / path` itself (e.g. a decoded-image cache)."""
+    samples = [(str(p), int(label)) for p, label in samples]
+    if not samples or not is_shard_sample(samples[0][0]):
+        return Path(root), samples
+    files = extract_samples(root, [p for p, _ in samples])
+    return Path(os.sep), [(str(files[p]), label) for p, label in samples]
+
+
+class ExtractedShardSamples(ImageListDataset):
+    """Map-style `(image, label)` of shard samples, extracted once to files (K-shot training: shuffled,
+    many epochs and augmentation rounds over a small part of large shards)."""
+
+    def __init__(self, root: PathLike, samples: Sequence[Sample], transform: Optional[Callable] = None,
+                 on_error: str = "skip", draft_size: Optional[int] = None) -> None:
+        super().__init__(*as_files(root, samples), transform, on_error, draft_size)
+
+
+def image_dataset(root: PathLike, samples: Sequence[Sample], transform: Optional[Callable] = None,
+                  on_error: str = "skip", round_seed: Optional[int] = None,
+                  draft_size: Optional[int] = None, seed_offset: int = 0) -> torch.utils.data.Dataset:
+    """The dataset reading `samples` (paths relative to `root`): image files (`ImageListDataset`), or
+    webdataset shard samples: streamed (`ShardStream`) for test splits, extracted once
+    (`ExtractedShardSamples`) for train splits. `round_seed` / `seed_offset` are only applied by `ShardStream`
+    (map-style datasets are seeded per item by their caller)."""
+    samples = list(samples)
+    if not samples or not is_shard_sample(samples[0][0]):
+        return ImageListDataset(root, samples, transform, on_error=on_error, draft_size=draft_size)
+    if any(_split_ref(p)[0].split("/")[-2:-1] == ["train"] for p, _ in samples):
+        return ExtractedShardSamples(root, samples, transform, on_error, draft_size)
+    return ShardStream(root, samples, transform, on_error, round_seed, draft_size, seed_offset)
+
+
+# ------------------------------------------------------------------------------------------ classes
+def subset_wnids(name: str) -> list[str]:
+    """The 200 wnids of ImageNet-A or -R in label order (sorted; timm's lists, shipped in clipconv/assets)."""
+    path = Path(__file__).resolve().parents[1] / "assets" / SUBSET_ASSETS[name]
+    return path.read_text(encoding="utf-8").split()
+
+
+def _read_names(path: Path) -> list[str]:
+    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    names = [line for line in lines if line]
+    if not names:
+        raise DataLayoutError(f"'{path}' is empty; it should hold one class name per line (label order)")
+    return names
+
+
+def read_templates_file(path: PathLike) -> list[str]:
+    """CLIP_benchmark's templates file (one per line, `{c}` for the class name) as our `{}` templates."""
+    path = Path(path)
+    templates = []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        text = line.replace("{c}", "{}")
+        rest = text.replace("{}", "", 1)
+        if text.count("{}") != 1 or "{" in rest or "}" in rest:
+            raise ValueError(f"{path}:{number}: a template must contain exactly one '{{c}}' (the class name), "
+                             f"got {line!r}")
+        templates.append(text)
+    if not templates:
+        raise ValueError(f"templates file '{path}' is empty")
+    return templates
+
+
+# ------------------------------------------------------------------------------------------- family
+@register_family("wds")
+class WdsFamily(DatasetFamily):
+    """ImageNet and -V2/-Sketch/-A/-R as CLIP_benchmark's webdataset shards (see the module docstring)."""
+
+    suite = tuple(WDS_FOLDERS)
+    display = {name: EVAL_SET_SPECS[name].display_name for name in WDS_FOLDERS}
+    benchmark_names = {name: "wds/" + folder[len("wds_"):] for name, folder in WDS_FOLDERS.items()}
+    data_help = WDS_HELP
+    verify_draws = False  # drawn samples are decoded when extracted; a bad one is skipped, not replaced
+
+    def __init__(self, data_root: PathLike, classnames: Optional[PathLike] = None) -> None:
+        if data_root is None:
+            raise DataLayoutError(f"the wds family needs --data-root. {WDS_HELP}")
+        super().__init__(Path(data_root).expanduser())
+        if not self.data_root.is_dir():
+            raise DataLayoutError(f"--data-root '{self.data_root}' does not exist or is not a folder. {WDS_HELP}")
+        source = self.data_root / WDS_FOLDERS["imagenet"]
+        if not source.is_dir():
+            raise DataLayoutError(f"'{source}' does not exist. {WDS_HELP}")
+        if classnames is not None and not Path(classnames).is_file():
+            raise FileNotFoundError(f"--classnames file '{classnames}' does not exist")
+        self.classnames = classnames
+        self._universe: Optional[ClassList] = None
+
+    @property
+    def is_imagenet(self) -> bool:
+        return len(self.universe()) == 1000 and self.universe().ids == tuple(w for w, _ in imagenet_classes())
+
+    @property
+    def published(self):  # type: ignore[override]
+        if not self.is_imagenet:
+            return {}
+        return {method: dict(zip(self.suite, values)) for method, values in PUBLISHED_TABLE2.items()}
+
+    @property
+    def published_label(self) -> str:  # type: ignore[override]
+        return "published (paper, ImageNet, ViT-B/16)" if self.is_imagenet else ""
+
+    def universe(self) -> ClassList:
+        """Every class in label order (see the module docstring)."""
+        if self._universe is None:
+            file = self.data_root / WDS_FOLDERS["imagenet"] / CLASSNAMES_FILE
+            if not file.is_file():
+                raise DataLayoutError(f"'{file}' does not exist; CLIP_benchmark writes the class names there. {WDS_HELP}")
+            names = _read_names(file)
+            if self.classnames is not None:
+                entries = load_classnames_file(self.classnames)
+                if len(entries) != len(names):
+                    raise DataLayoutError(f"--classnames '{self.classnames}' lists {len(entries)} classes but '{file}' "
+                                          f"lists {len(names)}; the shards' labels index the latter")
+                self._universe = ClassList([i for i, _ in entries], [n for _, n in entries], source=str(self.classnames))
+            elif len(names) == 1000:
+                canonical = imagenet_classes()
+                self._universe = ClassList([w for w, _ in canonical], [n for _, n in canonical],
+                                           source="prompts/imagenet_classnames.txt")
+            else:
+                ids = names if len(set(names)) == len(names) else [f"{i}:{n}" for i, n in enumerate(names)]
+                self._universe = ClassList(ids, names, source=str(file))
+        return self._universe
+
+    def classes(self) -> ClassList:
+        return self.universe()
+
+    # ------------------------------------------------------------------ listing
+    def _listing(self, folder: str, split: str) -> list[tuple[str, int]]:
+        """[(sample path, label as stored)] of one split folder, in shard order."""
+        listed = []
+        for shard in shard_paths(self.data_root / folder / split):
+            rel = f"{folder}/{split}/{shard.name}"
+            listed.extend((f"{rel}{SHARD_SEPARATOR}{key}", label) for key, label in index_shard(shard))
+        return listed
+
+    def _label_map(self, name: str, classes: ClassList) -> tuple[list[Optional[int]], bool]:
+        """(run label of each stored label, restricted) for one set."""
+        universe = self.universe()
+        folder = self.data_root / WDS_FOLDERS[name]
+        file = folder / CLASSNAMES_FILE
+        names = _read_names(file) if file.is_file() else None
+        if name in SUBSET_ASSETS and self.is_imagenet:
+            wnids = subset_wnids(name)
+            if names is not None and len(names) != len(wnids):
+                raise DataLayoutError(f"'{file}' lists {len(names)} classes; {self.display[name]} has {len(wnids)} "
+                                      f"(timm's {SUBSET_ASSETS[name]})")
+            ids = wnids
+        elif names is None or names == list(universe.names) or len(names) == len(universe):
+            ids = list(universe.ids)
+        else:
+            by_name: dict[str, list[str]] = {}
+            for class_id, class_name in zip(universe.ids, universe.names):
+                by_name.setdefault(class_name, []).append(class_id)
+            unmatched = [n for n in names if len(by_name.get(n, [])) != 1]
+            if unmatched:
+                raise DataLayoutError(f"'{file}': class name(s) {unmatched[:5]} match no single class of "
+                                      f"{universe.source}; give the set the source set's classnames.txt")
+            ids = [by_name[n][0] for n in names]
+        return [classes.index.get(class_id) for class_id in ids], len(ids) < len(universe)
+
+    def train_samples(self, classes: ClassList) -> list[Sample]:
+        mapping, _ = self._label_map("imagenet", classes)
+        samples = self._map(self._listing(WDS_FOLDERS["imagenet"], "train"), mapping, "train")[0]
+        if not samples:
+            raise DataLayoutError(f"'{self.data_root / WDS_FOLDERS['imagenet'] / 'train'}' holds no sample of the run's classes")
+        return samples
+
+    def _map(self, listed: list[tuple[str, int]], mapping: list[Optional[int]], what: str) -> tuple[list[Sample], int]:
+        out, dropped = [], 0
+        for path, label in listed:
+            if not 0 <= label < len(mapping):
+                shard = self.data_root / path.partition(SHARD_SEPARATOR)[0]
+                raise DataLayoutError(f"shard '{shard}': sample '{path.partition(SHARD_SEPARATOR)[2]}' has label {label}, "
+                                      f"outside 0..{len(mapping) - 1} of its class list ({what})")
+            run_label = mapping[label]
+            if run_label is None:
+                dropped += 1
+            else:
+                out.append((path, run_label))
+        return out, dropped
+
+    def eval_splits(self, names: Sequence[str], classes: ClassList) -> list[EvalSplit]:
+        unknown = [name for name in names if name not in WDS_FOLDERS]
+        if unknown:
+            raise ValueError(f"unknown evaluation set(s) {unknown}; the wds family has {', '.join(self.suite)}")
+        splits = []
+        for name in names:
+            folder = self.data_root / WDS_FOLDERS[name]
+            if not folder.is_dir():
+                warnings.warn(f"{self.display[name]} not found ('{folder}' does not exist); skipped", stacklevel=2)
+                continue
+            mapping, restricted = self._label_map(name, classes)
+            samples, dropped = self._map(self._listing(WDS_FOLDERS[name], "test"), mapping, name)
+            if not samples:
+                warnings.warn(f"{self.display[name]}: '{folder / 'test'}' holds no sample of the run's classes; skipped",
+                              stacklevel=2)
+                continue
+            subset = sorted({label for label in mapping if label is not None}) if restricted else None
+            split = EvalSplit(name, self.display[name], folder / "test", samples, subset, dropped, len(classes))
+            warn_few_classes(split)
+            splits.append(split)
+        return splits
+
+    def dataset_templates(self) -> list[str]:
+        """The source set's zeroshot_classification_templates.txt (CLIP_benchmark's templates)."""
+        file = self.data_root / WDS_FOLDERS["imagenet"] / TEMPLATES_FILE
+        if not file.is_file():
+            raise FileNotFoundError(f"--templates dataset: '{file}' does not exist")
+        return read_templates_file(file)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "classnames": None if self.classnames is None else str(self.classnames),
+                "layout": "CLIP_benchmark webdataset"}

@@ -1,0 +1,469 @@
+"""The wds family: CLIP_benchmark's webdataset shards written by the test, read with `webdataset`.
+
+The shards hold the very bytes of a folder tree, so scores from shards must equal scores from folders
+exactly; plus the ImageNet-A/-R label mapping, the streaming reader, K-shot training end to end, the
+CLIP_benchmark result files and bad input (one line, exit 2, nothing written).
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+webdataset = pytest.importorskip("webdataset")
+
+CLASSES = ["eel", "goldfish", "shark", "tench"]  # sorted: the folder family's label order too
+SKETCH_CLASSES = CLASSES
+A_CLASSES = ["goldfish", "tench"]  # a restricted set, numbered 0..1 like CLIP_benchmark's ImageFolder
+
+
+def _files(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """(file, label) of a class-folder tree, interleaved across classes (shards mix classes)."""
+    per_class = [sorted((folder / name).iterdir()) for name in classes]
+    out = []
+    for i in range(max(len(files) for files in per_class)):
+        out += [(files[i], label) for label, files in enumerate(per_class) if i < len(files)]
+    return out
+
+
+def write_shards(split_dir: Path, files: list[tuple[Path, int]], per_shard: int, nshards_file: bool = True) -> int:
+    """CLIP_benchmark's layout: split_dir/{0..n-1}.tar (+ nshards.txt), keys s%07d, .jpg + .cls."""
+    split_dir.mkdir(parents=True, exist_ok=True)
+    with webdataset.ShardWriter(str(split_dir / "%d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for index, (path, label) in enumerate(files):
+            sink.write({"__key__": "s%07d" % index, "jpg": path.read_bytes(), "cls": label})
+        count = sink.shard
+    if nshards_file:
+        (split_dir / "nshards.txt").write_text(f"{count}\n")
+    return count
+
+
+def make_wds_world(root: Path) -> dict:
+    from clipconv.data import make_class_folders
+
+    folders = {
+        "train": make_class_folders(root / "folders" / "train", CLASSES, per_class=5, seed=1),
+        "imagenet": make_class_folders(root / "folders" / "test", CLASSES, per_class=3, seed=2),
+        "imagenet_sketch": make_class_folders(root / "folders" / "sketch", SKETCH_CLASSES, per_class=2,
+                                              style="sketch", seed=3),
+        "imagenet_a": make_class_folders(root / "folders" / "a", A_CLASSES, per_class=3, style="clutter", seed=4,
+                                         all_classes=CLASSES),
+    }
+    shards = root / "wds"
+    source = shards / "wds_imagenet1k"
+    write_shards(source / "train", _files(folders["train"], CLASSES), per_shard=3)
+    write_shards(source / "test", _files(folders["imagenet"], CLASSES), per_shard=1)  # 12 shards: 10.tar after 9.tar
+    (source / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
+    (source / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na drawing of the {c}.\n")
+    write_shards(shards / "wds_imagenet_sketch" / "test", _files(folders["imagenet_sketch"], SKETCH_CLASSES),
+                 per_shard=5, nshards_file=False)
+    (shards / "wds_imagenet_sketch" / "classnames.txt").write_text("\n".join(SKETCH_CLASSES) + "\n")
+    write_shards(shards / "wds_imagenet-a" / "test", _files(folders["imagenet_a"], A_CLASSES), per_shard=4)
+    (shards / "wds_imagenet-a" / "classnames.txt").write_text("\n".join(A_CLASSES) + "\n")
+    return {"shards": shards, "folders": folders}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_config):
+    from clipconv.backbone import load_backbone
+
+    root = tmp_path_factory.mktemp("wds")
+    made = make_wds_world(root)
+    torch.manual_seed(11)
+    backbone = load_backbone(str(tiny_config), pretrained=None, device="cpu")
+    with torch.no_grad():
+        for p in backbone.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    weights = root / "tiny.pt"
+    torch.save(backbone.model.state_dict(), weights)
+    return {"root": root, "config": tiny_config, "weights": weights, **made}
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPCONV_CACHE", str(tmp_path / "cache"))  # shard index and extracted samples
+
+
+def _model(world):
+    return ["--model", str(world["config"]), "--pretrained", str(world["weights"]), "--workers", "0", "--device", "cpu",
+            "--no-cache"]
+
+
+def _folder_data(world):
+    folders = world["folders"]
+    return ["--family", "folder", "--train-root", str(folders["train"]),
+            *[arg for name in ("imagenet", "imagenet_sketch", "imagenet_a")
+              for arg in ("--eval-set", f"{name}={folders[name]}")]]
+
+
+def _wds_data(world):
+    return ["--family", "wds", "--data-root", str(world["shards"])]
+
+
+# ------------------------------------------------------------------------------------------ listing
+def test_listing_maps_labels_orders_shards_numerically_and_counts_every_sample(world):
+    from clipconv.data import open_family
+
+    family = open_family("wds", data_root=str(world["shards"]))
+    classes = family.classes()
+    assert classes.names == tuple(CLASSES)
+    with pytest.warns(UserWarning, match="not found"):  # -V2 and -R are absent
+        splits = {s.name: s for s in family.eval_splits(family.suite, classes)}
+    assert set(splits) == {"imagenet", "imagenet_sketch", "imagenet_a"}
+    source = splits["imagenet"]
+    shards = [p.partition("#")[0].rsplit("/", 1)[1] for p, _ in source.samples]
+    assert shards == [f"{i}.tar" for i in range(12)]  # numeric, not string, order
+    assert [label for _, label in source.samples] == [0, 1, 2, 3] * 3 and source.subset is None
+    a = splits["imagenet_a"]
+    assert a.subset == [1, 3] and [label for _, label in a.samples] == [1, 3, 1, 3, 1, 3]  # 0..1 -> goldfish, tench
+    assert len(splits["imagenet_sketch"]) == 8
+    train = family.train_samples(classes)
+    assert len(train) == 20 and sorted({label for _, label in train}) == [0, 1, 2, 3]
+
+
+def test_imagenet_a_and_r_labels_0_to_199_are_their_sorted_wnids(tmp_path):
+    """CLIP_benchmark numbers -A/-R 0..199 (ImageFolder over their wnid folders): label j = j-th sorted wnid."""
+    from clipconv.data import open_family
+    from clipconv.data.wds import subset_wnids
+    from clipconv.prompts import imagenet_classes
+
+    canonical = imagenet_classes()
+    source = tmp_path / "wds_imagenet1k"
+    source.mkdir()
+    (source / "classnames.txt").write_text("".join(f"{name}\n" for _, name in canonical))
+    image = next(iter(_files(make_folder(tmp_path), ["x"])))[0]
+    for name, folder in (("imagenet_a", "wds_imagenet-a"), ("imagenet_r", "wds_imagenet-r")):
+        wnids = subset_wnids(name)
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "classnames.txt").write_text("".join(f"{canonical[[w for w, _ in canonical].index(w)][1]}\n"
+                                                                  for w in wnids))
+        write_shards(tmp_path / folder / "test", [(image, 0), (image, 5), (image, 199)], per_shard=10)
+    family = open_family("wds", data_root=str(tmp_path))
+    classes = family.classes()
+    assert len(classes) == 1000 and family.is_imagenet and family.published["convpass"]["imagenet_a"] == 49.27
+    index = {w: i for i, (w, _) in enumerate(canonical)}
+    for split in family.eval_splits(["imagenet_a", "imagenet_r"], classes):
+        wnids = subset_wnids(split.name)
+        assert wnids == sorted(wnids) and len(wnids) == 200
+        assert [label for _, label in split.samples] == [index[wnids[0]], index[wnids[5]], index[wnids[199]]]
+        assert split.subset == sorted(index[w] for w in wnids) and split.num_classes == 200
+    a = subset_wnids("imagenet_a")
+    assert a[0] == "n01498041" and index["n01498041"] == 6  # ImageNet-A's first class, ImageNet index 6
+
+
+def make_folder(root: Path) -> Path:
+    from clipconv.data import make_class_folders
+
+    return make_class_folders(root / "one", ["x"], per_class=1)
+
+
+def test_stream_yields_every_sample_once_across_workers(world):
+    from clipconv.data import image_dataset, open_family
+    from clipconv.data.wds import ShardStream
+
+    family = open_family("wds", data_root=str(world["shards"]))
+    split = family.eval_splits(["imagenet"], family.classes())[0]
+    indexed = [(path, position) for position, (path, _) in enumerate(split.samples)]
+    dataset = image_dataset(family.data_root, indexed, lambda image: torch.tensor(image.size))
+    assert isinstance(dataset, ShardStream) and len(dataset) == 12
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=5, num_workers=workers)
+        positions = torch.cat([labels for _, labels in loader]).tolist()
+        assert sorted(positions) == list(range(12)), workers
+    # a subset of the samples reads only their shards and yields only them
+    some = image_dataset(family.data_root, indexed[3:5], None)
+    assert sorted(label for _, label in some) == [3, 4]
+
+
+def test_streamed_augmentations_are_seeded_per_item_like_the_map_style_path(world):
+    """FeatureStore's rounds: item i is transformed after seeding with item_seed(round seed, i), streamed or not;
+    a slice read with seed_offset gets the same augmentations as inside the whole list (one rank's share)."""
+    from torchvision import transforms
+
+    from clipconv.data import open_family
+    from clipconv.data.wds import ShardStream, as_files
+    from clipconv.features import _SeededItems
+    from clipconv.data.folder import ImageListDataset
+
+    family = open_family("wds", data_root=str(world["shards"]))
+    samples = family.eval_splits(["imagenet"], family.classes())[0].samples
+    indexed = [(path, position) for position, (path, _) in enumerate(samples)]
+    augment = transforms.Compose([transforms.RandomResizedCrop(16, scale=(0.2, 1.0)), transforms.PILToTensor()])
+    streamed = {label: image for image, label in ShardStream(family.data_root, indexed, augment, round_seed=5)}
+    mapped = _SeededItems(ImageListDataset(*as_files(family.data_root, indexed), augment), 5)
+    assert len(streamed) == 12
+    assert all(torch.equal(streamed[i], mapped[i][0]) for i in range(12))
+    other_round = _SeededItems(ImageListDataset(*as_files(family.data_root, indexed), augment), 6)
+    assert not all(torch.equal(streamed[i], other_round[i][0]) for i in range(12))  # the seed matters
+    tail = {label: image for image, label in ShardStream(family.data_root, indexed[7:], augment, round_seed=5,
+                                                          seed_offset=7)}
+    assert sorted(tail) == list(range(7, 12)) and all(torch.equal(tail[i], streamed[i]) for i in tail)
+
+
+def test_streamed_pixels_equal_the_files(world):
+    from clipconv.data import image_dataset, load_rgb, open_family
+
+    family = open_family("wds", data_root=str(world["shards"]))
+    split = family.eval_splits(["imagenet"], family.classes())[0]
+    files = _files(world["folders"]["imagenet"], CLASSES)
+    for (image, label), (path, file_label) in zip(image_dataset(family.data_root, split.samples), files):
+        assert label == file_label and list(image.getdata()) == list(load_rgb(path).getdata())
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_zero_shot_from_shards_equals_zero_shot_from_folders(world, tmp_path):
+    from clipconv.cli import zero_shot
+
+    assert zero_shot.main([*_folder_data(world), *_model(world), "--output-dir", str(tmp_path / "folders")]) == 0
+    with pytest.warns(UserWarning, match="not found"):
+        assert zero_shot.main([*_wds_data(world), *_model(world), "--output-dir", str(tmp_path / "shards")]) == 0
+    folders = json.loads((tmp_path / "folders" / "zero_shot.json").read_text())["results"][0]["metrics"]
+    shards = json.loads((tmp_path / "shards" / "zero_shot.json").read_text())["results"][0]["metrics"]
+    assert shards == folders  # identical bytes, identical scores (top-1/5, recall, per class, counts)
+    assert shards["imagenet_a"]["classes"] == 2 and shards["imagenet"]["n"] == 12
+
+    files = sorted((tmp_path / "shards" / "clip_benchmark").glob("*.json"))
+    assert [f.name for f in files] == [f"{name}_tiny.pt_tiny-clip.json_en_zeroshot_classification.json"
+                                       for name in ("imagenet-a", "imagenet1k", "imagenet_sketch")]
+    for file in files:
+        record = json.loads(file.read_text())
+        ours = shards[{"wds/imagenet1k": "imagenet", "wds/imagenet_sketch": "imagenet_sketch",
+                       "wds/imagenet-a": "imagenet_a"}[record["dataset"]]]
+        assert record["task"] == "zeroshot_classification" and record["language"] == "en"
+        assert record["model"] == str(world["config"]) and record["pretrained"] == str(world["weights"])
+        assert math.isclose(record["metrics"]["acc1"], ours["top1"] / 100, rel_tol=256 * 2**-52)
+        assert math.isclose(record["metrics"]["mean_per_class_recall"], ours["mean_per_class_recall"] / 100,
+                            rel_tol=256 * 2**-52)
+        assert math.isnan(record["metrics"]["acc5"])  # fewer than 5 classes, as CLIP_benchmark writes it
+    # the folder family names the files by its own set names
+    assert {json.loads(f.read_text())["dataset"] for f in (tmp_path / "folders" / "clip_benchmark").glob("*.json")} == \
+        {"imagenet", "imagenet_sketch", "imagenet_a"}
+
+
+def _build_rows(folders):
+    """What `clip_benchmark build` does with result folders (clip_benchmark/cli.py main_build)."""
+    rows = []
+    for folder in folders:
+        for file in sorted(Path(folder).glob("*.json")):
+            data = json.load(open(file))
+            row = dict(data["metrics"])
+            row.update(data)
+            del row["metrics"]
+            row["model_fullname"] = row["model"] + " " + row["pretrained"]
+            rows.append(row)
+    return rows
+
+
+def test_training_on_shards_end_to_end_then_reevaluation_from_shards_equals_folders(world, tmp_path):
+    from clipconv.cli import eval_robustness, train
+
+    run = tmp_path / "run"
+    argv = [*_wds_data(world), *_model(world), "--shots", "2", "--val-shots", "1", "--epochs", "1", "--batch-size", "4",
+            "--output-dir", str(run)]
+    with pytest.warns(UserWarning, match="not found"):
+        assert train.main(argv) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"imagenet", "imagenet_sketch", "imagenet_a"}
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["train"]) == 8 and len(split["val"]) == 4
+    assert all(p.startswith("wds_imagenet1k/train/") and ".tar#s" in p for p, _ in split["train"] + split["val"])
+    extracted = list((tmp_path / "cache" / "wds-samples").rglob("*.jpg"))
+    assert len(extracted) == 12  # the drawn samples only, read once from their shards
+    assert "mean per-class recall (%): ImageNet" in (run / "results.md").read_text()
+
+    rows = _build_rows([run / "clip_benchmark"])
+    assert sorted(r["dataset"] for r in rows) == ["wds/imagenet-a", "wds/imagenet1k", "wds/imagenet_sketch"]
+    for row in rows:
+        assert row["task"] == "fewshot_convpass" and row["method"] == "convpass" and row["fewshot_k"] == 2
+        assert row["model_fullname"].endswith(str(world["weights"]))
+
+    # the checkpoint re-scored from the shards (the run's recorded data; images streamed)
+    out = tmp_path / "eval-shards"
+    assert eval_robustness.main(["--checkpoint", str(run), "--workers", "0", "--output-dir", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert len(list((out / "clip_benchmark").glob("*.json"))) == 3
+
+
+def test_a_checkpoint_scores_the_same_on_shards_and_on_the_same_images_as_folders(world, tmp_path):
+    """Methods that read images (Convpass) stream the test shards: same scores as from the files."""
+    from clipconv.cli import eval_robustness, train
+
+    run = tmp_path / "run"
+    assert train.main([*_folder_data(world), *_model(world), "--shots", "2", "--epochs", "1", "--batch-size", "4",
+                       "--output-dir", str(run)]) == 0
+    folders = json.loads((run / "metrics.json").read_text())
+    out = tmp_path / "eval-shards"
+    assert eval_robustness.main(["--checkpoint", str(run), *_wds_data(world), "--workers", "0",
+                                 "--output-dir", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text()) == folders
+    datasets = sorted(json.loads(f.read_text())["dataset"] for f in (out / "clip_benchmark").glob("*.json"))
+    assert datasets == ["wds/imagenet-a", "wds/imagenet1k", "wds/imagenet_sketch"]
+
+
+def test_dataset_templates_are_read_from_the_templates_file(world, tmp_path):
+    from clipconv.data import open_family
+    from clipconv.data.wds import read_templates_file
+
+    family = open_family("wds", data_root=str(world["shards"]))
+    assert family.dataset_templates() == ["a photo of a {}.", "a drawing of the {}."]
+    bad = tmp_path / "t.txt"
+    bad.write_text("a photo of {c} and {c}\n")
+    with pytest.raises(ValueError, match="exactly one"):
+        read_templates_file(bad)
+
+
+def test_templates_dataset_on_a_family_without_one_is_refused(world, tmp_path, capsys):
+    from clipconv.cli import zero_shot
+
+    with pytest.raises(SystemExit) as exit_info:
+        zero_shot.main([*_folder_data(world), *_model(world), "--templates", "dataset", "--output-dir",
+                        str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "ships no templates file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_zero_shot_with_the_dataset_templates_equals_the_same_templates_as_a_file(world, tmp_path):
+    from clipconv.cli import zero_shot
+
+    file = tmp_path / "templates.txt"
+    file.write_text("a photo of a {}.\na drawing of the {}.\n")
+    scores = []
+    for name, templates in (("dataset", "dataset"), ("file", str(file))):
+        with pytest.warns(UserWarning, match="not found"):
+            assert zero_shot.main([*_wds_data(world), *_model(world), "--templates", templates,
+                                   "--output-dir", str(tmp_path / name)]) == 0
+        payload = json.loads((tmp_path / name / "zero_shot.json").read_text())
+        assert payload["n_templates"] == 2
+        scores.append(payload["results"][0]["metrics"])
+    assert scores[0] == scores[1]
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _damage_missing_root(root):
+    import shutil
+
+    shutil.rmtree(root)
+    return "does not exist"
+
+
+def _damage_no_source(root):
+    import shutil
+
+    shutil.rmtree(root / "wds_imagenet1k")
+    return "wds_imagenet1k' does not exist"
+
+
+def _damage_no_shards(root):
+    for shard in (root / "wds_imagenet_sketch" / "test").glob("*.tar"):
+        shard.unlink()
+    return "holds no shards"
+
+
+def _damage_missing_shard(root):
+    (root / "wds_imagenet1k" / "test" / "7.tar").unlink()
+    return "lacks 1 of the 12 shards"
+
+
+def _damage_truncated_tar(root):
+    shard = root / "wds_imagenet-a" / "test" / "0.tar"
+    shard.write_bytes(shard.read_bytes()[:700])
+    return "0.tar' is damaged"
+
+
+def _damage_label_out_of_range(root):
+    write_shards(root / "wds_imagenet-a" / "test", [(next((root.parent / "folders" / "a" / "tench").iterdir()), 2)],
+                 per_shard=10)
+    return "has label 2, outside 0..1"
+
+
+def _damage_missing_classnames(root):
+    (root / "wds_imagenet1k" / "classnames.txt").unlink()
+    return "classnames.txt' does not exist"
+
+
+@pytest.mark.parametrize("damage", [_damage_missing_root, _damage_no_source, _damage_no_shards, _damage_missing_shard,
+                                    _damage_truncated_tar, _damage_label_out_of_range, _damage_missing_classnames],
+                         ids=lambda f: f.__name__[len("_damage_"):])
+def test_bad_shards_stop_with_one_line_and_exit_2_before_writing(world, tmp_path, capsys, damage):
+    import shutil
+
+    from clipconv.cli import zero_shot
+
+    root = Path(shutil.copytree(world["shards"], tmp_path / "wds"))
+    shutil.copytree(world["folders"]["imagenet_a"], tmp_path / "folders" / "a")
+    expected = damage(root)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zero_shot.main(["--family", "wds", "--data-root", str(root), *_model(world), "--output-dir", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and expected in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_hostile_sample_key_is_extracted_inside_the_cache(tmp_path):
+    """Training reads drawn samples as extracted files: a key such as '../../x' must not escape the cache."""
+    import tarfile
+
+    from clipconv.data.wds import extract_samples
+
+    image = next(iter(_files(make_folder(tmp_path), ["x"])))[0]
+    shard = tmp_path / "wds_imagenet1k" / "train" / "0.tar"
+    shard.parent.mkdir(parents=True)
+    with tarfile.open(shard, "w") as tar:
+        tar.add(image, arcname="../../escaped.jpg")
+        label = tmp_path / "label.cls"
+        label.write_text("0")
+        tar.add(label, arcname="../../escaped.cls")
+    files = extract_samples(tmp_path, ["wds_imagenet1k/train/0.tar#../../escaped"])
+    target = files["wds_imagenet1k/train/0.tar#../../escaped"]
+    assert target.read_bytes() == image.read_bytes()
+    assert (tmp_path / "cache" / "wds-samples") in target.resolve().parents
+    assert not list(tmp_path.parent.glob("escaped*")) and not list((tmp_path / "cache").glob("escaped*"))
+
+
+def test_changed_shards_are_reindexed(world, tmp_path):
+    """The index cache is keyed by the shard's size and time: a rewritten shard is listed again."""
+    import os
+    import shutil
+
+    from clipconv.data import open_family
+
+    root = Path(shutil.copytree(world["shards"], tmp_path / "wds"))
+    family = open_family("wds", data_root=str(root))
+    first = family.eval_splits(["imagenet_a"], family.classes())[0]
+    files = _files(world["folders"]["imagenet_a"], A_CLASSES)
+    write_shards(root / "wds_imagenet-a" / "test", [(path, 1 - label) for path, label in files], per_shard=4)
+    for shard in (root / "wds_imagenet-a" / "test").glob("*.tar"):
+        os.utime(shard, ns=(1, 1))  # a different modification time even within the clock's resolution
+    second = open_family("wds", data_root=str(root)).eval_splits(["imagenet_a"], family.classes())[0]
+    assert [label for _, label in first.samples] == [1, 3] * 3
+    assert [label for _, label in second.samples] == [3, 1] * 3
+
+
+def test_check_data_lists_the_shards_and_flags_undecodable_images(world, tmp_path, capsys):
+    import shutil
+
+    from clipconv.cli import check_data
+
+    root = Path(shutil.copytree(world["shards"], tmp_path / "wds"))
+    assert check_data.main(["--family", "wds", "--data-root", str(root), "--shots", "4", "--verify"]) == 0
+    report = capsys.readouterr().out
+    assert "train       4 classes, 20 images" in report and "ImageNet    12 images in run classes" in report
+    assert "-A          6 images in run classes, 0 dropped, scored over 2 class(es)" in report
+    assert "-V2         missing" in report and "undecodable" not in report
+    files = _files(world["folders"]["imagenet_a"], A_CLASSES)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(files[0][0].read_bytes()[:100])
+    write_shards(root / "wds_imagenet-a" / "test", [(broken, 0), *files[1:]], per_shard=10)
+    assert check_data.main(["--family", "wds", "--data-root", str(root), "--verify"]) == 0
+    report = capsys.readouterr().out
+    assert "-A: 1 undecodable image(s) will be skipped" in report and "0.tar#s0000000" in report
+    shard = root / "wds_imagenet-a" / "test" / "0.tar"
+    shard.write_bytes(shard.read_bytes()[:700])
+    assert check_data.main(["--family", "wds", "--data-root", str(root)]) == 1
+    assert "0.tar' is damaged" in capsys.readouterr().out

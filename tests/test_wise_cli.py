@@ -1,0 +1,227 @@
+"""WiSE-FT from the command line: `train_imagenet_fs.py --wise-alpha A` and `eval_robustness.py --wise ...`.
+
+One plain convpass run is the reference: its checkpoint is θ₁, a zero-shot run gives θ(0)'s scores, and every
+interpolated score must match those exactly at the ends and the --wise-alpha run in between."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipconv.cli import eval_robustness, train
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_config):
+    from clipconv.backbone import load_backbone
+    from clipconv.data import make_image_tree
+
+    root = tmp_path_factory.mktemp("wise-cli")
+    data = make_image_tree(root / "data", train_per_class=6, val_per_class=3, seed=3)
+    torch.manual_seed(7)
+    backbone = load_backbone(str(tiny_config), pretrained=None, device="cpu")
+    with torch.no_grad():  # weights that are not the reproducible random init, saved as a file
+        for p in backbone.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    weights = root / "tiny.pt"
+    torch.save(backbone.model.state_dict(), weights)
+    return {"root": root, "data": data, "weights": weights, "config": tiny_config}
+
+
+TRAINING = ("--epochs", "2", "--batch-size", "4", "--lr", "1e-2", "--scale", "1")
+
+
+def _train(world, out, *extra, training=TRAINING):
+    argv = ["--data-root", str(world["data"]), "--model", str(world["config"]), "--pretrained", str(world["weights"]),
+            "--shots", "4", "--seed", "2", *training, "--workers", "0", "--output-dir", str(out), "--no-cache", *extra]
+    return train.main(argv)
+
+
+def _metrics(folder):
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def _scores(metrics):
+    return {name: (m["top1"], m["top5"], m["n"]) for name, m in metrics.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(world):
+    """The plain convpass run (θ₁), the same run with --wise-alpha 0.5, and zero-shot CLIP."""
+    root = world["root"]
+    assert _train(world, root / "plain") == 0
+    assert _train(world, root / "half", "--wise-alpha", "0.5") == 0
+    assert _train(world, root / "zs", "--method", "zero_shot", training=()) == 0
+    return {"plain": root / "plain", "half": root / "half", "zs": root / "zs"}
+
+
+def test_wise_alpha_run_keeps_theta1_and_records_alpha(runs):
+    plain, half = runs["plain"], runs["half"]
+    theta1, kept = load_file(str(plain / "adapter.safetensors")), load_file(str(half / "adapter.safetensors"))
+    assert theta1.keys() == kept.keys() and all(torch.equal(theta1[k], kept[k]) for k in theta1)
+    assert json.loads((half / "config.json").read_text())["wise_alpha"] == 0.5
+    assert json.loads((plain / "config.json").read_text())["wise_alpha"] is None
+    summary = json.loads((half / "run_summary.json").read_text())
+    assert summary["summary"]["wise"]["alpha"] == 0.5
+    assert "convpass + WiSE (α = 0.5)" in (half / "results.md").read_text()
+
+
+def test_sweep_ends_are_zero_shot_and_the_trained_run_and_the_middle_is_the_wise_alpha_run(runs, tmp_path):
+    out = tmp_path / "sweep"
+    assert eval_robustness.main(["--checkpoint", str(runs["plain"]), "--workers", "0", "--output-dir", str(out),
+                                 "--wise", "0", "0.5", "1"]) == 0
+    sweep = json.loads((out / "wise_sweep.json").read_text())
+    assert sweep["alphas"] == [0.0, 0.5, 1.0] and sweep["seed"] == 2
+    per_alpha = {a: v["metrics"] for a, v in sweep["per_alpha"].items()}
+    assert _scores(per_alpha["0"]) == _scores(_metrics(runs["zs"]))
+    assert _scores(per_alpha["1"]) == _scores(_metrics(runs["plain"]))
+    assert _scores(per_alpha["0.5"]) == _scores(_metrics(runs["half"]))
+    assert _scores(per_alpha["0"]) != _scores(per_alpha["1"])  # the two ends differ: the checks above can fail
+    md = (out / "wise_sweep.md").read_text()
+    assert "| θ(α = 0.5) |" in md and "zero-shot CLIP = θ(α=0)" in md
+    assert (out / "wise_sweep.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_sweep_without_alpha_0_still_shows_zero_shot_and_reads_table2_references(runs, tmp_path):
+    table = tmp_path / "t2"
+    table.mkdir()
+    row = {"imagenet": 40.0, "imagenet_v2": 30.0, "imagenet_sketch": 20.0, "imagenet_a": 50.0, "imagenet_r": 50.0,
+           "target_avg": 37.5}
+    (table / "table2.json").write_text(json.dumps({
+        "columns": {"imagenet": "ImageNet", "imagenet_v2": "-V2", "imagenet_sketch": "-Sketch", "imagenet_a": "-A",
+                    "imagenet_r": "-R", "target_avg": "target avg"},
+        "measured": {"linear_probe": {"label": "LP CLIP", "mean": row},
+                     "convpass": {"label": "Convpass_CLIP", "mean": row}},
+        "per_seed": {"linear_probe": {"2": {"row": {**row, "imagenet": 45.0}}}}}))
+    out = tmp_path / "sweep"
+    assert eval_robustness.main(["--checkpoint", str(runs["plain"] / "adapter.safetensors"), "--workers", "0",
+                                 "--output-dir", str(out), "--wise", "0.75", "--references", str(table)]) == 0
+    sweep = json.loads((out / "wise_sweep.json").read_text())
+    assert list(sweep["per_alpha"]) == ["0.75"]
+    assert _scores(_metrics(runs["zs"]))["imagenet"][0] == sweep["zero_shot"]["row"]["imagenet"]
+    # the run's own seed (2) is taken from the table; its own method is left out (the sweep draws it)
+    assert sweep["references"] == {"LP CLIP (seed 2)": {"source": 45.0, "target_avg": 37.5}}
+    assert (out / "wise_sweep.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+@pytest.mark.parametrize("value, message", [("1.5", "must be a number in [0, 1]"), ("-1", "must be a number in [0, 1]"),
+                                            ("nan", "must be a finite number"), ("x", "expected a number")])
+def test_bad_wise_alpha_exits_2_and_writes_nothing(world, tmp_path, capsys, value, message):
+    with pytest.raises(SystemExit) as info:
+        _train(world, tmp_path / "run", "--wise-alpha", value)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--wise-alpha: {message}" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["zero_shot", "tip_adapter"])
+def test_wise_alpha_of_a_method_without_trained_weights_is_refused(world, tmp_path, capsys, method):
+    with pytest.raises(SystemExit) as info:
+        _train(world, tmp_path / "run", "--method", method, "--wise-alpha", "0.5", training=())
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"method '{method}' has no trained weights to interpolate" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--wise", "2"), "--wise: must be a number in [0, 1]"),
+    (("--wise", "inf"), "--wise: must be a number in [0, 1]"),
+    (("--wise", "a"), "--wise: expected a number in [0, 1]"),
+    (("--wise", "0.5", "--overwrite"), "--wise never replaces results"),
+    (("--references", "somewhere"), "--references: only used with --wise"),
+    (("--wise", "0.5", "--references", "nowhere"), "--references nowhere: no table2.json there"),
+])
+def test_bad_sweep_flags_exit_2_and_write_nothing(runs, tmp_path, capsys, extra, message):
+    before = sorted(p.name for p in runs["plain"].iterdir())
+    with pytest.raises(SystemExit) as info:
+        eval_robustness.main(["--checkpoint", str(runs["plain"]), "--workers", "0", "--output-dir",
+                              str(tmp_path / "out"), *extra])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in runs["plain"].iterdir()) == before
+
+
+def test_a_sweep_never_writes_into_a_folder_holding_results(runs, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "wise_sweep.json").write_text("{}")
+    with pytest.raises(SystemExit) as info:
+        eval_robustness.main(["--checkpoint", str(runs["plain"]), "--workers", "0", "--output-dir", str(out),
+                              "--wise", "0.5"])
+    assert info.value.code == 2 and "wise_sweep.json" in capsys.readouterr().err
+    assert (out / "wise_sweep.json").read_text() == "{}"
+
+
+def test_default_sweep_folder_is_new_beside_the_checkpoint(runs):
+    assert eval_robustness.main(["--checkpoint", str(runs["plain"]), "--workers", "0", "--wise", "1"]) == 0
+    folders = [p for p in runs["plain"].iterdir() if p.name.startswith("wise-")]
+    assert len(folders) == 1 and (folders[0] / "wise_sweep.md").is_file()
+    assert _scores(json.loads((folders[0] / "wise_sweep.json").read_text())["per_alpha"]["1"]["metrics"]) == \
+        _scores(_metrics(runs["plain"]))
+
+
+def test_anchored_training_flags_reach_the_method(world, tmp_path, tiny_config):
+    """--head frozen, --head-lr-scale and --l2sp from the command line: recorded in config.json, and a frozen head
+    is saved unchanged from the zero-shot text head (θ₁'s head = θ₀'s) while the adapters moved."""
+    from clipconv.backbone import load_backbone
+    from clipconv.methods.finetune import load_endpoints
+
+    run = tmp_path / "frozen"
+    assert _train(world, run, "--head", "frozen", "--head-lr-scale", "2", "--l2sp", "0.5") == 0
+    options = json.loads((run / "config.json").read_text())["method_options"]
+    assert (options["head"], options["head_lr_scale"], options["l2sp"]) == ("frozen", 2.0, 0.5)
+    backbone = load_backbone(str(tiny_config), pretrained=str(world["weights"]), device="cpu")
+    _, theta0, theta1, _ = load_endpoints(run / "adapter.safetensors", backbone, _class_names(world))
+    assert torch.equal(theta0["head.weight"], theta1["head.weight"])
+    assert any(not torch.equal(theta0[k], theta1[k]) for k in theta0 if not k.startswith("head."))
+
+
+def _class_names(world):
+    """The class names of the generated tree, in the run's order (its family's)."""
+    from clipconv.data.family import family_from_args
+
+    family = family_from_args(str(world["data"]), False, None, None, None)
+    return list(family.classes().names)
+
+
+@pytest.mark.parametrize("extra, flag", [(("--head", "thaw"), "--head"), (("--head-lr-scale", "0"), "--head-lr-scale"),
+                                         (("--l2sp", "-1"), "--l2sp"), (("--l2sp", "nan"), "--l2sp")])
+def test_bad_anchored_training_flags_exit_2(world, tmp_path, capsys, extra, flag):
+    with pytest.raises(SystemExit) as info:
+        _train(world, tmp_path / "run", *extra)
+    assert info.value.code == 2 and f"argument {flag}:" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_without_its_starting_point_is_refused_for_wise(runs, tmp_path, capsys):
+    """A checkpoint written before θ₀ was recorded (no "init" metadata): --wise stops with one line, exit 2."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from clipconv.checkpoint import METADATA_KEY
+
+    old = tmp_path / "old"
+    shutil.copytree(runs["plain"], old, ignore=shutil.ignore_patterns("wise-*", "eval-*"))
+    path = old / "adapter.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    record = json.loads(metadata[METADATA_KEY])
+    del record["init"]
+    save_file(tensors, str(path), metadata={**metadata, METADATA_KEY: json.dumps(record)})
+    before = sorted(p.name for p in old.iterdir())
+    with pytest.raises(SystemExit) as info:
+        eval_robustness.main(["--checkpoint", str(old), "--workers", "0", "--wise", "0.5"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "does not record its starting point" in err and "Traceback" not in err
+    assert sorted(p.name for p in old.iterdir()) == before
+    assert eval_robustness.main(["--checkpoint", str(old), "--workers", "0", "--output-dir", str(tmp_path / "e")]) == 0
