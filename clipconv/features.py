@@ -343,7 +343,6 @@ class FeatureStore:
             if len(index) == 0:
                 continue
             out = model.encode_image(images.to(self.device, dtype=dtype, non_blocking=True))
-            self.encoder_calls += len(index)
             feats.append(out.float().cpu())
             positions.append(index)
         skipped = [path for part in distributed.gather_objects(skipped) for path in part]
