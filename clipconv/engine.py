@@ -218,11 +218,13 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def training_forward(self) -> Callable[..., Any]:
-        """`self.model`, or with `cfg.compile` its torch.compile wrapper (built once per model object)."""
+        """`self.forward_model` (the model, or its DDP wrapper under torchrun), or with `cfg.compile` its
+        torch.compile wrapper (built once per model object)."""
+        model = self.forward_model
         if not self.cfg.compile:
-            return self.model
-        if getattr(self, "_compiled", (None,))[0] is not self.model:
-            self._compiled = (self.model, compile_module(self.model))
+            return model
+        if getattr(self, "_compiled", (None,))[0] is not model:
+            self._compiled = (model, compile_module(model))
         return self._compiled[1]
 
     def penalty(self) -> torch.Tensor:
@@ -325,7 +327,7 @@ class Trainer:
             if count.item() == 0:  # every image of this global batch was undecodable: skipped, as in one process
                 continue
             with self._autocast():
-                logits = self.forward_model(images)
+                logits = self.training_forward()(images)
             summed = F.cross_entropy(logits.float(), labels, reduction="sum",
                                      ignore_index=distributed.IGNORE_LABEL)
             penalty = self.penalty() if self.anchor is not None else None

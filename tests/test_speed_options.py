@@ -185,5 +185,5 @@ def test_training_forward_is_the_model_or_one_compiled_wrapper_per_model_object(
     trainer = Trainer(model, lambda g: [], 1, TrainConfig(compile=True), torch.device("cpu"))
     compiled = trainer.training_forward()
     assert compiled is not model and trainer.training_forward() is compiled
-    trainer.model = nn.Sequential(model)  # e.g. wrapped after construction (DistributedDataParallel)
+    trainer.forward_model = nn.Sequential(model)  # e.g. wrapped after construction (DistributedDataParallel)
     assert trainer.training_forward() is not compiled
