@@ -1,6 +1,9 @@
 """Adapters for open_clip image encoders: a registry of kinds (Convpass and its variants), injected by
 wrapping the attention / MLP sub-modules of each block."""
 from .convpass import CONV_INITS, Convpass, ConvpassConfig, SharedProjections
+from .adaptformer import AdaptFormerConfig
+from .bottleneck import Bottleneck
+from .houlsby import BottleneckAdapterConfig
 from .inject import (
     SHARED_NAME,
     adapted_modules,
@@ -31,11 +34,14 @@ __all__ = [
     "PLACEMENTS",
     "CONV_INITS",
     "SHARED_NAME",
+    "AdaptFormerConfig",
     "AdaptedModule",
     "AdapterConfig",
     "AdapterFactory",
     "AdapterKind",
     "AdapterTarget",
+    "Bottleneck",
+    "BottleneckAdapterConfig",
     "Convpass",
     "ConvpassConfig",
     "ParallelAdapter",
