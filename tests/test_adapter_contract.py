@@ -22,6 +22,7 @@ VIT_B16_COUNTS = {
     "convpass_share": ({"dim": 32}, 56_064),  # 2dh + 2L·9h
     "adaptformer": ({}, 1_189_632),  # L(2dh + h + d), h = 64 beside the MLP
     "adapter": ({}, 156_768),  # Pfeiffer: L(2dh + h + d), h = 8 after the MLP
+    "lora": ({}, 294_912),  # L · 2 targets (q, v) · r(d + d), r = 8
 }
 
 

@@ -1,19 +1,24 @@
-"""Adapters for open_clip image encoders: a registry of kinds (Convpass and its variants), injected by
-wrapping the attention / MLP sub-modules of each block."""
+"""Adapters for open_clip image encoders: a registry of kinds (Convpass and its variants, LoRA, BitFit,
+VPT-deep), injected by wrapping the attention / MLP sub-modules of each block, or by the kind's own injection."""
 from .convpass import CONV_INITS, Convpass, ConvpassConfig, SharedProjections
 from .adaptformer import AdaptFormerConfig
 from .bottleneck import Bottleneck
 from .houlsby import BottleneckAdapterConfig
+from .lora import LORA_TARGETS, LoRA, LoRAAttention, LoRAConfig, LoRALinear, add_lora, lora_attention, lora_wrappers
 from .inject import (
     SHARED_NAME,
     adapted_modules,
+    adapter_kinds,
     adapter_modules,
     adapter_parameters,
     add_adapters,
     count_trainable,
     get_adapter_scale,
+    prompt_tokens,
     remove_adapters,
     set_adapter_scale,
+    transformer_blocks,
+    unwrap_all,
 )
 from .registry import (
     ADAPTERS,
@@ -27,7 +32,7 @@ from .registry import (
     register_adapter,
 )
 from .tokens import TokenLayout, encoder_layout
-from .wrappers import AdaptedModule, ParallelAdapter, SequentialAdapter
+from .wrappers import AdaptedModule, AdapterRecord, ParallelAdapter, ParameterView, SequentialAdapter
 
 __all__ = [
     "ADAPTERS",
@@ -36,6 +41,20 @@ __all__ = [
     "SHARED_NAME",
     "AdaptFormerConfig",
     "AdaptedModule",
+    "AdapterRecord",
+    "LORA_TARGETS",
+    "LoRA",
+    "LoRAAttention",
+    "LoRAConfig",
+    "LoRALinear",
+    "ParameterView",
+    "add_lora",
+    "lora_attention",
+    "adapter_kinds",
+    "lora_wrappers",
+    "prompt_tokens",
+    "transformer_blocks",
+    "unwrap_all",
     "AdapterConfig",
     "AdapterFactory",
     "AdapterKind",

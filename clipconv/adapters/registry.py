@@ -23,15 +23,30 @@ Adding an adapter kind
 5. To train it as a method, register an `AdapterTuning` subclass in clipconv/methods/finetune.py with
    `adapter_kind = "my_kind"`; its options come from MyConfig automatically.
 
-Kinds that modify leaf weights instead of sitting beside a sub-block (LoRA on the packed
-`in_proj_weight`, say) would add their own injection (e.g. `torch.nn.utils.parametrize`); the registry
-entry, the config base and `trainable_state_dict` stay as they are.
+Kinds that need more than a wrapper beside a sub-block
+------------------------------------------------------
+Two extension points, both through the `AdapterFactory` a builder returns:
+
+- `AdapterFactory(make=..., wrapper=MyWrapper)`: each sub-block is wrapped by `MyWrapper(base, adapter,
+  scale, drop_rate)` (an `AdaptedModule` subclass with its own `forward`, still delegating to `base`)
+  instead of `ParallelAdapter` / `SequentialAdapter`.
+- `AdapterFactory(inject=fn)`: the kind injects itself; `fn(visual) -> list[nn.Module]` changes the encoder
+  and returns the modules it added. It must leave either `AdaptedModule` wrappers (anywhere in the encoder:
+  LoRA wraps the attention modules, VPT the blocks; set `wrapper.kind`) or an `AdapterRecord` child
+  (BitFit: `visual.transformer.<kind>`, no tensors, lists the parameters it trains and undoes itself), so
+  that `adapter_modules`, `adapter_parameters`, `remove_adapters` and `set_adapter_scale` find it. `add_adapters`
+  still validates the config, refuses a second injection, and freezes everything but the adapters.
+
+A kind without a branch to scale (BitFit, VPT) sets `scaled: ClassVar[bool] = False` on its config: its
+`scale` must stay 1 and `set_adapter_scale` refuses any other value. A kind that cannot equal the plain
+encoder at initialization (VPT's prompts take attention mass) registers with `identity_at_init=False`; the
+contract tests then assert that it is *not* the identity, so the flag stays truthful.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 from torch import nn
 
@@ -54,6 +69,9 @@ class AdapterConfig(Config):
     sequential: bool = option(False, help="adapter after its sub-block, reading its output (the Seq- ablations), "
                                           "instead of beside it reading the same normalized input")
     scale: float = option(1.0, help="scale s of the adapter branch")
+    #: False for kinds with no adapter branch to scale (BitFit, VPT): their `scale` must be 1.
+    scaled: ClassVar[bool] = True
+
     drop_path: float = option(0.0, help="stochastic depth rate of the last block (linearly 0 → rate over depth, "
                                         "timm's rule), applied to the trunk branch and the adapter branch with "
                                         "independent masks, as the official Convpass code does; 0 = off")
@@ -67,6 +85,18 @@ class AdapterConfig(Config):
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path!r}")
         self.scale = float(self.scale)
         self.drop_path = float(self.drop_path)
+        if not self.scaled and self.scale != 1.0:
+            raise ValueError(f"{type(self).__name__}: this adapter kind has no branch to scale; its scale must be 1, "
+                             f"got {self.scale:g}")
+
+    def refuse_wrapper_options(self, kind: str, placement: bool = True) -> None:
+        """For kinds that do not wrap sub-blocks: refuse the wrapper options they would silently ignore."""
+        if placement and self.placement is not None:
+            raise ValueError(f"adapter kind '{kind}' has no placement option (got placement='{self.placement}')")
+        if self.sequential:
+            raise ValueError(f"adapter kind '{kind}' has no sequential variant")
+        if self.drop_path:
+            raise ValueError(f"adapter kind '{kind}' has no drop_path option (got {self.drop_path:g})")
 
 
 @dataclass(frozen=True)
@@ -76,15 +106,26 @@ class AdapterTarget:
     width: int
     layers: int
     layout: TokenLayout
+    patch_size: Optional[tuple[int, int]] = None
 
 
 @dataclass
 class AdapterFactory:
     """Makes the adapters of one encoder: `make(site)` returns a new adapter for one sub-block ("attn" or
-    "mlp"); `shared` holds modules every adapter uses (registered once on the encoder), or None."""
+    "mlp"); `shared` holds modules every adapter uses (registered once on the encoder), or None; `wrapper`
+    is the `AdaptedModule` class that wraps each sub-block (None: parallel or sequential, as configured).
+    Or, for a kind with its own injection, `inject(visual) -> list of added modules` alone (see above)."""
 
-    make: Callable[[str], nn.Module]
+    make: Optional[Callable[[str], nn.Module]] = None
     shared: Optional[nn.Module] = None
+    wrapper: Optional[type] = None
+    inject: Optional[Callable[[nn.Module], list]] = None
+
+    def __post_init__(self) -> None:
+        if (self.make is None) == (self.inject is None):
+            raise ValueError("an AdapterFactory needs exactly one of make (wrapped sub-blocks) or inject (own injection)")
+        if self.inject is not None and (self.shared is not None or self.wrapper is not None):
+            raise ValueError("an AdapterFactory with its own inject takes no shared module or wrapper class")
 
 
 @dataclass(frozen=True)
@@ -95,6 +136,7 @@ class AdapterKind:
     config: type[AdapterConfig]
     build: Callable[[Any, AdapterTarget], AdapterFactory]
     placement: Optional[str] = None
+    identity_at_init: bool = True
 
     def resolve_placement(self, config: AdapterConfig) -> str:
         placement = config.placement or self.placement or "attn+mlp"
@@ -107,8 +149,11 @@ class AdapterKind:
 ADAPTERS: dict[str, AdapterKind] = {}
 
 
-def register_adapter(name: str, *, config: type[AdapterConfig], placement: Optional[str] = None) -> Callable:
-    """Decorator registering `build(config, target) -> AdapterFactory` as adapter kind `name`."""
+def register_adapter(name: str, *, config: type[AdapterConfig], placement: Optional[str] = None,
+                     identity_at_init: bool = True) -> Callable:
+    """Decorator registering `build(config, target) -> AdapterFactory` as adapter kind `name`.
+
+    `identity_at_init=False` declares a kind whose fresh injection changes the encoder's output (VPT)."""
     if placement is not None and placement not in PLACEMENTS:
         raise ValueError(f"placement of adapter '{name}' must be one of {PLACEMENTS} or None, got '{placement}'")
     if not (isinstance(config, type) and issubclass(config, AdapterConfig)):
@@ -117,7 +162,8 @@ def register_adapter(name: str, *, config: type[AdapterConfig], placement: Optio
     def decorate(build: Callable[[Any, AdapterTarget], AdapterFactory]) -> Callable:
         if name in ADAPTERS:
             raise ValueError(f"adapter kind '{name}' is already registered")
-        ADAPTERS[name] = AdapterKind(name=name, config=config, build=build, placement=placement)
+        ADAPTERS[name] = AdapterKind(name=name, config=config, build=build, placement=placement,
+                                     identity_at_init=identity_at_init)
         return build
 
     return decorate

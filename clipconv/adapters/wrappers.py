@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["AdaptedModule", "ParallelAdapter", "SequentialAdapter", "drop_path"]
+__all__ = ["AdaptedModule", "AdapterRecord", "ParallelAdapter", "SequentialAdapter", "drop_path"]
 
 ADAPTER_NAME = "adapter"
 
@@ -43,6 +43,11 @@ class AdaptedModule(nn.Module):
     Adapter inputs are cast to the adapter's dtype and its output back, so fp32 adapters run in a
     bf16 trunk.
     """
+
+    #: False for wrappers whose adapter has no branch to scale (VPT prompts): `set_adapter_scale` then refuses s ≠ 1.
+    scaled: bool = True
+    #: The registered adapter kind that made this wrapper (set by the injection).
+    kind: str = ""
 
     def __init__(self, base: nn.Module, adapter: nn.Module, scale: float = 1.0, drop_rate: float = 0.0) -> None:
         super().__init__()
@@ -73,6 +78,14 @@ class AdaptedModule(nn.Module):
             if base is None:
                 raise
             return getattr(base[0], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A child replaced through the wrapper (convpass wrapping `attn` inside a VPT-wrapped block) must be
+        # the one the wrapped module's own forward calls: replace it in both.
+        base = self.__dict__.get("_base")
+        if base is not None and isinstance(value, nn.Module) and name in base[0]._modules:
+            setattr(base[0], name, value)
+        super().__setattr__(name, value)
 
     def train(self, mode: bool = True) -> "AdaptedModule":
         super().train(mode)
@@ -114,3 +127,27 @@ class SequentialAdapter(AdaptedModule):
 
     def _combine(self, x: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
         return drop_path(trunk, self.drop_rate, self.training) + self._adapter_term(trunk)
+
+
+class AdapterRecord(nn.Module):
+    """What a kind with its own injection changed, when it adds no wrapper (BitFit makes existing tensors
+    trainable): registered on the encoder (`visual.transformer.<kind>`), holding no tensors of its own
+    (state-dict keys stay unchanged). `trainable()` lists the parameters the kind trains, `remove()`
+    undoes the injection."""
+
+    scaled: bool = False
+    kind: str = ""
+
+    def trainable(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        raise NotImplementedError
+
+
+class ParameterView(nn.Module):
+    """An unregistered view of parameters that live elsewhere in a model (its `parameters()` are them)."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.params = nn.ParameterList(params)

@@ -340,6 +340,15 @@ class BottleneckAdapterTuning(AdapterTuning):
     default_scales = None
 
 
+@register_method("lora")
+class LoRATuning(AdapterTuning):
+    """LoRA on the image encoder's attention (PEFT defaults: q, v, r = 8, alpha 8) + the text-initialized
+    head; convpass's training."""
+
+    adapter_kind = "lora"
+    default_scales = None
+
+
 #: `adapter:<kind>` names every registered adapter kind as a method with convpass's training recipe
 ADAPTER_METHOD_PREFIX = "adapter:"
 
