@@ -70,13 +70,15 @@ def _actual(method) -> int:
         return count_elements(method.trainable_parameters())
     if method.name == "tip_adapter_f":
         return method.keys.numel()
+    if method.name == "clip_lora":
+        return count_elements(method.named_trainable().values())
     if method.name == "linear_probe":
         return method.weight.numel() + method.bias.numel()
     return 0
 
 
 CHEAP = {"epochs": 1, "views": 1, "augment_rounds": 1, "bisection_steps": 1, "search": "small", "batch_size": 8,
-         "scales": (1.0,), "n_ctx": 4}
+         "scales": (1.0,), "n_ctx": 4, "iters_per_shot": 1}
 
 
 @pytest.fixture(scope="module")
