@@ -23,6 +23,8 @@ VIT_B16_COUNTS = {
     "adaptformer": ({}, 1_189_632),  # L(2dh + h + d), h = 64 beside the MLP
     "adapter": ({}, 156_768),  # Pfeiffer: L(2dh + h + d), h = 8 after the MLP
     "lora": ({}, 294_912),  # L · 2 targets (q, v) · r(d + d), r = 8
+    "bitfit": ({}, 102_912),  # L(7d + 4d) + 2d: ln_1, in_proj (3d), out_proj, ln_2, c_fc (4d), c_proj; ln_pre, ln_post
+    "vpt_deep": ({}, 92_160),  # L · P · d, P = 10
 }
 
 
@@ -48,12 +50,21 @@ def visual(tiny_backbone) -> nn.Module:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_fresh_adapters_are_the_identity(visual, kind):
+    """Every kind equals the plain encoder at init, except those registered with identity_at_init=False
+    (VPT: prompts take attention mass), which must then really differ — the flag stays truthful."""
     images = _images(visual)
     with torch.no_grad():
         before = visual(images)
         add_adapters(visual, kind)
         after = visual(images)
-    assert float((after - before).abs().max()) <= _tol(before)
+    if ADAPTERS[kind].identity_at_init:
+        assert float((after - before).abs().max()) <= _tol(before)
+    else:
+        assert float((after - before).abs().max()) > 1e3 * _tol(before)
+
+
+def test_only_vpt_is_exempt_from_identity_at_init():
+    assert sorted(k for k in KINDS if not ADAPTERS[k].identity_at_init) == ["vpt_deep"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -79,7 +90,7 @@ def test_checkpoint_round_trip_reproduces_logits_exactly(tmp_path, tiny_backbone
         for param in visual.parameters():
             param.requires_grad_(False)
         torch.manual_seed(seed)
-        add_adapters(visual, kind, scale=0.5)
+        add_adapters(visual, kind, **({"scale": 0.5} if ADAPTERS[kind].config.scaled else {}))
         head = nn.Linear(visual.output_dim, 4)
         return ImageClassifier(visual, head, 100.0).eval()
 
@@ -100,8 +111,12 @@ def test_checkpoint_round_trip_reproduces_logits_exactly(tmp_path, tiny_backbone
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_training_step_leaves_the_backbone_bit_identical(visual, kind):
-    frozen = {name: tensor.clone() for name, tensor in visual.state_dict().items()}
+    state = {name: tensor.clone() for name, tensor in visual.state_dict().items()}
     modules = add_adapters(visual, kind)
+    own = {id(p) for p in modules.parameters()}
+    own_names = {name for name, p in visual.named_parameters() if id(p) in own}  # bitfit trains backbone biases
+    frozen = {name: tensor for name, tensor in state.items() if name not in own_names}
+    assert len(frozen) > len(state) // 2
     _randomize(modules)
     before = [p.detach().clone() for p in modules.parameters()]
     visual.train()
@@ -144,6 +159,14 @@ def test_exact_trainable_count_on_vit_b16(vit_b16, kind):
         assert count_trainable(modules) == expected
     finally:
         remove_adapters(vit_b16)
+
+
+def test_vit_b16_bitfit_and_vpt_formulas(vit_b16):
+    layers, width = 12, 768
+    mlp = int(vit_b16.transformer.resblocks[0].mlp.c_fc.out_features)
+    assert mlp == 4 * width
+    assert layers * (7 * width + mlp) + 2 * width == VIT_B16_COUNTS["bitfit"][1]
+    assert layers * 10 * width == VIT_B16_COUNTS["vpt_deep"][1]
 
 
 def test_vit_b16_mlp_only_count_and_the_convpass_formula(vit_b16):

@@ -1,5 +1,6 @@
 """Adapters for open_clip image encoders: a registry of kinds (Convpass and its variants, LoRA, BitFit,
 VPT-deep), injected by wrapping the attention / MLP sub-modules of each block, or by the kind's own injection."""
+from .bitfit import BitFitBiases, BitFitConfig, encoder_biases
 from .convpass import CONV_INITS, Convpass, ConvpassConfig, SharedProjections
 from .adaptformer import AdaptFormerConfig
 from .bottleneck import Bottleneck
@@ -32,6 +33,7 @@ from .registry import (
     register_adapter,
 )
 from .tokens import TokenLayout, encoder_layout
+from .vpt import DeepPrompts, PromptedBlock, VPTConfig, vpt_init_bound
 from .wrappers import AdaptedModule, AdapterRecord, ParallelAdapter, ParameterView, SequentialAdapter
 
 __all__ = [
@@ -42,6 +44,13 @@ __all__ = [
     "AdaptFormerConfig",
     "AdaptedModule",
     "AdapterRecord",
+    "DeepPrompts",
+    "PromptedBlock",
+    "VPTConfig",
+    "vpt_init_bound",
+    "BitFitBiases",
+    "BitFitConfig",
+    "encoder_biases",
     "LORA_TARGETS",
     "LoRA",
     "LoRAAttention",

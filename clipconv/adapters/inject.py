@@ -1,11 +1,18 @@
-"""Put adapters into an open_clip image encoder by wrapping the sub-modules of its blocks (PEFT-style).
+"""Put adapters into an open_clip image encoder (PEFT-style: wrap, delegate, never copy a forward).
 
-In every transformer block, `block.attn` and/or `block.mlp` is replaced by a `ParallelAdapter` (or a
-`SequentialAdapter`) that delegates to the original module and adds the adapter term; the block itself,
-its forward and its LayerNorms stay open_clip's. The block computes `ln_1(x)` once and hands it to the
-wrapper, so trunk and adapter share it. Backbone state-dict keys are unchanged (the wrapper aliases the
-wrapped module's tensors); adapter keys are `...resblocks.<i>.attn.adapter.*` / `.mlp.adapter.*`;
-modules shared by all adapters (convpass_share) live once at `visual.transformer.shared_adapter`.
+Sub-block kinds (convpass, ...): in every transformer block, `block.attn` and/or `block.mlp` is replaced by a
+`ParallelAdapter` (or a `SequentialAdapter`, or the kind's own `AdapterFactory.wrapper`) that delegates to
+the original module and adds the adapter term; the block itself, its forward and its LayerNorms stay
+open_clip's. The block computes `ln_1(x)` once and hands it to the wrapper, so trunk and adapter share it.
+Backbone state-dict keys are unchanged (the wrapper aliases the wrapped module's tensors); adapter keys are
+`...resblocks.<i>.attn.adapter.*` / `.mlp.adapter.*`; modules shared by all adapters (convpass_share) live
+once at `visual.transformer.shared_adapter`.
+
+Kinds with their own injection (`AdapterFactory.inject`): LoRA wraps the attention modules (or their
+linears), VPT-deep wraps whole blocks, BitFit leaves an `AdapterRecord` and trains existing biases. The
+functions here find all of them by walking the encoder (`AdaptedModule` wrappers anywhere, records), so
+`adapter_modules`, `remove_adapters` and `set_adapter_scale` work for every kind. One kind per encoder,
+except that `vpt_deep` may come first and one other kind after it (grid-aware adapters then skip the prompts).
 
 With LayerScale blocks (`ls_init_value`; no OpenAI/LAION CLIP uses it), the adapter term is inside the
 branch and therefore scaled by γ like the trunk.

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import add_lora, lora_wrappers
+from ..adapters import add_lora
 from ..config import non_negative, positive
 from ..head import class_embeddings, zero_shot_logits
 from ..params import ParamSpec, count_elements, meta_copy
@@ -242,12 +242,10 @@ class ClipLoRA(Method):
         """A plain open_clip model (no adapter code) with every LoRA delta folded into its weights."""
         if self.model is None:
             raise RuntimeError("call fit() (or build()) before merging")
-        merged = copy.deepcopy(self.model).eval()
-        for wrapper in lora_wrappers(merged):
-            wrapper.fold_()
-        from ..adapters import unwrap_all
+        from ..merge import merge_adapters
 
-        unwrap_all(merged)
+        merged = copy.deepcopy(self.model).eval()
+        merge_adapters(merged)  # both encoders' LoRA folded in, wrappers removed
         return merged
 
     # ----- reporting --------------------------------------------------------------------------

@@ -75,6 +75,9 @@ class AdapterTuningConfig(MethodConfig):
         if not scales:
             raise ValueError("give at least one adapter scale")
         self.scales = tuple(float(s) for s in scales)
+        for f in dataclasses.fields(self):  # tuple options (LoRA's targets) come back from JSON as lists
+            if isinstance(f.default, tuple) and isinstance(getattr(self, f.name), list):
+                setattr(self, f.name, tuple(getattr(self, f.name)))
         super().__post_init__()
 
     def adapter_options(self) -> dict[str, Any]:
@@ -100,6 +103,9 @@ def tuning_config(adapter_config: type[AdapterConfig],
         if f.name != "scale":
             fields.append((f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory,
                                                              metadata=f.metadata)))
+        elif not getattr(adapter_config, "scaled", True):  # bitfit, vpt_deep: no branch to scale, s = 1 only
+            fields.append(("scales", tuple[float, ...], option((1.0,), check=positive, aliases=("--scale",),
+                                                               help="this adapter kind has no branch to scale: 1 only")))
         else:
             scales = default_scales or (float(f.default),)
             base = next(b for b in dataclasses.fields(AdapterTuningConfig) if b.name == "scales")
@@ -346,6 +352,23 @@ class LoRATuning(AdapterTuning):
     head; convpass's training."""
 
     adapter_kind = "lora"
+    default_scales = None
+
+
+@register_method("bitfit")
+class BitFitTuning(AdapterTuning):
+    """BitFit: the image encoder's biases + the text-initialized head train; convpass's training."""
+
+    adapter_kind = "bitfit"
+    default_scales = None
+
+
+@register_method("vpt_deep")
+class VPTDeepTuning(AdapterTuning):
+    """VPT-deep: prompt tokens at every layer of the image encoder + the text-initialized head; convpass's
+    training."""
+
+    adapter_kind = "vpt_deep"
     default_scales = None
 
 
