@@ -28,6 +28,10 @@ VIT_B16 = {  # 16 shots, default options
     "convpass": CONVPASS + HEAD,
     "adaptformer": L * (2 * D * 64 + 64 + D) + HEAD,
     "adapter": L * (2 * D * 8 + 8 + D) + HEAD,  # Pfeiffer
+    "lora": L * 2 * 8 * (D + D) + HEAD,  # q, v; r = 8
+    "bitfit": L * 11 * D + 2 * D + HEAD,  # per block ln_1, in_proj (3D), out_proj, ln_2, c_fc (4D), c_proj; ln_pre/post
+    "vpt_deep": L * 10 * D + HEAD,  # 10 prompts per layer
+    "clip_lora": L * 3 * 2 * (D + D) + L * 3 * 2 * (T + T),  # r = 2 on q, k, v of both encoders; no head
 }
 
 
