@@ -295,7 +295,7 @@ def add_lora(
     """Put LoRA on the attention of every block of an open_clip transformer; return the LoRA modules.
 
     `module` is a `Transformer` (`model.transformer` for text, `model.visual.transformer`) or an encoder
-    holding one as `.transformer` (`model.visual`). Defaults: CLIP-LoRA's (Zanella & Ben Ayed, 2024: q, k, v,
+    holding one as `.transformer` (`model.visual`; a whole CLIP model means its text transformer). Defaults: CLIP-LoRA's (Zanella & Ben Ayed, 2024: q, k, v,
     r = 2, alpha = 1, dropout 0.25). The LoRA parameters (fp32, on the weights' device) require grad;
     nothing else is frozen or unfrozen here. State-dict keys of the transformer stay the same, LoRA's are
     `...attn.adapter.in_proj.A.q` (packed attention) or `...attn.<linear>.adapter.A.q` (linear children).
