@@ -53,20 +53,23 @@ def markdown_table(
     stds: Optional[Mapping[str, Mapping[str, float]]] = None,
     columns: Sequence[str] = SUITE,
     display: Optional[Mapping[str, str]] = None,
+    extra: Sequence[tuple[str, Mapping[str, str]]] = (),
 ) -> str:
     """One markdown table: a row per (label, {set: value}); '–' where a set was not evaluated.
 
     `columns`: the suite (source first); `display`: column titles by set name (default ImageNet's).
-    A row without "target_avg" gets the mean over `columns[1:]`.
+    A row without "target_avg" gets the mean over `columns[1:]`. `extra`: further columns after the
+    target average, each (title, {label: cell text}).
     """
     titles = DISPLAY if display is None else display
     targets = tuple(columns)[1:]
-    header = ["method"] + [titles.get(c, c) for c in columns] + ["target avg"]
+    header = ["method"] + [titles.get(c, c) for c in columns] + ["target avg"] + [title for title, _ in extra]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, values in rows:
         spread = (stds or {}).get(label, {})
         cells = [_fmt(values.get(c), spread.get(c)) for c in columns]
         cells.append(_fmt(values.get("target_avg", target_average(values, targets)), spread.get("target_avg")))
+        cells += [texts.get(label, "–") for _, texts in extra]
         lines.append("| " + " | ".join([label] + cells) + " |")
     return "\n".join(lines) + "\n"
 

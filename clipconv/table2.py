@@ -44,6 +44,8 @@ TABLE2_METHODS = ("zero_shot", "linear_probe", "coop", "cocoop", "tip_adapter", 
 METHOD_LABELS = {
     "zero_shot": "ZS CLIP", "linear_probe": "LP CLIP", "coop": "CoOp", "cocoop": "CoCoOp",
     "tip_adapter": "Tip-Adapter", "tip_adapter_f": "Tip-Adapter-F", "convpass": "Convpass_CLIP",
+    "convpass_attn": "Convpass (attn only)", "convpass_share": "Convpass-share", "adaptformer": "AdaptFormer",
+    "adapter": "Adapter", "lora": "LoRA", "bitfit": "BitFit", "vpt_deep": "VPT-deep", "clip_lora": "CLIP-LoRA",
 }
 PUBLISHED_LABEL = "published (paper, ImageNet, ViT-B/16)"
 #: the template set behind a published row where the label must say it (the paper's ZS CLIP is single-prompt)
@@ -139,6 +141,8 @@ def row_label(name: str, used: Optional[tuple[str, int]]) -> str:
     """A row's label; zero-shot says single prompt or ensemble ("ZS CLIP (1 template)" — the paper's 66.73 —
     vs "ZS CLIP (80-template ensemble)", open_clip's 68.34)."""
     label = METHOD_LABELS.get(name, name)
+    if name.startswith("adapter:"):  # "LoRA (adapter:lora)": an adapter kind with convpass's training recipe
+        label = f"{METHOD_LABELS.get(name[len('adapter:'):], name[len('adapter:'):])} ({name})"
     if name == "zero_shot" and used is not None:
         label += " (1 template)" if used[1] == 1 else f" ({used[1]}-template ensemble)"
     return label
@@ -173,6 +177,27 @@ def _missing(cfg: Table2Config, methods: Sequence[str], per_seed: dict[str, dict
     return [f"{name} seed {seed}" for seed in cfg.seeds for name in rows if seed not in per_seed.get(name, {})]
 
 
+def trainable_counts(name: str, options: dict[str, Any], model: Any, classes: int, shots: int
+                     ) -> dict[str, Optional[int]]:
+    """{"vit_b16": count on open_clip's ViT-B-16 with ImageNet's 1000 classes, "model": count on `model` with
+    `classes`} for method `name` with `options` (the method's `trainable_count` hook; None if it has none)."""
+    from .methods.base import build_method
+    from .params import ParamSpec, reference_spec
+
+    method = build_method(name, **options)
+    counts: dict[str, Optional[int]] = {}
+    for key, spec in (("vit_b16", reference_spec(shots)), ("model", ParamSpec(model, classes, shots))):
+        try:
+            counts[key] = int(method.trainable_count(spec))
+        except NotImplementedError:
+            counts[key] = None
+    return counts
+
+
+def _count_text(count: Optional[int]) -> str:
+    return "–" if count is None else f"{count:,}"
+
+
 def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, dict]], timing: dict,
                    session: Session, missing: Sequence[str] = ()) -> dict[str, Any]:
     info = session.info()
@@ -190,8 +215,13 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
         mean, std = aggregate_seeds([seeds[s]["row"] for s in sorted(seeds)], session.columns)
         measured.append((label, mean))
         stds[label] = std
+        # a WiSE row has its method's parameters and fit (no training of its own)
+        params = trainable_counts(base, method_options(base, cfg.method_options.get(base, {}), cfg.epochs_scale),
+                                  session.backbone.model, len(session.classes), cfg.shots)
         summary_rows[name] = {"label": label, "mean": mean, "std": std, "seeds": sorted(seeds),
-                              "template_set": used[0] if used else None, "templates": used[1] if used else 0}
+                              "template_set": used[0] if used else None, "templates": used[1] if used else 0,
+                              "params": params,
+                              "train_seconds": timing.get(base, {}).get("fit_seconds", 0.0) / len(seeds)}
         template_lines.append(f"| {label} | " + (f"{used[0]} ({used[1]})" if used else "none") + " |")
         if all(seeds[s].get("metrics") and all("mean_per_class_recall" in m for m in seeds[s]["metrics"].values())
                for s in seeds):  # (tables resumed from before the recall was recorded have none)
@@ -208,7 +238,10 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
               "", f"**INCOMPLETE**: {len(missing)} fit(s) not done yet ({', '.join(missing[:6])}"
               f"{', ...' if len(missing) > 6 else ''}); finish with `run_table2.py --resume {_top(out)}`."]
               if missing else []),
-          "", "## measured (this run)", "", markdown_table(measured, stds, **table_columns), "",
+          "", "## measured (this run)", "", markdown_table(measured, stds, **table_columns, extra=_extra_columns(
+              summary_rows, len(session.classes))), "",
+          "params: trainable parameters with this row's options — on open_clip's ViT-B-16 with ImageNet's 1000 "
+          "classes, and in the model this run used; train s: fit wall time per seed.", "",
           *([f"+ WiSE (α = {cfg.wise_alpha:g}): {WISE_NOTE} (WiSE-FT's default α = 0.5 unless --wise-alpha).", ""]
             if any(wise_key(m) in per_seed for m in wise) else []),
           *([counts_line(_first_metrics(per_seed), session.family.display), ""] if _first_metrics(per_seed) else []),
@@ -229,12 +262,18 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
                   f"{t['images_encoded']} |")
     write_text(out / "table2.md", "\n".join(md) + "\n")
     columns = session.columns
-    csv_lines = ["source,method," + ",".join(f"{c},{c}_std" for c in columns)]
+    csv_lines = ["source,method," + ",".join(f"{c},{c}_std" for c in columns) + ",params_vit_b16,params_model,"
+                 "train_seconds"]
+    by_label = {row["label"]: row for row in summary_rows.values()}
     for label, mean in measured:
         cells = [f"{mean.get(c, float('nan')):.4f},{stds[label].get(c, float('nan')):.4f}" for c in columns]
+        row = by_label[label]
+        cells += ["" if row["params"][k] is None else str(row["params"][k]) for k in ("vit_b16", "model")]
+        cells.append(f"{row['train_seconds']:.1f}")
         csv_lines.append(f"measured,{label}," + ",".join(cells))
     for label, values in published:
-        csv_lines.append(f"\"{session.family.published_label}\",{label}," + ",".join(f"{values[c]:.2f}," for c in columns))
+        csv_lines.append(f"\"{session.family.published_label}\",{label}," + ",".join(f"{values[c]:.2f}," for c in columns)
+                         + ",,,")
     write_text(out / "table2.csv", "\n".join(csv_lines) + "\n")
     result = {"complete": not missing, "missing": list(missing), "output_dir": str(out),
               "config": cfg.to_dict(), "environment": environment(session), **info, "columns": {c: session.family.display.get(c, "target avg") for c in columns}, "measured": summary_rows,
@@ -243,6 +282,13 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
               "published": {"label": session.family.published_label, "rows": {label: values for label, values in published}}}
     write_json(out / "table2.json", result)
     return result
+
+
+def _extra_columns(rows: dict[str, dict[str, Any]], classes: int) -> list[tuple[str, dict[str, str]]]:
+    """The params (ViT-B/16 and this model) and train-seconds columns of the measured table."""
+    return [("params ViT-B/16", {r["label"]: _count_text(r["params"]["vit_b16"]) for r in rows.values()}),
+            (f"params here ({classes} classes)", {r["label"]: _count_text(r["params"]["model"]) for r in rows.values()}),
+            ("train s", {r["label"]: f"{r['train_seconds']:.1f}" for r in rows.values()})]
 
 
 def _open_session(cfg: Table2Config, cache_dir: Optional[str] = None) -> tuple[Session, list[str]]:
@@ -310,7 +356,8 @@ def _run_shots(cfg: Table2Config, session: Session, methods: Sequence[str], out:
             log(f"== {cfg.shots}-shot, seed {seed}: {name} {options or ''}")
             try:
                 fit = fit_and_evaluate(session, name, options, split, seed=seed,  # resume: from the last epoch
-                                       output_dir=out / f"{name}_seed{seed}", log_line=log, resume=resume)
+                                       output_dir=out / f"{name.replace(':', '-')}_seed{seed}", log_line=log,
+                                       resume=resume)
             except KeyboardInterrupt:
                 _write_outputs(out, cfg, per_seed, timing, session, _missing(cfg, methods, per_seed))
                 log(f"interrupted during {name} seed {seed}: {out / 'table2.md'} is marked incomplete")

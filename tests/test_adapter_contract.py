@@ -20,6 +20,8 @@ VIT_B16_COUNTS = {
     "convpass": ({"dim": 8}, 327_552),  # 2L((2h+1)d + 9h² + 2h)
     "convpass_attn": ({"dim": 8}, 163_776),  # half of that
     "convpass_share": ({"dim": 32}, 56_064),  # 2dh + 2L·9h
+    "adaptformer": ({}, 1_189_632),  # L(2dh + h + d), h = 64 beside the MLP
+    "adapter": ({}, 156_768),  # Pfeiffer: L(2dh + h + d), h = 8 after the MLP
     "lora": ({}, 294_912),  # L · 2 targets (q, v) · r(d + d), r = 8
     "bitfit": ({}, 102_912),  # L(7d + 4d) + 2d: ln_1, in_proj (3d), out_proj, ln_2, c_fc (4d), c_proj; ln_pre, ln_post
     "vpt_deep": ({}, 92_160),  # L · P · d, P = 10

@@ -15,7 +15,7 @@ from clipconv.session import backbone_fingerprint
 
 #: the cheapest value of common options (applied where a method has the option)
 TINY = {"epochs": 1, "views": 1, "augment_rounds": 1, "bisection_steps": 1, "n_ctx": 4, "search": "small",
-        "dim": 4, "batch_size": 8, "scales": (1.0,)}
+        "dim": 4, "batch_size": 8, "scales": (1.0,), "iters_per_shot": 1}
 NAMES = method_names()
 
 

@@ -165,6 +165,8 @@ def test_run_templates_override_every_method_and_label_the_ensemble(tmp_path, tr
 
 @pytest.mark.parametrize("extra, message", [
     (["--methods", "no_such_method"], "unknown method"),
+    (["--methods", "adapter:no_such_kind"], "unknown method(s) ['adapter:no_such_kind']"),
+    (["--methods", "adapter:adaptformer", "--method-options", '{"adapter:adaptformer": {"rank": 2}}'], "rank"),
     (["--methods", "zero_shot", "--method-options", "{not json"], "not valid JSON"),
     (["--methods", "coop", "--method-options", '{"coop": {"epochz": 1}}'], "epochz"),
     (["--methods", "zero_shot", "--method-options", '{"coop": {"epochs": 1}}'], "not in --methods"),

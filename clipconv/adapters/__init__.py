@@ -2,6 +2,9 @@
 VPT-deep), injected by wrapping the attention / MLP sub-modules of each block, or by the kind's own injection."""
 from .bitfit import BitFitBiases, BitFitConfig, encoder_biases
 from .convpass import CONV_INITS, Convpass, ConvpassConfig, SharedProjections
+from .adaptformer import AdaptFormerConfig
+from .bottleneck import Bottleneck
+from .houlsby import BottleneckAdapterConfig
 from .lora import LORA_TARGETS, LoRA, LoRAAttention, LoRAConfig, LoRALinear, add_lora, lora_attention, lora_wrappers
 from .inject import (
     SHARED_NAME,
@@ -38,6 +41,7 @@ __all__ = [
     "PLACEMENTS",
     "CONV_INITS",
     "SHARED_NAME",
+    "AdaptFormerConfig",
     "AdaptedModule",
     "AdapterRecord",
     "DeepPrompts",
@@ -64,6 +68,8 @@ __all__ = [
     "AdapterFactory",
     "AdapterKind",
     "AdapterTarget",
+    "Bottleneck",
+    "BottleneckAdapterConfig",
     "Convpass",
     "ConvpassConfig",
     "ParallelAdapter",

@@ -25,10 +25,33 @@ DEMO_TRAIN_DEFAULTS = {
 }
 
 
+#: convpass's demo options that are its training recipe (the others, dim and s, are Convpass's architecture)
+DEMO_TRAINING_RECIPE = ("lr", "epochs")
+
+
+def demo_method_options(method: "str | None") -> dict:
+    """The method's own demo options; every other adapter-tuning method (`adaptformer`, `adapter:<kind>`, ...)
+    gets convpass's demo training recipe (lr, epochs) and keeps its kind's own architecture defaults."""
+    if not method:
+        return {}
+    if method in DEMO_TRAIN_DEFAULTS:
+        return dict(DEMO_TRAIN_DEFAULTS[method])
+    from ..methods.base import METHODS, method_names
+    from ..methods.finetune import AdapterTuning
+
+    method_names()
+    cls = METHODS.get(method)
+    if isinstance(cls, type) and issubclass(cls, AdapterTuning):
+        if cls.adapter_kind == "convpass":
+            return dict(DEMO_TRAIN_DEFAULTS["convpass"])
+        return {k: v for k, v in DEMO_TRAIN_DEFAULTS["convpass"].items() if k in DEMO_TRAINING_RECIPE}
+    return {}
+
+
 def demo_settings(method: "str | None" = None) -> dict:
     """What --demo sets unless a flag says otherwise: the mini CLIP, the demo crop scale and the method's
     demo options (under "method_options"); the data root (the generated world) is filled by the CLI."""
     from . import MINI_CLIP_CONFIG, MINI_CLIP_WEIGHTS
 
     return {"family": "demo", "model": str(MINI_CLIP_CONFIG), "pretrained": str(MINI_CLIP_WEIGHTS), **DEMO_RUN_DEFAULTS,
-            "method_options": dict(DEMO_TRAIN_DEFAULTS.get(method, {})) if method else {}}
+            "method_options": demo_method_options(method)}

@@ -34,6 +34,7 @@ from ..registry import Registry
 
 if TYPE_CHECKING:
     from ..features import FeatureStore
+    from ..params import ParamSpec
 
 __all__ = ["FitContext", "Method", "MethodConfig", "option", "METHODS", "register_method", "build_method",
            "method_names", "method_config_class", "config_from", "MethodReferenceTemplates",
@@ -148,6 +149,10 @@ class Method(abc.ABC):
     def summary(self) -> dict[str, Any]:
         """Chosen hyper-parameters and anything else worth reporting."""
         return {}
+
+    def trainable_count(self, spec: "ParamSpec") -> int:
+        """Parameters this method (with its options) trains on `spec`'s model and classes (clipconv.params)."""
+        raise NotImplementedError(f"method '{self.name}' does not report its trainable-parameter count")
 
 
 METHODS: Registry[type[Method]] = Registry("method")

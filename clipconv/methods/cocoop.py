@@ -77,6 +77,12 @@ class CoCoOp(CoOp):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.learner.ctx, *self.meta_net.parameters()]
 
+    def trainable_count(self, spec) -> int:
+        """The context vectors + the meta-net (embed_dim → embed_dim/16 → text width, with biases)."""
+        with torch.device("meta"):
+            meta_net = MetaNet(spec.embed_dim, spec.text_width)
+        return super().trainable_count(spec) + sum(p.numel() for p in meta_net.parameters())
+
     def named_trainable(self) -> dict[str, nn.Parameter]:
         """Context vectors and meta-net (θ₀: the phrase context and the freshly initialized meta-net)."""
         return {"ctx": self.learner.ctx, **{f"meta_net.{n}": p for n, p in self.meta_net.named_parameters()}}

@@ -207,6 +207,14 @@ class CoOp(FrozenEncoderMethod):
         feats = F.normalize(features.float().to(self._text_features.device), dim=-1)
         return self.logit_scale * feats @ self._text_features.t()
 
+    def trainable_count(self, spec) -> int:
+        """The context vectors: M·width (M from the init phrase's word count when given), × C when class-specific."""
+        from .prompt_learner import phrase_context_length
+
+        cfg = self.config
+        n_ctx = phrase_context_length(cfg.init_phrase) if cfg.init_phrase else cfg.n_ctx
+        return n_ctx * spec.text_width * (spec.classes if cfg.class_specific else 1)
+
     def summary(self) -> dict[str, Any]:
         cfg = self.config
         out: dict[str, Any] = {"n_ctx": self.learner.n_ctx if self.learner else cfg.n_ctx,

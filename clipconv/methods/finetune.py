@@ -18,15 +18,17 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 import torch
 
-from ..adapters import AdapterConfig, ConvpassConfig, add_adapters, get_adapter, make_config, set_adapter_scale
+from ..adapters import (ADAPTERS, AdapterConfig, ConvpassConfig, add_adapters, get_adapter, make_config,
+                        set_adapter_scale)
 from ..checkpoint import save_trainable
 from ..engine import TrainConfig, Trainer
 from ..head import ImageClassifier, text_head
 from ..config import non_negative, positive
+from ..params import ParamSpec, count_elements, meta_copy
 from .base import FitContext, Method, MethodConfig, config_from, option, register_method
 
 __all__ = ["AdapterTuning", "AdapterTuningConfig", "tuning_config", "load_classifier", "load_endpoints",
-           "DEFAULT_SCALE"]
+           "DEFAULT_SCALE", "ADAPTER_METHOD_PREFIX", "adapter_method_name", "register_adapter_methods"]
 
 # Adam's step size does not depend on the gradient's scale, so with the paper's lr of 1e-5 the adapter
 # weights move by ~1e-5 per step whatever s is; s then sets how far the branch can move the residual
@@ -76,6 +78,9 @@ class AdapterTuningConfig(MethodConfig):
         if not scales:
             raise ValueError("give at least one adapter scale")
         self.scales = tuple(float(s) for s in scales)
+        for f in dataclasses.fields(self):  # tuple options (LoRA's targets) come back from JSON as lists
+            if isinstance(f.default, tuple) and isinstance(getattr(self, f.name), list):
+                setattr(self, f.name, tuple(getattr(self, f.name)))
         super().__post_init__()
 
     def adapter_options(self) -> dict[str, Any]:
@@ -91,17 +96,23 @@ class AdapterTuningConfig(MethodConfig):
                            lr_scales=(("head.", self.head_lr_scale),) if self.head_lr_scale != 1.0 else ())
 
 
-def tuning_config(adapter_config: type[AdapterConfig]) -> type[AdapterTuningConfig]:
-    """AdapterTuningConfig extended with the fields of an adapter kind's config (its `scale` excepted)."""
+def tuning_config(adapter_config: type[AdapterConfig],
+                  default_scales: Optional[tuple[float, ...]] = None) -> type[AdapterTuningConfig]:
+    """AdapterTuningConfig extended with the fields of an adapter kind's config (its `scale` excepted).
+    `scales` defaults to `default_scales`, else to the kind's own default scale (AdaptFormer's 0.1, ...)."""
     hints = typing.get_type_hints(adapter_config)  # resolved types: the new class lives in another module
     fields = []
     for f in dataclasses.fields(adapter_config):
         if f.name != "scale":
             fields.append((f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory,
                                                              metadata=f.metadata)))
-    if not getattr(adapter_config, "scaled", True):  # bitfit, vpt_deep: no branch to scale, s = 1 only
-        fields.append(("scales", tuple[float, ...], option((1.0,), check=positive, aliases=("--scale",),
-                                                           help="this adapter kind has no branch to scale: 1 only")))
+        elif not getattr(adapter_config, "scaled", True):  # bitfit, vpt_deep: no branch to scale, s = 1 only
+            fields.append(("scales", tuple[float, ...], option((1.0,), check=positive, aliases=("--scale",),
+                                                               help="this adapter kind has no branch to scale: 1 only")))
+        else:
+            scales = default_scales or (float(f.default),)
+            base = next(b for b in dataclasses.fields(AdapterTuningConfig) if b.name == "scales")
+            fields.append(("scales", tuple[float, ...], dataclasses.field(default=tuple(scales), metadata=base.metadata)))
     name = adapter_config.__name__.replace("Config", "") + "TuningConfig"
     config = dataclasses.make_dataclass(name, fields, bases=(AdapterTuningConfig,))
     config.__module__ = __name__
@@ -114,12 +125,14 @@ class AdapterTuning(Method):
     frozen_image_encoder = False
     data_parallel = True  # trains with DistributedDataParallel under torchrun (batch_size split across ranks)
     adapter_kind: ClassVar[str] = "convpass"
-    config_class: ClassVar[type[AdapterTuningConfig]] = tuning_config(ConvpassConfig)
+    #: default adapter scale(s); None: the kind's own default scale
+    default_scales: ClassVar[Optional[tuple[float, ...]]] = (DEFAULT_SCALE,)
+    config_class: ClassVar[type[AdapterTuningConfig]] = tuning_config(ConvpassConfig, (DEFAULT_SCALE,))
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "config_class" not in cls.__dict__:  # the options of the subclass's own adapter kind
-            cls.config_class = tuning_config(get_adapter(cls.adapter_kind).config)
+            cls.config_class = tuning_config(get_adapter(cls.adapter_kind).config, cls.default_scales)
 
     def __init__(self, config: Optional[AdapterTuningConfig] = None, **options: Any) -> None:
         self.config = config = config_from(self.config_class, config, options)
@@ -293,6 +306,16 @@ class AdapterTuning(Method):
         self.classifier.eval()
         return self.classifier(images)
 
+    def trainable_count(self, spec: ParamSpec) -> int:
+        """The adapters this method injects into `spec.model`'s image encoder (built on a meta copy) + the
+        text-initialized head C·(embed_dim + 1) unless the head is frozen."""
+        visual = meta_copy(spec.model.visual)
+        for param in visual.parameters():
+            param.requires_grad_(False)
+        adapters = count_elements(add_adapters(visual, self.adapter_kind, self.adapter_config).parameters())
+        head = 0 if self.config.head == "frozen" else spec.classes * (spec.embed_dim + 1)
+        return adapters + head
+
     def summary(self) -> dict[str, Any]:
         return {"adapter": self.adapter_metadata(self.chosen.get("scale", self.scales[0])),
                 "train": self.config.to_dict(), **self.chosen}
@@ -385,3 +408,82 @@ class ConvpassShareTuning(AdapterTuning):
     """Convpass with shared 1×1 projections and depthwise 3×3 (§3.3); use dim=32."""
 
     adapter_kind = "convpass_share"
+
+
+# ----- the PETL zoo: one method per adapter kind, default scale = the kind's own ------------------------
+@register_method("adaptformer")
+class AdaptFormerTuning(AdapterTuning):
+    """AdaptFormer (Chen et al., NeurIPS 2022): bottleneck 64 beside the MLP, s = 0.1; convpass's training."""
+
+    adapter_kind = "adaptformer"
+    default_scales = None
+
+
+@register_method("adapter")
+class BottleneckAdapterTuning(AdapterTuning):
+    """Sequential bottleneck Adapter (Pfeiffer placement after the MLP, h = 8; `--variant houlsby` adds
+    one after attention); convpass's training."""
+
+    adapter_kind = "adapter"
+    default_scales = None
+
+
+@register_method("lora")
+class LoRATuning(AdapterTuning):
+    """LoRA on the image encoder's attention (PEFT defaults: q, v, r = 8, alpha 8) + the text-initialized
+    head; convpass's training."""
+
+    adapter_kind = "lora"
+    default_scales = None
+
+
+@register_method("bitfit")
+class BitFitTuning(AdapterTuning):
+    """BitFit: the image encoder's biases + the text-initialized head train; convpass's training."""
+
+    adapter_kind = "bitfit"
+    default_scales = None
+
+
+@register_method("vpt_deep")
+class VPTDeepTuning(AdapterTuning):
+    """VPT-deep: prompt tokens at every layer of the image encoder + the text-initialized head; convpass's
+    training."""
+
+    adapter_kind = "vpt_deep"
+    default_scales = None
+
+
+#: `adapter:<kind>` names every registered adapter kind as a method with convpass's training recipe
+ADAPTER_METHOD_PREFIX = "adapter:"
+
+
+def adapter_method_name(kind: str) -> str:
+    return ADAPTER_METHOD_PREFIX + kind
+
+
+def register_adapter_methods() -> list[str]:
+    """Register `adapter:<kind>` for every registered adapter kind not yet registered (idempotent): the
+    kind's own method class when there is one (same options), else a plain AdapterTuning of that kind."""
+    from .base import METHODS
+
+    by_kind = {cls.adapter_kind: cls for name, cls in METHODS.items()
+               if isinstance(cls, type) and issubclass(cls, AdapterTuning) and name == cls.adapter_kind}
+    added = []
+    for kind in sorted(ADAPTERS):
+        name = adapter_method_name(kind)
+        if name in METHODS:
+            continue
+        base = by_kind.get(kind, AdapterTuning)
+        attrs = {"adapter_kind": kind, "__doc__": f"Adapter kind '{kind}' trained with convpass's recipe.",
+                 "__module__": __name__}
+        if base is AdapterTuning:
+            attrs["default_scales"] = None
+        else:
+            attrs["config_class"] = base.config_class  # the same options as the kind's own method
+        register_method(name)(type(f"AdapterTuning_{kind}", (base,), attrs))
+        added.append(name)
+    return added
+
+
+register_adapter_methods()

@@ -248,6 +248,10 @@ class LinearProbe(FrozenEncoderMethod):
             total = torch.zeros(len(features), self._mixed["bias"].shape[0], device=features.device)
         return total + self._mixed["bias"]
 
+    def trainable_count(self, spec) -> int:
+        """A weight row and a bias per class over the image features: C·(D + 1)."""
+        return spec.classes * (spec.embed_dim + 1)
+
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"C": self.chosen_C, "C_source": self.search_source,
                                "features": "l2-normalized" if self.config.normalize else "raw"}

@@ -186,6 +186,10 @@ class TipAdapter(FrozenEncoderMethod):
         return tip_logits(features.to(self.keys.device), self.class_weights, self.keys, self.values,
                           self.alpha, self.beta, self.logit_scale)
 
+    def trainable_count(self, spec) -> int:
+        """Training-free: α and β are searched, nothing is trained."""
+        return 0
+
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"alpha": self.alpha, "beta": self.beta, "alpha_beta_from": self.search_source,
                                "cache_size": 0 if self.keys is None else int(self.keys.shape[0]),
@@ -255,6 +259,10 @@ class TipAdapterF(TipAdapter):
         self._endpoints = ({"keys": initial_keys}, {"keys": best_keys.clone()})
         self._search(ctx, val)
         return self.summary()
+
+    def trainable_count(self, spec) -> int:
+        """The cache keys: one D-dim key per training image (N classes × K shots)."""
+        return spec.train_images * spec.embed_dim
 
     # ----- weight-space interpolation (clipconv.wise) ---------------------------------------------
     def interpolation_endpoints(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

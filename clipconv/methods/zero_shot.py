@@ -46,5 +46,9 @@ class ZeroShot(FrozenEncoderMethod):
             raise RuntimeError("zero_shot must be fitted before scoring")
         return zero_shot_logits(features.to(self.weights.device), self.weights, self.logit_scale)
 
+    def trainable_count(self, spec) -> int:
+        """Nothing is trained."""
+        return 0
+
     def summary(self) -> dict[str, Any]:
         return {**templates_summary(self.template_set, self._used_templates), "logit_scale": self.logit_scale}
