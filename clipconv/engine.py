@@ -239,6 +239,18 @@ class Trainer:
         loss = F.cross_entropy(logits.float(), labels)
         return loss + self.penalty() if self.anchor is not None else loss
 
+    def _step(self, loss: torch.Tensor) -> None:
+        """Backward (through the grad scaler with fp16), optimizer step, scheduler step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.scheduler.step()
+
     def train_epoch(self) -> dict[str, Any]:
         from .progress import progress
 
@@ -267,15 +279,7 @@ class Trainer:
                     f"lr {self.scheduler.get_last_lr()[0]:.3g}; the last good checkpoint is kept — "
                     "lower --lr or --scale, or use --precision fp32"
                 )
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                self.optimizer.step()
-            self.scheduler.step()
+            self._step(loss)
             step += 1
             total_loss += loss.item() * len(labels)
             total_seen += len(labels)
@@ -342,15 +346,7 @@ class Trainer:
             loss = summed * (ranks / count.item())
             if penalty is not None:
                 loss = loss + penalty
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                self.optimizer.step()
-            self.scheduler.step()
+            self._step(loss)
             step += 1
             seen = int(real.sum())
             sums += torch.tensor([mean * seen, seen, float(((logits.argmax(dim=1) == labels) & real).sum())],

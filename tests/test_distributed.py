@@ -23,6 +23,7 @@ from clipconv import distributed
 from clipconv.distributed import GlobalBatchShards, SeededTrainItems, shard_bounds, train_loader
 
 from tolerance import EPS32
+from cli_world import make_cli_world
 
 ULPS = 256
 
@@ -248,18 +249,7 @@ def test_two_process_evaluation_and_features_equal_one_process_exactly(tmp_path,
 # ----- torchrun, end to end (slow) --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_config):
-    from clipconv.backbone import load_backbone
-    from clipconv.data import make_image_tree
-
-    root = tmp_path_factory.mktemp("ddp")
-    data = make_image_tree(root / "data", train_per_class=6, val_per_class=3, seed=3)
-    torch.manual_seed(7)
-    backbone = load_backbone(str(tiny_config), pretrained=None, device="cpu")
-    with torch.no_grad():
-        for p in backbone.model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    torch.save(backbone.model.state_dict(), root / "tiny.pt")
-    return {"root": root, "data": data, "weights": root / "tiny.pt", "config": tiny_config}
+    return make_cli_world(tmp_path_factory.mktemp("ddp"), tiny_config)
 
 
 def _train_argv(world, out, epochs=2, batch=4):

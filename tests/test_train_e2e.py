@@ -7,23 +7,12 @@ import pytest
 import torch
 
 from clipconv.cli import eval_robustness, train
+from cli_world import make_cli_world
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_config):
-    from clipconv.backbone import load_backbone
-    from clipconv.data import make_image_tree
-
-    root = tmp_path_factory.mktemp("e2e")
-    data = make_image_tree(root / "data", train_per_class=6, val_per_class=3, seed=3)
-    torch.manual_seed(7)
-    backbone = load_backbone(str(tiny_config), pretrained=None, device="cpu")
-    with torch.no_grad():  # weights that are not the reproducible random init, saved as a file
-        for p in backbone.model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    weights = root / "tiny.pt"
-    torch.save(backbone.model.state_dict(), weights)
-    return {"root": root, "data": data, "weights": weights, "config": tiny_config}
+    return make_cli_world(tmp_path_factory.mktemp("e2e"), tiny_config)
 
 
 def _train(world, out, *extra, training=("--epochs", "2", "--batch-size", "4", "--lr", "1e-3")):

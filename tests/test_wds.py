@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_world import save_tiny_weights
 
 webdataset = pytest.importorskip("webdataset")
 
@@ -69,18 +70,9 @@ def make_wds_world(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_config):
-    from clipconv.backbone import load_backbone
-
     root = tmp_path_factory.mktemp("wds")
     made = make_wds_world(root)
-    torch.manual_seed(11)
-    backbone = load_backbone(str(tiny_config), pretrained=None, device="cpu")
-    with torch.no_grad():
-        for p in backbone.model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    weights = root / "tiny.pt"
-    torch.save(backbone.model.state_dict(), weights)
-    return {"root": root, "config": tiny_config, "weights": weights, **made}
+    return {"root": root, "config": tiny_config, "weights": save_tiny_weights(root, tiny_config, seed=11), **made}
 
 
 @pytest.fixture(autouse=True)

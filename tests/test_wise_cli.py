@@ -11,25 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from clipconv.cli import eval_robustness, train
+from cli_world import make_cli_world
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_config):
-    from clipconv.backbone import load_backbone
-    from clipconv.data import make_image_tree
-
-    root = tmp_path_factory.mktemp("wise-cli")
-    data = make_image_tree(root / "data", train_per_class=6, val_per_class=3, seed=3)
-    torch.manual_seed(7)
-    backbone = load_backbone(str(tiny_config), pretrained=None, device="cpu")
-    with torch.no_grad():  # weights that are not the reproducible random init, saved as a file
-        for p in backbone.model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    weights = root / "tiny.pt"
-    torch.save(backbone.model.state_dict(), weights)
-    return {"root": root, "data": data, "weights": weights, "config": tiny_config}
+    return make_cli_world(tmp_path_factory.mktemp("wise-cli"), tiny_config)
 
 
 TRAINING = ("--epochs", "2", "--batch-size", "4", "--lr", "1e-2", "--scale", "1")
