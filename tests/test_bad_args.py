@@ -168,3 +168,11 @@ def test_threads_and_quiet(data, tmp_path, tiny_config, capsys):
     assert json.loads((run / "config.json").read_text())["environment"]["threads"] == 1
     err = capsys.readouterr().err
     assert "top-1" not in err and "epoch 1/1" in (run / "log.txt").read_text()
+
+
+def test_resume_accepts_compile_which_changes_speed_only(data, tmp_path, tiny_config, capsys):
+    run = tmp_path / "run"
+    assert train.main(_base(data, run, tiny_config) + ["--shots", "2", "--eval-sets", "imagenet"]) == 0
+    assert train.main(["--resume", str(run), "--workers", "0", "--quiet", "--compile"]) == 0
+    code, err = _run(train.main, ["--resume", str(run), "--compile", "--lr", "0.5"], capsys)  # others still conflict
+    assert code == 2 and "--lr 0.5" in err and "--compile" not in err.split("conflict")[1]

@@ -124,6 +124,14 @@ def test_benchmark_without_bf16_on_cpu_by_default(tiny_config):
     assert "train_bf16_autocast" not in results["seconds"] and "bf16_trunk_vs_fp32_step" not in results["ratios"]
 
 
+@pytest.mark.parametrize("kind", ["lora", "bitfit", "vpt_deep", "adaptformer"])
+def test_benchmark_runs_every_adapter_kind_including_those_without_a_dim(tiny_config, kind):
+    from clipconv.bench import BenchConfig, run_benchmark
+
+    results = run_benchmark(BenchConfig(model=str(tiny_config), kind=kind, batch=1, warmup=0, repeats=1, classes=3))
+    assert results["seconds"] and results["ratios"]
+
+
 def test_forward_gflops_counts_matmuls():
     from clipconv.bench import forward_gflops
 

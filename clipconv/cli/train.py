@@ -102,8 +102,11 @@ def _resume_config(run_dir: str, args: argparse.Namespace, parser: argparse.Argu
         for name, value in given(args, args._fields[section]).items():
             if value != getattr(getattr(saved, section), name):
                 conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {getattr(getattr(saved, section), name)})")
+    free = {}  # method options that change speed only, never the numbers: they may differ on resume
     for name, value in given(args, args._method_fields, METHOD_PREFIX).items():
-        if saved.method_options.get(name, value) != value or name not in saved.method_options:
+        if name in RESUME_FREE_METHOD_OPTIONS:
+            free[name] = value
+        elif saved.method_options.get(name, value) != value or name not in saved.method_options:
             conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {saved.method_options.get(name, 'default')})")
     if json.loads(args.method_options or "{}"):
         conflicts.append("--method-options (the saved run's options are used)")
@@ -113,8 +116,13 @@ def _resume_config(run_dir: str, args: argparse.Namespace, parser: argparse.Argu
     runtime = {**saved.runtime.to_dict(), **given(args, args._fields["runtime"])}
     with bad_input_errors():
         return RunConfig.from_dict({**saved.to_dict(), "runtime": runtime, "output_dir": str(run_dir),
+                                    "method_options": {**saved.method_options, **free},
                                     "save_logits": given(args, RUN_FIELDS).get("save_logits", saved.save_logits),
                                     "split": str(Path(run_dir) / "split.json")})
+
+
+#: method options that may change on --resume (speed only: torch.compile gives the same numbers)
+RESUME_FREE_METHOD_OPTIONS = frozenset({"compile"})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

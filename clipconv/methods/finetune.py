@@ -287,7 +287,9 @@ class AdapterTuning(Method):
     # ----- weight-space interpolation (clipconv.wise) ---------------------------------------------
     def interpolation_endpoints(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(θ₀, θ₁) over head + adapters: θ₀ = text head and zero-initialized adapters (zero-shot CLIP),
-        θ₁ = the trained (chosen) weights. The chosen scale s stays; at θ₀ the branch is zero whatever s."""
+        θ₁ = the trained (chosen) weights. The chosen scale s stays; at θ₀ the branch is zero whatever s.
+        For `vpt_deep` (not identity at init) θ₀ is VPT at initialization, not zero-shot CLIP; for `bitfit`
+        θ₀ holds the original biases (zero-shot CLIP)."""
         if self._endpoints is None:
             raise RuntimeError(f"fit '{self.name}' before interpolating")
         return self._endpoints
