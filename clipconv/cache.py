@@ -2,7 +2,8 @@
 
 The cache folder is `$CLIPCONV_CACHE`, else `~/.cache/clipconv`. It holds image-feature entries
 (`features/<40 hex>.safetensors`, see clipconv.features), decoded K-shot images
-(`decoded/<40 hex>.safetensors`, see clipconv.data.decoded) and generated demo worlds
+(`decoded/<40 hex>.safetensors`, see clipconv.data.decoded), webdataset shard listings and extracted
+K-shot samples (`wds-index/`, `wds-samples/`, see clipconv.data.wds) and generated demo worlds
 (`demo-world-<12 hex>/`). `clear` removes only those (and temporary files a killed write left behind);
 anything else in the folder is left alone. It asks nothing and prints what it removed.
 """
@@ -22,6 +23,7 @@ __all__ = ["cache_root", "CacheContents", "scan", "clear", "main"]
 _ENTRY = re.compile(r"^[0-9a-f]{40}\.safetensors$")
 _ENTRY_TEMP = re.compile(r"^\.[0-9a-f]{40}\.safetensors\..+\.tmp$")
 _WORLD = re.compile(r"^demo-world-[0-9a-f]{12}$")
+WDS_FOLDERS = ("wds-index", "wds-samples")
 
 
 def cache_root() -> Path:
@@ -45,6 +47,7 @@ class CacheContents:
     decoded: list[Path] = field(default_factory=list)  # decoded-image entries (clipconv.data.decoded)
     leftovers: list[Path] = field(default_factory=list)  # temp files of interrupted writes
     worlds: list[Path] = field(default_factory=list)  # generated demo worlds
+    webdataset: list[Path] = field(default_factory=list)  # shard listings and extracted samples (folders)
 
     def size(self, paths: Sequence[Path]) -> int:
         return sum(_size(p) for p in paths)
@@ -62,6 +65,8 @@ def scan(root: Optional[Path] = None) -> CacheContents:
                 elif path.is_file() and _ENTRY_TEMP.match(path.name):
                     found.leftovers.append(path)
     if root.is_dir():
+        found.webdataset = [root / name for name in WDS_FOLDERS if (root / name).is_dir() and
+                            not (root / name).is_symlink()]
         found.worlds = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.is_symlink() and _WORLD.match(p.name)]
     return found
 
@@ -82,6 +87,9 @@ def describe(found: CacheContents) -> str:
     if found.decoded:
         lines.insert(2, f"decoded-image entries: {len(found.decoded)} ({_human(found.size(found.decoded))}) in "
                         f"{found.root / 'decoded'}")
+    if found.webdataset:
+        lines.insert(-1, f"webdataset listings and samples: {_human(found.size(found.webdataset))} in "
+                         + ", ".join(str(p) for p in found.webdataset))
     if found.leftovers:
         lines.append(f"leftover temporary files: {len(found.leftovers)} ({_human(found.size(found.leftovers))})")
     return "\n".join(lines)
@@ -93,6 +101,7 @@ def clear(root: Optional[Path] = None, worlds: bool = True) -> list[str]:
     report = []
     for what, paths in (("feature entries", found.entries), ("decoded-image entries", found.decoded),
                         ("leftover temporary files", found.leftovers),
+                        ("webdataset cache folders", found.webdataset),
                         ("demo worlds", found.worlds if worlds else [])):
         if not paths:
             continue

@@ -90,3 +90,16 @@ def test_decoded_image_entries_are_listed_and_cleared(cache, capsys):
     assert main(["clear", "--keep-worlds"]) == 0
     assert f"removed 1 decoded-image entries (2.0 KB) from {decoded}" in capsys.readouterr().out.splitlines()
     assert sorted(p.name for p in decoded.iterdir()) == ["mine.txt"]
+
+
+def test_webdataset_listings_and_samples_are_listed_and_cleared(cache, capsys):
+    for name in ("wds-index", "wds-samples"):
+        (cache / name / "x").mkdir(parents=True)
+        (cache / name / "x" / "entry").write_bytes(b"x" * 1024)
+    assert main(["info"]) == 0
+    assert f"webdataset listings and samples: 2.0 KB in {cache / 'wds-index'}, {cache / 'wds-samples'}" in \
+        capsys.readouterr().out
+    assert main(["clear", "--keep-worlds"]) == 0
+    assert "removed 2 webdataset cache folders (2.0 KB)" in capsys.readouterr().out
+    assert not (cache / "wds-index").exists() and not (cache / "wds-samples").exists()
+    assert (cache / "other.bin").exists()
