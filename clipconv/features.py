@@ -65,14 +65,37 @@ def cache_dir_problem(folder: Union[str, Path]) -> Optional[str]:
     return None
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of the cached tensors."""
+def tensor_checksum(tensors: dict[str, torch.Tensor], names: Sequence[str]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of `tensors[name]` for `names` (hashed in place)."""
     digest = hashlib.sha256()
-    for name in _TENSORS:
+    for name in names:
         tensor = tensors[name].contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode("utf-8"))
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():
+            digest.update(memoryview((tensor.to(torch.uint8) if tensor.dtype == torch.bool
+                                      else tensor.view(torch.uint8)).numpy()))
     return digest.hexdigest()
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    return tensor_checksum(tensors, _TENSORS)
+
+
+def write_cache_entry(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], what: str) -> None:
+    """Write a cache entry (safetensors, atomically); a failed write is one warning naming `what`: a cache is
+    an optimization, the caller still has its tensors."""
+    from safetensors.torch import save_file
+
+    try:
+        with atomic_path(path) as tmp:
+            try:
+                save_file(tensors, str(tmp), metadata=metadata)
+            except Exception as err:  # safetensors reports I/O errors as SafetensorError
+                if isinstance(err, OSError):
+                    raise
+                raise OSError(f"{type(err).__name__}: {err}") from err
+    except OutputWriteError as err:
+        warnings.warn(f"{what} not saved: {err}", stacklevel=3)
 
 
 def transform_id(transform: Callable) -> str:
@@ -278,19 +301,9 @@ class FeatureStore:
         return tensors["features"], tensors["labels"], tensors["kept"]
 
     def _write(self, path: Path, key: dict, feats: torch.Tensor, labels: torch.Tensor, kept: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
         tensors = {"features": feats.contiguous(), "labels": labels.contiguous(), "kept": kept.contiguous()}
-        try:
-            with atomic_path(path) as tmp:
-                try:
-                    save_file(tensors, str(tmp), metadata={"key": json.dumps(key), "sha256": _checksum(tensors)})
-                except Exception as err:  # safetensors reports I/O errors as SafetensorError
-                    if isinstance(err, OSError):
-                        raise
-                    raise OSError(f"{type(err).__name__}: {err}") from err
-        except OutputWriteError as err:  # the cache is an optimization: the features are still returned
-            warnings.warn(f"feature cache entry not saved: {err}", stacklevel=3)
+        write_cache_entry(path, tensors, {"key": json.dumps(key), "sha256": _checksum(tensors)},
+                          "feature cache entry")
 
     @torch.no_grad()
     def _compute(self, root, samples, transform, rounds, seed, desc):

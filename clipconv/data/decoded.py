@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..features import transform_id
+from ..features import tensor_checksum, transform_id, write_cache_entry
 from .folder import BadImage, Sample
 from .images import ImageDecodeError, load_rgb
 
@@ -159,14 +159,7 @@ def decode_key(root: Union[str, Path], samples: Sequence[Sample], short_side: Op
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in _TENSORS:
-        tensor = tensors[name].contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode("utf-8"))
-        if tensor.numel():  # hashed in place (no copy of the pixels)
-            digest.update(memoryview((tensor.to(torch.uint8) if tensor.dtype == torch.bool
-                                      else tensor.view(torch.uint8)).numpy()))
-    return digest.hexdigest()
+    return tensor_checksum(tensors, _TENSORS)
 
 
 def _entry_path(cache_dir: Path, key: dict) -> Path:
@@ -198,22 +191,9 @@ def _read(path: Path, key: dict) -> Optional[DecodedImages]:
 
 
 def _write(path: Path, key: dict, decoded: DecodedImages) -> None:
-    from safetensors.torch import save_file
-
-    from ..io import OutputWriteError, atomic_path
-
     tensors = {name: getattr(decoded, name).contiguous() for name in _TENSORS}
     metadata = {"key": json.dumps(key), "sha256": _checksum(tensors), "errors": json.dumps(decoded.errors)}
-    try:
-        with atomic_path(path) as tmp:
-            try:
-                save_file(tensors, str(tmp), metadata=metadata)
-            except Exception as err:  # safetensors reports I/O errors as SafetensorError
-                if isinstance(err, OSError):
-                    raise
-                raise OSError(f"{type(err).__name__}: {err}") from err
-    except OutputWriteError as err:  # the cache is an optimization: the images are still returned
-        warnings.warn(f"decoded-image cache entry not saved: {err}", stacklevel=3)
+    write_cache_entry(path, tensors, metadata, "decoded-image cache entry")
 
 
 def _write_in_background(path: Path, key: dict, decoded: DecodedImages) -> None:
