@@ -354,15 +354,15 @@ def _run_shots(cfg: Table2Config, session: Session, methods: Sequence[str], out:
         for name in todo:
             options = method_options(name, cfg.method_options.get(name, {}), cfg.epochs_scale, session.precision)
             log(f"== {cfg.shots}-shot, seed {seed}: {name} {options or ''}")
+            fit_dir = out / f"{name.replace(':', '-')}_seed{seed}"  # ':' (adapter:<kind>) is no file-name character
             try:
                 fit = fit_and_evaluate(session, name, options, split, seed=seed,  # resume: from the last epoch
-                                       output_dir=out / f"{name.replace(':', '-')}_seed{seed}", log_line=log,
-                                       resume=resume)
+                                       output_dir=fit_dir, log_line=log, resume=resume)
             except KeyboardInterrupt:
                 _write_outputs(out, cfg, per_seed, timing, session, _missing(cfg, methods, per_seed))
                 log(f"interrupted during {name} seed {seed}: {out / 'table2.md'} is marked incomplete")
                 raise
-            write_benchmark_results(out / f"{name}_seed{seed}", session.family, fit.metrics, cfg.backbone.model,
+            write_benchmark_results(fit_dir, session.family, fit.metrics, cfg.backbone.model,
                                     cfg.backbone.pretrained, name, {"fewshot_k": cfg.shots, "seed": seed})
             if name in wise:  # the same fit at θ(α): no second training
                 _add_wise_row(session, fit, cfg.wise_alpha, seed, per_seed, timing, log)

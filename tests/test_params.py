@@ -138,6 +138,8 @@ def test_table2_prints_both_counts_and_train_seconds(tmp_path, tiny_config):
     assert row["params"]["model"] == fitted.trainable_count(ParamSpec(_tiny_model(tiny_config), classes, 2))
     assert result["measured"]["zero_shot"]["params"] == {"vit_b16": 0, "model": 0}
     assert row["train_seconds"] > 0 and (tmp_path / "out" / "adapter-adaptformer_seed1").is_dir()
+    assert list((tmp_path / "out" / "adapter-adaptformer_seed1" / "clip_benchmark").glob("*.json"))
+    assert not [p.name for p in (tmp_path / "out").iterdir() if ":" in p.name]  # one folder per fit, no ':' names
     markdown = (tmp_path / "out" / "table2.md").read_text()
     assert f"params ViT-B/16 | params here ({classes} classes) | train s |" in markdown
     assert f"| {row['params']['vit_b16']:,} | {row['params']['model']:,} |" in markdown

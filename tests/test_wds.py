@@ -459,3 +459,25 @@ def test_check_data_lists_the_shards_and_flags_undecodable_images(world, tmp_pat
     shard.write_bytes(shard.read_bytes()[:700])
     assert check_data.main(["--family", "wds", "--data-root", str(root)]) == 1
     assert "0.tar' is damaged" in capsys.readouterr().out
+
+
+def test_every_torchrun_rank_gets_the_extracted_files_it_is_handed(tmp_path, monkeypatch):
+    """Ranks other than 0 write no run outputs, but they read the extracted train samples at once: the
+    extraction must leave the files on every rank (not a scratch copy only rank 0 keeps)."""
+    import tarfile
+
+    from clipconv import distributed
+    from clipconv.data.wds import extract_samples
+
+    image = next(iter(_files(make_folder(tmp_path), ["x"])))[0]
+    shard = tmp_path / "wds_imagenet1k" / "train" / "0.tar"
+    shard.parent.mkdir(parents=True)
+    label = tmp_path / "label.cls"
+    label.write_text("0")
+    with tarfile.open(shard, "w") as tar:
+        tar.add(image, arcname="a1.jpg")
+        tar.add(label, arcname="a1.cls")
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    target = extract_samples(tmp_path, ["wds_imagenet1k/train/0.tar#a1"])["wds_imagenet1k/train/0.tar#a1"]
+    assert target.read_bytes() == image.read_bytes()
+    assert not list(target.parent.glob(".*.tmp"))

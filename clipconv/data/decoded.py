@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..distributed import is_main
 from ..features import tensor_checksum, transform_id, write_cache_entry
 from .folder import BadImage, Sample
 from .images import ImageDecodeError, load_rgb
@@ -268,6 +269,6 @@ def decoded_images(root: Union[str, Path], samples: Sequence[Sample], short_side
             if found is not None:
                 return found
     decoded = _decode_all(root, samples, short_side, workers, prepare)
-    if path is not None:
+    if path is not None and is_main():  # under torchrun rank 0 writes the entry; the others only use it
         _write_in_background(path, key, decoded)
     return decoded

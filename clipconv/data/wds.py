@@ -271,11 +271,24 @@ def _extracted_name(key: str, ext: str) -> str:
     return f"{hashlib.sha256(key.encode('utf-8')).hexdigest()[:32]}.{ext}"
 
 
+def _write_file_atomically(target: Path, data: bytes) -> None:
+    """temp file + rename, by every process (not rank 0 alone, as clipconv.io's run outputs): under torchrun
+    each rank needs the extracted files at once, and renames of identical bytes over each other are harmless."""
+    import tempfile
+
+    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def extract_samples(root: PathLike, paths: Sequence[str]) -> dict[str, Path]:
     """{shard sample path: file holding its image bytes}: samples not extracted yet are read in one pass over
     their shards (webdataset) and written under `$CLIPCONV_CACHE/wds-samples/<shard identity>/`."""
-    from ..io import atomic_path
-
     root = Path(root)
     files: dict[str, Path] = {}
     todo: dict[str, set[str]] = {}
@@ -298,8 +311,7 @@ def extract_samples(root: PathLike, paths: Sequence[str]) -> dict[str, Path]:
             ext = _image_key(sample, root / shard)
             target = folder / _extracted_name(key, ext)
             folder.mkdir(parents=True, exist_ok=True)
-            with atomic_path(target) as tmp:
-                Path(tmp).write_bytes(sample[ext])
+            _write_file_atomically(target, sample[ext])
             files[f"{shard}{SHARD_SEPARATOR}{key}"] = target
             keys.discard(key)
         if keys:

@@ -156,6 +156,7 @@ class ClipLoRA(Method):
     # ----- fit ---------------------------------------------------------------------------------
     def fit(self, ctx: FitContext) -> dict[str, Any]:
         from ..engine import resolve_precision
+        from ..data.draft import draft_for
         from ..evaluate import image_loader
 
         cfg = self.config
@@ -178,12 +179,14 @@ class ClipLoRA(Method):
         generator = torch.Generator().manual_seed(ctx.seed)
         ctx.log(f"clip_lora: {count_elements(params):,} LoRA parameters, {total} iterations (= {cfg.iters_per_shot} × "
                 f"{shots} shots), batch {cfg.batch_size}, {len(self._classes)} classes re-encoded per step")
+        train_draft = draft_for(ctx.draft, ctx.backbone.train_transform, training=True)  # None unless --draft all
         step, epoch = 0, 0
         torch.manual_seed(ctx.seed)  # LoRA dropout masks
         model.train()
         while step < total:
             loader = image_loader(ctx.data_root, ctx.train, ctx.backbone.train_transform, cfg.batch_size, ctx.workers,
-                                  shuffle=True, generator=generator)
+                                  shuffle=True, generator=generator, draft_size=train_draft,
+                                  pin_memory=torch.device(ctx.device).type == "cuda")
             loss_sum, correct, seen = 0.0, 0, 0
             for images, labels in loader:
                 images, labels = images.to(ctx.device), labels.to(ctx.device)
