@@ -12,7 +12,6 @@ from torch import nn
 
 from clipconv.adapters import (
     ADAPTERS,
-    AdaptedModule,
     Convpass,
     ConvpassConfig,
     ParallelAdapter,

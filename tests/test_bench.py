@@ -1,12 +1,10 @@
 """scripts/benchmark.py (clipconv.bench): its measuring helpers and one run on a tiny model (no speed claims)."""
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from clipconv.adapters import add_adapters

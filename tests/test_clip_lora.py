@@ -2,7 +2,6 @@
 gradients into the text encoder's LoRA, a short fit, and the merged plain model."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

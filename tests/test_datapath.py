@@ -5,12 +5,10 @@ import dataclasses
 import math
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torchvision import transforms as T
 
 from clipconv.bench_data import model_transforms, write_jpegs
@@ -66,6 +64,22 @@ def test_runtime_config_decodes_full_size_and_caches_decoded_images_by_default()
 
 
 # ----------------------------------------------------------------------------- draft decoding
+@pytest.fixture()
+def decoded_sizes(monkeypatch) -> list:
+    """The (width, height) of every image the folder loaders decode, in order."""
+    import clipconv.data.folder as folder
+
+    sizes = []
+
+    def recording(path, draft_size=None):
+        image = load_rgb(path, draft_size)
+        sizes.append(image.size)
+        return image
+
+    monkeypatch.setattr(folder, "load_rgb", recording)
+    return sizes
+
+
 @pytest.fixture(scope="module")
 def big_jpegs(tmp_path_factory):
     root = tmp_path_factory.mktemp("big")
@@ -103,18 +117,9 @@ def test_drafted_eval_images_are_close_to_full_decodes_and_never_smaller_than_ne
         assert float(difference.max()) <= 16 / 255
 
 
-def test_evaluate_method_drafts_by_option(big_jpegs, monkeypatch):
-    import clipconv.data.folder as folder
-
+def test_evaluate_method_drafts_by_option(big_jpegs, decoded_sizes):
     root, samples = big_jpegs
-    sizes = []
-
-    def recording(path, draft_size=None):
-        image = load_rgb(path, draft_size)
-        sizes.append(image.size)
-        return image
-
-    monkeypatch.setattr(folder, "load_rgb", recording)
+    sizes = decoded_sizes
     _, evaluation = model_transforms(64)
 
     class Flat:
@@ -137,19 +142,11 @@ def test_evaluate_method_drafts_by_option(big_jpegs, monkeypatch):
 
 
 def test_feature_store_drafts_eval_features_into_their_own_cache_entries(big_jpegs, tiny_backbone, tmp_path,
-                                                                        monkeypatch):
-    import clipconv.data.folder as folder
+                                                                        decoded_sizes):
     from clipconv.features import FeatureStore
 
     root, samples = big_jpegs
-    sizes = []
-
-    def recording(path, draft_size=None):
-        image = load_rgb(path, draft_size)
-        sizes.append(image.size)
-        return image
-
-    monkeypatch.setattr(folder, "load_rgb", recording)
+    sizes = decoded_sizes
     plain = FeatureStore(tiny_backbone, tmp_path, batch_size=4).encode(root, samples)
     assert set(sizes) == {(400, 300)}
     sizes.clear()
