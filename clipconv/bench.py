@@ -401,11 +401,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[BenchConfig, Optio
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Parse flags, run, print the table and write JSON (`--out`)."""
+    cfg, out = parse_args(argv)
+    return report(run_benchmark(cfg), format_table, out)
+
+
+def report(results: dict[str, Any], table: Callable[[dict[str, Any]], str], out: Optional[Path]) -> dict[str, Any]:
+    """Print `table(results)` and write the results as JSON to `out` (when given); return them."""
     from .io import write_json
 
-    cfg, out = parse_args(argv)
-    results = run_benchmark(cfg)
-    print(format_table(results))
+    print(table(results))
     if out is not None:
         write_json(out, results)
         print(f"wrote {out}")

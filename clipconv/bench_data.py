@@ -328,12 +328,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[LoaderBenchConfig,
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Parse flags, run, print the table and write JSON (`--out`)."""
-    from .io import write_json
+    from .bench import report
 
     cfg, out = parse_args(argv)
-    result = run_loader_benchmark(cfg)
-    print(format_loader_table(result))
-    if out is not None:
-        write_json(out, result)
-        print(f"wrote {out}")
-    return result
+    return report(run_loader_benchmark(cfg), format_loader_table, out)
