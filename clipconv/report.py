@@ -6,15 +6,13 @@ importable as the ImageNet family's values.
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 from typing import Mapping, Optional, Sequence
 
 from .data.family import ImageNetFamily
 from .data.imagenet import PUBLISHED_TABLE2
 
-__all__ = ["SUITE", "DISPLAY", "TARGETS", "PUBLISHED_TABLE2", "target_average", "results_row", "markdown_table", "csv_table"]
+__all__ = ["SUITE", "DISPLAY", "TARGETS", "PUBLISHED_TABLE2", "target_average", "results_row", "markdown_table"]
 
 SUITE: tuple[str, ...] = ImageNetFamily.suite
 DISPLAY: Mapping[str, str] = ImageNetFamily.display
@@ -73,14 +71,3 @@ def markdown_table(
         lines.append("| " + " | ".join([label] + cells) + " |")
     return "\n".join(lines) + "\n"
 
-
-def csv_table(rows: Sequence[tuple[str, Mapping[str, float]]], columns: Sequence[str] = SUITE) -> str:
-    """CSV with a column per set of `columns` (the suite, source first) and the target average."""
-    targets = tuple(columns)[1:]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["method", *columns, "target_avg"])
-    for label, values in rows:
-        writer.writerow([label, *(values.get(c, "") for c in columns),
-                         values.get("target_avg", target_average(values, targets))])
-    return buffer.getvalue()
