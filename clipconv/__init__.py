@@ -1,4 +1,8 @@
-"""clipconv: few-shot adaptation of CLIP with Convpass adapters, and shifted-ImageNet evaluation."""
+"""clipconv: few-shot adaptation of CLIP with Convpass adapters, and shifted-ImageNet evaluation.
+
+The library (this package) is what a user imports to adapt and evaluate a CLIP; the application that runs
+experiments (sessions, run folders, Table 2, reports, command line) is `clipconv.app`, built on top of it.
+Public names are imported on first use (PEP 562) so that `import clipconv` stays cheap."""
 from __future__ import annotations
 
 import importlib
@@ -18,8 +22,6 @@ _EXPORTS = {
     "save_trainable": "clipconv.checkpoint",
     "load_trainable": "clipconv.checkpoint",
     "open_family": "clipconv.data.family",
-    "open_session": "clipconv.session",
-    "fit_and_evaluate": "clipconv.session",
     "build_method": "clipconv.methods",
     "interpolate": "clipconv.wise",
     "wise_sweep": "clipconv.wise",

@@ -9,8 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+import open_clip
 import torch
+from huggingface_hub import try_to_load_from_cache
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
+from torchvision import transforms as T
 
 __all__ = ["Backbone", "WeightsUnavailableError", "load_backbone", "resolve_device", "file_sha256"]
 
@@ -96,7 +100,6 @@ def file_sha256(path: Union[str, Path], chunk: int = 1 << 20) -> str:
 
 def _register_model_config(model: str) -> str:
     """Accept an open_clip model name or a path to a model-config JSON; return the registered name."""
-    import open_clip
 
     path = Path(model)
     if path.suffix == ".json":
@@ -132,7 +135,7 @@ def _hf_cached_file(pretrained_cfg: dict) -> Optional[str]:
     if not hub:
         return None
     try:
-        from huggingface_hub import try_to_load_from_cache
+        pass
     except ImportError:  # pragma: no cover - huggingface_hub is an open_clip dependency
         return None
     repo_id, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
@@ -177,7 +180,6 @@ def load_backbone(
     `train_crop_scale` is the area range of the train transform's random resized crop.
     `precision` casts the (frozen) weights: "fp32", "bf16" or "fp16".
     """
-    import open_clip
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got '{precision}'")
@@ -259,7 +261,6 @@ def load_backbone(
     clip.to(dev)
 
     pp = open_clip.get_model_preprocess_cfg(clip)
-    from open_clip.transform import PreprocessCfg, image_transform_v2
 
     cfg = PreprocessCfg(**pp)
     train_transform = protocol_train_transform(cfg, scale=tuple(train_crop_scale))
@@ -286,7 +287,6 @@ def protocol_train_transform(cfg: Any, scale: tuple[float, float] = (0.08, 1.0),
     open_clip's own train transform crops at scale (0.9, 1) without flip; the protocol (CoOp / Convpass)
     uses RandomResizedCrop(scale=(0.08, 1)) + RandomHorizontalFlip, built here explicitly.
     """
-    from torchvision import transforms as T
 
     size = cfg.size if isinstance(cfg.size, int) else cfg.size[0]
     interp = T.InterpolationMode.BICUBIC if cfg.interpolation == "bicubic" else T.InterpolationMode.BILINEAR

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .io import atomic_path
+from clipconv.runtime.outputs import atomic_path
 
 __all__ = [
     "trainable_state_dict",
@@ -59,7 +61,6 @@ def _check_finite(tensors: Mapping[str, torch.Tensor], where: str, advice: str) 
 
 def save_trainable(module: nn.Module, path: Union[str, Path], metadata: Optional[Mapping[str, Any]] = None) -> Path:
     """Save the trainable tensors of `module` as safetensors (atomically) with JSON metadata."""
-    from safetensors.torch import save_file
 
     tensors = trainable_state_dict(module)
     if not tensors:
@@ -74,7 +75,6 @@ def save_trainable(module: nn.Module, path: Union[str, Path], metadata: Optional
 
 def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
     """The clipconv metadata stored in an adapter checkpoint."""
-    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -119,7 +119,6 @@ def load_trainable(
     CheckpointMismatchError says what differs. Tensor names and shapes must match the module's
     trainable parameters exactly.
     """
-    from safetensors.torch import load_file
 
     meta = read_metadata(path)
     if expected is not None:

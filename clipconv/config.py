@@ -1,7 +1,7 @@
 """Config dataclasses whose fields carry their help text, checks and command-line aliases.
 
 Every setting of a run is declared ONCE, as a field made with `option(default, help=...)`. The command
-line (`clipconv.cli.options`) is generated from these fields, `--help` shows their help and default,
+line (`clipconv.app.cli.options`) is generated from these fields, `--help` shows their help and default,
 config.json is their `to_dict()`, and `from_options` refuses unknown keys with the list of known ones.
 
 The shared run settings are `DataConfig`, `BackboneConfig` and `RuntimeConfig`; each method adds its own

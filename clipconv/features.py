@@ -20,87 +20,35 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+import open_clip
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from . import distributed
-from .io import OutputWriteError, atomic_path
-from .progress import progress
+from clipconv.data import collate_skip_bad, image_dataset, report_skipped
+from clipconv.data.draft import draft_for
+from clipconv.runtime import ranks
+from clipconv.runtime.cache import cache_dir_problem, cache_root, tensor_checksum, transform_id, write_cache_entry
+from clipconv.runtime.io import OutputWriteError
+from clipconv.runtime.outputs import atomic_path
+from clipconv.runtime.progress import progress
+from clipconv.runtime.seeding import item_seed
 
-__all__ = ["FeatureStore", "default_cache_dir", "transform_id", "samples_digest", "item_seed",
-           "cache_dir_problem", "ENTRY_SUFFIX"]
+__all__ = ["FeatureStore", "default_cache_dir", "samples_digest", "ENTRY_SUFFIX"]
 
 CACHE_FORMAT = 3  # 2: per-item augmentation seeding; 3: SHA-256 of the tensors in the metadata
 ENTRY_SUFFIX = ".safetensors"
 _TENSORS = ("features", "labels", "kept")
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _warned_dirs: set[str] = set()  # unusable cache folders already reported in this process
 
 
 def default_cache_dir() -> Path:
     """`$CLIPCONV_CACHE/features`, else `~/.cache/clipconv/features`."""
-    from .cache import cache_root
-
     return cache_root() / "features"
-
-
-def cache_dir_problem(folder: Union[str, Path]) -> Optional[str]:
-    """Why `folder` cannot hold the cache (it, or a parent, is a file; it cannot be created or written), or None.
-
-    Writability is tested by creating (and removing) a temporary file, which also works for root, whom
-    permission bits do not stop.
-    """
-    folder = Path(folder)
-    for candidate in (folder, *folder.parents):
-        if candidate.exists():
-            if not candidate.is_dir():
-                return f"'{candidate}' is a file, not a folder"
-            break
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as err:
-        return f"cannot write in '{folder}' ({err.strerror or err})"
-    return None
-
-
-def tensor_checksum(tensors: dict[str, torch.Tensor], names: Sequence[str]) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of `tensors[name]` for `names` (hashed in place)."""
-    digest = hashlib.sha256()
-    for name in names:
-        tensor = tensors[name].contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode("utf-8"))
-        if tensor.numel():
-            digest.update(memoryview((tensor.to(torch.uint8) if tensor.dtype == torch.bool
-                                      else tensor.view(torch.uint8)).numpy()))
-    return digest.hexdigest()
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return tensor_checksum(tensors, _TENSORS)
-
-
-def write_cache_entry(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], what: str) -> None:
-    """Write a cache entry (safetensors, atomically); a failed write is one warning naming `what`: a cache is
-    an optimization, the caller still has its tensors."""
-    from safetensors.torch import save_file
-
-    try:
-        with atomic_path(path) as tmp:
-            try:
-                save_file(tensors, str(tmp), metadata=metadata)
-            except Exception as err:  # safetensors reports I/O errors as SafetensorError
-                if isinstance(err, OSError):
-                    raise
-                raise OSError(f"{type(err).__name__}: {err}") from err
-    except OutputWriteError as err:
-        warnings.warn(f"{what} not saved: {err}", stacklevel=3)
-
-
-def transform_id(transform: Callable) -> str:
-    """A stable text id of a transform: its repr with process-specific memory addresses removed."""
-    return _ADDRESS.sub("", repr(transform))
 
 
 def samples_digest(samples: Sequence[tuple[str, int]]) -> str:
@@ -109,11 +57,6 @@ def samples_digest(samples: Sequence[tuple[str, int]]) -> str:
     for path, label in sorted((str(p), int(l)) for p, l in samples):
         digest.update(f"{path}\t{label}\n".encode("utf-8"))
     return digest.hexdigest()
-
-
-def item_seed(round_seed: int, index: int) -> int:
-    """The torch seed set before transforming item `index` of a round (independent of workers and batching)."""
-    return (int(round_seed) * 1_000_003 + int(index)) % (2**63 - 1)
 
 
 class _SeededItems(torch.utils.data.Dataset):
@@ -185,7 +128,6 @@ class FeatureStore:
         """Digest of the model config, plus of the image-tower weights when they are a random init
         (whose weights id says nothing about the actual numbers)."""
         if getattr(self, "_architecture_id", None) is None:
-            import open_clip
 
             digest = hashlib.sha256(json.dumps(open_clip.get_model_config(self.backbone.model_name),
                                                sort_keys=True, default=str).encode("utf-8"))
@@ -247,21 +189,20 @@ class FeatureStore:
         func = self._resolve_transform(transform)
         name = transform_name or (f"backbone.{transform}:" + transform_id(func) if isinstance(transform, str)
                                   else transform_id(func))
-        from .data.draft import draft_for
 
         self._draft_size = draft_for(self.draft, func, training=not (isinstance(transform, str) and transform == "eval"))
         if self._draft_size is not None:  # drafted features differ slightly: their own cache entries
             name += f"|draft>={self._draft_size}"
         key = self.cache_key(root, samples, name, rounds, seed)
         # under torchrun rank 0 alone looks at the cache and sends the entry (or its absence) to the others
-        path = distributed.on_main(lambda: self._entry_path(key))
-        cached = distributed.on_main(lambda: self._read(path, key)) if path is not None else None
+        path = ranks.on_main(lambda: self._entry_path(key))
+        cached = ranks.on_main(lambda: self._read(path, key)) if path is not None else None
         if cached is not None:
             self.cache_hits += 1
             feats, labels, kept = cached
         else:
             feats, labels, kept = self._compute(root, samples, func, rounds, seed, desc)
-            if path is not None and distributed.is_main():
+            if path is not None and ranks.is_main():
                 self._write(path, key, feats, labels, kept)
         original = torch.as_tensor(order, dtype=torch.long)[kept] if len(kept) else kept
         back = torch.argsort(original)
@@ -282,7 +223,6 @@ class FeatureStore:
     def _read(self, path: Path, key: dict):
         if not path.is_file():
             return None
-        from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as handle:
@@ -325,12 +265,11 @@ class FeatureStore:
         return (total / rounds).float().contiguous(), labels, kept
 
     def _encode_once(self, root, samples, transform, generator_seed, desc):
-        from .data import collate_skip_bad, image_dataset
 
         # the "label" carried through the loader is the sample's position, so skipped files are known exactly
         indexed = [(path, position) for position, (path, _) in enumerate(samples)]
-        if distributed.is_distributed():  # this rank's run of whole batches, seeded by the items' global positions
-            start, end = distributed.batch_shard_bounds(len(indexed), self.batch_size)
+        if ranks.is_distributed():  # this rank's run of whole batches, seeded by the items' global positions
+            start, end = ranks.batch_shard_bounds(len(indexed), self.batch_size)
         else:
             start, end = 0, len(indexed)
         dataset = image_dataset(root, indexed if start == 0 and end == len(indexed) else indexed[start:end], transform,
@@ -358,15 +297,14 @@ class FeatureStore:
             out = model.encode_image(images.to(self.device, dtype=dtype, non_blocking=True))
             feats.append(out.float().cpu())
             positions.append(index)
-        skipped = [path for part in distributed.gather_objects(skipped) for path in part]
+        skipped = [path for part in ranks.gather_objects(skipped) for path in part]
         if skipped:
-            from .data import report_skipped
 
             report_skipped(skipped, f"images under '{root}'")
         kept = torch.cat(positions) if positions else torch.empty(0, dtype=torch.long)
         width = int(getattr(model.visual, "output_dim", 0) or 0)
         features = torch.cat(feats) if feats else torch.empty(0, width)
-        features, kept = distributed.gather_rows(features, kept)  # in sample order on every rank
+        features, kept = ranks.gather_rows(features, kept)  # in sample order on every rank
         self.encoder_calls += len(kept)
         all_labels = torch.tensor([samples[i][1] for i in kept.tolist()], dtype=torch.long)
         return features, all_labels, kept

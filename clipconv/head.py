@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipconv.runtime.progress import progress as show_progress
+
 __all__ = ["class_embeddings", "text_head", "ImageClassifier", "zero_shot_logits"]
 
 
@@ -35,7 +37,6 @@ def class_embeddings(
     encoded = []
     chunks = range(0, len(prompts), batch_size)
     if progress:
-        from .progress import progress as show_progress
 
         chunks = show_progress(chunks, desc="text encoder", unit="batch")
     for start in chunks:

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from .adapters import AdapterRecord, adapted_modules, unwrap_all
+from clipconv.adapters import AdapterRecord, adapted_modules, unwrap_all
+from clipconv.runtime.outputs import atomic_path
 
 __all__ = ["MERGEABLE_KINDS", "mergeable", "merge_adapters", "merged_state_dict", "save_merged"]
 
@@ -68,9 +70,7 @@ def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 def save_merged(state: Mapping[str, torch.Tensor], path: Union[str, Path],
                 metadata: Optional[Mapping[str, str]] = None) -> Path:
     """Write a state dict as safetensors, atomically; refuses an existing file (never overwrites)."""
-    from safetensors.torch import save_file
 
-    from .io import atomic_path
 
     path = Path(path)
     if path.exists():

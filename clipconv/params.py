@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 from dataclasses import dataclass
 
+import open_clip
 import torch
 from torch import nn
 
@@ -47,9 +49,7 @@ class ParamSpec:
 @functools.lru_cache(maxsize=None)
 def reference_model(name: str = REFERENCE_MODEL) -> nn.Module:
     """open_clip's `name` (default ViT-B-16) on the meta device: exact shapes, no weights."""
-    import logging
 
-    import open_clip
 
     logger = logging.getLogger()
     level = logger.level

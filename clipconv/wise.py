@@ -28,6 +28,8 @@ from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from clipconv.methods.base import METHODS, method_names
+
 __all__ = ["Interpolable", "supports_interpolation", "mix", "interpolate", "wise_sweep", "alpha_check",
            "WISE_DEFAULT_ALPHA", "WISE_NOTE", "wise_key", "wise_label", "wise_methods"]
 
@@ -74,7 +76,6 @@ def wise_methods(asked: Optional[Sequence[str]], methods: Sequence[str], default
                  ) -> list[str]:
     """The methods of `methods` that get a WiSE row: `asked` (None: those of `default` that run; ["none"]:
     none). Raises ValueError for a method that does not run or has no trained weights to interpolate."""
-    from .methods.base import METHODS, method_names
 
     if asked is None:
         return [m for m in default if m in methods]

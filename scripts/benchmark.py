@@ -1,7 +1,7 @@
 """Benchmark Convpass on an open_clip image encoder (random init): forward, training-step precisions, memory.
 
     python scripts/benchmark.py --model ViT-B-16 --batch 8 --repeats 3 --out bench.json
-    python scripts/benchmark.py loaders --images 256 --source 500x375   # data loaders (clipconv.bench_data)
+    python scripts/benchmark.py loaders --images 256 --source 500x375   # data loaders (clipconv.app.bench_data)
 """
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clipconv.bench import main  # noqa: E402
+from clipconv.app.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["loaders"]:
-        from clipconv.bench_data import main as loaders_main
+        from clipconv.app.bench_data import main as loaders_main
 
         loaders_main(sys.argv[2:])
     else:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Show (`info`) or remove (`clear`) clipconv's cached image features and demo worlds; see clipconv/cache.py."""
+"""Show (`info`) or remove (`clear`) clipconv's cached image features and demo worlds; see clipconv/app/cache.py."""
 import sys
 
-from clipconv.cache import main
+from clipconv.app.cache import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from clipconv.cli.check_data import main  # noqa: E402
+from clipconv.app.cli.check_data import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

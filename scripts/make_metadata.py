@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"out of date: {rel}")
         return 1 if stale else 0
     sys.path.insert(0, str(REPO_ROOT))
-    from clipconv.io import write_text
+    from clipconv.runtime.io import write_text
 
     for rel, text in render_metadata().items():
         write_text(REPO_ROOT / rel, text)

@@ -2,7 +2,7 @@
 """Pretrain the miniature CLIP shipped in clipconv/assets (see clipconv/assets/MINI_CLIP.md)."""
 import sys
 
-from clipconv.demo.pretrain import main
+from clipconv.app.pretrain_mini_clip import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Thin entry point: see clipconv/cli/run_table2.py (python scripts/run_table2.py --help)."""
+"""Thin entry point: see clipconv/app/cli/run_table2.py (python scripts/run_table2.py --help)."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from clipconv.cli.run_table2 import main  # noqa: E402
+from clipconv.app.cli.run_table2 import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from clipconv.adapters import ADAPTERS, add_adapters, adapter_modules, count_trainable, remove_adapters
+from clipconv.adapters import ADAPTERS, adapter_modules, add_adapters, count_trainable, remove_adapters
 from clipconv.checkpoint import load_trainable, save_trainable, trainable_state_dict
 from clipconv.head import ImageClassifier
 

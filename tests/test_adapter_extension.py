@@ -6,8 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from clipconv.adapters import (ADAPTERS, AdaptedModule, AdapterConfig, AdapterFactory, adapted_modules, add_adapters,
-                               register_adapter, remove_adapters, set_adapter_scale)
+from clipconv.adapters import (
+    ADAPTERS,
+    AdaptedModule,
+    AdapterConfig,
+    AdapterFactory,
+    adapted_modules,
+    add_adapters,
+    register_adapter,
+    remove_adapters,
+    set_adapter_scale,
+)
 
 
 class GatedOutput(AdaptedModule):

@@ -7,6 +7,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_tiny_config
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
@@ -28,7 +29,6 @@ from clipconv.adapters import (
     set_adapter_scale,
 )
 from clipconv.checkpoint import trainable_state_dict
-from conftest import write_tiny_config
 
 VARIANTS = [
     dict(kind="convpass"),

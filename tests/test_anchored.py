@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from baseline_world import make_world
+from tolerance import assert_close_scaled
 from torch import nn
 
-from baseline_world import make_world
-from clipconv.engine import TrainConfig, Trainer
 from clipconv.methods import build_method
-from tolerance import assert_close_scaled
+from clipconv.training import TrainConfig, Trainer
 
 CPU = torch.device("cpu")
 

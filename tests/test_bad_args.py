@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipconv.cli import eval_robustness, train
+from clipconv.app.cli import eval_robustness, train
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py (clipconv.bench): its measuring helpers and one run on a tiny model (no speed claims)."""
+"""scripts/benchmark.py (clipconv.app.bench): its measuring helpers and one run on a tiny model (no speed claims)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from clipconv.adapters import add_adapters
 
 
 def test_saved_for_backward_bytes_counts_activations_and_skips_excluded_parameters():
-    from clipconv.bench import saved_for_backward_bytes
+    from clipconv.app.bench import saved_for_backward_bytes
 
     layer = nn.Linear(4, 3)
     inputs = torch.randn(5, 4)
@@ -23,7 +23,7 @@ def test_saved_for_backward_bytes_counts_activations_and_skips_excluded_paramete
 
 def test_frozen_layer_saves_no_input_and_computes_no_weight_gradient():
     """Autograd skips what a frozen weight would need: its input is not saved, its gradient not computed."""
-    from clipconv.bench import forward_gflops, saved_for_backward_bytes
+    from clipconv.app.bench import forward_gflops, saved_for_backward_bytes
 
     layer = nn.Linear(64, 32).requires_grad_(False)
     inputs = torch.randn(16, 64, requires_grad=True)
@@ -37,7 +37,7 @@ def test_frozen_layer_saves_no_input_and_computes_no_weight_gradient():
 
 def test_adapter_training_step_through_the_frozen_trunk_counts_at_most_two_forwards(tiny_backbone):
     """No trunk weight gradients: backward costs at most one forward (matmul FLOPs), not two."""
-    from clipconv.bench import forward_gflops
+    from clipconv.app.bench import forward_gflops
 
     visual = tiny_backbone.visual
     modules = add_adapters(visual, "convpass")
@@ -55,7 +55,7 @@ def test_adapter_training_step_through_the_frozen_trunk_counts_at_most_two_forwa
 
 
 def test_interleaved_times_warms_up_then_alternates_settings():
-    from clipconv.bench import interleaved_times
+    from clipconv.app.bench import interleaved_times
 
     calls: list[str] = []
     times = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
@@ -69,20 +69,20 @@ def test_interleaved_times_warms_up_then_alternates_settings():
 
 
 def test_paired_ratio_is_the_median_of_within_round_ratios():
-    from clipconv.bench import paired_ratio
+    from clipconv.app.bench import paired_ratio
 
     times = {"a": [2.0, 9.0, 3.0], "b": [1.0, 10.0, 1.0]}  # the slow round 2 hits both
     assert paired_ratio(times, "a", "b") == pytest.approx(2.0)
 
 
 def test_fastest_ratio_compares_the_least_disturbed_calls():
-    from clipconv.bench import fastest_ratio
+    from clipconv.app.bench import fastest_ratio
 
     assert fastest_ratio({"a": [3.0, 2.5, 9.0], "b": [2.0, 1.0, 4.0]}, "a", "b") == pytest.approx(2.5)
 
 
 def test_benchmark_runs_on_a_tiny_model_and_reports_every_key(tiny_config, tmp_path, capsys):
-    from clipconv.bench import main
+    from clipconv.app.bench import main
 
     out = tmp_path / "bench" / "tiny.json"
     results = main(["--model", str(tiny_config), "--batch", "2", "--warmup", "0", "--repeats", "1",
@@ -116,7 +116,7 @@ def test_benchmark_runs_on_a_tiny_model_and_reports_every_key(tiny_config, tmp_p
 
 
 def test_benchmark_without_bf16_on_cpu_by_default(tiny_config):
-    from clipconv.bench import BenchConfig, run_benchmark
+    from clipconv.app.bench import BenchConfig, run_benchmark
 
     results = run_benchmark(BenchConfig(model=str(tiny_config), batch=1, warmup=0, repeats=1, classes=3))
     assert "train_bf16_autocast" not in results["seconds"] and "bf16_trunk_vs_fp32_step" not in results["ratios"]
@@ -124,14 +124,14 @@ def test_benchmark_without_bf16_on_cpu_by_default(tiny_config):
 
 @pytest.mark.parametrize("kind", ["lora", "bitfit", "vpt_deep", "adaptformer"])
 def test_benchmark_runs_every_adapter_kind_including_those_without_a_dim(tiny_config, kind):
-    from clipconv.bench import BenchConfig, run_benchmark
+    from clipconv.app.bench import BenchConfig, run_benchmark
 
     results = run_benchmark(BenchConfig(model=str(tiny_config), kind=kind, batch=1, warmup=0, repeats=1, classes=3))
     assert results["seconds"] and results["ratios"]
 
 
 def test_forward_gflops_counts_matmuls():
-    from clipconv.bench import forward_gflops
+    from clipconv.app.bench import forward_gflops
 
     layer = nn.Linear(100, 50, bias=False)
     inputs = torch.randn(20, 100)
@@ -139,7 +139,7 @@ def test_forward_gflops_counts_matmuls():
 
 
 def test_benchmark_refuses_bad_sizes(tiny_config):
-    from clipconv.bench import BenchConfig, run_benchmark
+    from clipconv.app.bench import BenchConfig, run_benchmark
 
     with pytest.raises(ValueError, match="--batch"):
         run_benchmark(BenchConfig(model=str(tiny_config), batch=0))

@@ -1,4 +1,4 @@
-"""`python -m clipconv.cache info|clear`: reports and removes clipconv's cache files, and nothing else."""
+"""`python -m clipconv.app.cache info|clear`: reports and removes clipconv's cache files, and nothing else."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from clipconv.cache import main
+from clipconv.app.cache import main
 
 
 @pytest.fixture()
@@ -56,9 +56,9 @@ def test_clear_can_keep_worlds_and_removes_an_emptied_features_folder(cache, cap
 
 
 def test_a_real_feature_cache_is_found_and_cleared(cache, tiny_backbone, tmp_path):
+    from clipconv.app.cache import scan
     from clipconv.data import make_image_tree, resolve_run_classes, train_samples
     from clipconv.features import FeatureStore
-    from clipconv.cache import scan
 
     root = make_image_tree(tmp_path / "data", train_per_class=2, val_per_class=1, variants=())
     store = FeatureStore(tiny_backbone)  # the default folder: $CLIPCONV_CACHE/features

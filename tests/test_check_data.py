@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipconv.cli.check_data import check_data_root, main
+from clipconv.app.cli.check_data import check_data_root, main
 from clipconv.data import make_image_tree
 from clipconv.prompts import REPO_ROOT, imagenet_classes
 
@@ -182,7 +182,7 @@ def test_bad_folder_arguments_exit_2_with_one_line(byod, tmp_path, capsys, argv,
 
 
 def test_demo_world_is_checked(tmp_path, capsys):
-    from clipconv.demo.world import generate_world
+    from clipconv.data.demo_world import generate_world
 
     world = generate_world(tmp_path / "w", seed=2, train_per_class=2, test_per_class=1, image_size=16)
     assert main(["--demo", "--data-root", str(world), "--shots", "2"]) == 0

@@ -137,8 +137,8 @@ def test_eval_cli_refuses_a_checkpoint_with_nan_with_exit_2(tmp_path, tiny_confi
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    from clipconv.app.cli import eval_robustness
     from clipconv.backbone import load_backbone
-    from clipconv.cli import eval_robustness
     from clipconv.data import make_image_tree, resolve_run_classes
     from clipconv.methods import FitContext, build_method
 

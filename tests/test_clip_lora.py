@@ -2,16 +2,15 @@
 gradients into the text encoder's LoRA, a short fit, and the merged plain model."""
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from baseline_world import make_world
+
 from clipconv.adapters import AdaptedModule
+from clipconv.app.session import backbone_fingerprint
 from clipconv.methods.base import build_method
 from clipconv.methods.clip_lora import ClipLoRAConfig, cosine_lr
 from clipconv.params import reference_spec
-from clipconv.session import backbone_fingerprint
 
 
 def _tol(*tensors: torch.Tensor) -> float:

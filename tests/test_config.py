@@ -20,9 +20,9 @@ def test_unknown_and_invalid_options_raise_naming_the_option():
 
 
 def test_train_and_table2_share_every_default():
-    from clipconv.cli import run_table2, train
-    from clipconv.run import VAL_SHOTS, RunConfig
-    from clipconv.table2 import Table2Config
+    from clipconv.app.cli import run_table2, train
+    from clipconv.app.run import VAL_SHOTS, RunConfig
+    from clipconv.app.table2 import Table2Config
 
     assert RunConfig().val_shots == Table2Config().val_shots == VAL_SHOTS == 4
     for parser in (train.build_parser("convpass"), run_table2.build_parser()):
@@ -35,8 +35,8 @@ def test_train_and_table2_share_every_default():
 
 
 def test_method_flags_are_generated_with_the_old_aliases():
-    from clipconv.cli.options import given
-    from clipconv.cli.train import METHOD_PREFIX, build_parser
+    from clipconv.app.cli.options import given
+    from clipconv.app.cli.train import METHOD_PREFIX, build_parser
 
     parser = build_parser("convpass")
     args = parser.parse_args(["--scale", "1", "10", "--wd", "0.1", "--sequential", "--kernel-size", "1",
@@ -50,9 +50,9 @@ def test_method_flags_are_generated_with_the_old_aliases():
 
 
 def test_demo_fills_only_what_no_flag_gave(tmp_path):
-    from clipconv.cli.options import shared_configs
-    from clipconv.cli.train import build_parser
-    from clipconv.demo import MINI_CLIP_CONFIG
+    from clipconv.app.cli.options import shared_configs
+    from clipconv.app.cli.train import build_parser
+    from clipconv.mini_clip import MINI_CLIP_CONFIG
 
     parser = build_parser("convpass")
     args = parser.parse_args(["--demo", "--data-root", str(tmp_path), "--crop-scale", "0.5", "--lr", "0.1"])
@@ -60,15 +60,15 @@ def test_demo_fills_only_what_no_flag_gave(tmp_path):
     assert configs["backbone"].model == str(MINI_CLIP_CONFIG) and configs["backbone"].crop_scale == 0.5
     assert configs["data"].data_root == str(tmp_path)
     assert method_options["lr"] == 0.003  # the demo's; the CLI puts the --lr flag over it
-    from clipconv.cli.train import config_from_args
+    from clipconv.app.cli.train import config_from_args
 
     args.method = "convpass"
     assert config_from_args(args, parser).method_options["lr"] == 0.1
 
 
 def test_the_dataset_family_is_chosen_in_one_place(tmp_path):
+    from clipconv.app.session import open_data_family
     from clipconv.data.family import ImageNetFamily
-    from clipconv.session import open_data_family
 
     family = open_data_family(DataConfig(data_root=str(tmp_path)))
     assert isinstance(family, ImageNetFamily) and family.data_root == tmp_path

@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
-
 from baseline_world import make_world
+from tolerance import assert_close_scaled
+
 from clipconv.methods import build_method
 from clipconv.methods.cocoop import CoCoOpConfig
 from clipconv.methods.coop import CoOp, CoOpConfig
 from clipconv.methods.prompt_learner import FrozenTextEncoder, PromptLearner, frozen_parameters, warmup_cosine_lr
-from tolerance import assert_close_scaled
 
 TINY = dict(epochs=1, views=1, batch_size=4)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from clipconv.cli.common import EXIT_BAD_INPUT
+from clipconv.app.cli.common import EXIT_BAD_INPUT
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def finished_run(tmp_path_factory, tiny_config):
     root = tmp_path_factory.mktemp("damaged")
     data = make_image_tree(root / "data", train_per_class=4, val_per_class=2, variants=(), seed=5)
     run = root / "run"
-    subprocess.run([sys.executable, "-m", "clipconv.cli.train", "--data-root", str(data), "--model", str(tiny_config),
+    subprocess.run([sys.executable, "-m", "clipconv.app.cli.train", "--data-root", str(data), "--model", str(tiny_config),
                     "--pretrained", "none", "--shots", "2", "--epochs", "1", "--batch-size", "4", "--workers", "0",
                     "--output-dir", str(run), "--no-cache", "--eval-sets", "imagenet"],
                    check=True, capture_output=True, env=_env())
@@ -31,7 +31,7 @@ def _env() -> dict:
 
 
 def _resume(run: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clipconv.cli.train", "--resume", str(run)],
+    return subprocess.run([sys.executable, "-m", "clipconv.app.cli.train", "--resume", str(run)],
                           capture_output=True, text=True, env=_env())
 
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torchvision import transforms as T
 
-from clipconv.bench_data import model_transforms, write_jpegs
+from clipconv.app.bench_data import model_transforms, write_jpegs
 from clipconv.data import ImageListDataset, load_rgb
 from clipconv.data.decoded import DecodedImageDataset, decoded_images, wait_for_writes
 from clipconv.data.draft import draft_for, needed_short_side
-from clipconv.evaluate import collect_logits, evaluate_method, image_loader
+from clipconv.evaluation import collect_logits, evaluate_method, image_loader
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -290,9 +290,9 @@ def test_unusable_cache_folder_keeps_the_images_in_memory(small_jpegs, tmp_path)
 
 
 def test_adapter_training_with_the_decoded_cache_gives_the_same_weights(tmp_path, tiny_config, monkeypatch):
-    import clipconv.data.folder as folder
     from baseline_world import make_world
 
+    import clipconv.data.folder as folder
     from clipconv.methods import build_method
 
     world = make_world(tmp_path, tiny_config, shots=2, val_shots=1, classes=2)
@@ -346,7 +346,7 @@ def test_collect_logits_copies_to_the_device_without_blocking(small_jpegs, monke
 
 # ----------------------------------------------------------------------------- benchmark
 def test_loader_benchmark_runs_on_a_tiny_setting(tmp_path):
-    from clipconv.bench_data import LoaderBenchConfig, format_loader_table, run_loader_benchmark
+    from clipconv.app.bench_data import LoaderBenchConfig, format_loader_table, run_loader_benchmark
 
     cfg = LoaderBenchConfig(images=4, source="80x60", size=32, epochs=2, batch=2, repeats=1, check_source="160x120",
                             check_images=2)
@@ -359,7 +359,7 @@ def test_loader_benchmark_runs_on_a_tiny_setting(tmp_path):
 
 
 def test_benchmark_script_refuses_bad_loader_flags(capsys):
-    from clipconv.bench_data import main
+    from clipconv.app.bench_data import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--epochs", "1"])
@@ -370,7 +370,7 @@ def test_benchmark_script_refuses_bad_loader_flags(capsys):
 
 
 def test_zero_shot_check_scores_full_and_drafted_decodes_with_the_mini_clip(tmp_path):
-    from clipconv.bench_data import draft_zero_shot_check
+    from clipconv.app.bench_data import draft_zero_shot_check
 
     check = draft_zero_shot_check(image_size=96, per_class=1, workdir=tmp_path)
     assert check["images"] == 32 and check["draft_size"] == 48
@@ -380,8 +380,8 @@ def test_zero_shot_check_scores_full_and_drafted_decodes_with_the_mini_clip(tmp_
 
 
 def test_session_hands_the_runtime_options_to_the_fit_context(tmp_path, monkeypatch):
+    from clipconv.app.session import _decoded_cache
     from clipconv.config import RuntimeConfig
-    from clipconv.session import _decoded_cache
 
     monkeypatch.setenv("CLIPCONV_CACHE", str(tmp_path))
     assert _decoded_cache(RuntimeConfig()) == str(tmp_path / "decoded")

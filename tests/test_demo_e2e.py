@@ -10,13 +10,13 @@ import torch.nn.functional as F
 
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory):
-    from clipconv.demo import generate_world
+    from clipconv.data.demo_world import generate_world
 
     return generate_world(tmp_path_factory.mktemp("mini") / "world", seed=3, train_per_class=16, test_per_class=6)
 
 
 def test_demo_runs_end_to_end_for_one_method(small_world, tmp_path):
-    from clipconv.cli import train
+    from clipconv.app.cli import train
 
     out = tmp_path / "run"
     assert train.main(["--demo", "--data-root", str(small_world), "--method", "zero_shot", "--workers", "0",
@@ -31,7 +31,7 @@ def test_demo_runs_end_to_end_for_one_method(small_world, tmp_path):
 
 
 def _accuracy(classifier, root, samples, transform) -> float:
-    from clipconv.evaluate import collect_logits
+    from clipconv.evaluation import collect_logits
     from clipconv.metrics import topk_accuracy
 
     logits, labels = collect_logits(classifier, root, samples, transform, torch.device("cpu"), batch_size=256)
@@ -40,9 +40,10 @@ def _accuracy(classifier, root, samples, transform) -> float:
 
 def test_sixteen_shot_convpass_beats_zero_shot_through_its_adapters(small_world):
     from clipconv.adapters import set_adapter_scale
+    from clipconv.app.demo_presets import DEMO_TRAIN_DEFAULTS
     from clipconv.data import eval_split, resolve_run_classes, sample_few_shot, train_samples
-    from clipconv.demo import DEMO_TRAIN_DEFAULTS, demo_backbone
     from clipconv.methods import FitContext, build_method
+    from clipconv.mini_clip import demo_backbone
 
     backbone = demo_backbone("cpu")
     classes = resolve_run_classes(small_world)

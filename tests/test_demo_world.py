@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from clipconv.demo import world as W
+from clipconv.data import demo_world as W
 
 SMALL = dict(train_per_class=2, test_per_class=1, image_size=32)
 

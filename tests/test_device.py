@@ -43,7 +43,7 @@ def test_garbage_is_rejected(name):
 def test_cli_reports_a_missing_device_in_one_line(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    from clipconv.cli import zero_shot
+    from clipconv.app.cli import zero_shot
 
     with pytest.raises(SystemExit) as caught:
         zero_shot.main(["--demo", "--device", "cuda", "--output-dir", "/nonexistent/never-written"])

@@ -1,4 +1,4 @@
-"""torchrun DDP (clipconv.distributed) on CPU with gloo: sharding, global batches, equivalence with one process.
+"""torchrun DDP (clipconv.runtime.ranks) on CPU with gloo: sharding, global batches, equivalence with one process.
 
 Multi-process tests spawn 2 processes (torch.multiprocessing, gloo, a file:// rendezvous: no port) or run
 torchrun itself as a subprocess (marked slow). Float tolerances: a few hundred ulps of the largest |value|
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_world import make_cli_world
+from tolerance import EPS32
 from torch import nn
 
-from clipconv import distributed
-from clipconv.distributed import GlobalBatchShards, SeededTrainItems, shard_bounds, train_loader
-
-from tolerance import EPS32
-from cli_world import make_cli_world
+from clipconv.data.sharded import GlobalBatchShards, SeededTrainItems, train_loader
+from clipconv.runtime import ranks
+from clipconv.runtime.ranks import shard_bounds
 
 ULPS = 256
 
@@ -40,7 +40,7 @@ def test_shards_are_contiguous_cover_everything_and_differ_by_at_most_one(n, ran
 
 @pytest.mark.parametrize("n,batch,ranks", [(0, 4, 2), (11, 4, 2), (12, 4, 2), (3, 4, 2), (50, 8, 3)])
 def test_evaluation_shards_are_runs_of_the_single_process_batches(n, batch, ranks):
-    bounds = [distributed.batch_shard_bounds(n, batch, ranks, r) for r in range(ranks)]
+    bounds = [ranks.batch_shard_bounds(n, batch, ranks, r) for r in range(ranks)]
     assert bounds[0][0] == 0 and bounds[-1][1] == n
     assert all(bounds[r][1] == bounds[r + 1][0] for r in range(ranks - 1))
     assert all(start % batch == 0 for start, end in bounds if end > start)  # batch boundaries kept
@@ -97,7 +97,7 @@ def test_augmentation_depends_on_the_item_and_epoch_seed_only_and_keeps_the_call
     assert torch.equal(torch.get_rng_state(), state)  # dropout's stream is not disturbed
     assert all(torch.equal(forward[i], backward[i]) for i in range(8))
     assert not torch.equal(forward[0], SeededTrainItems(_Noisy(8), round_seed=6)[(0, False)][0])
-    assert items[(3, True)][1] == distributed.IGNORE_LABEL  # padding adds nothing to the loss
+    assert items[(3, True)][1] == ranks.IGNORE_LABEL  # padding adds nothing to the loss
 
 
 def test_single_process_train_loader_keeps_the_epoch_order():
@@ -108,13 +108,13 @@ def test_single_process_train_loader_keeps_the_epoch_order():
 
 
 def test_batch_not_divisible_by_the_processes_is_refused_with_one_line(monkeypatch):
-    from clipconv.session import method_options
+    from clipconv.app.session import method_options
 
-    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    monkeypatch.setattr(ranks, "world_size", lambda: 4)
     with pytest.raises(ValueError) as err:
-        distributed.check_batch_size(6)
+        ranks.check_batch_size(6)
     assert "--batch-size 6" in str(err.value) and "4 processes" in str(err.value) and "\n" not in str(err.value)
-    distributed.check_batch_size(8)
+    ranks.check_batch_size(8)
     with pytest.raises(ValueError, match="method 'convpass': --batch-size 6"):
         method_options("convpass", {"batch_size": 6})
     method_options("linear_probe", {})  # methods that do not train with DDP are not concerned
@@ -122,25 +122,25 @@ def test_batch_not_divisible_by_the_processes_is_refused_with_one_line(monkeypat
 
 def test_without_torchrun_nothing_changes(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert distributed.init_from_env("cpu") == 1 and not distributed.is_distributed()
-    assert distributed.on_main(lambda: 7) == 7 and distributed.shard([1, 2, 3]) == [1, 2, 3]
+    assert ranks.init_from_env("cpu") == 1 and not ranks.is_distributed()
+    assert ranks.on_main(lambda: 7) == 7 and ranks.shard([1, 2, 3]) == [1, 2, 3]
     model = nn.Linear(2, 2)
-    assert distributed.wrap_model(model, torch.device("cpu")) is model
-    assert distributed.rank_seed(42) == 42
+    assert ranks.wrap_model(model, torch.device("cpu")) is model
+    assert ranks.rank_seed(42) == 42
     with pytest.raises(ValueError, match="WORLD_SIZE"):
-        distributed.launch_from_env({"WORLD_SIZE": "two"})
+        ranks.launch_from_env({"WORLD_SIZE": "two"})
 
 
 def test_other_ranks_write_no_file(tmp_path, monkeypatch):
-    from clipconv.io import remove_stale_temps, write_json
+    from clipconv.runtime.io import remove_stale_temps, write_json
 
-    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(ranks, "rank", lambda: 1)
     write_json(tmp_path / "sub" / "x.json", {"a": 1})
     stale = tmp_path / ".y.json.abc.tmp"
     stale.write_text("")
     assert remove_stale_temps(tmp_path / "y.json") == [] and stale.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name]
-    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    monkeypatch.setattr(ranks, "rank", lambda: 0)
     write_json(tmp_path / "x.json", {"a": 1})
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
 
@@ -156,7 +156,7 @@ def _join(rank: int, world: int, store: str) -> None:
 def _train(out: Path, rank: int = 0, world: int = 1, store: str = "") -> None:
     """Train a small linear classifier (L2-SP on) on 9 noisy items, batch 4: the global batches are 4, 4, 1,
     so the last one leaves rank 1 a padding item."""
-    from clipconv.engine import TrainConfig, Trainer
+    from clipconv.training import TrainConfig, Trainer
 
     if world > 1:
         _join(rank, world, store)
@@ -178,8 +178,8 @@ def _spawn(fn, tmp_path: Path, *args) -> None:
 
     import torch.multiprocessing as mp
 
-    multiprocessing.set_forkserver_preload(["torch", "open_clip", "clipconv.backbone", "clipconv.engine",
-                                            "clipconv.evaluate", "clipconv.features", __name__])
+    multiprocessing.set_forkserver_preload(["torch", "open_clip", "clipconv.backbone", "clipconv.training",
+                                            "clipconv.evaluation", "clipconv.features", __name__])
     mp.start_processes(fn, args=(2, str(tmp_path / "store"), tmp_path, *args), nprocs=2, join=True,
                        start_method="forkserver")
 
@@ -208,7 +208,7 @@ def test_two_processes_train_the_same_weights_as_one(tmp_path):
 def _evaluate(out: Path, data: Path, config: str, rank: int = 0, world: int = 1, store: str = "") -> None:
     """collect_logits and FeatureStore.encode (cache in out/cache) over 11 images, eval batch 4."""
     from clipconv.backbone import load_backbone
-    from clipconv.evaluate import collect_logits
+    from clipconv.evaluation import collect_logits
     from clipconv.features import FeatureStore
 
     if world > 1:
@@ -259,8 +259,8 @@ def _train_argv(world, out, epochs=2, batch=4):
             "--output-dir", str(out)]
 
 
-def _torchrun(args, module="clipconv.cli.train", **kwargs):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+def _torchrun(args, module="clipconv.app.cli.train", **kwargs):
+    cmd = [sys.executable, "-m", "torch.ranks.run", "--standalone", "--nproc_per_node", "2",
            "-m", module, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, **kwargs)
@@ -274,7 +274,7 @@ def _adapter(folder: Path) -> dict:
 
 @pytest.mark.slow
 def test_torchrun_training_matches_one_process_and_refuses_an_uneven_batch(world):
-    from clipconv.cli import train
+    from clipconv.app.cli import train
 
     root = world["root"]
     assert train.main(_train_argv(world, root / "one")) == 0
@@ -305,8 +305,8 @@ def test_torchrun_run_killed_after_an_epoch_resumes_to_the_straight_run(world):
     straight = _torchrun(_train_argv(world, root / "straight", epochs=6))
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed = root / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "clipconv.cli.train", *_train_argv(world, killed, epochs=6)]
+    cmd = [sys.executable, "-m", "torch.ranks.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "clipconv.app.cli.train", *_train_argv(world, killed, epochs=6)]
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     state = killed / "train_state.pt"
@@ -329,7 +329,7 @@ def test_torchrun_run_killed_after_an_epoch_resumes_to_the_straight_run(world):
 def test_torchrun_evaluation_of_a_checkpoint_equals_one_process_bit_for_bit(world):
     from safetensors.torch import load_file
 
-    from clipconv.cli import eval_robustness, train
+    from clipconv.app.cli import eval_robustness, train
 
     root = world["root"]
     run = root / "to-eval"
@@ -337,7 +337,7 @@ def test_torchrun_evaluation_of_a_checkpoint_equals_one_process_bit_for_bit(worl
     argv = ["--checkpoint", str(run / "adapter.safetensors"), "--data-root", str(world["data"]), "--workers", "0",
             "--eval-batch-size", "5", "--save-logits", "--threads", "1"]
     assert eval_robustness.main([*argv, "--output-dir", str(root / "eval-one")]) == 0
-    two = _torchrun([*argv, "--output-dir", str(root / "eval-two")], module="clipconv.cli.eval_robustness")
+    two = _torchrun([*argv, "--output-dir", str(root / "eval-two")], module="clipconv.app.cli.eval_robustness")
     assert two.returncode == 0, two.stderr[-3000:]
     names = sorted(p.name for p in (root / "eval-one").glob("*_logits.safetensors"))
     assert len(names) == 5 and names == sorted(p.name for p in (root / "eval-two").glob("*_logits.safetensors"))
@@ -350,7 +350,7 @@ def test_torchrun_evaluation_of_a_checkpoint_equals_one_process_bit_for_bit(worl
 
 @pytest.mark.slow
 def test_torchrun_table2_matches_one_process(world):
-    from clipconv.cli import run_table2
+    from clipconv.app.cli import run_table2
 
     root = world["root"]
     argv = ["--data-root", str(world["data"]), "--model", str(world["config"]), "--pretrained", str(world["weights"]),
@@ -359,7 +359,7 @@ def test_torchrun_table2_matches_one_process(world):
             "--workers", "0", "--threads", "1", "--eval-batch-size", "3"]
     assert run_table2.main([*argv, "--cache-dir", str(root / "cache-one"), "--output-dir", str(root / "t-one")]) == 0
     two = _torchrun([*argv, "--cache-dir", str(root / "cache-two"), "--output-dir", str(root / "t-two")],
-                    module="clipconv.cli.run_table2")
+                    module="clipconv.app.cli.run_table2")
     assert two.returncode == 0, two.stderr[-3000:]
     one_t, two_t = (json.loads((root / f"t-{k}/table2.json").read_text()) for k in ("one", "two"))
     for name in ("zero_shot", "linear_probe", "convpass"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from clipconv.engine import TrainConfig, Trainer, TrainingDivergedError, build_scheduler
+from clipconv.training import TrainConfig, Trainer, TrainingDivergedError, build_scheduler
 
 
 def test_frozen_weights_are_bit_identical_after_training_and_only_trainables_move(tmp_path, tiny_backbone):
@@ -84,7 +84,7 @@ def resume_world(tmp_path_factory, tiny_config):
 
 
 def _cli(root, data, config, out, *extra):
-    return [sys.executable, "-m", "clipconv.cli.train", "--data-root", str(data), "--model", str(config),
+    return [sys.executable, "-m", "clipconv.app.cli.train", "--data-root", str(data), "--model", str(config),
             "--pretrained", "none", "--shots", "24", "--epochs", "6", "--batch-size", "4", "--lr", "1e-3",
             "--workers", "0", "--output-dir", str(out), "--no-cache", "--eval-sets", "imagenet", "imagenet_sketch",
             *extra]
@@ -114,7 +114,7 @@ def test_run_killed_mid_epoch_resumes_to_identical_weights_and_metrics(resume_wo
     assert not (killed / "metrics.json").exists()
     # a kill during a save may leave a temp file, never a damaged train_state.pt (it loaded above)
 
-    resumed = subprocess.run([sys.executable, "-m", "clipconv.cli.train", "--resume", str(killed)], env=env,
+    resumed = subprocess.run([sys.executable, "-m", "clipconv.app.cli.train", "--resume", str(killed)], env=env,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {state} after epoch" in resumed.stderr
@@ -159,14 +159,14 @@ def test_sigterm_stops_like_ctrl_c_with_exit_143_and_the_run_resumes(resume_worl
     assert proc.returncode == 143, err[-2000:]
     assert f"--resume {out}" in err and "Traceback" not in err
     assert not (out / "metrics.json").exists() and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
-    resumed = subprocess.run([sys.executable, "-m", "clipconv.cli.train", "--resume", str(out)], env=env,
+    resumed = subprocess.run([sys.executable, "-m", "clipconv.app.cli.train", "--resume", str(out)], env=env,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (out / "metrics.json").is_file()
 
 
 def test_sigterm_handler_is_restored_after_the_run():
-    from clipconv.rundir import Terminated, interrupt_on_sigterm
+    from clipconv.app.rundir import Terminated, interrupt_on_sigterm
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt) as caught:

@@ -47,7 +47,7 @@ def test_registry_holds_the_four_families_and_refuses_unknown_names():
 
 
 def test_imagenet_family_carries_the_suite_and_the_paper_numbers(tmp_path):
-    from clipconv import report
+    from clipconv.app import report
 
     family = open_family("imagenet", data_root=tmp_path)
     assert family.suite == ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
@@ -175,7 +175,7 @@ def test_family_from_args_picks_the_family_and_refuses_conflicts(byod, tmp_path)
 
 @pytest.mark.parametrize("value", ["sketch", "=dir", "sketch=", "a b=dir"])
 def test_eval_set_flag_parsing_exits_2_naming_the_flag(value, capsys):
-    from clipconv.cli.options import add_shared_args
+    from clipconv.app.cli.options import add_shared_args
 
     parser = argparse.ArgumentParser()
     add_shared_args(parser)
@@ -186,7 +186,7 @@ def test_eval_set_flag_parsing_exits_2_naming_the_flag(value, capsys):
 
 
 def test_eval_set_flag_is_repeatable_and_ordered():
-    from clipconv.cli.options import add_shared_args
+    from clipconv.app.cli.options import add_shared_args
 
     parser = argparse.ArgumentParser()
     add_shared_args(parser)
@@ -196,8 +196,8 @@ def test_eval_set_flag_is_repeatable_and_ordered():
 
 def test_folder_flags_select_the_folder_family(byod):
     """--train-root/--eval-set reach DataConfig (in order) and the one family resolver picks `folder`."""
-    from clipconv.cli.options import add_shared_args, shared_configs
-    from clipconv.session import open_data_family
+    from clipconv.app.cli.options import add_shared_args, shared_configs
+    from clipconv.app.session import open_data_family
 
     parser = argparse.ArgumentParser()
     fields = add_shared_args(parser)
@@ -212,10 +212,10 @@ def test_folder_flags_select_the_folder_family(byod):
 
 def test_folder_data_through_a_method_and_the_suite(byod, tiny_backbone):
     """End to end at library level: folder family → K-shot split → zero-shot and linear probe → metrics per set."""
-    from clipconv.evaluate import evaluate_method
+    from clipconv.app.report import markdown_table, results_row
+    from clipconv.evaluation import evaluate_method
     from clipconv.features import FeatureStore
     from clipconv.methods import FitContext, build_method
-    from clipconv.report import markdown_table, results_row
 
     family = _open(byod)
     classes = family.classes()
@@ -247,7 +247,7 @@ def test_folder_data_through_a_method_and_the_suite(byod, tiny_backbone):
 # ----------------------------------------------------------------------------------------------- demo
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory):
-    from clipconv.demo.world import generate_world
+    from clipconv.data.demo_world import generate_world
 
     return generate_world(tmp_path_factory.mktemp("world") / "w", seed=5, train_per_class=2, test_per_class=1,
                           image_size=32)
@@ -273,7 +273,7 @@ def test_demo_family_reads_the_world_with_its_own_names(small_world):
 
 
 def test_demo_family_generates_the_world_on_first_use(tmp_path):
-    from clipconv.demo.world import MANIFEST_NAME
+    from clipconv.data.demo_world import MANIFEST_NAME
 
     family = open_family("demo", data_root=tmp_path / "new", train_per_class=1, test_per_class=1, image_size=16)
     assert not (tmp_path / "new").exists()  # nothing until the data is needed
@@ -288,7 +288,7 @@ def test_own_folders_run_end_to_end_through_the_train_cli(byod, tiny_config, tmp
     results table uses the user's set names and the -A/-R-style restricted scoring for the partial set."""
     import json
 
-    from clipconv.cli import train
+    from clipconv.app.cli import train
 
     out = tmp_path / "run"
     code = train.main(["--train-root", str(byod["train"]), "--eval-set", f"sketch={byod['sketch']}",
@@ -304,7 +304,7 @@ def test_own_folders_run_end_to_end_through_the_train_cli(byod, tiny_config, tmp
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["train_root"] == str(byod["train"])
 
-    from clipconv.cli import eval_robustness  # re-evaluation from the run folder alone, folder family too
+    from clipconv.app.cli import eval_robustness  # re-evaluation from the run folder alone, folder family too
 
     again = tmp_path / "again"
     assert eval_robustness.main(["--checkpoint", str(out), "--output-dir", str(again), "--workers", "0",

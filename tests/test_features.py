@@ -3,15 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import pytest
+import torch
+from baseline_world import make_world
+from tolerance import assert_close_scaled, differs_beyond_tolerance
 from torchvision import transforms as T
 
-from baseline_world import make_world
 from clipconv.backbone import load_backbone
-from clipconv.features import FeatureStore, default_cache_dir, transform_id
+from clipconv.features import FeatureStore, default_cache_dir
 from clipconv.methods import build_method
-from tolerance import assert_close_scaled, differs_beyond_tolerance
+from clipconv.runtime.cache import transform_id
 
 
 @pytest.fixture()

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import assert_close_scaled
 
 from clipconv.head import ImageClassifier, class_embeddings, text_head
-from tolerance import assert_close_scaled
 
 CLASSNAMES = ["striped star", "dotted circle", "plain square"]
 TEMPLATES = ["a photo of a {}.", "a sketch of a {}."]

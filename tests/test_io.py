@@ -1,4 +1,4 @@
-"""clipconv.io: file modes follow the umask, failed writes name the file and leave nothing, damaged run
+"""clipconv.runtime.io: file modes follow the umask, failed writes name the file and leave nothing, damaged run
 files are reported (never used)."""
 from __future__ import annotations
 
@@ -13,8 +13,16 @@ import textwrap
 import pytest
 import torch
 
-from clipconv.io import (DamagedFileError, OutputWriteError, atomic_path, load_torch, read_json, save_torch,
-                         write_json, write_text)
+from clipconv.runtime.io import (
+    DamagedFileError,
+    OutputWriteError,
+    atomic_path,
+    load_torch,
+    read_json,
+    save_torch,
+    write_json,
+    write_text,
+)
 
 
 @pytest.fixture()
@@ -91,7 +99,7 @@ def test_real_file_size_limit(tmp_path):
     """A real RLIMIT_FSIZE (Python ignores SIGXFSZ, so writes fail with EFBIG instead of killing)."""
     script = textwrap.dedent(f"""
         import resource, torch
-        from clipconv.io import OutputWriteError, save_torch, write_text
+        from clipconv.runtime.io import OutputWriteError, save_torch, write_text
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
         for name, write in (("big.txt", lambda p: write_text(p, "x" * 300_000)),
                             ("big.pt", lambda p: save_torch(p, {{"x": torch.zeros(100_000)}}))):
@@ -134,7 +142,7 @@ def test_damaged_training_state_is_reported_with_the_file_name(tmp_path):
 
 
 def test_cli_handler_turns_write_errors_into_one_line(tmp_path, capsys):
-    from clipconv.cli.common import EXIT_BAD_INPUT, bad_input_errors
+    from clipconv.app.cli.common import EXIT_BAD_INPUT, bad_input_errors
 
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -146,7 +154,7 @@ def test_cli_handler_turns_write_errors_into_one_line(tmp_path, capsys):
 
 
 def test_stale_temps_of_a_killed_writer_are_removed(tmp_path):
-    from clipconv.io import remove_stale_temps, write_text
+    from clipconv.runtime.io import remove_stale_temps, write_text
 
     final = write_text(tmp_path / "train_state.pt", "good")
     stale = tmp_path / ".train_state.pt.ab12cd.tmp"

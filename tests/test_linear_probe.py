@@ -6,12 +6,12 @@ import math
 
 import numpy as np
 import pytest
+from baseline_world import make_world
+from tolerance import assert_close_scaled, scaled_tolerance
 
 import clipconv.methods.linear_probe as lp
-from baseline_world import make_world
 from clipconv.methods import build_method
 from clipconv.methods.linear_probe import LinearProbe, LinearProbeConfig
-from tolerance import scaled_tolerance, assert_close_scaled
 
 
 @pytest.fixture()

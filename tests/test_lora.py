@@ -9,8 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from clipconv.adapters import (LoRAConfig, add_adapters, add_lora, adapter_modules, count_trainable, lora_attention,
-                               lora_wrappers, remove_adapters, set_adapter_scale)
+from clipconv.adapters import (
+    LoRAConfig,
+    adapter_modules,
+    add_adapters,
+    add_lora,
+    count_trainable,
+    lora_attention,
+    lora_wrappers,
+    remove_adapters,
+    set_adapter_scale,
+)
 
 
 def _tol(*tensors: torch.Tensor) -> float:

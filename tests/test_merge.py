@@ -9,17 +9,18 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from baseline_world import make_world
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tolerance import assert_close_scaled, differs_beyond_tolerance
 from torch import nn
 
-from baseline_world import make_world
-from clipconv.adapters import add_adapters, add_lora, adapter_kinds, adapter_modules
+from clipconv.adapters import adapter_kinds, adapter_modules, add_adapters, add_lora
+from clipconv.app.cli.export_merged import head_path
+from clipconv.app.cli.export_merged import main as export_main
 from clipconv.checkpoint import save_trainable
-from clipconv.cli.export_merged import head_path, main as export_main
 from clipconv.merge import merge_adapters, merged_state_dict
 from clipconv.methods.finetune import AdapterTuning
-from tolerance import assert_close_scaled, differs_beyond_tolerance
 
 
 def _images(visual: nn.Module, batch: int = 3) -> torch.Tensor:

@@ -8,10 +8,10 @@ import dataclasses
 
 import pytest
 import torch
-
 from baseline_world import make_world
+
+from clipconv.app.session import backbone_fingerprint
 from clipconv.methods.base import METHODS, build_method, method_config_class, method_names
-from clipconv.session import backbone_fingerprint
 
 #: the cheapest value of common options (applied where a method has the option)
 TINY = {"epochs": 1, "views": 1, "augment_rounds": 1, "bisection_steps": 1, "n_ctx": 4, "search": "small",
@@ -65,7 +65,7 @@ def test_fit_and_logits_leave_the_shared_backbone_untouched(name, world):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_generated_help_shows_each_option_once_and_no_none_default(name):
-    from clipconv.cli.train import build_parser
+    from clipconv.app.cli.train import build_parser
 
     parser = build_parser(name)
     text = parser.format_help()
@@ -84,7 +84,7 @@ def _image(world, path):
 
 
 def test_demo_defaults_are_valid_options_of_their_methods():
-    from clipconv.demo.defaults import DEMO_TRAIN_DEFAULTS
+    from clipconv.app.demo_presets import DEMO_TRAIN_DEFAULTS
 
     for name, options in DEMO_TRAIN_DEFAULTS.items():
         assert name in NAMES, name

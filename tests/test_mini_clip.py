@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from clipconv.app import pretrain_mini_clip as P
 from clipconv.backbone import load_backbone
-from clipconv.demo import MINI_CLIP_CONFIG, MINI_CLIP_WEIGHTS, demo_backbone
-from clipconv.demo import pretrain as P
-from clipconv.demo.world import WORLD_CLASSES, generate_world
+from clipconv.data.demo_world import WORLD_CLASSES, generate_world
+from clipconv.mini_clip import MINI_CLIP_CONFIG, MINI_CLIP_WEIGHTS, demo_backbone
 
 TEN_MB = 10 * 1024 * 1024
 

@@ -9,8 +9,8 @@ import json
 
 import pytest
 import torch
-
 from baseline_world import make_world
+
 from clipconv.adapters import ADAPTERS, count_trainable
 from clipconv.methods.base import METHODS, build_method, method_config_class, method_names
 from clipconv.params import ParamSpec, count_elements, meta_copy, reference_model, reference_spec
@@ -101,9 +101,9 @@ def test_the_hook_equals_what_the_fitted_method_trains(name, world):
 
 
 def test_every_adapter_kind_is_a_method_with_the_kinds_options():
-    from clipconv.demo.defaults import DEMO_TRAIN_DEFAULTS, demo_settings
+    from clipconv.app.demo_presets import DEMO_TRAIN_DEFAULTS, demo_settings
+    from clipconv.app.table2 import row_label
     from clipconv.methods.finetune import AdapterTuning
-    from clipconv.table2 import row_label
 
     for kind in ADAPTERS:
         cls = METHODS[f"adapter:{kind}"]
@@ -119,7 +119,7 @@ def test_every_adapter_kind_is_a_method_with_the_kinds_options():
 
 
 def test_table2_prints_both_counts_and_train_seconds(tmp_path, tiny_config):
-    from clipconv.cli.run_table2 import main
+    from clipconv.app.cli.run_table2 import main
     from clipconv.data import make_image_tree
 
     tree = make_image_tree(tmp_path / "data", train_per_class=6, val_per_class=2)

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from clipconv.adapters import (Bottleneck, ParallelAdapter, SequentialAdapter, add_adapters, count_trainable,
-                               make_config)
+from clipconv.adapters import Bottleneck, ParallelAdapter, SequentialAdapter, add_adapters, count_trainable, make_config
 
 
 def _tol(*tensors: torch.Tensor) -> float:

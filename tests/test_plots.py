@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from baseline_world import make_world
 from PIL import Image
 
-from baseline_world import make_world
-from clipconv.plots import accuracy_bars, accuracy_vs_shots, robustness_sweep
+from clipconv.app.plots import accuracy_bars, accuracy_vs_shots, robustness_sweep
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COLUMNS = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r", "target_avg")
@@ -43,10 +43,10 @@ def assert_valid_png(path: Path, min_bytes: int = 8000) -> None:
 @pytest.fixture()
 def measured_world_table(tmp_path, tiny_config) -> dict:
     """A real table: zero-shot and linear-probe top-1 of the tiny CLIP on the baseline world's val set."""
+    from clipconv.app.report import results_row
     from clipconv.data import eval_split, resolve_run_classes
-    from clipconv.evaluate import evaluate_method
+    from clipconv.evaluation import evaluate_method
     from clipconv.methods import build_method
-    from clipconv.report import results_row
 
     world = make_world(tmp_path, tiny_config)
     split = eval_split(world.root, "imagenet", resolve_run_classes(world.root))
@@ -136,7 +136,7 @@ def test_bad_input_is_refused_and_nothing_is_written(tmp_path, call, message):
 
 
 def test_importing_clipconv_does_not_import_matplotlib():
-    code = ("import sys, clipconv, clipconv.plots, clipconv.table2, clipconv.cli.run_table2; "
+    code = ("import sys, clipconv, clipconv.app.plots, clipconv.app.table2, clipconv.app.cli.run_table2; "
             "assert 'matplotlib' not in sys.modules, 'matplotlib imported at import time'")
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
@@ -163,7 +163,7 @@ def test_robustness_sweep_draws_one_labelled_point_per_alpha_on_logit_axes(tmp_p
 
 
 def test_robustness_sweep_clips_zero_and_hundred_percent(tmp_path, monkeypatch):
-    from clipconv.plots import LOGIT_CLIP
+    from clipconv.app.plots import LOGIT_CLIP
 
     lines = _spy(monkeypatch, "plot")
     assert_valid_png(robustness_sweep({0.0: (0.0, 100.0), 1.0: (50.0, 50.0)}, tmp_path / "edge.png"), min_bytes=4000)

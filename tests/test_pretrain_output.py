@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from clipconv.app.pretrain_mini_clip import DEFAULT_OUTPUT, main, resolve_output
 from clipconv.backbone import file_sha256
-from clipconv.demo import MINI_CLIP_WEIGHTS
-from clipconv.demo.pretrain import DEFAULT_OUTPUT, main, resolve_output
+from clipconv.mini_clip import MINI_CLIP_WEIGHTS
 
 
 def test_default_output_is_not_the_shipped_checkpoint(tmp_path, monkeypatch):

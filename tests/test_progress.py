@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from clipconv import progress as progress_module
-from clipconv.progress import progress, set_quiet
+from clipconv.runtime import progress as progress_module
+from clipconv.runtime.progress import progress, set_quiet
 
 
 class _Terminal(io.StringIO):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from clipconv import engine
+from clipconv import training as engine
 from clipconv.adapters import add_adapters
-from clipconv.engine import TrainConfig, Trainer, build_optimizer, fused_adamw, resolve_precision
+from clipconv.training import TrainConfig, Trainer, build_optimizer, fused_adamw, resolve_precision
 
 EPS = torch.finfo(torch.float32).eps
 BF16_EPS = torch.finfo(torch.bfloat16).eps
@@ -170,8 +170,8 @@ def test_compile_option_reaches_the_trainer_and_is_a_cli_flag():
     assert method.config.train_config(ctx).compile is True
     assert build_method("convpass").config.train_config(ctx).compile is False
 
-    from clipconv.cli.options import given
-    from clipconv.cli.train import METHOD_PREFIX, build_parser
+    from clipconv.app.cli.options import given
+    from clipconv.app.cli.train import METHOD_PREFIX, build_parser
 
     args = build_parser("convpass").parse_args(["--compile"])
     assert given(args, args._method_fields, METHOD_PREFIX) == {"compile": True}

@@ -7,10 +7,10 @@ from collections import Counter
 
 import pytest
 
-from clipconv.cli.run_table2 import main
+from clipconv.app.cli.run_table2 import main
+from clipconv.app.session import method_options
+from clipconv.app.table2 import PUBLISHED_LABEL, aggregate_seeds
 from clipconv.data import load_split, make_image_tree
-from clipconv.session import method_options
-from clipconv.table2 import PUBLISHED_LABEL, aggregate_seeds
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -209,8 +209,8 @@ def test_option_filters_see_every_config_option():
     of each method's config dataclass; runtime values (seed, workers, eval batch size) are not options."""
     import dataclasses
 
+    from clipconv.app.session import method_options
     from clipconv.methods.base import METHODS, method_names
-    from clipconv.session import method_options
 
     method_names()
     for name in ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "coop", "cocoop"):
@@ -245,9 +245,9 @@ def _argv(tmp_path, tree, tiny_config, methods, *extra, out="out"):
 
 def test_interrupted_table_is_marked_incomplete_and_resume_runs_only_the_missing_fits(tmp_path, tree, tiny_config,
                                                                                        monkeypatch, capsys):
-    import clipconv.table2
+    import clipconv.app.table2
 
-    real = clipconv.table2.fit_and_evaluate
+    real = clipconv.app.table2.fit_and_evaluate
     calls = []
 
     def interrupt_second(session, name, *args, **kwargs):
@@ -256,7 +256,7 @@ def test_interrupted_table_is_marked_incomplete_and_resume_runs_only_the_missing
             raise KeyboardInterrupt
         return real(session, name, *args, **kwargs)
 
-    monkeypatch.setattr(clipconv.table2, "fit_and_evaluate", interrupt_second)
+    monkeypatch.setattr(clipconv.app.table2, "fit_and_evaluate", interrupt_second)
     out = tmp_path / "out"
     assert main(_argv(tmp_path, tree, tiny_config, ["zero_shot", "linear_probe"])) == 130
     err = capsys.readouterr().err
@@ -268,7 +268,7 @@ def test_interrupted_table_is_marked_incomplete_and_resume_runs_only_the_missing
     zero_shot_row = partial["per_seed"]["zero_shot"]["1"]["row"]
 
     calls.clear()
-    monkeypatch.setattr(clipconv.table2, "fit_and_evaluate",
+    monkeypatch.setattr(clipconv.app.table2, "fit_and_evaluate",
                         lambda session, name, *a, **k: calls.append(name) or real(session, name, *a, **k))
     assert main(["--resume", str(out), "--workers", "0"]) == 0
     assert calls == ["linear_probe"]  # zero-shot was not re-run
@@ -317,9 +317,9 @@ def test_default_table_folders_are_new_and_unique(tmp_path, tree, tiny_config, m
 
 def test_an_output_dir_under_a_file_is_refused_before_any_work(tmp_path, tree, tiny_config, capsys, monkeypatch):
     # tests run as root: a path through a file is how "not writable" is simulated
-    import clipconv.table2
+    import clipconv.app.table2
 
-    monkeypatch.setattr(clipconv.table2, "open_session", lambda *a, **k: pytest.fail("session opened first"))
+    monkeypatch.setattr(clipconv.app.table2, "open_session", lambda *a, **k: pytest.fail("session opened first"))
     (tmp_path / "afile").write_text("x")
     with pytest.raises(SystemExit) as info:
         main(_argv(tmp_path, tree, tiny_config, ["zero_shot"], out="afile/out"))
@@ -332,7 +332,7 @@ def test_sigterm_stops_the_table_like_ctrl_c_with_exit_143(tmp_path, tree, tiny_
     import signal
     import time
 
-    import clipconv.table2
+    import clipconv.app.table2
 
     before = signal.getsignal(signal.SIGTERM)
 
@@ -341,7 +341,7 @@ def test_sigterm_stops_the_table_like_ctrl_c_with_exit_143(tmp_path, tree, tiny_
         time.sleep(1)
         pytest.fail("SIGTERM did not stop the fit")
 
-    monkeypatch.setattr(clipconv.table2, "fit_and_evaluate", terminated)
+    monkeypatch.setattr(clipconv.app.table2, "fit_and_evaluate", terminated)
     out = tmp_path / "out"
     assert main(_argv(tmp_path, tree, tiny_config, ["zero_shot"])) == 143
     err = capsys.readouterr().err
@@ -351,23 +351,23 @@ def test_sigterm_stops_the_table_like_ctrl_c_with_exit_143(tmp_path, tree, tiny_
 
 
 def test_resume_continues_an_interrupted_training_from_its_saved_epoch(tmp_path, tree, tiny_config, monkeypatch):
-    import clipconv.table2
+    import clipconv.app.table2
 
-    real = clipconv.table2.fit_and_evaluate
+    real = clipconv.app.table2.fit_and_evaluate
 
     def trained_then_interrupted(*args, **kwargs):  # the epochs are saved, the table row is not
         real(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(clipconv.table2, "fit_and_evaluate", trained_then_interrupted)
+    monkeypatch.setattr(clipconv.app.table2, "fit_and_evaluate", trained_then_interrupted)
     out = tmp_path / "out"
     assert main(_argv(tmp_path, tree, tiny_config, ["convpass"])) == 130
     assert (out / "convpass_seed1" / "train_state.pt").is_file()
-    monkeypatch.setattr(clipconv.table2, "fit_and_evaluate", real)
+    monkeypatch.setattr(clipconv.app.table2, "fit_and_evaluate", real)
     lines = []
-    import clipconv.run
+    import clipconv.app.run
 
-    monkeypatch.setattr(clipconv.run.log, "info", lambda message, *a, **k: lines.append(str(message)))
+    monkeypatch.setattr(clipconv.app.run.log, "info", lambda message, *a, **k: lines.append(str(message)))
     assert main(["--resume", str(out)]) == 0
     assert any(line.startswith(f"resumed from {out / 'convpass_seed1' / 'train_state.pt'} after epoch 1")
                for line in lines), lines

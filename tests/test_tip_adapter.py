@@ -4,15 +4,22 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from baseline_world import make_world
-from clipconv.features import FeatureStore, item_seed
+from PIL import Image
+from tolerance import assert_close_scaled, differs_beyond_tolerance
+
+from clipconv.features import FeatureStore
 from clipconv.methods import build_method
 from clipconv.methods.frozen import text_classifier
-from clipconv.methods.tip_adapter import TipAdapterConfig, TipAdapterF, TipAdapterFConfig, search_grid, tip_cache_transform
+from clipconv.methods.tip_adapter import (
+    TipAdapterConfig,
+    TipAdapterF,
+    TipAdapterFConfig,
+    search_grid,
+    tip_cache_transform,
+)
 from clipconv.prompts import load_templates
-from tolerance import assert_close_scaled, differs_beyond_tolerance
+from clipconv.runtime.seeding import item_seed
 
 
 @pytest.fixture()

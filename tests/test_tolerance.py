@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tolerance import EPS32, assert_close_scaled, differs_beyond_tolerance, scaled_tolerance
 
 

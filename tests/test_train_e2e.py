@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-
-from clipconv.cli import eval_robustness, train
 from cli_world import make_cli_world
+
+from clipconv.app.cli import eval_robustness, train
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +151,10 @@ def test_overwrite_and_resume_together_are_refused(world, tmp_path, capsys):
 def test_unusable_output_dir_is_refused_before_any_work(world, tmp_path, capsys, monkeypatch, kind):
     # tests run as root, so a read-only folder cannot be simulated with chmod: a path through a file is
     # what "cannot be written" looks like here
-    import clipconv.run
+    import clipconv.app.run
 
     called = []
-    monkeypatch.setattr(clipconv.run, "open_session", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(clipconv.app.run, "open_session", lambda *a, **k: called.append(1))
     blocker = tmp_path / "afile"
     blocker.write_text("x")
     out = {"file": blocker, "under_file": blocker / "sub" / "run", "too_long": tmp_path / ("r" * 300)}[kind]
@@ -167,12 +167,12 @@ def test_unusable_output_dir_is_refused_before_any_work(world, tmp_path, capsys,
 
 
 def test_runs_started_in_the_same_second_get_different_folders(world, tmp_path, monkeypatch):
-    import clipconv.run
-    from clipconv.run import RunConfig, prepare_run
+    import clipconv.app.run
+    from clipconv.app.run import RunConfig, prepare_run
     from clipconv.config import BackboneConfig, DataConfig, RuntimeConfig
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(clipconv.run.time, "strftime", lambda fmt, *a: "20260101-000000")
+    monkeypatch.setattr(clipconv.app.run.time, "strftime", lambda fmt, *a: "20260101-000000")
     cfg = RunConfig(method="zero_shot", shots=2, data=DataConfig(data_root=str(world["data"])),
                     backbone=BackboneConfig(model=str(world["config"]), pretrained=str(world["weights"])),
                     runtime=RuntimeConfig(workers=0, cache=False))
@@ -186,7 +186,7 @@ def test_concurrent_folder_creation_never_shares():
     import tempfile
     from concurrent.futures import ThreadPoolExecutor
 
-    from clipconv.rundir import new_run_dir
+    from clipconv.app.rundir import new_run_dir
 
     with tempfile.TemporaryDirectory() as parent:
         with ThreadPoolExecutor(8) as pool:

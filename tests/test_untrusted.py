@@ -27,7 +27,7 @@ def exploit(tmp_path):
 
 
 def test_training_state_loader_refuses_code(exploit):
-    from clipconv.io import load_torch
+    from clipconv.runtime.io import load_torch
 
     path, marker = exploit
     with pytest.raises(ValueError, match="weights_only"):
@@ -47,7 +47,7 @@ def test_backbone_weights_loader_refuses_code(exploit, tiny_config):
 def test_resume_refuses_a_poisoned_state_file(exploit, tmp_path):
     from torch import nn
 
-    from clipconv.engine import TrainConfig, Trainer
+    from clipconv.training import TrainConfig, Trainer
 
     path, marker = exploit
     trainer = Trainer(nn.Linear(2, 2), lambda g: [], 1, TrainConfig(epochs=1), torch.device("cpu"), tmp_path)

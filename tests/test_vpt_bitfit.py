@@ -8,16 +8,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from baseline_world import make_world
+from tolerance import assert_close_scaled, differs_beyond_tolerance
 from torch import nn
 
-from baseline_world import make_world
-from clipconv.adapters import (Convpass, add_adapters, adapted_modules, adapter_kinds, adapter_modules,
-                               encoder_biases, get_adapter_scale, prompt_tokens, remove_adapters, set_adapter_scale,
-                               vpt_init_bound)
+from clipconv.adapters import (
+    Convpass,
+    adapted_modules,
+    adapter_kinds,
+    adapter_modules,
+    add_adapters,
+    encoder_biases,
+    get_adapter_scale,
+    prompt_tokens,
+    remove_adapters,
+    set_adapter_scale,
+    vpt_init_bound,
+)
 from clipconv.checkpoint import trainable_state_dict
 from clipconv.methods import build_method
 from clipconv.methods.finetune import AdapterTuning, load_classifier
-from tolerance import assert_close_scaled, differs_beyond_tolerance
 
 
 def _tol(*tensors: torch.Tensor) -> float:
@@ -212,7 +222,7 @@ def _tuning(kind: str) -> type[AdapterTuning]:
 
 
 def _world_images(world, count: int = 6) -> torch.Tensor:
-    from clipconv.evaluate import image_loader
+    from clipconv.evaluation import image_loader
 
     loader = image_loader(world.root, world.test_samples[:count], world.backbone.eval_transform, count, 0)
     return next(iter(loader))[0]

@@ -177,9 +177,9 @@ def test_streamed_augmentations_are_seeded_per_item_like_the_map_style_path(worl
     from torchvision import transforms
 
     from clipconv.data import open_family
+    from clipconv.data.folder import ImageListDataset
     from clipconv.data.wds import ShardStream, as_files
     from clipconv.features import _SeededItems
-    from clipconv.data.folder import ImageListDataset
 
     family = open_family("wds", data_root=str(world["shards"]))
     samples = family.eval_splits(["imagenet"], family.classes())[0].samples
@@ -208,7 +208,7 @@ def test_streamed_pixels_equal_the_files(world):
 
 # ------------------------------------------------------------------------------------------ end to end
 def test_zero_shot_from_shards_equals_zero_shot_from_folders(world, tmp_path):
-    from clipconv.cli import zero_shot
+    from clipconv.app.cli import zero_shot
 
     assert zero_shot.main([*_folder_data(world), *_model(world), "--output-dir", str(tmp_path / "folders")]) == 0
     with pytest.warns(UserWarning, match="not found"):
@@ -251,7 +251,7 @@ def _build_rows(folders):
 
 
 def test_training_on_shards_end_to_end_then_reevaluation_from_shards_equals_folders(world, tmp_path):
-    from clipconv.cli import eval_robustness, train
+    from clipconv.app.cli import eval_robustness, train
 
     run = tmp_path / "run"
     argv = [*_wds_data(world), *_model(world), "--shots", "2", "--val-shots", "1", "--epochs", "1", "--batch-size", "4",
@@ -282,7 +282,7 @@ def test_training_on_shards_end_to_end_then_reevaluation_from_shards_equals_fold
 
 def test_a_checkpoint_scores_the_same_on_shards_and_on_the_same_images_as_folders(world, tmp_path):
     """Methods that read images (Convpass) stream the test shards: same scores as from the files."""
-    from clipconv.cli import eval_robustness, train
+    from clipconv.app.cli import eval_robustness, train
 
     run = tmp_path / "run"
     assert train.main([*_folder_data(world), *_model(world), "--shots", "2", "--epochs", "1", "--batch-size", "4",
@@ -309,7 +309,7 @@ def test_dataset_templates_are_read_from_the_templates_file(world, tmp_path):
 
 
 def test_templates_dataset_on_a_family_without_one_is_refused(world, tmp_path, capsys):
-    from clipconv.cli import zero_shot
+    from clipconv.app.cli import zero_shot
 
     with pytest.raises(SystemExit) as exit_info:
         zero_shot.main([*_folder_data(world), *_model(world), "--templates", "dataset", "--output-dir",
@@ -319,7 +319,7 @@ def test_templates_dataset_on_a_family_without_one_is_refused(world, tmp_path, c
 
 
 def test_zero_shot_with_the_dataset_templates_equals_the_same_templates_as_a_file(world, tmp_path):
-    from clipconv.cli import zero_shot
+    from clipconv.app.cli import zero_shot
 
     file = tmp_path / "templates.txt"
     file.write_text("a photo of a {}.\na drawing of the {}.\n")
@@ -383,7 +383,7 @@ def _damage_missing_classnames(root):
 def test_bad_shards_stop_with_one_line_and_exit_2_before_writing(world, tmp_path, capsys, damage):
     import shutil
 
-    from clipconv.cli import zero_shot
+    from clipconv.app.cli import zero_shot
 
     root = Path(shutil.copytree(world["shards"], tmp_path / "wds"))
     shutil.copytree(world["folders"]["imagenet_a"], tmp_path / "folders" / "a")
@@ -440,7 +440,7 @@ def test_changed_shards_are_reindexed(world, tmp_path):
 def test_check_data_lists_the_shards_and_flags_undecodable_images(world, tmp_path, capsys):
     import shutil
 
-    from clipconv.cli import check_data
+    from clipconv.app.cli import check_data
 
     root = Path(shutil.copytree(world["shards"], tmp_path / "wds"))
     assert check_data.main(["--family", "wds", "--data-root", str(root), "--shots", "4", "--verify"]) == 0
@@ -466,8 +466,8 @@ def test_every_torchrun_rank_gets_the_extracted_files_it_is_handed(tmp_path, mon
     extraction must leave the files on every rank (not a scratch copy only rank 0 keeps)."""
     import tarfile
 
-    from clipconv import distributed
     from clipconv.data.wds import extract_samples
+    from clipconv.runtime import ranks
 
     image = next(iter(_files(make_folder(tmp_path), ["x"])))[0]
     shard = tmp_path / "wds_imagenet1k" / "train" / "0.tar"
@@ -477,7 +477,7 @@ def test_every_torchrun_rank_gets_the_extracted_files_it_is_handed(tmp_path, mon
     with tarfile.open(shard, "w") as tar:
         tar.add(image, arcname="a1.jpg")
         tar.add(label, arcname="a1.cls")
-    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    monkeypatch.setattr(ranks, "is_main", lambda: False)
     target = extract_samples(tmp_path, ["wds_imagenet1k/train/0.tar#a1"])["wds_imagenet1k/train/0.tar#a1"]
     assert target.read_bytes() == image.read_bytes()
     assert not list(target.parent.glob(".*.tmp"))

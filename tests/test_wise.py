@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-
 from baseline_world import make_world
+from tolerance import assert_close_scaled, differs_beyond_tolerance
+
 from clipconv.methods import build_method
 from clipconv.wise import interpolate, mix, supports_interpolation, wise_sweep
-from tolerance import assert_close_scaled, differs_beyond_tolerance
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def features(world):
 
 
 def _images(world, count: int = 6) -> torch.Tensor:
-    from clipconv.evaluate import image_loader
+    from clipconv.evaluation import image_loader
 
     loader = image_loader(world.root, world.test_samples[:count], world.backbone.eval_transform, count, 0)
     images, _ = next(iter(loader))
@@ -190,8 +190,8 @@ def test_tip_adapter_f_alpha0_is_training_free_tip_adapter(world, features):
 # ----------------------------------------------------------------------------- sweep through a session
 @pytest.fixture(scope="module")
 def session(world, tiny_config):
+    from clipconv.app.session import open_session
     from clipconv.config import BackboneConfig, DataConfig, RuntimeConfig
-    from clipconv.session import open_session
 
     return open_session(DataConfig(data_root=str(world.root), eval_sets=("imagenet",)),
                         BackboneConfig(model=str(tiny_config), pretrained="none", precision="fp32"),

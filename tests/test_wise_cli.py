@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
+from cli_world import make_cli_world
 from safetensors.torch import load_file
 
-from clipconv.cli import eval_robustness, train
-from cli_world import make_cli_world
+from clipconv.app.cli import eval_robustness, train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

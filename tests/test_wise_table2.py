@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from clipconv.cli.run_table2 import main
+from clipconv.app.cli.run_table2 import main
 from clipconv.data import make_image_tree
 
 TINY = {"convpass": {"epochs": 2, "lr": 1e-2, "scales": [1.0], "batch_size": 4},
@@ -83,10 +83,10 @@ def test_bad_wise_values_exit_2_and_write_nothing(tmp_path, tree, tiny_config, c
 
 def test_resume_keeps_wise_rows_and_refits_a_method_whose_wise_row_is_missing(tmp_path, tree, tiny_config,
                                                                               monkeypatch):
-    import clipconv.table2
+    import clipconv.app.table2
 
     argv = _argv(tmp_path, tree, tiny_config, ["zero_shot", "convpass"], "--seeds", "1", "2")
-    real = clipconv.table2.fit_and_evaluate
+    real = clipconv.app.table2.fit_and_evaluate
     calls = []
 
     def interrupt_fourth(session, name, *args, **kwargs):
@@ -95,7 +95,7 @@ def test_resume_keeps_wise_rows_and_refits_a_method_whose_wise_row_is_missing(tm
             raise KeyboardInterrupt
         return real(session, name, *args, **kwargs)
 
-    monkeypatch.setattr(clipconv.table2, "fit_and_evaluate", interrupt_fourth)
+    monkeypatch.setattr(clipconv.app.table2, "fit_and_evaluate", interrupt_fourth)
     assert main(argv) == 130
     out = tmp_path / "out"
     partial = _table(tmp_path)
@@ -103,7 +103,7 @@ def test_resume_keeps_wise_rows_and_refits_a_method_whose_wise_row_is_missing(tm
     kept = partial["per_seed"]["convpass+wise"]["1"]["row"]
 
     calls.clear()
-    monkeypatch.setattr(clipconv.table2, "fit_and_evaluate",
+    monkeypatch.setattr(clipconv.app.table2, "fit_and_evaluate",
                         lambda session, name, *a, **k: calls.append(name) or real(session, name, *a, **k))
     assert main(["--resume", str(out), "--workers", "0"]) == 0
     assert calls == ["convpass"]

@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from baseline_world import make_world
-from clipconv.methods import build_method
+from PIL import Image
 from tolerance import assert_close_scaled
+
+from clipconv.methods import build_method
 
 
 @pytest.fixture()
@@ -72,7 +72,7 @@ def test_unknown_template_set_and_unfitted_use_fail_clearly(world):
 
 
 def test_cli_compares_several_backbones_in_one_table(tmp_path, tiny_config):
-    from clipconv.cli.zero_shot import main
+    from clipconv.app.cli.zero_shot import main
     from clipconv.data import make_image_tree
 
     tree = make_image_tree(tmp_path / "data", train_per_class=1, val_per_class=2)
@@ -103,7 +103,7 @@ def test_cli_compares_several_backbones_in_one_table(tmp_path, tiny_config):
 
 
 def test_cli_pairs_must_match(tmp_path, tiny_config, capsys):
-    from clipconv.cli.zero_shot import main
+    from clipconv.app.cli.zero_shot import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--data-root", str(tmp_path), "--model", "a", "--model", "b", "--pretrained", "x",
@@ -131,12 +131,12 @@ def _zs_argv(tree, tiny_config, *extra):
 @pytest.mark.parametrize("kind", ["file", "under_file", "too_long"])
 def test_cli_refuses_an_unusable_output_dir_before_evaluating(tmp_path, tiny_config, capsys, monkeypatch, kind):
     # run as root, a chmod'ed folder stays writable: a path through a file stands for "cannot be written"
-    import clipconv.session
-    from clipconv.cli.zero_shot import main
+    import clipconv.app.session
+    from clipconv.app.cli.zero_shot import main
     from clipconv.data import make_image_tree
 
     tree = make_image_tree(tmp_path / "data", train_per_class=1, val_per_class=1)
-    monkeypatch.setattr(clipconv.session, "fit_and_evaluate", lambda *a, **k: pytest.fail("evaluated first"))
+    monkeypatch.setattr(clipconv.app.session, "fit_and_evaluate", lambda *a, **k: pytest.fail("evaluated first"))
     blocker = tmp_path / "afile"
     blocker.write_text("x")
     out = {"file": blocker, "under_file": blocker / "out", "too_long": tmp_path / ("z" * 300)}[kind]
@@ -150,7 +150,7 @@ def test_cli_refuses_an_unusable_output_dir_before_evaluating(tmp_path, tiny_con
 def test_cli_never_replaces_a_comparison_and_defaults_to_a_new_folder(tmp_path, tiny_config, capsys, monkeypatch):
     import json
 
-    from clipconv.cli.zero_shot import main
+    from clipconv.app.cli.zero_shot import main
     from clipconv.data import make_image_tree
 
     tree = make_image_tree(tmp_path / "data", train_per_class=1, val_per_class=1)

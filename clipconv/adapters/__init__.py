@@ -1,12 +1,11 @@
 """Adapters for open_clip image encoders: a registry of kinds (Convpass and its variants, LoRA, BitFit,
 VPT-deep), injected by wrapping the attention / MLP sub-modules of each block, or by the kind's own injection."""
-from .bitfit import BitFitBiases, BitFitConfig, encoder_biases
-from .convpass import CONV_INITS, Convpass, ConvpassConfig, SharedProjections
-from .adaptformer import AdaptFormerConfig
-from .bottleneck import Bottleneck
-from .houlsby import BottleneckAdapterConfig
-from .lora import LORA_TARGETS, LoRA, LoRAAttention, LoRAConfig, LoRALinear, add_lora, lora_attention, lora_wrappers
-from .inject import (
+from clipconv.adapters.adaptformer import AdaptFormerConfig
+from clipconv.adapters.bitfit import BitFitBiases, BitFitConfig, encoder_biases
+from clipconv.adapters.bottleneck import Bottleneck
+from clipconv.adapters.convpass import CONV_INITS, Convpass, ConvpassConfig, SharedProjections
+from clipconv.adapters.houlsby import BottleneckAdapterConfig
+from clipconv.adapters.inject import (
     SHARED_NAME,
     adapted_modules,
     adapter_kinds,
@@ -21,7 +20,17 @@ from .inject import (
     transformer_blocks,
     unwrap_all,
 )
-from .registry import (
+from clipconv.adapters.lora import (
+    LORA_TARGETS,
+    LoRA,
+    LoRAAttention,
+    LoRAConfig,
+    LoRALinear,
+    add_lora,
+    lora_attention,
+    lora_wrappers,
+)
+from clipconv.adapters.registry import (
     ADAPTERS,
     PLACEMENTS,
     AdapterConfig,
@@ -32,9 +41,9 @@ from .registry import (
     make_config,
     register_adapter,
 )
-from .tokens import TokenLayout, encoder_layout
-from .vpt import DeepPrompts, PromptedBlock, VPTConfig, vpt_init_bound
-from .wrappers import AdaptedModule, AdapterRecord, ParallelAdapter, ParameterView, SequentialAdapter
+from clipconv.adapters.tokens import TokenLayout, encoder_layout
+from clipconv.adapters.vpt import DeepPrompts, PromptedBlock, VPTConfig, vpt_init_bound
+from clipconv.adapters.wrappers import AdaptedModule, AdapterRecord, ParallelAdapter, ParameterView, SequentialAdapter
 
 __all__ = [
     "ADAPTERS",

@@ -20,8 +20,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .registry import AdapterConfig, AdapterFactory, AdapterTarget, register_adapter
-from .wrappers import AdapterRecord, ParameterView
+from clipconv.adapters.registry import AdapterConfig, AdapterFactory, AdapterTarget, register_adapter
+from clipconv.adapters.wrappers import AdapterRecord, ParameterView
 
 __all__ = ["BitFitConfig", "BitFitBiases", "RECORD_NAME", "encoder_biases"]
 

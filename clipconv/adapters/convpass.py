@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from open_clip.transformer import QuickGELU
 from torch import nn
 
-from ..config import option
-from .registry import AdapterConfig, AdapterFactory, AdapterTarget, register_adapter
-from .tokens import TokenLayout
+from clipconv.adapters.registry import AdapterConfig, AdapterFactory, AdapterTarget, register_adapter
+from clipconv.adapters.tokens import TokenLayout
+from clipconv.config import option
 
 __all__ = ["Convpass", "ConvpassConfig", "SharedProjections", "CONV_INITS"]
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import option
-from .bottleneck import ACTIVATIONS, Bottleneck, check_dim, check_dropout
-from .registry import AdapterConfig, AdapterFactory, AdapterTarget, register_adapter
+from clipconv.adapters.bottleneck import ACTIVATIONS, Bottleneck, check_dim, check_dropout
+from clipconv.adapters.registry import AdapterConfig, AdapterFactory, AdapterTarget, register_adapter
+from clipconv.config import option
 
 __all__ = ["BottleneckAdapterConfig", "VARIANTS"]
 

@@ -25,10 +25,10 @@ import torch
 from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
 from torch import nn
 
-from . import convpass as _convpass  # noqa: F401  (registers the Convpass kinds)
-from .registry import AdapterConfig, AdapterTarget, get_adapter, make_config
-from .tokens import TokenLayout, encoder_layout
-from .wrappers import AdaptedModule, AdapterRecord, ParallelAdapter, ParameterView, SequentialAdapter
+from clipconv.adapters import convpass as _convpass  # noqa: F401  (registers the Convpass kinds)
+from clipconv.adapters.registry import AdapterConfig, AdapterTarget, get_adapter, make_config
+from clipconv.adapters.tokens import TokenLayout, encoder_layout
+from clipconv.adapters.wrappers import AdaptedModule, AdapterRecord, ParallelAdapter, ParameterView, SequentialAdapter
 
 __all__ = [
     "add_adapters",

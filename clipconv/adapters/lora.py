@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import option
-from .registry import AdapterConfig, AdapterFactory, AdapterTarget, register_adapter
-from .wrappers import AdaptedModule
+from clipconv.adapters.inject import transformer_blocks
+from clipconv.adapters.registry import AdapterConfig, AdapterFactory, AdapterTarget, register_adapter
+from clipconv.adapters.wrappers import AdaptedModule
+from clipconv.config import option
 
 __all__ = ["LoRA", "LoRAConfig", "LoRALinear", "LoRAAttention", "LORA_TARGETS", "add_lora", "lora_attention",
            "lora_wrappers"]
@@ -301,7 +302,6 @@ def add_lora(
     `...attn.adapter.in_proj.A.q` (packed attention) or `...attn.<linear>.adapter.A.q` (linear children).
     Refuses attention that already carries an adapter (nothing is changed then).
     """
-    from .inject import transformer_blocks
 
     targets = _check_targets(targets)
     _check_numbers(rank, alpha, dropout)

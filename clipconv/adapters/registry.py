@@ -50,8 +50,8 @@ from typing import Any, Callable, ClassVar, Optional
 
 from torch import nn
 
-from ..config import Config, option
-from .tokens import TokenLayout
+from clipconv.adapters.tokens import TokenLayout
+from clipconv.config import Config, option
 
 __all__ = ["AdapterConfig", "AdapterFactory", "AdapterKind", "AdapterTarget", "ADAPTERS", "PLACEMENTS",
            "register_adapter", "get_adapter", "make_config"]

@@ -28,9 +28,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import option
-from .registry import AdapterConfig, AdapterFactory, AdapterTarget, register_adapter
-from .wrappers import AdaptedModule
+from clipconv.adapters.inject import adapter_kinds, transformer_blocks
+from clipconv.adapters.registry import AdapterConfig, AdapterFactory, AdapterTarget, register_adapter
+from clipconv.adapters.wrappers import AdaptedModule
+from clipconv.config import option
 
 __all__ = ["VPTConfig", "DeepPrompts", "PromptedBlock", "vpt_init_bound"]
 
@@ -116,7 +117,6 @@ def build_vpt_deep(config: VPTConfig, target: AdapterTarget) -> AdapterFactory:
     bound = vpt_init_bound(target.patch_size, target.width)
 
     def inject(visual: nn.Module) -> list[nn.Module]:
-        from .inject import adapter_kinds, transformer_blocks
 
         present = adapter_kinds(visual)
         if present:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as base
 
 __all__ = ["AdaptedModule", "AdapterRecord", "ParallelAdapter", "SequentialAdapter", "drop_path"]
 
@@ -38,7 +39,6 @@ def _dtype_of(module: nn.Module, fallback: torch.dtype) -> torch.dtype:
 
 def _has_hooks(module: nn.Module) -> bool:
     """Forward (pre-)hooks would see the adapter called: the fused path, which skips its __call__, is not taken."""
-    from torch.nn.modules import module as base
 
     return bool(module._forward_hooks or module._forward_pre_hooks
                 or base._global_forward_hooks or base._global_forward_pre_hooks)

@@ -1,6 +1,6 @@
 """Data layer: dataset families (ImageNet, the demo world, your own folders), class mapping, robust image
 decoding, few-shot splits."""
-from .family import (
+from clipconv.data.family import (
     FAMILIES,
     DatasetFamily,
     DemoFamily,
@@ -13,23 +13,14 @@ from .family import (
     parse_eval_set,
     register_family,
 )
-from .fewshot import FewShotSplit, load_split, sample_few_shot, save_split
-from .folder import Batch, ImageListDataset, Sample, SkipTracker, collate_skip_bad, report_skipped
-from .images import (
-    IMAGE_EXTENSIONS,
-    BrokenEntry,
-    ImageDecodeError,
-    is_decodable,
-    list_class_folders,
-    list_images,
-    load_rgb,
-)
-from .imagenet import (
+from clipconv.data.fewshot import FewShotSplit, load_split, sample_few_shot, save_split
+from clipconv.data.folder import Batch, ImageListDataset, Sample, SkipTracker, collate_skip_bad, report_skipped
+from clipconv.data.imagenet import (
     DATA_HELP,
-    FEW_CLASSES_WARNING,
-    PUBLISHED_TABLE2,
     EVAL_SET_SPECS,
     EVAL_SETS,
+    FEW_CLASSES_WARNING,
+    PUBLISHED_TABLE2,
     ClassList,
     DataLayoutError,
     EvalScan,
@@ -42,8 +33,17 @@ from .imagenet import (
     scan_eval_set,
     train_samples,
 )
-from .synthetic import make_class_folders, make_image_tree
-from .wds import WdsFamily, image_dataset
+from clipconv.data.images import (
+    IMAGE_EXTENSIONS,
+    BrokenEntry,
+    ImageDecodeError,
+    is_decodable,
+    list_class_folders,
+    list_images,
+    load_rgb,
+)
+from clipconv.data.synthetic import make_class_folders, make_image_tree
+from clipconv.data.wds import WdsFamily, image_dataset
 
 __all__ = [
     "FAMILIES",

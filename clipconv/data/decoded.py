@@ -12,7 +12,7 @@ validation scores are exactly those of the files.
 
 On disk, an entry `$CLIPCONV_CACHE/decoded/<40 hex>.safetensors` is keyed like the feature cache: the
 data root, a SHA-256 over the ordered (path, label, file size, mtime) list, `short_side`; it stores the
-SHA-256 of its tensors, is written atomically (clipconv.io) by a background thread while training
+SHA-256 of its tensors, is written atomically (clipconv.runtime.io) by a background thread while training
 starts (a reader of the same entry in the process waits for it), and an entry that is unreadable or whose
 bytes do not match is reported with a warning and decoded again.
 """
@@ -30,12 +30,14 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
 from torch.utils.data import Dataset
 
-from ..distributed import is_main
-from ..features import tensor_checksum, transform_id, write_cache_entry
-from .folder import BadImage, Sample
-from .images import ImageDecodeError, load_rgb
+from clipconv.data.folder import BadImage, Sample
+from clipconv.data.images import ImageDecodeError, load_rgb
+from clipconv.data.wds import as_files
+from clipconv.runtime.cache import cache_dir_problem, cache_root, tensor_checksum, transform_id, write_cache_entry
+from clipconv.runtime.ranks import is_main
 
 __all__ = ["DecodedImages", "DecodedImageDataset", "decoded_images", "decoded_cache_dir", "decode_key", "ENTRY_SUFFIX",
            "wait_for_writes"]
@@ -49,7 +51,6 @@ _pending_lock = threading.Lock()
 
 def decoded_cache_dir() -> Path:
     """`$CLIPCONV_CACHE/decoded`, else `~/.cache/clipconv/decoded`."""
-    from ..cache import cache_root
 
     return cache_root() / "decoded"
 
@@ -171,7 +172,6 @@ def _read(path: Path, key: dict) -> Optional[DecodedImages]:
     wait_for_writes(path)
     if not path.is_file():
         return None
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -251,12 +251,10 @@ def decoded_images(root: Union[str, Path], samples: Sequence[Sample], short_side
     JPEGs are drafted to keep both sides >= `short_side` (None: full size). Then `prepare` (a deterministic
     PIL → PIL step, e.g. the evaluation transform's leading Resize, which the transform then skips as a
     no-op) is applied, or else an image whose shorter side exceeds `short_side` is resized to it."""
-    from .wds import as_files
 
     root, samples = as_files(root, samples)  # webdataset shard samples: their extracted files
     path = None
     if cache_dir is not None:
-        from ..features import cache_dir_problem
 
         problem = cache_dir_problem(cache_dir)
         if problem is not None:

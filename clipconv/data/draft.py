@@ -22,6 +22,8 @@ import math
 import types
 from typing import Any, Callable, Optional
 
+from torchvision import transforms as T
+
 __all__ = ["needed_short_side", "DRAFT_MODES", "draft_for", "leading_resize"]
 
 #: RuntimeConfig.draft: which loaders decode JPEGs at a reduced DCT scale
@@ -42,7 +44,6 @@ def _pixelwise(step: Any) -> bool:
 def needed_short_side(transform: Optional[Callable]) -> Optional[int]:
     """The smallest shorter image side `transform` can take without upsampling what it keeps, or None
     when the transform is not understood (then images must be decoded at full size)."""
-    from torchvision import transforms as T
 
     steps = list(getattr(transform, "transforms", [transform]))
     for step in steps:
@@ -75,7 +76,6 @@ def leading_resize(transform: Optional[Callable]) -> Optional[Callable]:
     """The transform's first geometric step when it is a deterministic `Resize` (the evaluation transform's),
     else None. Images cached after it pass the transform unchanged: torchvision's resize returns an image
     that already has the output size as it is."""
-    from torchvision import transforms as T
 
     for step in list(getattr(transform, "transforms", [transform])):
         if isinstance(step, T.Resize):

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from ..io import write_json
-from .folder import Sample
-from .images import is_decodable
+from clipconv.data.folder import Sample
+from clipconv.data.images import is_decodable
+from clipconv.runtime.outputs import write_json
 
 __all__ = ["FewShotSplit", "sample_few_shot", "save_split", "load_split", "SPLIT_FORMAT"]
 

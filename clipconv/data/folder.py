@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence,
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from .images import ImageDecodeError, load_rgb
+from clipconv.data.images import ImageDecodeError, load_rgb
 
 __all__ = [
     "Sample",

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from ..prompts import imagenet_classes, load_classnames_file
-from .folder import Sample
-from .images import BrokenEntry, describe_broken, list_class_folders, list_images
+from clipconv.data.folder import Sample
+from clipconv.data.images import BrokenEntry, describe_broken, list_class_folders, list_images
+from clipconv.prompts import imagenet_classes, load_classnames_file
 
 __all__ = [
     "DataLayoutError",

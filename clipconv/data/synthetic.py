@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 
 from PIL import Image, ImageDraw
 
-from ..prompts import imagenet_classes
+from clipconv.prompts import imagenet_classes
 
 __all__ = ["LAYOUTS", "DEFAULT_WNIDS", "make_image_tree", "make_class_folders", "render_class_image"]
 

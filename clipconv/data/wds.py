@@ -35,6 +35,7 @@ import io
 import json
 import os
 import re
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -42,11 +43,22 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..prompts import imagenet_classes, load_classnames_file
-from .family import DatasetFamily, register_family
-from .folder import BadImage, ImageListDataset, Sample
-from .images import ImageDecodeError
-from .imagenet import EVAL_SET_SPECS, PUBLISHED_TABLE2, ClassList, DataLayoutError, EvalSplit, warn_few_classes
+from clipconv.data.family import DatasetFamily, register_family
+from clipconv.data.folder import BadImage, ImageListDataset, Sample
+from clipconv.data.imagenet import (
+    EVAL_SET_SPECS,
+    PUBLISHED_TABLE2,
+    ClassList,
+    DataLayoutError,
+    EvalSplit,
+    warn_few_classes,
+)
+from clipconv.data.images import ImageDecodeError
+from clipconv.prompts import imagenet_classes, load_classnames_file
+from clipconv.runtime.cache import cache_root
+from clipconv.runtime.io import OutputWriteError
+from clipconv.runtime.outputs import write_json
+from clipconv.runtime.seeding import item_seed
 
 __all__ = ["WdsFamily", "WDS_FOLDERS", "SHARD_SEPARATOR", "IMAGE_KEYS", "is_shard_sample", "shard_paths",
            "index_shard", "ShardStream", "ExtractedShardSamples", "image_dataset", "as_files", "extract_samples",
@@ -75,7 +87,6 @@ WDS_HELP = (
 
 
 def _cache_root() -> Path:
-    from ..cache import cache_root
 
     return cache_root()
 
@@ -114,7 +125,7 @@ def shard_paths(split_dir: Path) -> list[Path]:
 
 
 def _samples(urls: Sequence[str], **options: Any):
-    import webdataset as wds
+    import webdataset as wds  # optional extra [wds]: only the wds family needs it
 
     # no node/worker splitting here: callers read whole shards and split them across workers themselves
     return wds.WebDataset(list(urls), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False,
@@ -163,7 +174,6 @@ def _shard_identity(shard: Path) -> str:
 
 def index_shard(shard: Path, use_cache: bool = True) -> list[tuple[str, int]]:
     """[(key, label)] of one shard in stored order (read once with webdataset, then cached)."""
-    from ..io import OutputWriteError, write_json
 
     entry = _cache_root() / "wds-index" / f"{_shard_identity(shard)}.json"
     if use_cache and entry.is_file():
@@ -231,7 +241,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         return len(self.samples)
 
     def __iter__(self):
-        from ..features import item_seed
 
         info = torch.utils.data.get_worker_info()
         shards = self.shards if info is None else self.shards[info.id::info.num_workers]
@@ -272,9 +281,8 @@ def _extracted_name(key: str, ext: str) -> str:
 
 
 def _write_file_atomically(target: Path, data: bytes) -> None:
-    """temp file + rename, by every process (not rank 0 alone, as clipconv.io's run outputs): under torchrun
+    """temp file + rename, by every process (not rank 0 alone, as clipconv.runtime.io's run outputs): under torchrun
     each rank needs the extracted files at once, and renames of identical bytes over each other are harmless."""
-    import tempfile
 
     handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:

@@ -11,7 +11,7 @@ Adding a method
    what you train) and `logits(images)` — or `logits_from_features(features)` with
    `frozen_image_encoder = True` to score cached features. Seed, data-loading workers and the eval batch
    size come from `ctx` (`ctx.seed`, `ctx.workers`, `ctx.eval_batch_size`), not from options.
-3. Decorate it with `@register_method("my_method")` and import its module in `methods/_load_all.py`.
+3. Decorate it with `@register_method("my_method")` and import its module in `methods/__init__.py`.
 4. Nothing else: `scripts/train_imagenet_fs.py --method my_method --help` lists its options, Table 2
    takes it with `--methods ... my_method`, and tests/test_method_contract.py fits it on a tiny world.
 """
@@ -28,13 +28,14 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Se
 
 import torch
 
-from ..backbone import Backbone
-from ..config import Config, ConfigT, option
-from ..registry import Registry
+from clipconv.backbone import Backbone
+from clipconv.config import Config, ConfigT, option
+from clipconv.prompts import load_templates
+from clipconv.registry import Registry
 
 if TYPE_CHECKING:
-    from ..features import FeatureStore
-    from ..params import ParamSpec
+    from clipconv.features import FeatureStore
+    from clipconv.params import ParamSpec
 
 __all__ = ["FitContext", "Method", "MethodConfig", "option", "METHODS", "register_method", "build_method",
            "method_names", "method_config_class", "config_from", "MethodReferenceTemplates",
@@ -122,7 +123,6 @@ class Method(abc.ABC):
                       ) -> tuple[str, list[str]]:
         """(set name, templates) this method uses: `override` (a method option: set name, file or list),
         else an explicit `ctx.templates`, else the method's `reference_templates`."""
-        from ..prompts import load_templates
 
         if override is not None:
             if isinstance(override, str):
@@ -164,7 +164,6 @@ def register_method(name: str) -> Callable[[type], type]:
 
 
 def method_names() -> list[str]:
-    from . import _load_all  # noqa: F401  (import side effect: registration)
 
     return sorted(METHODS)
 

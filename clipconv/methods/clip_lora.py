@@ -29,11 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import add_lora
-from ..config import non_negative, positive
-from ..head import class_embeddings, zero_shot_logits
-from ..params import ParamSpec, count_elements, meta_copy
-from .base import FitContext, Method, MethodConfig, config_from, option, register_method
+from clipconv.adapters import add_lora
+from clipconv.config import non_negative, positive
+from clipconv.data.draft import draft_for
+from clipconv.evaluation import image_loader
+from clipconv.head import class_embeddings, zero_shot_logits
+from clipconv.merge import merge_adapters
+from clipconv.methods.base import FitContext, Method, MethodConfig, config_from, option, register_method
+from clipconv.params import ParamSpec, count_elements, meta_copy
+from clipconv.training import resolve_precision
 
 __all__ = ["ClipLoRA", "ClipLoRAConfig", "ENCODERS"]
 
@@ -155,9 +159,6 @@ class ClipLoRA(Method):
 
     # ----- fit ---------------------------------------------------------------------------------
     def fit(self, ctx: FitContext) -> dict[str, Any]:
-        from ..engine import resolve_precision
-        from ..data.draft import draft_for
-        from ..evaluate import image_loader
 
         cfg = self.config
         if self.model is None:
@@ -245,7 +246,6 @@ class ClipLoRA(Method):
         """A plain open_clip model (no adapter code) with every LoRA delta folded into its weights."""
         if self.model is None:
             raise RuntimeError("call fit() (or build()) before merging")
-        from ..merge import merge_adapters
 
         merged = copy.deepcopy(self.model).eval()
         merge_adapters(merged)  # both encoders' LoRA folded in, wrappers removed

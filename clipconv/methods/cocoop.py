@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import FitContext, option, register_method
-from .coop import CoOp, CoOpConfig
+from clipconv.methods.base import FitContext, option, register_method
+from clipconv.methods.coop import CoOp, CoOpConfig
 
 __all__ = ["CoCoOp", "CoCoOpConfig", "MetaNet"]
 

@@ -26,9 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import FitContext, MethodConfig, config_from, option, register_method
-from .frozen import FrozenEncoderMethod, require_features
-from .prompt_learner import FrozenTextEncoder, PromptLearner, frozen_parameters, warmup_cosine_lr
+from clipconv.methods.base import FitContext, MethodConfig, config_from, option, register_method
+from clipconv.methods.frozen import FrozenEncoderMethod, require_features
+from clipconv.methods.prompt_learner import (
+    FrozenTextEncoder,
+    PromptLearner,
+    frozen_parameters,
+    phrase_context_length,
+    warmup_cosine_lr,
+)
 
 __all__ = ["CoOp", "CoOpConfig"]
 
@@ -209,7 +215,6 @@ class CoOp(FrozenEncoderMethod):
 
     def trainable_count(self, spec) -> int:
         """The context vectors: M·width (M from the init phrase's word count when given), × C when class-specific."""
-        from .prompt_learner import phrase_context_length
 
         cfg = self.config
         n_ctx = phrase_context_length(cfg.init_phrase) if cfg.init_phrase else cfg.n_ctx

@@ -18,14 +18,28 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 import torch
 
-from ..adapters import (ADAPTERS, AdapterConfig, ConvpassConfig, add_adapters, get_adapter, make_config,
-                        set_adapter_scale)
-from ..checkpoint import save_trainable
-from ..engine import TrainConfig, Trainer
-from ..head import ImageClassifier, text_head
-from ..config import non_negative, positive
-from ..params import ParamSpec, count_elements, meta_copy
-from .base import FitContext, Method, MethodConfig, config_from, option, register_method
+from clipconv.adapters import (
+    ADAPTERS,
+    AdapterConfig,
+    ConvpassConfig,
+    add_adapters,
+    get_adapter,
+    make_config,
+    set_adapter_scale,
+)
+from clipconv.checkpoint import CheckpointMismatchError, load_trainable, read_metadata, save_trainable
+from clipconv.config import non_negative, positive
+from clipconv.data import image_dataset
+from clipconv.data.decoded import DecodedImageDataset, decoded_images
+from clipconv.data.draft import draft_for, leading_resize, needed_short_side
+from clipconv.data.sharded import train_loader
+from clipconv.evaluation import collect_logits
+from clipconv.head import ImageClassifier, text_head
+from clipconv.methods.base import METHODS, FitContext, Method, MethodConfig, config_from, option, register_method
+from clipconv.metrics import topk_accuracy
+from clipconv.params import ParamSpec, count_elements, meta_copy
+from clipconv.runtime.ranks import is_distributed
+from clipconv.training import TrainConfig, Trainer
 
 __all__ = ["AdapterTuning", "AdapterTuningConfig", "tuning_config", "load_classifier", "load_endpoints",
            "DEFAULT_SCALE", "ADAPTER_METHOD_PREFIX", "adapter_method_name", "register_adapter_methods"]
@@ -185,9 +199,6 @@ class AdapterTuning(Method):
         images after the evaluation transform's deterministic Resize (so validation sees the same pixels)."""
         if not ctx.decoded_cache:
             return None, None
-        from ..data.decoded import decoded_images
-        from ..data.draft import draft_for, leading_resize, needed_short_side
-        from ..distributed import is_distributed
 
         folder = None if ctx.decoded_cache is True else ctx.decoded_cache
         train = decoded_images(ctx.data_root, ctx.train, needed_short_side(ctx.backbone.train_transform),
@@ -203,12 +214,6 @@ class AdapterTuning(Method):
         return train, val
 
     def fit(self, ctx: FitContext) -> dict[str, Any]:
-        from ..data import image_dataset
-        from ..data.decoded import DecodedImageDataset
-        from ..data.draft import draft_for
-        from ..distributed import train_loader
-        from ..evaluate import collect_logits
-        from ..metrics import topk_accuracy
 
         cfg = self.config.train_config(ctx)
         classifier = self.classifier or self.build(ctx)
@@ -329,7 +334,6 @@ def load_classifier(path: Union[str, Path], backbone: Any) -> tuple[ImageClassif
     The adapter configuration and class count come from the checkpoint's metadata; the backbone must be
     the one it was trained on (same weights hash and QuickGELU flag), else CheckpointMismatchError.
     """
-    from ..checkpoint import CheckpointMismatchError, load_trainable, read_metadata
 
     meta = read_metadata(path)
     if meta.get("backbone") != backbone.describe():
@@ -467,7 +471,6 @@ def adapter_method_name(kind: str) -> str:
 def register_adapter_methods() -> list[str]:
     """Register `adapter:<kind>` for every registered adapter kind not yet registered (idempotent): the
     kind's own method class when there is one (same options), else a plain AdapterTuning of that kind."""
-    from .base import METHODS
 
     by_kind = {cls.adapter_kind: cls for name, cls in METHODS.items()
                if isinstance(cls, type) and issubclass(cls, AdapterTuning) and name == cls.adapter_kind}

@@ -5,8 +5,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..head import class_embeddings
-from .base import FitContext, Method
+from clipconv.head import class_embeddings
+from clipconv.methods.base import FitContext, Method
 
 __all__ = ["FrozenEncoderMethod", "text_classifier", "require_features", "templates_summary"]
 

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import FitContext, MethodConfig, config_from, option, register_method
-from .frozen import FrozenEncoderMethod, require_features
+from clipconv.methods.base import FitContext, MethodConfig, config_from, option, register_method
+from clipconv.methods.frozen import FrozenEncoderMethod, require_features
+from clipconv.methods.zero_shot import ZeroShot
 
 __all__ = ["LinearProbe", "LinearProbeConfig", "make_classifier", "search_C", "lpclip_search", "COARSE_GRID"]
 
@@ -61,7 +62,7 @@ class LinearProbeConfig(MethodConfig):
 
 def make_classifier(C: float, max_iter: int):
     """The scikit-learn model the probe fits (a module-level factory so tests can spy on it)."""
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # heavy (~1 s); the linear probe only
 
     return LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter)
 
@@ -219,7 +220,6 @@ class LinearProbe(FrozenEncoderMethod):
         if self.weight is None or self._fit_ctx is None:
             raise RuntimeError("fit 'linear_probe' before interpolating")
         if self._endpoints is None:
-            from .zero_shot import ZeroShot
 
             zero_shot = ZeroShot()
             zero_shot.fit(self._fit_ctx)  # text side only: the run's (or the reference) zero-shot templates

@@ -14,6 +14,7 @@ import math
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+from open_clip.transformer import text_global_pool
 from torch import nn
 
 __all__ = ["FrozenTextEncoder", "PromptLearner", "warmup_cosine_lr", "phrase_context_length", "frozen_parameters"]
@@ -47,7 +48,6 @@ class FrozenTextEncoder(nn.Module):
 
     def forward(self, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """prompts (B, L, width) embeddings; tokens (B, L) the ids they came from (for EOT pooling)."""
-        from open_clip.transformer import text_global_pool
 
         clip = self.clip
         x = prompts.to(self.dtype) + clip.positional_embedding.to(self.dtype)

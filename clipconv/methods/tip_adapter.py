@@ -23,9 +23,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torchvision import transforms as T
 
-from .base import FitContext, MethodConfig, config_from, option, register_method
-from .frozen import FrozenEncoderMethod, require_features, templates_summary, text_classifier
+from clipconv.backbone import _to_rgb
+from clipconv.methods.base import FitContext, MethodConfig, config_from, option, register_method
+from clipconv.methods.frozen import FrozenEncoderMethod, require_features, templates_summary, text_classifier
 
 __all__ = ["TipAdapter", "TipAdapterF", "TipAdapterConfig", "TipAdapterFConfig", "tip_logits", "tip_cache_transform",
            "search_grid"]
@@ -83,9 +85,7 @@ def search_grid(high: float, steps: int) -> list[float]:
 
 def tip_cache_transform(backbone: Any, scale: tuple[float, float] = (0.5, 1.0)) -> tuple[Callable, str]:
     """Tip-Adapter's cache augmentation at the model's input size, with a stable id for the feature cache."""
-    from torchvision import transforms as T
 
-    from ..backbone import _to_rgb
 
     size = backbone.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else int(size)

@@ -6,9 +6,9 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from ..head import zero_shot_logits
-from .base import FitContext, MethodConfig, config_from, option, register_method
-from .frozen import FrozenEncoderMethod, templates_summary, text_classifier
+from clipconv.head import zero_shot_logits
+from clipconv.methods.base import FitContext, MethodConfig, config_from, option, register_method
+from clipconv.methods.frozen import FrozenEncoderMethod, templates_summary, text_classifier
 
 __all__ = ["ZeroShot", "ZeroShotConfig"]
 

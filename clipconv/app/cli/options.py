@@ -1,0 +1,188 @@
+"""Command-line options generated from the config dataclasses (clipconv.config, each method's config_class).
+
+Each `option(...)` field becomes one flag `--field-name` (plus its aliases) with the field's help text,
+its default shown once and its checks run while parsing, so `--lr 0` or `--scale nan` stop with one line
+naming the flag. Generated flags default to `argparse.SUPPRESS`: the namespace holds only what was
+given, so `--demo` fills the rest and `--resume` can tell which flags conflict with the saved run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, Union
+
+from clipconv.app.cli.common import NO_DATA_HELP, eval_set_arg
+from clipconv.app.demo_presets import DEMO_RUN_DEFAULTS, demo_settings
+from clipconv.config import BackboneConfig, Config, DataConfig, RuntimeConfig
+from clipconv.data.demo_world import ensure_world
+
+__all__ = ["add_config_args", "given", "shared_configs", "add_shared_args", "demo_overrides_help", "SHARED"]
+
+#: the shared sections of every run, in the order their option groups are shown
+SHARED: dict[str, type[Config]] = {"data": DataConfig, "backbone": BackboneConfig, "runtime": RuntimeConfig}
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else Any
+    return tp
+
+
+def _parser_for(tp: Any, field: dataclasses.Field) -> Optional[dict[str, Any]]:
+    """argparse keyword arguments for a field's type, or None when it has no flag form."""
+    tp = _unwrap_optional(tp)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        values = typing.get_args(tp)
+        return {"type": _checked(type(values[0]), field), "choices": values}
+    if origin in (tuple, list, Sequence, typing.Sequence) or tp in (tuple, list):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        element = _unwrap_optional(args[0]) if args else str
+        if element not in (int, float, str):
+            return None
+        return {"type": _checked(element, field), "nargs": "+"}
+    if tp is bool:
+        return {"action": "store_false" if field.default is True else "store_true"}
+    if tp in (int, float, str):
+        return {"type": _checked(tp, field)}
+    return None
+
+
+def _checked(kind: type, field: dataclasses.Field):
+    """Parse one value of `kind` and run the field's check: bad values fail in argparse, naming the flag."""
+    check = field.metadata.get("check")
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+            raise argparse.ArgumentTypeError(f"expected {noun}, got '{text}'") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        problem = check(value) if check is not None else None
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _default_text(field: dataclasses.Field) -> str:
+    if field.default is not dataclasses.MISSING:
+        default = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    else:
+        return ""
+    if default is None or isinstance(default, bool) or "default" in field.metadata.get("help", ""):
+        return ""
+    if isinstance(default, (list, tuple)):
+        default = " ".join(str(v) for v in default)
+    return f"default: {default}"
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_class: type, *, title: Optional[str] = None,
+                    prefix: str = "", skip: Iterable[str] = (), aliases: Mapping[str, Sequence[str]] = (),
+                    notes: Mapping[str, str] = (), defaults: Optional[Mapping[str, Any]] = None) -> list[str]:
+    """One flag per `option` field of `config_class` (in a group titled `title`); returns the fields added.
+
+    A field is left out when it is `cli=False`, in `skip`, has no flag form (dicts, nested configs) or its
+    flag is already taken (it stays settable through --method-options). `aliases` adds flags per field,
+    `notes` appends text to a field's help (e.g. the --demo value), `defaults` replaces shown defaults.
+    The parsed value lands in `prefix + field name`.
+    """
+    target = parser.add_argument_group(title) if title else parser
+    hints = typing.get_type_hints(config_class)
+    taken = set(parser._option_string_actions)
+    added = []
+    for field in dataclasses.fields(config_class):
+        if field.name in skip or not field.metadata.get("cli", True):
+            continue
+        kwargs = _parser_for(hints.get(field.name, Any), field)
+        if kwargs is None:
+            continue
+        flag = "--" + ("no-" if kwargs.get("action") == "store_false" else "") + field.name.replace("_", "-")
+        flags = [f for f in (flag, *field.metadata.get("aliases", ()), *dict(aliases).get(field.name, ()))
+                 if f not in taken]
+        if not flags or flags[0] != flag:
+            continue
+        shown = _default_text(field)
+        if defaults and field.name in defaults:
+            shown = f"default: {defaults[field.name]}"
+        text = field.metadata.get("help", "")
+        extra = "; ".join(t for t in (shown, dict(notes).get(field.name, "")) if t)
+        text = f"{text} ({extra})" if extra and text else (text or extra)
+        if "type" in kwargs and "choices" not in kwargs:
+            kwargs["metavar"] = field.name.upper()
+        target.add_argument(*flags, dest=prefix + field.name, default=argparse.SUPPRESS, help=text or None,
+                            **kwargs)
+        taken.update(flags)
+        added.append(field.name)
+    return added
+
+
+def given(args: argparse.Namespace, fields: Iterable[str], prefix: str = "") -> dict[str, Any]:
+    """{field: value} of the generated flags that were given on the command line."""
+    return {name: getattr(args, prefix + name) for name in fields if hasattr(args, prefix + name)}
+
+
+def add_shared_args(parser: argparse.ArgumentParser, skip: Iterable[str] = (),
+                    aliases: Mapping[str, Sequence[str]] = ()) -> dict[str, list[str]]:
+    """--demo and the data, backbone and runtime groups; returns {section: fields added}."""
+
+    parser.add_argument("--demo", action="store_true", help=demo_overrides_help())
+    added = {section: add_config_args(parser, cls, title=section, skip=skip, aliases=aliases)
+             for section, cls in SHARED.items()}
+    if "eval_roots" not in skip:
+        parser.add_argument("--eval-set", action="append", type=eval_set_arg, dest="eval_set", metavar="NAME=DIR",
+                            default=argparse.SUPPRESS,
+                            help="your own data: a named test folder of class folders (repeatable, in table order; "
+                                 "the first is the source column; a set holding some of the classes is scored over "
+                                 "those only)")
+    return added
+
+
+def demo_overrides_help() -> str:
+    """--demo's help: what it sets (the method's demo values are shown beside its options)."""
+
+    settings = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_RUN_DEFAULTS.items())
+    return ("use the offline miniature benchmark and the shipped mini CLIP (no downloads): the data root is the "
+            f"generated world, --model/--pretrained the mini CLIP, {settings}, and the method's demo options "
+            "(shown as '--demo: value' beside them); flags given win")
+
+
+def shared_configs(args: argparse.Namespace, fields: Mapping[str, list[str]], parser: argparse.ArgumentParser,
+                   method: Optional[str] = None, fallback: Optional[Mapping[str, Any]] = None
+                   ) -> tuple[dict[str, Config], dict[str, Any]]:
+    """The data, backbone and runtime configs of the parsed flags, and the method's demo options.
+
+    Precedence: a flag given > `fallback` (e.g. what a checkpoint records) > --demo's settings > the
+    config default. This is the one place --demo is applied. Bad values exit 2 through `parser.error`.
+    """
+
+    demo: dict[str, Any] = demo_settings(method) if getattr(args, "demo", False) else {}
+    demo_method = demo.pop("method_options", {})
+    configs: dict[str, Config] = {}
+    for section, cls in SHARED.items():
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in demo.items() if k in names}
+        values.update({k: v for k, v in (fallback or {}).items() if k in names and v is not None})
+        values.update(given(args, fields.get(section, ())))
+        if section == "data" and hasattr(args, "eval_set"):
+            values["eval_roots"] = dict(args.eval_set)
+        try:
+            configs[section] = cls.from_options(values)
+        except ValueError as err:
+            parser.error(str(err))
+    if configs["data"].data_root is None and configs["data"].train_root is None:
+        if not getattr(args, "demo", False) and configs["data"].family != "demo":
+            parser.error(NO_DATA_HELP)
+
+        configs["data"] = dataclasses.replace(configs["data"], data_root=str(ensure_world()))
+    return configs, demo_method

@@ -1,0 +1,169 @@
+"""`scripts/run_table2.py`: every method on the same K-shot splits per seed, written as the paper's Table 2,
+with a bar chart per method and domain; `--shots 1 2 4 8 16` adds the accuracy-vs-shots sweep."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+from clipconv.app.cli.common import bad_input_errors, fail, join_process_group, positive_int
+from clipconv.app.cli.options import add_config_args, add_shared_args, given, shared_configs
+from clipconv.app.demo_presets import demo_settings
+from clipconv.app.run import log, setup_logging
+from clipconv.app.rundir import exit_code, interrupt_on_sigterm
+from clipconv.app.table2 import SWEEP_FILE, TABLE2_METHODS, Table2Config, load_record, run_shots_sweep, run_table2
+from clipconv.config import RuntimeConfig
+from clipconv.mini_clip import MINI_CLIP_CONFIG
+from clipconv.runtime.ranks import is_main
+
+DESCRIPTION = """Reproduce Table 2 of the Convpass paper: zero-shot CLIP, linear probe, CoOp, CoCoOp, Tip-Adapter(-F)
+and Convpass_CLIP, each fitted on the same K-shot split (and validation split, drawn from the remaining
+train images) per seed, scored on ImageNet, -V2, -Sketch, -A and -R; mean ± std over seeds in
+table2.md / table2.csv / table2.json beside the paper's published numbers, and table2_bars.png
+(top-1 per method and domain, error bars = std over seeds). Convpass also gets a row
+"Convpass_CLIP + WiSE (α = 0.5)": the same fit interpolated halfway back to zero-shot CLIP in weight space
+(WiSE-FT's default α, fixed in advance; --wise-alpha, --wise-methods).
+
+Several values of --shots (e.g. --shots 1 2 4 8 16) run the whole table for each K with the same seeds,
+one backbone and one feature store (the evaluation sets are encoded once for the sweep):
+  <output-dir>/shots_<K>/       table2.{md,csv,json}, table2_bars.png, split_seed<s>.json for each K
+  <output-dir>/table2.*, table2_bars.png         the largest K's table and chart
+  <output-dir>/accuracy_vs_shots.{png,json,md}   top-1 on the source set and the target average vs K"""
+
+EPILOG = """method options: --method-options '{"coop": {"epochs": 5, "views": 2}, "tip_adapter": {"search": "small"}}'
+(keys are method names, values that method's options: scripts/train_imagenet_fs.py --method NAME --help
+lists them); --demo adds each method's demo options (clipconv/app/demo_presets.py); --epochs-scale 0.1 multiplies every
+method's default epoch count (an explicit "epochs" option wins).
+
+examples:
+  python scripts/run_table2.py --demo --shots 16                  # miniature benchmark, offline
+  python scripts/run_table2.py --demo --shots 1 2 4 8 16 --seeds 1  # + accuracy_vs_shots.png
+  python scripts/run_table2.py --data-root $DATA --shots 16        # ImageNet + variants, OpenAI ViT-B/16
+  python scripts/run_table2.py --resume runs/table2_16shot_<time>  # finish an interrupted table
+
+output folder: a new runs/table2_<K>shot_<time> (runs/table2_1-2-4-8-16shot_<time> for a sweep) unless
+--output-dir; a folder already holding a table is refused unless --overwrite or --resume. Ctrl-C or SIGTERM
+stops cleanly (exit 130 / 143): the table is kept, marked incomplete, and the --resume command printed."""
+
+
+TABLE2_FIELDS = ("output_dir", "seeds", "val_shots", "methods", "epochs_scale", "wise_alpha", "wise_methods")
+
+
+def build_parser() -> argparse.ArgumentParser:
+
+    parser = argparse.ArgumentParser(description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shots", type=positive_int, nargs="+", default=[16],
+                        help="training images per class (default 16); several values (1 2 4 8 16) run a sweep "
+                             "and plot accuracy against shots")
+    add_config_args(parser, Table2Config, skip=("shots",))
+    parser.add_argument("--method-options", default="{}", help="JSON: {method: {option: value}} (see below)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the table already in --output-dir (its clipconv files are deleted first)")
+    parser.add_argument("--resume", metavar="DIR",
+                        help="finish an interrupted table: the fits in DIR/table2.json are kept, only the missing "
+                             "ones run (its saved settings are used; only runtime flags may be given)")
+    parser.set_defaults(_fields=add_shared_args(parser, aliases={"eval_batch_size": ("--batch-size",)}))
+    return parser
+
+
+def _method_options(text: str) -> dict:
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        fail(f"--method-options is not valid JSON: {err}")
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        fail('--method-options must be a JSON object of objects, e.g. {"coop": {"epochs": 5}}')
+    return options
+
+
+def _resume_config(args: argparse.Namespace, argv: Sequence[str]):
+    """(Table2Config, shots) saved in --resume DIR, with the runtime flags given; other flags are refused."""
+
+    runtime_flags = {"--" + name.replace("_", "-") for name in args._fields["runtime"]} | {"--batch-size", "--resume"}
+    others = sorted({a.split("=")[0] for a in argv if a.startswith("--")} - runtime_flags)
+    if others:
+        fail(f"--resume {args.resume}: {', '.join(others)} cannot be changed when resuming (the saved settings are "
+             "used); drop them, or start a new table")
+    with bad_input_errors():
+        cfg, shots = load_record(Path(args.resume))
+    runtime = {**cfg.runtime.to_dict(), **given(args, args._fields["runtime"])}
+
+
+    with bad_input_errors():
+        return replace(cfg, output_dir=str(args.resume), runtime=RuntimeConfig.from_options(runtime)), shots
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.overwrite and args.resume:
+        fail("--overwrite and --resume exclude each other: --resume finishes the table, --overwrite replaces it")
+    if args.resume:
+        cfg, shots = _resume_config(args, argv)
+    else:
+        cfg, shots = _new_config(args, parser)
+
+
+    with bad_input_errors():
+        join_process_group(cfg.runtime.device)  # under torchrun: join the process group (no-op otherwise)
+    setup_logging(quiet=cfg.runtime.quiet)
+    state: dict = {}
+
+    def keep(line: str) -> None:  # the folder, once created, for the resume hint
+        if line.startswith("output folder: "):
+            state["out"] = line[len("output folder: "):]
+        log.info(line)
+
+    try:
+        with interrupt_on_sigterm(), bad_input_errors():
+            if len(shots) > 1:
+                results = run_shots_sweep(cfg, shots, log=keep, overwrite=args.overwrite, resume=bool(args.resume))
+                out = Path(results[shots[-1]]["output_dir"]).parent
+            else:
+                out = Path(run_table2(cfg, log=keep, overwrite=args.overwrite, resume=bool(args.resume))["output_dir"])
+    except KeyboardInterrupt as err:
+        what = "terminated" if exit_code(err) == 143 else "interrupted"
+        where = state.get("out") or cfg.output_dir
+        hint = f"; finish it with: run_table2.py --resume {where}" if where else ""
+        print(f"\n{what}: the finished fits are kept in the table (marked incomplete){hint}", file=sys.stderr)
+        return exit_code(err)
+    if not is_main():
+        return 0
+    print(f"table: {out / 'table2.md'}\nbar chart: {out / 'table2_bars.png'}")
+    if len(shots) > 1:
+        print(f"accuracy vs shots: {out / (SWEEP_FILE + '.png')} (tables: {out / (SWEEP_FILE + '.md')}, "
+              f"per K: {out}/shots_<K>/)")
+    return 0
+
+
+def _new_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """(Table2Config, shots) of the flags given."""
+
+    shots = sorted(set(args.shots))
+    method_options = _method_options(args.method_options)
+    table = given(args, TABLE2_FIELDS)
+    if args.demo:  # each method's demo options under what --method-options gives
+
+        for name in table.get("methods", TABLE2_METHODS):
+            demo_options = demo_settings(name)["method_options"]
+            if demo_options:
+                method_options[name] = {**demo_options, **method_options.get(name, {})}
+    configs, _ = shared_configs(args, args._fields, parser)
+    label = None
+    if configs["backbone"].model == str(MINI_CLIP_CONFIG):
+        label = "miniature benchmark (mini CLIP, generated world; not ImageNet)"
+    try:
+        cfg = Table2Config(shots=shots[-1], method_options=method_options, benchmark_label=label, **table, **configs)
+    except ValueError as err:
+        parser.error(str(err))
+    return cfg, shots
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""`scripts/train_imagenet_fs.py`: K-shot training of one method and its robustness evaluation.
+
+The whole path from flags to metrics:
+  1. `build_parser(method)`: flags generated from RunConfig, the shared Data/Backbone/Runtime configs and
+     the chosen method's config class (two-stage parse: --method first, then its option group);
+  2. `config_from_args`: a `RunConfig` (--demo applied once, in `options.shared_configs`);
+  3. `clipconv.app.run.prepare_run` → `Session` + split + validated method options + the run folder (checked
+     before any work, created uniquely; an existing run is refused unless --overwrite or --resume);
+  4. `clipconv.app.run.execute_run` → `session.fit_and_evaluate` → metrics.json, results.md, run_summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from clipconv.app.cli.common import EXIT_BAD_INPUT, bad_input_errors, fail, join_process_group, plain_warnings
+from clipconv.app.cli.options import add_config_args, add_shared_args, given, shared_configs
+from clipconv.app.demo_presets import DEMO_TRAIN_DEFAULTS
+from clipconv.app.run import CONFIG_FILE, RunConfig, execute_run, prepare_run
+from clipconv.app.rundir import exit_code, interrupt_on_sigterm
+from clipconv.methods import method_names
+from clipconv.methods.base import METHODS, method_config_class, method_names
+from clipconv.runtime.io import read_json
+from clipconv.runtime.ranks import is_main
+
+DESCRIPTION = """Train a few-shot CLIP method on K shots per class and evaluate it on ImageNet and its shifted
+variants (-V2, -Sketch, -A, -R). Defaults are the Convpass paper's Convpass_CLIP protocol (Table 3):
+ViT-B/16 OpenAI weights, Convpass h=8 beside attention and MLP, AdamW lr 1e-5, batch 64, 50 epochs, cosine.
+`--method NAME --help` lists that method's options."""
+
+RUN_FIELDS = ("shots", "seed", "val_shots", "split", "output_dir", "save_logits", "wise_alpha")
+METHOD_PREFIX = "method."
+
+
+def _pre_parse(argv: Sequence[str]) -> argparse.Namespace:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default=None)
+    pre.add_argument("--resume", default=None)
+    return pre.parse_known_args(argv)[0]
+
+
+def build_parser(method: str = "convpass") -> argparse.ArgumentParser:
+    """The full parser for `method`: run flags, shared groups, then the method's own option group."""
+
+    method_names()  # registers every method
+    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, RunConfig, skip=("method",))
+    parser.add_argument("--method", default="convpass", help="registered method (default: convpass; see --list-methods)")
+    parser.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue an interrupted run from its last epoch (only runtime flags may be given)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in --output-dir (its clipconv files are deleted first)")
+    parser.set_defaults(_fields={"run": RUN_FIELDS, **add_shared_args(parser)})
+    config_class = method_config_class(METHODS[method])
+    notes = {k: f"--demo: {v}" for k, v in DEMO_TRAIN_DEFAULTS.get(method, {}).items()}
+    method_fields = add_config_args(parser, config_class, title=f"{method} options", prefix=METHOD_PREFIX,
+                                    notes=notes)
+    parser.set_defaults(_method_fields=method_fields)
+    parser.add_argument("--method-options", default="{}",
+                        help=f"JSON object of further options of the method; known: {sorted(config_class.help())}")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The RunConfig of parsed flags: --method-options JSON over the method's flags over --demo's options."""
+
+    try:
+        extra = json.loads(args.method_options)
+    except json.JSONDecodeError as err:
+        fail(f"--method-options is not valid JSON: {err}")
+    if not isinstance(extra, dict):
+        fail("--method-options must be a JSON object")
+    configs, demo_options = shared_configs(args, args._fields, parser, method=args.method)
+    options = {**demo_options, **given(args, args._method_fields, METHOD_PREFIX), **extra}
+    run = {**given(args, RUN_FIELDS), "method": args.method}
+    try:
+        return RunConfig(**run, method_options=options, **configs)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def _resume_config(run_dir: str, args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The saved RunConfig of `run_dir`; flags that conflict with it are refused, listed."""
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        fail(f"--resume {run_dir}: no {CONFIG_FILE} there; give the run directory of an earlier run")
+    with bad_input_errors():
+        saved = RunConfig.from_dict(read_json(path))
+    conflicts = []
+    for name, value in given(args, RUN_FIELDS).items():
+        if name == "save_logits" or (name == "output_dir" and Path(value).resolve() == Path(run_dir).resolve()):
+            continue
+        if value != getattr(saved, name):
+            conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {getattr(saved, name)})")
+    if args.method_given and args.method_given != saved.method:
+        conflicts.append(f"--method {args.method_given} (saved: {saved.method})")
+    for section in ("data", "backbone"):
+        for name, value in given(args, args._fields[section]).items():
+            if value != getattr(getattr(saved, section), name):
+                conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {getattr(getattr(saved, section), name)})")
+    free = {}  # method options that change speed only, never the numbers: they may differ on resume
+    for name, value in given(args, args._method_fields, METHOD_PREFIX).items():
+        if name in RESUME_FREE_METHOD_OPTIONS:
+            free[name] = value
+        elif saved.method_options.get(name, value) != value or name not in saved.method_options:
+            conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {saved.method_options.get(name, 'default')})")
+    if json.loads(args.method_options or "{}"):
+        conflicts.append("--method-options (the saved run's options are used)")
+    if conflicts:
+        fail(f"--resume {run_dir}: these flags conflict with the saved run: {'; '.join(conflicts)}; "
+             "drop them (only runtime flags such as --device/--workers may change) or start a new run")
+    runtime = {**saved.runtime.to_dict(), **given(args, args._fields["runtime"])}
+    with bad_input_errors():
+        return RunConfig.from_dict({**saved.to_dict(), "runtime": runtime, "output_dir": str(run_dir),
+                                    "method_options": {**saved.method_options, **free},
+                                    "save_logits": given(args, RUN_FIELDS).get("save_logits", saved.save_logits),
+                                    "split": str(Path(run_dir) / "split.json")})
+
+
+#: method options that may change on --resume (speed only: torch.compile gives the same numbers)
+RESUME_FREE_METHOD_OPTIONS = frozenset({"compile"})
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    plain_warnings()
+
+    pre = _pre_parse(argv)
+    method = pre.method
+    if pre.resume:  # the saved run's method (a different --method is reported as a conflict)
+
+        path = Path(pre.resume) / "config.json"
+        with bad_input_errors():  # a damaged config.json is one line, not a traceback
+            method = read_json(path).get("method") if path.is_file() else method
+    method = method or "convpass"
+    if method not in method_names():
+        argparse.ArgumentParser(prog=Path(sys.argv[0]).name).error(
+            f"unknown --method '{method}'; choose one of {', '.join(method_names())}")
+    parser = build_parser(method)
+    args = parser.parse_args(argv)
+    args.method = method
+    if args.list_methods:
+        print("\n".join(method_names()))
+        return 0
+    args.method_given = pre.method
+    if args.overwrite and args.resume:
+        fail("--overwrite and --resume exclude each other: --resume continues the run, --overwrite replaces it")
+    with bad_input_errors():
+        cfg = _resume_config(args.resume, args, parser) if args.resume else config_from_args(args, parser)
+
+    with bad_input_errors():
+        join_process_group(cfg.runtime.device)  # under torchrun: join the process group (no-op otherwise)
+        run = prepare_run(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    try:
+        with interrupt_on_sigterm(), bad_input_errors():  # e.g. a damaged train_state.pt when resuming
+            result = execute_run(run)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (raised as Terminated)
+        what = "terminated" if exit_code(err) == 143 else "interrupted"
+        print(f"\n{what}: the last finished epoch is saved; continue with --resume {run.run_dir}", file=sys.stderr)
+        return exit_code(err)
+    if is_main():
+        print(f"run directory: {run.run_dir}")
+    return 0 if result.metrics else EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""The robustness suite: score one method on ImageNet val, -V2, -Sketch, -A and -R."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence
+
+import torch
+
+from clipconv.data import image_dataset
+from clipconv.data.decoded import DecodedImageDataset
+from clipconv.data.draft import draft_for
+from clipconv.data.folder import SkipTracker, collate_skip_bad
+from clipconv.metrics import mean_per_class_recall, per_class_top1, topk_accuracy
+from clipconv.runtime import ranks
+from clipconv.runtime.progress import progress
+
+if TYPE_CHECKING:
+    from clipconv.data import EvalSplit
+    from clipconv.features import FeatureStore
+
+__all__ = ["collect_logits", "evaluate_method", "image_loader", "Scorer"]
+
+
+class Scorer(Protocol):
+    """What the evaluation suite scores: a fitted method (or a loaded classifier wrapped as one).
+    Frozen-image-encoder scorers also provide `logits_from_features(features)`."""
+
+    frozen_image_encoder: bool
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+def image_loader(root: Path, samples: Sequence, transform: Callable, batch_size: int, workers: int,
+                 shuffle: bool = False, generator: Optional[torch.Generator] = None, strict: bool = False,
+                 draft_size: Optional[int] = None, decoded=None, pin_memory: bool = False):
+    """Batches of (images, labels) over (path, label) samples; undecodable images are skipped with one
+    warning at the end (an error naming the file when `strict`). `draft_size`: decode JPEGs at a reduced
+    DCT scale keeping both sides >= it (clipconv.data.draft); `decoded`: read the images from these
+    `DecodedImages` (clipconv.data.decoded) instead of the files; `pin_memory`: for CUDA copies."""
+
+    on_error = "raise" if strict else "skip"
+    if decoded is not None:
+        dataset = DecodedImageDataset(decoded, root, list(samples), transform, on_error)
+    else:
+        dataset = image_dataset(root, list(samples), transform, on_error=on_error, draft_size=draft_size)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        shuffle, generator = False, None  # streamed webdataset shards: read in order, once
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate_skip_bad,
+        generator=generator, drop_last=False, pin_memory=pin_memory, persistent_workers=workers > 0,
+    )
+    return SkipTracker(loader, what=str(root))
+
+
+@torch.no_grad()
+def collect_logits(
+    score: Callable[[torch.Tensor], torch.Tensor],
+    root: Path,
+    samples: Sequence,
+    transform: Callable,
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int = 0,
+    desc: str = "",
+    strict: bool = False,
+    draft_size: Optional[int] = None,
+    decoded=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `score(images)` over a sample list; returns (logits, labels) on CPU, in sample order (`draft_size`,
+    `decoded`: see `image_loader`). Under torchrun each rank scores a contiguous run of whole batches and every
+    rank gets all of them (clipconv.runtime.ranks), bit-identical to one process."""
+
+    device = torch.device(device)
+    if decoded is not None and ranks.is_distributed():
+        raise ValueError("decoded images cannot be sharded across processes; pass decoded=None under torchrun")
+    loader = image_loader(root, ranks.shard(list(samples), batch_size), transform, batch_size, workers,
+                          strict=strict, draft_size=draft_size, decoded=decoded, pin_memory=device.type == "cuda")
+    all_logits, all_labels = [], []
+    for images, labels in progress(loader, desc=desc or "eval", unit="batch"):
+        all_logits.append(score(images.to(device, non_blocking=True)).float().cpu())
+        all_labels.append(labels)
+    report_skipped_everywhere(loader.skipped, True, loader.what)
+    logits = torch.cat(all_logits) if all_logits else torch.empty(0, 0)
+    labels = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.long)
+    return ranks.gather_rows(logits, labels)
+
+
+def evaluate_method(
+    method: Scorer,
+    splits: Sequence["EvalSplit"],
+    data_root: Path,
+    device: torch.device,
+    features: Optional["FeatureStore"] = None,
+    eval_transform: Optional[Callable] = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    log: Callable[[str], None] = print,
+    strict: bool = False,
+    on_logits: Optional[Callable[[str, torch.Tensor, torch.Tensor], None]] = None,
+    draft: str = "off",
+) -> dict[str, dict[str, float]]:
+    """{set name: {"top1", "top5", "n", "classes", "mean_per_class_recall", "per_class"}} for each evaluation
+    split (sample paths relative to `data_root`; "classes": how many classes the argmax is over, fewer for a
+    restricted -A/-R set; "mean_per_class_recall": sklearn's balanced accuracy in %, over the classes with
+    images; "per_class": the top-1 of each of those classes, None for one without images).
+    `on_logits(set name, logits, labels)` receives each set's scores (e.g. to save them).
+
+    Frozen-image-encoder methods score features from `features` (a FeatureStore, so each set is encoded
+    once per backbone); the others see preprocessed images, JPEGs decoded at a reduced DCT scale when
+    `draft` is "eval" or "all" (clipconv.data.draft). -A/-R splits carry a `subset` of class
+    indices and are scored with the argmax restricted to them.
+    """
+
+    draft_size = draft_for(draft, eval_transform, training=False)
+    results: dict[str, dict[str, float]] = {}
+    for split in splits:
+        if getattr(method, "frozen_image_encoder", False) and features is not None:
+            feats, labels = features.encode(data_root, split.samples, desc=split.display_name, with_labels=True)
+            logits = torch.cat([method.logits_from_features(chunk.to(device)).float().cpu()
+                                for chunk in feats.split(4096)]) if len(feats) else torch.empty(0, 0)
+        else:
+            if eval_transform is None:
+                raise ValueError("evaluate_method needs eval_transform for methods that read images")
+            logits, labels = collect_logits(method.logits, data_root, split.samples, eval_transform, device,
+                                            batch_size, workers, desc=split.display_name, strict=strict,
+                                            draft_size=draft_size)
+        classes = split.num_classes or (len(split.subset) if split.subset is not None else
+                                        int(logits.shape[1]) if logits.numel() else 0)
+        results[split.name] = {**topk_accuracy(logits, labels, subset=split.subset), "classes": classes,
+                               "mean_per_class_recall": mean_per_class_recall(logits, labels, subset=split.subset),
+                               "per_class": per_class_top1(logits, labels, classes, subset=split.subset)}
+        if on_logits is not None:
+            on_logits(split.name, logits, labels)
+        log(f"{split.display_name}: top-1 {results[split.name]['top1']:.2f}% on {results[split.name]['n']} images "
+            f"over {classes} classes")
+    return results
