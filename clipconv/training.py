@@ -315,7 +315,7 @@ class Trainer:
         is scaled by world size / global batch size, so DDP's gradient average is the gradient of the
         global batch's mean loss (the single-process objective), L2-SP added once per rank."""
 
-        ranks = ranks.world_size()
+        world = ranks.world_size()
         sums = torch.zeros(3, dtype=torch.float64)  # loss · images, images, correct (this rank)
         step = 0
         started = time.perf_counter()
@@ -343,7 +343,7 @@ class Trainer:
                     f"lr {self.scheduler.get_last_lr()[0]:.3g}; the last good checkpoint is kept — "
                     "lower --lr or --scale, or use --precision fp32"
                 )
-            loss = summed * (ranks / count.item())
+            loss = summed * (world / count.item())
             if penalty is not None:
                 loss = loss + penalty
             self._step(loss)
