@@ -12,21 +12,9 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 from clipconv.adapters import (
-    ADAPTERS,
-    Convpass,
-    ConvpassConfig,
-    ParallelAdapter,
-    SequentialAdapter,
-    SharedProjections,
-    TokenLayout,
-    adapter_modules,
-    add_adapters,
-    count_trainable,
-    get_adapter,
-    get_adapter_scale,
-    register_adapter,
-    remove_adapters,
-    set_adapter_scale,
+    ADAPTERS, Convpass, ConvpassConfig, ParallelAdapter, SequentialAdapter, SharedProjections, TokenLayout,
+    adapter_modules, add_adapters, count_trainable, get_adapter, get_adapter_scale, register_adapter, remove_adapters,
+    set_adapter_scale
 )
 from clipconv.checkpoint import trainable_state_dict
 
