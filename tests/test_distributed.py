@@ -132,7 +132,7 @@ def test_without_torchrun_nothing_changes(monkeypatch):
 
 
 def test_other_ranks_write_no_file(tmp_path, monkeypatch):
-    from clipconv.runtime.io import remove_stale_temps, write_json
+    from clipconv.runtime.outputs import remove_stale_temps, write_json
 
     monkeypatch.setattr(runtime_ranks, "rank", lambda: 1)
     write_json(tmp_path / "sub" / "x.json", {"a": 1})
