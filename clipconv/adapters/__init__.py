@@ -6,6 +6,7 @@ from .adaptformer import AdaptFormerConfig
 from .bottleneck import Bottleneck
 from .houlsby import BottleneckAdapterConfig
 from .lora import LORA_TARGETS, LoRA, LoRAAttention, LoRAConfig, LoRALinear, add_lora, lora_attention, lora_wrappers
+from .dora import DORA, DoRAConfig, DoRAVariant
 from .inject import (
     SHARED_NAME,
     adapted_modules,
@@ -56,6 +57,9 @@ __all__ = [
     "LoRAAttention",
     "LoRAConfig",
     "LoRALinear",
+    "DORA",
+    "DoRAConfig",
+    "DoRAVariant",
     "ParameterView",
     "add_lora",
     "lora_attention",
