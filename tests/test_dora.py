@@ -14,7 +14,7 @@ from torch import nn
 
 from clipconv.adapters import (ADAPTERS, DORA, DoRAConfig, LoRAAttention, LoRALinear, add_adapters, add_lora,
                                adapter_kinds, adapter_modules, count_trainable, lora_attention, remove_adapters)
-from clipconv.merge import merge_adapters, merged_state_dict
+from clipconv.merge import MERGEABLE_KINDS, merge_adapters, merged_state_dict
 from clipconv.methods.base import build_method
 from clipconv.params import reference_spec
 from tolerance import EPS32, assert_close_scaled, differs_beyond_tolerance
@@ -272,6 +272,11 @@ def test_merged_dora_on_linear_projections_gives_the_same_output(attention):
         assert merge_adapters(holder) == ["dora"] and not adapter_kinds(holder)
         assert set(holder.state_dict()) == keys
         assert_close_scaled(holder.attn(tokens), adapted)
+
+
+def test_dora_is_a_mergeable_kind():
+    """clipconv-export-merged refuses checkpoints whose kind is not in MERGEABLE_KINDS."""
+    assert "dora" in MERGEABLE_KINDS
 
 
 def test_dora_on_both_encoders_merges_into_one_plain_state_dict(tiny_backbone, tiny_config):
