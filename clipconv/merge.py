@@ -25,7 +25,7 @@ from clipconv.runtime.outputs import atomic_path
 __all__ = ["MERGEABLE_KINDS", "mergeable", "merge_adapters", "merged_state_dict", "save_merged"]
 
 #: Registered kinds whose adapters fold into the encoder's weights (what the README's table says).
-MERGEABLE_KINDS = ("lora", "bitfit")
+MERGEABLE_KINDS = ("lora", "dora", "bitfit")
 
 
 def _present(module: nn.Module) -> list[Any]:

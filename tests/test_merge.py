@@ -92,7 +92,7 @@ def test_kinds_with_their_own_computation_are_refused_and_nothing_changes(tiny_b
     with torch.no_grad():
         before = visual(images)
     blocked = sorted(set(kinds) - {"lora"})
-    with pytest.raises(ValueError, match=r"cannot be merged.*only \['lora', 'bitfit'\]") as info:
+    with pytest.raises(ValueError, match=r"cannot be merged.*only \['lora', 'dora', 'bitfit'\]") as info:
         merge_adapters(visual)
     assert str(blocked) in str(info.value)
     assert adapter_kinds(visual) == sorted(kinds)

@@ -4,6 +4,7 @@ from clipconv.adapters.adaptformer import AdaptFormerConfig
 from clipconv.adapters.bitfit import BitFitBiases, BitFitConfig, encoder_biases
 from clipconv.adapters.bottleneck import Bottleneck
 from clipconv.adapters.convpass import CONV_INITS, Convpass, ConvpassConfig, SharedProjections
+from clipconv.adapters.dora import DORA, DoRAConfig, DoRAVariant
 from clipconv.adapters.houlsby import BottleneckAdapterConfig
 from clipconv.adapters.inject import (
     SHARED_NAME,
@@ -65,6 +66,9 @@ __all__ = [
     "LoRAAttention",
     "LoRAConfig",
     "LoRALinear",
+    "DORA",
+    "DoRAConfig",
+    "DoRAVariant",
     "ParameterView",
     "add_lora",
     "lora_attention",
