@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipconv.adapters import (ADAPTERS, DORA, DoRAConfig, LoRAAttention, LoRALinear, add_adapters, add_lora,
-                               adapter_kinds, adapter_modules, count_trainable, lora_attention, remove_adapters)
-from clipconv.merge import MERGEABLE_KINDS, merge_adapters, merged_state_dict
+                               adapter_kinds, adapter_modules, count_trainable, lora_attention, mergeable_kinds,
+                               remove_adapters)
+from clipconv.merge import merge_adapters, merged_state_dict
 from clipconv.methods.base import build_method
 from clipconv.params import reference_spec
 from tolerance import EPS32, assert_close_scaled, differs_beyond_tolerance
@@ -275,8 +276,8 @@ def test_merged_dora_on_linear_projections_gives_the_same_output(attention):
 
 
 def test_dora_is_a_mergeable_kind():
-    """clipconv-export-merged refuses checkpoints whose kind is not in MERGEABLE_KINDS."""
-    assert "dora" in MERGEABLE_KINDS
+    """clipconv-export-merged refuses checkpoints whose kind does not declare itself mergeable."""
+    assert ADAPTERS["dora"].mergeable and "dora" in mergeable_kinds()
 
 
 def test_dora_on_both_encoders_merges_into_one_plain_state_dict(tiny_backbone, tiny_config):

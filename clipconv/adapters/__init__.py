@@ -40,6 +40,7 @@ from clipconv.adapters.registry import (
     AdapterTarget,
     get_adapter,
     make_config,
+    mergeable_kinds,
     register_adapter,
 )
 from clipconv.adapters.tokens import TokenLayout, encoder_layout
@@ -98,6 +99,7 @@ __all__ = [
     "get_adapter",
     "get_adapter_scale",
     "make_config",
+    "mergeable_kinds",
     "register_adapter",
     "remove_adapters",
     "set_adapter_scale",

@@ -100,7 +100,7 @@ class DoRAConfig(LoRAConfig):
         super().refuse_wrapper_options(KIND, placement)
 
 
-@register_adapter(KIND, config=DoRAConfig, placement="attn")
+@register_adapter(KIND, config=DoRAConfig, placement="attn", label="DoRA", mergeable=True)
 def build_dora(config: DoRAConfig, target: AdapterTarget) -> AdapterFactory:
     """DoRA on every block's attention projections (`targets`) of the image encoder."""
     return AdapterFactory(inject=lambda visual: list(add_lora(visual.transformer, config.targets, config.rank,

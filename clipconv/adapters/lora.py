@@ -350,7 +350,7 @@ def lora_wrappers(module: nn.Module) -> list[AdaptedModule]:
     return [m for m in module.modules() if isinstance(m, (LoRALinear, LoRAAttention))]
 
 
-@register_adapter(KIND, config=LoRAConfig, placement="attn")
+@register_adapter(KIND, config=LoRAConfig, placement="attn", label="LoRA", mergeable=True)
 def build_lora(config: LoRAConfig, target: AdapterTarget) -> AdapterFactory:
     """LoRA on every block's attention projections (`targets`) of the image encoder."""
     return AdapterFactory(inject=lambda visual: list(add_lora(visual.transformer, config.targets, config.rank,
