@@ -16,7 +16,7 @@ images per class drawn from the mini world's *train* pool, disjoint from the 16 
 s = 1: at lr 1e-2, s = 10 collapsed to chance. 30 epochs of 8 steps (512 images, batch 64).
 """
 from clipconv.methods.base import METHODS, method_names
-from clipconv.methods.finetune import AdapterTuning
+from clipconv.methods.finetune import AdapterKindMethod, AdapterTuning
 from clipconv.mini_clip import MINI_CLIP_CONFIG, MINI_CLIP_CROP_SCALE, MINI_CLIP_WEIGHTS
 
 DEMO_RUN_DEFAULTS = {"crop_scale": MINI_CLIP_CROP_SCALE}
@@ -42,7 +42,7 @@ def demo_method_options(method: "str | None") -> dict:
 
     method_names()
     cls = METHODS.get(method)
-    if isinstance(cls, type) and issubclass(cls, AdapterTuning):
+    if isinstance(cls, AdapterKindMethod) or (isinstance(cls, type) and issubclass(cls, AdapterTuning)):
         if cls.adapter_kind == "convpass":
             return dict(DEMO_TRAIN_DEFAULTS["convpass"])
         return {k: v for k, v in DEMO_TRAIN_DEFAULTS["convpass"].items() if k in DEMO_TRAINING_RECIPE}

@@ -27,7 +27,7 @@ from clipconv.config import (
     BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
 )
 from clipconv.data.fewshot import save_split
-from clipconv.methods.base import METHODS
+from clipconv.methods.base import METHODS, default_method
 from clipconv.runtime import ranks
 from clipconv.runtime.outputs import atomic_path, write_json, write_text
 from clipconv.wise import alpha_check, supports_interpolation, wise_label
@@ -56,7 +56,7 @@ VAL_HELP = ("validation images per class drawn from train, disjoint from the K s
 class RunConfig(Config):
     """Every setting of a single run (saved as config.json; `--resume` reads it back)."""
 
-    method: str = option("convpass", help="registered method (see --list-methods)")
+    method: str = option(default_method(), help="registered method (see --list-methods)")
     shots: int = option(16, check=positive, help="training images per class (K)")
     seed: int = option(1, check=seed_range, help="seed of the K-shot split and of training")
     val_shots: int = option(VAL_SHOTS, check=non_negative, help=VAL_HELP)

@@ -31,7 +31,7 @@ from clipconv.backbone import load_backbone, resolve_device
 from clipconv.config import BackboneConfig, DataConfig, RuntimeConfig
 from clipconv.data import sample_few_shot
 from clipconv.data.decoded import decoded_cache_dir
-from clipconv.data.family import family_from_args, open_family
+from clipconv.data.family import family_from_config
 from clipconv.data.fewshot import load_split
 from clipconv.evaluation import Scorer, evaluate_method
 from clipconv.features import FeatureStore
@@ -60,15 +60,9 @@ def jsonable(value: Any) -> Any:
 
 
 def open_data_family(data: DataConfig) -> "DatasetFamily":
-    """The dataset family of `data`: the ONE place that maps data settings to a family."""
-
-    if data.family in (None, "imagenet", "demo", "folder"):
-        if data.family == "folder" and data.train_root is None:
-            raise ValueError("--family folder needs --train-root DIR and --eval-set NAME=DIR")
-        return family_from_args(data.data_root, data.family == "demo", data.train_root, data.eval_roots or None,
-                                data.classnames)
-    options = {"data_root": data.data_root, "classnames": data.classnames}
-    return open_family(data.family, **{k: v for k, v in options.items() if v is not None})
+    """The dataset family of `data` (clipconv.data.family.family_from_config: the ONE place that maps data
+    settings to a family)."""
+    return family_from_config(data)
 
 
 @dataclass
@@ -198,7 +192,7 @@ def method_options(name: str, options: Optional[dict[str, Any]] = None, epochs_s
     out = dict(options or {})
     try:
         config = config_class.from_options(out)
-        if getattr(METHODS[name], "data_parallel", False):  # its batch is split across torchrun's processes
+        if METHODS[name].data_parallel:  # its batch is split across torchrun's processes
             check_batch_size(config.batch_size)
     except ValueError as err:
         raise ValueError(f"method '{name}': {err}") from None

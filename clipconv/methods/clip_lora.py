@@ -105,6 +105,7 @@ class ClipLoRA(Method):
     frozen_image_encoder = False
     config_class = ClipLoRAConfig
     reference_templates = "photo"
+    label = "CLIP-LoRA"
 
     def __init__(self, config: Optional[ClipLoRAConfig] = None, **options: Any) -> None:
         self.config = config_from(ClipLoRAConfig, config, options)
