@@ -164,7 +164,7 @@ def _train(out: Path, rank: int = 0, world: int = 1, store: str = "") -> None:
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.0), nn.Linear(8, 3))
     data = _Noisy(9)
     cfg = TrainConfig(epochs=3, batch_size=4, lr=0.05, l2sp=0.1, seed=4)
-    trainer = Trainer(model, lambda g: train_loader(data, cfg.batch_size, 0, g), 3, cfg, torch.device("cpu"),
+    trainer = Trainer.classifier(model, lambda g: train_loader(data, cfg.batch_size, 0, g), 3, cfg, torch.device("cpu"),
                       log=lambda *_: None)
     trainer.fit()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
