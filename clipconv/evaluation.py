@@ -10,6 +10,7 @@ from clipconv.data import image_dataset
 from clipconv.data.decoded import DecodedImageDataset
 from clipconv.data.draft import draft_for
 from clipconv.data.folder import SkipTracker, collate_skip_bad
+from clipconv.data.sharded import report_skipped_everywhere
 from clipconv.metrics import mean_per_class_recall, per_class_top1, topk_accuracy
 from clipconv.runtime import ranks
 from clipconv.runtime.progress import progress

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -23,14 +20,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 import open_clip
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from clipconv.data import collate_skip_bad, image_dataset, report_skipped
 from clipconv.data.draft import draft_for
 from clipconv.runtime import ranks
 from clipconv.runtime.cache import cache_dir_problem, cache_root, tensor_checksum, transform_id, write_cache_entry
-from clipconv.runtime.io import OutputWriteError
-from clipconv.runtime.outputs import atomic_path
 from clipconv.runtime.progress import progress
 from clipconv.runtime.seeding import item_seed
 

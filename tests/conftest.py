@@ -1,11 +1,22 @@
-"""Shared fixtures: a tiny open_clip config (4×4 patch grid) and a backbone built from it."""
+"""Shared fixtures: a tiny open_clip config (4×4 patch grid) and a backbone built from it.
+
+The suite runs torch on one thread, and so do the command-line subprocesses it starts (they inherit
+OMP_NUM_THREADS): on a busy 2-core machine more threads only contend (one test once stalled for minutes)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 
-import pytest
-import torch
+os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported here and in every subprocess
+os.environ["MKL_NUM_THREADS"] = "1"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download: fail at once instead of retrying
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 TINY_CONFIG = {
     "embed_dim": 16,

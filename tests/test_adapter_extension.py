@@ -7,15 +7,8 @@ import torch
 from torch import nn
 
 from clipconv.adapters import (
-    ADAPTERS,
-    AdaptedModule,
-    AdapterConfig,
-    AdapterFactory,
-    adapted_modules,
-    add_adapters,
-    register_adapter,
-    remove_adapters,
-    set_adapter_scale,
+    ADAPTERS, AdaptedModule, AdapterConfig, AdapterFactory, adapted_modules, add_adapters, register_adapter,
+    remove_adapters, set_adapter_scale
 )
 
 

@@ -12,21 +12,9 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 from clipconv.adapters import (
-    ADAPTERS,
-    Convpass,
-    ConvpassConfig,
-    ParallelAdapter,
-    SequentialAdapter,
-    SharedProjections,
-    TokenLayout,
-    adapter_modules,
-    add_adapters,
-    count_trainable,
-    get_adapter,
-    get_adapter_scale,
-    register_adapter,
-    remove_adapters,
-    set_adapter_scale,
+    ADAPTERS, Convpass, ConvpassConfig, ParallelAdapter, SequentialAdapter, SharedProjections, TokenLayout,
+    adapter_modules, add_adapters, count_trainable, get_adapter, get_adapter_scale, register_adapter, remove_adapters,
+    set_adapter_scale
 )
 from clipconv.checkpoint import trainable_state_dict
 
@@ -475,7 +463,9 @@ def test_adapters_follow_the_encoder_train_eval_mode(visual):
 
 # ---------------------------------------------------------------- drop_path (stochastic depth, issue 8)
 def test_drop_path_zero_changes_nothing_and_draws_no_random_numbers(visual):
-    """Train mode, drop_path=0: bit-identical to the block computed by hand (same operation order)."""
+    """Train mode, drop_path=0: equal to the block computed by hand, and no random number drawn. The wrapper
+    may fuse `trunk + s·adapter` into one addmm, which rounds differently from the two-step sum on some CPUs:
+    the tolerance is a few float32 ulps of the largest value per layer."""
     modules = add_adapters(visual, "convpass", dropout=0.0, drop_path=0.0, scale=0.5)
     _randomize(modules)
     visual.train()
@@ -490,7 +480,9 @@ def test_drop_path_zero_changes_nothing_and_draws_no_random_numbers(visual):
     state = torch.get_rng_state()
     out = visual.transformer(tokens)
     assert torch.equal(torch.get_rng_state(), state)
-    assert torch.equal(out, expected)
+    layers = len(visual.transformer.resblocks)
+    atol = 64 * layers * torch.finfo(torch.float32).eps * expected.abs().max().item()
+    torch.testing.assert_close(out, expected, rtol=0, atol=atol)
 
 
 def test_drop_path_rates_grow_linearly_over_depth(tiny_backbone):

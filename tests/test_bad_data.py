@@ -13,18 +13,8 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from clipconv.data import (
-    DataLayoutError,
-    ImageDecodeError,
-    ImageListDataset,
-    SkipTracker,
-    collate_skip_bad,
-    eval_split,
-    list_images,
-    load_rgb,
-    make_image_tree,
-    resolve_run_classes,
-    sample_few_shot,
-    train_samples,
+    DataLayoutError, ImageDecodeError, ImageListDataset, SkipTracker, collate_skip_bad, eval_split, list_images,
+    load_rgb, make_image_tree, resolve_run_classes, sample_few_shot, train_samples
 )
 from clipconv.prompts import imagenet_classes
 

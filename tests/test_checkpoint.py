@@ -5,11 +5,7 @@ import pytest
 import torch
 
 from clipconv.checkpoint import (
-    CheckpointMismatchError,
-    load_trainable,
-    read_metadata,
-    save_trainable,
-    trainable_state_dict,
+    CheckpointMismatchError, load_trainable, read_metadata, save_trainable, trainable_state_dict
 )
 from clipconv.head import ImageClassifier, text_head
 

@@ -11,18 +11,8 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from clipconv.data import (
-    EVAL_SET_SPECS,
-    EVAL_SETS,
-    ClassList,
-    DataLayoutError,
-    ImageListDataset,
-    SkipTracker,
-    collate_skip_bad,
-    eval_split,
-    load_rgb,
-    make_image_tree,
-    resolve_run_classes,
-    train_samples,
+    EVAL_SET_SPECS, EVAL_SETS, ClassList, DataLayoutError, ImageListDataset, SkipTracker, collate_skip_bad, eval_split,
+    load_rgb, make_image_tree, resolve_run_classes, train_samples
 )
 from clipconv.prompts import imagenet_classes
 

@@ -22,7 +22,7 @@ from tolerance import EPS32
 from torch import nn
 
 from clipconv.data.sharded import GlobalBatchShards, SeededTrainItems, train_loader
-from clipconv.runtime import ranks
+from clipconv.runtime import ranks as runtime_ranks
 from clipconv.runtime.ranks import shard_bounds
 
 ULPS = 256
@@ -40,7 +40,7 @@ def test_shards_are_contiguous_cover_everything_and_differ_by_at_most_one(n, ran
 
 @pytest.mark.parametrize("n,batch,ranks", [(0, 4, 2), (11, 4, 2), (12, 4, 2), (3, 4, 2), (50, 8, 3)])
 def test_evaluation_shards_are_runs_of_the_single_process_batches(n, batch, ranks):
-    bounds = [ranks.batch_shard_bounds(n, batch, ranks, r) for r in range(ranks)]
+    bounds = [runtime_ranks.batch_shard_bounds(n, batch, ranks, r) for r in range(ranks)]
     assert bounds[0][0] == 0 and bounds[-1][1] == n
     assert all(bounds[r][1] == bounds[r + 1][0] for r in range(ranks - 1))
     assert all(start % batch == 0 for start, end in bounds if end > start)  # batch boundaries kept
@@ -97,7 +97,7 @@ def test_augmentation_depends_on_the_item_and_epoch_seed_only_and_keeps_the_call
     assert torch.equal(torch.get_rng_state(), state)  # dropout's stream is not disturbed
     assert all(torch.equal(forward[i], backward[i]) for i in range(8))
     assert not torch.equal(forward[0], SeededTrainItems(_Noisy(8), round_seed=6)[(0, False)][0])
-    assert items[(3, True)][1] == ranks.IGNORE_LABEL  # padding adds nothing to the loss
+    assert items[(3, True)][1] == runtime_ranks.IGNORE_LABEL  # padding adds nothing to the loss
 
 
 def test_single_process_train_loader_keeps_the_epoch_order():
@@ -110,11 +110,11 @@ def test_single_process_train_loader_keeps_the_epoch_order():
 def test_batch_not_divisible_by_the_processes_is_refused_with_one_line(monkeypatch):
     from clipconv.app.session import method_options
 
-    monkeypatch.setattr(ranks, "world_size", lambda: 4)
+    monkeypatch.setattr(runtime_ranks, "world_size", lambda: 4)
     with pytest.raises(ValueError) as err:
-        ranks.check_batch_size(6)
+        runtime_ranks.check_batch_size(6)
     assert "--batch-size 6" in str(err.value) and "4 processes" in str(err.value) and "\n" not in str(err.value)
-    ranks.check_batch_size(8)
+    runtime_ranks.check_batch_size(8)
     with pytest.raises(ValueError, match="method 'convpass': --batch-size 6"):
         method_options("convpass", {"batch_size": 6})
     method_options("linear_probe", {})  # methods that do not train with DDP are not concerned
@@ -122,25 +122,25 @@ def test_batch_not_divisible_by_the_processes_is_refused_with_one_line(monkeypat
 
 def test_without_torchrun_nothing_changes(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert ranks.init_from_env("cpu") == 1 and not ranks.is_distributed()
-    assert ranks.on_main(lambda: 7) == 7 and ranks.shard([1, 2, 3]) == [1, 2, 3]
+    assert runtime_ranks.init_from_env("cpu") == 1 and not runtime_ranks.is_distributed()
+    assert runtime_ranks.on_main(lambda: 7) == 7 and runtime_ranks.shard([1, 2, 3]) == [1, 2, 3]
     model = nn.Linear(2, 2)
-    assert ranks.wrap_model(model, torch.device("cpu")) is model
-    assert ranks.rank_seed(42) == 42
+    assert runtime_ranks.wrap_model(model, torch.device("cpu")) is model
+    assert runtime_ranks.rank_seed(42) == 42
     with pytest.raises(ValueError, match="WORLD_SIZE"):
-        ranks.launch_from_env({"WORLD_SIZE": "two"})
+        runtime_ranks.launch_from_env({"WORLD_SIZE": "two"})
 
 
 def test_other_ranks_write_no_file(tmp_path, monkeypatch):
     from clipconv.runtime.io import remove_stale_temps, write_json
 
-    monkeypatch.setattr(ranks, "rank", lambda: 1)
+    monkeypatch.setattr(runtime_ranks, "rank", lambda: 1)
     write_json(tmp_path / "sub" / "x.json", {"a": 1})
     stale = tmp_path / ".y.json.abc.tmp"
     stale.write_text("")
     assert remove_stale_temps(tmp_path / "y.json") == [] and stale.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name]
-    monkeypatch.setattr(ranks, "rank", lambda: 0)
+    monkeypatch.setattr(runtime_ranks, "rank", lambda: 0)
     write_json(tmp_path / "x.json", {"a": 1})
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
 
@@ -260,7 +260,7 @@ def _train_argv(world, out, epochs=2, batch=4):
 
 
 def _torchrun(args, module="clipconv.app.cli.train", **kwargs):
-    cmd = [sys.executable, "-m", "torch.ranks.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.runtime_ranks.run", "--standalone", "--nproc_per_node", "2",
            "-m", module, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, **kwargs)
@@ -305,7 +305,7 @@ def test_torchrun_run_killed_after_an_epoch_resumes_to_the_straight_run(world):
     straight = _torchrun(_train_argv(world, root / "straight", epochs=6))
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed = root / "killed"
-    cmd = [sys.executable, "-m", "torch.ranks.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.runtime_ranks.run", "--standalone", "--nproc_per_node", "2",
            "-m", "clipconv.app.cli.train", *_train_argv(world, killed, epochs=6)]
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

@@ -9,14 +9,8 @@ import pytest
 import torch
 
 from clipconv.data import (
-    DataLayoutError,
-    FolderFamily,
-    ImageNetFamily,
-    family_from_args,
-    family_names,
-    make_class_folders,
-    open_family,
-    sample_few_shot,
+    DataLayoutError, FolderFamily, ImageNetFamily, family_from_args, family_names, make_class_folders, open_family,
+    sample_few_shot
 )
 from clipconv.data.imagenet import PUBLISHED_TABLE2
 

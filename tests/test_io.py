@@ -14,14 +14,7 @@ import pytest
 import torch
 
 from clipconv.runtime.io import (
-    DamagedFileError,
-    OutputWriteError,
-    atomic_path,
-    load_torch,
-    read_json,
-    save_torch,
-    write_json,
-    write_text,
+    DamagedFileError, OutputWriteError, atomic_path, load_torch, read_json, save_torch, write_json, write_text
 )
 
 

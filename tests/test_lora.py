@@ -10,15 +10,8 @@ import torch
 from torch import nn
 
 from clipconv.adapters import (
-    LoRAConfig,
-    adapter_modules,
-    add_adapters,
-    add_lora,
-    count_trainable,
-    lora_attention,
-    lora_wrappers,
-    remove_adapters,
-    set_adapter_scale,
+    LoRAConfig, adapter_modules, add_adapters, add_lora, count_trainable, lora_attention, lora_wrappers,
+    remove_adapters, set_adapter_scale
 )
 
 

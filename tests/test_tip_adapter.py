@@ -12,11 +12,7 @@ from clipconv.features import FeatureStore
 from clipconv.methods import build_method
 from clipconv.methods.frozen import text_classifier
 from clipconv.methods.tip_adapter import (
-    TipAdapterConfig,
-    TipAdapterF,
-    TipAdapterFConfig,
-    search_grid,
-    tip_cache_transform,
+    TipAdapterConfig, TipAdapterF, TipAdapterFConfig, search_grid, tip_cache_transform
 )
 from clipconv.prompts import load_templates
 from clipconv.runtime.seeding import item_seed

@@ -13,17 +13,8 @@ from tolerance import assert_close_scaled, differs_beyond_tolerance
 from torch import nn
 
 from clipconv.adapters import (
-    Convpass,
-    adapted_modules,
-    adapter_kinds,
-    adapter_modules,
-    add_adapters,
-    encoder_biases,
-    get_adapter_scale,
-    prompt_tokens,
-    remove_adapters,
-    set_adapter_scale,
-    vpt_init_bound,
+    Convpass, adapted_modules, adapter_kinds, adapter_modules, add_adapters, encoder_biases, get_adapter_scale,
+    prompt_tokens, remove_adapters, set_adapter_scale, vpt_init_bound
 )
 from clipconv.checkpoint import trainable_state_dict
 from clipconv.methods import build_method

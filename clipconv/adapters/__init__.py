@@ -6,40 +6,15 @@ from clipconv.adapters.bottleneck import Bottleneck
 from clipconv.adapters.convpass import CONV_INITS, Convpass, ConvpassConfig, SharedProjections
 from clipconv.adapters.houlsby import BottleneckAdapterConfig
 from clipconv.adapters.inject import (
-    SHARED_NAME,
-    adapted_modules,
-    adapter_kinds,
-    adapter_modules,
-    adapter_parameters,
-    add_adapters,
-    count_trainable,
-    get_adapter_scale,
-    prompt_tokens,
-    remove_adapters,
-    set_adapter_scale,
-    transformer_blocks,
-    unwrap_all,
+    SHARED_NAME, adapted_modules, adapter_kinds, adapter_modules, adapter_parameters, add_adapters, count_trainable,
+    get_adapter_scale, prompt_tokens, remove_adapters, set_adapter_scale, transformer_blocks, unwrap_all
 )
 from clipconv.adapters.lora import (
-    LORA_TARGETS,
-    LoRA,
-    LoRAAttention,
-    LoRAConfig,
-    LoRALinear,
-    add_lora,
-    lora_attention,
-    lora_wrappers,
+    LORA_TARGETS, LoRA, LoRAAttention, LoRAConfig, LoRALinear, add_lora, lora_attention, lora_wrappers
 )
 from clipconv.adapters.registry import (
-    ADAPTERS,
-    PLACEMENTS,
-    AdapterConfig,
-    AdapterFactory,
-    AdapterKind,
-    AdapterTarget,
-    get_adapter,
-    make_config,
-    register_adapter,
+    ADAPTERS, PLACEMENTS, AdapterConfig, AdapterFactory, AdapterKind, AdapterTarget, get_adapter, make_config,
+    register_adapter
 )
 from clipconv.adapters.tokens import TokenLayout, encoder_layout
 from clipconv.adapters.vpt import DeepPrompts, PromptedBlock, VPTConfig, vpt_init_bound

@@ -10,13 +10,14 @@ anything else in the folder is left alone. It asks nothing and prints what it re
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
+
+from clipconv.runtime.cache import cache_root
 
 __all__ = ["cache_root", "CacheContents", "scan", "clear", "main"]
 
@@ -25,12 +26,10 @@ _ENTRY_TEMP = re.compile(r"^\.[0-9a-f]{40}\.safetensors\..+\.tmp$")
 _WORLD = re.compile(r"^demo-world-[0-9a-f]{12}$")
 WDS_FOLDERS = ("wds-index", "wds-samples")
 
-
 def _size(path: Path) -> int:
     if path.is_dir() and not path.is_symlink():
         return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_dir() or p.is_symlink())
     return path.lstat().st_size
-
 
 @dataclass
 class CacheContents:
@@ -45,7 +44,6 @@ class CacheContents:
 
     def size(self, paths: Sequence[Path]) -> int:
         return sum(_size(p) for p in paths)
-
 
 def scan(root: Optional[Path] = None) -> CacheContents:
     """The clipconv files in `root` (default `cache_root()`); nothing else is listed."""
@@ -64,14 +62,12 @@ def scan(root: Optional[Path] = None) -> CacheContents:
         found.worlds = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.is_symlink() and _WORLD.match(p.name)]
     return found
 
-
 def _human(size: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.1f} TB"  # pragma: no cover
-
 
 def describe(found: CacheContents) -> str:
     """The `info` text: location, entries and sizes."""
@@ -87,7 +83,6 @@ def describe(found: CacheContents) -> str:
     if found.leftovers:
         lines.append(f"leftover temporary files: {len(found.leftovers)} ({_human(found.size(found.leftovers))})")
     return "\n".join(lines)
-
 
 def clear(root: Optional[Path] = None, worlds: bool = True) -> list[str]:
     """Remove clipconv's cache files under `root`; return one line per kind of thing removed."""
@@ -109,7 +104,6 @@ def clear(root: Optional[Path] = None, worlds: bool = True) -> list[str]:
             folder.rmdir()
     return report
 
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clipconv.app.cache", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("info", "clear"), help="info: show what is cached; clear: remove it")
@@ -130,7 +124,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print("\n".join(removed) if removed else f"nothing to clear in {root}")
     return 0
-
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())

@@ -24,14 +24,7 @@ from clipconv.app.report import markdown_table
 from clipconv.app.rundir import RUN_FILES, check_output_dir, claim_output_dir, held_files, new_run_dir
 from clipconv.app.session import FitResult, Session, fit_and_evaluate, jsonable, method_options, open_session
 from clipconv.config import (
-    BackboneConfig,
-    Config,
-    DataConfig,
-    RuntimeConfig,
-    non_negative,
-    option,
-    positive,
-    seed_range,
+    BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
 )
 from clipconv.data.fewshot import save_split
 from clipconv.methods.base import METHODS

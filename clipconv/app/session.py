@@ -46,7 +46,6 @@ if TYPE_CHECKING:
     from clipconv.backbone import Backbone
     from clipconv.data import ClassList, EvalSplit, FewShotSplit
     from clipconv.data.family import DatasetFamily
-    from clipconv.features import FeatureStore
     from clipconv.methods.base import Method
 
 __all__ = ["Session", "FitResult", "open_session", "open_data_family", "fit_and_evaluate", "method_options",

@@ -33,14 +33,7 @@ from clipconv.app.run import VAL_SHOTS, counts_line, environment
 from clipconv.app.rundir import check_output_dir, claim_output_dir, held_files, new_run_dir
 from clipconv.app.session import Session, fit_and_evaluate, method_options, open_session
 from clipconv.config import (
-    BackboneConfig,
-    Config,
-    DataConfig,
-    RuntimeConfig,
-    non_negative,
-    option,
-    positive,
-    seed_range,
+    BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
 )
 from clipconv.data import save_split
 from clipconv.methods.base import METHODS, build_method, method_names

@@ -41,20 +41,8 @@ from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union
 from clipconv.data.demo_world import DOMAINS, TRAIN_DIRECTORY, WORLD_CLASSES, ensure_world, read_manifest, world_params
 from clipconv.data.folder import Sample
 from clipconv.data.imagenet import (
-    DATA_HELP,
-    EVAL_SET_SPECS,
-    PUBLISHED_TABLE2,
-    TRAIN_CANDIDATES,
-    ClassList,
-    DataLayoutError,
-    EvalScan,
-    EvalSetSpec,
-    EvalSplit,
-    load_universe,
-    resolve_run_classes,
-    scan_eval_set,
-    split_from_scan,
-    train_samples,
+    DATA_HELP, EVAL_SET_SPECS, PUBLISHED_TABLE2, TRAIN_CANDIDATES, ClassList, DataLayoutError, EvalScan, EvalSetSpec,
+    EvalSplit, load_universe, resolve_run_classes, scan_eval_set, split_from_scan, train_samples
 )
 from clipconv.data.images import list_class_folders
 from clipconv.prompts import load_classnames_file

@@ -46,12 +46,7 @@ from PIL import Image, UnidentifiedImageError
 from clipconv.data.family import DatasetFamily, register_family
 from clipconv.data.folder import BadImage, ImageListDataset, Sample
 from clipconv.data.imagenet import (
-    EVAL_SET_SPECS,
-    PUBLISHED_TABLE2,
-    ClassList,
-    DataLayoutError,
-    EvalSplit,
-    warn_few_classes,
+    EVAL_SET_SPECS, PUBLISHED_TABLE2, ClassList, DataLayoutError, EvalSplit, warn_few_classes
 )
 from clipconv.data.images import ImageDecodeError
 from clipconv.prompts import imagenet_classes, load_classnames_file

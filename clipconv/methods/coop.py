@@ -30,11 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from clipconv.methods.base import FitContext, MethodConfig, config_from, option, register_method
 from clipconv.methods.frozen import FrozenEncoderMethod, require_features
 from clipconv.methods.prompt_learner import (
-    FrozenTextEncoder,
-    PromptLearner,
-    frozen_parameters,
-    phrase_context_length,
-    warmup_cosine_lr,
+    FrozenTextEncoder, PromptLearner, frozen_parameters, phrase_context_length, warmup_cosine_lr
 )
 from clipconv.training import BatchLoss, TrainConfig, Trainer, TrainingTask
 

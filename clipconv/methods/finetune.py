@@ -19,13 +19,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 import torch
 
 from clipconv.adapters import (
-    ADAPTERS,
-    AdapterConfig,
-    ConvpassConfig,
-    add_adapters,
-    get_adapter,
-    make_config,
-    set_adapter_scale,
+    ADAPTERS, AdapterConfig, ConvpassConfig, add_adapters, get_adapter, make_config, set_adapter_scale
 )
 from clipconv.checkpoint import CheckpointMismatchError, load_trainable, read_metadata, save_trainable
 from clipconv.config import non_negative, positive

@@ -18,12 +18,7 @@ from clipconv.data import image_dataset
 from clipconv.data.family import DatasetFamily, ImageNetFamily, TreeFamily, family_from_args, open_family
 from clipconv.data.folder import BadImage
 from clipconv.data.imagenet import (
-    ClassList,
-    DataLayoutError,
-    EvalScan,
-    duplicate_names,
-    find_split_dir,
-    resolve_run_classes,
+    ClassList, DataLayoutError, EvalScan, duplicate_names, find_split_dir, resolve_run_classes
 )
 from clipconv.data.images import describe_broken, is_decodable, list_class_folders
 from clipconv.runtime.progress import progress

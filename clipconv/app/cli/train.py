@@ -21,7 +21,6 @@ from clipconv.app.cli.options import add_config_args, add_shared_args, given, sh
 from clipconv.app.demo_presets import DEMO_TRAIN_DEFAULTS
 from clipconv.app.run import CONFIG_FILE, RunConfig, execute_run, prepare_run
 from clipconv.app.rundir import exit_code, interrupt_on_sigterm
-from clipconv.methods import method_names
 from clipconv.methods.base import METHODS, method_config_class, method_names
 from clipconv.runtime.io import read_json
 from clipconv.runtime.ranks import is_main
