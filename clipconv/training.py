@@ -80,9 +80,10 @@ class TrainConfig:
     #: cosine: per step, linear warm-up of `warmup_epochs` then cosine to 0 (LambdaLR);
     #: cosine_annealing: per step, torch's CosineAnnealingLR over all steps down to `min_lr`;
     #: epoch_warmup_cosine: per epoch, Dassl's constant warm-up at `warmup_lr` then cosine (`warmup_cosine_lr`);
-    #: one_cycle: per step, torch's OneCycleLR (cosine, `warmup_epochs` read as the warm-up fraction of the steps)
+    #: one_cycle: per step, torch's OneCycleLR (cosine up over `warmup_fraction` of the steps, then down)
     schedule: str = "cosine"
     min_lr: float = 0.0
+    warmup_fraction: float = 0.0
     warmup_lr: float = 1e-5
     warmup_recount: bool = True
     #: total optimizer steps (an epoch is one pass over the task's batches, the last one cut short);
@@ -193,7 +194,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total, eta_min=cfg.min_lr)
     if cfg.schedule == "one_cycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
-                                                   pct_start=cfg.warmup_epochs, anneal_strategy="cos",
+                                                   pct_start=cfg.warmup_fraction, anneal_strategy="cos",
                                                    cycle_momentum=False)
     if cfg.schedule == "epoch_warmup_cosine":
         warmup = int(cfg.warmup_epochs) if float(cfg.warmup_epochs).is_integer() else cfg.warmup_epochs
