@@ -380,12 +380,12 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: Optional[dict[str, Any]] = None
         # under torchrun: DistributedDataParallel over the trainable parameters (the model itself otherwise)
+        # (a task that is not data-parallel trains whole in every process: no wrapper, no collectives)
         self.forward_model: Optional[Callable[..., Any]] = task.model
+        self.sharded = task.data_parallel and ranks.is_distributed()
         if task.data_parallel and task.model is not None:
             ranks.check_batch_size(cfg.batch_size)
             self.forward_model = ranks.wrap_model(task.model, self.device)
-        elif ranks.is_distributed():
-            raise ValueError(f"{task.name or type(task).__name__} does not train data-parallel; run in one process")
 
     # ----- state -------------------------------------------------------------------------------
     def _trainable(self) -> dict[str, torch.Tensor]:
@@ -503,7 +503,8 @@ class Trainer:
         epoch = self.epoch + 1
         generator = self._epoch_generator(epoch)
         self._mode(True)
-        world, forward = ranks.world_size(), self.training_forward()
+        world, forward = (ranks.world_size() if self.sharded else 1), self.training_forward()
+        reduce = ranks.all_reduce_sum if self.sharded else (lambda tensor: tensor)
         sums = torch.zeros(3, dtype=torch.float64)  # loss · examples, examples, correct (this rank)
         steps, scored = 0, True
         started = time.perf_counter()
@@ -513,7 +514,7 @@ class Trainer:
             if batch is None:
                 continue
             seen = self.task.examples(batch)
-            count = ranks.all_reduce_sum(torch.tensor([float(seen)], dtype=torch.float64)).item()
+            count = reduce(torch.tensor([float(seen)], dtype=torch.float64)).item()
             if count == 0:  # every example of this (global) batch was undecodable: skipped
                 continue
             with self._autocast():
@@ -522,7 +523,7 @@ class Trainer:
             if out.penalty is not None:
                 loss = loss + out.penalty  # once per rank: DDP's average keeps it once
             # the global batch's mean objective (an all-reduce under torchrun; the loss itself in one process)
-            mean = ranks.all_reduce_sum(loss.detach().double().cpu().view(1)).item() / world
+            mean = reduce(loss.detach().double().cpu().view(1)).item() / world
             if not math.isfinite(mean):
                 raise TrainingDivergedError(
                     f"non-finite loss ({mean}) at epoch {epoch}, step {steps + 1}, "
@@ -540,7 +541,7 @@ class Trainer:
         if steps == 0:
             raise ValueError(f"epoch {epoch} had no decodable training image; check the data with "
                              "scripts/check_data.py --verify")
-        total_loss, total_seen, correct = ranks.all_reduce_sum(sums).tolist()
+        total_loss, total_seen, correct = reduce(sums).tolist()
         self.epoch = epoch
         record: dict[str, Any] = {"epoch": epoch, "step": self.step, "loss": total_loss / max(1, total_seen)}
         if scored:
