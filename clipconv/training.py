@@ -23,7 +23,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Generic, Iterable, Literal, NamedTuple, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from clipconv.runtime.progress import progress
 
 __all__ = ["TrainConfig", "Trainer", "TrainingTask", "BatchLoss", "ClassifierTask", "TrainingDivergedError",
            "build_optimizer", "build_scheduler", "epoch_seed", "warmup_cosine_lr", "resolve_precision",
-           "compile_module", "fused_adamw", "STATE_FILE"]
+           "compile_module", "fused_adamw", "STATE_FILE", "Forward", "Record", "ImageBatch"]
 
 STATE_FILE = "train_state.pt"
 #: torch.compile backend of `TrainConfig.compile` (tests use "aot_eager": same graphs, no C++ compiler)
@@ -141,12 +141,19 @@ def fused_adamw(params: Sequence[torch.Tensor]) -> Optional[bool]:
     return True if params and all(p.is_cuda and p.is_floating_point() for p in params) else None
 
 
-def compile_module(module: nn.Module, backend: Optional[str] = None) -> Callable[..., Any]:
+def compile_module(module: nn.Module, backend: Optional[str] = None) -> Forward:
     """`torch.compile(module)` with `COMPILE_BACKEND` (or `backend`); parameters stay shared with `module`."""
     return torch.compile(module, backend=backend or COMPILE_BACKEND)
 
 
 ParamGroups = list[dict[str, Any]]
+#: the training forward: the task's model, its DistributedDataParallel wrapper or its torch.compile wrapper
+Forward = Callable[..., torch.Tensor]
+#: an epoch record: epoch, step, loss, lr, seconds (+ train_top1, val_top1)
+Record = dict[str, float]
+#: a task's batch type
+B = TypeVar("B")
+ImageBatch = tuple[torch.Tensor, torch.Tensor]
 
 
 def build_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig, names: Optional[Sequence[str]] = None,
@@ -225,7 +232,7 @@ class BatchLoss(NamedTuple):
     penalty: Optional[torch.Tensor] = None
 
 
-class TrainingTask(ABC):
+class TrainingTask(ABC, Generic[B]):
     """What a trained method gives the Trainer. Batches are (inputs, labels) pairs unless `examples` is
     overridden; labels equal to `ranks.IGNORE_LABEL` (torchrun padding) are not examples."""
 
@@ -250,15 +257,15 @@ class TrainingTask(ABC):
         """Batches in one epoch (for the schedule and the progress bar)."""
 
     @abstractmethod
-    def batches(self, epoch: int, generator: torch.Generator) -> Iterable[Any]:
+    def batches(self, epoch: int, generator: torch.Generator) -> Iterable[Optional[B]]:
         """The batches of 1-indexed `epoch` in the order drawn with `generator`; None batches are skipped."""
 
     @abstractmethod
-    def loss(self, batch: Any, forward: Callable[..., Any]) -> BatchLoss:
+    def loss(self, batch: B, forward: Forward) -> BatchLoss:
         """The loss on `batch` (run under the trainer's autocast); `forward` is `model` as wrapped for training
         (DDP under torchrun, torch.compile with `TrainConfig.compile`), or `model` itself."""
 
-    def examples(self, batch: Any) -> int:
+    def examples(self, batch: B) -> int:
         """The examples `BatchLoss.total` sums over: labels other than IGNORE_LABEL."""
         return int((batch[1] != ranks.IGNORE_LABEL).sum())
 
@@ -277,7 +284,7 @@ class TrainingTask(ABC):
         pass
 
 
-class ClassifierTask(TrainingTask):
+class ClassifierTask(TrainingTask[ImageBatch]):
     """Cross-entropy of `model(images)` on (images, labels) batches from `make_loader(generator)` — plus the
     L2-SP penalty a/2·||θ − θ₀||² toward the trainable tensors as given when `l2sp` > 0. Data-parallel:
     under torchrun a rank whose slice of a global batch is empty feeds DDP one zero image labelled
@@ -285,7 +292,7 @@ class ClassifierTask(TrainingTask):
 
     data_parallel = True
 
-    def __init__(self, model: nn.Module, make_loader: Callable[[torch.Generator], Iterable[Any]],
+    def __init__(self, model: nn.Module, make_loader: Callable[[torch.Generator], Iterable[Optional[ImageBatch]]],
                  steps_per_epoch: int, l2sp: float = 0.0, validate: Optional[Callable[[], float]] = None,
                  device: Optional[torch.device] = None) -> None:
         if l2sp < 0:
@@ -305,7 +312,7 @@ class ClassifierTask(TrainingTask):
     def steps_per_epoch(self) -> int:
         return self._steps
 
-    def batches(self, epoch: int, generator: torch.Generator) -> Iterable[Any]:
+    def batches(self, epoch: int, generator: torch.Generator) -> Iterable[Optional[ImageBatch]]:
         return self.make_loader(generator)
 
     def penalty(self) -> torch.Tensor:
@@ -331,7 +338,7 @@ class ClassifierTask(TrainingTask):
             shape = (3, *size)
         return torch.zeros(1, *shape), torch.full((1,), ranks.IGNORE_LABEL, dtype=torch.long)
 
-    def loss(self, batch: Any, forward: Callable[..., Any]) -> BatchLoss:
+    def loss(self, batch: ImageBatch, forward: Forward) -> BatchLoss:
         images, labels = batch
         if len(labels) == 0:
             images, labels = self._padding_batch()
@@ -347,7 +354,7 @@ class ClassifierTask(TrainingTask):
         return None if self._validate is None else float(self._validate())
 
 
-def _normal(value: Any) -> Any:
+def _normal(value: object) -> object:
     """Lists and tuples compare alike (a saved state may hold either)."""
     return tuple(_normal(v) for v in value) if isinstance(value, (list, tuple)) else value
 
@@ -360,7 +367,7 @@ class Trainer:
     """Trains `task` with `cfg`: see the module docstring. `run_dir`: where the train state goes after every
     epoch (rank 0); `load_state` resumes from it."""
 
-    def __init__(self, task: TrainingTask, cfg: TrainConfig, device: torch.device, run_dir: Optional[Path] = None,
+    def __init__(self, task: TrainingTask[B], cfg: TrainConfig, device: torch.device, run_dir: Optional[Path] = None,
                  log: Callable[[str], None] = print) -> None:
         self.task, self.cfg, self.device, self.log = task, cfg, torch.device(device), log
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -377,11 +384,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.generator = torch.Generator().manual_seed(cfg.seed)  # seeding="run": the whole run's batch order
         self.epoch, self.step = 0, 0
-        self.history: list[dict[str, Any]] = []
+        self.history: list[Record] = []
         self.best: Optional[dict[str, Any]] = None
         # under torchrun: DistributedDataParallel over the trainable parameters (the model itself otherwise)
         # (a task that is not data-parallel trains whole in every process: no wrapper, no collectives)
-        self.forward_model: Optional[Callable[..., Any]] = task.model
+        self.forward_model: Optional[Forward] = task.model
         self.sharded = task.data_parallel and ranks.is_distributed()
         if task.data_parallel and task.model is not None:
             ranks.check_batch_size(cfg.batch_size)
@@ -463,7 +470,7 @@ class Trainer:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def training_forward(self) -> Callable[..., Any]:
+    def training_forward(self) -> Optional[Forward]:
         """`self.forward_model` (the task's model, or its DDP wrapper under torchrun), or with `cfg.compile`
         its torch.compile wrapper (built once per model object)."""
         model = self.forward_model
@@ -498,7 +505,7 @@ class Trainer:
         torch.manual_seed(ranks.rank_seed(seed))  # dropout masks; `seed` itself in one process
         return torch.Generator().manual_seed(seed)
 
-    def train_epoch(self) -> dict[str, Any]:
+    def train_epoch(self) -> Record:
         """One pass over the task's batches (up to `cfg.steps`); the epoch's record."""
         epoch = self.epoch + 1
         generator = self._epoch_generator(epoch)
@@ -543,7 +550,7 @@ class Trainer:
                              "scripts/check_data.py --verify")
         total_loss, total_seen, correct = reduce(sums).tolist()
         self.epoch = epoch
-        record: dict[str, Any] = {"epoch": epoch, "step": self.step, "loss": total_loss / max(1, total_seen)}
+        record: Record = {"epoch": epoch, "step": self.step, "loss": total_loss / max(1, total_seen)}
         if scored:
             record["train_top1"] = 100.0 * correct / max(1, total_seen)
         record["lr"] = self.scheduler.get_last_lr()[0]
@@ -552,7 +559,7 @@ class Trainer:
             self.scheduler.step()
         return record
 
-    def fit(self) -> list[dict[str, Any]]:
+    def fit(self) -> list[Record]:
         """Train until the last epoch (continuing from a loaded state), validating every `cfg.eval_every`
         epochs and after the last, and saving the train state after every epoch."""
         while self.epoch < self.epochs:
@@ -571,7 +578,7 @@ class Trainer:
         self._mode(False)
         return self.history
 
-    def _line(self, record: dict[str, Any]) -> str:
+    def _line(self, record: Record) -> str:
         parts = [f"loss {record['loss']:.4f}"]
         if "train_top1" in record:
             parts.append(f"train top-1 {record['train_top1']:.2f}%")
@@ -582,7 +589,7 @@ class Trainer:
         steps = f" (step {record['step']}/{self.total_steps})" if self.cfg.steps is not None else ""
         return f"{prefix}epoch {record['epoch']}/{self.epochs}{steps}: {' '.join(parts)} ({record['seconds']} s)"
 
-    def restore_best(self) -> Optional[dict[str, Any]]:
+    def restore_best(self) -> Optional[Record]:
         """Load the best validation epoch's tensors (no-op without validation); return its record."""
         if self.best is None:
             return None
@@ -591,7 +598,7 @@ class Trainer:
 
     # ----- the classifier task's trainer (adapter tuning) ----------------------------------------------
     @classmethod
-    def classifier(cls, model: nn.Module, make_loader: Callable[[torch.Generator], Iterable[Any]],
+    def classifier(cls, model: nn.Module, make_loader: Callable[[torch.Generator], Iterable[Optional[ImageBatch]]],
                    steps_per_epoch: int, cfg: TrainConfig, device: torch.device, run_dir: Optional[Path] = None,
                    validate: Optional[Callable[[], float]] = None, log: Callable[[str], None] = print) -> "Trainer":
         """A Trainer of `ClassifierTask(model, make_loader, steps_per_epoch, cfg.l2sp, validate)`: the

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import open_clip
@@ -27,7 +27,7 @@ from clipconv.backbone import Backbone, load_backbone
 from clipconv.data.demo_world import DOMAINS, WORLD_CLASSES, ensure_world, read_manifest, render
 from clipconv.mini_clip import MINI_CLIP_CONFIG, MINI_CLIP_WEIGHTS
 from clipconv.runtime.outputs import atomic_path, write_text
-from clipconv.training import BatchLoss, TrainConfig, Trainer, TrainingTask
+from clipconv.training import BatchLoss, Forward, TrainConfig, Trainer, TrainingTask
 
 __all__ = [
     "PretrainConfig", "CAPTION_TEMPLATES", "caption", "render_pretrain_batch", "pretrain",
@@ -153,7 +153,7 @@ def train_config(config: PretrainConfig) -> TrainConfig:
                        schedule="one_cycle", warmup_fraction=config.warmup_fraction, seed=config.seed, seeding="run")
 
 
-class ContrastiveTask(TrainingTask):
+class ContrastiveTask(TrainingTask[tuple[torch.Tensor, torch.Tensor]]):
     """The CLIP loss on a stream of image–caption batches: each batch takes `batch_size - fresh_per_step`
     pairs of a pre-rendered pool (with fresh captions and flips) and `fresh_per_step` newly rendered ones.
     The stream's position (its numpy generator, the next fresh index) and the per-step losses are the
@@ -215,7 +215,7 @@ class ContrastiveTask(TrainingTask):
     def examples(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
         return 1  # the CLIP loss is the batch's objective itself (not a sum over examples)
 
-    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], forward: Callable[..., Any]) -> BatchLoss:
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], forward: Forward) -> BatchLoss:
         image_features, text_features, logit_scale = forward(*batch)[:3]
         loss = self.loss_fn(image_features, text_features, logit_scale)
         self.losses.append(float(loss.detach()))
@@ -225,10 +225,10 @@ class ContrastiveTask(TrainingTask):
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, object]:
         return {"rng": self.rng.bit_generator.state, "next_fresh": self.next_fresh, "losses": list(self.losses)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict) -> None:
         if state:
             self.rng.bit_generator.state = state["rng"]
             self.next_fresh, self.losses = int(state["next_fresh"]), list(state["losses"])

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Optional
+from typing import Any, Iterable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from clipconv.head import class_embeddings, zero_shot_logits
 from clipconv.merge import merge_adapters
 from clipconv.methods.base import FitContext, Method, MethodConfig, config_from, option, register_method
 from clipconv.params import ParamSpec, count_elements, meta_copy
-from clipconv.training import BatchLoss, TrainConfig, Trainer, TrainingTask
+from clipconv.training import BatchLoss, Forward, ImageBatch, TrainConfig, Trainer, TrainingTask
 
 __all__ = ["ClipLoRA", "ClipLoRAConfig", "ENCODERS"]
 
@@ -97,7 +97,7 @@ def _add_clip_lora(model: nn.Module, cfg: ClipLoRAConfig) -> nn.ModuleList:
     return added
 
 
-class _ClipLoRATask(TrainingTask):
+class _ClipLoRATask(TrainingTask[ImageBatch]):
     """CLIP-LoRA's batches (the run's train transform, shuffled) and loss: cross-entropy of logit_scale ·
     cos(image, class embedding), the class embeddings re-encoded by the adapted text encoder every step."""
 
@@ -113,13 +113,13 @@ class _ClipLoRATask(TrainingTask):
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.ctx.train) / self.method.config.batch_size)
 
-    def batches(self, epoch: int, generator: torch.Generator) -> Iterable[Any]:
+    def batches(self, epoch: int, generator: torch.Generator) -> Iterable[Optional[ImageBatch]]:
         ctx = self.ctx
         return image_loader(ctx.data_root, ctx.train, ctx.backbone.train_transform, self.method.config.batch_size,
                             ctx.workers, shuffle=True, generator=generator, draft_size=self.draft,
                             pin_memory=torch.device(ctx.device).type == "cuda")
 
-    def loss(self, batch: Any, forward: Callable[..., Any]) -> BatchLoss:
+    def loss(self, batch: ImageBatch, forward: Forward) -> BatchLoss:
         method, device = self.method, self.ctx.device
         images, labels = batch[0].to(device), batch[1].to(device)
         text = method.train_class_weights()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from clipconv.methods.frozen import FrozenEncoderMethod, require_features
 from clipconv.methods.prompt_learner import (
     FrozenTextEncoder, PromptLearner, frozen_parameters, phrase_context_length, warmup_cosine_lr
 )
-from clipconv.training import BatchLoss, TrainConfig, Trainer, TrainingTask
+from clipconv.training import BatchLoss, Forward, ImageBatch, TrainConfig, Trainer, TrainingTask
 
 __all__ = ["CoOp", "CoOpConfig"]
 
@@ -70,7 +70,7 @@ class CoOpConfig(MethodConfig):
             raise ValueError(f"n_ctx must be >= 1, got {self.n_ctx}")
 
 
-class _PromptTask(TrainingTask):
+class _PromptTask(TrainingTask[ImageBatch]):
     """CoOp/CoCoOp's batches (epoch e: train view e mod views, shuffled) and loss: cross-entropy of the
     method's `batch_logits` on cached image features."""
 
@@ -83,7 +83,7 @@ class _PromptTask(TrainingTask):
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.views[0][0]) / self.method.config.batch_size)
 
-    def batches(self, epoch: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, epoch: int, generator: torch.Generator) -> Iterator[ImageBatch]:
         feats, labels = self.views[(epoch - 1) % len(self.views)]
         order = torch.randperm(len(feats), generator=generator)
         size = self.method.config.batch_size
@@ -91,7 +91,7 @@ class _PromptTask(TrainingTask):
             index = order[start:start + size]
             yield feats[index].to(self.device), labels[index].to(self.device)
 
-    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], forward: Callable[..., Any]) -> BatchLoss:
+    def loss(self, batch: ImageBatch, forward: Forward) -> BatchLoss:
         feats, labels = batch
         return BatchLoss(F.cross_entropy(self.method.batch_logits(feats), labels, reduction="sum"))
 

@@ -28,7 +28,7 @@ from torchvision import transforms as T
 from clipconv.backbone import _to_rgb
 from clipconv.methods.base import FitContext, MethodConfig, config_from, option, register_method
 from clipconv.methods.frozen import FrozenEncoderMethod, require_features, templates_summary, text_classifier
-from clipconv.training import BatchLoss, TrainConfig, Trainer, TrainingTask
+from clipconv.training import BatchLoss, Forward, ImageBatch, TrainConfig, Trainer, TrainingTask
 
 __all__ = ["TipAdapter", "TipAdapterF", "TipAdapterConfig", "TipAdapterFConfig", "tip_logits", "tip_cache_transform",
            "search_grid"]
@@ -200,7 +200,7 @@ class TipAdapter(FrozenEncoderMethod):
         return out
 
 
-class _KeysTask(TrainingTask):
+class _KeysTask(TrainingTask[ImageBatch]):
     """Tip-Adapter-F's batches (a freshly augmented view of the train set per epoch, shuffled) and loss:
     cross-entropy of the Tip-Adapter logits with the cache keys trained (α, β fixed); validation top-1 on
     ctx.val picks the epoch."""
@@ -218,7 +218,7 @@ class _KeysTask(TrainingTask):
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.keys) / self.method.config.batch_size)
 
-    def batches(self, epoch: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, epoch: int, generator: torch.Generator) -> Iterator[ImageBatch]:
         device = self.ctx.device
         feats, labels = self.method._epoch_features(self.ctx, epoch - 1)
         feats, labels = feats.to(device), labels.to(device)
@@ -232,7 +232,7 @@ class _KeysTask(TrainingTask):
         m = self.method
         return tip_logits(feats, m.class_weights, self.keys, m.values, m.alpha, m.beta, m.logit_scale)
 
-    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], forward: Callable[..., Any]) -> BatchLoss:
+    def loss(self, batch: ImageBatch, forward: Forward) -> BatchLoss:
         feats, labels = batch
         return BatchLoss(F.cross_entropy(self._logits(feats), labels, reduction="sum"))
 
