@@ -255,12 +255,9 @@ class AdapterTuning(Method):
             frozen_head = self.config.head == "frozen"
             classifier.head.requires_grad_(not frozen_head)  # a frozen head gets no gradient and no optimizer slot
             try:
-                trainer = Trainer(classifier, make_loader, batches, cfg, ctx.device, run_dir,
-                                  validate=validate if ctx.val else None, log=ctx.log)
-                state_file = run_dir / "train_state.pt" if run_dir is not None else None
-                if (self.config.resume or ctx.resume) and state_file is not None and state_file.is_file():
-                    trainer.load_state(state_file)
-                    ctx.log(f"resumed from {state_file} after epoch {trainer.epoch}")
+                trainer = Trainer.classifier(classifier, make_loader, batches, cfg, ctx.device, run_dir,
+                                             validate=validate if ctx.val else None, log=ctx.log)
+                trainer.resume_if_saved(self.config.resume or ctx.resume)
                 trainer.fit()
                 picked = trainer.restore_best()
             finally:
