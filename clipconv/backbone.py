@@ -7,7 +7,7 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import open_clip
 import torch
@@ -15,6 +15,11 @@ from huggingface_hub import try_to_load_from_cache
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 from torchvision import transforms as T
+
+from clipconv.runtime.jsontypes import JSONObject
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ["Backbone", "WeightsUnavailableError", "load_backbone", "resolve_device", "file_sha256"]
 
@@ -50,11 +55,11 @@ class Backbone:
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.detach().exp())
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> JSONObject:
         """What identifies this backbone in checkpoints and caches (a weights file by its hash, not its path)."""
         return {"model": self.model_name, "weights_id": self.weights_id, "quick_gelu": self.quick_gelu}
 
-    def source(self) -> dict[str, Any]:
+    def source(self) -> JSONObject:
         """The arguments that rebuild this backbone with `load_backbone` on this machine."""
         return {"model": self.model_source or self.model_name, "pretrained": self.pretrained or "none",
                 "quick_gelu": self.quick_gelu}
@@ -214,7 +219,7 @@ def load_backbone(
 
     if quick_gelu is None:
         quick_gelu = bool(tag_cfg.get("quick_gelu", False)) or tag == "openai" or torchscript
-    preprocess: dict[str, Any] = {}
+    preprocess: dict[str, object] = {}
     for key in ("mean", "std", "interpolation", "resize_mode"):
         if key in tag_cfg:
             preprocess[key] = tag_cfg[key]
@@ -281,7 +286,8 @@ def load_backbone(
     )
 
 
-def protocol_train_transform(cfg: Any, scale: tuple[float, float] = (0.08, 1.0), flip: bool = True) -> Callable:
+def protocol_train_transform(cfg: PreprocessCfg, scale: tuple[float, float] = (0.08, 1.0), flip: bool = True
+                             ) -> Callable:
     """The paper's train augmentation: random resized crop + horizontal flip, CLIP normalization.
 
     open_clip's own train transform crops at scale (0.9, 1) without flip; the protocol (CoOp / Convpass)
@@ -299,5 +305,5 @@ def protocol_train_transform(cfg: Any, scale: tuple[float, float] = (0.08, 1.0),
     return T.Compose(steps)
 
 
-def _to_rgb(image: Any) -> Any:
+def _to_rgb(image: Union[Image.Image, torch.Tensor]) -> Union[Image.Image, torch.Tensor]:
     return image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from clipconv.runtime.jsontypes import JSON, JSONObject
 from clipconv.runtime.outputs import atomic_path
 
 __all__ = [
@@ -59,7 +60,7 @@ def _check_finite(tensors: Mapping[str, torch.Tensor], where: str, advice: str) 
             raise DamagedCheckpointError(f"{where}: tensor '{name}' has {bad} non-finite value(s) (NaN/inf); {advice}")
 
 
-def save_trainable(module: nn.Module, path: Union[str, Path], metadata: Optional[Mapping[str, Any]] = None) -> Path:
+def save_trainable(module: nn.Module, path: Union[str, Path], metadata: Optional[Mapping[str, JSON]] = None) -> Path:
     """Save the trainable tensors of `module` as safetensors (atomically) with JSON metadata."""
 
     tensors = trainable_state_dict(module)
@@ -73,7 +74,7 @@ def save_trainable(module: nn.Module, path: Union[str, Path], metadata: Optional
     return path
 
 
-def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
+def read_metadata(path: Union[str, Path]) -> JSONObject:
     """The clipconv metadata stored in an adapter checkpoint."""
 
     path = Path(path)
@@ -96,7 +97,7 @@ def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
     return meta
 
 
-def _differences(found: Mapping[str, Any], expected: Mapping[str, Any], prefix: str = "") -> list[str]:
+def _differences(found: Mapping[str, JSON], expected: Mapping[str, JSON], prefix: str = "") -> list[str]:
     diffs = []
     for key in sorted(set(found) | set(expected)):
         a, b = found.get(key, "<absent>"), expected.get(key, "<absent>")
@@ -110,8 +111,8 @@ def _differences(found: Mapping[str, Any], expected: Mapping[str, Any], prefix: 
 def load_trainable(
     module: nn.Module,
     path: Union[str, Path],
-    expected: Optional[Mapping[str, Any]] = None,
-) -> dict[str, Any]:
+    expected: Optional[Mapping[str, JSON]] = None,
+) -> JSONObject:
     """Load adapter + head tensors into `module`; return the checkpoint's metadata.
 
     When `expected` metadata is given, the fields in CHECKED_FIELDS (backbone incl. weights and QuickGELU,

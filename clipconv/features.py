@@ -15,12 +15,13 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import open_clip
 import torch
 from safetensors import safe_open
 
+from clipconv.backbone import Backbone
 from clipconv.data import collate_skip_bad, image_dataset, report_skipped
 from clipconv.data.draft import draft_for
 from clipconv.runtime import ranks
@@ -81,7 +82,7 @@ class FeatureStore:
 
     def __init__(
         self,
-        backbone: Any,
+        backbone: Backbone,
         cache_dir: Union[str, Path, None] = "default",
         batch_size: int = 64,
         workers: int = 0,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -26,7 +26,7 @@ from clipconv.runtime.outputs import atomic_path
 __all__ = ["mergeable", "merge_adapters", "merged_state_dict", "save_merged"]
 
 
-def _present(module: nn.Module) -> list[Any]:
+def _present(module: nn.Module) -> list[nn.Module]:
     return [*adapted_modules(module), *(m for m in module.modules() if isinstance(m, AdapterRecord))]
 
 

@@ -23,7 +23,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterable, Literal, NamedTuple, Optional, Sequence, TypeVar, Union
+from typing import Callable, Generic, Iterable, Literal, NamedTuple, Optional, Sequence, TypedDict, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +103,7 @@ class TrainConfig:
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
@@ -146,7 +146,8 @@ def compile_module(module: nn.Module, backend: Optional[str] = None) -> Forward:
     return torch.compile(module, backend=backend or COMPILE_BACKEND)
 
 
-ParamGroups = list[dict[str, Any]]
+#: optimizer param groups: {"params": [parameters], "lr": …, other hyperparameters}
+ParamGroups = list[dict[str, Union[list[nn.Parameter], float]]]
 #: the training forward: the task's model, its DistributedDataParallel wrapper or its torch.compile wrapper
 Forward = Callable[..., torch.Tensor]
 #: an epoch record: epoch, step, loss, lr, seconds (+ train_top1, val_top1)
@@ -154,6 +155,35 @@ Record = dict[str, float]
 #: a task's batch type
 B = TypeVar("B")
 ImageBatch = tuple[torch.Tensor, torch.Tensor]
+
+
+class RNGState(TypedDict):
+    """The random states a train state saves: torch's CPU RNG, the batch-order generator, CUDA's (if used)."""
+    torch: torch.Tensor
+    generator: torch.Tensor
+    cuda: Optional[list[torch.Tensor]]
+
+
+class BestEpoch(TypedDict):
+    """The best validation epoch so far and its trainable tensors."""
+    epoch: float
+    val_top1: float
+    trainable: dict[str, torch.Tensor]
+
+
+class TrainState(TypedDict):
+    """What `Trainer.state_dict` saves (torch.save) to resume a run."""
+    epoch: int
+    step: int
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, object]
+    scheduler: dict[str, object]
+    scaler: Optional[dict[str, object]]
+    rng: RNGState
+    task: dict[str, object]
+    history: list[Record]
+    best: Optional[BestEpoch]
+    config: dict[str, object]
 
 
 def build_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig, names: Optional[Sequence[str]] = None,
@@ -189,7 +219,7 @@ class EpochLR(torch.optim.lr_scheduler.LRScheduler):
     def get_lr(self) -> list[float]:
         return [self.fn(self.last_epoch) for _ in self.optimizer.param_groups]
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, object]:
         return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "fn")}
 
 
@@ -276,11 +306,11 @@ class TrainingTask(ABC, Generic[B]):
         """A validation accuracy after an epoch (the best epoch's tensors are kept); None: no validation."""
         return None
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, object]:
         """Extra resumable state of the task (e.g. a data stream's position), saved with the train state."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, object]) -> None:
         pass
 
 
@@ -385,7 +415,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)  # seeding="run": the whole run's batch order
         self.epoch, self.step = 0, 0
         self.history: list[Record] = []
-        self.best: Optional[dict[str, Any]] = None
+        self.best: Optional[BestEpoch] = None
         # under torchrun: DistributedDataParallel over the trainable parameters (the model itself otherwise)
         # (a task that is not data-parallel trains whole in every process: no wrapper, no collectives)
         self.forward_model: Optional[Forward] = task.model
@@ -403,17 +433,17 @@ class Trainer:
             for name, param in self.task.trainable().items():
                 param.copy_(tensors[name].to(param.device, param.dtype))
 
-    def _rng_state(self) -> dict[str, Any]:
+    def _rng_state(self) -> RNGState:
         return {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
 
-    def _load_rng_state(self, state: dict[str, Any]) -> None:
+    def _load_rng_state(self, state: RNGState) -> None:
         torch.set_rng_state(state["torch"])
         self.generator.set_state(state["generator"])
         if state.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> TrainState:
         return {
             "epoch": self.epoch,
             "step": self.step,

@@ -24,10 +24,11 @@ its trained weights. A method takes part by implementing
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import Callable, Mapping, Optional, Protocol, Sequence, TypeGuard, runtime_checkable
 
 import torch
 
+from clipconv.evaluation import Scorer
 from clipconv.methods.base import METHODS, default_method, method_names
 
 __all__ = ["Interpolable", "supports_interpolation", "mix", "interpolate", "wise_sweep", "alpha_check",
@@ -48,12 +49,19 @@ class Interpolable(Protocol):
     def load_interpolated(self, state: Mapping[str, torch.Tensor]) -> None: ...
 
 
-def supports_interpolation(method: Any) -> bool:
+class Evaluator(Protocol):
+    """What `wise_sweep` needs of a session (clipconv.app.session.Session): the metrics of a fitted method,
+    {set name: {"top1", "top5", "n", "classes"}}."""
+
+    def evaluate(self, method: Scorer, log_line: Callable[[str], None] = ...) -> dict[str, dict[str, float]]: ...
+
+
+def supports_interpolation(method: object) -> TypeGuard[Interpolable]:
     """True when the method exposes interpolation endpoints (the trained methods)."""
     return isinstance(method, Interpolable)
 
 
-def alpha_check(value: Any) -> Optional[str]:
+def alpha_check(value: object) -> Optional[str]:
     """Config check of a WiSE-FT α: None when it is a finite number in [0, 1], else what is wrong."""
     values = value if isinstance(value, (list, tuple)) else [value]
     for v in values:
@@ -121,7 +129,7 @@ def mix(theta0: Mapping[str, torch.Tensor], theta1: Mapping[str, torch.Tensor], 
     return out
 
 
-def interpolate(method: Any, alpha: float) -> State:
+def interpolate(method: object, alpha: float) -> State:
     """Load θ(α) into a fitted method and return it; the method's θ₀ and θ₁ are unchanged."""
     if not supports_interpolation(method):
         raise ValueError(f"method '{getattr(method, 'name', type(method).__name__)}' has no trained weights to "
@@ -132,13 +140,14 @@ def interpolate(method: Any, alpha: float) -> State:
     return state
 
 
-def wise_sweep(session: Any, method: Any, alphas: Sequence[float], **evaluate_options: Any) -> dict[float, Any]:
+def wise_sweep(session: Evaluator, method: Scorer, alphas: Sequence[float], **evaluate_options: Callable[[str], None]
+               ) -> dict[float, dict[str, dict[str, float]]]:
     """{α: session.evaluate(method, …)} for each α of a fitted method; the trained weights (α = 1) are
     loaded again afterwards, whatever happens."""
     alphas = [_check_alpha(a) for a in alphas]
     if not alphas:
         raise ValueError("give at least one WiSE-FT alpha")
-    results: dict[float, Any] = {}
+    results: dict[float, dict[str, dict[str, float]]] = {}
     try:
         for alpha in alphas:
             interpolate(method, alpha)

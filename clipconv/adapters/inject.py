@@ -19,14 +19,14 @@ branch and therefore scaled by γ like the trunk.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
 from torch import nn
 
 from clipconv.adapters import convpass as _convpass  # noqa: F401  (registers the Convpass kinds)
-from clipconv.adapters.registry import AdapterConfig, AdapterTarget, get_adapter, make_config
+from clipconv.adapters.registry import AdapterConfig, AdapterFactory, AdapterTarget, get_adapter, make_config
 from clipconv.adapters.tokens import TokenLayout, encoder_layout
 from clipconv.adapters.wrappers import AdaptedModule, AdapterRecord, ParallelAdapter, ParameterView, SequentialAdapter
 
@@ -131,7 +131,7 @@ def add_adapters(
     config: Optional[AdapterConfig] = None,
     *,
     layout: Optional[TokenLayout] = None,
-    **options: Any,
+    **options: object,
 ) -> nn.ModuleList:
     """Add adapters of a registered kind to every block of an open_clip image encoder; freeze the rest.
 
@@ -172,7 +172,7 @@ def add_adapters(
 
 
 def _wrap_sub_blocks(visual: nn.Module, blocks: nn.ModuleList, kind: str, config: AdapterConfig, placement: str,
-                     factory: Any) -> nn.ModuleList:
+                     factory: AdapterFactory) -> nn.ModuleList:
     """The wrapper path: one adapter beside (or after) each chosen sub-block of every block."""
     wrapper = factory.wrapper or (SequentialAdapter if config.sequential else ParallelAdapter)
     rates = _layer_drop_rates(config.drop_path, len(blocks))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from torch import nn
 
 from clipconv.adapters.inject import transformer_blocks
 from clipconv.adapters.registry import AdapterConfig, AdapterFactory, AdapterTarget, register_adapter
-from clipconv.adapters.wrappers import AdaptedModule
+from clipconv.adapters.wrappers import AdaptedModule, ModuleOutput
 from clipconv.config import option
 
 __all__ = ["LoRA", "LoRAConfig", "LoRALinear", "LoRAAttention", "LoRAVariant", "LORA_TARGETS", "add_lora",
@@ -51,7 +51,7 @@ def _check_targets(targets: Sequence[str]) -> tuple[str, ...]:
     return tuple(t for t in LORA_TARGETS if t in targets)  # canonical order
 
 
-def _check_numbers(rank: Any, alpha: Any, dropout: Any) -> None:
+def _check_numbers(rank: object, alpha: object, dropout: object) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"LoRA rank r must be a positive integer, got {rank!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
@@ -204,14 +204,14 @@ class LoRAAttention(AdaptedModule):
             params["out_proj.weight"] = lora.out_proj.variant.weight(lora.out_proj, base.out_proj.weight, self.scale)
         return params
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: object, **kwargs: object) -> ModuleOutput:
         lora = self.adapter.in_proj
         if lora is None or not (self.training and lora.dropout.p > 0):
             return torch.func.functional_call(self.base_layer, self._weights(), args, kwargs)
         return self._forward_dropped(*args, **kwargs)
 
-    def _forward_dropped(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any,
-                         **kwargs: Any) -> Any:
+    def _forward_dropped(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: object,
+                         **kwargs: object) -> ModuleOutput:
         """Training with LoRA dropout (nn.MultiheadAttention): q/k/v = base projection + LoRA on the dropped
         input, passed to the module with an identity in-projection (so the module still does the rest)."""
         base, lora = self.base_layer, self.adapter.in_proj

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 from torch import nn
 
@@ -140,7 +140,7 @@ class AdapterKind:
 
     name: str
     config: type[AdapterConfig]
-    build: Callable[[Any, AdapterTarget], AdapterFactory]
+    build: Callable[[AdapterConfig, AdapterTarget], AdapterFactory]  # called with an instance of `config`
     placement: Optional[str] = None
     identity_at_init: bool = True
     label: str = ""
@@ -170,7 +170,7 @@ def register_adapter(name: str, *, config: type[AdapterConfig], placement: Optio
     if not (isinstance(config, type) and issubclass(config, AdapterConfig)):
         raise TypeError(f"adapter '{name}': config must be an AdapterConfig subclass, got {config!r}")
 
-    def decorate(build: Callable[[Any, AdapterTarget], AdapterFactory]) -> Callable:
+    def decorate(build: Callable[[AdapterConfig, AdapterTarget], AdapterFactory]) -> Callable:
         ADAPTERS.add(name, AdapterKind(name=name, config=config, build=build, placement=placement,
                                        identity_at_init=identity_at_init, label=label or name, mergeable=mergeable))
         return build
@@ -188,7 +188,7 @@ def mergeable_kinds() -> list[str]:
     return sorted(name for name, kind in ADAPTERS.items() if kind.mergeable)
 
 
-def make_config(kind: str, config: Optional[AdapterConfig] = None, **options: Any) -> AdapterConfig:
+def make_config(kind: str, config: Optional[AdapterConfig] = None, **options: object) -> AdapterConfig:
     """The config of `kind`: `config` as given (no extra options allowed then) or built from `options`
     (unknown ones raise with the list of known ones)."""
     spec = get_adapter(kind)

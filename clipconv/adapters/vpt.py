@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -94,7 +94,7 @@ class PromptedBlock(AdaptedModule):
     def prompt_tokens(self) -> int:
         return self.adapter.tokens
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         if x.dim() != 3:
             raise ValueError(f"VPT expects batch-first tokens (B, N, width), got shape {tuple(x.shape)}")
         mask = kwargs.get("attn_mask", args[2] if len(args) > 2 else None)

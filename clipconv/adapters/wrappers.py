@@ -10,13 +10,16 @@ tensors. Attributes not found on the wrapper (`embed_dim`, `batch_first`, ...) a
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 from torch.nn.modules import module as base
 
-__all__ = ["AdaptedModule", "AdapterRecord", "ParallelAdapter", "SequentialAdapter", "drop_path"]
+__all__ = ["AdaptedModule", "AdapterRecord", "ParallelAdapter", "SequentialAdapter", "drop_path", "ModuleOutput"]
+
+#: what a wrapped module returns: a tensor, or nn.MultiheadAttention's (output, attention weights or None)
+ModuleOutput = Union[torch.Tensor, tuple[Optional[torch.Tensor], ...]]
 
 ADAPTER_NAME = "adapter"
 
@@ -61,7 +64,7 @@ def _attention_inputs(base: nn.Module, x: torch.Tensor, args: tuple, kwargs: dic
         return x, args, kwargs  # the fast path (torch._native_multi_head_attention) takes x as it is
     query = x if x.transpose(0, 1).is_contiguous() else x.transpose(0, 1).contiguous().transpose(0, 1)
 
-    def fresh(value: Any) -> Any:
+    def fresh(value: object) -> object:
         return query.view_as(query) if value is x else value
 
     return query, tuple(fresh(a) for a in args), {k: fresh(v) for k, v in kwargs.items()}
@@ -101,7 +104,7 @@ class AdaptedModule(nn.Module):
     def base_layer(self) -> nn.Module:
         return self.__dict__["_base"][0]
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> Any:  # also the wrapped module's attributes, whatever their types
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -110,7 +113,7 @@ class AdaptedModule(nn.Module):
                 raise
             return getattr(base[0], name)
 
-    def __setattr__(self, name: str, value: Any) -> None:
+    def __setattr__(self, name: str, value: object) -> None:
         # A child replaced through the wrapper (convpass wrapping `attn` inside a VPT-wrapped block) must be
         # the one the wrapped module's own forward calls: replace it in both.
         base = self.__dict__.get("_base")
@@ -143,7 +146,7 @@ class AdaptedModule(nn.Module):
             return add_into(trunk, x, self.scale)
         return drop_path(trunk, self.drop_rate, self.training) + self._adapter_term(x)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> ModuleOutput:
         base_x, args, kwargs = _attention_inputs(self.base_layer, x, args, kwargs)
         out = self.base_layer(base_x, *args, **kwargs)
         if isinstance(out, tuple):  # nn.MultiheadAttention: (output, weights)

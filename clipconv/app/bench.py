@@ -25,7 +25,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import open_clip
 import torch
@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from clipconv.adapters import adapted_modules, adapter_modules, add_adapters, count_trainable, get_adapter
 from clipconv.backbone import _register_model_config
+from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.outputs import write_json
 
 __all__ = ["BenchConfig", "TARGETS", "run_benchmark", "format_table", "main", "interleaved_times", "paired_ratio",
@@ -72,7 +73,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) of one call."""
     _sync(device)
     start, start_cpu = time.perf_counter(), time.process_time()
@@ -81,7 +82,7 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - start_cpu
 
 
-def interleaved_times(settings: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: torch.device,
+def interleaved_times(settings: dict[str, Callable[[], object]], warmup: int, repeats: int, device: torch.device,
                       cpu_seconds: Optional[dict[str, list[float]]] = None) -> dict[str, list[float]]:
     """Wall seconds per call of each setting: `warmup` untimed rounds, then `repeats` rounds in turn,
     the order reversed every other round (A B, B A, ...) so that neither setting always runs first.
@@ -111,7 +112,7 @@ def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str
     return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
 
 
-def saved_for_backward_bytes(step: Callable[[], Any], exclude: Sequence[torch.Tensor] = ()) -> int:
+def saved_for_backward_bytes(step: Callable[[], object], exclude: Sequence[torch.Tensor] = ()) -> int:
     """Bytes of the distinct storages autograd saves during `step`, storages of `exclude` left out.
 
     Under non-reentrant gradient checkpointing the inputs of each checkpointed block are saved through
@@ -130,7 +131,7 @@ def saved_for_backward_bytes(step: Callable[[], Any], exclude: Sequence[torch.Te
     return sum(storages.values())
 
 
-def forward_gflops(fn: Callable[[], Any]) -> float:
+def forward_gflops(fn: Callable[[], object]) -> float:
     """GFLOPs torch counts for one call of `fn` (matmuls, convolutions, attention; backward too if it runs);
     NaN where torch's counter cannot follow the call (its module tracker fails on VPT's expanded prompts)."""
 
@@ -142,7 +143,7 @@ def forward_gflops(fn: Callable[[], Any]) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def peak_cuda_bytes(step: Callable[[], Any], device: torch.device) -> Optional[int]:
+def peak_cuda_bytes(step: Callable[[], object], device: torch.device) -> Optional[int]:
     """Peak CUDA memory allocated during `step`, or None off CUDA."""
     if device.type != "cuda":
         return None
@@ -153,7 +154,7 @@ def peak_cuda_bytes(step: Callable[[], Any], device: torch.device) -> Optional[i
     return torch.cuda.max_memory_allocated(device)
 
 
-def top_operators(fn: Callable[[], Any], rows: int) -> list[dict[str, Any]]:
+def top_operators(fn: Callable[[], object], rows: int) -> list[JSONObject]:
     """The `rows` operators with the most self CPU time in one call of `fn` (torch.profiler)."""
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -164,10 +165,10 @@ def top_operators(fn: Callable[[], Any], rows: int) -> list[dict[str, Any]]:
              "calls": e.count} for e in events[:rows]]
 
 
-def _inference(encoder: nn.Module, images: torch.Tensor, fused: bool = True) -> Callable[[], Any]:
+def _inference(encoder: nn.Module, images: torch.Tensor, fused: bool = True) -> Callable[[], torch.Tensor]:
     wrappers = adapted_modules(encoder)
 
-    def call() -> Any:
+    def call() -> torch.Tensor:
         encoder.eval()
         for wrapper in wrappers:
             wrapper.fused = fused
@@ -177,10 +178,10 @@ def _inference(encoder: nn.Module, images: torch.Tensor, fused: bool = True) -> 
     return call
 
 
-def _counted(encoder: nn.Module, images: torch.Tensor) -> Callable[[], Any]:
+def _counted(encoder: nn.Module, images: torch.Tensor) -> Callable[[], torch.Tensor]:
     """A no-grad forward in train mode, for FlopCounterMode: in eval, nn.MultiheadAttention's fused inference
     kernel runs its matmuls out of the counter's sight (the adapters' dropout changes no FLOPs)."""
-    def call() -> Any:
+    def call() -> torch.Tensor:
         encoder.train()
         with torch.no_grad():
             return encoder(images)
@@ -219,7 +220,7 @@ def _optimizer(*modules: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for m in modules for p in m.parameters() if p.requires_grad], lr=1e-5)
 
 
-def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
+def run_benchmark(cfg: BenchConfig) -> JSONObject:
     """Time every setting in interleaved rounds, count FLOPs and saved bytes; return the results
     (times in seconds, memory in MB, ratios as described in the module docstring)."""
     if cfg.batch <= 0 or cfg.repeats <= 0 or cfg.warmup < 0:
@@ -240,7 +241,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     labels = torch.randint(0, cfg.classes, (cfg.batch,), generator=generator).to(device)
     head = nn.Linear(int(adapted.output_dim), cfg.classes).to(device)
 
-    settings: dict[str, Callable[[], Any]] = {
+    settings: dict[str, Callable[[], object]] = {
         "infer_plain": _inference(plain, images),
         "infer_adapted": _inference(adapted, images),
         "infer_adapted_unfused": _inference(adapted, images, fused=False),
@@ -332,7 +333,7 @@ LABELS = {
 }
 
 
-def format_table(results: dict[str, Any]) -> str:
+def format_table(results: JSONObject) -> str:
     """A markdown table of the medians, the within-round ratios to plain inference and memory."""
     cfg, med, mem, env = results["config"], results["median_seconds"], results["memory"], results["environment"]
     times = results["seconds"]
@@ -400,13 +401,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[BenchConfig, Optio
     return BenchConfig(**args), out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+def main(argv: Optional[Sequence[str]] = None) -> JSONObject:
     """Parse flags, run, print the table and write JSON (`--out`)."""
     cfg, out = parse_args(argv)
     return report(run_benchmark(cfg), format_table, out)
 
 
-def report(results: dict[str, Any], table: Callable[[dict[str, Any]], str], out: Optional[Path]) -> dict[str, Any]:
+def report(results: JSONObject, table: Callable[[JSONObject], str], out: Optional[Path]) -> JSONObject:
     """Print `table(results)` and write the results as JSON to `out` (when given); return them."""
 
     print(table(results))

@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from clipconv.data.folder import ImageListDataset
 from clipconv.evaluation import image_loader
 from clipconv.head import class_embeddings
 from clipconv.mini_clip import demo_backbone
+from clipconv.runtime.jsontypes import JSONObject
 
 __all__ = ["LoaderBenchConfig", "write_jpegs", "model_transforms", "run_loader_benchmark", "draft_difference",
            "draft_zero_shot_check",
@@ -168,7 +169,7 @@ def draft_difference(root: Path, samples: Sequence, transform, draft_size: Optio
 
 @torch.no_grad()
 def draft_zero_shot_check(image_size: int = 192, per_class: int = 8, seed: int = 0,
-                          workdir: Optional[Path] = None) -> dict[str, Any]:
+                          workdir: Optional[Path] = None) -> JSONObject:
     """What drafting changes in a pretrained model's predictions: the demo world's source-domain images
     rendered at `image_size` px (JPEG, quality 90), scored zero-shot by the shipped mini CLIP (48 px, so
     192 px images decode at 1/4 scale) with full and with drafted decoding: top-1 of each, how often the
@@ -207,7 +208,7 @@ def draft_zero_shot_check(image_size: int = 192, per_class: int = 8, seed: int =
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_loader_benchmark(cfg: LoaderBenchConfig, workdir: Optional[Path] = None) -> dict[str, Any]:
+def run_loader_benchmark(cfg: LoaderBenchConfig, workdir: Optional[Path] = None) -> JSONObject:
     """Run the interleaved comparison; returns the settings, per-path seconds and the ratios."""
 
     own = workdir is None
@@ -241,7 +242,7 @@ def run_loader_benchmark(cfg: LoaderBenchConfig, workdir: Optional[Path] = None)
         # repeat ran back to back, so load from other processes changes both alike)
         rate = {k: {p: n / statistics.median(v[p]) for p in v} for k, v in seconds.items()}
         ratios = {k: statistics.median(t / w for t, w in zip(v["today"], v["new"])) for k, v in seconds.items()}
-        result: dict[str, Any] = {
+        result: JSONObject = {
             "config": asdict(cfg),
             "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "platform": platform.platform(), "load_avg": list(os.getloadavg())},
@@ -268,7 +269,7 @@ def run_loader_benchmark(cfg: LoaderBenchConfig, workdir: Optional[Path] = None)
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def format_loader_table(result: dict[str, Any]) -> str:
+def format_loader_table(result: JSONObject) -> str:
     cfg = result["config"]
     lines = [f"loaders on {cfg['images']} generated {cfg['source']} JPEGs -> {cfg['size']} px, batch {cfg['batch']}, "
              f"workers {cfg['workers']}, {cfg['epochs']} epochs, medians of {cfg['repeats']} interleaved repeats",
@@ -320,7 +321,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[LoaderBenchConfig,
     return cfg, out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+def main(argv: Optional[Sequence[str]] = None) -> JSONObject:
     """Parse flags, run, print the table and write JSON (`--out`)."""
 
     cfg, out = parse_args(argv)

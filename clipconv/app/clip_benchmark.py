@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
+from clipconv.data.family import DatasetFamily
 from clipconv.methods.base import METHODS
+from clipconv.runtime.jsontypes import JSON, JSONObject
 from clipconv.runtime.outputs import write_json
 
 __all__ = ["BENCHMARK_DIR", "benchmark_task", "benchmark_record", "benchmark_file_name", "write_benchmark_results"]
@@ -40,13 +42,13 @@ def benchmark_task(method: str) -> str:
     return (spec.clip_benchmark_task if spec is not None else "") or f"fewshot_{method}"
 
 
-def _fraction(percent: Any) -> float:
+def _fraction(percent: float) -> float:
     value = float(percent)
     return value / 100.0 if math.isfinite(value) else float("nan")
 
 
-def benchmark_record(dataset: str, model: str, pretrained: Optional[str], task: str, metrics: Mapping[str, Any],
-                     extra: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+def benchmark_record(dataset: str, model: str, pretrained: Optional[str], task: str, metrics: Mapping[str, float],
+                     extra: Optional[Mapping[str, JSON]] = None) -> JSONObject:
     """CLIP_benchmark's result dict for one set from our metrics ({"top1", "top5", "mean_per_class_recall", ...} in %)."""
     classes = int(metrics.get("classes") or 0)
     record = {
@@ -74,9 +76,9 @@ def benchmark_file_name(dataset: str, model: str, pretrained: Optional[str], tas
     return "".join(c if c.isalnum() or c in "._-+=@" else "_" for c in text)
 
 
-def write_benchmark_results(run_dir: Path, family: Any, metrics: Mapping[str, Mapping[str, Any]], model: str,
-                            pretrained: Optional[str], method: str,
-                            extra: Optional[Mapping[str, Any]] = None) -> list[Path]:
+def write_benchmark_results(run_dir: Path, family: DatasetFamily, metrics: Mapping[str, Mapping[str, float]],
+                            model: str, pretrained: Optional[str], method: str,
+                            extra: Optional[Mapping[str, JSON]] = None) -> list[Path]:
     """Write one CLIP_benchmark JSON per set of `metrics` into `run_dir/clip_benchmark/` (atomically);
     dataset names from `family.benchmark_name`. Returns the files written."""
     task = benchmark_task(method)

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 from clipconv.app.report import DISPLAY, SUITE
+from clipconv.runtime.jsontypes import JSON
 from clipconv.runtime.outputs import atomic_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["BAR_COLUMNS", "SHOTS_COLUMNS", "column_label", "accuracy_bars", "accuracy_vs_shots", "robustness_sweep",
            "LOGIT_CLIP"]
@@ -37,25 +41,25 @@ def _pyplot():
     return plt
 
 
-def _measured(table: Mapping[str, Any], where: str) -> Mapping[str, Mapping[str, Any]]:
+def _measured(table: Mapping[str, JSON], where: str) -> Mapping[str, Mapping[str, JSON]]:
     measured = table.get("measured") if isinstance(table, Mapping) else None
     if not isinstance(measured, Mapping) or not measured:
         raise ValueError(f"{where}: the table has no measured methods (expected run_table2's result / table2.json)")
     return measured
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not math.isnan(value)
 
 
-def _save(fig: Any, path: PathLike) -> Path:
+def _save(fig: Figure, path: PathLike) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return path
 
 
-def accuracy_bars(table: Mapping[str, Any], path: PathLike, title: Optional[str] = None,
+def accuracy_bars(table: Mapping[str, JSON], path: PathLike, title: Optional[str] = None,
                   columns: Sequence[str] = BAR_COLUMNS) -> Path:
     """Grouped bar chart: a group per domain column, a bar per method (mean top-1 over seeds), error bars =
     std over seeds when a method ran with several seeds; written to `path` (PNG, atomically)."""
@@ -90,12 +94,12 @@ def accuracy_bars(table: Mapping[str, Any], path: PathLike, title: Optional[str]
         plt.close(fig)
 
 
-def _max_top(methods: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> float:
+def _max_top(methods: Sequence[Mapping[str, JSON]], columns: Sequence[str]) -> float:
     values = [m.get("mean", {}).get(c) for m in methods for c in columns]
     return max((v for v in values if _finite(v)), default=0.0)
 
 
-def accuracy_vs_shots(results_by_shots: Mapping[int, Mapping[str, Any]], path: PathLike,
+def accuracy_vs_shots(results_by_shots: Mapping[int, Mapping[str, JSON]], path: PathLike,
                       domain_columns: Sequence[str] = SHOTS_COLUMNS, title: Optional[str] = None) -> Path:
     """Top-1 against K (log2 x axis): a subplot per domain column (default: ImageNet = the source set, and the
     target average), a line per method (std over seeds as a band when there are several); PNG, atomically."""
@@ -150,7 +154,7 @@ def accuracy_vs_shots(results_by_shots: Mapping[int, Mapping[str, Any]], path: P
         plt.close(fig)
 
 
-def _accuracy_pair(where: str, value: Any) -> tuple[float, float]:
+def _accuracy_pair(where: str, value: object) -> tuple[float, float]:
     try:
         source, target = (float(v) for v in value)
     except (TypeError, ValueError):

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from clipconv.app.plots import robustness_sweep
 from clipconv.app.report import markdown_table
 from clipconv.app.session import Session, jsonable
+from clipconv.evaluation import Scorer
+from clipconv.runtime.jsontypes import JSON, JSONObject
 from clipconv.runtime.outputs import write_json, write_text
 from clipconv.wise import WISE_NOTE, wise_sweep
 
@@ -25,8 +27,8 @@ log = logging.getLogger("clipconv")
 ZERO_SHOT_REFERENCE = "zero-shot CLIP = θ(α=0) (exact for adapter methods)"
 
 
-def run_sweep(session: Session, method: Any, alphas: Sequence[float], out_dir: Path, meta: Mapping[str, Any],
-              checkpoint: Path, references: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
+def run_sweep(session: Session, method: Scorer, alphas: Sequence[float], out_dir: Path, meta: Mapping[str, JSON],
+              checkpoint: Path, references: Mapping[str, tuple[float, float]]) -> JSONObject:
     """Evaluate θ(α) for each α (and α = 0, the zero-shot reference, when not asked) and write the sweep's
     table, JSON and plot into `out_dir`; returns what wise_sweep.json holds."""
     asked = sorted(set(float(a) for a in alphas))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import types
-from typing import Any, Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 from torchvision import transforms as T
 
@@ -30,11 +30,11 @@ __all__ = ["needed_short_side", "DRAFT_MODES", "draft_for", "leading_resize"]
 DRAFT_MODES = ("eval", "all", "off")
 
 
-def _size(value: Any) -> int:
+def _size(value: Union[int, Sequence[int]]) -> int:
     return int(value) if isinstance(value, int) else int(max(value))
 
 
-def _pixelwise(step: Any) -> bool:
+def _pixelwise(step: object) -> bool:
     """Steps that do not change the geometry and may precede the resize (RGB conversion)."""
     if isinstance(step, (types.FunctionType, types.MethodType)):
         return "rgb" in step.__name__.lower()

@@ -36,7 +36,7 @@ import abc
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union
+from typing import Callable, ClassVar, Mapping, Optional, Sequence, Union
 
 from clipconv.config import DataConfig
 from clipconv.data.demo_world import DOMAINS, TRAIN_DIRECTORY, WORLD_CLASSES, ensure_world, read_manifest, world_params
@@ -48,6 +48,7 @@ from clipconv.data.imagenet import (
 from clipconv.data.images import list_class_folders
 from clipconv.prompts import load_classnames_file
 from clipconv.registry import Registry
+from clipconv.runtime.jsontypes import JSONObject
 
 __all__ = [
     "DatasetFamily",
@@ -114,7 +115,7 @@ class DatasetFamily(abc.ABC):
     def eval_splits(self, names: Sequence[str], classes: ClassList) -> list[EvalSplit]:
         """The evaluation sets among `names` that exist and hold run classes (a missing one warns)."""
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> JSONObject:
         """What a run records about its data (config.json / table2.json)."""
         return {"family": self.name, "data_root": str(self.data_root)}
 
@@ -179,7 +180,7 @@ def family_names() -> list[str]:
     return sorted(FAMILIES)
 
 
-def open_family(name: str, **options: Any) -> DatasetFamily:
+def open_family(name: str, **options: object) -> DatasetFamily:
     """Build the registered family `name`; unknown names list the known ones."""
     return FAMILIES.lookup(name)(**options)
 
@@ -222,7 +223,7 @@ class ImageNetFamily(TreeFamily):
     def missing_train_error(self) -> str:
         return f"no ImageNet train split under '{self.data_root}' (looked for {', '.join(self.train_candidates)})"
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> JSONObject:
         return {**super().describe(), "classnames": None if self.classnames is None else str(self.classnames)}
 
 
@@ -293,7 +294,7 @@ class DemoFamily(TreeFamily):
     def universe(self) -> ClassList:
         return load_universe(self.data_root, self.classnames)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> JSONObject:
         return {**super().describe(), "world": self._params(),
                 "classnames": None if self.classnames is None else str(self.classnames)}
 
@@ -435,7 +436,7 @@ class FolderFamily(TreeFamily):
                 splits.append(split)
         return splits
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> JSONObject:
         return {**super().describe(), "train_root": str(self.train_root),
                 "eval_roots": {name: str(path) for name, path in self.eval_roots.items()},
                 "classnames": None if self.classnames is None else str(self.classnames)}

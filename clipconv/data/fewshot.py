@@ -7,10 +7,11 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 from clipconv.data.folder import Sample
 from clipconv.data.images import is_decodable
+from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.outputs import write_json
 
 __all__ = ["FewShotSplit", "sample_few_shot", "save_split", "load_split", "SPLIT_FORMAT"]
@@ -130,7 +131,7 @@ def sample_few_shot(
                         {key(label): count for label, count in short_val})
 
 
-def save_split(path: PathLike, split: FewShotSplit, meta: dict[str, Any]) -> Path:
+def save_split(path: PathLike, split: FewShotSplit, meta: JSONObject) -> Path:
     """Write a split as JSON (atomic): paths relative to the data root, shots, seed and `meta`
     (which should hold `class_ids`, the ordered run classes the labels index)."""
     reserved = {"format", "train", "val", "shortfall", "val_shortfall"} & set(meta)
@@ -153,7 +154,7 @@ def save_split(path: PathLike, split: FewShotSplit, meta: dict[str, Any]) -> Pat
     return write_json(path, payload)
 
 
-def load_split(path: PathLike) -> tuple[FewShotSplit, dict[str, Any]]:
+def load_split(path: PathLike) -> tuple[FewShotSplit, JSONObject]:
     """Read a split written by `save_split`; returns it with the rest of the JSON as `meta`."""
     path = Path(path)
     if not path.is_file():

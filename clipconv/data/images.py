@@ -112,7 +112,7 @@ def load_rgb(path: PathLike, draft_size: Optional[int] = None) -> Image.Image:
     """Decode an image as 3-channel RGB (CMYK, greyscale, RGBA, palette, PNG-named-.JPEG all work).
 
     `draft_size` lets JPEGs decode at a reduced DCT scale whose both sides stay >= `draft_size`
-    (use it only when the transform downsizes to at least that size anyway). Any failure raises
+    (use it only when the transform downsizes to at least that size anyway). Every failure raises
     `ImageDecodeError` naming the file.
     """
     try:

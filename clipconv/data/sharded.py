@@ -3,11 +3,11 @@ every global batch per rank, and augmentation seeded by (epoch seed, item index)
 reads an item (`train_loader`). In one process it is a plain shuffled DataLoader."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence, Union
 
 import torch
 
-from clipconv.data.folder import SkipTracker, collate_skip_bad, report_skipped
+from clipconv.data.folder import Batch, SkipTracker, collate_skip_bad, report_skipped
 from clipconv.runtime.ranks import IGNORE_LABEL, gather_objects, is_distributed, is_main, rank, shard_bounds, world_size
 from clipconv.runtime.seeding import item_seed
 
@@ -76,13 +76,13 @@ class _AllBatches:
     """Iterate a loader built with collate_skip_bad yielding every batch, empty ones too (each rank must
     take every step); one warning naming the skipped files at the end."""
 
-    def __init__(self, loader: Any, what: str) -> None:
+    def __init__(self, loader: torch.utils.data.DataLoader, what: str) -> None:
         self.loader, self.what = loader, what
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Batch]:
         skipped: list[str] = []
         for batch in self.loader:
             skipped.extend(getattr(batch, "skipped", ()))
@@ -92,7 +92,7 @@ class _AllBatches:
 
 
 def train_loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, generator: torch.Generator,
-                 what: str = "training images", pin_memory: bool = False) -> Any:
+                 what: str = "training images", pin_memory: bool = False) -> Union[_AllBatches, SkipTracker]:
     """One epoch of training batches of `dataset` ((image, label) items, BadImage for undecodable files).
 
     The order is DataLoader(shuffle=True, generator=generator)'s, the augmentation of item i is seeded by

@@ -8,7 +8,7 @@ Layout (as written by CLIP_benchmark's `clip_benchmark_export_wds` / `convert_da
 
 A sample is `<key>.{jpg,jpeg,png,webp}` + `<key>.cls` (the integer label). Class mapping:
 - the universe: `wds_imagenet1k/classnames.txt`. 1000 names = ImageNet: labels are ImageNet class indices,
-  ids the sorted wnids and names the project's CLIP names (as in the `imagenet` family). Any other list:
+  ids the sorted wnids and names the project's CLIP names (as in the `imagenet` family). Every other list:
   the names themselves are the classes (a generic CLIP_benchmark classification set). `classnames=FILE`
   (`<id> <name>` lines, one per label) overrides it.
 - -A/-R: CLIP_benchmark builds them with torchvision's ImageFolder over their 200 wnid folders, so their
@@ -38,7 +38,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -50,6 +50,7 @@ from clipconv.data.images import ImageDecodeError
 from clipconv.prompts import imagenet_classes, load_classnames_file
 from clipconv.runtime.cache import cache_root
 from clipconv.runtime.io import OutputWriteError
+from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.outputs import write_json
 from clipconv.runtime.seeding import item_seed
 
@@ -117,7 +118,7 @@ def shard_paths(split_dir: Path) -> list[Path]:
     return [split_dir / name for _, name in numbered]
 
 
-def _samples(urls: Sequence[str], **options: Any):
+def _samples(urls: Sequence[str], **options: object):
     import webdataset as wds  # optional extra [wds]: only the wds family needs it
 
     # no node/worker splitting here: callers read whole shards and split them across workers themselves
@@ -534,6 +535,6 @@ class WdsFamily(DatasetFamily):
             raise FileNotFoundError(f"--templates dataset: '{file}' does not exist")
         return read_templates_file(file)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> JSONObject:
         return {**super().describe(), "classnames": None if self.classnames is None else str(self.classnames),
                 "layout": "CLIP_benchmark webdataset"}

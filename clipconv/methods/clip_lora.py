@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Optional
+from typing import Iterable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ from clipconv.head import class_embeddings, zero_shot_logits
 from clipconv.merge import merge_adapters
 from clipconv.methods.base import FitContext, Method, MethodConfig, config_from, option, register_method
 from clipconv.params import ParamSpec, count_elements, meta_copy
+from clipconv.runtime.jsontypes import JSONObject
 from clipconv.training import BatchLoss, Forward, ImageBatch, TrainConfig, Trainer, TrainingTask
 
 __all__ = ["ClipLoRA", "ClipLoRAConfig", "ENCODERS"]
@@ -137,7 +138,7 @@ class ClipLoRA(Method):
     reference_templates = "photo"
     label = "CLIP-LoRA"
 
-    def __init__(self, config: Optional[ClipLoRAConfig] = None, **options: Any) -> None:
+    def __init__(self, config: Optional[ClipLoRAConfig] = None, **options: object) -> None:
         self.config = config_from(ClipLoRAConfig, config, options)
         self.model: Optional[nn.Module] = None
         self.lora: Optional[nn.ModuleList] = None
@@ -197,7 +198,7 @@ class ClipLoRA(Method):
                            min_lr=cfg.min_lr, precision=cfg.precision, seed=ctx.seed, workers=ctx.workers,
                            seeding="run")
 
-    def fit(self, ctx: FitContext) -> dict[str, Any]:
+    def fit(self, ctx: FitContext) -> JSONObject:
         cfg = self.config
         if self.model is None:
             self.build(ctx)
@@ -255,7 +256,7 @@ class ClipLoRA(Method):
         """The LoRA tensors of both encoders (no head: the text encoder scores the classes)."""
         return count_elements(_add_clip_lora(meta_copy(spec.model), self.config).parameters())
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> JSONObject:
         cfg = self.config
         return {"template_set": self.template_set, "templates": len(self._prompts), "iterations": self.iterations,
                 "iters_per_shot": cfg.iters_per_shot, "encoder": cfg.encoder, "rank": cfg.rank, "alpha": cfg.alpha,

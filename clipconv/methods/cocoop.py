@@ -17,7 +17,7 @@ and `batch_size` / `FitContext.eval_batch_size` bound the images per training / 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,7 @@ class CoCoOp(CoOp):
     published = {"imagenet": 71.02, "imagenet_v2": 64.07, "imagenet_sketch": 48.75, "imagenet_a": 50.63,
                  "imagenet_r": 76.18}
 
-    def __init__(self, config: Optional[CoCoOpConfig] = None, **options: Any) -> None:
+    def __init__(self, config: Optional[CoCoOpConfig] = None, **options: object) -> None:
         super().__init__(config, **options)
         self.meta_net: Optional[MetaNet] = None
         self.eval_batch = FitContext.eval_batch_size  # images per scoring chunk: ctx.eval_batch_size once fitted

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from clipconv.methods.frozen import FrozenEncoderMethod, require_features
 from clipconv.methods.prompt_learner import (
     FrozenTextEncoder, PromptLearner, frozen_parameters, phrase_context_length, warmup_cosine_lr
 )
+from clipconv.runtime.jsontypes import JSONObject
 from clipconv.training import BatchLoss, Forward, ImageBatch, TrainConfig, Trainer, TrainingTask
 
 __all__ = ["CoOp", "CoOpConfig"]
@@ -108,7 +109,7 @@ class CoOp(FrozenEncoderMethod):
     published = {"imagenet": 71.51, "imagenet_v2": 64.20, "imagenet_sketch": 47.99, "imagenet_a": 49.71,
                  "imagenet_r": 75.21}
 
-    def __init__(self, config: Optional[CoOpConfig] = None, **options: Any) -> None:
+    def __init__(self, config: Optional[CoOpConfig] = None, **options: object) -> None:
         self.config = config_from(self.config_class, config, options)
         self.learner: Optional[PromptLearner] = None
         self.text_encoder: Optional[FrozenTextEncoder] = None
@@ -177,7 +178,7 @@ class CoOp(FrozenEncoderMethod):
                            warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
                            warmup_recount=cfg.warmup_recount, seed=ctx.seed, workers=ctx.workers, seeding="run")
 
-    def fit(self, ctx: FitContext) -> dict[str, Any]:
+    def fit(self, ctx: FitContext) -> JSONObject:
         self.setup(ctx)
         views = self._train_views(ctx)
         if len(views[0][0]) == 0:
@@ -241,11 +242,11 @@ class CoOp(FrozenEncoderMethod):
         n_ctx = phrase_context_length(cfg.init_phrase) if cfg.init_phrase else cfg.n_ctx
         return n_ctx * spec.text_width * (spec.classes if cfg.class_specific else 1)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> JSONObject:
         cfg = self.config
-        out: dict[str, Any] = {"n_ctx": self.learner.n_ctx if self.learner else cfg.n_ctx,
-                               "init_phrase": cfg.init_phrase, "class_specific": cfg.class_specific,
-                               "epochs": cfg.epochs, "views": cfg.views}
+        out: JSONObject = {"n_ctx": self.learner.n_ctx if self.learner else cfg.n_ctx,
+                          "init_phrase": cfg.init_phrase, "class_specific": cfg.class_specific,
+                          "epochs": cfg.epochs, "views": cfg.views}
         if self.history:
             out["final_train_loss"] = self.history[-1]["loss"]
         if self.val_top1 is not None:

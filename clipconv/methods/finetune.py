@@ -14,13 +14,14 @@ import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping, Optional, Union
+from typing import Any, ClassVar, Literal, Mapping, Optional, TypedDict, Union
 
 import torch
 
 from clipconv.adapters import (
     ADAPTERS, AdapterConfig, ConvpassConfig, add_adapters, get_adapter, make_config, set_adapter_scale
 )
+from clipconv.backbone import Backbone
 from clipconv.checkpoint import CheckpointMismatchError, load_trainable, read_metadata, save_trainable
 from clipconv.config import non_negative, positive
 from clipconv.data import image_dataset
@@ -32,6 +33,7 @@ from clipconv.head import ImageClassifier, text_head
 from clipconv.methods.base import METHODS, FitContext, Method, MethodConfig, config_from, option, register_method
 from clipconv.metrics import topk_accuracy
 from clipconv.params import ParamSpec, count_elements, meta_copy
+from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.ranks import is_distributed
 from clipconv.training import TrainConfig, Trainer
 
@@ -91,7 +93,7 @@ class AdapterTuningConfig(MethodConfig):
                 setattr(self, f.name, tuple(getattr(self, f.name)))
         super().__post_init__()
 
-    def adapter_options(self) -> dict[str, Any]:
+    def adapter_options(self) -> dict[str, object]:
         """The adapter kind's options held in this config."""
         names = {f.name for f in dataclasses.fields(self)} - {f.name for f in dataclasses.fields(AdapterTuningConfig)}
         return {name: getattr(self, name) for name in sorted(names)}
@@ -127,6 +129,14 @@ def tuning_config(adapter_config: type[AdapterConfig],
     return config
 
 
+class ChosenScale(TypedDict, total=False):
+    """The scale a fit kept (the best on the validation split) and how it did."""
+    scale: float
+    best_epoch: float
+    val_top1: Optional[float]
+    selected_on: str
+
+
 class AdapterTuning(Method):
     """Adapters of kind `adapter_kind` + text-initialized head; only those train."""
 
@@ -137,7 +147,7 @@ class AdapterTuning(Method):
     default_scales: ClassVar[Optional[tuple[float, ...]]] = (DEFAULT_SCALE,)
     config_class: ClassVar[type[AdapterTuningConfig]] = tuning_config(ConvpassConfig, (DEFAULT_SCALE,))
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         if "config_class" not in cls.__dict__:  # the options of the subclass's own adapter kind
             cls.config_class = tuning_config(get_adapter(cls.adapter_kind).config, cls.default_scales)
@@ -145,7 +155,7 @@ class AdapterTuning(Method):
             cls.label = get_adapter(cls.adapter_kind).label
 
     def __init__(self, config: Optional[AdapterTuningConfig] = None, *, of_kind: Optional["AdapterKindMethod"] = None,
-                 **options: Any) -> None:
+                 **options: object) -> None:
         if of_kind is not None:  # `adapter:<kind>`: this kind and its options, convpass's recipe (AdapterKindMethod)
             self.name, self.label, self.adapter_kind = of_kind.name, of_kind.label, of_kind.kind
             self.config_class = of_kind.config_class
@@ -154,10 +164,10 @@ class AdapterTuning(Method):
         # Validated now (unknown or bad adapter options fail before any training).
         self.adapter_config = make_config(self.adapter_kind, scale=self.scales[0], **config.adapter_options())
         self.classifier: Optional[ImageClassifier] = None
-        self.chosen: dict[str, Any] = {}
+        self.chosen: ChosenScale = {}
         self._endpoints: Optional[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = None
 
-    def adapter_metadata(self, scale: float) -> dict[str, Any]:
+    def adapter_metadata(self, scale: float) -> JSONObject:
         """The adapter kind and its options, as stored in checkpoints (see `load_classifier`)."""
         return {"kind": self.adapter_kind, **dataclasses.replace(self.adapter_config, scale=scale).to_dict()}
 
@@ -177,7 +187,7 @@ class AdapterTuning(Method):
         self.classifier = ImageClassifier(visual, head, backbone.logit_scale).to(ctx.device)
         return self.classifier
 
-    def metadata(self, ctx: FitContext, scale: float) -> dict[str, Any]:
+    def metadata(self, ctx: FitContext, scale: float) -> JSONObject:
         """What a checkpoint of this method must match to be loaded (see clipconv.checkpoint)."""
         return {
             "backbone": ctx.backbone.describe(),
@@ -213,7 +223,7 @@ class AdapterTuning(Method):
                 + (f", {len(val)} val ({val.nbytes / 2**20:.1f} MB)" if val is not None else ""))
         return train, val
 
-    def fit(self, ctx: FitContext) -> dict[str, Any]:
+    def fit(self, ctx: FitContext) -> JSONObject:
 
         cfg = self.config.train_config(ctx)
         classifier = self.classifier or self.build(ctx)
@@ -320,12 +330,12 @@ class AdapterTuning(Method):
         head = 0 if self.config.head == "frozen" else spec.classes * (spec.embed_dim + 1)
         return adapters + head
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> JSONObject:
         return {"adapter": self.adapter_metadata(self.chosen.get("scale", self.scales[0])),
                 "train": self.config.to_dict(), **self.chosen}
 
 
-def load_classifier(path: Union[str, Path], backbone: Any) -> tuple[ImageClassifier, dict[str, Any]]:
+def load_classifier(path: Union[str, Path], backbone: Backbone) -> tuple[ImageClassifier, JSONObject]:
     """Rebuild a trained classifier from an adapter checkpoint on top of a (matching) backbone.
 
     The adapter configuration and class count come from the checkpoint's metadata; the backbone must be
@@ -354,15 +364,15 @@ def load_classifier(path: Union[str, Path], backbone: Any) -> tuple[ImageClassif
 
 
 def _seeded_adapters(visual: torch.nn.Module, kind: str, seed: int, config: Optional[AdapterConfig] = None,
-                     **options: Any) -> None:
+                     **options: object) -> None:
     """Inject `kind` adapters initialized from `seed` alone (the global RNG is left as it was)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         add_adapters(visual, kind, config, **options)
 
 
-def load_endpoints(path: Union[str, Path], backbone: Any, classnames: list[str]
-                   ) -> tuple[ImageClassifier, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+def load_endpoints(path: Union[str, Path], backbone: Backbone, classnames: list[str]
+                   ) -> tuple[ImageClassifier, dict[str, torch.Tensor], dict[str, torch.Tensor], JSONObject]:
     """(classifier at θ₁, θ₀, θ₁, metadata) of an adapter checkpoint, for WiSE-FT (clipconv.wise).
 
     θ₁ is the checkpoint; θ₀ is rebuilt as training started: the text head of `classnames` with the recorded
@@ -510,10 +520,10 @@ class AdapterKindMethod:
     def label(self) -> str:
         return f"{get_adapter(self.kind).label} ({self.name})"
 
-    def __call__(self, config: Optional[AdapterTuningConfig] = None, **options: Any) -> AdapterTuning:
+    def __call__(self, config: Optional[AdapterTuningConfig] = None, **options: object) -> AdapterTuning:
         return self.base(config, of_kind=self, **options)
 
-    def __getattr__(self, attribute: str) -> Any:
+    def __getattr__(self, attribute: str) -> Any:  # the base method class's attributes, whatever their types
         if attribute.startswith("__"):
             raise AttributeError(attribute)
         return getattr(self.base, attribute)

@@ -1,12 +1,13 @@
 """Shared pieces of the methods whose image encoder stays frozen (they score cached features)."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from clipconv.head import class_embeddings
 from clipconv.methods.base import FitContext, Method
+from clipconv.runtime.jsontypes import JSONObject
 
 __all__ = ["FrozenEncoderMethod", "text_classifier", "require_features", "templates_summary"]
 
@@ -18,7 +19,7 @@ def text_classifier(ctx: FitContext, templates: Sequence[str]) -> torch.Tensor:
                             device=ctx.device).float()
 
 
-def templates_summary(name: str, templates: Sequence[str]) -> dict[str, Any]:
+def templates_summary(name: str, templates: Sequence[str]) -> JSONObject:
     """How a method's summary records the template set it used: its name and its size."""
     return {"template_set": name, "templates": len(templates)}
 

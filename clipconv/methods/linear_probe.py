@@ -23,7 +23,7 @@ import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from clipconv.methods.base import FitContext, MethodConfig, config_from, option, register_method
 from clipconv.methods.frozen import FrozenEncoderMethod, require_features
 from clipconv.methods.zero_shot import ZeroShot
+from clipconv.runtime.jsontypes import JSONObject
 
 __all__ = ["LinearProbe", "LinearProbeConfig", "make_classifier", "search_C", "lpclip_search", "COARSE_GRID"]
 
@@ -143,7 +144,7 @@ class LinearProbe(FrozenEncoderMethod):
     published = {"imagenet": 65.85, "imagenet_v2": 56.26, "imagenet_sketch": 34.77, "imagenet_a": 35.68,
                  "imagenet_r": 58.43}
 
-    def __init__(self, config: Optional[LinearProbeConfig] = None, **options: Any) -> None:
+    def __init__(self, config: Optional[LinearProbeConfig] = None, **options: object) -> None:
         self.config = config_from(LinearProbeConfig, config, options)
         self.chosen_C: Optional[float] = None
         self.search_source = ""
@@ -162,7 +163,7 @@ class LinearProbe(FrozenEncoderMethod):
     def _numpy(self, features: torch.Tensor) -> np.ndarray:
         return self._prepare(features).numpy().astype(np.float64)
 
-    def fit(self, ctx: FitContext) -> dict[str, Any]:
+    def fit(self, ctx: FitContext) -> JSONObject:
         cfg = self.config
         self._bind(ctx)
         store = require_features(ctx)
@@ -258,9 +259,9 @@ class LinearProbe(FrozenEncoderMethod):
         """A weight row and a bias per class over the image features: C·(D + 1)."""
         return spec.classes * (spec.embed_dim + 1)
 
-    def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"C": self.chosen_C, "C_source": self.search_source,
-                               "features": "l2-normalized" if self.config.normalize else "raw"}
+    def summary(self) -> JSONObject:
+        out: JSONObject = {"C": self.chosen_C, "C_source": self.search_source,
+                          "features": "l2-normalized" if self.config.normalize else "raw"}
         if self.val_accuracy is not None and not math.isnan(self.val_accuracy):
             out["val_top1"] = self.val_accuracy
         return out

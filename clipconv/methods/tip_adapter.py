@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from clipconv.backbone import _to_rgb
+from clipconv.backbone import Backbone, _to_rgb
 from clipconv.methods.base import FitContext, MethodConfig, config_from, option, register_method
 from clipconv.methods.frozen import FrozenEncoderMethod, require_features, templates_summary, text_classifier
+from clipconv.runtime.jsontypes import JSONObject
 from clipconv.training import BatchLoss, Forward, ImageBatch, TrainConfig, Trainer, TrainingTask
 
 __all__ = ["TipAdapter", "TipAdapterF", "TipAdapterConfig", "TipAdapterFConfig", "tip_logits", "tip_cache_transform",
@@ -84,7 +85,7 @@ def search_grid(high: float, steps: int) -> list[float]:
     return [0.1 + i * (high - 0.1) / steps for i in range(steps)]
 
 
-def tip_cache_transform(backbone: Any, scale: tuple[float, float] = (0.5, 1.0)) -> tuple[Callable, str]:
+def tip_cache_transform(backbone: Backbone, scale: tuple[float, float] = (0.5, 1.0)) -> tuple[Callable, str]:
     """Tip-Adapter's cache augmentation at the model's input size, with a stable id for the feature cache."""
 
 
@@ -130,7 +131,7 @@ class TipAdapter(FrozenEncoderMethod):
     label = "Tip-Adapter"
     table2_order = 5
 
-    def __init__(self, config: Optional[TipAdapterConfig] = None, **options: Any) -> None:
+    def __init__(self, config: Optional[TipAdapterConfig] = None, **options: object) -> None:
         self.config = config_from(self.config_class, config, options)
         self.alpha, self.beta = float(self.config.alpha), float(self.config.beta)
         self.keys: Optional[torch.Tensor] = None
@@ -178,7 +179,7 @@ class TipAdapter(FrozenEncoderMethod):
         ctx.log(f"{self.name}: alpha = {self.alpha:.3f}, beta = {self.beta:.3f}, val top-1 {self.val_top1:.2f}%")
 
     # --------------------------------------------------------------- Method API
-    def fit(self, ctx: FitContext) -> dict[str, Any]:
+    def fit(self, ctx: FitContext) -> JSONObject:
         self._build_cache(ctx)
         self._search(ctx, self._val_features(ctx))
         return self.summary()
@@ -193,10 +194,10 @@ class TipAdapter(FrozenEncoderMethod):
         """Training-free: α and β are searched, nothing is trained."""
         return 0
 
-    def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"alpha": self.alpha, "beta": self.beta, "alpha_beta_from": self.search_source,
-                               "cache_size": 0 if self.keys is None else int(self.keys.shape[0]),
-                               **templates_summary(self.template_set, self._used_templates)}
+    def summary(self) -> JSONObject:
+        out: JSONObject = {"alpha": self.alpha, "beta": self.beta, "alpha_beta_from": self.search_source,
+                          "cache_size": 0 if self.keys is None else int(self.keys.shape[0]),
+                          **templates_summary(self.template_set, self._used_templates)}
         if self.val_top1 is not None:
             out["val_top1"] = self.val_top1
         return out
@@ -256,7 +257,7 @@ class TipAdapterF(TipAdapter):
     published = {"imagenet": 73.41, "imagenet_v2": 65.39, "imagenet_sketch": 48.58, "imagenet_a": 49.23,
                  "imagenet_r": 77.54}
 
-    def __init__(self, config: Optional[TipAdapterFConfig] = None, **options: Any) -> None:
+    def __init__(self, config: Optional[TipAdapterFConfig] = None, **options: object) -> None:
         super().__init__(config, **options)
         self.best_epoch: Optional[int] = None
         self.history: list[dict[str, float]] = []
@@ -275,7 +276,7 @@ class TipAdapterF(TipAdapter):
                            fused=False, schedule="cosine_annealing", seed=ctx.seed, workers=ctx.workers,
                            seeding="run")
 
-    def fit(self, ctx: FitContext) -> dict[str, Any]:
+    def fit(self, ctx: FitContext) -> JSONObject:
         self._build_cache(ctx)
         initial_keys = self.keys.clone()
         task = _KeysTask(self, ctx, self._val_features(ctx))
@@ -305,5 +306,5 @@ class TipAdapterF(TipAdapter):
     def load_interpolated(self, state: dict[str, torch.Tensor]) -> None:
         self.keys = state["keys"].to(self.values.device)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> JSONObject:
         return {**super().summary(), "best_epoch": self.best_epoch, "epochs": self.config.epochs}

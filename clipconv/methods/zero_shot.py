@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
 from clipconv.head import zero_shot_logits
 from clipconv.methods.base import FitContext, MethodConfig, config_from, option, register_method
 from clipconv.methods.frozen import FrozenEncoderMethod, templates_summary, text_classifier
+from clipconv.runtime.jsontypes import JSONObject
 
 __all__ = ["ZeroShot", "ZeroShotConfig"]
 
@@ -35,13 +36,13 @@ class ZeroShot(FrozenEncoderMethod):
     published = {"imagenet": 66.73, "imagenet_v2": 60.83, "imagenet_sketch": 46.15, "imagenet_a": 47.77,
                  "imagenet_r": 73.96}
 
-    def __init__(self, config: Optional[ZeroShotConfig] = None, **options: Any) -> None:
+    def __init__(self, config: Optional[ZeroShotConfig] = None, **options: object) -> None:
         self.config = config_from(ZeroShotConfig, config, options)
         self.weights: Optional[torch.Tensor] = None
         self.logit_scale = 100.0
         self.template_set, self._used_templates = "", []
 
-    def fit(self, ctx: FitContext) -> dict[str, Any]:
+    def fit(self, ctx: FitContext) -> JSONObject:
         self._bind(ctx)
         self.template_set, self._used_templates = self.templates_for(ctx, self.config.templates)
         self.weights = text_classifier(ctx, self._used_templates)
@@ -57,5 +58,5 @@ class ZeroShot(FrozenEncoderMethod):
         """Nothing is trained."""
         return 0
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> JSONObject:
         return {**templates_summary(self.template_set, self._used_templates), "logit_scale": self.logit_scale}

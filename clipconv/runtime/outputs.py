@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Iterator, Union
 
 from clipconv.runtime import io
 from clipconv.runtime.ranks import is_main
@@ -31,11 +31,11 @@ def write_text(path: Union[str, Path], text: str) -> Path:
     return io.write_text(path, text) if is_main() else Path(path)
 
 
-def write_json(path: Union[str, Path], data: Any) -> Path:
+def write_json(path: Union[str, Path], data: object) -> Path:
     return io.write_json(path, data) if is_main() else Path(path)
 
 
-def save_torch(path: Union[str, Path], obj: Any) -> Path:
+def save_torch(path: Union[str, Path], obj: object) -> Path:
     return io.save_torch(path, obj) if is_main() else Path(path)
 
 

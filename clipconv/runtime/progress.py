@@ -13,7 +13,7 @@ import contextlib
 import sys
 import time
 import warnings
-from typing import Any, Iterable, Iterator, Optional, TextIO
+from typing import Iterable, Iterator, Optional, Protocol, TextIO, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -22,6 +22,17 @@ __all__ = ["progress", "set_quiet", "is_quiet", "MIN_SECONDS", "MAX_SECONDS"]
 MIN_SECONDS = 5.0  # no two plain lines closer than this (short loops print nothing)
 MAX_SECONDS = 30.0  # a plain line at least this often, whatever the fraction done
 _quiet = False
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Progress(Protocol[T_co]):
+    """What `progress()` returns: the items of the iterable, plus tqdm's `set_postfix(**values)`."""
+
+    def __iter__(self) -> Iterator[T_co]: ...
+
+    def set_postfix(self, **values: object) -> None: ...
 
 
 def set_quiet(quiet: bool = True) -> None:
@@ -34,8 +45,8 @@ def is_quiet() -> bool:
     return _quiet
 
 
-def progress(iterable: Iterable, desc: str = "", total: Optional[int] = None, unit: str = "it",
-             leave: bool = False, file: Optional[TextIO] = None) -> Any:
+def progress(iterable: Iterable[T], desc: str = "", total: Optional[int] = None, unit: str = "it",
+             leave: bool = False, file: Optional[TextIO] = None) -> Progress[T]:
     """Iterate over `iterable` showing progress; the result also has tqdm's `set_postfix(**values)`."""
     stream = file if file is not None else sys.stderr
     if total is None:
@@ -63,7 +74,7 @@ class _Lines:
         self.iterable, self.desc, self.total, self.unit = iterable, desc or "progress", total, unit
         self.stream, self.silent, self.postfix = stream, silent, ""
 
-    def set_postfix(self, **values: Any) -> None:
+    def set_postfix(self, **values: object) -> None:
         self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
 
     def __iter__(self) -> Iterator:
@@ -103,7 +114,7 @@ class _Bar:
 
         self.bar = tqdm(iterable, desc=desc or None, total=total, unit=unit, leave=leave, file=stream)
 
-    def set_postfix(self, **values: Any) -> None:
+    def set_postfix(self, **values: object) -> None:
         self.bar.set_postfix(**values)
 
     def __iter__(self) -> Iterator:

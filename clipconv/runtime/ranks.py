@@ -29,7 +29,7 @@ import inspect
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Callable, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.distributed as torch_dist
@@ -135,7 +135,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
+def broadcast_object(obj: T, src: int = 0) -> T:
     """`obj` of rank `src` on every rank (pickled; tensors travel on CPU)."""
     if not is_distributed():
         return obj
@@ -144,7 +144,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def gather_objects(obj: Any) -> list:
+def gather_objects(obj: T) -> list[T]:
     """[obj of rank 0, obj of rank 1, ...] on every rank."""
     if not is_distributed():
         return [obj]
@@ -183,7 +183,7 @@ def on_main(fn: Callable[[], T]) -> T:
     if not is_distributed():
         return fn()
     barrier()
-    result: Any = None
+    result: Union[T, _Failure, None] = None  # None on the other ranks until the broadcast
     if is_main():
         try:
             result = fn()
