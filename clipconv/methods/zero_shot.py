@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from clipconv.head import zero_shot_logits
-from clipconv.methods.base import FitContext, MethodConfig, config_from, option, register_method
+from clipconv.methods.base import FitContext, MethodConfig, PAPER_AND_DEMO, config_from, option, register_method
 from clipconv.methods.frozen import FrozenEncoderMethod, templates_summary, text_classifier
 
 __all__ = ["ZeroShot", "ZeroShotConfig"]
@@ -26,6 +26,7 @@ class ZeroShot(FrozenEncoderMethod):
     """logits = logit_scale · normalize(f) · Wᵀ, W = prompt-ensemble class embeddings; nothing is trained."""
 
     config_class = ZeroShotConfig
+    presets = PAPER_AND_DEMO
     reference_templates = "photo"
 
     def __init__(self, config: Optional[ZeroShotConfig] = None, **options: Any) -> None:
