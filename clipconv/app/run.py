@@ -37,7 +37,8 @@ from clipconv.wise import WISE_DEFAULT_ALPHA, alpha_check, supports_interpolatio
 if TYPE_CHECKING:
     from clipconv.data import FewShotSplit
 
-__all__ = ["ExperimentConfig", "RunConfig", "PreparedRun", "relocated", "source_commit", "SECTIONS", "prepare_run", "execute_run", "write_results", "recall_line", "setup_logging",
+__all__ = ["ExperimentConfig", "RunConfig", "PreparedRun", "relocated", "source_commit", "SECTIONS",
+           "prepare_run", "execute_run", "write_results", "recall_line", "setup_logging",
            "environment", "VAL_SHOTS", "CONFIG_FILE", "counts_line", "logits_saver"]
 
 log = logging.getLogger("clipconv")
@@ -121,7 +122,7 @@ class RunConfig(ExperimentConfig):
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
-        out["method_options"] = out.pop("method_config").to_dict()
+        out["method_options"] = out.pop("method_config")  # config.json's name for the method's options
         return out
 
     @classmethod

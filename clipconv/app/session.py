@@ -245,10 +245,10 @@ def fit_and_evaluate(session: Session, name: str, config: "MethodConfig", split:
                      log_line: Callable[[str], None] = log.info,
                      on_logits: Optional[Callable[..., None]] = None,
                      wise_alpha: Optional[float] = None) -> FitResult:
-    """Build `name` from its typed `config` (passed to the method as is), fit it on `split`, check the shared backbone is untouched,
-    evaluate it on the session's suite; timings and the encoder images it cost in the result. With
-    `wise_alpha` the fitted method is evaluated (and left) at θ(α) (clipconv.wise; files the fit wrote,
-    such as adapter.safetensors, keep θ₁)."""
+    """Build `name` from its typed `config` (passed to the method as is), fit it on `split`, check the shared
+    backbone is untouched, evaluate it on the session's suite; timings and the encoder images it cost in the
+    result. With `wise_alpha` the fitted method is evaluated (and left) at θ(α) (clipconv.wise; files the fit
+    wrote, such as adapter.safetensors, keep θ₁)."""
 
     method: "Method" = build_method(name, config)
     ctx = FitContext(backbone=session.backbone, classnames=list(session.classes.names), data_root=session.data_root,

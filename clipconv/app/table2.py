@@ -45,7 +45,8 @@ from clipconv.runtime.outputs import atomic_path, write_json, write_text
 from clipconv.wise import WISE_DEFAULT_ALPHA, WISE_NOTE, alpha_check, wise_key, wise_label, wise_methods, wise_sweep
 
 __all__ = ["Table2Config", "TABLE2_METHODS", "METHOD_LABELS", "PUBLISHED_LABEL", "BARS_FILE", "SWEEP_FILE",
-           "run_table2", "run_shots_sweep", "shots_summary", "aggregate_seeds", "RECORD_FILE", "TABLE2_OWN_FILES",
+           "run_table2", "run_shots_sweep", "check_methods",
+           "shots_summary", "aggregate_seeds", "RECORD_FILE", "TABLE2_OWN_FILES",
            "TABLE2_OWN_PATTERNS", "load_record"]
 
 TABLE2_METHODS = ("zero_shot", "linear_probe", "coop", "cocoop", "tip_adapter", "tip_adapter_f", "convpass")
@@ -93,10 +94,7 @@ class Table2Config(ExperimentConfig):
         if stray:
             raise ValueError(f"--method-options names method(s) {stray} that are not in --methods {list(self.methods)}")
         super().__post_init__()
-        known = method_names()
-        unknown = [m for m in self.methods if m not in known]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {known}")
+        check_methods(self.methods)
         self.method_configs = dict(self.method_configs)  # the same config objects, in a dict of this table's own
         for name in self.methods:
             if name not in self.method_configs:
@@ -128,13 +126,21 @@ class Table2Config(ExperimentConfig):
         return cls.from_options({**values, "method_configs": {**plain.method_configs, **configs}})
 
 
+def check_methods(methods: Sequence[str]) -> None:
+    """Raise ValueError naming the unknown ones among `methods`."""
+    known = method_names()
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {known}")
+
+
 def aggregate_seeds(rows: Sequence[dict[str, float]], columns: Sequence[str] = COLUMNS
                     ) -> tuple[dict[str, float], dict[str, float]]:
     """Mean and population std over seeds, per column present in every row (`columns`: the suite, source
-    set first, then "target_avg")."""
+    set first, then "target_avg"); a NaN or null (a row read back from strict JSON) is missing."""
     mean, std = {}, {}
     for column in columns:
-        values = [row[column] for row in rows if column in row and not math.isnan(row[column])]
+        values = [row[column] for row in rows if row.get(column) is not None and not math.isnan(row[column])]
         if values and len(values) == len(rows):
             mu = sum(values) / len(values)
             mean[column] = mu
@@ -241,7 +247,8 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
         measured.append((label, mean))
         stds[label] = std
         # a WiSE row has its method's parameters and fit (no training of its own)
-        params = trainable_counts(base, cfg.method_configs[base], session.backbone.model, len(session.classes), cfg.shots)
+        params = trainable_counts(base, cfg.method_configs[base], session.backbone.model, len(session.classes),
+                                  cfg.shots)
         summary_rows[name] = {"label": label, "mean": mean, "std": std, "seeds": sorted(seeds),
                               "template_set": used[0] if used else None, "templates": used[1] if used else 0,
                               "params": params,

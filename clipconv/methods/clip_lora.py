@@ -35,7 +35,7 @@ from clipconv.data.draft import draft_for
 from clipconv.evaluation import image_loader
 from clipconv.head import class_embeddings, zero_shot_logits
 from clipconv.merge import merge_adapters
-from clipconv.methods.base import FitContext, Method, MethodConfig, PAPER_AND_DEMO, config_from, option, register_method
+from clipconv.methods.base import PAPER_AND_DEMO, FitContext, Method, MethodConfig, config_from, option, register_method
 from clipconv.params import ParamSpec, count_elements, meta_copy
 from clipconv.training import resolve_precision
 

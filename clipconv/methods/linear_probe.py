@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipconv.methods.base import FitContext, MethodConfig, PAPER_AND_DEMO, config_from, option, register_method
+from clipconv.methods.base import PAPER_AND_DEMO, FitContext, MethodConfig, config_from, option, register_method
 from clipconv.methods.frozen import FrozenEncoderMethod, require_features
 from clipconv.methods.zero_shot import ZeroShot
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 
 from clipconv.backbone import _to_rgb
-from clipconv.methods.base import FitContext, MethodConfig, PAPER_AND_DEMO, config_from, option, register_method
+from clipconv.methods.base import PAPER_AND_DEMO, FitContext, MethodConfig, config_from, option, register_method
 from clipconv.methods.frozen import FrozenEncoderMethod, require_features, templates_summary, text_classifier
 
 __all__ = ["TipAdapter", "TipAdapterF", "TipAdapterConfig", "TipAdapterFConfig", "tip_logits", "tip_cache_transform",

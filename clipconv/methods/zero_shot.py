@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from clipconv.head import zero_shot_logits
-from clipconv.methods.base import FitContext, MethodConfig, PAPER_AND_DEMO, config_from, option, register_method
+from clipconv.methods.base import PAPER_AND_DEMO, FitContext, MethodConfig, config_from, option, register_method
 from clipconv.methods.frozen import FrozenEncoderMethod, templates_summary, text_classifier
 
 __all__ = ["ZeroShot", "ZeroShotConfig"]

@@ -21,7 +21,8 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
-__all__ = ["OutputWriteError", "DamagedFileError", "atomic_path", "remove_stale_temps", "write_json", "write_text", "read_json", "finite_or_null",
+__all__ = ["OutputWriteError", "DamagedFileError", "atomic_path", "remove_stale_temps", "write_json", "write_text", "read_json",
+           "finite_or_null",
            "save_torch", "load_torch", "new_file_mode"]
 
 

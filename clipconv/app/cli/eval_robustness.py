@@ -139,7 +139,7 @@ def load_references(folder: Optional[str], checkpoint: Path, meta: dict) -> dict
             continue
         per_seed = (table.get("per_seed") or {}).get(name, {})
         row, note = (per_seed[seed]["row"], f"seed {seed}") if seed in per_seed else (entry["mean"], "mean")
-        if source in row and "target_avg" in row:
+        if row.get(source) is not None and row.get("target_avg") is not None:  # null: not measured
             refs[f"{entry['label']} ({note})"] = (float(row[source]), float(row["target_avg"]))
     return refs
 

@@ -17,16 +17,18 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, NoReturn, Optional, Sequence, Union
 
+import torch
+
 from clipconv.app.cli.common import NO_DATA_HELP, eval_set_arg
-from clipconv.app.run import SECTIONS
-from clipconv.config import Config
+from clipconv.app.run import SECTIONS, setup_logging
+from clipconv.config import Config, RuntimeConfig
 from clipconv.data.demo_world import ensure_world
 from clipconv.methods.base import METHODS, PRESETS
 from clipconv.mini_clip import MINI_CLIP_CONFIG, MINI_CLIP_CROP_SCALE, MINI_CLIP_WEIGHTS
 
 __all__ = ["add_config_args", "given", "shared_configs", "add_shared_args", "demo_overrides_help", "SHARED",
            "DEMO_RUN_SETTINGS", "add_preset_arg", "preset_of", "preset_notes", "method_json", "merge_method_options",
-           "absolute_paths"]
+           "absolute_paths", "add_runtime_args", "runtime_from", "apply_runtime"]
 
 #: the shared sections of every run, in the order their option groups are shown
 SHARED: dict[str, type[Config]] = SECTIONS
@@ -272,3 +274,27 @@ def shared_configs(args: argparse.Namespace, fields: Mapping[str, list[str]], pa
 
         configs["data"] = dataclasses.replace(configs["data"], data_root=str(ensure_world()))
     return configs
+
+
+def add_runtime_args(parser: argparse.ArgumentParser, *, device: bool = False) -> list[str]:
+    """--threads and --quiet (and, for a script that computes on a device, --device), generated from
+    RuntimeConfig as in the shared runtime group: the runtime options of entry points without that group."""
+    wanted = {"threads", "quiet", *(("device",) if device else ())}
+    skip = [f.name for f in dataclasses.fields(RuntimeConfig) if f.name not in wanted]
+    return add_config_args(parser, RuntimeConfig, title="runtime", skip=skip)
+
+
+def runtime_from(args: argparse.Namespace, fields: Iterable[str], parser: argparse.ArgumentParser,
+                 defaults: Optional[Mapping[str, object]] = None) -> RuntimeConfig:
+    """The RuntimeConfig of the runtime flags given over the script's own `defaults` (e.g. device cpu)."""
+    try:
+        return RuntimeConfig.from_options({**(defaults or {}), **given(args, fields)})
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def apply_runtime(runtime: RuntimeConfig) -> None:
+    """Apply --threads (torch's CPU threads) and --quiet (warnings only on stderr) to this process."""
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    setup_logging(quiet=runtime.quiet)

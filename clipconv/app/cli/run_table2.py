@@ -11,19 +11,12 @@ from typing import Optional, Sequence
 
 from clipconv.app.cli.common import bad_input_errors, fail, join_process_group, positive_int
 from clipconv.app.cli.options import (
-    absolute,
-    absolute_paths,
-    add_config_args,
-    add_preset_arg,
-    add_shared_args,
-    given,
-    preset_of,
-    shared_configs,
+    absolute, absolute_paths, add_config_args, add_preset_arg, add_shared_args, given, preset_of, shared_configs
 )
 from clipconv.app.run import PRESET_HELP, log, setup_logging
 from clipconv.app.rundir import exit_code, interrupt_on_sigterm
 from clipconv.app.session import build_method_config
-from clipconv.app.table2 import SWEEP_FILE, Table2Config, load_record, run_shots_sweep, run_table2
+from clipconv.app.table2 import SWEEP_FILE, Table2Config, check_methods, load_record, run_shots_sweep, run_table2
 from clipconv.config import RuntimeConfig
 from clipconv.methods.base import MethodConfig
 from clipconv.mini_clip import MINI_CLIP_CONFIG
@@ -168,6 +161,7 @@ def _new_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tu
     methods = table.get("methods", Table2Config.methods)  # the dataclass's defaults
     scale = table.get("epochs_scale", Table2Config.epochs_scale)
     with bad_input_errors():
+        check_methods(methods)
         stray = sorted(set(options) - set(methods))
         if stray:
             raise ValueError(f"--method-options names method(s) {stray} that are not in --methods {list(methods)}")

@@ -20,17 +20,8 @@ from typing import Optional, Sequence
 
 from clipconv.app.cli.common import EXIT_BAD_INPUT, bad_input_errors, fail, join_process_group, plain_warnings
 from clipconv.app.cli.options import (
-    absolute,
-    absolute_paths,
-    add_config_args,
-    add_preset_arg,
-    add_shared_args,
-    given,
-    merge_method_options,
-    method_json,
-    preset_notes,
-    preset_of,
-    shared_configs,
+    absolute, absolute_paths, add_config_args, add_preset_arg, add_shared_args, given, merge_method_options,
+    method_json, preset_notes, preset_of, shared_configs
 )
 from clipconv.app.run import CONFIG_FILE, PRESET_HELP, RunConfig, execute_run, prepare_run, relocated
 from clipconv.app.rundir import exit_code, interrupt_on_sigterm
