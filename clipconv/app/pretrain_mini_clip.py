@@ -27,7 +27,7 @@ from clipconv.app.cli.options import add_runtime_args, apply_runtime, runtime_fr
 from clipconv.backbone import Backbone, load_backbone
 from clipconv.data.demo_world import DOMAINS, WORLD_CLASSES, ensure_world, read_manifest, render
 from clipconv.mini_clip import MINI_CLIP_CONFIG, MINI_CLIP_WEIGHTS
-from clipconv.runtime.outputs import atomic_path, write_json, write_text
+from clipconv.runtime.outputs import atomic_path, write_json
 
 __all__ = [
     "PretrainConfig", "CAPTION_TEMPLATES", "caption", "render_pretrain_batch", "pretrain",

@@ -24,7 +24,9 @@ import clipconv
 from clipconv.app.clip_benchmark import write_benchmark_results
 from clipconv.app.report import markdown_table
 from clipconv.app.rundir import RUN_FILES, check_output_dir, claim_output_dir, held_files, new_run_dir
-from clipconv.app.session import FitResult, Session, build_method_config, fit_and_evaluate, jsonable, open_session
+from clipconv.app.session import (
+    FitResult, Session, build_method_config, check_processes, fit_and_evaluate, jsonable, open_session
+)
 from clipconv.config import (
     BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
 )
@@ -221,6 +223,7 @@ def prepare_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -
     exclusively. A given folder that already holds a run is refused unless `overwrite` (its clipconv files
     are removed first) or `resume`.
     """
+    check_processes(cfg.method, cfg.method_config)  # now that the process group (if any) is joined
     if cfg.wise_alpha is not None:
 
         if not supports_interpolation(METHODS[cfg.method]):

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from clipconv.data.family import DatasetFamily
     from clipconv.methods.base import Method, MethodConfig
 
-__all__ = ["Session", "FitResult", "open_session", "open_data_family", "fit_and_evaluate", "build_method_config",
+__all__ = ["Session", "FitResult", "open_session", "open_data_family", "fit_and_evaluate", "build_method_config", "check_processes",
            "backbone_fingerprint", "jsonable", "Scorer"]
 
 log = logging.getLogger("clipconv")
@@ -204,12 +204,18 @@ def build_method_config(name: str, preset: str = "paper", options: Optional[Mapp
     if precision is not None and "precision" in defaults and "precision" not in given:
         extra["precision"] = precision
     config = method_config(name, preset, {**(options or {}), **extra})
-    if getattr(cls, "data_parallel", False):  # its batch is split across torchrun's processes
+    check_processes(name, config)
+    return config
+
+
+def check_processes(name: str, config: "MethodConfig") -> None:
+    """Refuse a batch that torchrun's processes cannot split evenly, for a method trained with DDP (checked
+    when the config is built and again once the process group is joined)."""
+    if getattr(METHODS[name], "data_parallel", False):
         try:
             check_batch_size(config.batch_size)
         except ValueError as err:
             raise ValueError(f"method '{name}': {err}") from None
-    return config
 
 
 def backbone_fingerprint(model: torch.nn.Module) -> tuple:

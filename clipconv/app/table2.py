@@ -22,19 +22,17 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from clipconv.app.clip_benchmark import write_benchmark_results
 from clipconv.app.plots import accuracy_bars, accuracy_vs_shots
 from clipconv.app.report import DISPLAY, SUITE, markdown_table, target_average
 from clipconv.app.run import ExperimentConfig, counts_line, environment
 from clipconv.app.rundir import check_output_dir, claim_output_dir, held_files, new_run_dir
-from clipconv.app.session import Session, build_method_config, fit_and_evaluate, open_session
-from clipconv.config import (
-    BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
-)
+from clipconv.app.session import Session, build_method_config, check_processes, fit_and_evaluate, open_session
+from clipconv.config import option, positive, seed_range
 from clipconv.data import save_split
 from clipconv.methods.base import METHODS, MethodConfig, build_method, method_names
 from clipconv.params import ParamSpec, reference_spec
@@ -42,7 +40,7 @@ from clipconv.prompts import load_templates
 from clipconv.runtime import ranks
 from clipconv.runtime.io import read_json
 from clipconv.runtime.outputs import atomic_path, write_json, write_text
-from clipconv.wise import WISE_DEFAULT_ALPHA, WISE_NOTE, alpha_check, wise_key, wise_label, wise_methods, wise_sweep
+from clipconv.wise import WISE_DEFAULT_ALPHA, WISE_NOTE, wise_key, wise_label, wise_methods, wise_sweep
 
 __all__ = ["Table2Config", "TABLE2_METHODS", "METHOD_LABELS", "PUBLISHED_LABEL", "BARS_FILE", "SWEEP_FILE",
            "run_table2", "run_shots_sweep", "check_methods",
@@ -103,7 +101,7 @@ class Table2Config(ExperimentConfig):
                 raise ValueError(f"method '{name}' takes a {METHODS[name].config_class.__name__}, got a "
                                  f"{type(self.method_configs[name]).__name__}")
 
-    def method_config(self, name: str, options: Optional[dict[str, Any]] = None) -> MethodConfig:
+    def method_config(self, name: str, options: Optional[Mapping[str, object]] = None) -> MethodConfig:
         """Method `name`'s config from this table's preset, `options` over it, and its epochs scaled."""
         return build_method_config(name, self.preset, options, epochs_scale=self.epochs_scale,
                                    precision=self.backbone.precision)
@@ -204,7 +202,7 @@ def _missing(cfg: Table2Config, methods: Sequence[str], per_seed: dict[str, dict
     return [f"{name} seed {seed}" for seed in cfg.seeds for name in rows if seed not in per_seed.get(name, {})]
 
 
-def changed_options(config: MethodConfig) -> dict[str, Any]:
+def changed_options(config: MethodConfig) -> dict[str, object]:
     """The options of `config` that differ from its class's defaults (the reference protocol's)."""
     default = type(config)().to_dict()
     return {k: v for k, v in config.to_dict().items() if v != default[k]}
@@ -329,6 +327,8 @@ def _open_session(cfg: Table2Config, cache_dir: Optional[str] = None) -> tuple[S
     if not cfg.seeds:
         raise ValueError("give at least one seed (--seeds 1 2 3)")
     methods = list(cfg.methods)  # each with its config (checked when the Table2Config was built)
+    for name in methods:  # now that the process group (if any) is joined
+        check_processes(name, cfg.method_configs[name])
     wise_methods(cfg.wise_methods, methods)  # a method that does not run or cannot be interpolated: refused now
     runtime = cfg.runtime if cache_dir is None else replace(cfg.runtime, cache=True, cache_dir=cache_dir)
     return open_session(cfg.data, cfg.backbone, runtime), methods

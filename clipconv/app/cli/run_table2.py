@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shots", type=positive_int, nargs="+", default=[16],
+    parser.add_argument("--shots", type=positive_int, nargs="+", default=[Table2Config.shots],
                         help="training images per class (default 16); several values (1 2 4 8 16) run a sweep "
                              "and plot accuracy against shots")
     add_config_args(parser, Table2Config, skip=("shots", "preset"))
