@@ -1,13 +1,14 @@
 """Merge for free inference: fold adapters that are linear in existing weights into those weights.
 
-LoRA adds s·(alpha/r)·B·A to a projection weight and BitFit trains the biases in place, so both leave a plain
-open_clip model with the same outputs and no adapter code at inference (for CLIP-LoRA: both encoders). Kinds
-that add a computation of their own — Convpass (a 3×3 conv over the patch grid between nonlinearities),
-AdaptFormer and the bottleneck Adapter (ReLU/GELU bottlenecks), VPT (extra tokens) — cannot be merged and are
-refused before anything changes.
+LoRA adds s·(alpha/r)·B·A to a projection weight, DoRA rescales W + s·ΔW row by row, and BitFit trains the
+biases in place, so all leave a plain open_clip model with the same outputs and no adapter code at inference
+(for CLIP-LoRA: both encoders). Kinds that add a computation of their own — Convpass (a 3×3 conv over the patch
+grid between nonlinearities), AdaptFormer and the bottleneck Adapter (ReLU/GELU bottlenecks), VPT (extra
+tokens) — cannot be merged and are refused before anything changes.
 
 A wrapper or record can be merged when it has `fold_()` (clipconv/adapters: `LoRALinear`, `LoRAAttention`,
-`BitFitBiases`).
+`BitFitBiases`); a kind says so when it registers (`register_adapter(..., mergeable=True)`, listed by
+`clipconv.adapters.mergeable_kinds()`).
 """
 from __future__ import annotations
 
@@ -19,13 +20,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from clipconv.adapters import AdapterRecord, adapted_modules, unwrap_all
+from clipconv.adapters import AdapterRecord, adapted_modules, mergeable_kinds, unwrap_all
 from clipconv.runtime.outputs import atomic_path
 
-__all__ = ["MERGEABLE_KINDS", "mergeable", "merge_adapters", "merged_state_dict", "save_merged"]
-
-#: Registered kinds whose adapters fold into the encoder's weights (what the README's table says).
-MERGEABLE_KINDS = ("lora", "bitfit")
+__all__ = ["mergeable", "merge_adapters", "merged_state_dict", "save_merged"]
 
 
 def _present(module: nn.Module) -> list[Any]:
@@ -48,7 +46,7 @@ def merge_adapters(module: nn.Module) -> list[str]:
     ok, blocked = mergeable(module)
     if not ok:
         raise ValueError(f"adapter kind(s) {blocked} cannot be merged into the backbone weights (they add their own "
-                         f"computation); only {list(MERGEABLE_KINDS)} fold into a plain open_clip model")
+                         f"computation); only {mergeable_kinds()} fold into a plain open_clip model")
     kinds = sorted({item.kind for item in present})
     with torch.no_grad():
         for wrapper in adapted_modules(module):
@@ -70,8 +68,6 @@ def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 def save_merged(state: Mapping[str, torch.Tensor], path: Union[str, Path],
                 metadata: Optional[Mapping[str, str]] = None) -> Path:
     """Write a state dict as safetensors, atomically; refuses an existing file (never overwrites)."""
-
-
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"'{path}' already exists; merged weights are never overwritten — choose another path")

@@ -1,18 +1,29 @@
-"""Training loop for image-encoder methods: AdamW, cosine schedule, autocast, per-epoch checkpoints, resume.
+"""The one training loop of every trained method: a `Trainer` runs a `TrainingTask`.
 
-Determinism: every epoch reseeds torch from (seed, epoch) and shuffles with a generator seeded the
-same way, so a run resumed from the checkpoint of epoch e replays epochs e+1… exactly as an
-uninterrupted run would (bit-identical on CPU). Under torchrun the model is wrapped in
-DistributedDataParallel and each rank trains on its slice of the same global batches
-(clipconv.runtime.ranks); see `Trainer._train_epoch_distributed` for how the loss is scaled.
+A task (one per trained method) gives its named trainable tensors, its batches of an epoch and its loss on
+a batch (`BatchLoss`: the loss summed over the batch's examples). The Trainer owns the rest, once:
+optimizer and learning-rate schedule (`TrainConfig`), autocast (+ a GradScaler for fp16), the backward and
+optimizer step, the non-finite loss stop, the per-epoch validation pick, the train state written after every
+epoch and the bit-identical resume, and — under torchrun — the DistributedDataParallel wrap.
+
+Determinism: with `seeding="epoch"` every epoch reseeds torch from (seed, epoch) and draws its batch order
+from a generator seeded the same way; with `seeding="run"` one generator seeded with `seed` serves the
+whole run. Either way the train state holds torch's RNG state and the generator's, so a run resumed from
+the state of epoch e replays epochs e+1… exactly as an uninterrupted run would (bit-identical on CPU).
+
+One epoch loop serves one process and torchrun. Each rank gets its slice of every global batch
+(clipconv.data.sharded); the trainer counts the global batch's examples (an all-reduce; the count itself in
+one process) and back-propagates `total · world size / count` (+ the task's penalty), so DDP's gradient
+average is the gradient of the global batch's mean loss — in one process exactly the mean loss.
 """
 from __future__ import annotations
 
 import math
 import time
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Generic, Iterable, Literal, NamedTuple, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +34,15 @@ from clipconv.runtime.io import load_torch
 from clipconv.runtime.outputs import remove_stale_temps, save_torch
 from clipconv.runtime.progress import progress
 
-__all__ = ["TrainConfig", "Trainer", "TrainingDivergedError", "build_optimizer", "build_scheduler", "epoch_seed",
-           "resolve_precision", "compile_module", "fused_adamw"]
+__all__ = ["TrainConfig", "Trainer", "TrainingTask", "BatchLoss", "ClassifierTask", "TrainingDivergedError",
+           "build_optimizer", "build_scheduler", "epoch_seed", "warmup_cosine_lr", "resolve_precision",
+           "compile_module", "fused_adamw", "STATE_FILE", "Forward", "Record", "ImageBatch"]
 
 STATE_FILE = "train_state.pt"
 #: torch.compile backend of `TrainConfig.compile` (tests use "aot_eager": same graphs, no C++ compiler)
 COMPILE_BACKEND = "inductor"
+#: the schedules of `TrainConfig.schedule`
+SCHEDULES = ("cosine", "cosine_annealing", "epoch_warmup_cosine", "one_cycle")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -37,7 +51,8 @@ class TrainingDivergedError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """Optimization settings. Defaults are the paper's Convpass_CLIP protocol (Table 3)."""
+    """Optimization settings. Defaults are the paper's Convpass_CLIP protocol (Table 3); each method sets
+    its reference's optimizer and schedule."""
 
     epochs: int = 50
     batch_size: int = 64
@@ -49,13 +64,44 @@ class TrainConfig:
     seed: int = 1
     workers: int = 0
     eval_every: int = 1
-    #: learning-rate multipliers by parameter-name prefix, e.g. (("head.", 0.1),): one AdamW param group each
+    #: learning-rate multipliers by parameter-name prefix, e.g. (("head.", 0.1),): one param group each
     lr_scales: tuple[tuple[str, float], ...] = ()
     #: L2-SP weight a: the loss adds a/2·||θ − θ₀||² over the trainable tensors, θ₀ = their values when the
-    #: Trainer is built (Li, Grandvalet & Davoudi, ICML 2018); 0 = plain cross-entropy
+    #: task is built (Li, Grandvalet & Davoudi, ICML 2018); 0 = plain cross-entropy (`ClassifierTask`)
     l2sp: float = 0.0
     #: torch.compile the model for the training forward/backward (the saved tensors stay the uncompiled model's)
     compile: bool = False
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW
+    eps: float = 1e-8  # AdamW
+    momentum: float = 0.9  # SGD
+    #: AdamW's fused kernel when every parameter is a floating-point CUDA tensor (else torch's default)
+    fused: bool = True
+    #: cosine: per step, linear warm-up of `warmup_epochs` then cosine to 0 (LambdaLR);
+    #: cosine_annealing: per step, torch's CosineAnnealingLR over all steps down to `min_lr`;
+    #: epoch_warmup_cosine: per epoch, Dassl's constant warm-up at `warmup_lr` then cosine (`warmup_cosine_lr`);
+    #: one_cycle: per step, torch's OneCycleLR (cosine up over `warmup_fraction` of the steps, then down)
+    schedule: str = "cosine"
+    min_lr: float = 0.0
+    warmup_fraction: float = 0.0
+    warmup_lr: float = 1e-5
+    warmup_recount: bool = True
+    #: total optimizer steps (an epoch is one pass over the task's batches, the last one cut short);
+    #: None: `epochs` whole epochs
+    steps: Optional[int] = None
+    #: epoch: torch and the batch-order generator reseeded from (seed, epoch) every epoch; run: one generator
+    #: seeded with `seed` for the whole run, torch's RNG left to the task
+    seeding: Literal["epoch", "run"] = "epoch"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.seeding not in ("epoch", "run"):
+            raise ValueError(f"seeding must be epoch or run, got {self.seeding!r}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,117 +120,309 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (int(seed) * 1_000_003 + int(epoch) * 7_919) % (2**63 - 1)
 
 
+def warmup_cosine_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int = 1,
+                     warmup_lr: float = 1e-5, recount: bool = True) -> float:
+    """Learning rate of 0-indexed `epoch` under Dassl's constant warm-up + cosine (CoOp/CoCoOp).
+
+    The first `warmup_epochs` run at `warmup_lr`. With `recount` (Dassl's WARMUP_RECOUNT=True, what the
+    CoOp/CoCoOp configs use) the cosine count restarts after the warm-up: epoch e runs at
+    base_lr·½(1 + cos(π·(e − warmup_epochs)/epochs)), so the first epoch after warm-up runs at base_lr.
+    `recount=False` continues the count instead: base_lr·½(1 + cos(π·e/epochs)).
+    """
+    if epoch < warmup_epochs:
+        return warmup_lr
+    position = epoch - warmup_epochs if recount else epoch
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * position / epochs))
+
+
 def fused_adamw(params: Sequence[torch.Tensor]) -> Optional[bool]:
     """True (torch's fused AdamW kernel) when every parameter is a floating-point CUDA tensor; else None,
     torch's default (foreach on CPU)."""
     return True if params and all(p.is_cuda and p.is_floating_point() for p in params) else None
 
 
-def compile_module(module: nn.Module, backend: Optional[str] = None) -> Callable[..., Any]:
+def compile_module(module: nn.Module, backend: Optional[str] = None) -> Forward:
     """`torch.compile(module)` with `COMPILE_BACKEND` (or `backend`); parameters stay shared with `module`."""
     return torch.compile(module, backend=backend or COMPILE_BACKEND)
 
 
-def build_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig,
-                    names: Optional[Sequence[str]] = None) -> torch.optim.Optimizer:
-    """AdamW over `params`; with `cfg.lr_scales` (and the parameters' `names`) one param group per prefix
-    with lr = cfg.lr · multiplier, the rest in a group at cfg.lr (first matching prefix wins)."""
-    if not cfg.lr_scales:
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused_adamw(params))
-    if names is None or len(names) != len(params):
-        raise ValueError("lr_scales needs the parameter names")
-    groups: dict[float, list[nn.Parameter]] = {}
-    for name, param in zip(names, params):
-        scale = next((float(m) for prefix, m in cfg.lr_scales if name.startswith(prefix)), 1.0)
-        groups.setdefault(scale, []).append(param)
-    return torch.optim.AdamW([{"params": group, "lr": cfg.lr * scale} for scale, group in groups.items()],
-                             lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused_adamw(params))
+ParamGroups = list[dict[str, Any]]
+#: the training forward: the task's model, its DistributedDataParallel wrapper or its torch.compile wrapper
+Forward = Callable[..., torch.Tensor]
+#: an epoch record: epoch, step, loss, lr, seconds (+ train_top1, val_top1)
+Record = dict[str, float]
+#: a task's batch type
+B = TypeVar("B")
+ImageBatch = tuple[torch.Tensor, torch.Tensor]
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """Per-iteration cosine decay to 0 after an optional linear warm-up."""
-    total = max(1, cfg.epochs * steps_per_epoch)
+def build_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig, names: Optional[Sequence[str]] = None,
+                    groups: Optional[ParamGroups] = None) -> torch.optim.Optimizer:
+    """`cfg.optimizer` (AdamW or SGD) over `params`: the task's own param `groups` when given; else with
+    `cfg.lr_scales` (and the parameters' `names`) one param group per prefix with lr = cfg.lr · multiplier,
+    the rest in a group at cfg.lr (first matching prefix wins); else one group."""
+    if groups is None and cfg.lr_scales:
+        if names is None or len(names) != len(params):
+            raise ValueError("lr_scales needs the parameter names")
+        by_scale: dict[float, list[nn.Parameter]] = {}
+        for name, param in zip(names, params):
+            scale = next((float(m) for prefix, m in cfg.lr_scales if name.startswith(prefix)), 1.0)
+            by_scale.setdefault(scale, []).append(param)
+        groups = [{"params": group, "lr": cfg.lr * scale} for scale, group in by_scale.items()]
+    target: Union[Sequence[nn.Parameter], ParamGroups] = params if groups is None else groups
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(target, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    fused = fused_adamw(params) if cfg.fused else None
+    if cfg.betas == (0.9, 0.999) and cfg.eps == 1e-8:  # torch's defaults
+        return torch.optim.AdamW(target, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.AdamW(target, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             fused=fused)
+
+
+class EpochLR(torch.optim.lr_scheduler.LRScheduler):
+    """lr = `fn(epoch)` exactly (the value itself, not a factor of the base lr); stepped once per epoch."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, fn: Callable[[int], float]) -> None:
+        self.fn = fn
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        return [self.fn(self.last_epoch) for _ in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "fn")}
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+                    ) -> torch.optim.lr_scheduler.LRScheduler:
+    """The schedule of `cfg.schedule` (see `TrainConfig`); `per_epoch(scheduler)` tells when it steps."""
+    total = cfg.steps if cfg.steps is not None else max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "cosine_annealing":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total, eta_min=cfg.min_lr)
+    if cfg.schedule == "one_cycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
+                                                   pct_start=cfg.warmup_fraction, anneal_strategy="cos",
+                                                   cycle_momentum=False)
+    if cfg.schedule == "epoch_warmup_cosine":
+        warmup = int(cfg.warmup_epochs) if float(cfg.warmup_epochs).is_integer() else cfg.warmup_epochs
+        return EpochLR(optimizer, lambda epoch: warmup_cosine_lr(epoch, cfg.lr, cfg.epochs, warmup, cfg.warmup_lr,
+                                                                 cfg.warmup_recount))
     warmup = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch))) if cfg.warmup_epochs > 0 else 0
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        position = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, position)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _normal(value: Any) -> Any:
+def per_epoch(scheduler: torch.optim.lr_scheduler.LRScheduler) -> bool:
+    return isinstance(scheduler, EpochLR)
+
+
+class BatchLoss(NamedTuple):
+    """A task's loss on one batch: `total`, the loss summed over the batch's `TrainingTask.examples` (the
+    trainer divides by the global count: the batch mean); `penalty`, a regularizer added once (not divided);
+    `correct`, the examples predicted right (train top-1), None when the task has no such notion."""
+
+    total: torch.Tensor
+    correct: Optional[int] = None
+    penalty: Optional[torch.Tensor] = None
+
+
+class TrainingTask(ABC, Generic[B]):
+    """What a trained method gives the Trainer. Batches are (inputs, labels) pairs unless `examples` is
+    overridden; labels equal to `ranks.IGNORE_LABEL` (torchrun padding) are not examples."""
+
+    #: log-line prefix (e.g. "coop")
+    name: str = ""
+    #: the module switched to train mode for the epochs (eval mode for validation and after training) and, with
+    #: `data_parallel`, wrapped in DistributedDataParallel under torchrun and handed to `loss` as `forward`
+    model: Optional[nn.Module] = None
+    data_parallel: bool = False
+
+    @abstractmethod
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """The trained tensors by name (optimized, checkpointed, restored from the validation pick)."""
+
+    def param_groups(self) -> Optional[ParamGroups]:
+        """Optimizer param groups of the trainable tensors (own weight decay etc.); None: one group (or
+        `TrainConfig.lr_scales`)."""
+        return None
+
+    @abstractmethod
+    def steps_per_epoch(self) -> int:
+        """Batches in one epoch (for the schedule and the progress bar)."""
+
+    @abstractmethod
+    def batches(self, epoch: int, generator: torch.Generator) -> Iterable[Optional[B]]:
+        """The batches of 1-indexed `epoch` in the order drawn with `generator`; None batches are skipped."""
+
+    @abstractmethod
+    def loss(self, batch: B, forward: Forward) -> BatchLoss:
+        """The loss on `batch` (run under the trainer's autocast); `forward` is `model` as wrapped for training
+        (DDP under torchrun, torch.compile with `TrainConfig.compile`), or `model` itself."""
+
+    def examples(self, batch: B) -> int:
+        """The examples `BatchLoss.total` sums over: labels other than IGNORE_LABEL."""
+        return int((batch[1] != ranks.IGNORE_LABEL).sum())
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (e.g. a clamp)."""
+
+    def validate(self) -> Optional[float]:
+        """A validation accuracy after an epoch (the best epoch's tensors are kept); None: no validation."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra resumable state of the task (e.g. a data stream's position), saved with the train state."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class ClassifierTask(TrainingTask[ImageBatch]):
+    """Cross-entropy of `model(images)` on (images, labels) batches from `make_loader(generator)` — plus the
+    L2-SP penalty a/2·||θ − θ₀||² toward the trainable tensors as given when `l2sp` > 0. Data-parallel:
+    under torchrun a rank whose slice of a global batch is empty feeds DDP one zero image labelled
+    IGNORE_LABEL."""
+
+    data_parallel = True
+
+    def __init__(self, model: nn.Module, make_loader: Callable[[torch.Generator], Iterable[Optional[ImageBatch]]],
+                 steps_per_epoch: int, l2sp: float = 0.0, validate: Optional[Callable[[], float]] = None,
+                 device: Optional[torch.device] = None) -> None:
+        if l2sp < 0:
+            raise ValueError(f"l2sp must be >= 0, got {l2sp}")
+        self.model, self.make_loader, self._steps = model, make_loader, max(1, steps_per_epoch)
+        self._validate = validate
+        self.named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.l2sp = float(l2sp)
+        # L2-SP anchor: the trainable tensors as given (before any resume load), i.e. the starting point θ₀
+        self.anchor = [p.detach().clone() for p in self.named.values()] if l2sp > 0 else None
+        self.device = device or next(iter(self.named.values()), torch.zeros(())).device
+        self._image_shape: Optional[tuple[int, ...]] = None
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return self.named
+
+    def steps_per_epoch(self) -> int:
+        return self._steps
+
+    def batches(self, epoch: int, generator: torch.Generator) -> Iterable[Optional[ImageBatch]]:
+        return self.make_loader(generator)
+
+    def penalty(self) -> torch.Tensor:
+        """The L2-SP term a/2·Σ||θ − θ₀||² (0 without `l2sp`)."""
+        if self.anchor is None:
+            return torch.zeros((), device=self.device)
+        total = sum(((p.float() - a.float()) ** 2).sum() for p, a in zip(self.named.values(), self.anchor))
+        return 0.5 * self.l2sp * total
+
+    def objective(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The mean training objective: cross-entropy, plus the L2-SP penalty when `l2sp` > 0."""
+        loss = F.cross_entropy(logits.float(), labels)
+        return loss + self.penalty() if self.anchor is not None else loss
+
+    def _padding_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One zero image with IGNORE_LABEL: what a rank left without a decodable image feeds DDP."""
+        shape = self._image_shape
+        if shape is None:
+            size = getattr(getattr(self.model, "visual", None), "image_size", None)
+            if size is None:
+                raise RuntimeError("a rank got no decodable training image and the input size is unknown")
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            shape = (3, *size)
+        return torch.zeros(1, *shape), torch.full((1,), ranks.IGNORE_LABEL, dtype=torch.long)
+
+    def loss(self, batch: ImageBatch, forward: Forward) -> BatchLoss:
+        images, labels = batch
+        if len(labels) == 0:
+            images, labels = self._padding_batch()
+        self._image_shape = tuple(images.shape[1:])
+        images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        logits = forward(images)
+        total = F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=ranks.IGNORE_LABEL)
+        real = labels != ranks.IGNORE_LABEL
+        correct = int(((logits.argmax(dim=1) == labels) & real).sum())
+        return BatchLoss(total, correct, self.penalty() if self.anchor is not None else None)
+
+    def validate(self) -> Optional[float]:
+        return None if self._validate is None else float(self._validate())
+
+
+def _normal(value: object) -> object:
     """Lists and tuples compare alike (a saved state may hold either)."""
     return tuple(_normal(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+#: settings that may change between a run and its resume
+_RESUME_FREE = ("workers", "eval_every", "compile")
+
+
 class Trainer:
-    """Trains the parameters of `model` that require grad with cross-entropy on (images, labels) — plus the
-    L2-SP penalty toward their values at construction when `cfg.l2sp` > 0 (the logged "loss" is then the
-    whole objective) — with AdamW, one param group per `cfg.lr_scales` prefix.
+    """Trains `task` with `cfg`: see the module docstring. `run_dir`: where the train state goes after every
+    epoch (rank 0); `load_state` resumes from it."""
 
-    `make_loader(generator)` returns an iterable of (images, labels) batches shuffled with `generator`.
-    `validate()` (optional) returns a validation accuracy; the best epoch's trainable tensors are kept.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        make_loader: Callable[[torch.Generator], Any],
-        steps_per_epoch: int,
-        cfg: TrainConfig,
-        device: torch.device,
-        run_dir: Optional[Path] = None,
-        validate: Optional[Callable[[], float]] = None,
-        log: Callable[[str], None] = print,
-    ) -> None:
-        self.model = model
-        self.make_loader = make_loader
-        self.cfg = cfg
-        self.device = device
+    def __init__(self, task: TrainingTask[B], cfg: TrainConfig, device: torch.device, run_dir: Optional[Path] = None,
+                 log: Callable[[str], None] = print) -> None:
+        self.task, self.cfg, self.device, self.log = task, cfg, torch.device(device), log
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.validate = validate
-        self.log = log
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in named]
+        named = task.trainable()
+        self.params = list(named.values())
         if not self.params:
             raise ValueError("the model has no trainable parameters")
-        if cfg.l2sp < 0:
-            raise ValueError(f"l2sp must be >= 0, got {cfg.l2sp}")
-        self.optimizer = build_optimizer(self.params, cfg, [n for n, _ in named])
-        # L2-SP anchor: the trainable tensors as given (before any resume load), i.e. the starting point θ₀
-        self.anchor = [p.detach().clone() for p in self.params] if cfg.l2sp > 0 else None
-        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.optimizer = build_optimizer(self.params, cfg, list(named), task.param_groups())
+        self.steps_per_epoch = max(1, task.steps_per_epoch())
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
-        self.precision = resolve_precision(cfg.precision, device)
-        self.scaler = torch.amp.GradScaler("cuda") if (self.precision == "fp16" and device.type == "cuda") else None
-        self.epoch = 0
-        self.history: list[dict[str, Any]] = []
+        self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.steps_per_epoch
+        self.epochs = cfg.epochs if cfg.steps is None else math.ceil(cfg.steps / self.steps_per_epoch)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # seeding="run": the whole run's batch order
+        self.epoch, self.step = 0, 0
+        self.history: list[Record] = []
         self.best: Optional[dict[str, Any]] = None
         # under torchrun: DistributedDataParallel over the trainable parameters (the model itself otherwise)
-        ranks.check_batch_size(cfg.batch_size)
-        self.forward_model = ranks.wrap_model(model, device)
-        self._image_shape: Optional[tuple[int, ...]] = None
+        # (a task that is not data-parallel trains whole in every process: no wrapper, no collectives)
+        self.forward_model: Optional[Forward] = task.model
+        self.sharded = task.data_parallel and ranks.is_distributed()
+        if task.data_parallel and task.model is not None:
+            ranks.check_batch_size(cfg.batch_size)
+            self.forward_model = ranks.wrap_model(task.model, self.device)
 
     # ----- state -------------------------------------------------------------------------------
     def _trainable(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: p.detach().cpu().clone() for n, p in self.task.trainable().items()}
 
     def _load_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for name, param in self.model.named_parameters():
-                if param.requires_grad:
-                    param.copy_(tensors[name].to(param.device, param.dtype))
+            for name, param in self.task.trainable().items():
+                param.copy_(tensors[name].to(param.device, param.dtype))
+
+    def _rng_state(self) -> dict[str, Any]:
+        return {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+    def _load_rng_state(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        self.generator.set_state(state["generator"])
+        if state.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
+            "step": self.step,
             "trainable": self._trainable(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": self._rng_state(),
+            "task": self.task.state_dict(),
             "history": self.history,
             "best": self.best,
             "config": self.cfg.to_dict(),
@@ -200,7 +438,7 @@ class Trainer:
         saved, current = state.get("config", {}), self.cfg.to_dict()
         defaults = TrainConfig().to_dict()  # states saved before an option existed ran at its default
         changed = {k: (saved.get(k, defaults[k]), v) for k, v in current.items()
-                   if k not in ("workers", "eval_every", "compile") and _normal(saved.get(k, defaults[k])) != _normal(v)}
+                   if k not in _RESUME_FREE and _normal(saved.get(k, defaults[k])) != _normal(v)}
         if changed:
             raise ValueError(f"cannot resume from '{path}': training settings differ (saved, now): {changed}")
         self._load_trainable(state["trainable"])
@@ -208,9 +446,22 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if state.get("rng"):
+            self._load_rng_state(state["rng"])
+        self.task.load_state_dict(state.get("task") or {})
         self.epoch = int(state["epoch"])
+        self.step = int(state.get("step", self.epoch * self.steps_per_epoch))
         self.history = list(state["history"])
         self.best = state.get("best")
+
+    def resume_if_saved(self, resume: bool) -> bool:
+        """With `resume`, load the train state in `run_dir` when there is one; True when loaded."""
+        path = self.run_dir / STATE_FILE if self.run_dir is not None else None
+        if not resume or path is None or not path.is_file():
+            return False
+        self.load_state(path)
+        self.log(f"resumed from {path} after epoch {self.epoch}")
+        return True
 
     # ----- loop --------------------------------------------------------------------------------
     def _autocast(self):
@@ -219,30 +470,22 @@ class Trainer:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def training_forward(self) -> Callable[..., Any]:
-        """`self.forward_model` (the model, or its DDP wrapper under torchrun), or with `cfg.compile` its
-        torch.compile wrapper (built once per model object)."""
+    def training_forward(self) -> Optional[Forward]:
+        """`self.forward_model` (the task's model, or its DDP wrapper under torchrun), or with `cfg.compile`
+        its torch.compile wrapper (built once per model object)."""
         model = self.forward_model
-        if not self.cfg.compile:
+        if not self.cfg.compile or model is None:
             return model
         if getattr(self, "_compiled", (None,))[0] is not model:
             self._compiled = (model, compile_module(model))
         return self._compiled[1]
 
-    def penalty(self) -> torch.Tensor:
-        """The L2-SP term a/2·Σ||θ − θ₀||² (0 without `l2sp`)."""
-        if self.anchor is None:
-            return torch.zeros((), device=self.device)
-        total = sum(((p.float() - a.float()) ** 2).sum() for p, a in zip(self.params, self.anchor))
-        return 0.5 * self.cfg.l2sp * total
-
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The training objective: cross-entropy, plus the L2-SP penalty when `l2sp` > 0."""
-        loss = F.cross_entropy(logits.float(), labels)
-        return loss + self.penalty() if self.anchor is not None else loss
+    def _mode(self, training: bool) -> None:
+        if self.task.model is not None:
+            self.task.model.train(training)
 
     def _step(self, loss: torch.Tensor) -> None:
-        """Backward (through the grad scaler with fp16), optimizer step, scheduler step."""
+        """Backward (through the grad scaler with fp16), optimizer step, per-step scheduler step."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -251,138 +494,114 @@ class Trainer:
         else:
             loss.backward()
             self.optimizer.step()
-        self.scheduler.step()
+        self.task.after_step()
+        if not per_epoch(self.scheduler):
+            self.scheduler.step()
 
-    def train_epoch(self) -> dict[str, Any]:
-
-        epoch = self.epoch + 1
+    def _epoch_generator(self, epoch: int) -> torch.Generator:
+        if self.cfg.seeding == "run":
+            return self.generator
         seed = epoch_seed(self.cfg.seed, epoch)
         torch.manual_seed(ranks.rank_seed(seed))  # dropout masks; `seed` itself in one process
-        generator = torch.Generator().manual_seed(seed)
-        self.model.train()
-        if ranks.is_distributed():
-            return self._train_epoch_distributed(epoch, generator)
-        total_loss, total_seen, correct, step = 0.0, 0, 0, 0
+        return torch.Generator().manual_seed(seed)
+
+    def train_epoch(self) -> Record:
+        """One pass over the task's batches (up to `cfg.steps`); the epoch's record."""
+        epoch = self.epoch + 1
+        generator = self._epoch_generator(epoch)
+        self._mode(True)
+        world, forward = (ranks.world_size() if self.sharded else 1), self.training_forward()
+        reduce = ranks.all_reduce_sum if self.sharded else (lambda tensor: tensor)
+        sums = torch.zeros(3, dtype=torch.float64)  # loss · examples, examples, correct (this rank)
+        steps, scored = 0, True
         started = time.perf_counter()
-        bar = progress(self.make_loader(generator), total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.cfg.epochs}",
-                   unit="batch", leave=False)
+        bar = progress(self.task.batches(epoch, generator), total=self.steps_per_epoch,
+                       desc=f"epoch {epoch}/{self.epochs}", unit="batch", leave=False)
         for batch in bar:
             if batch is None:
                 continue
-            images, labels = batch
-            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-            with self._autocast():
-                logits = self.training_forward()(images)
-            loss = self.loss(logits, labels)
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step + 1}, "
-                    f"lr {self.scheduler.get_last_lr()[0]:.3g}; the last good checkpoint is kept — "
-                    "lower --lr or --scale, or use --precision fp32"
-                )
-            self._step(loss)
-            step += 1
-            total_loss += loss.item() * len(labels)
-            total_seen += len(labels)
-            correct += int((logits.argmax(dim=1) == labels).sum())
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step == 0:
-            raise ValueError(f"epoch {epoch} had no decodable training image; check the data with "
-                             "scripts/check_data.py --verify")
-        self.epoch = epoch
-        record = {
-            "epoch": epoch,
-            "loss": total_loss / max(1, total_seen),
-            "train_top1": 100.0 * correct / max(1, total_seen),
-            "lr": self.scheduler.get_last_lr()[0],
-            "seconds": round(time.perf_counter() - started, 2),
-        }
-        return record
-
-    def _padding_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One zero image with IGNORE_LABEL: what a rank left without a decodable image feeds DDP."""
-        shape = self._image_shape
-        if shape is None:
-            size = getattr(getattr(self.model, "visual", None), "image_size", None)
-            if size is None:
-                raise RuntimeError("a rank got no decodable training image and the input size is unknown")
-            size = (size, size) if isinstance(size, int) else tuple(size)
-            shape = (3, *size)
-        return torch.zeros(1, *shape), torch.full((1,), ranks.IGNORE_LABEL, dtype=torch.long)
-
-    def _train_epoch_distributed(self, epoch: int, generator: torch.Generator) -> dict[str, Any]:
-        """`train_epoch` under torchrun: this rank's slice of each global batch; its summed cross-entropy
-        is scaled by world size / global batch size, so DDP's gradient average is the gradient of the
-        global batch's mean loss (the single-process objective), L2-SP added once per rank."""
-
-        world = ranks.world_size()
-        sums = torch.zeros(3, dtype=torch.float64)  # loss · images, images, correct (this rank)
-        step = 0
-        started = time.perf_counter()
-        bar = progress(self.make_loader(generator), total=self.steps_per_epoch,
-                       desc=f"epoch {epoch}/{self.cfg.epochs}", unit="batch", leave=False)
-        for images, labels in bar:
-            if len(labels) == 0:
-                images, labels = self._padding_batch()
-            self._image_shape = tuple(images.shape[1:])
-            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-            real = labels != ranks.IGNORE_LABEL
-            count = ranks.all_reduce_sum(torch.tensor([float(real.sum())], dtype=torch.float64))
-            if count.item() == 0:  # every image of this global batch was undecodable: skipped, as in one process
+            seen = self.task.examples(batch)
+            count = reduce(torch.tensor([float(seen)], dtype=torch.float64)).item()
+            if count == 0:  # every example of this (global) batch was undecodable: skipped
                 continue
             with self._autocast():
-                logits = self.training_forward()(images)
-            summed = F.cross_entropy(logits.float(), labels, reduction="sum",
-                                     ignore_index=ranks.IGNORE_LABEL)
-            penalty = self.penalty() if self.anchor is not None else None
-            check = ranks.all_reduce_sum(torch.tensor([summed.item()], dtype=torch.float64))
-            mean = check.item() / count.item() + (penalty.item() if penalty is not None else 0.0)
+                out = self.task.loss(batch, forward)
+            loss = out.total * world / count
+            if out.penalty is not None:
+                loss = loss + out.penalty  # once per rank: DDP's average keeps it once
+            # the global batch's mean objective (an all-reduce under torchrun; the loss itself in one process)
+            mean = reduce(loss.detach().double().cpu().view(1)).item() / world
             if not math.isfinite(mean):
                 raise TrainingDivergedError(
-                    f"non-finite loss ({mean}) at epoch {epoch}, step {step + 1}, "
+                    f"non-finite loss ({mean}) at epoch {epoch}, step {steps + 1}, "
                     f"lr {self.scheduler.get_last_lr()[0]:.3g}; the last good checkpoint is kept — "
                     "lower --lr or --scale, or use --precision fp32"
                 )
-            loss = summed * (world / count.item())
-            if penalty is not None:
-                loss = loss + penalty
             self._step(loss)
-            step += 1
-            seen = int(real.sum())
-            sums += torch.tensor([mean * seen, seen, float(((logits.argmax(dim=1) == labels) & real).sum())],
-                                 dtype=torch.float64)
+            steps += 1
+            self.step += 1
+            scored = scored and out.correct is not None
+            sums += torch.tensor([mean * seen, seen, float(out.correct or 0)], dtype=torch.float64)
             bar.set_postfix(loss=f"{mean:.4f}")
-        if step == 0:
+            if self.step == self.total_steps:
+                break
+        if steps == 0:
             raise ValueError(f"epoch {epoch} had no decodable training image; check the data with "
                              "scripts/check_data.py --verify")
-        total_loss, total_seen, correct = ranks.all_reduce_sum(sums).tolist()
+        total_loss, total_seen, correct = reduce(sums).tolist()
         self.epoch = epoch
-        return {"epoch": epoch, "loss": total_loss / max(1, total_seen),
-                "train_top1": 100.0 * correct / max(1, total_seen), "lr": self.scheduler.get_last_lr()[0],
-                "seconds": round(time.perf_counter() - started, 2)}
+        record: Record = {"epoch": epoch, "step": self.step, "loss": total_loss / max(1, total_seen)}
+        if scored:
+            record["train_top1"] = 100.0 * correct / max(1, total_seen)
+        record["lr"] = self.scheduler.get_last_lr()[0]
+        record["seconds"] = round(time.perf_counter() - started, 2)
+        if per_epoch(self.scheduler):
+            self.scheduler.step()
+        return record
 
-    def fit(self) -> list[dict[str, Any]]:
-        """Train until cfg.epochs (continuing from a loaded state); checkpoint after every epoch."""
-        while self.epoch < self.cfg.epochs:
+    def fit(self) -> list[Record]:
+        """Train until the last epoch (continuing from a loaded state), validating every `cfg.eval_every`
+        epochs and after the last, and saving the train state after every epoch."""
+        while self.epoch < self.epochs:
             record = self.train_epoch()
-            if self.validate is not None and (record["epoch"] % self.cfg.eval_every == 0
-                                              or record["epoch"] == self.cfg.epochs):
-                self.model.eval()
-                record["val_top1"] = float(self.validate())
-                if self.best is None or record["val_top1"] > self.best["val_top1"]:
-                    self.best = {"epoch": record["epoch"], "val_top1": record["val_top1"],
-                                 "trainable": self._trainable()}
+            if record["epoch"] % self.cfg.eval_every == 0 or record["epoch"] == self.epochs:
+                self._mode(False)
+                score = self.task.validate()
+                if score is not None:
+                    record["val_top1"] = float(score)
+                    if self.best is None or record["val_top1"] > self.best["val_top1"]:
+                        self.best = {"epoch": record["epoch"], "val_top1": record["val_top1"],
+                                     "trainable": self._trainable()}
             self.history.append(record)
-            val = f" val top-1 {record['val_top1']:.2f}%" if "val_top1" in record else ""
-            self.log(f"epoch {record['epoch']}/{self.cfg.epochs}: loss {record['loss']:.4f} "
-                     f"train top-1 {record['train_top1']:.2f}% lr {record['lr']:.3g}{val} ({record['seconds']} s)")
+            self.log(self._line(record))
             self.save_state()
-        self.model.eval()
+        self._mode(False)
         return self.history
 
-    def restore_best(self) -> Optional[dict[str, Any]]:
+    def _line(self, record: Record) -> str:
+        parts = [f"loss {record['loss']:.4f}"]
+        if "train_top1" in record:
+            parts.append(f"train top-1 {record['train_top1']:.2f}%")
+        parts.append(f"lr {record['lr']:.3g}")
+        if "val_top1" in record:
+            parts.append(f"val top-1 {record['val_top1']:.2f}%")
+        prefix = f"{self.task.name} " if self.task.name else ""
+        steps = f" (step {record['step']}/{self.total_steps})" if self.cfg.steps is not None else ""
+        return f"{prefix}epoch {record['epoch']}/{self.epochs}{steps}: {' '.join(parts)} ({record['seconds']} s)"
+
+    def restore_best(self) -> Optional[Record]:
         """Load the best validation epoch's tensors (no-op without validation); return its record."""
         if self.best is None:
             return None
         self._load_trainable(self.best["trainable"])
         return {"epoch": self.best["epoch"], "val_top1": self.best["val_top1"]}
+
+    # ----- the classifier task's trainer (adapter tuning) ----------------------------------------------
+    @classmethod
+    def classifier(cls, model: nn.Module, make_loader: Callable[[torch.Generator], Iterable[Optional[ImageBatch]]],
+                   steps_per_epoch: int, cfg: TrainConfig, device: torch.device, run_dir: Optional[Path] = None,
+                   validate: Optional[Callable[[], float]] = None, log: Callable[[str], None] = print) -> "Trainer":
+        """A Trainer of `ClassifierTask(model, make_loader, steps_per_epoch, cfg.l2sp, validate)`: the
+        parameters of `model` that require grad, cross-entropy on (images, labels) batches."""
+        task = ClassifierTask(model, make_loader, steps_per_epoch, cfg.l2sp, validate, torch.device(device))
+        return cls(task, cfg, device, run_dir, log)

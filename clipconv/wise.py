@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from clipconv.methods.base import METHODS, method_names
+from clipconv.methods.base import METHODS, default_method, method_names
 
 __all__ = ["Interpolable", "supports_interpolation", "mix", "interpolate", "wise_sweep", "alpha_check",
            "WISE_DEFAULT_ALPHA", "WISE_NOTE", "wise_key", "wise_label", "wise_methods"]
@@ -72,10 +72,12 @@ def wise_label(label: str, alpha: float) -> str:
     return f"{label} + WiSE (α = {alpha:g})"
 
 
-def wise_methods(asked: Optional[Sequence[str]], methods: Sequence[str], default: Sequence[str] = ("convpass",)
+def wise_methods(asked: Optional[Sequence[str]], methods: Sequence[str], default: Optional[Sequence[str]] = None
                  ) -> list[str]:
-    """The methods of `methods` that get a WiSE row: `asked` (None: those of `default` that run; ["none"]:
-    none). Raises ValueError for a method that does not run or has no trained weights to interpolate."""
+    """The methods of `methods` that get a WiSE row: `asked` (None: those of `default` that run, by default the
+    default method; ["none"]: none). Raises ValueError for a method that does not run or has no trained weights
+    to interpolate."""
+    default = (default_method(),) if default is None else default
 
     if asked is None:
         return [m for m in default if m in methods]

@@ -23,6 +23,7 @@ VIT_B16_COUNTS = {
     "adaptformer": ({}, 1_189_632),  # L(2dh + h + d), h = 64 beside the MLP
     "adapter": ({}, 156_768),  # Pfeiffer: L(2dh + h + d), h = 8 after the MLP
     "lora": ({}, 294_912),  # L · 2 targets (q, v) · r(d + d), r = 8
+    "dora": ({}, 313_344),  # LoRA's + one magnitude per adapted row: L · 2 targets · d
     "bitfit": ({}, 102_912),  # L(7d + 4d) + 2d: ln_1, in_proj (3d), out_proj, ln_2, c_fc (4d), c_proj; ln_pre, ln_post
     "vpt_deep": ({}, 92_160),  # L · P · d, P = 10
 }

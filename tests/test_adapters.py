@@ -322,7 +322,7 @@ def test_non_square_token_count_is_refused():
 @pytest.mark.parametrize(
     "options, match",
     [
-        ({"kind": "lora_nope"}, "unknown adapter kind 'lora_nope'; known kinds: .*convpass"),
+        ({"kind": "lora_nope"}, "unknown adapter kind 'lora_nope'; choose one of .*convpass"),
         ({"placement": "ffn"}, "placement"),
         ({"kind": "convpass_attn", "placement": "mlp"}, "implies placement 'attn'"),
         ({"rank": 4}, r"unknown option\(s\) \['rank'\] for ConvpassConfig; known options: .*'dim'"),
@@ -393,7 +393,7 @@ def test_custom_blocks_with_open_clips_attention_module_are_wrapped(tmp_path):
 def test_registry_lists_kinds_and_refuses_unknown_or_duplicate_names():
     assert {"convpass", "convpass_attn", "convpass_share"} <= set(ADAPTERS)
     assert get_adapter("convpass_attn").placement == "attn"
-    with pytest.raises(ValueError, match="known kinds"):
+    with pytest.raises(ValueError, match="unknown adapter kind 'nope'; choose one of"):
         get_adapter("nope")
     with pytest.raises(ValueError, match="already registered"):
         register_adapter("convpass", config=ConvpassConfig)(lambda config, target: None)

@@ -55,7 +55,7 @@ def test_head_lr_scale_makes_a_head_param_group(world):
     method = build_method("convpass", head_lr_scale=0.1, lr=1e-3)
     classifier = method.build(world.ctx)
     cfg = method.config.train_config(world.ctx)
-    trainer = Trainer(classifier, _batches(), 1, cfg, CPU, log=lambda *_: None)
+    trainer = Trainer.classifier(classifier, _batches(), 1, cfg, CPU, log=lambda *_: None)
     groups = trainer.optimizer.param_groups
     head_ids = {id(p) for p in classifier.head.parameters()}
     by_lr = {group["lr"]: {id(p) for p in group["params"]} for group in groups}
@@ -65,7 +65,7 @@ def test_head_lr_scale_makes_a_head_param_group(world):
     assert by_lr[high] == {id(p) for p in classifier.parameters() if p.requires_grad} - head_ids
     # the default: one group at the base lr (the paper's optimizer)
     default = build_method("convpass", lr=1e-3)
-    plain = Trainer(default.build(world.ctx), _batches(), 1, default.config.train_config(world.ctx), CPU)
+    plain = Trainer.classifier(default.build(world.ctx), _batches(), 1, default.config.train_config(world.ctx), CPU)
     assert [g["lr"] for g in plain.optimizer.param_groups] == [1e-3]
 
 
@@ -74,7 +74,7 @@ def test_param_groups_at_scale_one_train_bit_identically():
     results = []
     for lr_scales in ((), (("bias", 1.0),)):
         model = _linear()
-        Trainer(model, _batches(), 4, TrainConfig(epochs=2, lr=1e-2, lr_scales=lr_scales), CPU,
+        Trainer.classifier(model, _batches(), 4, TrainConfig(epochs=2, lr=1e-2, lr_scales=lr_scales), CPU,
                 log=lambda *_: None).fit()
         results.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
@@ -85,7 +85,7 @@ def test_head_lr_scale_slows_the_head_only():
     lr = 1e-2
     model = _linear()
     start = [p.detach().clone() for p in model.parameters()]
-    Trainer(model, _batches(count=1), 1, TrainConfig(epochs=1, lr=lr, lr_scales=(("bias", 0.1),)), CPU,
+    Trainer.classifier(model, _batches(count=1), 1, TrainConfig(epochs=1, lr=lr, lr_scales=(("bias", 0.1),)), CPU,
             log=lambda *_: None).fit()
     # one AdamW step moves every element by lr·sign(grad) (bias-corrected first step), times the multiplier
     assert_close_scaled((model.bias.detach() - start[1]).abs(), torch.full_like(start[1], 0.1 * lr), ulps=4096)
@@ -96,7 +96,7 @@ def test_head_lr_scale_slows_the_head_only():
 def test_l2sp_objective_adds_half_weight_times_squared_distance():
     model = _linear()
     start = [p.detach().clone() for p in model.parameters()]
-    trainer = Trainer(model, _batches(), 1, TrainConfig(l2sp=0.3), CPU)
+    trainer = Trainer.classifier(model, _batches(), 1, TrainConfig(l2sp=0.3), CPU)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))
@@ -104,11 +104,11 @@ def test_l2sp_objective_adds_half_weight_times_squared_distance():
     logits = model(images)
     squared = sum(float(((p.detach().double() - s.double()) ** 2).sum()) for p, s in zip(model.parameters(), start))
     expected = float(F.cross_entropy(logits.detach().double(), labels)) + 0.15 * squared
-    got = float(trainer.loss(logits, labels).detach())
+    got = float(trainer.task.objective(logits, labels).detach())
     assert squared > 0 and abs(got - expected) <= 256 * torch.finfo(torch.float32).eps * abs(expected)
     # gradient of the penalty: a·(θ − θ₀) on top of cross-entropy's
     model.zero_grad()
-    trainer.loss(model(images), labels).backward()
+    trainer.task.objective(model(images), labels).backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     F.cross_entropy(model(images), labels).backward()
@@ -120,7 +120,7 @@ def test_l2sp_training_matches_a_hand_written_loop():
     """Two AdamW steps on CE + a/2·||θ − θ₀||² written out by hand give the Trainer's weights and loss."""
     a, lr = 5.0, 1e-1
     model, reference = _linear(), _linear()
-    trainer = Trainer(model, _batches(count=2), 2, TrainConfig(epochs=1, lr=lr, l2sp=a), CPU, log=lambda *_: None)
+    trainer = Trainer.classifier(model, _batches(count=2), 2, TrainConfig(epochs=1, lr=lr, l2sp=a), CPU, log=lambda *_: None)
     trainer.fit()
     start = [p.detach().clone() for p in reference.parameters()]
     optimizer = torch.optim.AdamW(reference.parameters(), lr=lr, weight_decay=0.0)
@@ -147,7 +147,7 @@ def test_l2sp_at_huge_weight_keeps_the_weights_at_the_start():
     for a in (0.0, 1e2, 1e8):
         model = _linear()
         start = [p.detach().clone() for p in model.parameters()]
-        Trainer(model, _batches(), 4, TrainConfig(epochs=10, lr=lr, l2sp=a), CPU, log=lambda *_: None).fit()
+        Trainer.classifier(model, _batches(), 4, TrainConfig(epochs=10, lr=lr, l2sp=a), CPU, log=lambda *_: None).fit()
         drift[a] = _drift(model, start)
     assert drift[0.0] > 10 * lr  # plain training leaves θ₀ (the test can fail)
     assert drift[1e8] <= lr and drift[1e8] < drift[1e2] < drift[0.0]
@@ -193,13 +193,13 @@ def test_trained_head_moves_by_default(world):
 def test_l2sp_resume_is_bit_identical_and_anchors_at_the_start_not_the_checkpoint(tmp_path):
     cfg = TrainConfig(epochs=3, lr=1e-1, l2sp=2.0)
     straight = _linear()
-    Trainer(straight, _batches(), 4, cfg, CPU, log=lambda *_: None).fit()
+    Trainer.classifier(straight, _batches(), 4, cfg, CPU, log=lambda *_: None).fit()
     first = _linear()
-    interrupted = Trainer(first, _batches(), 4, cfg, CPU, tmp_path, log=lambda *_: None)
+    interrupted = Trainer.classifier(first, _batches(), 4, cfg, CPU, tmp_path, log=lambda *_: None)
     interrupted.history.append(interrupted.train_epoch())
     interrupted.save_state()
     resumed_model = _linear()  # rebuilt at θ₀, as AdapterTuning does before loading the state
-    resumed = Trainer(resumed_model, _batches(), 4, cfg, CPU, tmp_path, log=lambda *_: None)
+    resumed = Trainer.classifier(resumed_model, _batches(), 4, cfg, CPU, tmp_path, log=lambda *_: None)
     resumed.load_state(tmp_path / "train_state.pt")
     resumed.fit()
     assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed_model.parameters()))

@@ -62,13 +62,16 @@ def test_vit_b16_count_is_lora_on_qkv_of_both_encoders():
     assert build_method("clip_lora").trainable_count(reference_spec(16)) == expected == 184_320
 
 
-def test_fresh_method_equals_zero_shot_a_photo_of_a_exactly(world):
+def test_fresh_method_equals_zero_shot_a_photo_of_a(world):
     images = _images(world)
     expected = _zero_shot_logits(world, images)
     method = build_method("clip_lora")
     method.build(world.ctx)
     assert method._prompts == ["a photo of a {}."]
-    assert torch.equal(method.logits(images), expected)
+    # the LoRA attention runs through torch.func.functional_call, the plain one through nn.MultiheadAttention's
+    # own kernel: the same math, rounded in another order on some CPUs
+    logits = method.logits(images)
+    assert float((logits - expected).abs().max()) <= _tol(expected)
 
 
 def test_both_encoders_lora_receive_gradients(world):
@@ -103,7 +106,7 @@ def test_short_fit_runs_and_alpha_zero_is_zero_shot(world):
     theta0, theta1 = method.interpolation_endpoints()
     assert any(not torch.equal(theta0[n], theta1[n]) for n in theta0)
     method.load_interpolated(theta0)
-    assert torch.equal(method.logits(images), expected)
+    assert float((method.logits(images) - expected).abs().max()) <= _tol(expected)
 
 
 def test_merged_model_equals_the_adapted_one_without_adapter_code(world):

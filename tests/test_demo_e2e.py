@@ -38,6 +38,7 @@ def _accuracy(classifier, root, samples, transform) -> float:
     return topk_accuracy(logits, labels)["top1"]
 
 
+@pytest.mark.slow  # a full 30-epoch demo fit: ~100 s idle, ~400 s on a busy machine
 def test_sixteen_shot_convpass_beats_zero_shot_through_its_adapters(small_world):
     from clipconv.adapters import set_adapter_scale
     from clipconv.data import eval_split, resolve_run_classes, sample_few_shot, train_samples

@@ -132,7 +132,7 @@ def test_without_torchrun_nothing_changes(monkeypatch):
 
 
 def test_other_ranks_write_no_file(tmp_path, monkeypatch):
-    from clipconv.runtime.io import remove_stale_temps, write_json
+    from clipconv.runtime.outputs import remove_stale_temps, write_json
 
     monkeypatch.setattr(runtime_ranks, "rank", lambda: 1)
     write_json(tmp_path / "sub" / "x.json", {"a": 1})
@@ -164,7 +164,7 @@ def _train(out: Path, rank: int = 0, world: int = 1, store: str = "") -> None:
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.0), nn.Linear(8, 3))
     data = _Noisy(9)
     cfg = TrainConfig(epochs=3, batch_size=4, lr=0.05, l2sp=0.1, seed=4)
-    trainer = Trainer(model, lambda g: train_loader(data, cfg.batch_size, 0, g), 3, cfg, torch.device("cpu"),
+    trainer = Trainer.classifier(model, lambda g: train_loader(data, cfg.batch_size, 0, g), 3, cfg, torch.device("cpu"),
                       log=lambda *_: None)
     trainer.fit()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -260,7 +260,7 @@ def _train_argv(world, out, epochs=2, batch=4):
 
 
 def _torchrun(args, module="clipconv.app.cli.train", **kwargs):
-    cmd = [sys.executable, "-m", "torch.runtime_ranks.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", module, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, **kwargs)
@@ -305,7 +305,7 @@ def test_torchrun_run_killed_after_an_epoch_resumes_to_the_straight_run(world):
     straight = _torchrun(_train_argv(world, root / "straight", epochs=6))
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed = root / "killed"
-    cmd = [sys.executable, "-m", "torch.runtime_ranks.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "clipconv.app.cli.train", *_train_argv(world, killed, epochs=6)]
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

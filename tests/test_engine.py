@@ -58,7 +58,7 @@ def test_cosine_schedule_with_warmup():
 def test_non_finite_loss_stops_with_epoch_step_and_lr_and_writes_nothing(tmp_path):
     model = nn.Linear(3, 2)
     batches = [(torch.randn(2, 3), torch.tensor([0, 1])), (torch.full((2, 3), float("nan")), torch.tensor([0, 1]))]
-    trainer = Trainer(model, lambda g: batches, 2, TrainConfig(epochs=1, lr=0.1), torch.device("cpu"),
+    trainer = Trainer.classifier(model, lambda g: batches, 2, TrainConfig(epochs=1, lr=0.1), torch.device("cpu"),
                       run_dir=tmp_path, log=lambda *_: None)
     with pytest.raises(TrainingDivergedError, match=r"epoch 1, step 2, lr"):
         trainer.fit()
@@ -68,8 +68,8 @@ def test_non_finite_loss_stops_with_epoch_step_and_lr_and_writes_nothing(tmp_pat
 def test_resume_refuses_changed_settings(tmp_path):
     model = nn.Linear(3, 2)
     batches = [(torch.randn(2, 3), torch.tensor([0, 1]))]
-    Trainer(model, lambda g: batches, 1, TrainConfig(epochs=1), torch.device("cpu"), tmp_path, log=lambda *_: None).fit()
-    other = Trainer(model, lambda g: batches, 1, TrainConfig(epochs=1, lr=1.0), torch.device("cpu"), tmp_path)
+    Trainer.classifier(model, lambda g: batches, 1, TrainConfig(epochs=1), torch.device("cpu"), tmp_path, log=lambda *_: None).fit()
+    other = Trainer.classifier(model, lambda g: batches, 1, TrainConfig(epochs=1, lr=1.0), torch.device("cpu"), tmp_path)
     with pytest.raises(ValueError, match="training settings differ"):
         other.load_state(tmp_path / "train_state.pt")
 
@@ -140,7 +140,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(resume_world, tiny_config):
 
 
 def test_an_epoch_without_any_decodable_image_is_an_error():
-    trainer = Trainer(nn.Linear(3, 2), lambda g: [], 1, TrainConfig(epochs=1), torch.device("cpu"), log=lambda *_: None)
+    trainer = Trainer.classifier(nn.Linear(3, 2), lambda g: [], 1, TrainConfig(epochs=1), torch.device("cpu"), log=lambda *_: None)
     with pytest.raises(ValueError, match="no decodable training image"):
         trainer.fit()
 

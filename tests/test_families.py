@@ -12,7 +12,7 @@ from clipconv.data import (
     DataLayoutError, FolderFamily, ImageNetFamily, family_from_args, family_names, make_class_folders, open_family,
     sample_few_shot
 )
-from clipconv.data.imagenet import PUBLISHED_TABLE2
+from clipconv.methods.base import METHODS
 
 CLASSES = ["bird", "cat", "dog", "red_fox"]  # sorted folder order = label order
 CARTOON = ["cat", "red_fox"]  # the shifted set holding only some classes
@@ -47,12 +47,15 @@ def test_imagenet_family_carries_the_suite_and_the_paper_numbers(tmp_path):
     assert family.suite == ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
     assert family.targets == family.suite[1:] == report.TARGETS
     assert [family.display[s] for s in family.suite] == ["ImageNet", "-V2", "-Sketch", "-A", "-R"]
-    assert family.published["convpass"] == {"imagenet": 74.23, "imagenet_v2": 66.61, "imagenet_sketch": 49.10,
-                                            "imagenet_a": 49.27, "imagenet_r": 78.17}
-    assert set(family.published) == set(PUBLISHED_TABLE2)
+    # the paper's numbers are the methods' own, keyed by this family's set names; the family says they apply
+    assert family.published_label == "published (paper, ImageNet, ViT-B/16)"
+    assert METHODS["convpass"].published == {"imagenet": 74.23, "imagenet_v2": 66.61, "imagenet_sketch": 49.10,
+                                             "imagenet_a": 49.27, "imagenet_r": 78.17}
+    published = {name for name, spec in METHODS.items() if spec.published}
+    assert published == {"zero_shot", "linear_probe", "coop", "cocoop", "tip_adapter_f", "convpass"}
+    assert all(set(METHODS[name].published) == set(family.suite) for name in published)
     # report.py keeps its names as aliases of the family's values (existing callers)
     assert report.SUITE == family.suite and dict(report.DISPLAY) == dict(family.display)
-    assert report.PUBLISHED_TABLE2 is PUBLISHED_TABLE2
     assert family.describe() == {"family": "imagenet", "data_root": str(tmp_path), "classnames": None}
 
 
@@ -60,7 +63,7 @@ def test_folder_family_classes_train_samples_and_few_shot(byod):
     family = _open(byod)
     assert family.suite == ("sketch", "cartoon") and family.targets == ("cartoon",)
     assert family.display == {"sketch": "sketch", "cartoon": "cartoon"}
-    assert family.published == {} and family.published_label == ""
+    assert family.published_label == ""
     classes = family.classes()
     assert classes.ids == tuple(CLASSES)
     assert classes.names == ("bird", "cat", "dog", "red fox")
@@ -251,7 +254,7 @@ def test_demo_family_reads_the_world_with_its_own_names(small_world):
     family = open_family("demo", data_root=small_world)
     assert family.suite == ("source", "v2", "sketch", "adversarial", "rendition")
     assert [family.display[s] for s in family.suite] == list(family.suite)
-    assert family.published == {} and family.targets == family.suite[1:]
+    assert family.published_label == "" and family.targets == family.suite[1:]
     classes = family.classes()
     assert len(classes) == 32 and classes.names[0] == "plain circle"
     assert len(family.train_samples(classes)) == 64

@@ -20,6 +20,7 @@ from clipconv.app.cli.export_merged import head_path
 from clipconv.app.cli.export_merged import main as export_main
 from clipconv.checkpoint import save_trainable
 from clipconv.merge import merge_adapters, merged_state_dict
+from clipconv.methods.base import build_method
 from clipconv.methods.finetune import AdapterTuning
 
 
@@ -92,7 +93,7 @@ def test_kinds_with_their_own_computation_are_refused_and_nothing_changes(tiny_b
     with torch.no_grad():
         before = visual(images)
     blocked = sorted(set(kinds) - {"lora"})
-    with pytest.raises(ValueError, match=r"cannot be merged.*only \['lora', 'bitfit'\]") as info:
+    with pytest.raises(ValueError, match=r"cannot be merged.*only \['bitfit', 'dora', 'lora'\]") as info:
         merge_adapters(visual)
     assert str(blocked) in str(info.value)
     assert adapter_kinds(visual) == sorted(kinds)
@@ -103,11 +104,12 @@ def test_kinds_with_their_own_computation_are_refused_and_nothing_changes(tiny_b
 
 
 # ----------------------------------------------------------------------------------------- CLI
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_config):
+@pytest.fixture(scope="module", params=["lora", "dora"])
+def trained_run(request, tmp_path_factory, tiny_config):
     world = make_world(tmp_path_factory.mktemp("merge"), tiny_config)
-    method = type("LoRATuning", (AdapterTuning,), {"adapter_kind": "lora", "name": "adapter_lora"})(
-        epochs=1, batch_size=4, lr=1e-2, scales=[1.0], targets=("q", "k", "v"))
+    method = build_method(f"adapter:{request.param}", epochs=1, batch_size=4, lr=1e-2, scales=[1.0],
+                          targets=("q", "k", "v"))
+    assert isinstance(method, AdapterTuning) and method.adapter_kind == request.param
     run = tmp_path_factory.mktemp("run")
     ctx = copy.copy(world.ctx)
     ctx.output_dir = run

@@ -105,10 +105,15 @@ def test_every_adapter_kind_is_a_method_with_the_kinds_options():
     from clipconv.methods.finetune import AdapterTuning
 
     for kind in ADAPTERS:
-        cls = METHODS[f"adapter:{kind}"]
-        assert issubclass(cls, AdapterTuning) and cls.adapter_kind == kind
+        name = f"adapter:{kind}"
+        assert name in method_names()
+        spec = METHODS[name]  # resolved by the registry: AdapterTuning of this kind, no class per kind
+        method = build_method(name)
+        assert type(method) is spec.base and method.adapter_kind == kind and method.name == name
+        assert spec.base is (METHODS[kind] if kind in METHODS else AdapterTuning)  # the kind's own method's recipe
+        assert spec.data_parallel and not spec.frozen_image_encoder and spec.table2_order is None
         if kind in METHODS:
-            assert issubclass(cls, METHODS[kind]) and cls.config_class is METHODS[kind].config_class
+            assert spec.config_class is METHODS[kind].config_class
     assert build_method("adapter:adaptformer").config.scales == (0.1,)  # the kind's own s
     assert build_method("adapter:convpass").config.scales == build_method("convpass").config.scales
     assert row_label("adapter:adaptformer", None) == "AdaptFormer (adapter:adaptformer)"

@@ -56,7 +56,7 @@ def _batches(visual: nn.Module, count: int = 2) -> list[tuple[torch.Tensor, torc
 
 def _trained(model: nn.Module, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     batches = _batches(model.visual)
-    Trainer(model, lambda generator: batches, len(batches), cfg, torch.device("cpu"), log=lambda *_: None).fit()
+    Trainer.classifier(model, lambda generator: batches, len(batches), cfg, torch.device("cpu"), log=lambda *_: None).fit()
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -72,11 +72,11 @@ def test_bf16_autocast_training_forward_and_gradients_follow_fp32(classifier):
     classifier.train()
 
     def run(precision: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        trainer = Trainer(classifier, lambda g: [], 1, TrainConfig(precision=precision), torch.device("cpu"))
+        trainer = Trainer.classifier(classifier, lambda g: [], 1, TrainConfig(precision=precision), torch.device("cpu"))
         with trainer._autocast():
             logits = classifier(images)
         params = [p for p in classifier.parameters() if p.requires_grad]
-        return logits.float(), list(torch.autograd.grad(trainer.loss(logits, labels), params))
+        return logits.float(), list(torch.autograd.grad(trainer.task.objective(logits, labels), params))
 
     full, full_grads = run("fp32")
     half, half_grads = run("bf16")
@@ -180,9 +180,9 @@ def test_compile_option_reaches_the_trainer_and_is_a_cli_flag():
 def test_training_forward_is_the_model_or_one_compiled_wrapper_per_model_object(monkeypatch):
     monkeypatch.setattr(engine, "COMPILE_BACKEND", "eager")
     model = nn.Linear(3, 2)
-    plain = Trainer(model, lambda g: [], 1, TrainConfig(), torch.device("cpu"))
+    plain = Trainer.classifier(model, lambda g: [], 1, TrainConfig(), torch.device("cpu"))
     assert plain.training_forward() is model
-    trainer = Trainer(model, lambda g: [], 1, TrainConfig(compile=True), torch.device("cpu"))
+    trainer = Trainer.classifier(model, lambda g: [], 1, TrainConfig(compile=True), torch.device("cpu"))
     compiled = trainer.training_forward()
     assert compiled is not model and trainer.training_forward() is compiled
     trainer.forward_model = nn.Sequential(model)  # e.g. wrapped after construction (DistributedDataParallel)

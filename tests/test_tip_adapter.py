@@ -140,7 +140,7 @@ def test_tip_adapter_f_trains_keys_and_picks_epoch_on_val(world):
 def test_tip_adapter_f_lowers_training_loss(world):
     tuned = build_method("tip_adapter_f", search="none", augment_rounds=1, epochs=6, batch_size=64, lr=5e-2)
     tuned.fit(world.ctx)
-    assert tuned.history[-1]["train_loss"] < tuned.history[0]["train_loss"]
+    assert tuned.history[-1]["loss"] < tuned.history[0]["loss"]
 
 
 def test_bad_options_fail_clearly():

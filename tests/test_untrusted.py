@@ -50,7 +50,7 @@ def test_resume_refuses_a_poisoned_state_file(exploit, tmp_path):
     from clipconv.training import TrainConfig, Trainer
 
     path, marker = exploit
-    trainer = Trainer(nn.Linear(2, 2), lambda g: [], 1, TrainConfig(epochs=1), torch.device("cpu"), tmp_path)
+    trainer = Trainer.classifier(nn.Linear(2, 2), lambda g: [], 1, TrainConfig(epochs=1), torch.device("cpu"), tmp_path)
     with pytest.raises(ValueError, match="could not be loaded safely"):
         trainer.load_state(path)
     assert not marker.exists()

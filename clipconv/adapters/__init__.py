@@ -4,6 +4,7 @@ from clipconv.adapters.adaptformer import AdaptFormerConfig
 from clipconv.adapters.bitfit import BitFitBiases, BitFitConfig, encoder_biases
 from clipconv.adapters.bottleneck import Bottleneck
 from clipconv.adapters.convpass import CONV_INITS, Convpass, ConvpassConfig, SharedProjections
+from clipconv.adapters.dora import DORA, DoRAConfig, DoRAVariant
 from clipconv.adapters.houlsby import BottleneckAdapterConfig
 from clipconv.adapters.inject import (
     SHARED_NAME, adapted_modules, adapter_kinds, adapter_modules, adapter_parameters, add_adapters, count_trainable,
@@ -14,7 +15,7 @@ from clipconv.adapters.lora import (
 )
 from clipconv.adapters.registry import (
     ADAPTERS, PLACEMENTS, AdapterConfig, AdapterFactory, AdapterKind, AdapterTarget, get_adapter, make_config,
-    register_adapter
+    mergeable_kinds, register_adapter
 )
 from clipconv.adapters.tokens import TokenLayout, encoder_layout
 from clipconv.adapters.vpt import DeepPrompts, PromptedBlock, VPTConfig, vpt_init_bound
@@ -40,6 +41,9 @@ __all__ = [
     "LoRAAttention",
     "LoRAConfig",
     "LoRALinear",
+    "DORA",
+    "DoRAConfig",
+    "DoRAVariant",
     "ParameterView",
     "add_lora",
     "lora_attention",
@@ -69,6 +73,7 @@ __all__ = [
     "get_adapter",
     "get_adapter_scale",
     "make_config",
+    "mergeable_kinds",
     "register_adapter",
     "remove_adapters",
     "set_adapter_scale",

@@ -34,6 +34,6 @@ class AdaptFormerConfig(AdapterConfig):
         check_dropout("AdaptFormer", self.dropout)
 
 
-@register_adapter("adaptformer", config=AdaptFormerConfig, placement="mlp")
+@register_adapter("adaptformer", config=AdaptFormerConfig, placement="mlp", label="AdaptFormer")
 def build_adaptformer(config: AdaptFormerConfig, target: AdapterTarget) -> AdapterFactory:
     return AdapterFactory(make=lambda site: Bottleneck(target.width, config.dim, "relu", config.dropout))

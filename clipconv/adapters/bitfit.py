@@ -85,7 +85,7 @@ class BitFitBiases(AdapterRecord):
         return f"biases={len(self._targets)}, numbers={sum(p.numel() for p in self.trainable())}"
 
 
-@register_adapter(KIND, config=BitFitConfig)
+@register_adapter(KIND, config=BitFitConfig, label="BitFit", mergeable=True)
 def build_bitfit(config: BitFitConfig, target: AdapterTarget) -> AdapterFactory:
     """BitFit: every bias of the image encoder trainable, nothing added."""
 

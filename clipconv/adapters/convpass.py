@@ -187,20 +187,20 @@ class Convpass(nn.Module):
         return f"width={self.width}, dim={self.dim}, kernel_size={self.kernel_size}, {kind}"
 
 
-@register_adapter("convpass", config=ConvpassConfig)
+@register_adapter("convpass", config=ConvpassConfig, label="Convpass_CLIP")
 def build_convpass(config: ConvpassConfig, target: AdapterTarget) -> AdapterFactory:
     """Convpass (§3.2): one full adapter per sub-block."""
     return AdapterFactory(make=lambda site: Convpass(target.width, config.dim, config.kernel_size, config.conv_init,
                                                      config.dropout, layout=target.layout))
 
 
-@register_adapter("convpass_attn", config=ConvpassConfig, placement="attn")
+@register_adapter("convpass_attn", config=ConvpassConfig, placement="attn", label="Convpass (attn only)")
 def build_convpass_attn(config: ConvpassConfig, target: AdapterTarget) -> AdapterFactory:
     """Convpass parallel to attention only."""
     return build_convpass(config, target)
 
 
-@register_adapter("convpass_share", config=ConvpassConfig)
+@register_adapter("convpass_share", config=ConvpassConfig, label="Convpass-share")
 def build_convpass_share(config: ConvpassConfig, target: AdapterTarget) -> AdapterFactory:
     """Convpass_share (§3.3): shared bias-free 1×1 down/up, a depthwise bias-free conv per adapter."""
     shared = SharedProjections(target.width, config.dim)

@@ -52,6 +52,6 @@ class BottleneckAdapterConfig(AdapterConfig):
         check_dropout("Adapter", self.dropout)
 
 
-@register_adapter("adapter", config=BottleneckAdapterConfig)
+@register_adapter("adapter", config=BottleneckAdapterConfig, label="Adapter")
 def build_adapter(config: BottleneckAdapterConfig, target: AdapterTarget) -> AdapterFactory:
     return AdapterFactory(make=lambda site: Bottleneck(target.width, config.dim, config.activation, config.dropout))

@@ -31,8 +31,8 @@ from clipconv.adapters.registry import AdapterConfig, AdapterFactory, AdapterTar
 from clipconv.adapters.wrappers import AdaptedModule
 from clipconv.config import option
 
-__all__ = ["LoRA", "LoRAConfig", "LoRALinear", "LoRAAttention", "LORA_TARGETS", "add_lora", "lora_attention",
-           "lora_wrappers"]
+__all__ = ["LoRA", "LoRAConfig", "LoRALinear", "LoRAAttention", "LoRAVariant", "LORA_TARGETS", "add_lora",
+           "lora_attention", "lora_wrappers"]
 
 LORA_TARGETS = ("q", "k", "v", "o")
 KIND = "lora"
@@ -79,9 +79,33 @@ class LoRAConfig(AdapterConfig):
         self.refuse_wrapper_options(KIND, placement=False)
 
 
+class LoRAVariant:
+    """How a `LoRA` becomes the adapted weight (PEFT's `LoraVariant`): plain LoRA, W + s·ΔW. A variant (DoRA,
+    clipconv/adapters/dora.py) subclasses it; the wrappers, targets and A/B init stay LoRA's. Stateless: its
+    parameters live on the `LoRA` module (`init`), which holds the variant as `lora.variant`."""
+
+    #: the adapter kind its wrappers report
+    kind: str = KIND
+
+    def init(self, lora: LoRA, weight: torch.Tensor) -> None:
+        """Add the variant's parameters to `lora` (fp32, on its device), given the base weight it updates."""
+
+    def weight(self, lora: LoRA, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        """The adapted weight (dtype of `weight`), differentiable in the LoRA parameters."""
+        return weight + _delta(lora, weight, scale)
+
+    def linear(self, wrapper: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        """The output of a `LoRALinear`: base(x) + s·ΔW·drop(x), ΔW never formed."""
+        lora = wrapper.adapter
+        return wrapper.base_layer(x) + (lora(x.to(lora.dtype)) * wrapper.scale).to(x.dtype)
+
+
 class LoRA(nn.Module):
     """The low-rank update of one weight (out × in), on some row blocks only (`rows`: target → (start, end)):
-    ΔW[start:end] = (alpha/r)·B_t·A_t, zero elsewhere. `forward(x)` is ΔW·drop(x) without forming ΔW."""
+    ΔW[start:end] = (alpha/r)·B_t·A_t, zero elsewhere. `forward(x)` is ΔW·drop(x) without forming ΔW.
+    `variant` makes the adapted weight of it: plain LoRA's by default, a variant's (DoRA) when one set its own."""
+
+    variant: LoRAVariant = LoRAVariant()
 
     def __init__(self, in_features: int, out_features: int, rows: dict[str, tuple[int, int]], rank: int,
                  alpha: float, dropout: float = 0.0) -> None:
@@ -148,14 +172,14 @@ class LoRALinear(AdaptedModule):
     """An `nn.Linear` plus its LoRA branch: base(x) + s·ΔW·drop(x) (`adapter` is a `LoRA`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lora = self.adapter
-        return self.base_layer(x) + (lora(x.to(lora.dtype)) * self.scale).to(x.dtype)
+        return self.adapter.variant.linear(self, x)
 
     @torch.no_grad()
     def fold_(self) -> None:
-        """Add s·ΔW into the wrapped linear's weight (then `unwrap` gives the merged plain linear)."""
+        """Write the adapted weight (W + s·ΔW for LoRA) into the wrapped linear (then `unwrap` gives the merged
+        plain linear)."""
         weight = self.base_layer.weight
-        weight.add_(_delta(self.adapter, weight, self.scale))
+        weight.copy_(self.adapter.variant.weight(self.adapter, weight, self.scale))
 
 
 class LoRAAttentionAdapter(nn.Module):
@@ -175,10 +199,9 @@ class LoRAAttention(AdaptedModule):
     def _weights(self) -> dict[str, torch.Tensor]:
         base, lora, params = self.base_layer, self.adapter, {}
         if lora.in_proj is not None:
-            params["in_proj_weight"] = base.in_proj_weight + _delta(lora.in_proj, base.in_proj_weight, self.scale)
+            params["in_proj_weight"] = lora.in_proj.variant.weight(lora.in_proj, base.in_proj_weight, self.scale)
         if lora.out_proj is not None:
-            weight = base.out_proj.weight
-            params["out_proj.weight"] = weight + _delta(lora.out_proj, weight, self.scale)
+            params["out_proj.weight"] = lora.out_proj.variant.weight(lora.out_proj, base.out_proj.weight, self.scale)
         return params
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -221,19 +244,23 @@ class LoRAAttention(AdaptedModule):
 
 
 def _lora_on_attention(attn: nn.Module, targets: tuple[str, ...], rank: int, alpha: float, dropout: float,
-                       scale: float) -> list[tuple[nn.Module, str, AdaptedModule]]:
-    """The (parent, attribute, wrapper) replacements that put LoRA on one attention module."""
+                       scale: float, variant: LoRAVariant = LoRA.variant) -> list[tuple[nn.Module, str, AdaptedModule]]:
+    """The (parent, attribute, wrapper) replacements that put LoRA (`variant` of it) on one attention module."""
     device = next(attn.parameters()).device
 
-    def lora(in_features: int, out_features: int, rows: dict[str, tuple[int, int]]) -> LoRA:
-        return LoRA(in_features, out_features, rows, rank, alpha, dropout).to(device=device, dtype=torch.float32)
+    def lora(weight: torch.Tensor, rows: dict[str, tuple[int, int]]) -> LoRA:
+        out_features, in_features = weight.shape
+        module = LoRA(in_features, out_features, rows, rank, alpha, dropout).to(device=device, dtype=torch.float32)
+        module.variant = variant
+        variant.init(module, weight)
+        return module
 
     packed = getattr(attn, "in_proj_weight", None)
     if isinstance(packed, torch.Tensor):
         if not isinstance(attn, nn.MultiheadAttention) and dropout > 0:
             raise ValueError(f"LoRA dropout needs the q/k/v inputs, which {type(attn).__name__} does not take; "
                              "use dropout=0 on it")
-        out_features, in_features = packed.shape
+        out_features = packed.shape[0]
         width = out_features // 3
         qkv = {t: (i * width, (i + 1) * width) for i, t in enumerate(("q", "k", "v")) if t in targets}
         out_proj = getattr(attn, "out_proj", None) if "o" in targets else None
@@ -243,8 +270,8 @@ def _lora_on_attention(attn: nn.Module, targets: tuple[str, ...], rank: int, alp
             raise ValueError("LoRA dropout on target 'o' of a packed attention module would need its internal "
                              "attention output; use dropout=0 with 'o', or targets among q k v")
         adapter = LoRAAttentionAdapter(
-            lora(in_features, out_features, qkv) if qkv else None,
-            lora(out_proj.in_features, out_proj.out_features, {"o": (0, out_proj.out_features)}) if out_proj else None)
+            lora(packed, qkv) if qkv else None,
+            lora(out_proj.weight, {"o": (0, out_proj.out_features)}) if out_proj else None)
         return [(None, "", LoRAAttention(attn, adapter, scale))]
 
     replacements = []
@@ -254,8 +281,7 @@ def _lora_on_attention(attn: nn.Module, targets: tuple[str, ...], rank: int, alp
         width = packed_linear.out_features // 3
         rows = {t: (i * width, (i + 1) * width) for i, t in enumerate(("q", "k", "v")) if t in qkv_targets}
         name = next(n for n in _PACKED if getattr(attn, n, None) is packed_linear)
-        replacements.append((attn, name, LoRALinear(
-            packed_linear, lora(packed_linear.in_features, packed_linear.out_features, rows), scale)))
+        replacements.append((attn, name, LoRALinear(packed_linear, lora(packed_linear.weight, rows), scale)))
         qkv_targets = []
     for target in [*qkv_targets, *(["o"] if "o" in targets else [])]:
         name = next((n for n in _SINGLE[target] if isinstance(getattr(attn, n, None), nn.Linear)), None)
@@ -264,22 +290,25 @@ def _lora_on_attention(attn: nn.Module, targets: tuple[str, ...], rank: int, alp
                             f"{list(_SINGLE[target]) + ([] if target == 'o' else list(_PACKED))})")
         linear = getattr(attn, name)
         replacements.append((attn, name, LoRALinear(
-            linear, lora(linear.in_features, linear.out_features, {target: (0, linear.out_features)}), scale)))
+            linear, lora(linear.weight, {target: (0, linear.out_features)}), scale)))
     return replacements
 
 
 def lora_attention(parent: nn.Module, name: str = "attn", targets: Sequence[str] = ("q", "k", "v"), rank: int = 2,
-                   alpha: float = 1.0, dropout: float = 0.25, scale: float = 1.0) -> nn.ModuleList:
+                   alpha: float = 1.0, dropout: float = 0.25, scale: float = 1.0,
+                   variant: LoRAVariant = LoRA.variant) -> nn.ModuleList:
     """Put LoRA on the attention module `parent.<name>` (packed `in_proj_weight`, or linear children: `qkv`,
-    `q_proj`/`k_proj`/`v_proj`, `out_proj`/`proj`); return the LoRA modules (fp32, requiring grad)."""
+    `q_proj`/`k_proj`/`v_proj`, `out_proj`/`proj`); return the LoRA modules (fp32, requiring grad). The wrappers
+    report `variant.kind`."""
     targets = _check_targets(targets)
     _check_numbers(rank, alpha, dropout)
     attn = getattr(parent, name)
     if any(isinstance(m, AdaptedModule) for m in attn.modules()):
         raise ValueError(f"{type(attn).__name__} already carries an adapter; remove it before adding LoRA")
     added = []
-    for owner, attribute, wrapper in _lora_on_attention(attn, targets, rank, float(alpha), float(dropout), scale):
-        wrapper.kind = KIND
+    for owner, attribute, wrapper in _lora_on_attention(attn, targets, rank, float(alpha), float(dropout), scale,
+                                                        variant):
+        wrapper.kind = variant.kind
         setattr(parent if owner is None else owner, name if owner is None else attribute, wrapper)
         added.append(wrapper.adapter)
     return nn.ModuleList(added)
@@ -292,6 +321,7 @@ def add_lora(
     alpha: float = 1.0,
     dropout: float = 0.25,
     scale: float = 1.0,
+    variant: LoRAVariant = LoRA.variant,
 ) -> nn.ModuleList:
     """Put LoRA on the attention of every block of an open_clip transformer; return the LoRA modules.
 
@@ -300,7 +330,8 @@ def add_lora(
     r = 2, alpha = 1, dropout 0.25). The LoRA parameters (fp32, on the weights' device) require grad;
     nothing else is frozen or unfrozen here. State-dict keys of the transformer stay the same, LoRA's are
     `...attn.adapter.in_proj.A.q` (packed attention) or `...attn.<linear>.adapter.A.q` (linear children).
-    Refuses attention that already carries an adapter (nothing is changed then).
+    Refuses attention that already carries an adapter (nothing is changed then). `variant`: a LoRA variant
+    (DoRA's), plain LoRA by default.
     """
 
     targets = _check_targets(targets)
@@ -310,7 +341,7 @@ def add_lora(
         raise ValueError("this transformer's attention already carries adapters; remove them before adding LoRA")
     added = nn.ModuleList()
     for block in blocks:
-        added.extend(lora_attention(block, "attn", targets, rank, alpha, dropout, scale))
+        added.extend(lora_attention(block, "attn", targets, rank, alpha, dropout, scale, variant))
     return added
 
 
@@ -319,7 +350,7 @@ def lora_wrappers(module: nn.Module) -> list[AdaptedModule]:
     return [m for m in module.modules() if isinstance(m, (LoRALinear, LoRAAttention))]
 
 
-@register_adapter(KIND, config=LoRAConfig, placement="attn")
+@register_adapter(KIND, config=LoRAConfig, placement="attn", label="LoRA", mergeable=True)
 def build_lora(config: LoRAConfig, target: AdapterTarget) -> AdapterFactory:
     """LoRA on every block's attention projections (`targets`) of the image encoder."""
     return AdapterFactory(inject=lambda visual: list(add_lora(visual.transformer, config.targets, config.rank,

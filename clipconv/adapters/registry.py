@@ -8,9 +8,10 @@ Adding an adapter kind
 2. Write its config: `@dataclass class MyConfig(AdapterConfig)` with one `option(default, help=...)`
    field per hyper-parameter (validate them in `__post_init__`). `AdapterConfig` already holds the
    options of the wrapper around each sub-block: placement, sequential, scale, drop_path.
-3. Register a builder that makes the adapters of one encoder:
+3. Register a builder that makes the adapters of one encoder (with its table label, and `mergeable=True` when
+   its adapters fold into the weights they change, see clipconv/merge.py):
 
-       @register_adapter("my_kind", config=MyConfig)
+       @register_adapter("my_kind", config=MyConfig, label="MyKind")
        def build_my_kind(config: MyConfig, target: AdapterTarget) -> AdapterFactory:
            return AdapterFactory(make=lambda site: MyModule(target.width, config.rank))
 
@@ -20,8 +21,10 @@ Adding an adapter kind
 4. Import the module in clipconv/adapters/__init__.py. The contract tests (tests/test_adapter_contract.py)
    are parametrized over this registry and check the new kind at once: zero-init identity, gradients
    only in its own weights, checkpoint round trip, backbone untouched by a training step.
-5. To train it as a method, register an `AdapterTuning` subclass in clipconv/methods/finetune.py with
-   `adapter_kind = "my_kind"`; its options come from MyConfig automatically.
+5. Nothing else: the method `adapter:my_kind` (convpass's training recipe, MyConfig's options) is resolved by
+   the method registry, lists in `--list-methods`, and runs in Table 2 (`--methods adapter:my_kind`). A
+   named method of its own (another default scale, a Table-2 row) is an `AdapterTuning` subclass in
+   clipconv/methods/finetune.py with `adapter_kind = "my_kind"`.
 
 Kinds that need more than a wrapper beside a sub-block
 ------------------------------------------------------
@@ -52,9 +55,10 @@ from torch import nn
 
 from clipconv.adapters.tokens import TokenLayout
 from clipconv.config import Config, option
+from clipconv.registry import Registry
 
 __all__ = ["AdapterConfig", "AdapterFactory", "AdapterKind", "AdapterTarget", "ADAPTERS", "PLACEMENTS",
-           "register_adapter", "get_adapter", "make_config"]
+           "register_adapter", "get_adapter", "make_config", "mergeable_kinds"]
 
 PLACEMENTS = ("attn+mlp", "attn", "mlp")
 
@@ -130,13 +134,17 @@ class AdapterFactory:
 
 @dataclass(frozen=True)
 class AdapterKind:
-    """A registered adapter kind: its config dataclass, its builder and the placement it implies (or None)."""
+    """A registered adapter kind: its config dataclass, its builder, the placement it implies (or None), its
+    label in tables, and what it declares about itself: identity at initialization, and whether its trained
+    adapters fold into the backbone's weights (`mergeable`: clipconv.merge, scripts/export_merged.py)."""
 
     name: str
     config: type[AdapterConfig]
     build: Callable[[Any, AdapterTarget], AdapterFactory]
     placement: Optional[str] = None
     identity_at_init: bool = True
+    label: str = ""
+    mergeable: bool = False
 
     def resolve_placement(self, config: AdapterConfig) -> str:
         placement = config.placement or self.placement or "attn+mlp"
@@ -146,24 +154,25 @@ class AdapterKind:
         return placement
 
 
-ADAPTERS: dict[str, AdapterKind] = {}
+ADAPTERS: Registry[AdapterKind] = Registry("adapter kind")
 
 
 def register_adapter(name: str, *, config: type[AdapterConfig], placement: Optional[str] = None,
-                     identity_at_init: bool = True) -> Callable:
-    """Decorator registering `build(config, target) -> AdapterFactory` as adapter kind `name`.
+                     identity_at_init: bool = True, label: Optional[str] = None, mergeable: bool = False) -> Callable:
+    """Decorator registering `build(config, target) -> AdapterFactory` as adapter kind `name` (an `AdapterKind`
+    entry of `ADAPTERS`).
 
-    `identity_at_init=False` declares a kind whose fresh injection changes the encoder's output (VPT)."""
+    `identity_at_init=False` declares a kind whose fresh injection changes the encoder's output (VPT);
+    `label`: its name in tables (default: `name`); `mergeable=True`: its adapters fold into the weights they
+    change (every wrapper or record it leaves has `fold_()`)."""
     if placement is not None and placement not in PLACEMENTS:
         raise ValueError(f"placement of adapter '{name}' must be one of {PLACEMENTS} or None, got '{placement}'")
     if not (isinstance(config, type) and issubclass(config, AdapterConfig)):
         raise TypeError(f"adapter '{name}': config must be an AdapterConfig subclass, got {config!r}")
 
     def decorate(build: Callable[[Any, AdapterTarget], AdapterFactory]) -> Callable:
-        if name in ADAPTERS:
-            raise ValueError(f"adapter kind '{name}' is already registered")
-        ADAPTERS[name] = AdapterKind(name=name, config=config, build=build, placement=placement,
-                                     identity_at_init=identity_at_init)
+        ADAPTERS.add(name, AdapterKind(name=name, config=config, build=build, placement=placement,
+                                       identity_at_init=identity_at_init, label=label or name, mergeable=mergeable))
         return build
 
     return decorate
@@ -171,10 +180,12 @@ def register_adapter(name: str, *, config: type[AdapterConfig], placement: Optio
 
 def get_adapter(name: str) -> AdapterKind:
     """The registered kind called `name`; ValueError listing the known ones otherwise."""
-    try:
-        return ADAPTERS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown adapter kind '{name}'; known kinds: {sorted(ADAPTERS)}") from None
+    return ADAPTERS.lookup(name)
+
+
+def mergeable_kinds() -> list[str]:
+    """The registered kinds that declare themselves mergeable, sorted."""
+    return sorted(name for name, kind in ADAPTERS.items() if kind.mergeable)
 
 
 def make_config(kind: str, config: Optional[AdapterConfig] = None, **options: Any) -> AdapterConfig:

@@ -109,7 +109,7 @@ class PromptedBlock(AdaptedModule):
         return f"base={type(self.base_layer).__name__}, prompts={self.prompt_tokens}, after={self.prefix} token(s)"
 
 
-@register_adapter(KIND, config=VPTConfig, identity_at_init=False)
+@register_adapter(KIND, config=VPTConfig, identity_at_init=False, label="VPT-deep")
 def build_vpt_deep(config: VPTConfig, target: AdapterTarget) -> AdapterFactory:
     """VPT-deep: `tokens` prompts per block, inserted after the encoder's leading non-patch tokens."""
     if target.patch_size is None:

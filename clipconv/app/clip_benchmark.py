@@ -11,8 +11,9 @@ prefix and with "/" as "_"):
 - metrics are fractions (CLIP_benchmark's scale; ours are %): acc1 = top1/100, acc5 = top5/100 (NaN when
   fewer than 5 classes are scored, as CLIP_benchmark does), mean_per_class_recall = sklearn's balanced
   accuracy (ours / 100).
-- task: "zeroshot_classification" for zero-shot CLIP, "linear_probe" for the linear probe (CLIP_benchmark's
-  few-shot task), "fewshot_<method>" for the other trained methods (CLIP_benchmark has no name for them).
+- task: the one a method declares (`Method.clip_benchmark_task`: "zeroshot_classification" for zero-shot CLIP,
+  "linear_probe" for the linear probe, CLIP_benchmark's few-shot task), else "fewshot_<method>" (CLIP_benchmark
+  has no name for the other trained methods).
 - `clip_benchmark build` reads every *.json of the folders it is given, puts the metrics and the other
   top-level fields into one CSV row each and needs `model` and `pretrained` to be strings (it joins them
   into `model_fullname`); our extra fields (method, fewshot_k, seed, n, classes) become extra columns.
@@ -23,6 +24,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from clipconv.methods.base import METHODS
 from clipconv.runtime.outputs import write_json
 
 __all__ = ["BENCHMARK_DIR", "benchmark_task", "benchmark_record", "benchmark_file_name", "write_benchmark_results"]
@@ -32,12 +34,10 @@ LANGUAGE = "en"
 
 
 def benchmark_task(method: str) -> str:
-    """CLIP_benchmark's task name for one of our methods."""
-    if method == "zero_shot":
-        return "zeroshot_classification"
-    if method == "linear_probe":
-        return "linear_probe"
-    return f"fewshot_{method}"
+    """CLIP_benchmark's task name for one of our methods: the one it declares (`Method.clip_benchmark_task`),
+    else "fewshot_<method>"."""
+    spec = METHODS.get(method)
+    return (spec.clip_benchmark_task if spec is not None else "") or f"fewshot_{method}"
 
 
 def _fraction(percent: Any) -> float:

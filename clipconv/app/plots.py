@@ -17,7 +17,7 @@ __all__ = ["BAR_COLUMNS", "SHOTS_COLUMNS", "column_label", "accuracy_bars", "acc
            "LOGIT_CLIP"]
 
 BAR_COLUMNS = (*SUITE, "target_avg")
-SHOTS_COLUMNS = ("imagenet", "target_avg")
+SHOTS_COLUMNS = (SUITE[0], "target_avg")  # ImageNet's source set and the target average
 PathLike = Union[str, Path]
 #: accuracies (fractions) are clipped into [LOGIT_CLIP, 1 − LOGIT_CLIP] for the logit axes (0 % and 100 % are ±∞)
 LOGIT_CLIP = 1e-3

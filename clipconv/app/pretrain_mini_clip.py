@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import open_clip
@@ -28,10 +28,11 @@ from clipconv.backbone import Backbone, load_backbone
 from clipconv.data.demo_world import DOMAINS, WORLD_CLASSES, ensure_world, read_manifest, render
 from clipconv.mini_clip import MINI_CLIP_CONFIG, MINI_CLIP_WEIGHTS
 from clipconv.runtime.outputs import atomic_path, write_json
+from clipconv.training import BatchLoss, Forward, TrainConfig, Trainer, TrainingTask
 
 __all__ = [
     "PretrainConfig", "CAPTION_TEMPLATES", "caption", "render_pretrain_batch", "pretrain",
-    "save_checkpoint", "zero_shot_accuracy", "resolve_output", "DEFAULT_OUTPUT", "main",
+    "save_checkpoint", "zero_shot_accuracy", "ContrastiveTask", "train_config", "resolve_output", "DEFAULT_OUTPUT", "main",
 ]
 
 DEFAULT_OUTPUT = Path("mini_clip_pretrain") / "mini_clip.safetensors"  # relative to the working directory
@@ -123,11 +124,14 @@ class _Normalizer:
         return (images.float() / 255 - self.mean) / self.std
 
 
-def pretrain(backbone: Backbone, config: PretrainConfig, log_every: int = 50) -> dict:
+def pretrain(backbone: Backbone, config: PretrainConfig, log_every: int = 50, state_dir: Optional[Path] = None,
+             resume: bool = False) -> dict:
     """Train `backbone.model` in place with the CLIP loss; return a summary (losses, wall time).
 
     The data stream, captions and batches follow `config.seed`; the initialization is the given model's
-    (load_backbone's random init uses a fixed seed, so the whole recipe is deterministic).
+    (load_backbone's random init uses a fixed seed, so the whole recipe is deterministic). Every `log_every`
+    steps (an "epoch" of clipconv.training.Trainer) a line is logged and, with `state_dir`, the train state
+    is saved there; `resume` continues from it bit-identically.
     """
     torch.manual_seed(config.seed)
     previous_threads = torch.get_num_threads()
@@ -137,70 +141,110 @@ def pretrain(backbone: Backbone, config: PretrainConfig, log_every: int = 50) ->
     # when set before their pool exists (as main() does); here it covers at least the calling thread.
     torch.set_flush_denormal(True)
     try:
-        return _train(backbone, config, log_every)
+        return _train(backbone, config, log_every, state_dir, resume)
     finally:
         torch.set_flush_denormal(False)
         torch.set_num_threads(previous_threads)
 
 
-def _train(backbone: Backbone, config: PretrainConfig, log_every: int) -> dict:
+def train_config(config: PretrainConfig) -> TrainConfig:
+    """open_clip's recipe: AdamW (betas 0.9/0.98, eps 1e-6), one-cycle cosine schedule with warm-up, per step."""
+    return TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+                       weight_decay=config.weight_decay, betas=(0.9, 0.98), eps=1e-6, fused=False,
+                       schedule="one_cycle", warmup_fraction=config.warmup_fraction, seed=config.seed, seeding="run")
 
-    model = backbone.model.float().train()
-    size = backbone.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else int(size)
-    normalize = _Normalizer(model)
-    texts: dict[str, torch.Tensor] = {}
 
-    def tokens(captions: Sequence[str]) -> torch.Tensor:
-        missing = [c for c in set(captions) if c not in texts]
+class ContrastiveTask(TrainingTask[tuple[torch.Tensor, torch.Tensor]]):
+    """The CLIP loss on a stream of image–caption batches: each batch takes `batch_size - fresh_per_step`
+    pairs of a pre-rendered pool (with fresh captions and flips) and `fresh_per_step` newly rendered ones.
+    The stream's position (its numpy generator, the next fresh index) and the per-step losses are the
+    task's resumable state; the logit scale is clamped to [0, ln 100] after every step."""
+
+    name = "pretrain"
+
+    def __init__(self, backbone: Backbone, config: PretrainConfig, chunk: int) -> None:
+        self.model = backbone.model.float()
+        self.config, self.tokenizer, self.chunk = config, backbone.tokenizer, max(1, chunk)
+        size = backbone.visual.image_size
+        self.size = size[0] if isinstance(size, (tuple, list)) else int(size)
+        self.normalize = _Normalizer(self.model)
+        self.texts: dict[str, torch.Tensor] = {}
+        self.loss_fn = open_clip.ClipLoss()
+        started = time.time()
+        self.pool, self.pool_classes, self.pool_styles = render_pretrain_batch(
+            config.seed, 0, config.pool_size, config, self.size)
+        self.pool_seconds = time.time() - started
+        log.info("rendered a pool of %d pairs in %.1f s", config.pool_size, self.pool_seconds)
+        self.rng = np.random.default_rng([_PRETRAIN_STREAM, config.seed, 2**32 - 1])  # batches, captions, flips
+        self.next_fresh = config.pool_size
+        self.losses: list[float] = []
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return dict(self.model.named_parameters())
+
+    def param_groups(self) -> list[dict]:
+        return _param_groups(self.model, self.config.weight_decay)
+
+    def steps_per_epoch(self) -> int:
+        return self.chunk
+
+    def _tokens(self, captions: Sequence[str]) -> torch.Tensor:
+        missing = [c for c in set(captions) if c not in self.texts]
         if missing:
-            for text, row in zip(missing, backbone.tokenizer(missing)):
-                texts[text] = row
-        return torch.stack([texts[c] for c in captions])
+            for text, row in zip(missing, self.tokenizer(missing)):
+                self.texts[text] = row
+        return torch.stack([self.texts[c] for c in captions])
 
-    started = time.time()
-    pool, pool_classes, pool_styles = render_pretrain_batch(config.seed, 0, config.pool_size, config, size)
-    pool_seconds = time.time() - started
-    log.info("rendered a pool of %d pairs in %.1f s", config.pool_size, pool_seconds)
-
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98),
-                                  eps=1e-6)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=config.warmup_fraction,
-        anneal_strategy="cos", cycle_momentum=False,
-    )
-    loss_fn = open_clip.ClipLoss()
-    rng = np.random.default_rng([_PRETRAIN_STREAM, config.seed, 2**32 - 1])  # batches, captions, flips
-    from_pool = config.batch_size - config.fresh_per_step
-    next_fresh = config.pool_size
-    losses: list[float] = []
-    for step in range(config.steps):
-        picks = rng.integers(config.pool_size, size=from_pool)
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        config, rng = self.config, self.rng
+        picks = rng.integers(config.pool_size, size=config.batch_size - config.fresh_per_step)
         fresh, fresh_classes, fresh_styles = render_pretrain_batch(
-            config.seed, next_fresh, config.fresh_per_step, config, size)
-        next_fresh += config.fresh_per_step
-        images = torch.cat([pool[torch.from_numpy(picks)], fresh])
-        classes = np.concatenate([pool_classes[picks], fresh_classes])
-        styles = [pool_styles[i] for i in picks] + fresh_styles
+            config.seed, self.next_fresh, config.fresh_per_step, config, self.size)
+        self.next_fresh += config.fresh_per_step
+        images = torch.cat([self.pool[torch.from_numpy(picks)], fresh])
+        classes = np.concatenate([self.pool_classes[picks], fresh_classes])
+        styles = [self.pool_styles[i] for i in picks] + fresh_styles
         flips = torch.from_numpy(rng.random(len(images)) < 0.5)
         images[flips] = images[flips].flip(-1)
         captions = [caption(int(c), s, rng) for c, s in zip(classes, styles)]
+        return self.normalize(images), self._tokens(captions)
 
-        image_features, text_features, logit_scale = model(normalize(images), tokens(captions))[:3]
-        loss = loss_fn(image_features, text_features, logit_scale)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+    def batches(self, epoch: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _ in range(min(self.chunk, self.config.steps - (epoch - 1) * self.chunk)):
+            yield self._batch()
+
+    def examples(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return 1  # the CLIP loss is the batch's objective itself (not a sum over examples)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], forward: Forward) -> BatchLoss:
+        image_features, text_features, logit_scale = forward(*batch)[:3]
+        loss = self.loss_fn(image_features, text_features, logit_scale)
+        self.losses.append(float(loss.detach()))
+        return BatchLoss(loss)
+
+    def after_step(self) -> None:
         with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss.detach()))
-        if log_every and (step % log_every == 0 or step == config.steps - 1):
-            log.info("step %d/%d loss %.3f logit scale %.1f (%.0f s)", step, config.steps, losses[-1],
-                     float(model.logit_scale.detach().exp()), time.time() - started)
-    model.eval()
-    return {"wall_seconds": round(time.time() - started, 1), "pool_seconds": round(pool_seconds, 1),
-            "final_loss": round(float(np.mean(losses[-20:])), 4), "first_loss": round(losses[0], 4)}
+            self.model.logit_scale.clamp_(0, math.log(100))
+
+    def state_dict(self) -> dict[str, object]:
+        return {"rng": self.rng.bit_generator.state, "next_fresh": self.next_fresh, "losses": list(self.losses)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.rng.bit_generator.state = state["rng"]
+            self.next_fresh, self.losses = int(state["next_fresh"]), list(state["losses"])
+
+
+def _train(backbone: Backbone, config: PretrainConfig, log_every: int, state_dir: Optional[Path],
+           resume: bool) -> dict:
+    started = time.time()
+    task = ContrastiveTask(backbone, config, log_every or config.steps)
+    trainer = Trainer(task, train_config(config), torch.device("cpu"), state_dir,
+                      log=log.info if log_every else (lambda _: None))
+    trainer.resume_if_saved(resume)
+    trainer.fit()
+    return {"wall_seconds": round(time.time() - started, 1), "pool_seconds": round(task.pool_seconds, 1),
+            "final_loss": round(float(np.mean(task.losses[-20:])), 4), "first_loss": round(task.losses[0], 4)}
 
 
 def save_checkpoint(model: torch.nn.Module, path: Union[str, Path], metadata: Optional[dict] = None) -> Path:
@@ -293,6 +337,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--eval-world", default=None, help="benchmark world root (default: the cache)")
     parser.add_argument("--eval-seed", type=int, default=0, help="seed of the benchmark world for zero-shot")
     parser.add_argument("--report", default=None, help="also write the summary JSON here")
+    parser.add_argument("--train-state", default=None,
+                        help="folder for the train state, saved every 50 steps; run again with the same folder "
+                             "and --resume to continue bit-identically")
+    parser.add_argument("--resume", action="store_true", help="continue from the train state in --train-state")
     args = parser.parse_args(argv)
     # Before any torch op creates the OpenMP pool: worker threads inherit the flush-to-zero mode.
     torch.set_flush_denormal(True)
@@ -312,7 +360,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config = PretrainConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size, pool_size=args.pool_size,
                             fresh_per_step=args.fresh_per_step, lr=args.lr, threads=runtime.threads)
     backbone = load_backbone(args.config, pretrained=None, device="cpu")  # its random init is fixed-seeded
-    summary = pretrain(backbone, config)
+    if args.resume and not args.train_state:
+        parser.error("--resume needs --train-state")
+    summary = pretrain(backbone, config, state_dir=Path(args.train_state) if args.train_state else None,
+                       resume=args.resume)
     save_checkpoint(backbone.model, args.out, metadata={"pretrain_config": json.dumps(asdict(config))})
     world = ensure_world(args.eval_world, seed=args.eval_seed)
     reloaded = load_backbone(args.config, pretrained=args.out, device="cpu")

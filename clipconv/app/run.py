@@ -31,7 +31,7 @@ from clipconv.config import (
     BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
 )
 from clipconv.data.fewshot import save_split
-from clipconv.methods.base import METHODS, PRESETS, MethodConfig
+from clipconv.methods.base import METHODS, PRESETS, MethodConfig, default_method
 from clipconv.runtime import ranks
 from clipconv.runtime.outputs import atomic_path, write_json, write_text
 from clipconv.wise import WISE_DEFAULT_ALPHA, alpha_check, supports_interpolation, wise_label
@@ -104,7 +104,7 @@ class RunConfig(ExperimentConfig):
     `method_config` is the method's typed config, built once by the entry point (`build_method_config`) and
     passed to the method as is; left out, it is the method's `preset` (config.json: "method_options")."""
 
-    method: str = option("convpass", help="registered method (see --list-methods)")
+    method: str = option(default_method(), help="registered method (see --list-methods)")
     seed: int = option(1, check=seed_range, help="seed of the K-shot split and of training")
     split: Optional[str] = option(None, help="reuse a saved split.json (drawn with the same --shots, --seed and "
                                              "--val-shots) instead of drawing one")

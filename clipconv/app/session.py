@@ -32,7 +32,7 @@ from clipconv.backbone import load_backbone, resolve_device
 from clipconv.config import BackboneConfig, DataConfig, RuntimeConfig
 from clipconv.data import sample_few_shot
 from clipconv.data.decoded import decoded_cache_dir
-from clipconv.data.family import family_from_args, open_family
+from clipconv.data.family import family_from_config
 from clipconv.data.fewshot import load_split
 from clipconv.evaluation import Scorer, evaluate_method
 from clipconv.features import FeatureStore
@@ -61,15 +61,9 @@ def jsonable(value: Any) -> Any:
 
 
 def open_data_family(data: DataConfig) -> "DatasetFamily":
-    """The dataset family of `data`: the ONE place that maps data settings to a family."""
-
-    if data.family in (None, "imagenet", "demo", "folder"):
-        if data.family == "folder" and data.train_root is None:
-            raise ValueError("--family folder needs --train-root DIR and --eval-set NAME=DIR")
-        return family_from_args(data.data_root, data.family == "demo", data.train_root, data.eval_roots or None,
-                                data.classnames)
-    options = {"data_root": data.data_root, "classnames": data.classnames}
-    return open_family(data.family, **{k: v for k, v in options.items() if v is not None})
+    """The dataset family of `data` (clipconv.data.family.family_from_config: the ONE place that maps data
+    settings to a family)."""
+    return family_from_config(data)
 
 
 @dataclass
@@ -211,7 +205,7 @@ def build_method_config(name: str, preset: str = "paper", options: Optional[Mapp
 def check_processes(name: str, config: "MethodConfig") -> None:
     """Refuse a batch that torchrun's processes cannot split evenly, for a method trained with DDP (checked
     when the config is built and again once the process group is joined)."""
-    if getattr(METHODS[name], "data_parallel", False):
+    if METHODS[name].data_parallel:
         try:
             check_batch_size(config.batch_size)
         except ValueError as err:

@@ -34,7 +34,7 @@ from clipconv.app.rundir import check_output_dir, claim_output_dir, held_files, 
 from clipconv.app.session import Session, build_method_config, check_processes, fit_and_evaluate, open_session
 from clipconv.config import option, positive, seed_range
 from clipconv.data import save_split
-from clipconv.methods.base import METHODS, MethodConfig, build_method, method_names
+from clipconv.methods.base import METHODS, MethodConfig, build_method, method_names, table2_methods
 from clipconv.params import ParamSpec, reference_spec
 from clipconv.prompts import load_templates
 from clipconv.runtime import ranks
@@ -42,21 +42,14 @@ from clipconv.runtime.io import read_json
 from clipconv.runtime.outputs import atomic_path, write_json, write_text
 from clipconv.wise import WISE_DEFAULT_ALPHA, WISE_NOTE, wise_key, wise_label, wise_methods, wise_sweep
 
-__all__ = ["Table2Config", "TABLE2_METHODS", "METHOD_LABELS", "PUBLISHED_LABEL", "BARS_FILE", "SWEEP_FILE",
-           "run_table2", "run_shots_sweep", "check_methods",
-           "shots_summary", "aggregate_seeds", "RECORD_FILE", "TABLE2_OWN_FILES",
+__all__ = ["Table2Config", "TABLE2_METHODS", "PUBLISHED_LABEL", "BARS_FILE", "SWEEP_FILE",
+           "run_table2", "run_shots_sweep", "check_methods", "shots_summary", "aggregate_seeds", "RECORD_FILE",
+           "TABLE2_OWN_FILES",
            "TABLE2_OWN_PATTERNS", "load_record"]
 
-TABLE2_METHODS = ("zero_shot", "linear_probe", "coop", "cocoop", "tip_adapter", "tip_adapter_f", "convpass")
-METHOD_LABELS = {
-    "zero_shot": "ZS CLIP", "linear_probe": "LP CLIP", "coop": "CoOp", "cocoop": "CoCoOp",
-    "tip_adapter": "Tip-Adapter", "tip_adapter_f": "Tip-Adapter-F", "convpass": "Convpass_CLIP",
-    "convpass_attn": "Convpass (attn only)", "convpass_share": "Convpass-share", "adaptformer": "AdaptFormer",
-    "adapter": "Adapter", "lora": "LoRA", "bitfit": "BitFit", "vpt_deep": "VPT-deep", "clip_lora": "CLIP-LoRA",
-}
+#: the default methods, in the order they declare (`Method.table2_order`); labels are the methods' own (`label`)
+TABLE2_METHODS = table2_methods()
 PUBLISHED_LABEL = "published (paper, ImageNet, ViT-B/16)"
-#: the template set behind a published row where the label must say it (the paper's ZS CLIP is single-prompt)
-PUBLISHED_TEMPLATES = {"zero_shot": ("photo", 1)}
 COLUMNS = (*SUITE, "target_avg")  # ImageNet's; a run's columns come from its session's dataset family
 BARS_FILE = "table2_bars.png"
 SWEEP_FILE = "accuracy_vs_shots"  # .png, .json, .md
@@ -162,13 +155,18 @@ def templates_used(name: str, fits: Sequence[Any], run_templates: Optional[str])
     return chosen, len(load_templates(chosen))
 
 
+def method_label(name: str) -> str:
+    """The label method `name` declares (`Method.label`; its name for a method no longer registered)."""
+    spec = METHODS.get(name)
+    return spec.label or name if spec is not None else name
+
+
 def row_label(name: str, used: Optional[tuple[str, int]]) -> str:
-    """A row's label; zero-shot says single prompt or ensemble ("ZS CLIP (1 template)" — the paper's 66.73 —
-    vs "ZS CLIP (80-template ensemble)", open_clip's 68.34)."""
-    label = METHOD_LABELS.get(name, name)
-    if name.startswith("adapter:"):  # "LoRA (adapter:lora)": an adapter kind with convpass's training recipe
-        label = f"{METHOD_LABELS.get(name[len('adapter:'):], name[len('adapter:'):])} ({name})"
-    if name == "zero_shot" and used is not None:
+    """A row's label; a method that declares `templates_in_label` (zero-shot) says single prompt or ensemble
+    ("ZS CLIP (1 template)" — the paper's 66.73 — vs "ZS CLIP (80-template ensemble)", open_clip's 68.34)."""
+    label = method_label(name)
+    spec = METHODS.get(name)
+    if spec is not None and spec.templates_in_label and used is not None:
         label += " (1 template)" if used[1] == 1 else f" ({used[1]}-template ensemble)"
     return label
 
@@ -178,12 +176,20 @@ def _templates_text(run_templates: Optional[str]) -> str:
 
 
 def _published_rows(session: Session) -> list[tuple[str, dict[str, float]]]:
+    """The paper's numbers the default methods declare (`Method.published`), when the family says they apply
+    to its data (a `published_label`); labelled with the method's reference templates (the paper's)."""
+    family = session.family
+    if not family.published_label:
+        return []
     rows = []
     for name in TABLE2_METHODS:
-        if name in session.family.published:
-            values = dict(session.family.published[name])
-            values["target_avg"] = target_average(values, session.family.targets)
-            rows.append((row_label(name, PUBLISHED_TEMPLATES.get(name)), values))
+        spec = METHODS[name]
+        values = {set_name: spec.published[set_name] for set_name in family.suite if set_name in spec.published}
+        if values:
+            values["target_avg"] = target_average(values, family.targets)
+            reference = spec.reference_templates
+            used = (reference, len(load_templates(reference))) if reference is not None else None
+            rows.append((row_label(name, used), values))
     return rows
 
 
@@ -284,9 +290,9 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
           "## wall time per method (seconds, summed over seeds)", "",
           "| method | fit | eval | images encoded by the feature cache |", "|---|---|---|---|"]
     for name, t in timing.items():
-        shown = METHOD_LABELS.get(name, name)
+        shown = method_label(name)
         if name.endswith(wise_key("")):  # the WiSE row: no fit of its own, one more evaluation per seed
-            shown = wise_label(METHOD_LABELS.get(name[:-len(wise_key(""))], name), cfg.wise_alpha)
+            shown = wise_label(method_label(name[:-len(wise_key(""))]), cfg.wise_alpha)
         md.append(f"| {shown} | {t['fit_seconds']:.1f} | {t['eval_seconds']:.1f} | "
                   f"{t['images_encoded']} |")
     write_text(out / "table2.md", "\n".join(md) + "\n")

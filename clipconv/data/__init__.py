@@ -7,8 +7,8 @@ from clipconv.data.family import (
 from clipconv.data.fewshot import FewShotSplit, load_split, sample_few_shot, save_split
 from clipconv.data.folder import Batch, ImageListDataset, Sample, SkipTracker, collate_skip_bad, report_skipped
 from clipconv.data.imagenet import (
-    DATA_HELP, EVAL_SET_SPECS, EVAL_SETS, FEW_CLASSES_WARNING, PUBLISHED_TABLE2, ClassList, DataLayoutError, EvalScan,
-    EvalSetSpec, EvalSplit, eval_split, eval_splits, load_universe, resolve_run_classes, scan_eval_set, train_samples
+    DATA_HELP, EVAL_SET_SPECS, EVAL_SETS, FEW_CLASSES_WARNING, ClassList, DataLayoutError, EvalScan, EvalSetSpec,
+    EvalSplit, eval_split, eval_splits, load_universe, resolve_run_classes, scan_eval_set, train_samples
 )
 from clipconv.data.images import (
     IMAGE_EXTENSIONS, BrokenEntry, ImageDecodeError, is_decodable, list_class_folders, list_images, load_rgb
@@ -33,7 +33,6 @@ __all__ = [
     "BrokenEntry",
     "list_class_folders",
     "FEW_CLASSES_WARNING",
-    "PUBLISHED_TABLE2",
     "IMAGE_EXTENSIONS",
     "ImageDecodeError",
     "is_decodable",

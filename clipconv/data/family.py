@@ -8,7 +8,7 @@ eval) is relative to `family.data_root`.
 
 Registered families:
 - `imagenet`: ImageNet-1k (or a class subset) and -V2/-Sketch/-A/-R under one data root
-  (datasets/README.md); the paper's Table-2 numbers as `published`.
+  (datasets/README.md); the paper's Table-2 numbers (each method's `published`) apply to it.
 - `demo`: the procedural miniature world of clipconv/data/demo_world.py, generated on first use; sets
   source | v2 | sketch | adversarial | rendition; no published numbers.
 - `folder`: bring your own data. A train folder of class sub-folders plus named evaluation folders
@@ -23,8 +23,8 @@ Registered families:
 Adding a family:
 1. Subclass `DatasetFamily` (or `TreeFamily` when the sets are class-folder trees: then give
    `train_candidates`, `specs` and `universe()` and the listing comes for free).
-2. Set `suite` (set names in table order, source first), `display`, and `published` /
-   `published_label` when reference numbers exist; implement `classes`, `train_samples`,
+2. Set `suite` (set names in table order, source first), `display`, and `published_label` when the
+   paper's numbers (the methods' `published`, keyed by ImageNet's set names) apply; implement `classes`, `train_samples`,
    `eval_splits` (and `describe` for what a run should record).
 3. Decorate it with `@register_family("name")`; its constructor takes keyword options only.
    `open_family("name", **options)` then builds it for every entry point, and `check_data.py`
@@ -38,11 +38,12 @@ import re
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union
 
+from clipconv.config import DataConfig
 from clipconv.data.demo_world import DOMAINS, TRAIN_DIRECTORY, WORLD_CLASSES, ensure_world, read_manifest, world_params
 from clipconv.data.folder import Sample
 from clipconv.data.imagenet import (
-    DATA_HELP, EVAL_SET_SPECS, PUBLISHED_TABLE2, TRAIN_CANDIDATES, ClassList, DataLayoutError, EvalScan, EvalSetSpec,
-    EvalSplit, load_universe, resolve_run_classes, scan_eval_set, split_from_scan, train_samples
+    DATA_HELP, EVAL_SET_SPECS, TRAIN_CANDIDATES, ClassList, DataLayoutError, EvalScan, EvalSetSpec, EvalSplit,
+    load_universe, resolve_run_classes, scan_eval_set, split_from_scan, train_samples
 )
 from clipconv.data.images import list_class_folders
 from clipconv.prompts import load_classnames_file
@@ -59,8 +60,9 @@ __all__ = [
     "open_family",
     "family_names",
     "family_from_args",
+    "family_from_config",
     "parse_eval_set",
-    "IMAGENET_PUBLISHED",
+    "IMAGENET_PUBLISHED_LABEL",
 ]
 
 PathLike = Union[str, Path]
@@ -75,9 +77,15 @@ class DatasetFamily(abc.ABC):
     suite: tuple[str, ...] = ()
     #: column titles for tables and plots, by evaluation-set name
     display: Mapping[str, str] = {}
-    #: published reference numbers: {method name: {set name: top-1 %}} with the label saying where from
-    published: Mapping[str, Mapping[str, float]] = {}
+    #: the label of the paper's Table-2 rows when its numbers apply to this family's data (they are the methods'
+    #: own, `Method.published`, keyed by ImageNet's set names); "" = they do not apply
     published_label: str = ""
+    #: the family --data-root alone selects (reports name the others)
+    default: ClassVar[bool] = False
+    #: selected only by name (`--family NAME`): the data flags (--data-root, --demo, --train-root) never pick it
+    selected_by_name: ClassVar[bool] = False
+    #: what check_data adds after `data_help` when the data has errors
+    check_hint: ClassVar[str] = ""
     #: what to tell a user whose data does not fit (appended to layout errors)
     data_help: str = ""
     #: CLIP_benchmark's dataset name of each set, for its result files (default: the set's own name)
@@ -146,6 +154,10 @@ class TreeFamily(DatasetFamily):
     def train_samples(self, classes: ClassList) -> list[Sample]:
         return train_samples(self.data_root, classes, self.train_candidates)
 
+    def missing_train_error(self) -> str:
+        """What check_data says when no train split is found."""
+        return f"train folder '{self.data_root / self.train_candidates[0]}' does not exist"
+
     def scan(self, name: str, classes: ClassList) -> EvalScan:
         """List one evaluation set without warning (check_data reports what it finds)."""
         return scan_eval_set(self.data_root, name, classes, self.specs)
@@ -174,7 +186,7 @@ def open_family(name: str, **options: Any) -> DatasetFamily:
 
 # ------------------------------------------------------------------------------------------- imagenet
 IMAGENET_SUITE = tuple(EVAL_SET_SPECS)
-IMAGENET_PUBLISHED = {method: dict(zip(IMAGENET_SUITE, values)) for method, values in PUBLISHED_TABLE2.items()}
+IMAGENET_PUBLISHED_LABEL = "published (paper, ImageNet, ViT-B/16)"
 
 
 @register_family("imagenet")
@@ -183,9 +195,11 @@ class ImageNetFamily(TreeFamily):
 
     suite = IMAGENET_SUITE
     display = {name: spec.display_name for name, spec in EVAL_SET_SPECS.items()}
-    published = IMAGENET_PUBLISHED
-    published_label = "published (paper, ImageNet, ViT-B/16)"
+    default = True
+    published_label = IMAGENET_PUBLISHED_LABEL
     data_help = DATA_HELP
+    check_hint = ("No ImageNet at hand? The training and evaluation scripts take --demo, an offline mini "
+                  "benchmark that generates its own data.")
     benchmark_names = {"imagenet": "imagenet1k", "imagenet_v2": "imagenetv2", "imagenet_sketch": "imagenet_sketch",
                        "imagenet_a": "imagenet-a", "imagenet_r": "imagenet-r"}
     train_candidates = TRAIN_CANDIDATES
@@ -204,6 +218,9 @@ class ImageNetFamily(TreeFamily):
 
     def classes(self) -> ClassList:
         return resolve_run_classes(self.data_root, self.classnames)
+
+    def missing_train_error(self) -> str:
+        return f"no ImageNet train split under '{self.data_root}' (looked for {', '.join(self.train_candidates)})"
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "classnames": None if self.classnames is None else str(self.classnames)}
@@ -225,7 +242,6 @@ class DemoFamily(TreeFamily):
 
     suite = DEMO_SUITE
     display = {name: name for name in DEMO_SUITE}
-    published: Mapping[str, Mapping[str, float]] = {}
     published_label = ""
     data_help = "The demo world is generated by clipconv.data.demo_world.ensure_world; delete a damaged one to regenerate it."
 
@@ -448,3 +464,15 @@ def family_from_args(
         raise ValueError(f"no data given: pass --data-root (ImageNet), --train-root with --eval-set NAME=DIR "
                          f"(your own folders) or --demo. {DATA_HELP}")
     return open_family("imagenet", data_root=data_root, classnames=classnames)
+
+
+def family_from_config(data: DataConfig) -> DatasetFamily:
+    """The dataset family of `data` (a run's data settings): the family the flags select (`family_from_args`)
+    when `data.family` is unset or one of those, else the named family with the data root and class names."""
+    if data.family in (None, "imagenet", "demo", "folder"):
+        if data.family == "folder" and data.train_root is None:
+            raise ValueError("--family folder needs --train-root DIR and --eval-set NAME=DIR")
+        return family_from_args(data.data_root, data.family == "demo", data.train_root, data.eval_roots or None,
+                                data.classnames)
+    options = {"data_root": data.data_root, "classnames": data.classnames}
+    return open_family(data.family, **{k: v for k, v in options.items() if v is not None})

@@ -37,7 +37,6 @@ __all__ = [
     "EVAL_SETS",
     "TRAIN_CANDIDATES",
     "DATA_HELP",
-    "PUBLISHED_TABLE2",
     "FEW_CLASSES_WARNING",
     "ClassList",
     "EvalSplit",
@@ -58,16 +57,6 @@ DATA_HELP = (
     "or the raw train/<wnid>/ layout), and check it with `python scripts/check_data.py --data-root $DATA`."
 )
 
-
-# Convpass paper, Table 2 (ViT-B/16 CLIP, 16 shots): top-1 % on ImageNet / -V2 / -Sketch / -A / -R.
-PUBLISHED_TABLE2: dict[str, tuple[float, ...]] = {
-    "zero_shot": (66.73, 60.83, 46.15, 47.77, 73.96),
-    "linear_probe": (65.85, 56.26, 34.77, 35.68, 58.43),
-    "coop": (71.51, 64.20, 47.99, 49.71, 75.21),
-    "cocoop": (71.02, 64.07, 48.75, 50.63, 76.18),
-    "tip_adapter_f": (73.41, 65.39, 48.58, 49.23, 77.54),
-    "convpass": (74.23, 66.61, 49.10, 49.27, 78.17),
-}
 
 #: a set whose argmax is restricted to fewer classes than this warns (chance is 1/num_classes: with one
 #: class every prediction is right); ImageNet-A/-R have 200, a 4-class subset run of them has 2.

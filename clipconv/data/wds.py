@@ -43,11 +43,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from clipconv.data.family import DatasetFamily, register_family
+from clipconv.data.family import IMAGENET_PUBLISHED_LABEL, DatasetFamily, register_family
 from clipconv.data.folder import BadImage, ImageListDataset, Sample
-from clipconv.data.imagenet import (
-    EVAL_SET_SPECS, PUBLISHED_TABLE2, ClassList, DataLayoutError, EvalSplit, warn_few_classes
-)
+from clipconv.data.imagenet import EVAL_SET_SPECS, ClassList, DataLayoutError, EvalSplit, warn_few_classes
 from clipconv.data.images import ImageDecodeError
 from clipconv.prompts import imagenet_classes, load_classnames_file
 from clipconv.runtime.cache import cache_root
@@ -402,6 +400,7 @@ class WdsFamily(DatasetFamily):
     benchmark_names = {name: "wds/" + folder[len("wds_"):] for name, folder in WDS_FOLDERS.items()}
     data_help = WDS_HELP
     verify_draws = False  # drawn samples are decoded when extracted; a bad one is skipped, not replaced
+    selected_by_name = True  # --family wds
 
     def __init__(self, data_root: PathLike, classnames: Optional[PathLike] = None) -> None:
         if data_root is None:
@@ -422,14 +421,9 @@ class WdsFamily(DatasetFamily):
         return len(self.universe()) == 1000 and self.universe().ids == tuple(w for w, _ in imagenet_classes())
 
     @property
-    def published(self):  # type: ignore[override]
-        if not self.is_imagenet:
-            return {}
-        return {method: dict(zip(self.suite, values)) for method, values in PUBLISHED_TABLE2.items()}
-
-    @property
     def published_label(self) -> str:  # type: ignore[override]
-        return "published (paper, ImageNet, ViT-B/16)" if self.is_imagenet else ""
+        """The paper's numbers apply when the shards hold the 1000 ImageNet classes (its set names are ImageNet's)."""
+        return IMAGENET_PUBLISHED_LABEL if self.is_imagenet else ""
 
     def universe(self) -> ClassList:
         """Every class in label order (see the module docstring)."""

@@ -13,6 +13,8 @@ Adding a method
    `frozen_image_encoder = True` to score cached features. Seed, data-loading workers and the eval batch
    size come from `ctx` (`ctx.seed`, `ctx.workers`, `ctx.eval_batch_size`), not from options.
 3. Decorate it with `@register_method("my_method")` and import its module in `methods/__init__.py`.
+   Declare what the application shows of it as class attributes: `label`, `table2_order` (a row of the
+   default Table 2), `published` (the paper's numbers), `clip_benchmark_task`, `data_parallel` (see `Method`).
 4. Nothing else: `scripts/train_imagenet_fs.py --method my_method --help` lists its options, Table 2
    takes it with `--methods ... my_method`, and tests/test_method_contract.py fits it on a tiny world.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -34,9 +36,9 @@ if TYPE_CHECKING:
     from clipconv.features import FeatureStore
     from clipconv.params import ParamSpec
 
-__all__ = ["FitContext", "Method", "MethodConfig", "option", "METHODS", "register_method", "build_method",
-           "method_names", "method_config_class", "method_config", "config_from", "MethodReferenceTemplates",
-           "METHOD_REFERENCE_TEMPLATES", "PRESETS", "PAPER_AND_DEMO"]
+__all__ = ["FitContext", "Method", "MethodConfig", "MethodSpec", "option", "METHODS", "register_method",
+           "build_method", "method_names", "default_method", "table2_methods", "method_config_class", "method_config",
+           "config_from", "MethodReferenceTemplates", "METHOD_REFERENCE_TEMPLATES", "PRESETS", "PAPER_AND_DEMO"]
 
 Sample = tuple[str, int]
 
@@ -123,6 +125,21 @@ class Method(abc.ABC):
     #: the template set (`clipconv.prompts` name) the method's reference code uses; None: no templates used.
     #: "photo" (the single "a photo of a {}.") is zero-shot CLIP's and the text-initialized heads' reference.
     reference_templates: ClassVar[Optional[str]] = "photo"
+    # ----- what the method declares about itself (read by the application: tables, result files, torchrun)
+    #: its row label in Table 2 and the plots ("" = its registered name)
+    label: ClassVar[str] = ""
+    #: the row label also says the template count, "(1 template)" or "(80-template ensemble)"
+    templates_in_label: ClassVar[bool] = False
+    #: its position in the default Table 2 (`run_table2.py` without --methods); None: not in it
+    table2_order: ClassVar[Optional[int]] = None
+    #: CLIP_benchmark's task name in its result files ("" = "fewshot_<name>": CLIP_benchmark has none for it)
+    clip_benchmark_task: ClassVar[str] = ""
+    #: the Convpass paper's Table-2 numbers of this method (ViT-B/16, 16 shots): {ImageNet set name: top-1 %}
+    published: ClassVar[Mapping[str, float]] = {}
+    #: fit() splits its batches across torchrun's processes (DistributedDataParallel)
+    data_parallel: ClassVar[bool] = False
+    #: the paper's own method: the default --method of a run and the default "+ WiSE" row of Table 2
+    default: ClassVar[bool] = False
 
     def templates_for(self, ctx: FitContext, override: Union[str, Sequence[str], None] = None
                       ) -> tuple[str, list[str]]:
@@ -160,7 +177,28 @@ class Method(abc.ABC):
         raise NotImplementedError(f"method '{self.name}' does not report its trainable-parameter count")
 
 
-METHODS: Registry[type[Method]] = Registry("method")
+class MethodSpec(Protocol):
+    """What the method registry holds for a name: a `Method` subclass, or an entry a registry resolver builds
+    for a parametrized name (`adapter:<kind>`, clipconv/methods/finetune.py), read like one: the class
+    attributes above, and called with the options to build the method."""
+
+    name: str
+    config_class: type[MethodConfig]
+    frozen_image_encoder: bool
+    reference_templates: Optional[str]
+    label: str
+    templates_in_label: bool
+    table2_order: Optional[int]
+    clip_benchmark_task: str
+    published: Mapping[str, float]
+    data_parallel: bool
+    default: bool
+    presets: Mapping[str, Mapping[str, object]]
+
+    def __call__(self, config: Optional[MethodConfig] = None, **options: Any) -> Method: ...
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
 
 
 def register_method(name: str) -> Callable[[type], type]:
@@ -169,11 +207,22 @@ def register_method(name: str) -> Callable[[type], type]:
 
 
 def method_names() -> list[str]:
-
+    """Every method name, the resolved ones (`adapter:<kind>` for every registered kind) included, sorted."""
     return sorted(METHODS)
 
 
-def method_config_class(cls: type[Method]) -> type[MethodConfig]:
+def default_method() -> str:
+    """The method that declares itself the default (`default = True`)."""
+    return next(name for name, spec in METHODS.items() if spec.default)
+
+
+def table2_methods() -> tuple[str, ...]:
+    """The default Table 2's methods, in the order they declare (`table2_order`)."""
+    ranked = [(spec.table2_order, name) for name, spec in METHODS.items() if spec.table2_order is not None]
+    return tuple(name for _, name in sorted(ranked))
+
+
+def method_config_class(cls: MethodSpec) -> type[MethodConfig]:
     """The options dataclass of a method (its `config_class`)."""
     return cls.config_class
 

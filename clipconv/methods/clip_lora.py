@@ -19,11 +19,10 @@ With B = 0 (fresh, or the α = 0 end of `interpolation_endpoints`) the model is 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Iterable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +36,7 @@ from clipconv.head import class_embeddings, zero_shot_logits
 from clipconv.merge import merge_adapters
 from clipconv.methods.base import PAPER_AND_DEMO, FitContext, Method, MethodConfig, config_from, option, register_method
 from clipconv.params import ParamSpec, count_elements, meta_copy
-from clipconv.training import resolve_precision
+from clipconv.training import BatchLoss, Forward, ImageBatch, TrainConfig, Trainer, TrainingTask
 
 __all__ = ["ClipLoRA", "ClipLoRAConfig", "ENCODERS"]
 
@@ -98,6 +97,37 @@ def _add_clip_lora(model: nn.Module, cfg: ClipLoRAConfig) -> nn.ModuleList:
     return added
 
 
+class _ClipLoRATask(TrainingTask[ImageBatch]):
+    """CLIP-LoRA's batches (the run's train transform, shuffled) and loss: cross-entropy of logit_scale ·
+    cos(image, class embedding), the class embeddings re-encoded by the adapted text encoder every step."""
+
+    name = "clip_lora"
+
+    def __init__(self, method: "ClipLoRA", ctx: FitContext) -> None:
+        self.method, self.ctx, self.model = method, ctx, method.model
+        self.draft = draft_for(ctx.draft, ctx.backbone.train_transform, training=True)  # None unless --draft all
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return self.method.named_trainable()
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.ctx.train) / self.method.config.batch_size)
+
+    def batches(self, epoch: int, generator: torch.Generator) -> Iterable[Optional[ImageBatch]]:
+        ctx = self.ctx
+        return image_loader(ctx.data_root, ctx.train, ctx.backbone.train_transform, self.method.config.batch_size,
+                            ctx.workers, shuffle=True, generator=generator, draft_size=self.draft,
+                            pin_memory=torch.device(ctx.device).type == "cuda")
+
+    def loss(self, batch: ImageBatch, forward: Forward) -> BatchLoss:
+        method, device = self.method, self.ctx.device
+        images, labels = batch[0].to(device), batch[1].to(device)
+        text = method.train_class_weights()
+        image = F.normalize(self.model.encode_image(images).float(), dim=-1)
+        logits = method.logit_scale * image @ text.t()
+        return BatchLoss(F.cross_entropy(logits, labels, reduction="sum"), int((logits.argmax(-1) == labels).sum()))
+
+
 @register_method("clip_lora")
 class ClipLoRA(Method):
     """LoRA in both CLIP encoders, classes scored by the adapted text encoder (no head)."""
@@ -106,6 +136,7 @@ class ClipLoRA(Method):
     config_class = ClipLoRAConfig
     presets = PAPER_AND_DEMO
     reference_templates = "photo"
+    label = "CLIP-LoRA"
 
     def __init__(self, config: Optional[ClipLoRAConfig] = None, **options: Any) -> None:
         self.config = config_from(ClipLoRAConfig, config, options)
@@ -159,61 +190,29 @@ class ClipLoRA(Method):
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     # ----- fit ---------------------------------------------------------------------------------
-    def fit(self, ctx: FitContext) -> dict[str, Any]:
+    def train_config(self, ctx: FitContext, shots: int) -> TrainConfig:
+        """The reference's optimization: AdamW, cosine per iteration to `min_lr` over 500·K iterations."""
+        cfg = self.config
+        return TrainConfig(steps=cfg.total_iterations(shots), batch_size=cfg.batch_size, lr=cfg.lr,
+                           weight_decay=cfg.weight_decay, betas=cfg.betas, fused=False, schedule="cosine_annealing",
+                           min_lr=cfg.min_lr, precision=cfg.precision, seed=ctx.seed, workers=ctx.workers,
+                           seeding="run")
 
+    def fit(self, ctx: FitContext) -> dict[str, Any]:
         cfg = self.config
         if self.model is None:
             self.build(ctx)
-        model = self.model
         shots = _shots(ctx.train)
-        total = cfg.total_iterations(shots)
-        params = list(self.named_trainable().values())
+        train = self.train_config(ctx, shots)
         initial = {n: p.detach().clone() for n, p in self.named_trainable().items()}
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total, eta_min=cfg.min_lr)
-        precision = resolve_precision(cfg.precision, ctx.device)
-
-        def autocast():
-            if precision == "fp32":
-                return contextlib.nullcontext()
-            return torch.autocast(ctx.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-        generator = torch.Generator().manual_seed(ctx.seed)
-        ctx.log(f"clip_lora: {count_elements(params):,} LoRA parameters, {total} iterations (= {cfg.iters_per_shot} × "
-                f"{shots} shots), batch {cfg.batch_size}, {len(self._classes)} classes re-encoded per step")
-        train_draft = draft_for(ctx.draft, ctx.backbone.train_transform, training=True)  # None unless --draft all
-        step, epoch = 0, 0
-        torch.manual_seed(ctx.seed)  # LoRA dropout masks
-        model.train()
-        while step < total:
-            loader = image_loader(ctx.data_root, ctx.train, ctx.backbone.train_transform, cfg.batch_size, ctx.workers,
-                                  shuffle=True, generator=generator, draft_size=train_draft,
-                                  pin_memory=torch.device(ctx.device).type == "cuda")
-            loss_sum, correct, seen = 0.0, 0, 0
-            for images, labels in loader:
-                images, labels = images.to(ctx.device), labels.to(ctx.device)
-                with autocast():
-                    text = self.train_class_weights()
-                    image = F.normalize(model.encode_image(images).float(), dim=-1)
-                    logits = self.logit_scale * image @ text.t()
-                    loss = F.cross_entropy(logits, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                loss_sum += float(loss.detach()) * len(labels)
-                correct += int((logits.argmax(-1) == labels).sum())
-                seen += len(labels)
-                if step == total:
-                    break
-            epoch += 1
-            record = {"epoch": epoch, "step": step, "loss": loss_sum / max(seen, 1),
-                      "train_top1": 100.0 * correct / max(seen, 1), "lr": scheduler.get_last_lr()[0]}
-            self.history.append(record)
-            ctx.log(f"clip_lora epoch {epoch} (step {step}/{total}): loss {record['loss']:.4f}, "
-                    f"train top-1 {record['train_top1']:.2f}%, lr {record['lr']:.3g}")
-        self.iterations = step
+        torch.manual_seed(ctx.seed)  # LoRA dropout masks and the train augmentation (a resume restores the state)
+        trainer = Trainer(_ClipLoRATask(self, ctx), train, ctx.device, ctx.output_dir, log=ctx.log)
+        ctx.log(f"clip_lora: {count_elements(trainer.params):,} LoRA parameters, {train.steps} iterations (= "
+                f"{cfg.iters_per_shot} × {shots} shots), batch {cfg.batch_size}, {len(self._classes)} classes "
+                "re-encoded per step")
+        trainer.resume_if_saved(ctx.resume)
+        self.history = trainer.fit()
+        self.iterations = trainer.step
         self._refresh_weights()
         self._endpoints = (initial, {n: p.detach().clone() for n, p in self.named_trainable().items()})
         return self.summary()

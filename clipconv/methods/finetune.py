@@ -36,7 +36,7 @@ from clipconv.runtime.ranks import is_distributed
 from clipconv.training import TrainConfig, Trainer
 
 __all__ = ["AdapterTuning", "AdapterTuningConfig", "tuning_config", "load_classifier", "load_endpoints",
-           "DEFAULT_SCALE", "DEMO_RECIPE", "ADAPTER_METHOD_PREFIX", "adapter_method_name", "register_adapter_methods"]
+           "DEFAULT_SCALE", "DEMO_RECIPE", "ADAPTER_METHOD_PREFIX", "adapter_method_name", "AdapterKindMethod"]
 
 # Adam's step size does not depend on the gradient's scale, so with the paper's lr of 1e-5 the adapter
 # weights move by ~1e-5 per step whatever s is; s then sets how far the branch can move the residual
@@ -151,8 +151,14 @@ class AdapterTuning(Method):
         super().__init_subclass__(**kwargs)
         if "config_class" not in cls.__dict__:  # the options of the subclass's own adapter kind
             cls.config_class = tuning_config(get_adapter(cls.adapter_kind).config, cls.default_scales)
+        if "label" not in cls.__dict__:  # the kind's label
+            cls.label = get_adapter(cls.adapter_kind).label
 
-    def __init__(self, config: Optional[AdapterTuningConfig] = None, **options: Any) -> None:
+    def __init__(self, config: Optional[AdapterTuningConfig] = None, *, of_kind: Optional["AdapterKindMethod"] = None,
+                 **options: Any) -> None:
+        if of_kind is not None:  # `adapter:<kind>`: this kind and its options, convpass's recipe (AdapterKindMethod)
+            self.name, self.label, self.adapter_kind = of_kind.name, of_kind.label, of_kind.kind
+            self.config_class = of_kind.config_class
         self.config = config = config_from(self.config_class, config, options)
         self.scales = list(config.scales)
         # Validated now (unknown or bad adapter options fail before any training).
@@ -259,12 +265,9 @@ class AdapterTuning(Method):
             frozen_head = self.config.head == "frozen"
             classifier.head.requires_grad_(not frozen_head)  # a frozen head gets no gradient and no optimizer slot
             try:
-                trainer = Trainer(classifier, make_loader, batches, cfg, ctx.device, run_dir,
-                                  validate=validate if ctx.val else None, log=ctx.log)
-                state_file = run_dir / "train_state.pt" if run_dir is not None else None
-                if (self.config.resume or ctx.resume) and state_file is not None and state_file.is_file():
-                    trainer.load_state(state_file)
-                    ctx.log(f"resumed from {state_file} after epoch {trainer.epoch}")
+                trainer = Trainer.classifier(classifier, make_loader, batches, cfg, ctx.device, run_dir,
+                                             validate=validate if ctx.val else None, log=ctx.log)
+                trainer.resume_if_saved(self.config.resume or ctx.resume)
                 trainer.fit()
                 picked = trainer.restore_best()
             finally:
@@ -405,6 +408,11 @@ class ConvpassTuning(AdapterTuning):
 
     adapter_kind = "convpass"
     presets = {"paper": {}, "demo": {"dim": 32, **DEMO_RECIPE, "scales": (1.0,)}}
+    default = True
+    table2_order = 7
+    #: the Convpass paper's Table 2 (ViT-B/16 CLIP, 16 shots), top-1 %
+    published = {"imagenet": 74.23, "imagenet_v2": 66.61, "imagenet_sketch": 49.10, "imagenet_a": 49.27,
+                 "imagenet_r": 78.17}
 
 
 @register_method("convpass_attn")
@@ -473,27 +481,53 @@ def adapter_method_name(kind: str) -> str:
     return ADAPTER_METHOD_PREFIX + kind
 
 
-def register_adapter_methods() -> list[str]:
-    """Register `adapter:<kind>` for every registered adapter kind not yet registered (idempotent): the
-    kind's own method class when there is one (same options), else a plain AdapterTuning of that kind."""
+@dataclass(frozen=True)
+class AdapterKindMethod:
+    """The method `adapter:<kind>`: `AdapterTuning` of adapter kind `kind` (an instance attribute, no class per
+    kind), resolved by the method registry for every registered kind. Read like a method class: the class
+    attributes of the kind's own method when it has one (`adapter:convpass` trains like `convpass`, with the
+    same options and defaults), else AdapterTuning's with the kind's options and its own default scale; but its
+    own name, its label ("LoRA (adapter:lora)"), no default-Table-2 row, no published numbers, not the default."""
 
-    by_kind = {cls.adapter_kind: cls for name, cls in METHODS.items()
-               if isinstance(cls, type) and issubclass(cls, AdapterTuning) and name == cls.adapter_kind}
-    added = []
-    for kind in sorted(ADAPTERS):
-        name = adapter_method_name(kind)
-        if name in METHODS:
-            continue
-        base = by_kind.get(kind, AdapterTuning)
-        attrs = {"adapter_kind": kind, "__doc__": f"Adapter kind '{kind}' trained with convpass's recipe.",
-                 "__module__": __name__}
-        if base is AdapterTuning:
-            attrs["default_scales"] = None
-        else:
-            attrs["config_class"] = base.config_class  # the same options as the kind's own method
-        register_method(name)(type(f"AdapterTuning_{kind}", (base,), attrs))
-        added.append(name)
-    return added
+    kind: str
+    config_class: type[AdapterTuningConfig] = dataclasses.field(init=False, compare=False, repr=False)
+    #: what the named method declares for its own row only
+    table2_order: ClassVar[Optional[int]] = None
+    published: ClassVar[Mapping[str, float]] = {}
+    default: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        config_class = self.base.config_class if self.base is not AdapterTuning else \
+            tuning_config(get_adapter(self.kind).config)
+        object.__setattr__(self, "config_class", config_class)
+
+    @property
+    def base(self) -> type[AdapterTuning]:
+        """The kind's own method class (registered under the kind's name), else AdapterTuning."""
+        own = METHODS.get(self.kind)
+        if isinstance(own, type) and issubclass(own, AdapterTuning) and own.adapter_kind == self.kind:
+            return own
+        return AdapterTuning
+
+    @property
+    def name(self) -> str:
+        return adapter_method_name(self.kind)
+
+    @property
+    def adapter_kind(self) -> str:
+        return self.kind
+
+    @property
+    def label(self) -> str:
+        return f"{get_adapter(self.kind).label} ({self.name})"
+
+    def __call__(self, config: Optional[AdapterTuningConfig] = None, **options: Any) -> AdapterTuning:
+        return self.base(config, of_kind=self, **options)
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute.startswith("__"):
+            raise AttributeError(attribute)
+        return getattr(self.base, attribute)
 
 
-register_adapter_methods()
+METHODS.resolver(ADAPTER_METHOD_PREFIX, AdapterKindMethod, lambda: list(ADAPTERS))

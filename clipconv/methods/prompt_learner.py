@@ -10,12 +10,13 @@ are given to the optimizer.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from open_clip.transformer import text_global_pool
 from torch import nn
+
+from clipconv.training import warmup_cosine_lr  # re-exported: CoOp/CoCoOp's schedule
 
 __all__ = ["FrozenTextEncoder", "PromptLearner", "warmup_cosine_lr", "phrase_context_length", "frozen_parameters"]
 
@@ -138,18 +139,3 @@ def _content_ids(tokenizer: Callable, text: str) -> list[int]:
 def phrase_context_length(phrase: str) -> int:
     """Context length CoOp derives from an init phrase: its number of space-separated words."""
     return len(phrase.split(" "))
-
-
-def warmup_cosine_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int = 1,
-                     warmup_lr: float = 1e-5, recount: bool = True) -> float:
-    """Learning rate of 0-indexed `epoch` under Dassl's constant warm-up + cosine (CoOp/CoCoOp).
-
-    The first `warmup_epochs` run at `warmup_lr`. With `recount` (Dassl's WARMUP_RECOUNT=True, what the
-    CoOp/CoCoOp configs use) the cosine count restarts after the warm-up: epoch e runs at
-    base_lr·½(1 + cos(π·(e − warmup_epochs)/epochs)), so the first epoch after warm-up runs at base_lr.
-    `recount=False` continues the count instead: base_lr·½(1 + cos(π·e/epochs)).
-    """
-    if epoch < warmup_epochs:
-        return warmup_lr
-    position = epoch - warmup_epochs if recount else epoch
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * position / epochs))

@@ -10,8 +10,8 @@ import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+import safetensors.torch
 import torch
-from safetensors.torch import save_file
 
 from clipconv.runtime.io import OutputWriteError
 from clipconv.runtime.outputs import atomic_path
@@ -67,7 +67,7 @@ def write_cache_entry(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     try:
         with atomic_path(path) as tmp:
             try:
-                save_file(tensors, str(tmp), metadata=metadata)
+                safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
             except Exception as err:  # safetensors reports I/O errors as SafetensorError
                 if isinstance(err, OSError):
                     raise

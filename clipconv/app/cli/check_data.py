@@ -16,7 +16,7 @@ import torch
 from clipconv.app.cli.common import eval_set_arg
 from clipconv.app.cli.options import add_runtime_args, apply_runtime, runtime_from
 from clipconv.data import image_dataset
-from clipconv.data.family import DatasetFamily, ImageNetFamily, TreeFamily, family_from_args, open_family
+from clipconv.data.family import FAMILIES, DatasetFamily, TreeFamily, family_from_args, family_names, open_family
 from clipconv.data.folder import BadImage
 from clipconv.data.imagenet import (
     ClassList, DataLayoutError, EvalScan, duplicate_names, find_split_dir, resolve_run_classes
@@ -74,11 +74,7 @@ def _check_train(family: TreeFamily, shots: int, verify: bool, report: DataCheck
     root = family.data_root
     layout = find_split_dir(root, family.train_candidates)
     if layout is None:
-        if isinstance(family, ImageNetFamily):
-            raise DataLayoutError(
-                f"no ImageNet train split under '{root}' (looked for {', '.join(family.train_candidates)})"
-            )
-        raise DataLayoutError(f"train folder '{root / family.train_candidates[0]}' does not exist")
+        raise DataLayoutError(family.missing_train_error())
     universe = family.universe()
     folders, broken = list_class_folders(root / layout, set(universe.ids))
     unknown = sorted(set(folders) - set(universe.ids))
@@ -148,7 +144,7 @@ def check_family(family: DatasetFamily, shots: int = 16, verify: bool = False) -
     if not isinstance(family, TreeFamily):
         return _check_listed(family, shots, verify, report)
     root = family.data_root
-    report.line(f"data root: {root.resolve()}" + (f" ({family.name} family)" if family.name != "imagenet" else ""))
+    report.line(f"data root: {root.resolve()}" + ("" if family.default else f" ({family.name} family)"))
     if not root.is_dir():
         report.error(f"data root '{root}' does not exist or is not a folder")
         return report
@@ -211,8 +207,8 @@ def _check_listed(family: DatasetFamily, shots: int, verify: bool, report: DataC
 def check_data_root(
     data_root: str, classnames: Optional[str] = None, shots: int = 16, verify: bool = False
 ) -> DataCheck:
-    """Inspect every set of an ImageNet-family data root and return the report."""
-    return check_family(ImageNetFamily(data_root, classnames), shots, verify)
+    """Inspect every set of an ImageNet-family data root (the family --data-root selects) and return the report."""
+    return check_family(family_from_args(data_root, classnames=classnames), shots, verify)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-root", default=None, help="your own data: a folder of class folders of train images")
     parser.add_argument("--eval-set", action="append", type=eval_set_arg, default=None, metavar="NAME=DIR",
                         help="your own data: a named test folder of class folders (repeatable; the first is the source)")
-    parser.add_argument("--family", default=None, choices=("wds",),
+    parser.add_argument("--family", default=None, choices=[n for n in family_names() if FAMILIES[n].selected_by_name],
                         help="wds: CLIP_benchmark's webdataset shards under --data-root (wds_imagenet1k, ...)")
     parser.add_argument("--classnames", default=None, help="'<id> <name>' file defining the class universe")
     parser.add_argument("--shots", type=int, default=16, help="warn about train classes with fewer images (16)")
@@ -262,8 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(report.render())
     if report.errors:
         print(f"\n{family.data_help}")
-        if isinstance(family, ImageNetFamily):
-            print("No ImageNet at hand? The training and evaluation scripts take --demo, an offline mini "
-                  "benchmark that generates its own data.")
+        if family.check_hint:
+            print(family.check_hint)
         return 1
     return 0

@@ -1,4 +1,5 @@
-"""`scripts/export_merged.py`: fold a trained LoRA / BitFit checkpoint into a plain open_clip state dict."""
+"""`scripts/export_merged.py`: fold a trained checkpoint of a mergeable adapter kind (LoRA, DoRA, BitFit: those
+registered with `mergeable=True`) into a plain open_clip state dict."""
 from __future__ import annotations
 
 import argparse
@@ -6,11 +7,12 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
+from clipconv.adapters import mergeable_kinds
 from clipconv.app.cli.common import bad_input_errors, fail, plain_warnings
 from clipconv.app.cli.options import add_runtime_args, apply_runtime, runtime_from
 from clipconv.backbone import load_backbone, resolve_device
 from clipconv.checkpoint import read_metadata
-from clipconv.merge import MERGEABLE_KINDS, merged_state_dict, save_merged
+from clipconv.merge import merged_state_dict, save_merged
 from clipconv.methods.finetune import load_classifier
 
 HEAD_SUFFIX = ".head.safetensors"
@@ -20,13 +22,13 @@ MERGE_RUNTIME = {"device": "cpu"}
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Merge a trained adapter checkpoint whose adapters are linear in the backbone weights (lora, "
-                    "bitfit) into the backbone: writes OUTPUT, a plain open_clip state dict of the whole CLIP model "
-                    "(load it with open_clip.create_model(MODEL, pretrained=OUTPUT); no clipconv code needed), and "
-                    f"OUTPUT without its suffix + '{HEAD_SUFFIX}', the classification head (head.weight, head.bias; "
-                    "logits = logit_scale · head(normalize(model.encode_image(x))), logit_scale and class ids in "
-                    "its metadata). Convpass, AdaptFormer, Adapter and VPT add computations of their own and are "
-                    "refused. Existing files are never overwritten.")
+        description="Merge a trained adapter checkpoint whose adapters are linear in the backbone weights "
+                    f"({', '.join(mergeable_kinds())}) into the backbone: writes OUTPUT, a plain open_clip state dict "
+                    "of the whole CLIP model (load it with open_clip.create_model(MODEL, pretrained=OUTPUT); no "
+                    f"clipconv code needed), and OUTPUT without its suffix + '{HEAD_SUFFIX}', the classification head "
+                    "(head.weight, head.bias; logits = logit_scale · head(normalize(model.encode_image(x))), "
+                    "logit_scale and class ids in its metadata). The other kinds (Convpass, AdaptFormer, Adapter, "
+                    "VPT) add computations of their own and are refused. Existing files are never overwritten.")
     parser.add_argument("--checkpoint", required=True, help="adapter.safetensors of a training run, or the run folder")
     parser.add_argument("--output", required=True, help="the merged open_clip state dict to write (.safetensors)")
     parser.add_argument("--model", help="open_clip model name or config JSON (default: the one the checkpoint records)")
@@ -59,9 +61,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with bad_input_errors():
         meta = read_metadata(checkpoint)
         kind = (meta.get("adapter") or {}).get("kind")
-        if kind not in MERGEABLE_KINDS:
+        if kind not in mergeable_kinds():
             fail(f"--checkpoint {checkpoint}: adapter kind '{kind}' cannot be merged into the backbone (it adds "
-                 f"its own computation); only {list(MERGEABLE_KINDS)} can — evaluate it with clipconv-eval instead")
+                 f"its own computation); only {mergeable_kinds()} can — evaluate it with clipconv-eval instead")
         source = meta.get("source") or {}
         model = args.model or source.get("model")
         pretrained = args.pretrained or source.get("pretrained")

@@ -26,7 +26,7 @@ from clipconv.app.cli.options import (
 from clipconv.app.run import CONFIG_FILE, PRESET_HELP, RunConfig, execute_run, prepare_run, relocated
 from clipconv.app.rundir import exit_code, interrupt_on_sigterm
 from clipconv.app.session import build_method_config
-from clipconv.methods.base import METHODS, method_names
+from clipconv.methods.base import METHODS, default_method, method_names
 from clipconv.runtime.io import read_json
 from clipconv.runtime.ranks import is_main
 
@@ -47,13 +47,14 @@ def _pre_parse(argv: Sequence[str]) -> argparse.Namespace:
     return pre.parse_known_args(argv)[0]
 
 
-def build_parser(method: str = "convpass") -> argparse.ArgumentParser:
+def build_parser(method: Optional[str] = None) -> argparse.ArgumentParser:
     """The full parser for `method`: run flags, shared groups, then the method's own option group."""
 
-    method_names()  # registers every method
+    method = method or default_method()
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, RunConfig, skip=("method", "preset"))
-    parser.add_argument("--method", default="convpass", help="registered method (default: convpass; see --list-methods)")
+    parser.add_argument("--method", default=default_method(),
+                        help=f"registered method (default: {default_method()}; see --list-methods)")
     parser.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
     add_preset_arg(parser, PRESET_HELP)
     parser.add_argument("--resume", metavar="RUN_DIR",
@@ -151,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         path = Path(pre.resume) / "config.json"
         with bad_input_errors():  # a damaged config.json is one line, not a traceback
             method = read_json(path).get("method") if path.is_file() else method
-    method = method or "convpass"
+    method = method or default_method()
     if method not in method_names():
         argparse.ArgumentParser(prog=Path(sys.argv[0]).name).error(
             f"unknown --method '{method}'; choose one of {', '.join(method_names())}")
