@@ -133,7 +133,7 @@ class RunConfig(ExperimentConfig):
         is built from the recorded "method_options" (over the recorded preset: an older run recorded only
         the options it was given)."""
         values = cls.sections_from(saved)
-        method, options = values.get("method", "convpass"), values.pop("method_options", {})
+        method, options = values.get("method", default_method()), values.pop("method_options", {})
         if not isinstance(options, dict):
             raise ValueError(f"\"method_options\" must be an object, got {options!r}")
         values["method_config"] = build_method_config(method, values.get("preset", "paper"), options,
