@@ -9,11 +9,15 @@ The shared run settings are `DataConfig`, `BackboneConfig` and `RuntimeConfig`; 
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import functools
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence, TypeVar, Union
 
 __all__ = ["option", "Config", "DataConfig", "BackboneConfig", "RuntimeConfig", "Check", "positive",
            "non_negative", "seed_range", "fraction", "DEFAULT_WORKERS", "Precision"]
@@ -65,13 +69,96 @@ def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: An
     return field(default=default, metadata=metadata)
 
 
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _kind(tp: Any) -> str:
+    """What a value of type `tp` is, in words ("an integer", "one of ['a', 'b']", "a list of a number")."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return f"one of {list(typing.get_args(tp))}"
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _kind(a) for a in typing.get_args(tp))
+    if origin in (tuple, list, collections.abc.Sequence):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return f"a list of {_kind(args[0])}" if args else "a list"
+    if origin in (dict, collections.abc.Mapping):
+        return "an object"
+    return _KIND_NAMES.get(tp, f"a {getattr(tp, '__name__', tp)}")
+
+
+def _conforms(value: Any, tp: Any) -> bool:
+    """Whether `value` is of type `tp` as JSON gives it: a bool is never a number, an int is never a bool,
+    an int is a float, a list is a tuple."""
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return any(_conforms(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (tuple, list, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)) or (origin is collections.abc.Sequence and isinstance(value, str)):
+            return False
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis or origin is not tuple:
+            return all(_conforms(v, args[0]) for v in value) if args else True
+        return len(args) == len(value) and all(_conforms(v, a) for v, a in zip(value, args))
+    if origin in (dict, collections.abc.Mapping):
+        key, item = typing.get_args(tp) or (Any, Any)
+        return isinstance(value, Mapping) and all(_conforms(k, key) and _conforms(v, item) for k, v in value.items())
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True  # a type form not checked here
+
+
+def _normalized(value: Any, tp: Any) -> Any:
+    """`value` in the field's own form: a float field holds a float, a tuple field a tuple."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _normalized(value, args[0]) if len(args) == 1 and value is not None else value
+    if tp is float and isinstance(value, int):
+        return float(value)
+    if origin is tuple and isinstance(value, list):
+        args = typing.get_args(tp)
+        element = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        return tuple(_normalized(v, element) for v in value) if element is not None else tuple(value)
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 @dataclass
 class Config:
-    """Base of every settings dataclass: validated on construction, built from loose options by name."""
+    """Base of every settings dataclass: validated on construction, built from loose options by name.
+
+    Each value must be of its field's declared type (as JSON gives it: an int option refuses 1.5 and true,
+    a bool option refuses numbers, a float option takes an int); float fields then hold floats and tuple
+    fields tuples."""
 
     def __post_init__(self) -> None:
+        types_ = _field_types(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            tp = types_.get(f.name, Any)
+            if not _conforms(value, tp):
+                raise ValueError(f"option '{f.name}' of {type(self).__name__} must be {_kind(tp)}, got {value!r}")
+            normal = _normalized(value, tp)
+            if normal is not value:
+                object.__setattr__(self, f.name, normal)
+                value = normal
             for v in _numbers(value):
                 if isinstance(v, float) and not math.isfinite(v):
                     raise ValueError(f"option '{f.name}' of {type(self).__name__} must be a finite number, got {v}")

@@ -45,25 +45,24 @@ def test_method_flags_are_generated_with_the_old_aliases():
         "scales": [1.0, 10.0], "weight_decay": 0.1, "sequential": True, "kernel_size": 1, "conv_init": "xavier",
         "epochs": 3, "warmup_epochs": 0.5}
     text = parser.format_help()
-    assert "--lr LR" in text and "--demo: 0.003" in text and "--crop-scale 0.9" in text
+    assert "--lr LR" in text and "--preset demo: 0.003" in text and "--crop-scale 0.9" in text
     assert text.count("--lr LR ") + text.count("--lr LR\n") == 1
 
 
 def test_demo_fills_only_what_no_flag_gave(tmp_path):
     from clipconv.app.cli.options import shared_configs
-    from clipconv.app.cli.train import build_parser
+    from clipconv.app.cli.train import build_parser, config_from_args
     from clipconv.mini_clip import MINI_CLIP_CONFIG
 
     parser = build_parser("convpass")
     args = parser.parse_args(["--demo", "--data-root", str(tmp_path), "--crop-scale", "0.5", "--lr", "0.1"])
-    configs, method_options = shared_configs(args, args._fields, parser, method="convpass")
+    configs = shared_configs(args, args._fields, parser)
     assert configs["backbone"].model == str(MINI_CLIP_CONFIG) and configs["backbone"].crop_scale == 0.5
-    assert configs["data"].data_root == str(tmp_path)
-    assert method_options["lr"] == 0.003  # the demo's; the CLI puts the --lr flag over it
-    from clipconv.app.cli.train import config_from_args
-
+    assert configs["data"].data_root == str(tmp_path.resolve())
     args.method = "convpass"
-    assert config_from_args(args, parser).method_options["lr"] == 0.1
+    cfg = config_from_args(args, parser)
+    assert cfg.preset == "demo" and cfg.method_config.lr == 0.1  # the flag over the demo preset's 3e-3
+    assert cfg.method_config.dim == 32 and cfg.method_config.epochs == 30  # the rest of the demo preset
 
 
 def test_the_dataset_family_is_chosen_in_one_place(tmp_path):

@@ -41,9 +41,9 @@ def _accuracy(classifier, root, samples, transform) -> float:
 @pytest.mark.slow  # a full 30-epoch demo fit: ~100 s idle, ~400 s on a busy machine
 def test_sixteen_shot_convpass_beats_zero_shot_through_its_adapters(small_world):
     from clipconv.adapters import set_adapter_scale
-    from clipconv.app.demo_presets import DEMO_TRAIN_DEFAULTS
     from clipconv.data import eval_split, resolve_run_classes, sample_few_shot, train_samples
     from clipconv.methods import FitContext, build_method
+    from clipconv.methods.base import method_config
     from clipconv.mini_clip import demo_backbone
 
     backbone = demo_backbone("cpu")
@@ -58,7 +58,7 @@ def test_sixteen_shot_convpass_beats_zero_shot_through_its_adapters(small_world)
     zero_shot = _accuracy(lambda x: F.normalize(backbone.model.encode_image(x), dim=-1) @ weights.t(),
                           small_world, source, backbone.eval_transform)
 
-    method = build_method("convpass", **DEMO_TRAIN_DEFAULTS["convpass"])
+    method = build_method("convpass", method_config("convpass", "demo"))
     ctx = FitContext(backbone=backbone, classnames=classes.names, data_root=small_world, train=split.train,
                      class_ids=classes.ids, class_hash=classes.hash(), workers=0, log=lambda *_: None)
     classifier = method.build(ctx)

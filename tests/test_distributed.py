@@ -108,7 +108,7 @@ def test_single_process_train_loader_keeps_the_epoch_order():
 
 
 def test_batch_not_divisible_by_the_processes_is_refused_with_one_line(monkeypatch):
-    from clipconv.app.session import method_options
+    from clipconv.app.session import build_method_config
 
     monkeypatch.setattr(runtime_ranks, "world_size", lambda: 4)
     with pytest.raises(ValueError) as err:
@@ -116,8 +116,8 @@ def test_batch_not_divisible_by_the_processes_is_refused_with_one_line(monkeypat
     assert "--batch-size 6" in str(err.value) and "4 processes" in str(err.value) and "\n" not in str(err.value)
     runtime_ranks.check_batch_size(8)
     with pytest.raises(ValueError, match="method 'convpass': --batch-size 6"):
-        method_options("convpass", {"batch_size": 6})
-    method_options("linear_probe", {})  # methods that do not train with DDP are not concerned
+        build_method_config("convpass", options={"batch_size": 6})
+    build_method_config("linear_probe")  # methods that do not train with DDP are not concerned
 
 
 def test_without_torchrun_nothing_changes(monkeypatch):

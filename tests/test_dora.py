@@ -10,15 +10,16 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import EPS32, assert_close_scaled, differs_beyond_tolerance
 from torch import nn
 
-from clipconv.adapters import (ADAPTERS, DORA, DoRAConfig, LoRAAttention, LoRALinear, add_adapters, add_lora,
-                               adapter_kinds, adapter_modules, count_trainable, lora_attention, mergeable_kinds,
-                               remove_adapters)
+from clipconv.adapters import (
+    ADAPTERS, DORA, DoRAConfig, LoRAAttention, LoRALinear, adapter_kinds, adapter_modules, add_adapters, add_lora,
+    count_trainable, lora_attention, mergeable_kinds, remove_adapters
+)
 from clipconv.merge import merge_adapters, merged_state_dict
 from clipconv.methods.base import build_method
 from clipconv.params import reference_spec
-from tolerance import EPS32, assert_close_scaled, differs_beyond_tolerance
 
 QKV = ("q", "k", "v")
 

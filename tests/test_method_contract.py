@@ -83,9 +83,13 @@ def _image(world, path):
     return Image.open(world.root / path).convert("RGB")
 
 
-def test_demo_defaults_are_valid_options_of_their_methods():
-    from clipconv.app.demo_presets import DEMO_TRAIN_DEFAULTS
+def test_every_preset_is_valid_options_of_its_method():
+    """Each method declares its paper (= its reference defaults) and demo presets, as valid options."""
+    from clipconv.methods.base import PRESETS, method_config
 
-    for name, options in DEMO_TRAIN_DEFAULTS.items():
-        assert name in NAMES, name
-        method_config_class(METHODS[name]).from_options(options)
+    for name in NAMES:
+        presets = METHODS[name].presets
+        assert set(PRESETS) <= set(presets), name
+        assert presets["paper"] == {}, name  # the paper preset is the reference defaults themselves
+        assert method_config(name, "paper") == method_config_class(METHODS[name])(), name
+        method_config_class(METHODS[name]).from_options(presets["demo"])

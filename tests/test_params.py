@@ -101,7 +101,6 @@ def test_the_hook_equals_what_the_fitted_method_trains(name, world):
 
 
 def test_every_adapter_kind_is_a_method_with_the_kinds_options():
-    from clipconv.app.demo_presets import DEMO_TRAIN_DEFAULTS, demo_settings
     from clipconv.app.table2 import row_label
     from clipconv.methods.finetune import AdapterTuning
 
@@ -118,9 +117,9 @@ def test_every_adapter_kind_is_a_method_with_the_kinds_options():
     assert build_method("adapter:adaptformer").config.scales == (0.1,)  # the kind's own s
     assert build_method("adapter:convpass").config.scales == build_method("convpass").config.scales
     assert row_label("adapter:adaptformer", None) == "AdaptFormer (adapter:adaptformer)"
-    recipe = DEMO_TRAIN_DEFAULTS["convpass"]
-    assert demo_settings("adapter:adaptformer")["method_options"] == {"lr": recipe["lr"], "epochs": recipe["epochs"]}
-    assert demo_settings("adapter:convpass")["method_options"] == recipe
+    recipe = METHODS["convpass"].presets["demo"]  # every other kind gets convpass's demo training recipe
+    assert METHODS["adapter:adaptformer"].presets["demo"] == {"lr": recipe["lr"], "epochs": recipe["epochs"]}
+    assert METHODS["adapter:convpass"].presets["demo"] == recipe
 
 
 def test_table2_prints_both_counts_and_train_seconds(tmp_path, tiny_config):

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from clipconv.app.cli.run_table2 import main
-from clipconv.app.session import method_options
+from clipconv.app.session import build_method_config
 from clipconv.app.table2 import PUBLISHED_LABEL, aggregate_seeds
 from clipconv.data import load_split, make_image_tree
 
@@ -197,29 +197,31 @@ def test_aggregate_is_mean_and_population_std():
 
 
 def test_epochs_scale_uses_each_methods_default():
-    assert method_options("coop", {}, 0.1) == {"epochs": 5}
-    assert method_options("cocoop", {}, 0.1) == {"epochs": 1}
-    assert method_options("coop", {"epochs": 3}, 0.1) == {"epochs": 3}
-    assert method_options("zero_shot", {}, 0.1) == {}
-    assert method_options("convpass", {}, 0.1, precision="fp32") == {"epochs": 5, "precision": "fp32"}
+    assert build_method_config("coop", epochs_scale=0.1).epochs == 5
+    assert build_method_config("cocoop", epochs_scale=0.1).epochs == 1
+    assert build_method_config("coop", options={"epochs": 3}, epochs_scale=0.1).epochs == 3
+    assert build_method_config("coop", "demo", epochs_scale=0.1).epochs == 5  # the demo preset leaves epochs
+    assert build_method_config("convpass", "demo", epochs_scale=0.1).epochs == 30  # a preset's epochs win
+    assert build_method_config("zero_shot", epochs_scale=0.1) == build_method_config("zero_shot")
+    config = build_method_config("convpass", epochs_scale=0.1, precision="fp32")
+    assert (config.epochs, config.precision) == (5, "fp32")
 
 
 def test_option_filters_see_every_config_option():
-    """The one option filter (session.method_options, used by every entry point) accepts exactly the options
-    of each method's config dataclass; runtime values (seed, workers, eval batch size) are not options."""
+    """The one config builder (session.build_method_config, used by every entry point) accepts exactly the
+    options of each method's config dataclass; runtime values (seed, workers, eval batch size) are not options."""
     import dataclasses
 
-    from clipconv.app.session import method_options
     from clipconv.methods.base import METHODS, method_names
 
     method_names()
     for name in ("zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "coop", "cocoop"):
         fields = {f.name for f in dataclasses.fields(METHODS[name].config_class)}
         given = {field: getattr(METHODS[name].config_class(), field) for field in fields}
-        assert method_options(name, given) == given
+        assert build_method_config(name, options=given) == METHODS[name].config_class(**given)
         for generic in ("seed", "workers", "eval_batch_size"):  # runtime values come from FitContext
             with pytest.raises(ValueError, match=f"unknown option.*{generic}"):
-                method_options(name, {generic: 1})
+                build_method_config(name, options={generic: 1})
     fields = lambda name: {f.name for f in dataclasses.fields(METHODS[name].config_class)}  # noqa: E731
     assert fields("tip_adapter") < fields("tip_adapter_f")
     assert fields("coop") == fields("cocoop")

@@ -35,7 +35,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from clipconv.adapters import adapted_modules, adapter_modules, add_adapters, count_trainable, get_adapter
-from clipconv.backbone import _register_model_config
+from clipconv.app.cli.options import add_runtime_args, apply_runtime, runtime_from
+from clipconv.backbone import _register_model_config, resolve_device
 from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.outputs import write_json
 
@@ -388,17 +389,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[BenchConfig, Optio
                         help="adapter kind (a name in clipconv.adapters.ADAPTERS)")
     parser.add_argument("--dim", type=int, default=defaults.dim, help="adapter bottleneck h")
     parser.add_argument("--classes", type=int, default=defaults.classes, help="head size")
-    parser.add_argument("--device", default=defaults.device)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    runtime_fields = add_runtime_args(parser, device=True)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="also time bf16 training steps (default: on CUDA only)")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="list the top ROWS operators of one inference and one training step")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    args = vars(parser.parse_args(argv))
+    parsed = parser.parse_args(argv)
+    runtime = runtime_from(parsed, runtime_fields, parser, defaults={"device": defaults.device})
+    apply_runtime(runtime)
+    args = {k: v for k, v in vars(parsed).items() if k not in runtime_fields}
     out = args.pop("out")
-    return BenchConfig(**args), out
+    return BenchConfig(**args, device=str(resolve_device(runtime.device)), threads=runtime.threads), out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> JSONObject:

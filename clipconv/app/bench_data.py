@@ -33,6 +33,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from clipconv.app.bench import report
+from clipconv.app.cli.options import add_runtime_args, apply_runtime, runtime_from
 from clipconv.backbone import protocol_train_transform
 from clipconv.data.decoded import decoded_images, wait_for_writes
 from clipconv.data.demo_world import WORLD_CLASSES, image_rng, render
@@ -311,7 +312,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[LoaderBenchConfig,
                              "decoding (e.g. 192: 1/4 scale; 0: skip)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--out", help="also write the results as JSON here")
+    runtime_fields = add_runtime_args(parser)
     args = parser.parse_args(argv)
+    apply_runtime(runtime_from(args, runtime_fields, parser))
+    for name in runtime_fields:
+        vars(args).pop(name, None)
     out = args.out
     del args.out
     try:

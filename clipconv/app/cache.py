@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from clipconv.app.cli.options import add_runtime_args, apply_runtime, runtime_from
 from clipconv.runtime.cache import cache_root
 
 __all__ = ["cache_root", "CacheContents", "scan", "clear", "main"]
@@ -109,7 +110,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("action", choices=("info", "clear"), help="info: show what is cached; clear: remove it")
     parser.add_argument("--dir", help="cache folder (default $CLIPCONV_CACHE, else ~/.cache/clipconv)")
     parser.add_argument("--keep-worlds", action="store_true", help="clear: keep the generated demo worlds")
+    runtime_fields = add_runtime_args(parser)
     args = parser.parse_args(argv)
+    apply_runtime(runtime_from(args, runtime_fields, parser))
     root = Path(args.dir) if args.dir else cache_root()
     if root.exists() and not root.is_dir():
         print(f"error: cache folder '{root}' is a file, not a folder; check --dir or $CLIPCONV_CACHE", file=sys.stderr)

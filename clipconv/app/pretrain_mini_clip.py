@@ -23,10 +23,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from clipconv.app.cli.options import add_runtime_args, apply_runtime, runtime_from
 from clipconv.backbone import Backbone, load_backbone
 from clipconv.data.demo_world import DOMAINS, WORLD_CLASSES, ensure_world, read_manifest, render
 from clipconv.mini_clip import MINI_CLIP_CONFIG, MINI_CLIP_WEIGHTS
-from clipconv.runtime.outputs import atomic_path, write_text
+from clipconv.runtime.outputs import atomic_path, write_json
 from clipconv.training import BatchLoss, Forward, TrainConfig, Trainer, TrainingTask
 
 __all__ = [
@@ -332,7 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--pool-size", type=int, default=defaults.pool_size)
     parser.add_argument("--fresh-per-step", type=int, default=defaults.fresh_per_step)
     parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--threads", type=int, default=defaults.threads)
+    runtime_fields = add_runtime_args(parser)
     parser.add_argument("--eval-world", default=None, help="benchmark world root (default: the cache)")
     parser.add_argument("--eval-seed", type=int, default=0, help="seed of the benchmark world for zero-shot")
     parser.add_argument("--report", default=None, help="also write the summary JSON here")
@@ -343,7 +344,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     # Before any torch op creates the OpenMP pool: worker threads inherit the flush-to-zero mode.
     torch.set_flush_denormal(True)
-    for name in ("steps", "batch_size", "pool_size", "threads"):
+    runtime = runtime_from(args, runtime_fields, parser, defaults={"threads": defaults.threads})
+    for name in ("steps", "batch_size", "pool_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be ≥ 1")
     if not 0 <= args.fresh_per_step <= args.batch_size:
@@ -353,9 +355,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    apply_runtime(runtime)
 
     config = PretrainConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size, pool_size=args.pool_size,
-                            fresh_per_step=args.fresh_per_step, lr=args.lr, threads=args.threads)
+                            fresh_per_step=args.fresh_per_step, lr=args.lr, threads=runtime.threads)
     backbone = load_backbone(args.config, pretrained=None, device="cpu")  # its random init is fixed-seeded
     if args.resume and not args.train_state:
         parser.error("--resume needs --train-state")
@@ -368,9 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    zero_shot=zero_shot_accuracy(reloaded, world), chance={
                        n: round(100.0 / len(d.classes), 2) for n, d in DOMAINS.items()},
                    logit_scale=round(reloaded.logit_scale, 3), load_average=os.getloadavg())
-    text = json.dumps(summary, indent=1)
-    print(text)
+    print(json.dumps(summary, indent=1))
     if args.report:
-
-        write_text(args.report, text + "\n")
+        write_json(args.report, summary)
     return 0

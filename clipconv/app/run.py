@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,23 +20,27 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
+import clipconv
 from clipconv.app.clip_benchmark import write_benchmark_results
 from clipconv.app.report import markdown_table
 from clipconv.app.rundir import RUN_FILES, check_output_dir, claim_output_dir, held_files, new_run_dir
-from clipconv.app.session import FitResult, Session, fit_and_evaluate, jsonable, method_options, open_session
+from clipconv.app.session import (
+    FitResult, Session, build_method_config, check_processes, fit_and_evaluate, jsonable, open_session
+)
 from clipconv.config import (
     BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
 )
 from clipconv.data.fewshot import save_split
-from clipconv.methods.base import METHODS, default_method
+from clipconv.methods.base import METHODS, PRESETS, MethodConfig, default_method
 from clipconv.runtime import ranks
 from clipconv.runtime.outputs import atomic_path, write_json, write_text
-from clipconv.wise import alpha_check, supports_interpolation, wise_label
+from clipconv.wise import WISE_DEFAULT_ALPHA, alpha_check, supports_interpolation, wise_label
 
 if TYPE_CHECKING:
     from clipconv.data import FewShotSplit
 
-__all__ = ["RunConfig", "PreparedRun", "prepare_run", "execute_run", "write_results", "recall_line", "setup_logging",
+__all__ = ["ExperimentConfig", "RunConfig", "PreparedRun", "relocated", "source_commit", "SECTIONS",
+           "prepare_run", "execute_run", "write_results", "recall_line", "setup_logging",
            "environment", "VAL_SHOTS", "CONFIG_FILE", "counts_line", "logits_saver"]
 
 log = logging.getLogger("clipconv")
@@ -52,49 +57,130 @@ VAL_HELP = ("validation images per class drawn from train, disjoint from the K s
             "the epoch and the baselines' hyper-parameters (0: none)")
 
 
-@dataclass
-class RunConfig(Config):
-    """Every setting of a single run (saved as config.json; `--resume` reads it back)."""
+#: how a run and Table 2 build each method's config: its paper or demo recipe (`Method.presets`)
+PRESET_HELP = ("each method's recipe: paper (its reference protocol: the defaults shown) or demo (the miniature "
+               "benchmark's, chosen for the mini CLIP; --demo selects it); method flags and --method-options go "
+               "over it")
+WISE_HELP = ("α of WiSE-FT's θ(α) = (1 − α)·θ₀ + α·θ₁ between the zero-shot start θ₀ and the trained weights θ₁ "
+             "(Wortsman et al., 2022), fixed in advance, never chosen on a test set. A single run is evaluated at "
+             "θ(α) after training (default: off, the trained weights; adapter.safetensors keeps θ₁, so "
+             "eval_robustness.py --wise can score any α later); Table 2's '+ WiSE' rows use it (default: "
+             f"WiSE-FT's {WISE_DEFAULT_ALPHA:g})")
+SECTIONS: dict[str, type[Config]] = {"data": DataConfig, "backbone": BackboneConfig, "runtime": RuntimeConfig}
 
-    method: str = option(default_method(), help="registered method (see --list-methods)")
+
+@dataclass
+class ExperimentConfig(Config):
+    """The settings a single run (`RunConfig`) and Table 2 (`Table2Config`) share, declared once: K, the
+    validation shots, the methods' preset, WiSE's α, and the data, backbone and runtime sections."""
+
     shots: int = option(16, check=positive, help="training images per class (K)")
-    seed: int = option(1, check=seed_range, help="seed of the K-shot split and of training")
     val_shots: int = option(VAL_SHOTS, check=non_negative, help=VAL_HELP)
-    split: Optional[str] = option(None, help="reuse a saved split.json (drawn with the same --shots, --seed and "
-                                             "--val-shots) instead of drawing one")
-    output_dir: Optional[str] = option(None, help="run directory (default runs/<method>_<K>shot_seed<S>_<time>)")
-    save_logits: bool = option(False, help="also write <set>_logits.safetensors (the logits and labels of every "
-                                            "evaluation set) to the run directory")
-    wise_alpha: Optional[float] = option(
-        None, check=alpha_check,
-        help="after training, evaluate θ(α) = (1 − α)·θ₀ + α·θ₁ between the zero-shot start θ₀ and the trained "
-             "weights θ₁ (WiSE-FT, Wortsman et al., 2022; 0.5 is its default); adapter.safetensors keeps θ₁, so "
-             "eval_robustness.py --wise can score any α later (default: off, the trained weights)")
-    method_options: dict[str, Any] = option(default_factory=dict, cli=False, help="the method's options")
+    preset: str = option("paper", choices=PRESETS, help=PRESET_HELP)
+    wise_alpha: Optional[float] = option(None, check=alpha_check, help=WISE_HELP)
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {k: v.to_dict() if isinstance(v, Config) else v for k, v in out.items()}
+        return {k: v.to_dict() if isinstance(v, Config) else list(v) if isinstance(v, tuple) else v
+                for k, v in out.items()}
 
     @classmethod
-    def from_dict(cls, saved: dict[str, Any]) -> "RunConfig":
-        """The inverse of `to_dict` (config.json); the `environment` record is ignored."""
-        sections = {"data": DataConfig, "backbone": BackboneConfig, "runtime": RuntimeConfig}
+    def sections_from(cls, saved: Mapping[str, Any]) -> dict[str, Any]:
+        """`saved` (a `to_dict`) with its data, backbone and runtime sections as configs, without the
+        `environment` record."""
         values = {k: v for k, v in saved.items() if k != "environment"}
-        for name, section in sections.items():
+        for name, section in SECTIONS.items():
             values[name] = section.from_options(values.get(name, {}))
+        return values
+
+
+@dataclass
+class RunConfig(ExperimentConfig):
+    """Every setting of a single run (saved as config.json; `--resume` reads it back).
+
+    `method_config` is the method's typed config, built once by the entry point (`build_method_config`) and
+    passed to the method as is; left out, it is the method's `preset` (config.json: "method_options")."""
+
+    method: str = option(default_method(), help="registered method (see --list-methods)")
+    seed: int = option(1, check=seed_range, help="seed of the K-shot split and of training")
+    split: Optional[str] = option(None, help="reuse a saved split.json (drawn with the same --shots, --seed and "
+                                             "--val-shots) instead of drawing one")
+    output_dir: Optional[str] = option(None, help="run directory (default runs/<method>_<K>shot_seed<S>_<time>)")
+    save_logits: bool = option(False, help="also write <set>_logits.safetensors (the logits and labels of every "
+                                            "evaluation set) to the run directory")
+    method_config: Optional[MethodConfig] = option(None, cli=False, help="the method's typed config")
+
+    def __post_init__(self) -> None:
+        if self.method_config is None:
+            self.method_config = build_method_config(self.method, self.preset, precision=self.backbone.precision)
+        super().__post_init__()
+        expected = METHODS.lookup(self.method).config_class
+        if type(self.method_config) is not expected:
+            raise ValueError(f"method '{self.method}' takes a {expected.__name__}, got a "
+                             f"{type(self.method_config).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["method_options"] = out.pop("method_config")  # config.json's name for the method's options
+        return out
+
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any]) -> "RunConfig":
+        """The inverse of `to_dict` (config.json); the `environment` record is ignored. The method's config
+        is built from the recorded "method_options" (over the recorded preset: an older run recorded only
+        the options it was given)."""
+        values = cls.sections_from(saved)
+        method, options = values.get("method", default_method()), values.pop("method_options", {})
+        if not isinstance(options, dict):
+            raise ValueError(f"\"method_options\" must be an object, got {options!r}")
+        values["method_config"] = build_method_config(method, values.get("preset", "paper"), options,
+                                                      precision=values["backbone"].precision)
         return cls.from_options(values)
 
 
-def environment(session: Session) -> dict[str, Any]:
-    """Library versions, device and precision of a run (recorded beside its config)."""
+def source_commit() -> Optional[str]:
+    """`git rev-parse HEAD` of the clipconv source tree when it is a git checkout (its own top level), else None."""
+    root = Path(clipconv.__file__).resolve().parent.parent
+    try:
+        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return top[1] if len(top) == 2 and Path(top[0]).resolve() == root else None
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
+
+def environment(session: Session) -> dict[str, Any]:
+    """clipconv's version and commit, library versions, device and precision of a run (recorded beside its
+    config)."""
+
+    return {"clipconv": clipconv.__version__, "commit": source_commit(), "python": platform.python_version(),
+            "torch": torch.__version__, "open_clip": open_clip.__version__,
             "device": str(session.device), "precision": session.precision, "world_size": ranks.world_size(),
             "backend": ranks.backend(), "threads": torch.get_num_threads()}
+
+
+def relocated(saved: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A run record (config.json) read from `folder`: paths that pointed into the folder where the run was
+    written (its recorded "output_dir") point into `folder`, where it is now (a moved or copied run)."""
+    old = saved.get("output_dir")
+    if not old:
+        return saved
+    old_root, new_root = Path(old), folder.resolve()
+
+    def move(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, str) and Path(value).is_absolute():
+            try:
+                return str(new_root / Path(value).relative_to(old_root))
+            except ValueError:
+                return value
+        return value
+
+    return {k: v if k == "environment" else move(v) for k, v in saved.items()}
 
 
 def setup_logging(run_dir: Optional[Path] = None, quiet: bool = False) -> None:
@@ -120,25 +206,24 @@ def setup_logging(run_dir: Optional[Path] = None, quiet: bool = False) -> None:
 
 @dataclass
 class PreparedRun:
-    """A validated run: its session, K-shot split, method options and run directory (nothing written yet)."""
+    """A validated run: its session, K-shot split and run directory (nothing written yet)."""
 
     config: RunConfig
     session: Session
     split: "FewShotSplit"
-    options: dict[str, Any]
     run_dir: Path
     resume: bool = False
 
 
 def prepare_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> PreparedRun:
-    """Check the method options and the output folder, open the session, draw (or load) the split, then
+    """Check the method and the output folder, open the session, draw (or load) the split, then
     create the run folder; raises ValueError on bad input (and then creates nothing).
 
     Without `cfg.output_dir` the folder is a new `runs/<method>_<K>shot_seed<S>_<time>[-N]`, created
     exclusively. A given folder that already holds a run is refused unless `overwrite` (its clipconv files
     are removed first) or `resume`.
     """
-    options = method_options(cfg.method, cfg.method_options)
+    check_processes(cfg.method, cfg.method_config)  # now that the process group (if any) is joined
     if cfg.wise_alpha is not None:
 
         if not supports_interpolation(METHODS[cfg.method]):
@@ -154,7 +239,6 @@ def prepare_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -
         split = session.load_split(cfg.split, cfg.shots, cfg.seed, cfg.val_shots)
     else:
         split = session.draw_split(cfg.shots, cfg.seed, cfg.val_shots)
-    options = method_options(cfg.method, options, precision=session.precision)
 
     def create() -> Path:  # on rank 0 only under torchrun; the others get its path
         if cfg.output_dir:
@@ -162,7 +246,7 @@ def prepare_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -
         return new_run_dir("runs", f"{cfg.method}_{cfg.shots}shot_seed{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
 
     run_dir = ranks.on_main(create)
-    return PreparedRun(cfg, session, split, options, run_dir, resume)
+    return PreparedRun(cfg, session, split, run_dir, resume)
 
 
 def execute_run(run: PreparedRun) -> FitResult:
@@ -172,7 +256,8 @@ def execute_run(run: PreparedRun) -> FitResult:
     cfg, session, run_dir = run.config, run.session, run.run_dir
     setup_logging(run_dir, cfg.runtime.quiet)
     if not run.resume:  # a resumed run keeps its original config and split
-        write_json(run_dir / CONFIG_FILE, {**cfg.to_dict(), "environment": environment(session)})
+        write_json(run_dir / CONFIG_FILE, {**cfg.to_dict(), "output_dir": str(run_dir.resolve()),
+                                           "environment": environment(session)})
         save_split(run_dir / "split.json", run.split,
                    {"shots": cfg.shots, "seed": cfg.seed, "val_shots": cfg.val_shots, **session.split_meta()})
     log.info(f"{cfg.method}: {len(session.classes)} classes, {len(run.split.train)} train / {len(run.split.val)} "
@@ -182,7 +267,7 @@ def execute_run(run: PreparedRun) -> FitResult:
         if short:
             log.info(f"{what} shortfall: {len(short)} class(es) got fewer images than asked (images drawn): "
                      + ", ".join(f"{name} ({n})" for name, n in sorted(short.items())))
-    result = fit_and_evaluate(session, cfg.method, run.options, run.split, seed=cfg.seed, output_dir=run_dir,
+    result = fit_and_evaluate(session, cfg.method, cfg.method_config, run.split, seed=cfg.seed, output_dir=run_dir,
                               resume=run.resume, on_logits=logits_saver(run_dir) if cfg.save_logits else None,
                               wise_alpha=cfg.wise_alpha)
     if result.not_evaluated:

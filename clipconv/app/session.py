@@ -2,13 +2,14 @@
 
 A `Session` holds what several fits share: the dataset family and its classes, the prompt templates,
 the frozen backbone, one `FeatureStore` (so each image set is encoded once per backbone) and the
-evaluation suite's splits. `fit_and_evaluate(session, method, options, split)` builds the method from
-validated options, fits it on a K-shot split, checks that it left the shared backbone untouched, scores
+evaluation suite's splits. `fit_and_evaluate(session, method, config, split)` builds the method from
+its typed config, fits it on a K-shot split, checks that it left the shared backbone untouched, scores
 it on the suite and times both steps.
 
     session = open_session(DataConfig(data_root=...), BackboneConfig(), RuntimeConfig())
     split = session.draw_split(shots=16, seed=1, val_shots=4)
-    result = fit_and_evaluate(session, "convpass", {"epochs": 10}, split, seed=1, output_dir=Path("run"))
+    config = build_method_config("convpass", options={"epochs": 10})
+    result = fit_and_evaluate(session, "convpass", config, split, seed=1, output_dir=Path("run"))
     result.metrics  # {set name: {"top1", "top5", "n", "classes"}}
 
 Used by scripts/train_imagenet_fs.py (clipconv.app.run), run_table2.py (clipconv.app.table2), zero_shot.py and
@@ -22,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
 
 import torch
 
@@ -36,7 +37,7 @@ from clipconv.data.fewshot import load_split
 from clipconv.evaluation import Scorer, evaluate_method
 from clipconv.features import FeatureStore
 from clipconv.methods import FitContext, build_method
-from clipconv.methods.base import METHOD_REFERENCE_TEMPLATES, METHODS, method_config_class, method_names
+from clipconv.methods.base import METHOD_REFERENCE_TEMPLATES, METHODS, method_config, method_names
 from clipconv.prompts import load_templates
 from clipconv.runtime.ranks import check_batch_size, local_device
 from clipconv.training import resolve_precision
@@ -46,9 +47,9 @@ if TYPE_CHECKING:
     from clipconv.backbone import Backbone
     from clipconv.data import ClassList, EvalSplit, FewShotSplit
     from clipconv.data.family import DatasetFamily
-    from clipconv.methods.base import Method
+    from clipconv.methods.base import Method, MethodConfig
 
-__all__ = ["Session", "FitResult", "open_session", "open_data_family", "fit_and_evaluate", "method_options",
+__all__ = ["Session", "FitResult", "open_session", "open_data_family", "fit_and_evaluate", "build_method_config", "check_processes",
            "backbone_fingerprint", "jsonable", "Scorer"]
 
 log = logging.getLogger("clipconv")
@@ -179,29 +180,36 @@ def open_session(data: DataConfig, backbone: BackboneConfig, runtime: RuntimeCon
     return Session(data, runtime, family, classes, templates, loaded, store, splits, device, precision)
 
 
-def method_options(name: str, options: Optional[dict[str, Any]] = None, epochs_scale: float = 1.0,
-                   precision: Optional[str] = None) -> dict[str, Any]:
-    """The options `name` is built with: `options` (unknown ones raise, listing the known ones), `epochs`
-    scaled from the method's default when `epochs_scale` != 1 and not given, and the run's `precision`
-    for a method that has a precision option it was not given."""
-
+def build_method_config(name: str, preset: str = "paper", options: Optional[Mapping[str, object]] = None, *,
+                        epochs_scale: float = 1.0, precision: Optional[str] = None) -> "MethodConfig":
+    """The typed config method `name` is built with, built ONCE by the entry point: `preset`'s options, then
+    `options` (unknown ones raise, listing the known ones); `epochs` scaled from the method's default when
+    `epochs_scale` != 1 and neither gave it; the run's `precision` (--precision, resolved against the device
+    as the backbone's is) for a method with a precision option neither gave."""
 
     if name not in method_names():
         raise ValueError(f"unknown method '{name}'; choose one of {method_names()}")
-    config_class = method_config_class(METHODS[name])
-    out = dict(options or {})
-    try:
-        config = config_class.from_options(out)
-        if METHODS[name].data_parallel:  # its batch is split across torchrun's processes
+    cls = METHODS[name]
+    given = {**cls.presets.get(preset, {}), **(options or {})}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls.config_class)}
+    extra: dict[str, object] = {}
+    if epochs_scale != 1.0 and "epochs" not in given and isinstance(defaults.get("epochs"), int):
+        extra["epochs"] = max(1, int(round(defaults["epochs"] * epochs_scale)))
+    if precision is not None and "precision" in defaults and "precision" not in given:
+        extra["precision"] = precision
+    config = method_config(name, preset, {**(options or {}), **extra})
+    check_processes(name, config)
+    return config
+
+
+def check_processes(name: str, config: "MethodConfig") -> None:
+    """Refuse a batch that torchrun's processes cannot split evenly, for a method trained with DDP (checked
+    when the config is built and again once the process group is joined)."""
+    if METHODS[name].data_parallel:
+        try:
             check_batch_size(config.batch_size)
-    except ValueError as err:
-        raise ValueError(f"method '{name}': {err}") from None
-    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
-    if epochs_scale != 1.0 and "epochs" not in out and isinstance(defaults.get("epochs"), int):
-        out["epochs"] = max(1, int(round(defaults["epochs"] * epochs_scale)))
-    if precision is not None and "precision" in defaults and "precision" not in out:
-        out["precision"] = precision
-    return out
+        except ValueError as err:
+            raise ValueError(f"method '{name}': {err}") from None
 
 
 def backbone_fingerprint(model: torch.nn.Module) -> tuple:
@@ -232,17 +240,17 @@ class FitResult:
                          "not_evaluated": self.not_evaluated})
 
 
-def fit_and_evaluate(session: Session, name: str, options: dict[str, Any], split: "FewShotSplit", *, seed: int,
+def fit_and_evaluate(session: Session, name: str, config: "MethodConfig", split: "FewShotSplit", *, seed: int,
                      output_dir: Optional[Path] = None, resume: bool = False,
                      log_line: Callable[[str], None] = log.info,
                      on_logits: Optional[Callable[..., None]] = None,
                      wise_alpha: Optional[float] = None) -> FitResult:
-    """Build `name` from `options` (validated), fit it on `split`, check the shared backbone is untouched,
-    evaluate it on the session's suite; timings and the encoder images it cost in the result. With
-    `wise_alpha` the fitted method is evaluated (and left) at θ(α) (clipconv.wise; files the fit wrote,
-    such as adapter.safetensors, keep θ₁)."""
+    """Build `name` from its typed `config` (passed to the method as is), fit it on `split`, check the shared
+    backbone is untouched, evaluate it on the session's suite; timings and the encoder images it cost in the
+    result. With `wise_alpha` the fitted method is evaluated (and left) at θ(α) (clipconv.wise; files the fit
+    wrote, such as adapter.safetensors, keep θ₁)."""
 
-    method: "Method" = build_method(name, **options)
+    method: "Method" = build_method(name, config)
     ctx = FitContext(backbone=session.backbone, classnames=list(session.classes.names), data_root=session.data_root,
                      train=split.train, val=split.val, features=session.store,
                      templates=METHOD_REFERENCE_TEMPLATES if session.templates is None else session.templates,
@@ -267,7 +275,7 @@ def fit_and_evaluate(session: Session, name: str, options: dict[str, Any], split
                                        "checkpoint": "theta1 (alpha = 1; the trained weights)"}}
     metrics = session.evaluate(method, log_line, on_logits)
     done = time.perf_counter()
-    return FitResult(name, dict(options), metrics, jsonable(fit_summary), jsonable(summary),
+    return FitResult(name, config.to_dict(), metrics, jsonable(fit_summary), jsonable(summary),
                      fitted - started, done - fitted, session.store.encoder_calls - calls, session.missing, method)
 
 

@@ -22,30 +22,29 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from clipconv.app.clip_benchmark import write_benchmark_results
 from clipconv.app.plots import accuracy_bars, accuracy_vs_shots
 from clipconv.app.report import DISPLAY, SUITE, markdown_table, target_average
-from clipconv.app.run import VAL_SHOTS, counts_line, environment
+from clipconv.app.run import ExperimentConfig, counts_line, environment
 from clipconv.app.rundir import check_output_dir, claim_output_dir, held_files, new_run_dir
-from clipconv.app.session import Session, fit_and_evaluate, method_options, open_session
-from clipconv.config import (
-    BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
-)
+from clipconv.app.session import Session, build_method_config, check_processes, fit_and_evaluate, open_session
+from clipconv.config import option, positive, seed_range
 from clipconv.data import save_split
-from clipconv.methods.base import METHODS, build_method, method_names, table2_methods
+from clipconv.methods.base import METHODS, MethodConfig, build_method, method_names, table2_methods
 from clipconv.params import ParamSpec, reference_spec
 from clipconv.prompts import load_templates
 from clipconv.runtime import ranks
 from clipconv.runtime.io import read_json
 from clipconv.runtime.outputs import atomic_path, write_json, write_text
-from clipconv.wise import WISE_DEFAULT_ALPHA, WISE_NOTE, alpha_check, wise_key, wise_label, wise_methods, wise_sweep
+from clipconv.wise import WISE_DEFAULT_ALPHA, WISE_NOTE, wise_key, wise_label, wise_methods, wise_sweep
 
 __all__ = ["Table2Config", "TABLE2_METHODS", "PUBLISHED_LABEL", "BARS_FILE", "SWEEP_FILE",
-           "run_table2", "run_shots_sweep", "shots_summary", "aggregate_seeds", "RECORD_FILE", "TABLE2_OWN_FILES",
+           "run_table2", "run_shots_sweep", "check_methods", "shots_summary", "aggregate_seeds", "RECORD_FILE",
+           "TABLE2_OWN_FILES",
            "TABLE2_OWN_PATTERNS", "load_record"]
 
 #: the default methods, in the order they declare (`Method.table2_order`); labels are the methods' own (`label`)
@@ -61,58 +60,78 @@ TABLE2_OWN_PATTERNS = ("split_seed*.json", "*_seed[0-9]*", "shots_[0-9]*")
 
 
 @dataclass
-class Table2Config(Config):
-    """Settings of one Table-2 run (saved in table2.json)."""
+class Table2Config(ExperimentConfig):
+    """Settings of one Table-2 run (saved in table2.json). `method_configs` holds each method's typed config,
+    built once by the entry point (`build_method_config`); a method left out gets its `preset` with its
+    epochs scaled by `epochs_scale` (table2.json: "method_options"). `wise_alpha` defaults to WiSE-FT's α."""
 
     output_dir: Optional[str] = option(None, help="where table2.*, table2_bars.png and split_seed*.json go "
                                                   "(shots_<K>/ per K in a sweep; default: a new "
                                                   "runs/table2_<K>shot_<time>)")
-    shots: int = option(16, check=positive, help="training images per class (K)")
     seeds: tuple[int, ...] = option((1, 2, 3), check=seed_range, help="split and training seeds")
-    val_shots: int = option(VAL_SHOTS, check=non_negative,
-                            help="validation images per class from train, outside the K shots")
     methods: tuple[str, ...] = option(TABLE2_METHODS, help="methods to run")
-    method_options: dict[str, dict[str, Any]] = option(default_factory=dict, cli=False,
-                                                       help="{method: {option: value}}")
+    method_configs: dict[str, MethodConfig] = option(default_factory=dict, cli=False,
+                                                     help="{method: its typed config}")
     epochs_scale: float = option(1.0, check=positive, help="multiply every method's default number of epochs")
     benchmark_label: Optional[str] = option(None, cli=False, help="what the data is, for plot titles")
-    wise_alpha: float = option(WISE_DEFAULT_ALPHA, check=alpha_check,
-                               help="α of the '+ WiSE' rows, θ(α) = (1 − α)·θ₀ + α·θ₁ (WiSE-FT's default 0.5, fixed "
-                                    "in advance, never chosen on a test set)")
     wise_methods: Optional[tuple[str, ...]] = option(
         None, help="trained methods that also get a '+ WiSE (α)' row, from the same fit (default: convpass when it "
                    "runs; none: no WiSE rows)")
-    data: DataConfig = field(default_factory=DataConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
-        self.seeds, self.methods = tuple(self.seeds), tuple(self.methods)
-        if self.wise_methods is not None:
-            self.wise_methods = tuple(self.wise_methods)
+        if self.wise_alpha is None:
+            self.wise_alpha = WISE_DEFAULT_ALPHA
+        stray = sorted(set(self.method_configs) - set(self.methods))
+        if stray:
+            raise ValueError(f"--method-options names method(s) {stray} that are not in --methods {list(self.methods)}")
         super().__post_init__()
+        check_methods(self.methods)
+        self.method_configs = dict(self.method_configs)  # the same config objects, in a dict of this table's own
+        for name in self.methods:
+            if name not in self.method_configs:
+                self.method_configs[name] = self.method_config(name)
+            elif type(self.method_configs[name]) is not METHODS[name].config_class:
+                raise ValueError(f"method '{name}' takes a {METHODS[name].config_class.__name__}, got a "
+                                 f"{type(self.method_configs[name]).__name__}")
+
+    def method_config(self, name: str, options: Optional[Mapping[str, object]] = None) -> MethodConfig:
+        """Method `name`'s config from this table's preset, `options` over it, and its epochs scaled."""
+        return build_method_config(name, self.preset, options, epochs_scale=self.epochs_scale,
+                                   precision=self.backbone.precision)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        return {k: v.to_dict() if isinstance(v, Config) else list(v) if isinstance(v, tuple) else v
-                for k, v in out.items()}
+        out = super().to_dict()
+        out["method_options"] = {name: config.to_dict() for name, config in out.pop("method_configs").items()}
+        return out
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> "Table2Config":
         """The inverse of `to_dict` (the "config" of table2_config.json / table2.json)."""
-        values = dict(saved)
-        for name, section in (("data", DataConfig), ("backbone", BackboneConfig), ("runtime", RuntimeConfig)):
-            values[name] = section.from_options(values.get(name, {}))
-        return cls.from_options(values)
+        values = cls.sections_from(saved)
+        options = values.pop("method_options", {})
+        if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+            raise ValueError(f"\"method_options\" must be an object of objects, got {options!r}")
+        plain = cls.from_options(values)  # every method at its preset
+        configs = {name: plain.method_config(name, opts) if name in plain.methods else opts
+                   for name, opts in options.items()}
+        return cls.from_options({**values, "method_configs": {**plain.method_configs, **configs}})
+
+
+def check_methods(methods: Sequence[str]) -> None:
+    """Raise ValueError naming the unknown ones among `methods`."""
+    known = method_names()
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {known}")
 
 
 def aggregate_seeds(rows: Sequence[dict[str, float]], columns: Sequence[str] = COLUMNS
                     ) -> tuple[dict[str, float], dict[str, float]]:
     """Mean and population std over seeds, per column present in every row (`columns`: the suite, source
-    set first, then "target_avg")."""
+    set first, then "target_avg"); a NaN or null (a row read back from strict JSON) is missing."""
     mean, std = {}, {}
     for column in columns:
-        values = [row[column] for row in rows if column in row and not math.isnan(row[column])]
+        values = [row[column] for row in rows if row.get(column) is not None and not math.isnan(row[column])]
         if values and len(values) == len(rows):
             mu = sum(values) / len(values)
             mean[column] = mu
@@ -189,12 +208,18 @@ def _missing(cfg: Table2Config, methods: Sequence[str], per_seed: dict[str, dict
     return [f"{name} seed {seed}" for seed in cfg.seeds for name in rows if seed not in per_seed.get(name, {})]
 
 
-def trainable_counts(name: str, options: dict[str, Any], model: Any, classes: int, shots: int
+def changed_options(config: MethodConfig) -> dict[str, object]:
+    """The options of `config` that differ from its class's defaults (the reference protocol's)."""
+    default = type(config)().to_dict()
+    return {k: v for k, v in config.to_dict().items() if v != default[k]}
+
+
+def trainable_counts(name: str, config: MethodConfig, model: Any, classes: int, shots: int
                      ) -> dict[str, Optional[int]]:
     """{"vit_b16": count on open_clip's ViT-B-16 with ImageNet's 1000 classes, "model": count on `model` with
-    `classes`} for method `name` with `options` (the method's `trainable_count` hook; None if it has none)."""
+    `classes`} for method `name` with `config` (the method's `trainable_count` hook; None if it has none)."""
 
-    method = build_method(name, **options)
+    method = build_method(name, config)
     counts: dict[str, Optional[int]] = {}
     for key, spec in (("vit_b16", reference_spec(shots)), ("model", ParamSpec(model, classes, shots))):
         try:
@@ -226,8 +251,8 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
         measured.append((label, mean))
         stds[label] = std
         # a WiSE row has its method's parameters and fit (no training of its own)
-        params = trainable_counts(base, method_options(base, cfg.method_options.get(base, {}), cfg.epochs_scale),
-                                  session.backbone.model, len(session.classes), cfg.shots)
+        params = trainable_counts(base, cfg.method_configs[base], session.backbone.model, len(session.classes),
+                                  cfg.shots)
         summary_rows[name] = {"label": label, "mean": mean, "std": std, "seeds": sorted(seeds),
                               "template_set": used[0] if used else None, "templates": used[1] if used else 0,
                               "params": params,
@@ -302,21 +327,14 @@ def _extra_columns(rows: dict[str, dict[str, Any]], classes: int) -> list[tuple[
 
 
 def _open_session(cfg: Table2Config, cache_dir: Optional[str] = None) -> tuple[Session, list[str]]:
-    """Validate `cfg` (methods and every option before any work), open the shared session (with the
+    """Validate `cfg` (seeds and WiSE methods, before any work), open the shared session (with the
     feature cache in `cache_dir` when given, e.g. a sweep's temporary one)."""
 
     if not cfg.seeds:
         raise ValueError("give at least one seed (--seeds 1 2 3)")
-    known = method_names()
-    unknown = [m for m in cfg.methods if m not in known]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {known}")
-    stray = sorted(set(cfg.method_options) - set(cfg.methods))
-    if stray:
-        raise ValueError(f"--method-options names method(s) {stray} that are not in --methods {list(cfg.methods)}")
-    methods = list(cfg.methods)
-    for name in methods:
-        method_options(name, cfg.method_options.get(name, {}), cfg.epochs_scale)
+    methods = list(cfg.methods)  # each with its config (checked when the Table2Config was built)
+    for name in methods:  # now that the process group (if any) is joined
+        check_processes(name, cfg.method_configs[name])
     wise_methods(cfg.wise_methods, methods)  # a method that does not run or cannot be interpolated: refused now
     runtime = cfg.runtime if cache_dir is None else replace(cfg.runtime, cache=True, cache_dir=cache_dir)
     return open_session(cfg.data, cfg.backbone, runtime), methods
@@ -359,11 +377,11 @@ def _run_shots(cfg: Table2Config, session: Session, methods: Sequence[str], out:
         split = session.draw_split(cfg.shots, seed, cfg.val_shots)
         save_split(out / f"split_seed{seed}.json", split, session.split_meta())
         for name in todo:
-            options = method_options(name, cfg.method_options.get(name, {}), cfg.epochs_scale, session.precision)
-            log(f"== {cfg.shots}-shot, seed {seed}: {name} {options or ''}")
+            config = cfg.method_configs[name]
+            log(f"== {cfg.shots}-shot, seed {seed}: {name} {changed_options(config) or ''}")
             fit_dir = out / f"{name.replace(':', '-')}_seed{seed}"  # ':' (adapter:<kind>) is no file-name character
             try:
-                fit = fit_and_evaluate(session, name, options, split, seed=seed,  # resume: from the last epoch
+                fit = fit_and_evaluate(session, name, config, split, seed=seed,  # resume: from the last epoch
                                        output_dir=fit_dir, log_line=log, resume=resume)
             except KeyboardInterrupt:
                 _write_outputs(out, cfg, per_seed, timing, session, _missing(cfg, methods, per_seed))

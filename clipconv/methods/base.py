@@ -5,8 +5,9 @@ Adding a method
 1. Write its options as a dataclass: `class MyConfig(MethodConfig)` with one `option(default, help=...)`
    per option (the reference protocol's value as default; checks such as `check=positive`). The
    command line (`--my-option`), `--help`, `--method-options` and config.json all come from it.
-2. Subclass `Method`, set `config_class = MyConfig`, accept the options as keyword arguments
-   (`build_method` has already validated them against `MyConfig`), and implement `fit(ctx)` (train on
+2. Subclass `Method`, set `config_class = MyConfig` (and `presets`, when its demo recipe differs from its
+   reference defaults), take the config in `__init__(config)` (`config_from` also accepts keyword options),
+   and implement `fit(ctx)` (train on
    `ctx.train`, choose hyper-parameters on `ctx.val` only, never touch `ctx.backbone` in place: copy
    what you train) and `logits(images)` — or `logits_from_features(features)` with
    `frozen_image_encoder = True` to score cached features. Seed, data-loading workers and the eval batch
@@ -20,10 +21,6 @@ Adding a method
 from __future__ import annotations
 
 import abc
-import dataclasses
-import functools
-import inspect
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Protocol, Sequence, Union
@@ -40,8 +37,8 @@ if TYPE_CHECKING:
     from clipconv.params import ParamSpec
 
 __all__ = ["FitContext", "Method", "MethodConfig", "MethodSpec", "option", "METHODS", "register_method",
-           "build_method", "method_names", "default_method", "table2_methods", "method_config_class", "config_from",
-           "MethodReferenceTemplates", "METHOD_REFERENCE_TEMPLATES"]
+           "build_method", "method_names", "default_method", "table2_methods", "method_config_class", "method_config",
+           "config_from", "MethodReferenceTemplates", "METHOD_REFERENCE_TEMPLATES", "PRESETS", "PAPER_AND_DEMO"]
 
 Sample = tuple[str, int]
 
@@ -61,6 +58,11 @@ class MethodReferenceTemplates(tuple):
     plain sequence it is zero-shot CLIP's single prompt "a photo of a {}.", the reference of the
     text-initialized heads (zero-shot CLIP, Convpass)."""
 
+
+#: the presets every method declares (`Method.presets`); "paper" is always the reference defaults
+PRESETS = ("paper", "demo")
+#: the presets of a method whose demo recipe is its reference one
+PAPER_AND_DEMO: Mapping[str, Mapping[str, object]] = {"paper": {}, "demo": {}}
 
 #: FitContext.templates when the run does not override the templates (each method uses its reference)
 METHOD_REFERENCE_TEMPLATES = MethodReferenceTemplates(("a photo of a {}.",))
@@ -115,8 +117,11 @@ class Method(abc.ABC):
 
     name: ClassVar[str] = ""
     frozen_image_encoder: ClassVar[bool] = True
-    #: the options dataclass of this method (`build_method(name, **options)` validates against it)
+    #: the options dataclass of this method (`build_method(name, config)` takes an instance of it)
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    #: named recipes, each a partial set of options over `config_class`'s defaults (`--preset NAME`):
+    #: "paper" = the reference protocol (the defaults themselves), "demo" = the miniature benchmark's (`--demo`)
+    presets: ClassVar[Mapping[str, Mapping[str, object]]] = PAPER_AND_DEMO
     #: the template set (`clipconv.prompts` name) the method's reference code uses; None: no templates used.
     #: "photo" (the single "a photo of a {}.") is zero-shot CLIP's and the text-initialized heads' reference.
     reference_templates: ClassVar[Optional[str]] = "photo"
@@ -188,8 +193,9 @@ class MethodSpec(Protocol):
     published: Mapping[str, float]
     data_parallel: bool
     default: bool
+    presets: Mapping[str, Mapping[str, object]]
 
-    def __call__(self, **options: Any) -> Method: ...
+    def __call__(self, config: Optional[MethodConfig] = None, **options: Any) -> Method: ...
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
@@ -216,29 +222,34 @@ def table2_methods() -> tuple[str, ...]:
     return tuple(name for _, name in sorted(ranked))
 
 
-@functools.lru_cache(maxsize=None)
-def method_config_class(cls: type[Method]) -> type[MethodConfig]:
-    """The options dataclass of a method: its `config_class`, or (while a method has not declared one)
-    a dataclass derived from its constructor's keyword parameters and their defaults."""
-    if dataclasses.fields(cls.config_class):
-        return cls.config_class
-    hints = typing.get_type_hints(cls.__init__)
-    fields = []
-    for name, param in inspect.signature(cls.__init__).parameters.items():
-        if name == "self" or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
-            continue
-        default = param.default if param.default is not param.empty else None
-        fields.append((name, hints.get(name, Any), option(default, help="")))
-    return dataclasses.make_dataclass(f"{cls.__name__}Config", fields, bases=(MethodConfig,))
+def method_config_class(cls: MethodSpec) -> type[MethodConfig]:
+    """The options dataclass of a method (its `config_class`)."""
+    return cls.config_class
 
 
-def build_method(name: str, **options: Any) -> Method:
-    """Instantiate a registered method; unknown names and unknown or invalid options raise ValueError
-    listing what is known (options are validated against `method_config_class`)."""
+def method_config(name: str, preset: str = "paper", options: Optional[Mapping[str, Any]] = None) -> MethodConfig:
+    """The typed config of method `name`: its `preset`'s options, then `options` over them. Unknown methods,
+    presets and options, and values of the wrong type, raise ValueError naming what is known."""
     method_names()
     cls = METHODS.lookup(name)
+    if preset not in cls.presets:
+        raise ValueError(f"method '{name}': unknown preset '{preset}'; choose one of {sorted(cls.presets)}")
     try:
-        method_config_class(cls).from_options(options)
+        return cls.config_class.from_options({**cls.presets[preset], **(options or {})})
     except ValueError as err:
         raise ValueError(f"method '{name}': {err}") from None
-    return cls(**options)
+
+
+def build_method(name: str, config: Optional[MethodConfig] = None, **options: Any) -> Method:
+    """Instantiate a registered method from its typed `config` (passed on as is), or, as a convenience,
+    from keyword `options` over its reference defaults (the config is then built here, once).
+    Unknown names and unknown or invalid options raise ValueError listing what is known."""
+    method_names()
+    cls = METHODS.lookup(name)
+    if config is None:
+        config = method_config(name, options=options)
+    elif options:
+        raise ValueError(f"method '{name}': give either a config or keyword options, not both (got {sorted(options)})")
+    elif not isinstance(config, cls.config_class):
+        raise TypeError(f"method '{name}' takes a {cls.config_class.__name__}, got {type(config).__name__}")
+    return cls(config)

@@ -34,7 +34,7 @@ from clipconv.data.draft import draft_for
 from clipconv.evaluation import image_loader
 from clipconv.head import class_embeddings, zero_shot_logits
 from clipconv.merge import merge_adapters
-from clipconv.methods.base import FitContext, Method, MethodConfig, config_from, option, register_method
+from clipconv.methods.base import PAPER_AND_DEMO, FitContext, Method, MethodConfig, config_from, option, register_method
 from clipconv.params import ParamSpec, count_elements, meta_copy
 from clipconv.runtime.jsontypes import JSONObject
 from clipconv.training import BatchLoss, Forward, ImageBatch, TrainConfig, Trainer, TrainingTask
@@ -135,6 +135,7 @@ class ClipLoRA(Method):
 
     frozen_image_encoder = False
     config_class = ClipLoRAConfig
+    presets = PAPER_AND_DEMO
     reference_templates = "photo"
     label = "CLIP-LoRA"
 

@@ -102,6 +102,9 @@ class CoOp(FrozenEncoderMethod):
     """Prompt learning with a static context. See the module docstring for options and defaults."""
 
     config_class = CoOpConfig
+    #: the demo: 4 context tokens from "a photo of a" (CoCoOp's domain-generalization CoOp; 16 do not fit the
+    #: mini CLIP's 16-token context)
+    presets = {"paper": {}, "demo": {"n_ctx": 4, "init_phrase": "a photo of a"}}
     reference_templates = None  # learnt prompts, no templates
     label = "CoOp"
     table2_order = 3

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipconv.methods.base import FitContext, MethodConfig, config_from, option, register_method
+from clipconv.methods.base import PAPER_AND_DEMO, FitContext, MethodConfig, config_from, option, register_method
 from clipconv.methods.frozen import FrozenEncoderMethod, require_features
 from clipconv.methods.zero_shot import ZeroShot
 from clipconv.runtime.jsontypes import JSONObject
@@ -136,6 +136,7 @@ class LinearProbe(FrozenEncoderMethod):
     """Logistic regression on raw frozen features (lpclip); C searched on validation data from train."""
 
     config_class = LinearProbeConfig
+    presets = PAPER_AND_DEMO
     reference_templates = None  # no text side
     label = "LP CLIP"
     table2_order = 2

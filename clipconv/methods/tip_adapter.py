@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 
 from clipconv.backbone import Backbone, _to_rgb
-from clipconv.methods.base import FitContext, MethodConfig, config_from, option, register_method
+from clipconv.methods.base import PAPER_AND_DEMO, FitContext, MethodConfig, config_from, option, register_method
 from clipconv.methods.frozen import FrozenEncoderMethod, require_features, templates_summary, text_classifier
 from clipconv.runtime.jsontypes import JSONObject
 from clipconv.training import BatchLoss, Forward, ImageBatch, TrainConfig, Trainer, TrainingTask
@@ -127,6 +127,7 @@ class TipAdapter(FrozenEncoderMethod):
     """Training-free Tip-Adapter; options in `TipAdapterConfig`."""
 
     config_class = TipAdapterConfig
+    presets = PAPER_AND_DEMO
     reference_templates = "tip"
     label = "Tip-Adapter"
     table2_order = 5

@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from clipconv.head import zero_shot_logits
-from clipconv.methods.base import FitContext, MethodConfig, config_from, option, register_method
+from clipconv.methods.base import PAPER_AND_DEMO, FitContext, MethodConfig, config_from, option, register_method
 from clipconv.methods.frozen import FrozenEncoderMethod, templates_summary, text_classifier
 from clipconv.runtime.jsontypes import JSONObject
 
@@ -27,6 +27,7 @@ class ZeroShot(FrozenEncoderMethod):
     """logits = logit_scale · normalize(f) · Wᵀ, W = prompt-ensemble class embeddings; nothing is trained."""
 
     config_class = ZeroShotConfig
+    presets = PAPER_AND_DEMO
     reference_templates = "photo"
     label = "ZS CLIP"
     templates_in_label = True  # single prompt (the paper's 66.73) vs an ensemble (open_clip's 68.34)

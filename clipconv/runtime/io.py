@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import pickle
 import resource
@@ -21,6 +22,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 
 __all__ = ["OutputWriteError", "DamagedFileError", "atomic_path", "remove_stale_temps", "write_json", "write_text", "read_json",
+           "finite_or_null",
            "save_torch", "load_torch", "new_file_mode"]
 
 
@@ -101,8 +103,22 @@ def write_text(path: Union[str, Path], text: str) -> Path:
     return Path(path)
 
 
+def finite_or_null(value: Any) -> Any:
+    """`value` with every NaN or ±infinity (in nested dicts, lists and tuples) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 def write_json(path: Union[str, Path], data: Any) -> Path:
-    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """Write `data` as strict JSON (RFC 8259: a NaN or infinity is written null), atomically; the one JSON
+    writer of clipconv. Values JSON has no form for are written as their str."""
+    text = json.dumps(data, indent=2, sort_keys=False, default=str)  # default=str first: numpy scalars, paths
+    return write_text(path, json.dumps(finite_or_null(json.loads(text)), indent=2, allow_nan=False) + "\n")
 
 
 def read_json(path: Union[str, Path], what_to_do: str = "delete it or start a new run") -> Any:

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from clipconv.app.cli.common import eval_set_arg
+from clipconv.app.cli.options import add_runtime_args, apply_runtime, runtime_from
 from clipconv.data import image_dataset
 from clipconv.data.family import FAMILIES, DatasetFamily, TreeFamily, family_from_args, family_names, open_family
 from clipconv.data.folder import BadImage
@@ -229,12 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classnames", default=None, help="'<id> <name>' file defining the class universe")
     parser.add_argument("--shots", type=int, default=16, help="warn about train classes with fewer images (16)")
     parser.add_argument("--verify", action="store_true", help="decode every image to find undecodable files")
+    parser.set_defaults(_runtime=add_runtime_args(parser))
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    apply_runtime(runtime_from(args, args._runtime, parser))
     if args.shots <= 0:
         parser.error(f"--shots must be positive, got {args.shots}")
     if args.classnames is not None and not Path(args.classnames).is_file():

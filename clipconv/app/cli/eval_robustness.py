@@ -11,7 +11,7 @@ import torch
 from clipconv.app.cli.common import bad_input_errors, fail, join_process_group, plain_warnings
 from clipconv.app.cli.options import add_shared_args, shared_configs
 from clipconv.app.clip_benchmark import write_benchmark_results
-from clipconv.app.run import CONFIG_FILE, logits_saver, setup_logging, write_results
+from clipconv.app.run import CONFIG_FILE, logits_saver, relocated, setup_logging, write_results
 from clipconv.app.rundir import RUN_FILES, check_output_dir, claim_output_dir, held_files, new_run_dir
 from clipconv.app.session import open_data_family, open_session
 from clipconv.app.wise_report import run_sweep
@@ -76,7 +76,8 @@ def run_settings(checkpoint: Path) -> dict[str, Any]:
     path = checkpoint.parent / CONFIG_FILE
     if not path.is_file():
         return {}
-    saved = read_json(path, what_to_do="give --data-root and --model/--pretrained explicitly, or repair the run")
+    saved = relocated(read_json(path, what_to_do="give --data-root and --model/--pretrained explicitly, or repair "
+                                                 "the run"), checkpoint.parent)  # the run folder may have moved
     data = {k: v for k, v in (saved.get("data") or {}).items() if k != "templates"}
     backbone = {k: v for k, v in (saved.get("backbone") or {}).items() if k in ("model", "pretrained")}
     return {**data, **backbone}
@@ -138,7 +139,7 @@ def load_references(folder: Optional[str], checkpoint: Path, meta: dict) -> dict
             continue
         per_seed = (table.get("per_seed") or {}).get(name, {})
         row, note = (per_seed[seed]["row"], f"seed {seed}") if seed in per_seed else (entry["mean"], "mean")
-        if source in row and "target_avg" in row:
+        if row.get(source) is not None and row.get("target_avg") is not None:  # null: not measured
             refs[f"{entry['label']} ({note})"] = (float(row[source]), float(row["target_avg"]))
     return refs
 
@@ -172,7 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         references = load_references(args.references, checkpoint, meta) if args.wise else {}
     source = meta.get("source", {})
     fallback = {"model": source.get("model"), "pretrained": source.get("pretrained"), **recorded}
-    configs, _ = shared_configs(args, args._fields, parser, fallback=fallback)
+    configs = shared_configs(args, args._fields, parser, fallback=fallback)
     data, backbone_cfg, runtime = configs["data"], configs["backbone"], configs["runtime"]
     with bad_input_errors():
 

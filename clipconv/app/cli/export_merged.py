@@ -9,12 +9,15 @@ from typing import Optional, Sequence
 
 from clipconv.adapters import mergeable_kinds
 from clipconv.app.cli.common import bad_input_errors, fail, plain_warnings
-from clipconv.backbone import load_backbone
+from clipconv.app.cli.options import add_runtime_args, apply_runtime, runtime_from
+from clipconv.backbone import load_backbone, resolve_device
 from clipconv.checkpoint import read_metadata
 from clipconv.merge import merged_state_dict, save_merged
 from clipconv.methods.finetune import load_classifier
 
 HEAD_SUFFIX = ".head.safetensors"
+#: the merge runs on the CPU unless --device says otherwise (it is one pass over the weights)
+MERGE_RUNTIME = {"device": "cpu"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="the merged open_clip state dict to write (.safetensors)")
     parser.add_argument("--model", help="open_clip model name or config JSON (default: the one the checkpoint records)")
     parser.add_argument("--pretrained", help="weights tag or file (default: the ones the checkpoint records)")
-    parser.add_argument("--device", default="cpu", help="device for the merge (default cpu)")
+    parser.set_defaults(_runtime=add_runtime_args(parser, device=True))
     return parser
 
 
@@ -39,8 +42,11 @@ def head_path(output: Path) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     plain_warnings()
+    runtime = runtime_from(args, args._runtime, parser, defaults=MERGE_RUNTIME)
+    apply_runtime(runtime)
 
     checkpoint = Path(args.checkpoint)
     if checkpoint.is_dir():
@@ -63,7 +69,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pretrained = args.pretrained or source.get("pretrained")
         if not model:
             fail(f"--checkpoint {checkpoint} records no model; give --model and --pretrained")
-        backbone = load_backbone(model, None if pretrained in (None, "none") else pretrained, device=args.device,
+        backbone = load_backbone(model, None if pretrained in (None, "none") else pretrained,
+                                 device=resolve_device(runtime.device),
                                  quick_gelu=meta["backbone"].get("quick_gelu"))
         classifier, _ = load_classifier(checkpoint, backbone)
         visual = merged_state_dict(classifier.visual)

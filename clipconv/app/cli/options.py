@@ -3,26 +3,40 @@
 Each `option(...)` field becomes one flag `--field-name` (plus its aliases) with the field's help text,
 its default shown once and its checks run while parsing, so `--lr 0` or `--scale nan` stop with one line
 naming the flag. Generated flags default to `argparse.SUPPRESS`: the namespace holds only what was
-given, so `--demo` fills the rest and `--resume` can tell which flags conflict with the saved run.
+given, so a preset (`--preset`, `--demo`) fills the rest and `--resume` can tell which flags conflict with the
+saved run.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import types
 import typing
-from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, Union
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Mapping, NoReturn, Optional, Sequence, Union
+
+import torch
 
 from clipconv.app.cli.common import NO_DATA_HELP, eval_set_arg
-from clipconv.app.demo_presets import DEMO_RUN_DEFAULTS, demo_settings
-from clipconv.config import BackboneConfig, Config, DataConfig, RuntimeConfig
+from clipconv.app.run import SECTIONS, setup_logging
+from clipconv.config import Config, RuntimeConfig
 from clipconv.data.demo_world import ensure_world
+from clipconv.methods.base import METHODS, PRESETS
+from clipconv.mini_clip import MINI_CLIP_CONFIG, MINI_CLIP_CROP_SCALE, MINI_CLIP_WEIGHTS
 
-__all__ = ["add_config_args", "given", "shared_configs", "add_shared_args", "demo_overrides_help", "SHARED"]
+__all__ = ["add_config_args", "given", "shared_configs", "add_shared_args", "demo_overrides_help", "SHARED",
+           "DEMO_RUN_SETTINGS", "add_preset_arg", "preset_of", "preset_notes", "method_json", "merge_method_options",
+           "absolute_paths", "add_runtime_args", "runtime_from", "apply_runtime"]
 
 #: the shared sections of every run, in the order their option groups are shown
-SHARED: dict[str, type[Config]] = {"data": DataConfig, "backbone": BackboneConfig, "runtime": RuntimeConfig}
+SHARED: dict[str, type[Config]] = SECTIONS
+
+#: the demo preset's run settings (what --demo sets besides each method's demo preset and the generated world):
+#: the shipped mini CLIP and its train crop scale (objects in its 48-px images; clipconv.mini_clip)
+DEMO_RUN_SETTINGS: dict[str, object] = {"family": "demo", "model": str(MINI_CLIP_CONFIG),
+                                        "pretrained": str(MINI_CLIP_WEIGHTS), "crop_scale": MINI_CLIP_CROP_SCALE}
 
 
 def _unwrap_optional(tp: Any) -> Any:
@@ -149,25 +163,99 @@ def add_shared_args(parser: argparse.ArgumentParser, skip: Iterable[str] = (),
 
 
 def demo_overrides_help() -> str:
-    """--demo's help: what it sets (the method's demo values are shown beside its options)."""
+    """--demo's help: what it sets (each method's demo preset is shown beside its options)."""
 
-    settings = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_RUN_DEFAULTS.items())
+    settings = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_RUN_SETTINGS.items()
+                         if k not in ("family", "model", "pretrained"))
     return ("use the offline miniature benchmark and the shipped mini CLIP (no downloads): the data root is the "
-            f"generated world, --model/--pretrained the mini CLIP, {settings}, and the method's demo options "
-            "(shown as '--demo: value' beside them); flags given win")
+            f"generated world, --model/--pretrained the mini CLIP, {settings}, and --preset demo (each method's "
+            "demo options, shown as '--preset demo: value' beside them); flags given win")
+
+
+def add_preset_arg(parser: argparse.ArgumentParser, help: str) -> None:
+    """--preset paper|demo (default: demo with --demo, else paper)."""
+    parser.add_argument("--preset", choices=PRESETS, default=None,
+                        help=f"{help} (default: demo with --demo, else paper)")
+
+
+def preset_of(args: argparse.Namespace) -> str:
+    """The preset the flags select: --preset, else demo with --demo, else paper."""
+    return args.preset or ("demo" if getattr(args, "demo", False) else "paper")
+
+
+def preset_notes(method: str) -> dict[str, str]:
+    """{option: "--preset demo: value"} of what `method`'s non-paper presets set (shown beside its flags)."""
+    notes: dict[str, str] = {}
+    for preset, options in METHODS[method].presets.items():
+        for name, value in options.items():
+            shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            notes[name] = "; ".join(filter(None, (notes.get(name), f"--preset {preset}: {shown}")))
+    return notes
+
+
+def method_json(text: str, fail: Callable[[str], NoReturn]) -> dict[str, object]:
+    """The --method-options JSON object (`fail` on anything else)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        fail(f"--method-options is not valid JSON: {err}")
+    if not isinstance(value, dict):
+        fail("--method-options must be a JSON object")
+    return value
+
+
+def merge_method_options(flags: Mapping[str, object], extra: Mapping[str, object], where: str = "--method-options"
+                         ) -> dict[str, object]:
+    """The method flags and the --method-options keys together; one option given both ways with different
+    values raises ValueError naming both."""
+    clash = [f"--{k.replace('_', '-')} {_shown(flags[k])} vs {where} \"{k}\": {json.dumps(extra[k])}"
+             for k in sorted(set(flags) & set(extra)) if not _same(flags[k], extra[k])]
+    if clash:
+        raise ValueError(f"a method option given twice with different values: {'; '.join(clash)}; give it once")
+    return {**flags, **extra}
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+def _shown(value: object) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+#: the data and backbone options that are paths (stored absolute, so a run folder works from any directory)
+PATH_OPTIONS = ("data_root", "classnames", "train_root", "cache_dir")
+MAYBE_PATH_OPTIONS = ("templates", "model", "pretrained")  # names (photo, ViT-B-16, openai) or files
+
+
+def absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def absolute_paths(values: dict[str, object]) -> dict[str, object]:
+    """`values` (a section's options) with its paths absolute: data folders, files, and a model, weights or
+    templates option that names an existing file."""
+    out = dict(values)
+    for name, value in values.items():
+        if isinstance(value, str) and (name in PATH_OPTIONS or name in MAYBE_PATH_OPTIONS and Path(value).is_file()):
+            out[name] = absolute(value)
+        elif name == "eval_roots" and isinstance(value, dict):
+            out[name] = {k: absolute(v) for k, v in value.items()}
+    return out
 
 
 def shared_configs(args: argparse.Namespace, fields: Mapping[str, list[str]], parser: argparse.ArgumentParser,
-                   method: Optional[str] = None, fallback: Optional[Mapping[str, Any]] = None
-                   ) -> tuple[dict[str, Config], dict[str, Any]]:
-    """The data, backbone and runtime configs of the parsed flags, and the method's demo options.
+                   fallback: Optional[Mapping[str, Any]] = None) -> dict[str, Config]:
+    """The data, backbone and runtime configs of the parsed flags, with their paths absolute.
 
-    Precedence: a flag given > `fallback` (e.g. what a checkpoint records) > --demo's settings > the
-    config default. This is the one place --demo is applied. Bad values exit 2 through `parser.error`.
+    Precedence: a flag given > `fallback` (e.g. what a checkpoint records) > --demo's run settings
+    (`DEMO_RUN_SETTINGS`) > the config default. This is the one place --demo's run settings are applied.
+    Bad values exit 2 through `parser.error`.
     """
 
-    demo: dict[str, Any] = demo_settings(method) if getattr(args, "demo", False) else {}
-    demo_method = demo.pop("method_options", {})
+    demo: dict[str, object] = DEMO_RUN_SETTINGS if getattr(args, "demo", False) else {}
     configs: dict[str, Config] = {}
     for section, cls in SHARED.items():
         names = {f.name for f in dataclasses.fields(cls)}
@@ -177,7 +265,7 @@ def shared_configs(args: argparse.Namespace, fields: Mapping[str, list[str]], pa
         if section == "data" and hasattr(args, "eval_set"):
             values["eval_roots"] = dict(args.eval_set)
         try:
-            configs[section] = cls.from_options(values)
+            configs[section] = cls.from_options(absolute_paths(values))
         except ValueError as err:
             parser.error(str(err))
     if configs["data"].data_root is None and configs["data"].train_root is None:
@@ -185,4 +273,28 @@ def shared_configs(args: argparse.Namespace, fields: Mapping[str, list[str]], pa
             parser.error(NO_DATA_HELP)
 
         configs["data"] = dataclasses.replace(configs["data"], data_root=str(ensure_world()))
-    return configs, demo_method
+    return configs
+
+
+def add_runtime_args(parser: argparse.ArgumentParser, *, device: bool = False) -> list[str]:
+    """--threads and --quiet (and, for a script that computes on a device, --device), generated from
+    RuntimeConfig as in the shared runtime group: the runtime options of entry points without that group."""
+    wanted = {"threads", "quiet", *(("device",) if device else ())}
+    skip = [f.name for f in dataclasses.fields(RuntimeConfig) if f.name not in wanted]
+    return add_config_args(parser, RuntimeConfig, title="runtime", skip=skip)
+
+
+def runtime_from(args: argparse.Namespace, fields: Iterable[str], parser: argparse.ArgumentParser,
+                 defaults: Optional[Mapping[str, object]] = None) -> RuntimeConfig:
+    """The RuntimeConfig of the runtime flags given over the script's own `defaults` (e.g. device cpu)."""
+    try:
+        return RuntimeConfig.from_options({**(defaults or {}), **given(args, fields)})
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def apply_runtime(runtime: RuntimeConfig) -> None:
+    """Apply --threads (torch's CPU threads) and --quiet (warnings only on stderr) to this process."""
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    setup_logging(quiet=runtime.quiet)

@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from clipconv.app.cli.common import bad_input_errors, fail, join_process_group, positive_int
-from clipconv.app.cli.options import add_config_args, add_shared_args, given, shared_configs
-from clipconv.app.demo_presets import demo_settings
-from clipconv.app.run import log, setup_logging
+from clipconv.app.cli.options import (
+    absolute, absolute_paths, add_config_args, add_preset_arg, add_shared_args, given, preset_of, shared_configs
+)
+from clipconv.app.run import PRESET_HELP, log, setup_logging
 from clipconv.app.rundir import exit_code, interrupt_on_sigterm
-from clipconv.app.table2 import SWEEP_FILE, TABLE2_METHODS, Table2Config, load_record, run_shots_sweep, run_table2
+from clipconv.app.session import build_method_config
+from clipconv.app.table2 import SWEEP_FILE, Table2Config, check_methods, load_record, run_shots_sweep, run_table2
 from clipconv.config import RuntimeConfig
+from clipconv.methods.base import MethodConfig
 from clipconv.mini_clip import MINI_CLIP_CONFIG
 from clipconv.runtime.ranks import is_main
 
@@ -35,8 +38,9 @@ one backbone and one feature store (the evaluation sets are encoded once for the
 
 EPILOG = """method options: --method-options '{"coop": {"epochs": 5, "views": 2}, "tip_adapter": {"search": "small"}}'
 (keys are method names, values that method's options: scripts/train_imagenet_fs.py --method NAME --help
-lists them); --demo adds each method's demo options (clipconv/app/demo_presets.py); --epochs-scale 0.1 multiplies every
-method's default epoch count (an explicit "epochs" option wins).
+lists them), over each method's preset (--preset paper: its reference protocol; --preset demo, selected by --demo:
+its miniature-benchmark recipe, `Method.presets`); --epochs-scale 0.1 multiplies every method's default epoch count
+(an "epochs" option or preset value wins).
 
 examples:
   python scripts/run_table2.py --demo --shots 16                  # miniature benchmark, offline
@@ -56,10 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shots", type=positive_int, nargs="+", default=[16],
+    parser.add_argument("--shots", type=positive_int, nargs="+", default=[Table2Config.shots],
                         help="training images per class (default 16); several values (1 2 4 8 16) run a sweep "
                              "and plot accuracy against shots")
-    add_config_args(parser, Table2Config, skip=("shots",))
+    add_config_args(parser, Table2Config, skip=("shots", "preset"))
+    add_preset_arg(parser, PRESET_HELP)
     parser.add_argument("--method-options", default="{}", help="JSON: {method: {option: value}} (see below)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the table already in --output-dir (its clipconv files are deleted first)")
@@ -70,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _method_options(text: str) -> dict:
+def _method_options(text: str) -> dict[str, dict[str, object]]:
     try:
         options = json.loads(text)
     except json.JSONDecodeError as err:
@@ -90,7 +95,7 @@ def _resume_config(args: argparse.Namespace, argv: Sequence[str]):
              "used); drop them, or start a new table")
     with bad_input_errors():
         cfg, shots = load_record(Path(args.resume))
-    runtime = {**cfg.runtime.to_dict(), **given(args, args._fields["runtime"])}
+    runtime = {**cfg.runtime.to_dict(), **absolute_paths(given(args, args._fields["runtime"]))}
 
 
     with bad_input_errors():
@@ -142,27 +147,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _new_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
-    """(Table2Config, shots) of the flags given."""
+def _new_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Table2Config, list[int]]:
+    """(Table2Config, shots) of the flags given. Each method's typed config is built here, once: its preset
+    (--preset; --demo: demo), its --method-options over it, its epochs scaled by --epochs-scale."""
 
     shots = sorted(set(args.shots))
-    method_options = _method_options(args.method_options)
-    table = given(args, TABLE2_FIELDS)
-    if args.demo:  # each method's demo options under what --method-options gives
-
-        for name in table.get("methods", TABLE2_METHODS):
-            demo_options = demo_settings(name)["method_options"]
-            if demo_options:
-                method_options[name] = {**demo_options, **method_options.get(name, {})}
-    configs, _ = shared_configs(args, args._fields, parser)
+    options = _method_options(args.method_options)
+    table = {k: absolute(v) if k == "output_dir" else v for k, v in given(args, TABLE2_FIELDS).items()}
+    configs = shared_configs(args, args._fields, parser)
     label = None
     if configs["backbone"].model == str(MINI_CLIP_CONFIG):
         label = "miniature benchmark (mini CLIP, generated world; not ImageNet)"
-    try:
-        cfg = Table2Config(shots=shots[-1], method_options=method_options, benchmark_label=label, **table, **configs)
-    except ValueError as err:
-        parser.error(str(err))
-    return cfg, shots
+    methods = table.get("methods", Table2Config.methods)  # the dataclass's defaults
+    scale = table.get("epochs_scale", Table2Config.epochs_scale)
+    with bad_input_errors():
+        check_methods(methods)
+        stray = sorted(set(options) - set(methods))
+        if stray:
+            raise ValueError(f"--method-options names method(s) {stray} that are not in --methods {list(methods)}")
+        method_configs: dict[str, MethodConfig] = {
+            name: build_method_config(name, preset_of(args), options.get(name), epochs_scale=scale,
+                                      precision=configs["backbone"].precision) for name in methods}
+        return Table2Config(shots=shots[-1], preset=preset_of(args), method_configs=method_configs,
+                            benchmark_label=label, **table, **configs), shots
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,34 +3,40 @@
 The whole path from flags to metrics:
   1. `build_parser(method)`: flags generated from RunConfig, the shared Data/Backbone/Runtime configs and
      the chosen method's config class (two-stage parse: --method first, then its option group);
-  2. `config_from_args`: a `RunConfig` (--demo applied once, in `options.shared_configs`);
-  3. `clipconv.app.run.prepare_run` → `Session` + split + validated method options + the run folder (checked
-     before any work, created uniquely; an existing run is refused unless --overwrite or --resume);
-  4. `clipconv.app.run.execute_run` → `session.fit_and_evaluate` → metrics.json, results.md, run_summary.json.
+  2. `config_from_args`: a `RunConfig` holding the method's typed config, built ONCE here (the preset, then
+     the method's flags, then --method-options; --demo's run settings applied in `options.shared_configs`);
+  3. `clipconv.app.run.prepare_run` → `Session` + split + the run folder (checked before any work, created
+     uniquely; an existing run is refused unless --overwrite or --resume);
+  4. `clipconv.app.run.execute_run` → `session.fit_and_evaluate` (`build_method(name, config)`, the same
+     config object) → metrics.json, results.md, run_summary.json.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from clipconv.app.cli.common import EXIT_BAD_INPUT, bad_input_errors, fail, join_process_group, plain_warnings
-from clipconv.app.cli.options import add_config_args, add_shared_args, given, shared_configs
-from clipconv.app.demo_presets import DEMO_TRAIN_DEFAULTS
-from clipconv.app.run import CONFIG_FILE, RunConfig, execute_run, prepare_run
+from clipconv.app.cli.options import (
+    absolute, absolute_paths, add_config_args, add_preset_arg, add_shared_args, given, merge_method_options,
+    method_json, preset_notes, preset_of, shared_configs
+)
+from clipconv.app.run import CONFIG_FILE, PRESET_HELP, RunConfig, execute_run, prepare_run, relocated
 from clipconv.app.rundir import exit_code, interrupt_on_sigterm
-from clipconv.methods.base import METHODS, default_method, method_config_class, method_names
+from clipconv.app.session import build_method_config
+from clipconv.methods.base import METHODS, default_method, method_names
 from clipconv.runtime.io import read_json
 from clipconv.runtime.ranks import is_main
 
 DESCRIPTION = """Train a few-shot CLIP method on K shots per class and evaluate it on ImageNet and its shifted
 variants (-V2, -Sketch, -A, -R). Defaults are the Convpass paper's Convpass_CLIP protocol (Table 3):
 ViT-B/16 OpenAI weights, Convpass h=8 beside attention and MLP, AdamW lr 1e-5, batch 64, 50 epochs, cosine.
-`--method NAME --help` lists that method's options."""
+`--method NAME --help` lists that method's options; `--preset demo` (or `--demo`) its miniature-benchmark recipe."""
 
 RUN_FIELDS = ("shots", "seed", "val_shots", "split", "output_dir", "save_logits", "wise_alpha")
+PATH_FIELDS = ("split", "output_dir")  # stored absolute
 METHOD_PREFIX = "method."
 
 
@@ -46,80 +52,89 @@ def build_parser(method: Optional[str] = None) -> argparse.ArgumentParser:
 
     method = method or default_method()
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser, RunConfig, skip=("method",))
+    add_config_args(parser, RunConfig, skip=("method", "preset"))
     parser.add_argument("--method", default=default_method(),
                         help=f"registered method (default: {default_method()}; see --list-methods)")
     parser.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
+    add_preset_arg(parser, PRESET_HELP)
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue an interrupted run from its last epoch (only runtime flags may be given)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run already in --output-dir (its clipconv files are deleted first)")
     parser.set_defaults(_fields={"run": RUN_FIELDS, **add_shared_args(parser)})
-    config_class = method_config_class(METHODS[method])
-    notes = {k: f"--demo: {v}" for k, v in DEMO_TRAIN_DEFAULTS.get(method, {}).items()}
+    config_class = METHODS[method].config_class
     method_fields = add_config_args(parser, config_class, title=f"{method} options", prefix=METHOD_PREFIX,
-                                    notes=notes)
+                                    notes=preset_notes(method))
     parser.set_defaults(_method_fields=method_fields)
     parser.add_argument("--method-options", default="{}",
-                        help=f"JSON object of further options of the method; known: {sorted(config_class.help())}")
+                        help=f"JSON object of further options of the method (an option also given as a flag must "
+                             f"agree with it); known: {sorted(config_class.help())}")
     return parser
 
 
-def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
-    """The RunConfig of parsed flags: --method-options JSON over the method's flags over --demo's options."""
-
-    try:
-        extra = json.loads(args.method_options)
-    except json.JSONDecodeError as err:
-        fail(f"--method-options is not valid JSON: {err}")
-    if not isinstance(extra, dict):
-        fail("--method-options must be a JSON object")
-    configs, demo_options = shared_configs(args, args._fields, parser, method=args.method)
-    options = {**demo_options, **given(args, args._method_fields, METHOD_PREFIX), **extra}
-    run = {**given(args, RUN_FIELDS), "method": args.method}
-    try:
-        return RunConfig(**run, method_options=options, **configs)
-    except ValueError as err:
-        parser.error(str(err))
+def run_values(args: argparse.Namespace) -> dict[str, object]:
+    """The run flags given, their paths absolute."""
+    return {k: absolute(v) if k in PATH_FIELDS else v for k, v in given(args, RUN_FIELDS).items()}
 
 
-def _resume_config(run_dir: str, args: argparse.Namespace, parser: argparse.ArgumentParser):
-    """The saved RunConfig of `run_dir`; flags that conflict with it are refused, listed."""
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> RunConfig:
+    """The RunConfig of parsed flags. The method's typed config is built here, once: its preset (--preset;
+    --demo: demo), the method's flags over it, then --method-options (a key that disagrees with a flag is
+    refused); any bad value exits 2 with one line."""
+
+    extra = method_json(args.method_options, fail)
+    configs = shared_configs(args, args._fields, parser)
+    preset = preset_of(args)
+    with bad_input_errors():
+        options = merge_method_options(given(args, args._method_fields, METHOD_PREFIX), extra)
+        method_config = build_method_config(args.method, preset, options, precision=configs["backbone"].precision)
+        return RunConfig(**run_values(args), method=args.method, preset=preset, method_config=method_config,
+                         **configs)
+
+
+def _resume_config(run_dir: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> RunConfig:
+    """The saved RunConfig of `run_dir` (wherever the run folder is now); flags that conflict with it are
+    refused, listed."""
 
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         fail(f"--resume {run_dir}: no {CONFIG_FILE} there; give the run directory of an earlier run")
     with bad_input_errors():
-        saved = RunConfig.from_dict(read_json(path))
+        saved = RunConfig.from_dict(relocated(read_json(path), Path(run_dir)))
     conflicts = []
-    for name, value in given(args, RUN_FIELDS).items():
+    for name, value in run_values(args).items():
         if name == "save_logits" or (name == "output_dir" and Path(value).resolve() == Path(run_dir).resolve()):
             continue
         if value != getattr(saved, name):
             conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {getattr(saved, name)})")
     if args.method_given and args.method_given != saved.method:
         conflicts.append(f"--method {args.method_given} (saved: {saved.method})")
+    if args.preset and args.preset != saved.preset:
+        conflicts.append(f"--preset {args.preset} (saved: {saved.preset})")
     for section in ("data", "backbone"):
-        for name, value in given(args, args._fields[section]).items():
-            if value != getattr(getattr(saved, section), name):
-                conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {getattr(getattr(saved, section), name)})")
+        recorded = getattr(saved, section).to_dict()
+        for name, value in absolute_paths(given(args, args._fields[section])).items():
+            if value != recorded.get(name):
+                conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {recorded.get(name)})")
     free = {}  # method options that change speed only, never the numbers: they may differ on resume
+    saved_options = saved.method_config.to_dict()
     for name, value in given(args, args._method_fields, METHOD_PREFIX).items():
         if name in RESUME_FREE_METHOD_OPTIONS:
             free[name] = value
-        elif saved.method_options.get(name, value) != value or name not in saved.method_options:
-            conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {saved.method_options.get(name, 'default')})")
-    if json.loads(args.method_options or "{}"):
+        elif value != saved_options.get(name):
+            conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {saved_options.get(name)})")
+    if method_json(args.method_options or "{}", fail):
         conflicts.append("--method-options (the saved run's options are used)")
     if conflicts:
         fail(f"--resume {run_dir}: these flags conflict with the saved run: {'; '.join(conflicts)}; "
              "drop them (only runtime flags such as --device/--workers may change) or start a new run")
-    runtime = {**saved.runtime.to_dict(), **given(args, args._fields["runtime"])}
     with bad_input_errors():
-        return RunConfig.from_dict({**saved.to_dict(), "runtime": runtime, "output_dir": str(run_dir),
-                                    "method_options": {**saved.method_options, **free},
-                                    "save_logits": given(args, RUN_FIELDS).get("save_logits", saved.save_logits),
-                                    "split": str(Path(run_dir) / "split.json")})
+        runtime = type(saved.runtime).from_options({**saved.runtime.to_dict(),
+                                                    **absolute_paths(given(args, args._fields["runtime"]))})
+        return dataclasses.replace(saved, runtime=runtime, output_dir=absolute(run_dir),
+                                   method_config=dataclasses.replace(saved.method_config, **free),
+                                   save_logits=given(args, RUN_FIELDS).get("save_logits", saved.save_logits),
+                                   split=absolute(str(Path(run_dir) / "split.json")))
 
 
 #: method options that may change on --resume (speed only: torch.compile gives the same numbers)

@@ -13,7 +13,7 @@ from clipconv.app.clip_benchmark import BENCHMARK_DIR, write_benchmark_results
 from clipconv.app.report import markdown_table
 from clipconv.app.run import counts_line, log, recall_line, setup_logging
 from clipconv.app.rundir import ZERO_SHOT_FILES, check_output_dir, claim_output_dir, held_files, new_run_dir
-from clipconv.app.session import fit_and_evaluate, open_session
+from clipconv.app.session import build_method_config, fit_and_evaluate, open_session
 from clipconv.data import FewShotSplit
 from clipconv.methods.zero_shot import ZeroShot
 from clipconv.runtime.outputs import write_json, write_text
@@ -79,8 +79,9 @@ def compare_zero_shot(data: "DataConfig", backbones: Sequence["BackboneConfig"],
     else:
         output_dir = claim_output_dir(output_dir, ZERO_SHOT_FILES, ZERO_SHOT_PATTERNS, overwrite=overwrite)
     rows, results = [], []
+    config = build_method_config("zero_shot")  # its reference options, for every backbone
     for backbone, session in zip(backbones, sessions):
-        fit = fit_and_evaluate(session, "zero_shot", {}, FewShotSplit(train=[]), seed=0, log_line=log)
+        fit = fit_and_evaluate(session, "zero_shot", config, FewShotSplit(train=[]), seed=0, log_line=log)
         tag = backbone.pretrained
         label = f"{session.backbone.model_name} ({Path(tag).name if tag and Path(tag).exists() else tag})"
         rows.append((label, session.row(fit.metrics)))
@@ -106,7 +107,7 @@ def compare_zero_shot(data: "DataConfig", backbones: Sequence["BackboneConfig"],
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configs, _ = shared_configs(args, args._fields, parser)
+    configs = shared_configs(args, args._fields, parser)
     backbone = configs["backbone"]
     with bad_input_errors():
         pairs = backbone_pairs(args.model, args.pretrained, default=(backbone.model, backbone.pretrained))
