@@ -19,42 +19,44 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Optional, Sequence, TypeVar, Union
 
+from clipconv.runtime.jsontypes import JSONObject
+
 __all__ = ["option", "Config", "DataConfig", "BackboneConfig", "RuntimeConfig", "Check", "positive",
            "non_negative", "seed_range", "fraction", "DEFAULT_WORKERS", "Precision"]
 
 ConfigT = TypeVar("ConfigT", bound="Config")
-Check = Callable[[Any], Optional[str]]  # value -> None when fine, else what is wrong ("must be positive")
+Check = Callable[[object], Optional[str]]  # value -> None when fine, else what is wrong ("must be positive")
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 #: data-loading processes: no more than the machine's cores (and 4 at most)
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
-def _numbers(value: Any) -> list[float]:
+def _numbers(value: object) -> list[float]:
     if isinstance(value, (list, tuple)):
         return [v for v in value if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
 
 
-def positive(value: Any) -> Optional[str]:
+def positive(value: object) -> Optional[str]:
     return next((f"must be positive, got {v}" for v in _numbers(value) if not v > 0), None)
 
 
-def non_negative(value: Any) -> Optional[str]:
+def non_negative(value: object) -> Optional[str]:
     return next((f"must be zero or more, got {v}" for v in _numbers(value) if not v >= 0), None)
 
 
-def fraction(value: Any) -> Optional[str]:
+def fraction(value: object) -> Optional[str]:
     return next((f"must be in (0, 1], got {v}" for v in _numbers(value) if not 0 < v <= 1), None)
 
 
-def seed_range(value: Any) -> Optional[str]:
+def seed_range(value: object) -> Optional[str]:
     return next((f"must be an integer in [0, 2**32), got {v}" for v in _numbers(value)
                  if not (float(v).is_integer() and 0 <= v < 2**32)), None)
 
 
-def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
-           choices: Optional[Sequence[Any]] = None, check: Optional[Check] = None,
+def option(default: object = dataclasses.MISSING, *, help: str, default_factory: object = dataclasses.MISSING,
+           choices: Optional[Sequence[object]] = None, check: Optional[Check] = None,
            aliases: Sequence[str] = (), cli: bool = True) -> Any:
     """A config field that carries its help text (as PEFT's `LoraConfig` fields do).
 
@@ -72,7 +74,7 @@ def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: An
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
-def _kind(tp: Any) -> str:
+def _kind(tp: object) -> str:
     """What a value of type `tp` is, in words ("an integer", "one of ['a', 'b']", "a list of a number")."""
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -87,7 +89,7 @@ def _kind(tp: Any) -> str:
     return _KIND_NAMES.get(tp, f"a {getattr(tp, '__name__', tp)}")
 
 
-def _conforms(value: Any, tp: Any) -> bool:
+def _conforms(value: object, tp: object) -> bool:
     """Whether `value` is of type `tp` as JSON gives it: a bool is never a number, an int is never a bool,
     an int is a float, a list is a tuple."""
     if tp is Any:
@@ -120,7 +122,7 @@ def _conforms(value: Any, tp: Any) -> bool:
     return True  # a type form not checked here
 
 
-def _normalized(value: Any, tp: Any) -> Any:
+def _normalized(value: object, tp: object) -> object:
     """`value` in the field's own form: a float field holds a float, a tuple field a tuple."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -136,7 +138,7 @@ def _normalized(value: Any, tp: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def _field_types(cls: type) -> dict[str, Any]:
+def _field_types(cls: type) -> dict[str, object]:
     return typing.get_type_hints(cls)
 
 
@@ -172,7 +174,7 @@ class Config:
                 raise ValueError(f"option '{f.name}' of {type(self).__name__} {problem}")
 
     @classmethod
-    def from_options(cls: type[ConfigT], options: Optional[Mapping[str, Any]] = None) -> ConfigT:
+    def from_options(cls: type[ConfigT], options: Optional[Mapping[str, object]] = None) -> ConfigT:
         """Build from {name: value}; unknown names raise with the list of known ones."""
         options = dict(options or {})
         known = {f.name for f in dataclasses.fields(cls)}
@@ -186,7 +188,7 @@ class Config:
         """{option name: help text}."""
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 

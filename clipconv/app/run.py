@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 import open_clip
 import torch
@@ -33,6 +33,7 @@ from clipconv.config import (
 from clipconv.data.fewshot import save_split
 from clipconv.methods.base import METHODS, PRESETS, MethodConfig, default_method
 from clipconv.runtime import ranks
+from clipconv.runtime.jsontypes import JSON, JSONObject
 from clipconv.runtime.outputs import atomic_path, write_json, write_text
 from clipconv.wise import WISE_DEFAULT_ALPHA, alpha_check, supports_interpolation, wise_label
 
@@ -82,13 +83,13 @@ class ExperimentConfig(Config):
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {k: v.to_dict() if isinstance(v, Config) else list(v) if isinstance(v, tuple) else v
                 for k, v in out.items()}
 
     @classmethod
-    def sections_from(cls, saved: Mapping[str, Any]) -> dict[str, Any]:
+    def sections_from(cls, saved: Mapping[str, JSON]) -> JSONObject:
         """`saved` (a `to_dict`) with its data, backbone and runtime sections as configs, without the
         `environment` record."""
         values = {k: v for k, v in saved.items() if k != "environment"}
@@ -122,13 +123,13 @@ class RunConfig(ExperimentConfig):
             raise ValueError(f"method '{self.method}' takes a {expected.__name__}, got a "
                              f"{type(self.method_config).__name__}")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         out = super().to_dict()
         out["method_options"] = out.pop("method_config")  # config.json's name for the method's options
         return out
 
     @classmethod
-    def from_dict(cls, saved: Mapping[str, Any]) -> "RunConfig":
+    def from_dict(cls, saved: Mapping[str, JSON]) -> "RunConfig":
         """The inverse of `to_dict` (config.json); the `environment` record is ignored. The method's config
         is built from the recorded "method_options" (over the recorded preset: an older run recorded only
         the options it was given)."""
@@ -152,7 +153,7 @@ def source_commit() -> Optional[str]:
     return top[1] if len(top) == 2 and Path(top[0]).resolve() == root else None
 
 
-def environment(session: Session) -> dict[str, Any]:
+def environment(session: Session) -> JSONObject:
     """clipconv's version and commit, library versions, device and precision of a run (recorded beside its
     config)."""
 
@@ -162,7 +163,7 @@ def environment(session: Session) -> dict[str, Any]:
             "backend": ranks.backend(), "threads": torch.get_num_threads()}
 
 
-def relocated(saved: dict[str, Any], folder: Path) -> dict[str, Any]:
+def relocated(saved: JSONObject, folder: Path) -> JSONObject:
     """A run record (config.json) read from `folder`: paths that pointed into the folder where the run was
     written (its recorded "output_dir") point into `folder`, where it is now (a moved or copied run)."""
     old = saved.get("output_dir")
@@ -170,7 +171,7 @@ def relocated(saved: dict[str, Any], folder: Path) -> dict[str, Any]:
         return saved
     old_root, new_root = Path(old), folder.resolve()
 
-    def move(value: Any) -> Any:
+    def move(value: JSON) -> JSON:
         if isinstance(value, dict):
             return {k: move(v) for k, v in value.items()}
         if isinstance(value, str) and Path(value).is_absolute():
@@ -283,7 +284,7 @@ def execute_run(run: PreparedRun) -> FitResult:
 
 def logits_saver(folder: Path):
     """`on_logits` for evaluation: writes folder/<set>_logits.safetensors ({"logits", "labels"}) atomically."""
-    def save(name: str, logits: Any, labels: Any) -> None:
+    def save(name: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
 
 
         with atomic_path(folder / f"{name}_logits.safetensors") as tmp:
@@ -292,7 +293,7 @@ def logits_saver(folder: Path):
     return save
 
 
-def counts_line(metrics: Mapping[str, Mapping[str, Any]], display: Optional[Mapping[str, str]] = None) -> str:
+def counts_line(metrics: Mapping[str, Mapping[str, JSON]], display: Optional[Mapping[str, str]] = None) -> str:
     """"images / classes per set: ImageNet 12 / 4, -A 6 / 2, ...": what each score is over (a restricted set
     such as -A/-R is scored over its own classes only)."""
     display = display or {}
@@ -301,7 +302,7 @@ def counts_line(metrics: Mapping[str, Mapping[str, Any]], display: Optional[Mapp
     return "images / classes per set: " + ", ".join(cells)
 
 
-def recall_line(metrics: Mapping[str, Mapping[str, Any]], display: Optional[Mapping[str, str]] = None) -> str:
+def recall_line(metrics: Mapping[str, Mapping[str, JSON]], display: Optional[Mapping[str, str]] = None) -> str:
     """"mean per-class recall (%): ImageNet 70.12, -V2 ...": sklearn's balanced accuracy of each set."""
     display = display or {}
     cells = [f"{display.get(name, name)} {float(m['mean_per_class_recall']):.2f}" for name, m in metrics.items()
@@ -310,7 +311,7 @@ def recall_line(metrics: Mapping[str, Mapping[str, Any]], display: Optional[Mapp
 
 
 def write_results(run_dir: Path, label: str, row: dict[str, float], metrics: dict[str, dict[str, float]],
-                  summary: dict[str, Any], columns: Sequence[str], display: Optional[Mapping[str, str]] = None) -> None:
+                  summary: JSONObject, columns: Sequence[str], display: Optional[Mapping[str, str]] = None) -> None:
     """metrics.json ({set: {top1, top5, n, classes}}), results.md (the Table-2 `row` over `columns`, then
     the images / classes each score is over) and run_summary.json, atomically."""
 

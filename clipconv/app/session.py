@@ -23,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Union
 
 import torch
 
@@ -39,6 +39,7 @@ from clipconv.features import FeatureStore
 from clipconv.methods import FitContext, build_method
 from clipconv.methods.base import METHOD_REFERENCE_TEMPLATES, METHODS, method_config, method_names
 from clipconv.prompts import load_templates
+from clipconv.runtime.jsontypes import JSON, JSONObject
 from clipconv.runtime.ranks import check_batch_size, local_device
 from clipconv.training import resolve_precision
 from clipconv.wise import WISE_NOTE, interpolate
@@ -55,7 +56,7 @@ __all__ = ["Session", "FitResult", "open_session", "open_data_family", "fit_and_
 log = logging.getLogger("clipconv")
 
 
-def jsonable(value: Any) -> Any:
+def jsonable(value: object) -> JSON:
     """`value` with tensors/arrays as lists and anything else unknown as its str (for JSON files)."""
     return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
@@ -103,7 +104,7 @@ class Session:
         return sample_few_shot(self.train_samples(), shots, seed, val_shots=val_shots, root=self.data_root,
                                verify=self.family.verify_draws, class_names=self.classes.names)
 
-    def split_meta(self) -> dict[str, Any]:
+    def split_meta(self) -> JSONObject:
         return {"class_ids": list(self.classes.ids), "data_root": str(self.data_root.resolve())}
 
     def load_split(self, path: str, shots: int, seed: int, val_shots: int) -> "FewShotSplit":
@@ -142,7 +143,7 @@ class Session:
         row["target_avg"] = target_average(row, self.family.targets)
         return row
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> JSONObject:
         """What results record about the session (table2.json, run_summary.json)."""
         return {"backbone": self.backbone.describe(), "classes": len(self.classes), "device": str(self.device),
                 "precision": self.precision, "data": self.family.describe(),
@@ -223,17 +224,17 @@ class FitResult:
     """One method fitted on one split and scored on the suite."""
 
     method: str
-    options: dict[str, Any]
+    options: JSONObject
     metrics: dict[str, dict[str, float]]
-    fit: dict[str, Any]
-    summary: dict[str, Any]
+    fit: JSONObject
+    summary: JSONObject
     fit_seconds: float
     eval_seconds: float
     images_encoded: int
     not_evaluated: list[str]
-    fitted: Any = field(default=None, repr=False)  # the fitted Method
+    fitted: Optional["Method"] = field(default=None, repr=False)  # the fitted Method
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         return jsonable({"method": self.method, "options": self.options, "summary": self.summary, "fit": self.fit,
                          "fit_seconds": round(self.fit_seconds, 2), "eval_seconds": round(self.eval_seconds, 2),
                          "images_encoded": self.images_encoded, "evaluated": list(self.metrics),

@@ -24,14 +24,18 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
+
+from torch import nn
 
 from clipconv.app.clip_benchmark import write_benchmark_results
 from clipconv.app.plots import accuracy_bars, accuracy_vs_shots
 from clipconv.app.report import DISPLAY, SUITE, markdown_table, target_average
 from clipconv.app.run import ExperimentConfig, counts_line, environment
 from clipconv.app.rundir import check_output_dir, claim_output_dir, held_files, new_run_dir
-from clipconv.app.session import Session, build_method_config, check_processes, fit_and_evaluate, open_session
+from clipconv.app.session import (
+    FitResult, Session, build_method_config, check_processes, fit_and_evaluate, open_session
+)
 from clipconv.config import option, positive, seed_range
 from clipconv.data import save_split
 from clipconv.methods.base import METHODS, MethodConfig, build_method, method_names, table2_methods
@@ -39,6 +43,7 @@ from clipconv.params import ParamSpec, reference_spec
 from clipconv.prompts import load_templates
 from clipconv.runtime import ranks
 from clipconv.runtime.io import read_json
+from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.outputs import atomic_path, write_json, write_text
 from clipconv.wise import WISE_DEFAULT_ALPHA, WISE_NOTE, wise_key, wise_label, wise_methods, wise_sweep
 
@@ -99,13 +104,13 @@ class Table2Config(ExperimentConfig):
         return build_method_config(name, self.preset, options, epochs_scale=self.epochs_scale,
                                    precision=self.backbone.precision)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         out = super().to_dict()
         out["method_options"] = {name: config.to_dict() for name, config in out.pop("method_configs").items()}
         return out
 
     @classmethod
-    def from_dict(cls, saved: dict[str, Any]) -> "Table2Config":
+    def from_dict(cls, saved: JSONObject) -> "Table2Config":
         """The inverse of `to_dict` (the "config" of table2_config.json / table2.json)."""
         values = cls.sections_from(saved)
         options = values.pop("method_options", {})
@@ -141,7 +146,7 @@ def aggregate_seeds(rows: Sequence[dict[str, float]], columns: Sequence[str] = C
     return mean, std
 
 
-def templates_used(name: str, fits: Sequence[Any], run_templates: Optional[str]) -> Optional[tuple[str, int]]:
+def templates_used(name: str, fits: Sequence[FitResult], run_templates: Optional[str]) -> Optional[tuple[str, int]]:
     """(template set, count) a row's method used: from its fit summaries ("template_set", "templates"), else
     derived from the run's --templates or the method's reference set; None for a method without templates."""
     for fit in fits:
@@ -214,7 +219,7 @@ def changed_options(config: MethodConfig) -> dict[str, object]:
     return {k: v for k, v in config.to_dict().items() if v != default[k]}
 
 
-def trainable_counts(name: str, config: MethodConfig, model: Any, classes: int, shots: int
+def trainable_counts(name: str, config: MethodConfig, model: nn.Module, classes: int, shots: int
                      ) -> dict[str, Optional[int]]:
     """{"vit_b16": count on open_clip's ViT-B-16 with ImageNet's 1000 classes, "model": count on `model` with
     `classes`} for method `name` with `config` (the method's `trainable_count` hook; None if it has none)."""
@@ -234,7 +239,7 @@ def _count_text(count: Optional[int]) -> str:
 
 
 def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, dict]], timing: dict,
-                   session: Session, missing: Sequence[str] = ()) -> dict[str, Any]:
+                   session: Session, missing: Sequence[str] = ()) -> JSONObject:
     info = session.info()
     table_columns = {"columns": session.family.suite, "display": session.family.display}
     measured, stds, summary_rows, template_lines = [], {}, {}, []
@@ -319,7 +324,7 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
     return result
 
 
-def _extra_columns(rows: dict[str, dict[str, Any]], classes: int) -> list[tuple[str, dict[str, str]]]:
+def _extra_columns(rows: dict[str, JSONObject], classes: int) -> list[tuple[str, dict[str, str]]]:
     """The params (ViT-B/16 and this model) and train-seconds columns of the measured table."""
     return [("params ViT-B/16", {r["label"]: _count_text(r["params"]["vit_b16"]) for r in rows.values()}),
             (f"params here ({classes} classes)", {r["label"]: _count_text(r["params"]["model"]) for r in rows.values()}),
@@ -357,7 +362,7 @@ def _done_before(out: Path, methods: Sequence[str]) -> tuple[dict[str, dict[int,
 
 
 def _run_shots(cfg: Table2Config, session: Session, methods: Sequence[str], out: Path,
-               log: Callable[[str], None], resume: bool = False) -> dict[str, Any]:
+               log: Callable[[str], None], resume: bool = False) -> JSONObject:
     """Every method for every seed at `cfg.shots`; table2.{md,csv,json} after each method, the bars at the end.
     With `resume` the fits already in out/table2.json are kept and only the missing ones run (a trained
     method continues from the last epoch saved in its <method>_seed<s>/ folder). On
@@ -367,7 +372,7 @@ def _run_shots(cfg: Table2Config, session: Session, methods: Sequence[str], out:
         out.mkdir(parents=True, exist_ok=True)
     wise = wise_methods(cfg.wise_methods, methods)
     per_seed, timing = _done_before(out, [*methods, *map(wise_key, wise)]) if resume else ({}, {})
-    result: dict[str, Any] = {}
+    result: JSONObject = {}
     for seed in cfg.seeds:  # a fit whose WiSE row is missing runs again (the row needs the fitted weights)
         todo = [name for name in methods if seed not in per_seed.get(name, {})
                 or (name in wise and seed not in per_seed.get(wise_key(name), {}))]
@@ -407,7 +412,7 @@ def _run_shots(cfg: Table2Config, session: Session, methods: Sequence[str], out:
     return result
 
 
-def _add_wise_row(session: Session, fit: Any, alpha: float, seed: int, per_seed: dict[str, dict[int, dict]],
+def _add_wise_row(session: Session, fit: FitResult, alpha: float, seed: int, per_seed: dict[str, dict[int, dict]],
                   timing: dict, log: Callable[[str], None]) -> None:
     """Score the fitted method of `fit` at θ(α) (its trained weights are loaded again afterwards) and record
     it under wise_key(method) for `seed`."""
@@ -470,7 +475,7 @@ def load_record(folder: Path) -> tuple[Table2Config, list[int]]:
 
 
 def run_table2(cfg: Table2Config, log: Callable[[str], None] = print, overwrite: bool = False,
-               resume: bool = False) -> dict[str, Any]:
+               resume: bool = False) -> JSONObject:
     """Fit and score every method of `cfg.methods` on the same splits per seed; write table2.{md,csv,json}
     and table2_bars.png in `cfg.output_dir` (a new unique folder when None; the result's "output_dir").
     An --output-dir holding a table is refused unless `overwrite` (its files removed first) or `resume`
@@ -482,7 +487,7 @@ def run_table2(cfg: Table2Config, log: Callable[[str], None] = print, overwrite:
 
 
 def run_shots_sweep(cfg: Table2Config, shots: Sequence[int], log: Callable[[str], None] = print,
-                    overwrite: bool = False, resume: bool = False) -> dict[int, dict[str, Any]]:
+                    overwrite: bool = False, resume: bool = False) -> dict[int, JSONObject]:
     """Table 2 for each K of `shots` (same seeds, one backbone, one FeatureStore): per-K outputs in
     `shots_{K}/`, the largest K's table2.* and table2_bars.png copied to `cfg.output_dir`, and
     accuracy_vs_shots.{png,json,md} there (refreshed after each K). Returns {K: run_table2 result}.
@@ -495,7 +500,7 @@ def run_shots_sweep(cfg: Table2Config, shots: Sequence[int], log: Callable[[str]
     if not ks or ks[0] < 1:
         raise ValueError(f"--shots must be positive integers, got {list(shots)}")
     check_table2_dir(cfg, overwrite, resume)
-    results: dict[int, dict[str, Any]] = {}
+    results: dict[int, JSONObject] = {}
     with tempfile.TemporaryDirectory(prefix="clipconv-sweep-features-") as scratch:
         session, methods = _open_session(cfg, cache_dir=None if cfg.runtime.cache else scratch)
         out = _claim_table2_dir(cfg, ks, overwrite, resume, log)
@@ -514,7 +519,7 @@ def run_shots_sweep(cfg: Table2Config, shots: Sequence[int], log: Callable[[str]
     return results
 
 
-def shots_summary(results_by_shots: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def shots_summary(results_by_shots: dict[int, JSONObject]) -> JSONObject:
     """{"shots": [K...], "columns": {...}, "methods": {label: {column: {"K": {"mean", "std"}}}}} of a sweep."""
     ks = sorted(results_by_shots)
     names = results_by_shots[ks[0]].get("columns") if ks else None
@@ -529,7 +534,7 @@ def shots_summary(results_by_shots: dict[int, dict[str, Any]]) -> dict[str, Any]
     return {"shots": ks, "columns": dict(names), "methods": methods}
 
 
-def _write_sweep_outputs(out: Path, cfg: Table2Config, results: dict[int, dict[str, Any]], title: str) -> None:
+def _write_sweep_outputs(out: Path, cfg: Table2Config, results: dict[int, JSONObject], title: str) -> None:
 
     summary = shots_summary(results)
     source = next(iter(summary["columns"]))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Callable, ClassVar, Mapping, Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -31,6 +31,7 @@ from clipconv.backbone import Backbone
 from clipconv.config import Config, ConfigT, option
 from clipconv.prompts import load_templates
 from clipconv.registry import Registry
+from clipconv.runtime.jsontypes import JSONObject
 
 if TYPE_CHECKING:
     from clipconv.features import FeatureStore
@@ -68,7 +69,7 @@ PAPER_AND_DEMO: Mapping[str, Mapping[str, object]] = {"paper": {}, "demo": {}}
 METHOD_REFERENCE_TEMPLATES = MethodReferenceTemplates(("a photo of a {}.",))
 
 
-def config_from(config_class: type[ConfigT], config: Optional[ConfigT], options: Mapping[str, Any]) -> ConfigT:
+def config_from(config_class: type[ConfigT], config: Optional[ConfigT], options: Mapping[str, object]) -> ConfigT:
     """A method's config: `config` as given, or built from loose keyword `options` (never both)."""
     if config is None:
         return config_class.from_options(options)
@@ -157,7 +158,7 @@ class Method(abc.ABC):
         return self.reference_templates, load_templates(self.reference_templates)
 
     @abc.abstractmethod
-    def fit(self, ctx: FitContext) -> dict[str, Any]:
+    def fit(self, ctx: FitContext) -> JSONObject:
         """Fit on ctx.train (choose hyper-parameters on ctx.val only); return a summary for the run log."""
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
@@ -168,7 +169,7 @@ class Method(abc.ABC):
         """Logits (N, C) from preprocessed images; frozen-encoder methods encode then score features."""
         raise NotImplementedError(f"method '{self.name}' must implement logits(images)")
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> JSONObject:
         """Chosen hyper-parameters and anything else worth reporting."""
         return {}
 
@@ -195,7 +196,7 @@ class MethodSpec(Protocol):
     default: bool
     presets: Mapping[str, Mapping[str, object]]
 
-    def __call__(self, config: Optional[MethodConfig] = None, **options: Any) -> Method: ...
+    def __call__(self, config: Optional[MethodConfig] = None, **options: object) -> Method: ...
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
@@ -227,7 +228,7 @@ def method_config_class(cls: MethodSpec) -> type[MethodConfig]:
     return cls.config_class
 
 
-def method_config(name: str, preset: str = "paper", options: Optional[Mapping[str, Any]] = None) -> MethodConfig:
+def method_config(name: str, preset: str = "paper", options: Optional[Mapping[str, object]] = None) -> MethodConfig:
     """The typed config of method `name`: its `preset`'s options, then `options` over them. Unknown methods,
     presets and options, and values of the wrong type, raise ValueError naming what is known."""
     method_names()
@@ -240,7 +241,7 @@ def method_config(name: str, preset: str = "paper", options: Optional[Mapping[st
         raise ValueError(f"method '{name}': {err}") from None
 
 
-def build_method(name: str, config: Optional[MethodConfig] = None, **options: Any) -> Method:
+def build_method(name: str, config: Optional[MethodConfig] = None, **options: object) -> Method:
     """Instantiate a registered method from its typed `config` (passed on as is), or, as a convenience,
     from keyword `options` over its reference defaults (the config is then built here, once).
     Unknown names and unknown or invalid options raise ValueError listing what is known."""

@@ -21,6 +21,8 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
+from clipconv.runtime.jsontypes import JSON
+
 __all__ = ["OutputWriteError", "DamagedFileError", "atomic_path", "remove_stale_temps", "write_json", "write_text", "read_json",
            "finite_or_null",
            "save_torch", "load_torch", "new_file_mode"]
@@ -71,7 +73,7 @@ def _write_failure(path: Path, tmp: Optional[Path], err: BaseException) -> Outpu
 def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`.
 
-    Any OSError while preparing, writing or renaming becomes an `OutputWriteError` naming `path`; the
+    Every OSError while preparing, writing or renaming becomes an `OutputWriteError` naming `path`; the
     temporary file is always removed. Every process that calls it writes (under torchrun, write through
     `clipconv.runtime.outputs`, which lets rank 0 alone write).
     """
@@ -103,7 +105,7 @@ def write_text(path: Union[str, Path], text: str) -> Path:
     return Path(path)
 
 
-def finite_or_null(value: Any) -> Any:
+def finite_or_null(value: object) -> object:
     """`value` with every NaN or ±infinity (in nested dicts, lists and tuples) replaced by None."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -114,14 +116,14 @@ def finite_or_null(value: Any) -> Any:
     return value
 
 
-def write_json(path: Union[str, Path], data: Any) -> Path:
+def write_json(path: Union[str, Path], data: object) -> Path:
     """Write `data` as strict JSON (RFC 8259: a NaN or infinity is written null), atomically; the one JSON
     writer of clipconv. Values JSON has no form for are written as their str."""
     text = json.dumps(data, indent=2, sort_keys=False, default=str)  # default=str first: numpy scalars, paths
     return write_text(path, json.dumps(finite_or_null(json.loads(text)), indent=2, allow_nan=False) + "\n")
 
 
-def read_json(path: Union[str, Path], what_to_do: str = "delete it or start a new run") -> Any:
+def read_json(path: Union[str, Path], what_to_do: str = "delete it or start a new run") -> JSON:
     """The JSON content of `path`; a file that is empty, truncated or not JSON raises DamagedFileError."""
     with open(path, "rb") as handle:
         text = handle.read()
@@ -132,7 +134,7 @@ def read_json(path: Union[str, Path], what_to_do: str = "delete it or start a ne
         raise DamagedFileError(f"'{path}' is damaged: {state} ({err}); {what_to_do}") from err
 
 
-def save_torch(path: Union[str, Path], obj: Any) -> Path:
+def save_torch(path: Union[str, Path], obj: object) -> Path:
     """torch.save atomically (for training state: tensors, numbers, strings, RNG states)."""
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
+from torch import nn
 
 from clipconv.app.cli.common import bad_input_errors, fail, join_process_group, plain_warnings
 from clipconv.app.cli.options import add_shared_args, shared_configs
@@ -20,6 +21,7 @@ from clipconv.checkpoint import read_metadata
 from clipconv.data import ClassList
 from clipconv.methods.finetune import load_classifier, load_endpoints
 from clipconv.runtime.io import read_json
+from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.ranks import is_main, local_device, on_main
 from clipconv.training import resolve_precision
 from clipconv.wise import alpha_check
@@ -69,7 +71,7 @@ def _alpha(text: str) -> float:
     return value
 
 
-def run_settings(checkpoint: Path) -> dict[str, Any]:
+def run_settings(checkpoint: Path) -> JSONObject:
     """The data and backbone settings recorded in the run's config.json beside `checkpoint` ({} if none):
     the fallback of every data flag and of --model/--pretrained."""
 
@@ -88,7 +90,7 @@ class _Classifier:
 
     frozen_image_encoder = False
 
-    def __init__(self, classifier: Any) -> None:
+    def __init__(self, classifier: nn.Module) -> None:
         self.classifier = classifier
 
     def logits(self, images):
@@ -100,7 +102,7 @@ class _Classifier:
 class _Endpoints(_Classifier):
     """A loaded checkpoint with its starting point: interpolable by clipconv.wise."""
 
-    def __init__(self, classifier: Any, theta0: dict, theta1: dict) -> None:
+    def __init__(self, classifier: nn.Module, theta0: dict, theta1: dict) -> None:
         super().__init__(classifier)
         self._endpoints = (theta0, theta1)
 

@@ -46,7 +46,7 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def _parser_for(tp: Any, field: dataclasses.Field) -> Optional[dict[str, Any]]:
+def _parser_for(tp: object, field: dataclasses.Field) -> Optional[dict[str, object]]:
     """argparse keyword arguments for a field's type, or None when it has no flag form."""
     tp = _unwrap_optional(tp)
     origin = typing.get_origin(tp)
@@ -70,7 +70,7 @@ def _checked(kind: type, field: dataclasses.Field):
     """Parse one value of `kind` and run the field's check: bad values fail in argparse, naming the flag."""
     check = field.metadata.get("check")
 
-    def parse(text: str) -> Any:
+    def parse(text: str) -> object:
         try:
             value = kind(text)
         except ValueError:
@@ -103,7 +103,7 @@ def _default_text(field: dataclasses.Field) -> str:
 
 def add_config_args(parser: argparse.ArgumentParser, config_class: type, *, title: Optional[str] = None,
                     prefix: str = "", skip: Iterable[str] = (), aliases: Mapping[str, Sequence[str]] = (),
-                    notes: Mapping[str, str] = (), defaults: Optional[Mapping[str, Any]] = None) -> list[str]:
+                    notes: Mapping[str, str] = (), defaults: Optional[Mapping[str, object]] = None) -> list[str]:
     """One flag per `option` field of `config_class` (in a group titled `title`); returns the fields added.
 
     A field is left out when it is `cli=False`, in `skip`, has no flag form (dicts, nested configs) or its
@@ -141,7 +141,7 @@ def add_config_args(parser: argparse.ArgumentParser, config_class: type, *, titl
     return added
 
 
-def given(args: argparse.Namespace, fields: Iterable[str], prefix: str = "") -> dict[str, Any]:
+def given(args: argparse.Namespace, fields: Iterable[str], prefix: str = "") -> dict[str, object]:
     """{field: value} of the generated flags that were given on the command line."""
     return {name: getattr(args, prefix + name) for name in fields if hasattr(args, prefix + name)}
 
@@ -247,7 +247,7 @@ def absolute_paths(values: dict[str, object]) -> dict[str, object]:
 
 
 def shared_configs(args: argparse.Namespace, fields: Mapping[str, list[str]], parser: argparse.ArgumentParser,
-                   fallback: Optional[Mapping[str, Any]] = None) -> dict[str, Config]:
+                   fallback: Optional[Mapping[str, object]] = None) -> dict[str, Config]:
     """The data, backbone and runtime configs of the parsed flags, with their paths absolute.
 
     Precedence: a flag given > `fallback` (e.g. what a checkpoint records) > --demo's run settings
