@@ -281,27 +281,6 @@ def test_dora_is_a_mergeable_kind():
     assert ADAPTERS["dora"].mergeable and "dora" in mergeable_kinds()
 
 
-def test_dora_on_both_encoders_merges_into_one_plain_state_dict(tiny_backbone, tiny_config):
-    model = tiny_backbone.model.eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    _randomize(add_lora(model.transformer, ("q", "v"), rank=2, dropout=0.0, variant=DORA))
-    _randomize(add_lora(model.visual.transformer, QKV, rank=2, dropout=0.0, variant=DORA), seed=1)
-    assert adapter_kinds(model) == ["dora"]
-    images = _images(model.visual)
-    text = tiny_backbone.tokenizer(["a photo of a cat.", "a photo of a dog."])
-    with torch.no_grad():
-        image_features, text_features = model.encode_image(images), model.encode_text(text)
-    plain = _plain_model(tiny_config)
-    plain.load_state_dict(merged_state_dict(model), strict=True)
-    with torch.no_grad():
-        assert_close_scaled(plain.encode_image(images), image_features)
-        assert_close_scaled(plain.encode_text(text), text_features)
-
-
-# --- counts -----------------------------------------------------------------------------------------------------
-
-
 def _dora_count(layers: int, width: int, targets: int, rank: int) -> int:
     """LoRA's r(d + d) per target plus d magnitudes per target, in every layer."""
     return layers * targets * (rank * (width + width) + width)

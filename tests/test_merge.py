@@ -16,6 +16,8 @@ from tolerance import assert_close_scaled, differs_beyond_tolerance
 from torch import nn
 
 from clipconv.adapters import adapter_kinds, adapter_modules, add_adapters, add_lora
+from clipconv.adapters.dora import DORA
+from clipconv.adapters.lora import LoRA
 from clipconv.app.cli.export_merged import head_path
 from clipconv.app.cli.export_merged import main as export_main
 from clipconv.checkpoint import save_trainable
@@ -67,12 +69,16 @@ def test_merged_encoder_loads_into_plain_open_clip_and_gives_the_same_output(tin
         assert_close_scaled(visual(images), adapted)
 
 
-def test_clip_lora_on_both_encoders_merges_into_one_plain_state_dict(tiny_backbone, tiny_config):
+@pytest.mark.parametrize("variant", [LoRA.variant, DORA], ids=lambda v: v.kind)
+def test_clip_lora_on_both_encoders_merges_into_one_plain_state_dict(tiny_backbone, tiny_config, variant):
+    """LoRA and its DoRA variant on both encoders fold into one plain open_clip state dict."""
     model = tiny_backbone.model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    _randomize(add_lora(model.transformer))
-    _randomize(add_lora(model.visual.transformer), seed=1)
+    options = {"dropout": 0.0} if variant is DORA else {}  # DoRA takes no LoRA dropout
+    _randomize(add_lora(model.transformer, variant=variant, **options))
+    _randomize(add_lora(model.visual.transformer, ("q", "k", "v"), variant=variant, **options), seed=1)
+    assert adapter_kinds(model) == [variant.kind]
     images = _images(model.visual)
     text = tiny_backbone.tokenizer(["a photo of a cat.", "a photo of a dog."])
     with torch.no_grad():
