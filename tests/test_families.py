@@ -200,7 +200,7 @@ def test_folder_flags_select_the_folder_family(byod):
     fields = add_shared_args(parser)
     args = parser.parse_args(["--train-root", str(byod["train"]), "--eval-set", f"sketch={byod['sketch']}",
                               "--eval-set", f"cartoon={byod['cartoon']}"])
-    configs, _ = shared_configs(args, fields, parser)
+    configs = shared_configs(args, fields, parser)
     data = configs["data"]
     assert list(data.eval_roots) == ["sketch", "cartoon"]
     family = open_data_family(data)
