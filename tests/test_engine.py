@@ -90,6 +90,7 @@ def _cli(root, data, config, out, *extra):
             *extra]
 
 
+@pytest.mark.slow  # SIGKILL of a real CLI process mid-epoch, then a resume; in-process kills: test_trainer.py
 def test_run_killed_mid_epoch_resumes_to_identical_weights_and_metrics(resume_world, tiny_config):
     from safetensors.torch import load_file
 
@@ -145,6 +146,7 @@ def test_an_epoch_without_any_decodable_image_is_an_error():
         trainer.fit()
 
 
+@pytest.mark.slow  # three CLI processes (run, SIGTERM, resume); the in-process resume tests are in test_trainer.py
 def test_sigterm_stops_like_ctrl_c_with_exit_143_and_the_run_resumes(resume_world, tiny_config):
     root, data = resume_world
     out = root / "terminated"

@@ -21,6 +21,7 @@ import torch
 
 from clipconv.app.cli.common import NO_DATA_HELP, eval_set_arg
 from clipconv.app.run import SECTIONS, setup_logging
+from clipconv.backbone import resolve_device
 from clipconv.config import Config, RuntimeConfig
 from clipconv.data.demo_world import ensure_world
 from clipconv.methods.base import METHODS, PRESETS
@@ -266,6 +267,11 @@ def shared_configs(args: argparse.Namespace, fields: Mapping[str, list[str]], pa
             values["eval_roots"] = dict(args.eval_set)
         try:
             configs[section] = cls.from_options(absolute_paths(values))
+        except ValueError as err:
+            parser.error(str(err))
+    if "runtime" in configs:
+        try:  # a device this machine lacks is refused before any work (e.g. generating the demo world)
+            resolve_device(configs["runtime"].device)
         except ValueError as err:
             parser.error(str(err))
     if configs["data"].data_root is None and configs["data"].train_root is None:
