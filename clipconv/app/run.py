@@ -23,7 +23,9 @@ from safetensors.torch import save_file
 import clipconv
 from clipconv.app.clip_benchmark import write_benchmark_results
 from clipconv.app.report import markdown_table
-from clipconv.app.rundir import RUN_FILES, check_output_dir, claim_output_dir, held_files, new_run_dir
+from clipconv.app.rundir import (
+    RUN_FILES, check_not_in_use, check_output_dir, claim_output_dir, held_files, new_run_dir
+)
 from clipconv.app.session import (
     FitResult, Session, build_method_config, check_processes, fit_and_evaluate, jsonable, open_session
 )
@@ -232,6 +234,7 @@ def prepare_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -
                              "applies to trained methods (convpass, linear_probe, coop, cocoop, tip_adapter_f)")
     if cfg.output_dir:  # before any work: a file, a too-long name, an unwritable parent, an existing run
         check_output_dir(cfg.output_dir)
+        check_not_in_use(cfg.output_dir)  # another process writing there (a second --overwrite or --resume)
         if not resume and not overwrite and held_files(Path(cfg.output_dir), RUN_FILES, RUN_PATTERNS):
             claim_output_dir(cfg.output_dir, RUN_FILES, RUN_PATTERNS,
                              resume_hint=f"or --resume {cfg.output_dir} to continue it")

@@ -32,7 +32,7 @@ from clipconv.app.clip_benchmark import write_benchmark_results
 from clipconv.app.plots import accuracy_bars, accuracy_vs_shots
 from clipconv.app.report import DISPLAY, SUITE, markdown_table, target_average
 from clipconv.app.run import ExperimentConfig, counts_line, environment
-from clipconv.app.rundir import check_output_dir, claim_output_dir, held_files, new_run_dir
+from clipconv.app.rundir import check_not_in_use, check_output_dir, claim_output_dir, held_files, new_run_dir
 from clipconv.app.session import (
     FitResult, Session, build_method_config, check_processes, fit_and_evaluate, open_session
 )
@@ -440,6 +440,7 @@ def check_table2_dir(cfg: Table2Config, overwrite: bool = False, resume: bool = 
     if cfg.output_dir is None:
         return
     check_output_dir(cfg.output_dir)
+    check_not_in_use(cfg.output_dir)  # another process writing there (a second --overwrite or --resume)
     if not (overwrite or resume) and held_files(Path(cfg.output_dir), TABLE2_OWN_FILES, TABLE2_OWN_PATTERNS):
         claim_output_dir(cfg.output_dir, TABLE2_OWN_FILES, TABLE2_OWN_PATTERNS,
                          resume_hint=f"or --resume {cfg.output_dir} to finish it")

@@ -14,7 +14,7 @@ from clipconv.app.cli.options import (
     absolute, absolute_paths, add_config_args, add_preset_arg, add_shared_args, given, preset_of, shared_configs
 )
 from clipconv.app.run import PRESET_HELP, log, setup_logging
-from clipconv.app.rundir import exit_code, interrupt_on_sigterm
+from clipconv.app.rundir import exit_code, interrupt_on_sigterm, release_run_dir
 from clipconv.app.session import build_method_config
 from clipconv.app.table2 import SWEEP_FILE, Table2Config, check_methods, load_record, run_shots_sweep, run_table2
 from clipconv.config import RuntimeConfig
@@ -138,6 +138,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hint = f"; finish it with: run_table2.py --resume {where}" if where else ""
         print(f"\n{what}: the finished fits are kept in the table (marked incomplete){hint}", file=sys.stderr)
         return exit_code(err)
+    finally:
+        if state.get("out"):
+            release_run_dir(state["out"])  # held since the folder was claimed
     if not is_main():
         return 0
     print(f"table: {out / 'table2.md'}\nbar chart: {out / 'table2_bars.png'}")

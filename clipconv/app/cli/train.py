@@ -24,7 +24,7 @@ from clipconv.app.cli.options import (
     method_json, preset_notes, preset_of, shared_configs
 )
 from clipconv.app.run import CONFIG_FILE, PRESET_HELP, RunConfig, execute_run, prepare_run, relocated
-from clipconv.app.rundir import exit_code, interrupt_on_sigterm
+from clipconv.app.rundir import exit_code, interrupt_on_sigterm, release_run_dir
 from clipconv.app.session import build_method_config
 from clipconv.methods.base import METHODS, default_method, method_names
 from clipconv.runtime.io import read_json
@@ -178,6 +178,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         what = "terminated" if exit_code(err) == 143 else "interrupted"
         print(f"\n{what}: the last finished epoch is saved; continue with --resume {run.run_dir}", file=sys.stderr)
         return exit_code(err)
+    finally:
+        release_run_dir(run.run_dir)  # held since prepare_run claimed the folder
     if is_main():
         print(f"run directory: {run.run_dir}")
     return 0 if result.metrics else EXIT_BAD_INPUT
