@@ -53,8 +53,9 @@ log = logging.getLogger("clipconv")
 #: without a test set. Its cost: scoring 4 images per class after every epoch — forward only, so about 8 % of
 #: 16-shot training's compute; measured on the demo (5 epochs, 1 thread, load 3.7): fit 13.5 s vs 10.4 s.
 VAL_SHOTS = 4
-#: a Convpass scale search's sub-folders; --save-logits; the CLIP_benchmark-format results
-RUN_PATTERNS = ("scale_*", "*_logits.safetensors", "clip_benchmark")
+#: a Convpass scale search's sub-folders; --save-logits; the CLIP_benchmark-format results; the folders
+#: eval_robustness.py writes beside the checkpoint by default (RUN/eval-<time>, RUN/wise-<time>)
+RUN_PATTERNS = ("scale_*", "*_logits.safetensors", "clip_benchmark", "eval-[0-9]*", "wise-[0-9]*")
 CONFIG_FILE = "config.json"
 VAL_HELP = ("validation images per class drawn from train, disjoint from the K shots; used to choose the scale, "
             "the epoch and the baselines' hyper-parameters (0: none)")
