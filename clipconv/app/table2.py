@@ -42,7 +42,7 @@ from clipconv.methods.base import METHODS, MethodConfig, build_method, method_na
 from clipconv.params import ParamSpec, reference_spec
 from clipconv.prompts import load_templates
 from clipconv.runtime import ranks
-from clipconv.runtime.io import read_json
+from clipconv.runtime.io import DamagedFileError, read_json_object
 from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.outputs import atomic_path, write_json, write_text
 from clipconv.wise import WISE_DEFAULT_ALPHA, WISE_NOTE, wise_key, wise_label, wise_methods, wise_sweep
@@ -355,7 +355,7 @@ def _done_before(out: Path, methods: Sequence[str]) -> tuple[dict[str, dict[int,
 
     if not (out / "table2.json").is_file():
         return {}, {}
-    saved = read_json(out / "table2.json", what_to_do="delete it to re-run this table")
+    saved = read_json_object(out / "table2.json", what_to_do="delete it to re-run this table")
     per_seed = {name: {int(s): v for s, v in seeds.items()} for name, seeds in saved.get("per_seed", {}).items()
                 if name in methods}
     return per_seed, {name: t for name, t in saved.get("timing", {}).items() if name in per_seed}
@@ -471,8 +471,17 @@ def load_record(folder: Path) -> tuple[Table2Config, list[int]]:
     if not path.is_file():
         raise ValueError(f"--resume {folder}: no {RECORD_FILE} there; give the output folder of an earlier "
                          "run_table2.py run")
-    saved = read_json(path, what_to_do="the run cannot be resumed; start a new one")
-    return Table2Config.from_dict(saved["config"]), [int(k) for k in saved["shots"]]
+    what_to_do = "the run cannot be resumed; start a new one"
+    saved = read_json_object(path, what_to_do=what_to_do)
+    config, shots = saved.get("config"), saved.get("shots")
+    if not isinstance(config, dict) or not isinstance(shots, list) or not shots \
+            or not all(isinstance(k, int) and not isinstance(k, bool) for k in shots):
+        raise DamagedFileError(f"'{path}' is damaged: it does not hold a \"config\" object and a \"shots\" list "
+                               f"of integers; {what_to_do}")
+    try:
+        return Table2Config.from_dict(config), [int(k) for k in shots]
+    except (ValueError, TypeError, KeyError) as err:  # a record edited by hand: values of the wrong kind
+        raise DamagedFileError(f"'{path}' is damaged: {err}; {what_to_do}") from err
 
 
 def run_table2(cfg: Table2Config, log: Callable[[str], None] = print, overwrite: bool = False,

@@ -20,7 +20,7 @@ from clipconv.backbone import load_backbone, resolve_device
 from clipconv.checkpoint import read_metadata
 from clipconv.data import ClassList
 from clipconv.methods.finetune import load_classifier, load_endpoints
-from clipconv.runtime.io import read_json
+from clipconv.runtime.io import read_json_object
 from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.ranks import is_main, local_device, on_main
 from clipconv.training import resolve_precision
@@ -78,7 +78,7 @@ def run_settings(checkpoint: Path) -> JSONObject:
     path = checkpoint.parent / CONFIG_FILE
     if not path.is_file():
         return {}
-    saved = relocated(read_json(path, what_to_do="give --data-root and --model/--pretrained explicitly, or repair "
+    saved = relocated(read_json_object(path, what_to_do="give --data-root and --model/--pretrained explicitly, or repair "
                                                  "the run"), checkpoint.parent)  # the run folder may have moved
     data = {k: v for k, v in (saved.get("data") or {}).items() if k != "templates"}
     backbone = {k: v for k, v in (saved.get("backbone") or {}).items() if k in ("model", "pretrained")}
@@ -128,7 +128,7 @@ def load_references(folder: Optional[str], checkpoint: Path, meta: dict) -> dict
         if folder:
             fail(f"--references {folder}: no table2.json there; give a run_table2.py output folder")
         return {}
-    table = read_json(path, what_to_do="give another --references folder, or repair the table")
+    table = read_json_object(path, what_to_do="give another --references folder, or repair the table")
     columns = list(table.get("columns") or [])
     if not columns:
         fail(f"--references: {path} names no result columns; give a complete run_table2.py output folder")
