@@ -101,3 +101,12 @@ def test_overwrite_leaves_nothing_of_the_old_run(data, tmp_path, tiny_config):
     assert train.main(_base(data, run, tiny_config) + ["--overwrite"]) == 0
     assert not (run / "eval-20260101-120000").exists() and not (run / "wise-20260101-120000-2").exists()
     assert (run / "notes").is_dir() and (run / "metrics.json").is_file()
+
+
+def test_the_default_run_folder_name_has_no_colon(data, tmp_path, tiny_config, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [a for a in _base(data, tmp_path / "unused", tiny_config) if a not in ("--output-dir", str(tmp_path / "unused"))]
+    assert train.main(argv + ["--method", "adapter:lora"]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert ":" not in run.name and run.name.startswith("adapter-lora_2shot_seed1_")
+    assert (run / "metrics.json").is_file()

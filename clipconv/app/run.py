@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ExperimentConfig", "RunConfig", "PreparedRun", "relocated", "source_commit", "SECTIONS",
            "prepare_run", "execute_run", "write_results", "recall_line", "setup_logging",
-           "environment", "VAL_SHOTS", "CONFIG_FILE", "counts_line", "logits_saver"]
+           "environment", "VAL_SHOTS", "CONFIG_FILE", "counts_line", "logits_saver", "folder_name"]
 
 log = logging.getLogger("clipconv")
 
@@ -143,6 +143,12 @@ class RunConfig(ExperimentConfig):
         values["method_config"] = build_method_config(method, values.get("preset", "paper"), options,
                                                       precision=values["backbone"].precision)
         return cls.from_options(values)
+
+
+def folder_name(method: str) -> str:
+    """`method` as part of a file or folder name: 'adapter:lora' -> 'adapter-lora' (a ':' breaks paths on some
+    file systems and tools)."""
+    return method.replace(":", "-")
 
 
 def source_commit() -> Optional[str]:
@@ -248,7 +254,8 @@ def prepare_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -
     def create() -> Path:  # on rank 0 only under torchrun; the others get its path
         if cfg.output_dir:
             return claim_output_dir(cfg.output_dir, RUN_FILES, RUN_PATTERNS, overwrite=overwrite, resume=resume)
-        return new_run_dir("runs", f"{cfg.method}_{cfg.shots}shot_seed{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
+        return new_run_dir("runs", f"{folder_name(cfg.method)}_{cfg.shots}shot_seed{cfg.seed}_"
+                                   f"{time.strftime('%Y%m%d-%H%M%S')}")
 
     run_dir = ranks.on_main(create)
     return PreparedRun(cfg, session, split, run_dir, resume)
