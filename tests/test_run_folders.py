@@ -110,3 +110,12 @@ def test_the_default_run_folder_name_has_no_colon(data, tmp_path, tiny_config, m
     (run,) = (tmp_path / "runs").iterdir()
     assert ":" not in run.name and run.name.startswith("adapter-lora_2shot_seed1_")
     assert (run / "metrics.json").is_file()
+
+
+def test_quiet_train_still_shows_the_final_table(data, tmp_path, tiny_config, capsys):
+    run = tmp_path / "run"
+    assert train.main(_base(data, run, tiny_config) + ["--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "| method |" in captured.err and "\n| convpass |" in captured.err, captured.err
+    assert "epoch 1/1" not in captured.err  # the progress lines stay quiet
+    assert f"run directory: {run}" in captured.out

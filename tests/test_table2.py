@@ -435,3 +435,10 @@ def test_one_seed_shows_no_std_and_rows_over_different_seed_counts_say_so(tmp_pa
     zero_shot, probe = _measured_line(markdown, "ZS CLIP (1 template)"), _measured_line(markdown, "LP CLIP")
     assert "±" in zero_shot and "| 2 |" in zero_shot  # two seeds: mean ± std, and the count
     assert "±" not in probe and "| 1 |" in probe  # one seed so far: the value alone
+
+
+def test_quiet_table_still_shows_the_final_table(tmp_path, tree, tiny_config, capsys):
+    _run(tmp_path, tree, tiny_config, ["zero_shot"], seeds=("1",), extra=("--quiet",))
+    err = capsys.readouterr().err
+    assert "| method |" in err and "\n| ZS CLIP (1 template) |" in err, err
+    assert "== 2-shot" not in err  # the progress lines stay quiet

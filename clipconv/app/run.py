@@ -44,9 +44,12 @@ if TYPE_CHECKING:
 
 __all__ = ["ExperimentConfig", "RunConfig", "PreparedRun", "relocated", "source_commit", "SECTIONS",
            "prepare_run", "execute_run", "write_results", "recall_line", "setup_logging",
-           "environment", "VAL_SHOTS", "CONFIG_FILE", "counts_line", "logits_saver", "folder_name"]
+           "environment", "VAL_SHOTS", "CONFIG_FILE", "counts_line", "logits_saver", "folder_name", "RESULT"]
 
 log = logging.getLogger("clipconv")
+#: the log level of a run's final table: shown on stderr also under --quiet (which hides INFO lines)
+RESULT = logging.INFO + 5
+logging.addLevelName(RESULT, "RESULT")
 
 #: validation images per class drawn from train, outside the K shots — the one default of every entry point.
 #: It is what makes choosing hyper-parameters (Convpass's scale and epoch, the baselines' searches) possible
@@ -194,9 +197,11 @@ def relocated(saved: JSONObject, folder: Path) -> JSONObject:
 
 
 def setup_logging(run_dir: Optional[Path] = None, quiet: bool = False) -> None:
-    """Log to stderr (warnings only when `quiet`) and, when given, to run_dir/log.txt (appending).
-    Under torchrun only rank 0 logs (the other ranks show warnings only and write no log.txt)."""
-    if not ranks.is_main():
+    """Log to stderr (warnings and the final table only when `quiet`: levels WARNING and RESULT) and, when
+    given, to run_dir/log.txt (appending). Under torchrun only rank 0 logs (the other ranks show warnings only
+    and write no log.txt)."""
+    main = ranks.is_main()
+    if not main:
         run_dir, quiet = None, True
     log.setLevel(logging.INFO)
     for handler in list(log.handlers):
@@ -204,7 +209,7 @@ def setup_logging(run_dir: Optional[Path] = None, quiet: bool = False) -> None:
         handler.close()
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(logging.Formatter("%(message)s"))
-    stream.setLevel(logging.WARNING if quiet else logging.INFO)
+    stream.setLevel(logging.INFO if not quiet else RESULT if main else logging.WARNING)
     log.addHandler(stream)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -331,4 +336,4 @@ def write_results(run_dir: Path, label: str, row: dict[str, float], metrics: dic
     table = markdown_table([(label, row)], columns=columns, display=display)
     write_text(run_dir / "results.md", f"# {label}: top-1 (%)\n\n{table}\n{counts_line(metrics, display)}\n"
                                        f"{recall_line(metrics, display)}\n")
-    log.info("\n" + table)
+    log.log(RESULT, "\n" + table)  # also under --quiet

@@ -50,7 +50,7 @@ from clipconv.wise import WISE_DEFAULT_ALPHA, WISE_NOTE, wise_key, wise_label, w
 __all__ = ["Table2Config", "TABLE2_METHODS", "PUBLISHED_LABEL", "BARS_FILE", "SWEEP_FILE",
            "run_table2", "run_shots_sweep", "check_methods", "shots_summary", "aggregate_seeds", "RECORD_FILE",
            "TABLE2_OWN_FILES",
-           "TABLE2_OWN_PATTERNS", "load_record"]
+           "TABLE2_OWN_PATTERNS", "load_record", "measured_table"]
 
 #: the default methods, in the order they declare (`Method.table2_order`); labels are the methods' own (`label`)
 TABLE2_METHODS = table2_methods()
@@ -329,6 +329,14 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
               "published": {"label": session.family.published_label, "rows": {label: values for label, values in published}}}
     write_json(out / "table2.json", result)
     return result
+
+
+def measured_table(result: JSONObject) -> str:
+    """The measured rows of a Table-2 result (table2.json) as one markdown table: mean (± std over 2+ seeds)."""
+    entries = list(result.get("measured", {}).values())
+    titles = dict(result.get("columns", {}))
+    return markdown_table([(e["label"], e["mean"]) for e in entries], {e["label"]: e["std"] for e in entries},
+                          columns=[c for c in titles if c != "target_avg"], display=titles)
 
 
 def _extra_columns(rows: dict[str, JSONObject], classes: int) -> list[tuple[str, dict[str, str]]]:
