@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from clipconv.app.cli import run_table2, train
+from clipconv.app.cli import eval_robustness, run_table2, train
 from clipconv.app.cli.common import EXIT_BAD_INPUT
 from clipconv.app.rundir import RUN_FILES, claim_output_dir
 from clipconv.app.table2 import RECORD_FILE, Table2Config
@@ -71,6 +71,15 @@ def test_a_second_overwrite_of_a_folder_in_use_is_refused(data, tmp_path, tiny_c
         assert "is in use by another run" in line
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.name in before} == before  # nothing removed
     assert train.main(_base(data, run, tiny_config) + ["--overwrite"]) == 0  # free again once the holder ends
+
+
+def test_an_evaluation_into_a_folder_in_use_is_refused_before_any_work(data, tmp_path, tiny_config, capsys):
+    run, out = tmp_path / "run", tmp_path / "eval"
+    assert train.main(_base(data, run, tiny_config)) == 0
+    with _Holder(out):
+        line = _refused(eval_robustness.main, ["--checkpoint", str(run), "--workers", "0", "--output-dir", str(out),
+                                               "--overwrite"], capsys)
+    assert f"'{out}' is in use by another run" in line
 
 
 def test_a_claim_while_another_process_holds_the_folder_is_refused(tmp_path):
