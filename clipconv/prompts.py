@@ -30,7 +30,11 @@ def _read_lines(path: Path, what: str) -> list[tuple[int, str]]:
     """Non-blank lines of a UTF-8 text file (BOM allowed) with their 1-based line numbers."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} file '{path}' does not exist")
-    text = path.read_text(encoding="utf-8-sig")  # a leading BOM (Windows editors) is dropped
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a leading BOM (Windows editors) is dropped
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} file '{path}' is not UTF-8 text ({err.reason} at byte {err.start}); save it as "
+                         "UTF-8") from err
     lines = [(number, line.rstrip("\r\n")) for number, line in enumerate(text.splitlines(), start=1)]
     lines = [(number, line) for number, line in lines if line.strip()]
     if not lines:

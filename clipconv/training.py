@@ -487,6 +487,8 @@ class Trainer:
     def resume_if_saved(self, resume: bool) -> bool:
         """With `resume`, load the train state in `run_dir` when there is one; True when loaded."""
         path = self.run_dir / STATE_FILE if self.run_dir is not None else None
+        if resume and path is not None and ranks.is_main():
+            remove_stale_temps(path)  # also when a kill during the first save left no state yet
         if not resume or path is None or not path.is_file():
             return False
         self.load_state(path)

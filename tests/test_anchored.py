@@ -45,7 +45,7 @@ def test_defaults_are_the_papers_and_options_validate():
     helps = type(cfg).help()
     assert "Li, Grandvalet" in helps["l2sp"] and "LP-FT" in helps["head"]
     for options, match in (({"head": "linear"}, "head"), ({"head_lr_scale": 0}, "positive"),
-                           ({"l2sp": -1.0}, "zero or more")):
+                           ({"l2sp": -1.0}, "zero or more"), ({"head": "frozen", "head_lr_scale": 5}, "head_lr_scale")):
         with pytest.raises(ValueError, match=match):
             build_method("convpass", **options)
 

@@ -55,3 +55,39 @@ def test_resume_with_a_truncated_file_is_one_line_and_exit_2(finished_run, tmp_p
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"'{run / name}' is damaged" in errors[0] and advice in errors[0]
     assert sorted(p.name for p in run.iterdir()) == before  # no result written
+
+
+def _one_error_line(result: subprocess.CompletedProcess, path: Path) -> str:
+    assert result.returncode == EXIT_BAD_INPUT, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"'{path}'" in errors[0], result.stderr[-2000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("content", ["[1, 2, 3]", '"just a string"', "null"])
+def test_resume_with_a_config_that_is_json_but_no_object(finished_run, tmp_path, content):
+    run = _damaged_copy(finished_run, tmp_path, "train_state.pt")
+    (run / "config.json").write_text(content)
+    line = _one_error_line(_resume(run), run / "config.json")
+    assert "a JSON object is expected" in line
+
+
+def test_eval_robustness_with_a_config_that_is_json_but_no_object(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "config.json").write_text('"just a string"')
+    before = sorted(p.name for p in run.iterdir())
+    result = subprocess.run([sys.executable, "-m", "clipconv.app.cli.eval_robustness", "--checkpoint", str(run)],
+                            capture_output=True, text=True, env=_env())
+    assert "a JSON object is expected" in _one_error_line(result, run / "config.json")
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+@pytest.mark.parametrize("content", ["[]", '{"config": [], "shots": [16]}', '{"config": {}, "shots": "16"}'])
+def test_table2_resume_with_a_record_that_is_json_but_not_the_record(tmp_path, content):
+    (tmp_path / "table2_config.json").write_text(content)
+    result = subprocess.run([sys.executable, "-m", "clipconv.app.cli.run_table2", "--resume", str(tmp_path)],
+                            capture_output=True, text=True, env=_env())
+    _one_error_line(result, tmp_path / "table2_config.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table2_config.json"]

@@ -177,3 +177,14 @@ def test_sigterm_handler_is_restored_after_the_run():
             time.sleep(1)
     assert isinstance(caught.value, Terminated)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_resume_without_a_saved_state_removes_the_stale_temps_of_a_killed_first_save(tmp_path):
+    """Killed during its first save: no train_state.pt yet, only `.train_state.pt.*.tmp`; resuming starts from
+    scratch and leaves no temp file behind."""
+    stale = tmp_path / ".train_state.pt.x1y2z3.tmp"
+    stale.write_bytes(b"half a state")
+    trainer = Trainer.classifier(nn.Linear(3, 2), lambda g: [(torch.randn(2, 3), torch.tensor([0, 1]))], 1,
+                                 TrainConfig(epochs=1), torch.device("cpu"), tmp_path, log=lambda *_: None)
+    assert trainer.resume_if_saved(True) is False
+    assert not stale.exists()

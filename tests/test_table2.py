@@ -173,6 +173,8 @@ def test_run_templates_override_every_method_and_label_the_ensemble(tmp_path, tr
     (["--methods", "zero_shot", "--shots", "0"], "--shots: must be a positive integer"),
     (["--methods", "zero_shot", "--shots", "1", "0", "4"], "--shots: must be a positive integer"),
     (["--methods", "zero_shot", "--shots", "two"], "--shots: expected an integer"),
+    (["--methods", "zero_shot", "--seeds", "1", "1"], "--seeds: 1 is given twice"),
+    (["--methods", "zero_shot", "zero_shot"], "--methods: zero_shot is given twice"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, tree, tiny_config, capsys, extra, message):
     argv = ["--data-root", str(tree), "--model", str(tiny_config), "--pretrained", "none", "--workers", "0",
@@ -400,3 +402,43 @@ def test_own_folders_table_uses_their_names_and_prints_no_published_section(tmp_
     result = json.loads((out / "table2.json").read_text())
     assert result["published"] == {"label": "", "rows": {}}
     assert set(result["measured"]["zero_shot"]["mean"]) == {"photos", "sketch", "target_avg"}
+
+
+def _measured_line(markdown: str, label: str) -> str:
+    section = markdown[markdown.index("## measured"):]
+    return next(line for line in section.splitlines() if line.startswith(f"| {label} |"))
+
+
+def test_one_seed_shows_no_std_and_rows_over_different_seed_counts_say_so(tmp_path, tree, tiny_config, monkeypatch):
+    import clipconv.app.table2
+
+    result = _run(tmp_path, tree, tiny_config, ["zero_shot"], seeds=("1",))
+    markdown = (tmp_path / "out" / "table2.md").read_text()
+    assert "±" not in _measured_line(markdown, "ZS CLIP (1 template)") and "mean ± std" not in markdown
+    assert result["measured"]["zero_shot"]["std"] == {}  # no spread from a single fit
+
+    real = clipconv.app.table2.fit_and_evaluate
+
+    def interrupt_linear_probe_seed_2(session, name, *args, seed, **kwargs):
+        if name == "linear_probe" and seed == 2:
+            raise KeyboardInterrupt
+        return real(session, name, *args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(clipconv.app.table2, "fit_and_evaluate", interrupt_linear_probe_seed_2)
+    argv = ["--data-root", str(tree), "--model", str(tiny_config), "--pretrained", "none", "--shots", "2",
+            "--val-shots", "2", "--seeds", "1", "2", "--workers", "0", "--output-dir", str(tmp_path / "part"),
+            "--methods", "zero_shot", "linear_probe", "--method-options", json.dumps({"linear_probe":
+                                                                                       TINY_OPTIONS["linear_probe"]}),
+            "--no-cache"]
+    assert main(argv) == 130
+    markdown = (tmp_path / "part" / "table2.md").read_text()
+    zero_shot, probe = _measured_line(markdown, "ZS CLIP (1 template)"), _measured_line(markdown, "LP CLIP")
+    assert "±" in zero_shot and "| 2 |" in zero_shot  # two seeds: mean ± std, and the count
+    assert "±" not in probe and "| 1 |" in probe  # one seed so far: the value alone
+
+
+def test_quiet_table_still_shows_the_final_table(tmp_path, tree, tiny_config, capsys):
+    _run(tmp_path, tree, tiny_config, ["zero_shot"], seeds=("1",), extra=("--quiet",))
+    err = capsys.readouterr().err
+    assert "| method |" in err and "\n| ZS CLIP (1 template) |" in err, err
+    assert "== 2-shot" not in err  # the progress lines stay quiet

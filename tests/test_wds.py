@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -483,3 +484,27 @@ def test_every_torchrun_rank_gets_the_extracted_files_it_is_handed(tmp_path, mon
     target = extract_samples(tmp_path, ["wds_imagenet1k/train/0.tar#a1"])["wds_imagenet1k/train/0.tar#a1"]
     assert target.read_bytes() == image.read_bytes()
     assert not list(target.parent.glob(".*.tmp"))
+
+
+def test_extracted_samples_get_the_mode_of_any_new_file(tmp_path):
+    """Files under $CLIPCONV_CACHE/wds-samples respect the umask like every other clipconv file (not mkstemp's
+    private 0600), so a shared cache is readable by the group or others the umask allows."""
+    import tarfile
+
+    from clipconv.data.wds import extract_samples
+    from clipconv.runtime.io import new_file_mode
+
+    image = next(iter(_files(make_folder(tmp_path), ["x"])))[0]
+    shard = tmp_path / "wds_imagenet1k" / "train" / "0.tar"
+    shard.parent.mkdir(parents=True)
+    label = tmp_path / "label.cls"
+    label.write_text("0")
+    with tarfile.open(shard, "w") as tar:
+        tar.add(image, arcname="s0.jpg")
+        tar.add(label, arcname="s0.cls")
+    previous = os.umask(0o022)
+    try:
+        target = extract_samples(tmp_path, ["wds_imagenet1k/train/0.tar#s0"])["wds_imagenet1k/train/0.tar#s0"]
+        assert new_file_mode() == 0o644 and target.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(previous)

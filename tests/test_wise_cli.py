@@ -157,15 +157,15 @@ def test_default_sweep_folder_is_new_beside_the_checkpoint(runs):
 
 
 def test_anchored_training_flags_reach_the_method(world, tmp_path, tiny_config):
-    """--head frozen, --head-lr-scale and --l2sp from the command line: recorded in config.json, and a frozen head
+    """--head frozen and --l2sp from the command line: recorded in config.json, and a frozen head
     is saved unchanged from the zero-shot text head (θ₁'s head = θ₀'s) while the adapters moved."""
     from clipconv.backbone import load_backbone
     from clipconv.methods.finetune import load_endpoints
 
     run = tmp_path / "frozen"
-    assert _train(world, run, "--head", "frozen", "--head-lr-scale", "2", "--l2sp", "0.5") == 0
+    assert _train(world, run, "--head", "frozen", "--l2sp", "0.5") == 0
     options = json.loads((run / "config.json").read_text())["method_options"]
-    assert (options["head"], options["head_lr_scale"], options["l2sp"]) == ("frozen", 2.0, 0.5)
+    assert (options["head"], options["head_lr_scale"], options["l2sp"]) == ("frozen", 1.0, 0.5)
     backbone = load_backbone(str(tiny_config), pretrained=str(world["weights"]), device="cpu")
     _, theta0, theta1, _ = load_endpoints(run / "adapter.safetensors", backbone, _class_names(world))
     assert torch.equal(theta0["head.weight"], theta1["head.weight"])
@@ -186,6 +186,17 @@ def test_bad_anchored_training_flags_exit_2(world, tmp_path, capsys, extra, flag
     with pytest.raises(SystemExit) as info:
         _train(world, tmp_path / "run", *extra)
     assert info.value.code == 2 and f"argument {flag}:" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_frozen_head_with_a_head_learning_rate_is_refused(world, tmp_path, capsys):
+    """--head frozen trains no head: a --head-lr-scale beside it would silently do nothing."""
+    with pytest.raises(SystemExit) as info:
+        _train(world, tmp_path / "run", "--head", "frozen", "--head-lr-scale", "5")
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert info.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert "--head frozen" in errors[0] and "--head-lr-scale" in errors[0]
     assert not (tmp_path / "run").exists()
 
 

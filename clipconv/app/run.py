@@ -23,7 +23,9 @@ from safetensors.torch import save_file
 import clipconv
 from clipconv.app.clip_benchmark import write_benchmark_results
 from clipconv.app.report import markdown_table
-from clipconv.app.rundir import RUN_FILES, check_output_dir, claim_output_dir, held_files, new_run_dir
+from clipconv.app.rundir import (
+    RUN_FILES, check_not_in_use, check_output_dir, claim_output_dir, held_files, new_run_dir
+)
 from clipconv.app.session import (
     FitResult, Session, build_method_config, check_processes, fit_and_evaluate, jsonable, open_session
 )
@@ -42,17 +44,21 @@ if TYPE_CHECKING:
 
 __all__ = ["ExperimentConfig", "RunConfig", "PreparedRun", "relocated", "source_commit", "SECTIONS",
            "prepare_run", "execute_run", "write_results", "recall_line", "setup_logging",
-           "environment", "VAL_SHOTS", "CONFIG_FILE", "counts_line", "logits_saver"]
+           "environment", "VAL_SHOTS", "CONFIG_FILE", "counts_line", "logits_saver", "folder_name", "RESULT"]
 
 log = logging.getLogger("clipconv")
+#: the log level of a run's final table: shown on stderr also under --quiet (which hides INFO lines)
+RESULT = logging.INFO + 5
+logging.addLevelName(RESULT, "RESULT")
 
 #: validation images per class drawn from train, outside the K shots — the one default of every entry point.
 #: It is what makes choosing hyper-parameters (Convpass's scale and epoch, the baselines' searches) possible
 #: without a test set. Its cost: scoring 4 images per class after every epoch — forward only, so about 8 % of
 #: 16-shot training's compute; measured on the demo (5 epochs, 1 thread, load 3.7): fit 13.5 s vs 10.4 s.
 VAL_SHOTS = 4
-#: a Convpass scale search's sub-folders; --save-logits; the CLIP_benchmark-format results
-RUN_PATTERNS = ("scale_*", "*_logits.safetensors", "clip_benchmark")
+#: a Convpass scale search's sub-folders; --save-logits; the CLIP_benchmark-format results; the folders
+#: eval_robustness.py writes beside the checkpoint by default (RUN/eval-<time>, RUN/wise-<time>)
+RUN_PATTERNS = ("scale_*", "*_logits.safetensors", "clip_benchmark", "eval-[0-9]*", "wise-[0-9]*")
 CONFIG_FILE = "config.json"
 VAL_HELP = ("validation images per class drawn from train, disjoint from the K shots; used to choose the scale, "
             "the epoch and the baselines' hyper-parameters (0: none)")
@@ -142,6 +148,12 @@ class RunConfig(ExperimentConfig):
         return cls.from_options(values)
 
 
+def folder_name(method: str) -> str:
+    """`method` as part of a file or folder name: 'adapter:lora' -> 'adapter-lora' (a ':' breaks paths on some
+    file systems and tools)."""
+    return method.replace(":", "-")
+
+
 def source_commit() -> Optional[str]:
     """`git rev-parse HEAD` of the clipconv source tree when it is a git checkout (its own top level), else None."""
     root = Path(clipconv.__file__).resolve().parent.parent
@@ -185,9 +197,11 @@ def relocated(saved: JSONObject, folder: Path) -> JSONObject:
 
 
 def setup_logging(run_dir: Optional[Path] = None, quiet: bool = False) -> None:
-    """Log to stderr (warnings only when `quiet`) and, when given, to run_dir/log.txt (appending).
-    Under torchrun only rank 0 logs (the other ranks show warnings only and write no log.txt)."""
-    if not ranks.is_main():
+    """Log to stderr (warnings and the final table only when `quiet`: levels WARNING and RESULT) and, when
+    given, to run_dir/log.txt (appending). Under torchrun only rank 0 logs (the other ranks show warnings only
+    and write no log.txt)."""
+    main = ranks.is_main()
+    if not main:
         run_dir, quiet = None, True
     log.setLevel(logging.INFO)
     for handler in list(log.handlers):
@@ -195,7 +209,7 @@ def setup_logging(run_dir: Optional[Path] = None, quiet: bool = False) -> None:
         handler.close()
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(logging.Formatter("%(message)s"))
-    stream.setLevel(logging.WARNING if quiet else logging.INFO)
+    stream.setLevel(logging.INFO if not quiet else RESULT if main else logging.WARNING)
     log.addHandler(stream)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -232,6 +246,7 @@ def prepare_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -
                              "applies to trained methods (convpass, linear_probe, coop, cocoop, tip_adapter_f)")
     if cfg.output_dir:  # before any work: a file, a too-long name, an unwritable parent, an existing run
         check_output_dir(cfg.output_dir)
+        check_not_in_use(cfg.output_dir)  # another process writing there (a second --overwrite or --resume)
         if not resume and not overwrite and held_files(Path(cfg.output_dir), RUN_FILES, RUN_PATTERNS):
             claim_output_dir(cfg.output_dir, RUN_FILES, RUN_PATTERNS,
                              resume_hint=f"or --resume {cfg.output_dir} to continue it")
@@ -244,7 +259,8 @@ def prepare_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -
     def create() -> Path:  # on rank 0 only under torchrun; the others get its path
         if cfg.output_dir:
             return claim_output_dir(cfg.output_dir, RUN_FILES, RUN_PATTERNS, overwrite=overwrite, resume=resume)
-        return new_run_dir("runs", f"{cfg.method}_{cfg.shots}shot_seed{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
+        return new_run_dir("runs", f"{folder_name(cfg.method)}_{cfg.shots}shot_seed{cfg.seed}_"
+                                   f"{time.strftime('%Y%m%d-%H%M%S')}")
 
     run_dir = ranks.on_main(create)
     return PreparedRun(cfg, session, split, run_dir, resume)
@@ -320,4 +336,4 @@ def write_results(run_dir: Path, label: str, row: dict[str, float], metrics: dic
     table = markdown_table([(label, row)], columns=columns, display=display)
     write_text(run_dir / "results.md", f"# {label}: top-1 (%)\n\n{table}\n{counts_line(metrics, display)}\n"
                                        f"{recall_line(metrics, display)}\n")
-    log.info("\n" + table)
+    log.log(RESULT, "\n" + table)  # also under --quiet

@@ -31,8 +31,8 @@ from torch import nn
 from clipconv.app.clip_benchmark import write_benchmark_results
 from clipconv.app.plots import accuracy_bars, accuracy_vs_shots
 from clipconv.app.report import DISPLAY, SUITE, markdown_table, target_average
-from clipconv.app.run import ExperimentConfig, counts_line, environment
-from clipconv.app.rundir import check_output_dir, claim_output_dir, held_files, new_run_dir
+from clipconv.app.run import ExperimentConfig, counts_line, environment, folder_name
+from clipconv.app.rundir import check_not_in_use, check_output_dir, claim_output_dir, held_files, new_run_dir
 from clipconv.app.session import (
     FitResult, Session, build_method_config, check_processes, fit_and_evaluate, open_session
 )
@@ -42,7 +42,7 @@ from clipconv.methods.base import METHODS, MethodConfig, build_method, method_na
 from clipconv.params import ParamSpec, reference_spec
 from clipconv.prompts import load_templates
 from clipconv.runtime import ranks
-from clipconv.runtime.io import read_json
+from clipconv.runtime.io import DamagedFileError, read_json_object
 from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.outputs import atomic_path, write_json, write_text
 from clipconv.wise import WISE_DEFAULT_ALPHA, WISE_NOTE, wise_key, wise_label, wise_methods, wise_sweep
@@ -50,7 +50,7 @@ from clipconv.wise import WISE_DEFAULT_ALPHA, WISE_NOTE, wise_key, wise_label, w
 __all__ = ["Table2Config", "TABLE2_METHODS", "PUBLISHED_LABEL", "BARS_FILE", "SWEEP_FILE",
            "run_table2", "run_shots_sweep", "check_methods", "shots_summary", "aggregate_seeds", "RECORD_FILE",
            "TABLE2_OWN_FILES",
-           "TABLE2_OWN_PATTERNS", "load_record"]
+           "TABLE2_OWN_PATTERNS", "load_record", "measured_table"]
 
 #: the default methods, in the order they declare (`Method.table2_order`); labels are the methods' own (`label`)
 TABLE2_METHODS = table2_methods()
@@ -86,6 +86,11 @@ class Table2Config(ExperimentConfig):
     def __post_init__(self) -> None:
         if self.wise_alpha is None:
             self.wise_alpha = WISE_DEFAULT_ALPHA
+        for flag, values in (("--seeds", list(self.seeds)), ("--methods", list(self.methods))):
+            twice = sorted({str(v) for v in values if values.count(v) > 1})
+            if twice:  # one fit counted twice would pass for two (a std of 0.00, or a row twice)
+                raise ValueError(f"{flag}: {', '.join(twice)} {'is' if len(twice) == 1 else 'are'} given twice; "
+                                 "give each once")
         stray = sorted(set(self.method_configs) - set(self.methods))
         if stray:
             raise ValueError(f"--method-options names method(s) {stray} that are not in --methods {list(self.methods)}")
@@ -253,6 +258,7 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
         used = templates_used(base, [entry.get("fit") for entry in per_seed.get(base, {}).values()], cfg.data.templates)
         label = row_label(base, used) if base == name else wise_label(row_label(base, used), cfg.wise_alpha)
         mean, std = aggregate_seeds([seeds[s]["row"] for s in sorted(seeds)], session.columns)
+        std = std if len(seeds) > 1 else {}  # a single fit has no spread to show (not "± 0.00")
         measured.append((label, mean))
         stds[label] = std
         # a WiSE row has its method's parameters and fit (no training of its own)
@@ -268,10 +274,11 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
             recall_mean, recall_std = aggregate_seeds(
                 [session.row(seeds[s]["metrics"], "mean_per_class_recall") for s in sorted(seeds)], session.columns)
             recall_rows.append((label, recall_mean))
-            recall_stds[label] = recall_std
+            recall_stds[label] = recall_std if len(seeds) > 1 else {}
     published = _published_rows(session)
     seeds_text = ", ".join(str(s) for s in cfg.seeds)
-    md = [f"# Table 2: {cfg.shots}-shot, top-1 (%), mean ± std over seeds {seeds_text}", "",
+    over = f"mean ± std over seeds {seeds_text}" if len(cfg.seeds) > 1 else f"seed {seeds_text}"
+    md = [f"# Table 2: {cfg.shots}-shot, top-1 (%), {over}", "",
           f"Backbone {info['backbone']['model']} ({info['backbone']['weights_id']}); data {session.data_root}; "
           f"templates: {_templates_text(cfg.data.templates)}; validation: {cfg.val_shots} train images per class "
           f"outside the K-shot set.", *([
@@ -285,7 +292,7 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
           *([f"+ WiSE (α = {cfg.wise_alpha:g}): {WISE_NOTE} (WiSE-FT's default α = 0.5 unless --wise-alpha).", ""]
             if any(wise_key(m) in per_seed for m in wise) else []),
           *([counts_line(_first_metrics(per_seed), session.family.display), ""] if _first_metrics(per_seed) else []),
-          *(["## mean per-class recall (%), mean ± std over seeds", "",
+          *([f"## mean per-class recall (%), {over}", "",
              markdown_table(recall_rows, recall_stds, **table_columns), ""] if recall_rows else []),
           "## prompt templates per row", "", "| method | template set (count) |", "|---|---|", *template_lines, "",
           *(["## " + session.family.published_label, "",
@@ -324,11 +331,24 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
     return result
 
 
+def measured_table(result: JSONObject) -> str:
+    """The measured rows of a Table-2 result (table2.json) as one markdown table: mean (± std over 2+ seeds)."""
+    entries = list(result.get("measured", {}).values())
+    titles = dict(result.get("columns", {}))
+    return markdown_table([(e["label"], e["mean"]) for e in entries], {e["label"]: e["std"] for e in entries},
+                          columns=[c for c in titles if c != "target_avg"], display=titles)
+
+
 def _extra_columns(rows: dict[str, JSONObject], classes: int) -> list[tuple[str, dict[str, str]]]:
-    """The params (ViT-B/16 and this model) and train-seconds columns of the measured table."""
-    return [("params ViT-B/16", {r["label"]: _count_text(r["params"]["vit_b16"]) for r in rows.values()}),
-            (f"params here ({classes} classes)", {r["label"]: _count_text(r["params"]["model"]) for r in rows.values()}),
-            ("train s", {r["label"]: f"{r['train_seconds']:.1f}" for r in rows.values()})]
+    """The params (ViT-B/16 and this model) and train-seconds columns of the measured table, and the number of
+    seeds of each row when they differ."""
+    columns = [("params ViT-B/16", {r["label"]: _count_text(r["params"]["vit_b16"]) for r in rows.values()}),
+               (f"params here ({classes} classes)", {r["label"]: _count_text(r["params"]["model"])
+                                                     for r in rows.values()}),
+               ("train s", {r["label"]: f"{r['train_seconds']:.1f}" for r in rows.values()})]
+    if len({len(r["seeds"]) for r in rows.values()}) > 1:  # an incomplete table: rows over different seeds
+        columns.append(("seeds", {r["label"]: str(len(r["seeds"])) for r in rows.values()}))
+    return columns
 
 
 def _open_session(cfg: Table2Config, cache_dir: Optional[str] = None) -> tuple[Session, list[str]]:
@@ -355,7 +375,7 @@ def _done_before(out: Path, methods: Sequence[str]) -> tuple[dict[str, dict[int,
 
     if not (out / "table2.json").is_file():
         return {}, {}
-    saved = read_json(out / "table2.json", what_to_do="delete it to re-run this table")
+    saved = read_json_object(out / "table2.json", what_to_do="delete it to re-run this table")
     per_seed = {name: {int(s): v for s, v in seeds.items()} for name, seeds in saved.get("per_seed", {}).items()
                 if name in methods}
     return per_seed, {name: t for name, t in saved.get("timing", {}).items() if name in per_seed}
@@ -384,7 +404,7 @@ def _run_shots(cfg: Table2Config, session: Session, methods: Sequence[str], out:
         for name in todo:
             config = cfg.method_configs[name]
             log(f"== {cfg.shots}-shot, seed {seed}: {name} {changed_options(config) or ''}")
-            fit_dir = out / f"{name.replace(':', '-')}_seed{seed}"  # ':' (adapter:<kind>) is no file-name character
+            fit_dir = out / f"{folder_name(name)}_seed{seed}"
             try:
                 fit = fit_and_evaluate(session, name, config, split, seed=seed,  # resume: from the last epoch
                                        output_dir=fit_dir, log_line=log, resume=resume)
@@ -440,6 +460,7 @@ def check_table2_dir(cfg: Table2Config, overwrite: bool = False, resume: bool = 
     if cfg.output_dir is None:
         return
     check_output_dir(cfg.output_dir)
+    check_not_in_use(cfg.output_dir)  # another process writing there (a second --overwrite or --resume)
     if not (overwrite or resume) and held_files(Path(cfg.output_dir), TABLE2_OWN_FILES, TABLE2_OWN_PATTERNS):
         claim_output_dir(cfg.output_dir, TABLE2_OWN_FILES, TABLE2_OWN_PATTERNS,
                          resume_hint=f"or --resume {cfg.output_dir} to finish it")
@@ -470,8 +491,17 @@ def load_record(folder: Path) -> tuple[Table2Config, list[int]]:
     if not path.is_file():
         raise ValueError(f"--resume {folder}: no {RECORD_FILE} there; give the output folder of an earlier "
                          "run_table2.py run")
-    saved = read_json(path, what_to_do="the run cannot be resumed; start a new one")
-    return Table2Config.from_dict(saved["config"]), [int(k) for k in saved["shots"]]
+    what_to_do = "the run cannot be resumed; start a new one"
+    saved = read_json_object(path, what_to_do=what_to_do)
+    config, shots = saved.get("config"), saved.get("shots")
+    if not isinstance(config, dict) or not isinstance(shots, list) or not shots \
+            or not all(isinstance(k, int) and not isinstance(k, bool) for k in shots):
+        raise DamagedFileError(f"'{path}' is damaged: it does not hold a \"config\" object and a \"shots\" list "
+                               f"of integers; {what_to_do}")
+    try:
+        return Table2Config.from_dict(config), [int(k) for k in shots]
+    except (ValueError, TypeError, KeyError) as err:  # a record edited by hand: values of the wrong kind
+        raise DamagedFileError(f"'{path}' is damaged: {err}; {what_to_do}") from err
 
 
 def run_table2(cfg: Table2Config, log: Callable[[str], None] = print, overwrite: bool = False,

@@ -20,6 +20,7 @@ from typing import Iterator, NamedTuple, Optional, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from clipconv.runtime.cache import cache_dir_problem
 from clipconv.runtime.outputs import write_text
 
 __all__ = [
@@ -468,4 +469,9 @@ def ensure_world(root: Union[str, Path, None] = None, **kwargs) -> Path:
     """A finished world for these parameters, generated on first use (default root: the cache)."""
     params = world_params(**kwargs)
     target = Path(root).expanduser() if root is not None else default_world_root(params)
+    problem = cache_dir_problem(target.parent)
+    if problem:  # before the lock file beside the world is opened
+        where = "CLIPCONV_CACHE" if root is None else "the demo world's folder"
+        raise ValueError(f"{where}: {problem}, so the demo world cannot be generated there; "
+                         f"set {'CLIPCONV_CACHE' if root is None else 'it'} to a writable folder")
     return generate_world(target, **{k: v for k, v in params.items() if k != "version"})

@@ -161,6 +161,9 @@ def load_split(path: PathLike) -> tuple[FewShotSplit, JSONObject]:
         raise FileNotFoundError(f"split file '{path}' does not exist")
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"split file '{path}' is not UTF-8 text ({err.reason} at byte {err.start}); give a split "
+                         "written by clipconv") from err
     except json.JSONDecodeError as err:
         raise ValueError(f"split file '{path}' is not valid JSON: {err}") from err
     if not isinstance(payload, dict) or payload.get("format") != SPLIT_FORMAT:

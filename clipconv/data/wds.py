@@ -49,7 +49,7 @@ from clipconv.data.imagenet import EVAL_SET_SPECS, ClassList, DataLayoutError, E
 from clipconv.data.images import ImageDecodeError
 from clipconv.prompts import imagenet_classes, load_classnames_file
 from clipconv.runtime.cache import cache_root
-from clipconv.runtime.io import OutputWriteError
+from clipconv.runtime.io import OutputWriteError, new_file_mode
 from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.outputs import write_json
 from clipconv.runtime.seeding import item_seed
@@ -282,6 +282,7 @@ def _write_file_atomically(target: Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
+        os.chmod(tmp, new_file_mode())  # mkstemp makes 0600: give it the mode of any new file (the umask's)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -101,6 +101,9 @@ class AdapterTuningConfig(MethodConfig):
         if isinstance(self.scales, (list, tuple)) and not self.scales:
             raise ValueError("give at least one adapter scale")
         super().__post_init__()  # type checks; the scales become a tuple of floats
+        if self.head == "frozen" and self.head_lr_scale != 1.0:  # it would silently do nothing
+            raise ValueError(f"--head frozen trains no head, so --head-lr-scale {self.head_lr_scale:g} (option "
+                             "head_lr_scale) has nothing to scale; drop --head-lr-scale or use --head train")
 
     def adapter_options(self) -> dict[str, object]:
         """The adapter kind's options held in this config."""

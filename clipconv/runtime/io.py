@@ -21,10 +21,10 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
-from clipconv.runtime.jsontypes import JSON
+from clipconv.runtime.jsontypes import JSON, JSONObject
 
 __all__ = ["OutputWriteError", "DamagedFileError", "atomic_path", "remove_stale_temps", "write_json", "write_text", "read_json",
-           "finite_or_null",
+           "read_json_object", "finite_or_null",
            "save_torch", "load_torch", "new_file_mode"]
 
 
@@ -132,6 +132,16 @@ def read_json(path: Union[str, Path], what_to_do: str = "delete it or start a ne
     except ValueError as err:  # JSONDecodeError, and UnicodeDecodeError from a binary file
         state = "empty" if not text.strip() else "not valid JSON (truncated?)"
         raise DamagedFileError(f"'{path}' is damaged: {state} ({err}); {what_to_do}") from err
+
+
+def read_json_object(path: Union[str, Path], what_to_do: str = "delete it or start a new run") -> JSONObject:
+    """The JSON object in `path` (a run record); a file that is damaged, or holds JSON that is not an object
+    (a list, a string, null), raises DamagedFileError naming the file."""
+    value = read_json(path, what_to_do)
+    if not isinstance(value, dict):
+        kind = "null" if value is None else f"a JSON {type(value).__name__}"
+        raise DamagedFileError(f"'{path}' is damaged: it holds {kind} where a JSON object is expected; {what_to_do}")
+    return value
 
 
 def save_torch(path: Union[str, Path], obj: object) -> Path:

@@ -13,14 +13,16 @@ from clipconv.app.cli.common import bad_input_errors, fail, join_process_group, 
 from clipconv.app.cli.options import add_shared_args, shared_configs
 from clipconv.app.clip_benchmark import write_benchmark_results
 from clipconv.app.run import CONFIG_FILE, logits_saver, relocated, setup_logging, write_results
-from clipconv.app.rundir import RUN_FILES, check_output_dir, claim_output_dir, held_files, new_run_dir
+from clipconv.app.rundir import (
+    RUN_FILES, check_not_in_use, check_output_dir, claim_output_dir, held_files, new_run_dir
+)
 from clipconv.app.session import open_data_family, open_session
 from clipconv.app.wise_report import run_sweep
 from clipconv.backbone import load_backbone, resolve_device
 from clipconv.checkpoint import read_metadata
 from clipconv.data import ClassList
 from clipconv.methods.finetune import load_classifier, load_endpoints
-from clipconv.runtime.io import read_json
+from clipconv.runtime.io import read_json_object
 from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.ranks import is_main, local_device, on_main
 from clipconv.training import resolve_precision
@@ -78,7 +80,7 @@ def run_settings(checkpoint: Path) -> JSONObject:
     path = checkpoint.parent / CONFIG_FILE
     if not path.is_file():
         return {}
-    saved = relocated(read_json(path, what_to_do="give --data-root and --model/--pretrained explicitly, or repair "
+    saved = relocated(read_json_object(path, what_to_do="give --data-root and --model/--pretrained explicitly, or repair "
                                                  "the run"), checkpoint.parent)  # the run folder may have moved
     data = {k: v for k, v in (saved.get("data") or {}).items() if k != "templates"}
     backbone = {k: v for k, v in (saved.get("backbone") or {}).items() if k in ("model", "pretrained")}
@@ -128,7 +130,7 @@ def load_references(folder: Optional[str], checkpoint: Path, meta: dict) -> dict
         if folder:
             fail(f"--references {folder}: no table2.json there; give a run_table2.py output folder")
         return {}
-    table = read_json(path, what_to_do="give another --references folder, or repair the table")
+    table = read_json_object(path, what_to_do="give another --references folder, or repair the table")
     columns = list(table.get("columns") or [])
     if not columns:
         fail(f"--references: {path} names no result columns; give a complete run_table2.py output folder")
@@ -170,6 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         own = (*RUN_FILES, *WISE_FILES) if args.wise else RUN_FILES
         if args.output_dir:  # before any work
             check_output_dir(args.output_dir)
+            check_not_in_use(args.output_dir)  # another process writing there
             if not args.overwrite and held_files(Path(args.output_dir), own, ("*_logits.safetensors", "clip_benchmark")):
                 claim_output_dir(args.output_dir, own, ("*_logits.safetensors", "clip_benchmark"))  # refuses, naming the files
         references = load_references(args.references, checkpoint, meta) if args.wise else {}

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, NoReturn, Optional
 
 import torch
 
-from clipconv.app.cli.common import NO_DATA_HELP, eval_set_arg
+from clipconv.app.cli.common import NO_DATA_HELP, eval_set_arg, fail
 from clipconv.app.run import SECTIONS, setup_logging
 from clipconv.backbone import resolve_device
 from clipconv.config import Config, RuntimeConfig
@@ -278,7 +278,11 @@ def shared_configs(args: argparse.Namespace, fields: Mapping[str, list[str]], pa
         if not getattr(args, "demo", False) and configs["data"].family != "demo":
             parser.error(NO_DATA_HELP)
 
-        configs["data"] = dataclasses.replace(configs["data"], data_root=str(ensure_world()))
+        try:
+            world = ensure_world()
+        except ValueError as err:  # e.g. CLIPCONV_CACHE is a file or cannot be written
+            fail(str(err))
+        configs["data"] = dataclasses.replace(configs["data"], data_root=str(world))
     return configs
 
 

@@ -13,10 +13,12 @@ from clipconv.app.cli.common import bad_input_errors, fail, join_process_group, 
 from clipconv.app.cli.options import (
     absolute, absolute_paths, add_config_args, add_preset_arg, add_shared_args, given, preset_of, shared_configs
 )
-from clipconv.app.run import PRESET_HELP, log, setup_logging
-from clipconv.app.rundir import exit_code, interrupt_on_sigterm
+from clipconv.app.run import PRESET_HELP, RESULT, log, setup_logging
+from clipconv.app.rundir import exit_code, interrupt_on_sigterm, release_run_dir
 from clipconv.app.session import build_method_config
-from clipconv.app.table2 import SWEEP_FILE, Table2Config, check_methods, load_record, run_shots_sweep, run_table2
+from clipconv.app.table2 import (
+    SWEEP_FILE, Table2Config, check_methods, load_record, measured_table, run_shots_sweep, run_table2
+)
 from clipconv.config import RuntimeConfig
 from clipconv.methods.base import MethodConfig
 from clipconv.mini_clip import MINI_CLIP_CONFIG
@@ -129,17 +131,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with interrupt_on_sigterm(), bad_input_errors():
             if len(shots) > 1:
                 results = run_shots_sweep(cfg, shots, log=keep, overwrite=args.overwrite, resume=bool(args.resume))
-                out = Path(results[shots[-1]]["output_dir"]).parent
+                result = results[shots[-1]]
+                out = Path(result["output_dir"]).parent
             else:
-                out = Path(run_table2(cfg, log=keep, overwrite=args.overwrite, resume=bool(args.resume))["output_dir"])
+                result = run_table2(cfg, log=keep, overwrite=args.overwrite, resume=bool(args.resume))
+                out = Path(result["output_dir"])
     except KeyboardInterrupt as err:
         what = "terminated" if exit_code(err) == 143 else "interrupted"
         where = state.get("out") or cfg.output_dir
         hint = f"; finish it with: run_table2.py --resume {where}" if where else ""
         print(f"\n{what}: the finished fits are kept in the table (marked incomplete){hint}", file=sys.stderr)
         return exit_code(err)
+    finally:
+        if state.get("out"):
+            release_run_dir(state["out"])  # held since the folder was claimed
     if not is_main():
         return 0
+    log.log(RESULT, f"\n{shots[-1]}-shot top-1 (%):\n{measured_table(result)}")  # also under --quiet
     print(f"table: {out / 'table2.md'}\nbar chart: {out / 'table2_bars.png'}")
     if len(shots) > 1:
         print(f"accuracy vs shots: {out / (SWEEP_FILE + '.png')} (tables: {out / (SWEEP_FILE + '.md')}, "

@@ -24,10 +24,10 @@ from clipconv.app.cli.options import (
     method_json, preset_notes, preset_of, shared_configs
 )
 from clipconv.app.run import CONFIG_FILE, PRESET_HELP, RunConfig, execute_run, prepare_run, relocated
-from clipconv.app.rundir import exit_code, interrupt_on_sigterm
+from clipconv.app.rundir import exit_code, interrupt_on_sigterm, release_run_dir
 from clipconv.app.session import build_method_config
 from clipconv.methods.base import METHODS, default_method, method_names
-from clipconv.runtime.io import read_json
+from clipconv.runtime.io import read_json_object
 from clipconv.runtime.ranks import is_main
 
 DESCRIPTION = """Train a few-shot CLIP method on K shots per class and evaluate it on ImageNet and its shifted
@@ -100,7 +100,7 @@ def _resume_config(run_dir: str, args: argparse.Namespace, parser: argparse.Argu
     if not path.is_file():
         fail(f"--resume {run_dir}: no {CONFIG_FILE} there; give the run directory of an earlier run")
     with bad_input_errors():
-        saved = RunConfig.from_dict(relocated(read_json(path), Path(run_dir)))
+        saved = RunConfig.from_dict(relocated(read_json_object(path), Path(run_dir)))
     conflicts = []
     for name, value in run_values(args).items():
         if name == "save_logits" or (name == "output_dir" and Path(value).resolve() == Path(run_dir).resolve()):
@@ -151,7 +151,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         path = Path(pre.resume) / "config.json"
         with bad_input_errors():  # a damaged config.json is one line, not a traceback
-            method = read_json(path).get("method") if path.is_file() else method
+            method = read_json_object(path).get("method") if path.is_file() else method
     method = method or default_method()
     if method not in method_names():
         argparse.ArgumentParser(prog=Path(sys.argv[0]).name).error(
@@ -178,6 +178,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         what = "terminated" if exit_code(err) == 143 else "interrupted"
         print(f"\n{what}: the last finished epoch is saved; continue with --resume {run.run_dir}", file=sys.stderr)
         return exit_code(err)
+    finally:
+        release_run_dir(run.run_dir)  # held since prepare_run claimed the folder
     if is_main():
         print(f"run directory: {run.run_dir}")
     return 0 if result.metrics else EXIT_BAD_INPUT

@@ -12,7 +12,9 @@ from clipconv.app.cli.options import add_shared_args, shared_configs
 from clipconv.app.clip_benchmark import BENCHMARK_DIR, write_benchmark_results
 from clipconv.app.report import markdown_table
 from clipconv.app.run import counts_line, log, recall_line, setup_logging
-from clipconv.app.rundir import ZERO_SHOT_FILES, check_output_dir, claim_output_dir, held_files, new_run_dir
+from clipconv.app.rundir import (
+    ZERO_SHOT_FILES, check_not_in_use, check_output_dir, claim_output_dir, held_files, new_run_dir
+)
 from clipconv.app.session import build_method_config, fit_and_evaluate, open_session
 from clipconv.data import FewShotSplit
 from clipconv.methods.zero_shot import ZeroShot
@@ -68,6 +70,7 @@ def compare_zero_shot(data: "DataConfig", backbones: Sequence["BackboneConfig"],
     ZERO_SHOT_PATTERNS = (BENCHMARK_DIR,)  # the CLIP_benchmark-format results folder
     if output_dir is not None:  # before any work
         check_output_dir(output_dir)
+        check_not_in_use(output_dir)  # another process writing there
         if not overwrite and held_files(Path(output_dir), ZERO_SHOT_FILES, ZERO_SHOT_PATTERNS):
             claim_output_dir(output_dir, ZERO_SHOT_FILES, ZERO_SHOT_PATTERNS)
     if data.templates is None:  # zero-shot CLIP's reference: the single "a photo of a {}." (the paper's 66.73)
