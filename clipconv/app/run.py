@@ -23,9 +23,7 @@ from safetensors.torch import save_file
 import clipconv
 from clipconv.app.clip_benchmark import write_benchmark_results
 from clipconv.app.report import markdown_table
-from clipconv.app.rundir import (
-    RUN_FILES, check_not_in_use, check_output_dir, claim_output_dir, held_files, new_run_dir
-)
+from clipconv.app.rundir import RUN_FILES, check_not_in_use, check_output_dir, claim_output_dir, held_files, new_run_dir
 from clipconv.app.session import (
     FitResult, Session, build_method_config, check_processes, fit_and_evaluate, jsonable, open_session
 )

@@ -13,9 +13,7 @@ from clipconv.app.cli.common import bad_input_errors, fail, join_process_group, 
 from clipconv.app.cli.options import add_shared_args, shared_configs
 from clipconv.app.clip_benchmark import write_benchmark_results
 from clipconv.app.run import CONFIG_FILE, logits_saver, relocated, setup_logging, write_results
-from clipconv.app.rundir import (
-    RUN_FILES, check_not_in_use, check_output_dir, claim_output_dir, held_files, new_run_dir
-)
+from clipconv.app.rundir import RUN_FILES, check_not_in_use, check_output_dir, claim_output_dir, held_files, new_run_dir
 from clipconv.app.session import open_data_family, open_session
 from clipconv.app.wise_report import run_sweep
 from clipconv.backbone import load_backbone, resolve_device
