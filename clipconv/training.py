@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipconv.head import ImageClassifier
 from clipconv.runtime import ranks
 from clipconv.runtime.io import load_torch
 from clipconv.runtime.outputs import remove_stale_temps, save_torch
@@ -36,7 +37,8 @@ from clipconv.runtime.progress import progress
 
 __all__ = ["TrainConfig", "Trainer", "TrainingTask", "BatchLoss", "ClassifierTask", "TrainingDivergedError",
            "build_optimizer", "build_scheduler", "epoch_seed", "warmup_cosine_lr", "resolve_precision",
-           "compile_module", "fused_adamw", "STATE_FILE", "Forward", "Record", "ImageBatch"]
+           "compile_module", "fused_adamw", "STATE_FILE", "Forward", "Record", "ImageBatch",
+           "AnchoredClassifierTask", "Averager", "make_averager", "weight_average_problem", "GPA_MEAN", "GPA_STD"]
 
 STATE_FILE = "train_state.pt"
 #: torch.compile backend of `TrainConfig.compile` (tests use "aot_eager": same graphs, no C++ compiler)
@@ -92,6 +94,8 @@ class TrainConfig:
     #: epoch: torch and the batch-order generator reseeded from (seed, epoch) every epoch; run: one generator
     #: seeded with `seed` for the whole run, torch's RNG left to the task
     seeding: Literal["epoch", "run"] = "epoch"
+    #: weight averaging during training (`make_averager`): "none", "ema:DECAY", "swa:EPOCHS" or "gpa[:MEAN:STD]"
+    weight_average: str = "none"
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -102,6 +106,9 @@ class TrainConfig:
             raise ValueError(f"seeding must be epoch or run, got {self.seeding!r}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        problem = weight_average_problem(self.weight_average)
+        if problem:
+            raise ValueError(f"weight_average {problem}")
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -184,6 +191,7 @@ class TrainState(TypedDict):
     history: list[Record]
     best: Optional[BestEpoch]
     config: dict[str, object]
+    averager: Optional[dict[str, object]]
 
 
 def build_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig, names: Optional[Sequence[str]] = None,
@@ -252,6 +260,158 @@ def per_epoch(scheduler: torch.optim.lr_scheduler.LRScheduler) -> bool:
     return isinstance(scheduler, EpochLR)
 
 
+# ----- weight averaging during training ------------------------------------------------------------------
+#: PromptSRC's Gaussian weighted aggregation (GPA) over epochs: its few-shot ImageNet setting (Khattak et al.,
+#: ICCV 2023; configs/trainers/PromptSRC/vit_b16_c2_ep50_batch4_4+4ctx_few_shot.yaml: GPA_MEAN 30, GPA_STD 30)
+GPA_MEAN = 30.0
+GPA_STD = 30.0
+#: the kinds of `TrainConfig.weight_average`
+AVERAGES = ("none", "ema", "swa", "gpa")
+
+
+def _spec_parts(spec: str) -> tuple[str, list[str]]:
+    kind, *args = str(spec).strip().lower().split(":")
+    return kind, args
+
+
+def weight_average_problem(spec: object) -> Optional[str]:
+    """Why `spec` is not a weight averaging ("none", "ema:DECAY" with DECAY in (0, 1), "swa:EPOCHS" with
+    EPOCHS >= 1, "gpa" or "gpa:MEAN:STD" with STD > 0); None when it is one (a config check)."""
+    if not isinstance(spec, str):
+        return f"must be a string such as 'ema:0.999', got {spec!r}"
+    kind, args = _spec_parts(spec)
+    try:
+        values = [float(a) for a in args]
+    except ValueError:
+        return f"must be none, ema:DECAY, swa:EPOCHS or gpa[:MEAN:STD] with numbers, got {spec!r}"
+    if kind not in AVERAGES or not all(math.isfinite(v) for v in values):
+        return f"must be none, ema:DECAY, swa:EPOCHS or gpa[:MEAN:STD], got {spec!r}"
+    if kind == "none" and not values:
+        return None
+    if kind == "ema" and len(values) == 1 and 0 < values[0] < 1:
+        return None
+    if kind == "swa" and len(values) == 1 and values[0] >= 1 and values[0].is_integer():
+        return None
+    if kind == "gpa" and (not values or (len(values) == 2 and values[1] > 0)):
+        return None
+    return {"none": "none takes no argument", "ema": f"ema:DECAY needs one DECAY in (0, 1), got {spec!r}",
+            "swa": f"swa:EPOCHS needs one whole number of epochs >= 1, got {spec!r}",
+            "gpa": f"gpa takes no argument or MEAN:STD with STD > 0, got {spec!r}"}[kind]
+
+
+class Averager(ABC):
+    """An average of the trainable tensors kept beside training (the Trainer's weight-averaging hook):
+    `after_step` is called after every optimizer step, `after_epoch` at the end of every epoch, both with the
+    live tensors; `averaged()` is the current average (None before it has any weight)."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.average: Optional[dict[str, torch.Tensor]] = None  # fp32, on the tensors' device
+
+    def after_step(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def after_epoch(self, epoch: int, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def averaged(self) -> Optional[dict[str, torch.Tensor]]:
+        return self.average
+
+    @torch.no_grad()
+    def _blend(self, tensors: dict[str, torch.Tensor], weight: float) -> None:
+        """average ← average + weight · (tensors − average) (the tensors themselves when there is none yet)."""
+        if self.average is None:
+            self.average = {n: t.detach().float().clone() for n, t in tensors.items()}
+            return
+        for name, tensor in tensors.items():
+            self.average[name].lerp_(tensor.detach().float(), weight)
+
+    def state_dict(self) -> dict[str, object]:
+        average = None if self.average is None else {n: t.cpu().clone() for n, t in self.average.items()}
+        return {"spec": self.spec, "average": average}
+
+    def load_state_dict(self, state: dict[str, object], device: torch.device) -> None:
+        average = state.get("average")
+        self.average = None if average is None else {n: t.to(device) for n, t in average.items()}
+
+
+class EMAAverager(Averager):
+    """Exponential moving average, updated after every optimizer step: a ← decay·a + (1 − decay)·θ
+    (a starts at the weights after the first step)."""
+
+    def __init__(self, spec: str, decay: float) -> None:
+        super().__init__(spec)
+        self.decay = decay
+
+    def after_step(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._blend(tensors, 1.0 - self.decay)
+
+
+class SWAAverager(Averager):
+    """Stochastic weight averaging (Izmailov et al., UAI 2018): the uniform average of the weights at the ends
+    of the last `last` epochs of `epochs` (none before that window starts)."""
+
+    def __init__(self, spec: str, last: int, epochs: int) -> None:
+        super().__init__(spec)
+        self.first = max(1, epochs - last + 1)
+        self.count = 0
+
+    def after_epoch(self, epoch: int, tensors: dict[str, torch.Tensor]) -> None:
+        if epoch >= self.first:
+            self.count += 1
+            self._blend(tensors, 1.0 / self.count)
+
+    def state_dict(self) -> dict[str, object]:
+        return {**super().state_dict(), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, object], device: torch.device) -> None:
+        super().load_state_dict(state, device)
+        self.count = int(state.get("count", 0))
+
+
+class GPAAverager(Averager):
+    """PromptSRC's Gaussian weighted aggregation (Khattak et al., ICCV 2023, trainers/promptsrc.py): epoch e of
+    1..`epochs` has weight N(e; mean, std), the weights normalized to sum 1; the average of the epochs so far is
+    normalized by their weights' sum (after the last epoch: PromptSRC's aggregate)."""
+
+    def __init__(self, spec: str, epochs: int, mean: float = GPA_MEAN, std: float = GPA_STD) -> None:
+        super().__init__(spec)
+        gauss = [math.exp(-0.5 * ((e - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi)) for e in range(1, epochs + 1)]
+        total = sum(gauss)
+        self.weights = [g / total for g in gauss]
+        self.seen = 0.0
+
+    def after_epoch(self, epoch: int, tensors: dict[str, torch.Tensor]) -> None:
+        weight = self.weights[min(epoch, len(self.weights)) - 1]
+        if weight <= 0:
+            return
+        self.seen += weight
+        self._blend(tensors, weight / self.seen)
+
+    def state_dict(self) -> dict[str, object]:
+        return {**super().state_dict(), "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, object], device: torch.device) -> None:
+        super().load_state_dict(state, device)
+        self.seen = float(state.get("seen", 0.0))
+
+
+def make_averager(spec: str, epochs: int) -> Optional[Averager]:
+    """The averager of `spec` (see `weight_average_problem`) over a run of `epochs` epochs; None for "none"."""
+    problem = weight_average_problem(spec)
+    if problem:
+        raise ValueError(f"weight_average {problem}")
+    kind, args = _spec_parts(spec)
+    values = [float(a) for a in args]
+    if kind == "ema":
+        return EMAAverager(spec, values[0])
+    if kind == "swa":
+        return SWAAverager(spec, int(values[0]), epochs)
+    if kind == "gpa":
+        return GPAAverager(spec, epochs, *values)
+    return None
+
+
 class BatchLoss(NamedTuple):
     """A task's loss on one batch: `total`, the loss summed over the batch's `TrainingTask.examples` (the
     trainer divides by the global count: the batch mean); `penalty`, a regularizer added once (not divided);
@@ -305,6 +465,10 @@ class TrainingTask(ABC, Generic[B]):
     def validate(self) -> Optional[float]:
         """A validation accuracy after an epoch (the best epoch's tensors are kept); None: no validation."""
         return None
+
+    def epoch_metrics(self) -> Record:
+        """Extra numbers of the epoch just trained (e.g. mean auxiliary loss terms), added to its record."""
+        return {}
 
     def state_dict(self) -> dict[str, object]:
         """Extra resumable state of the task (e.g. a data stream's position), saved with the train state."""
@@ -384,6 +548,92 @@ class ClassifierTask(TrainingTask[ImageBatch]):
         return None if self._validate is None else float(self._validate())
 
 
+class AnchoredClassifierTask(ClassifierTask):
+    """`ClassifierTask` plus PromptSRC's self-regularizing anchors toward the frozen zero-shot model (Khattak et
+    al., "Self-regulating Prompts", ICCV 2023; reference code trainers/promptsrc.py), added to each training
+    batch's mean loss (`BatchLoss.penalty`):
+
+    - `anchor_logits` W: W · KL(p_zs ‖ p) with p = softmax(logits / T), T = 1 on the logit-scaled logits, in
+      PromptSRC's normalization: the KL summed over the batch and the classes, · T², / the logits' element
+      count (its `F.kl_div(log_softmax(adapted / T), log_softmax(zero_shot / T), reduction='sum',
+      log_target=True) · T·T / numel`);
+    - `anchor_features` W: W · mean |f − f_zs| over the L2-normalized image features of the same (augmented)
+      batch (PromptSRC's `F.l1_loss(..., reduction='mean')`).
+
+    Zero-shot: `frozen` (the original, untouched image encoder) under no_grad in eval mode; its logits are
+    logit_scale · head₀(normalize(f_zs)) with head₀ the model's head as given (the text-initialized head before
+    training). The adapted features are caught by a forward hook on `model.visual` during the training forward
+    (which may be the DDP wrapper). Padding rows (IGNORE_LABEL) are left out. The epoch record gets the
+    unweighted epoch means `anchor_logits_kl` / `anchor_features_l1` of the anchors in use."""
+
+    def __init__(self, model: ImageClassifier, make_loader: Callable[[torch.Generator], Iterable[Optional[ImageBatch]]],
+                 steps_per_epoch: int, frozen: nn.Module, anchor_logits: float = 0.0, anchor_features: float = 0.0,
+                 l2sp: float = 0.0, validate: Optional[Callable[[], float]] = None,
+                 device: Optional[torch.device] = None) -> None:
+        for name, weight in (("anchor_logits", anchor_logits), ("anchor_features", anchor_features)):
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {weight}")
+        super().__init__(model, make_loader, steps_per_epoch, l2sp, validate, device)
+        self.frozen = frozen
+        self.anchor_logits, self.anchor_features = float(anchor_logits), float(anchor_features)
+        self.head0 = (model.head.weight.detach().clone(), model.head.bias.detach().clone())
+        self._sums = torch.zeros(3, dtype=torch.float64)  # KL, L1, batches
+
+    @property
+    def active(self) -> bool:
+        return self.anchor_logits > 0 or self.anchor_features > 0
+
+    def batches(self, epoch: int, generator: torch.Generator) -> Iterable[Optional[ImageBatch]]:
+        self._sums.zero_()
+        return super().batches(epoch, generator)
+
+    @torch.no_grad()
+    def zero_shot(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalized features, logits) of the frozen zero-shot model on `images`."""
+        self.frozen.eval()
+        dtype = next(self.frozen.parameters()).dtype
+        features = F.normalize(self.frozen(images.to(dtype)).float(), dim=-1)
+        weight, bias = self.head0
+        return features, self.model.logit_scale * F.linear(features, weight.float(), bias.float())
+
+    def loss(self, batch: ImageBatch, forward: Forward) -> BatchLoss:
+        if not self.active:
+            return super().loss(batch, forward)
+        images, labels = batch
+        if len(labels) == 0:
+            images, labels = self._padding_batch()
+        self._image_shape = tuple(images.shape[1:])
+        images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        caught: list[torch.Tensor] = []
+        hook = self.model.visual.register_forward_hook(lambda module, inputs, output: caught.append(output))
+        try:
+            logits = forward(images).float()
+        finally:
+            hook.remove()
+        features = F.normalize(caught[-1].float(), dim=-1)
+        total = F.cross_entropy(logits, labels, reduction="sum", ignore_index=ranks.IGNORE_LABEL)
+        real = labels != ranks.IGNORE_LABEL
+        correct = int(((logits.argmax(dim=1) == labels) & real).sum())
+        zs_features, zs_logits = self.zero_shot(images[real])
+        adapted, features = logits[real], features[real]
+        temperature = 1.0
+        kl = F.kl_div(F.log_softmax(adapted / temperature, dim=1), F.log_softmax(zs_logits / temperature, dim=1),
+                      reduction="sum", log_target=True) * temperature ** 2 / max(1, adapted.numel())
+        l1 = F.l1_loss(features, zs_features, reduction="sum") / max(1, features.numel())
+        penalty = self.penalty() + self.anchor_logits * kl + self.anchor_features * l1
+        self._sums += torch.tensor([float(kl.detach()), float(l1.detach()), 1.0], dtype=torch.float64)
+        return BatchLoss(total, correct, penalty)
+
+    def epoch_metrics(self) -> Record:
+        count = max(1.0, float(self._sums[2]))
+        record: Record = {}
+        if self.anchor_logits > 0:
+            record["anchor_logits_kl"] = float(self._sums[0]) / count
+        if self.anchor_features > 0:
+            record["anchor_features_l1"] = float(self._sums[1]) / count
+        return record
+
+
 def _normal(value: object) -> object:
     """Lists and tuples compare alike (a saved state may hold either)."""
     return tuple(_normal(v) for v in value) if isinstance(value, (list, tuple)) else value
@@ -416,6 +666,8 @@ class Trainer:
         self.epoch, self.step = 0, 0
         self.history: list[Record] = []
         self.best: Optional[BestEpoch] = None
+        #: weight averaging (`cfg.weight_average`): updated after every step and epoch, validated and kept
+        self.averager = make_averager(cfg.weight_average, self.epochs)
         # under torchrun: DistributedDataParallel over the trainable parameters (the model itself otherwise)
         # (a task that is not data-parallel trains whole in every process: no wrapper, no collectives)
         self.forward_model: Optional[Forward] = task.model
@@ -456,6 +708,7 @@ class Trainer:
             "history": self.history,
             "best": self.best,
             "config": self.cfg.to_dict(),
+            "averager": self.averager.state_dict() if self.averager is not None else None,
         }
 
     def save_state(self) -> None:
@@ -483,6 +736,8 @@ class Trainer:
         self.step = int(state.get("step", self.epoch * self.steps_per_epoch))
         self.history = list(state["history"])
         self.best = state.get("best")
+        if self.averager is not None and state.get("averager"):
+            self.averager.load_state_dict(state["averager"], self.params[0].device)
 
     def resume_if_saved(self, resume: bool) -> bool:
         """With `resume`, load the train state in `run_dir` when there is one; True when loaded."""
@@ -527,6 +782,8 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
         self.task.after_step()
+        if self.averager is not None:
+            self.averager.after_step(self.task.trainable())
         if not per_epoch(self.scheduler):
             self.scheduler.step()
 
@@ -593,22 +850,46 @@ class Trainer:
 
     def fit(self) -> list[Record]:
         """Train until the last epoch (continuing from a loaded state), validating every `cfg.eval_every`
-        epochs and after the last, and saving the train state after every epoch."""
+        epochs and after the last, and saving the train state after every epoch.
+
+        With weight averaging (`cfg.weight_average`) the per-epoch validation scores the AVERAGED tensors (the
+        live ones while there is no average yet, e.g. before SWA's window) and the validation pick keeps those;
+        after the last epoch the model holds the average (what is evaluated and saved)."""
         while self.epoch < self.epochs:
             record = self.train_epoch()
+            record.update(self.task.epoch_metrics())
+            if self.averager is not None:
+                self.averager.after_epoch(record["epoch"], self.task.trainable())
             if record["epoch"] % self.cfg.eval_every == 0 or record["epoch"] == self.epochs:
                 self._mode(False)
-                score = self.task.validate()
+                score, tensors = self._validate()
                 if score is not None:
                     record["val_top1"] = float(score)
                     if self.best is None or record["val_top1"] > self.best["val_top1"]:
-                        self.best = {"epoch": record["epoch"], "val_top1": record["val_top1"],
-                                     "trainable": self._trainable()}
+                        self.best = {"epoch": record["epoch"], "val_top1": record["val_top1"], "trainable": tensors}
             self.history.append(record)
             self.log(self._line(record))
             self.save_state()
+        averaged = self.averager.averaged() if self.averager is not None else None
+        if averaged is not None:
+            self._load_trainable(averaged)
         self._mode(False)
         return self.history
+
+    def _validate(self) -> tuple[Optional[float], dict[str, torch.Tensor]]:
+        """The task's validation score of the averaged tensors (the live ones without an average) and those
+        tensors (CPU copies); the live tensors are back in place afterwards."""
+        averaged = self.averager.averaged() if self.averager is not None else None
+        if averaged is None:
+            score = self.task.validate()
+            return score, (self._trainable() if score is not None else {})
+        live = self._trainable()
+        self._load_trainable(averaged)
+        try:
+            score = self.task.validate()
+            return score, (self._trainable() if score is not None else {})
+        finally:
+            self._load_trainable(live)
 
     def _line(self, record: Record) -> str:
         parts = [f"loss {record['loss']:.4f}"]

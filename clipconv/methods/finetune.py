@@ -35,7 +35,7 @@ from clipconv.metrics import topk_accuracy
 from clipconv.params import ParamSpec, count_elements, meta_copy
 from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.ranks import is_distributed
-from clipconv.training import TrainConfig, Trainer
+from clipconv.training import AnchoredClassifierTask, TrainConfig, Trainer, weight_average_problem
 
 __all__ = ["AdapterTuning", "AdapterTuningConfig", "tuning_config", "load_classifier", "load_endpoints",
            "DEFAULT_SCALE", "DEMO_RECIPE", "ADAPTER_METHOD_PREFIX", "adapter_method_name", "AdapterKindMethod"]
@@ -94,6 +94,19 @@ class AdapterTuningConfig(MethodConfig):
     l2sp: float = option(0.0, check=non_negative,
                          help="L2-SP weight a: adds a/2·||θ − θ₀||² over head + adapters toward their "
                               "initialization (Li, Grandvalet & Davoudi, ICML 2018); 0 = off (the paper)")
+    # Robustness-keeping training (project issue "Keep the robustness"); the defaults train as the paper.
+    anchor_logits: float = option(0.0, check=non_negative,
+                                  help="weight W of W·KL(zero-shot ‖ adapted class distribution) on every training "
+                                       "batch, zero-shot = the frozen encoder with the initial text head (PromptSRC's "
+                                       "L_SCL-logits, Khattak et al., ICCV 2023, T = 1); 0 = off (the paper)")
+    anchor_features: float = option(0.0, check=non_negative,
+                                    help="weight W of W·L1(adapted, frozen normalized image features) of the same "
+                                         "augmented batch (PromptSRC's L_SCL-image); 0 = off (the paper)")
+    weight_average: str = option("none", check=weight_average_problem,
+                                 help="average the trained weights during training; the average is validated, "
+                                      "evaluated and saved: none (the paper), ema:DECAY (every step, DECAY in (0, 1)), "
+                                      "swa:EPOCHS (uniform over the last EPOCHS epochs) or gpa[:MEAN:STD] "
+                                      "(PromptSRC's Gaussian weights over epochs, default mean 30, std 30)")
 
     def __post_init__(self) -> None:
         if isinstance(self.scales, (int, float)) and not isinstance(self.scales, bool):
@@ -104,6 +117,14 @@ class AdapterTuningConfig(MethodConfig):
         if self.head == "frozen" and self.head_lr_scale != 1.0:  # it would silently do nothing
             raise ValueError(f"--head frozen trains no head, so --head-lr-scale {self.head_lr_scale:g} (option "
                              "head_lr_scale) has nothing to scale; drop --head-lr-scale or use --head train")
+        kind, _, last = self.weight_average.partition(":")
+        if kind.strip().lower() == "swa" and float(last) > self.epochs:
+            raise ValueError(f"weight_average {self.weight_average} averages more epochs than the {self.epochs} trained")
+
+    @property
+    def anchored(self) -> bool:
+        """Whether a zero-shot anchor term is on (the frozen encoder then runs on every training batch)."""
+        return self.anchor_logits > 0 or self.anchor_features > 0
 
     def adapter_options(self) -> dict[str, object]:
         """The adapter kind's options held in this config."""
@@ -115,6 +136,7 @@ class AdapterTuningConfig(MethodConfig):
                            warmup_epochs=self.warmup_epochs, precision=self.precision,
                            grad_checkpointing=self.grad_checkpointing, seed=ctx.seed, workers=ctx.workers,
                            eval_every=self.eval_every, l2sp=self.l2sp, compile=self.compile,
+                           weight_average=self.weight_average,
                            lr_scales=(("head.", self.head_lr_scale),) if self.head_lr_scale != 1.0 else ())
 
 
@@ -211,7 +233,14 @@ class AdapterTuning(Method):
             "class_ids": list(ctx.class_ids),
             # the starting point θ₀ (text head, seeded adapter init), rebuilt by `load_endpoints` for WiSE-FT
             "init": {"seed": ctx.seed, "templates": list(ctx.templates)},
+            # how the saved weights were trained beyond the recipe: zero-shot anchors, weight averaging
+            "training": self.robustness(),
         }
+
+    def robustness(self) -> JSONObject:
+        """The robustness-keeping settings of the training (anchors and weight averaging)."""
+        return {"anchor_logits": self.config.anchor_logits, "anchor_features": self.config.anchor_features,
+                "weight_average": self.config.weight_average}
 
     # ----- fit ---------------------------------------------------------------------------------
     @staticmethod
@@ -278,8 +307,14 @@ class AdapterTuning(Method):
             frozen_head = self.config.head == "frozen"
             classifier.head.requires_grad_(not frozen_head)  # a frozen head gets no gradient and no optimizer slot
             try:
-                trainer = Trainer.classifier(classifier, make_loader, batches, cfg, ctx.device, run_dir,
-                                             validate=validate if ctx.val else None, log=ctx.log)
+                if self.config.anchored:  # the original encoder is frozen and untouched: the zero-shot model
+                    task = AnchoredClassifierTask(classifier, make_loader, batches, backbone.model.visual,
+                                                  self.config.anchor_logits, self.config.anchor_features, cfg.l2sp,
+                                                  validate if ctx.val else None, torch.device(ctx.device))
+                    trainer = Trainer(task, cfg, ctx.device, run_dir, ctx.log)
+                else:
+                    trainer = Trainer.classifier(classifier, make_loader, batches, cfg, ctx.device, run_dir,
+                                                 validate=validate if ctx.val else None, log=ctx.log)
                 trainer.resume_if_saved(self.config.resume or ctx.resume)
                 trainer.fit()
                 picked = trainer.restore_best()
@@ -304,7 +339,8 @@ class AdapterTuning(Method):
         self._endpoints = (initial, best_tensors)  # θ₀ (text head, zero adapters) and θ₁, for clipconv.wise
         self.chosen = {"scale": best["scale"], "best_epoch": best["record"]["best_epoch"],
                        "val_top1": best["record"]["val_top1"],
-                       "selected_on": "validation split from train" if ctx.val else "last epoch (no validation split)"}
+                       "selected_on": "validation split from train" if ctx.val else "last epoch (no validation split)",
+                       "weight_average": self.config.weight_average}
         if ctx.output_dir is not None:
             save_trainable(classifier, Path(ctx.output_dir) / "adapter.safetensors", self.metadata(ctx, best["scale"]))
         return {"chosen": self.chosen, "runs": runs}
