@@ -376,7 +376,8 @@ class GPAAverager(Averager):
 
     def __init__(self, spec: str, epochs: int, mean: float = GPA_MEAN, std: float = GPA_STD) -> None:
         super().__init__(spec)
-        gauss = [math.exp(-0.5 * ((e - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi)) for e in range(1, epochs + 1)]
+        gauss = [math.exp(-0.5 * ((e - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi))
+                 for e in range(1, epochs + 1)]
         total = sum(gauss)
         self.weights = [g / total for g in gauss]
         self.seen = 0.0
@@ -866,7 +867,8 @@ class Trainer:
                 if score is not None:
                     record["val_top1"] = float(score)
                     if self.best is None or record["val_top1"] > self.best["val_top1"]:
-                        self.best = {"epoch": record["epoch"], "val_top1": record["val_top1"], "trainable": tensors}
+                        self.best = {"epoch": record["epoch"], "val_top1": record["val_top1"],
+                                     "trainable": tensors if tensors is not None else self._trainable()}
             self.history.append(record)
             self.log(self._line(record))
             self.save_state()
@@ -876,13 +878,12 @@ class Trainer:
         self._mode(False)
         return self.history
 
-    def _validate(self) -> tuple[Optional[float], dict[str, torch.Tensor]]:
-        """The task's validation score of the averaged tensors (the live ones without an average) and those
-        tensors (CPU copies); the live tensors are back in place afterwards."""
+    def _validate(self) -> tuple[Optional[float], Optional[dict[str, torch.Tensor]]]:
+        """The task's validation score of the averaged tensors and those tensors (CPU copies), the live tensors
+        back in place afterwards; without an average the score of the live tensors and None."""
         averaged = self.averager.averaged() if self.averager is not None else None
         if averaged is None:
-            score = self.task.validate()
-            return score, (self._trainable() if score is not None else {})
+            return self.task.validate(), None
         live = self._trainable()
         self._load_trainable(averaged)
         try:

@@ -119,7 +119,8 @@ class AdapterTuningConfig(MethodConfig):
                              "head_lr_scale) has nothing to scale; drop --head-lr-scale or use --head train")
         kind, _, last = self.weight_average.partition(":")
         if kind.strip().lower() == "swa" and float(last) > self.epochs:
-            raise ValueError(f"weight_average {self.weight_average} averages more epochs than the {self.epochs} trained")
+            raise ValueError(f"weight_average {self.weight_average} averages more epochs than the {self.epochs} "
+                             "trained")
 
     @property
     def anchored(self) -> bool:
