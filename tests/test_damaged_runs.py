@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_world import CliResult, run_cli
 
+from clipconv.app.cli import eval_robustness, run_table2, train
 from clipconv.app.cli.common import EXIT_BAD_INPUT
 
 
@@ -30,9 +32,8 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
 
 
-def _resume(run: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clipconv.app.cli.train", "--resume", str(run)],
-                          capture_output=True, text=True, env=_env())
+def _resume(run: Path) -> CliResult:
+    return run_cli(train.main, ["--resume", str(run)])
 
 
 def _damaged_copy(finished_run: Path, tmp_path: Path, name: str) -> Path:
@@ -57,7 +58,7 @@ def test_resume_with_a_truncated_file_is_one_line_and_exit_2(finished_run, tmp_p
     assert sorted(p.name for p in run.iterdir()) == before  # no result written
 
 
-def _one_error_line(result: subprocess.CompletedProcess, path: Path) -> str:
+def _one_error_line(result: CliResult, path: Path) -> str:
     assert result.returncode == EXIT_BAD_INPUT, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -78,8 +79,7 @@ def test_eval_robustness_with_a_config_that_is_json_but_no_object(finished_run, 
     shutil.copytree(finished_run, run)
     (run / "config.json").write_text('"just a string"')
     before = sorted(p.name for p in run.iterdir())
-    result = subprocess.run([sys.executable, "-m", "clipconv.app.cli.eval_robustness", "--checkpoint", str(run)],
-                            capture_output=True, text=True, env=_env())
+    result = run_cli(eval_robustness.main, ["--checkpoint", str(run)])
     assert "a JSON object is expected" in _one_error_line(result, run / "config.json")
     assert sorted(p.name for p in run.iterdir()) == before
 
@@ -87,7 +87,6 @@ def test_eval_robustness_with_a_config_that_is_json_but_no_object(finished_run, 
 @pytest.mark.parametrize("content", ["[]", '{"config": [], "shots": [16]}', '{"config": {}, "shots": "16"}'])
 def test_table2_resume_with_a_record_that_is_json_but_not_the_record(tmp_path, content):
     (tmp_path / "table2_config.json").write_text(content)
-    result = subprocess.run([sys.executable, "-m", "clipconv.app.cli.run_table2", "--resume", str(tmp_path)],
-                            capture_output=True, text=True, env=_env())
+    result = run_cli(run_table2.main, ["--resume", str(tmp_path)])
     _one_error_line(result, tmp_path / "table2_config.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table2_config.json"]
