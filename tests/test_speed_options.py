@@ -11,6 +11,8 @@ from torch import nn
 
 from clipconv import training as engine
 from clipconv.adapters import add_adapters
+from clipconv.data.sharded import SeededTrainItems
+from clipconv.runtime.seeding import item_seed
 from clipconv.training import TrainConfig, Trainer, build_optimizer, fused_adamw, resolve_precision
 
 EPS = torch.finfo(torch.float32).eps
@@ -187,3 +189,29 @@ def test_training_forward_is_the_model_or_one_compiled_wrapper_per_model_object(
     assert compiled is not model and trainer.training_forward() is compiled
     trainer.forward_model = nn.Sequential(model)  # e.g. wrapped after construction (DistributedDataParallel)
     assert trainer.training_forward() is not compiled
+
+
+class _RandomItems(torch.utils.data.Dataset):
+    """Items drawn from torch's global CPU generator, the way random train transforms draw."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.rand(4), index
+
+
+def test_seeded_train_items_draw_what_torch_manual_seed_gives_and_leave_device_generators_alone(monkeypatch):
+    """The per-item seeding seeds the CPU generator only (torch.manual_seed also queues a seed for every
+    CUDA/XPU device, formatting a stack trace per item): the augmentation stays the one of
+    `torch.manual_seed(item_seed(...))`, and no device seeding runs."""
+    expected = []
+    for index in range(6):
+        torch.manual_seed(item_seed(7, index))
+        expected.append(torch.rand(4))
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    items = SeededTrainItems(_RandomItems(), round_seed=7)
+    for index in (3, 0, 5, 1, 4, 2):
+        assert torch.equal(items[(index, False)][0], expected[index])
+    assert calls == []
