@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from clipconv.adapters import adapted_modules, adapter_modules, add_adapters, count_trainable, get_adapter
 from clipconv.backbone import _register_model_config
 from clipconv.runtime.jsontypes import JSONObject
+from clipconv.runtime.memory import retain_freed_memory
 from clipconv.runtime.outputs import write_json
 
 __all__ = ["BenchConfig", "TARGETS", "run_benchmark", "format_table", "main", "interleaved_times", "paired_ratio",
@@ -228,6 +229,8 @@ def run_benchmark(cfg: BenchConfig) -> JSONObject:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
+    if device.type == "cpu":
+        retain_freed_memory()  # as the Trainer does on CPU
     with_bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
     plain = _build_encoder(cfg, device)
     for param in plain.parameters():
