@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from clipconv.data import EvalSplit
     from clipconv.features import FeatureStore
 
-__all__ = ["collect_logits", "evaluate_method", "image_loader", "Scorer"]
+__all__ = ["collect_logits", "evaluate_method", "image_loader", "Scorer", "ImageBatches", "logits_of_batches"]
 
 
 class Scorer(Protocol):
@@ -84,6 +84,51 @@ def collect_logits(
     logits = torch.cat(all_logits) if all_logits else torch.empty(0, 0)
     labels = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.long)
     return ranks.gather_rows(logits, labels)
+
+
+class ImageBatches:
+    """The (images, labels) batches of a sample list under a deterministic transform, loaded once and kept
+    (e.g. the validation split scored after every epoch: decoded and transformed once, not once per epoch),
+    unless they take more than `budget_bytes`: then they are loaded again on every call. One process only."""
+
+    def __init__(self, root: Path, samples: Sequence, transform: Callable, batch_size: int, workers: int = 0,
+                 draft_size: Optional[int] = None, decoded=None, budget_bytes: int = 512 * 2**20) -> None:
+        if ranks.is_distributed():
+            raise ValueError("ImageBatches serves one process; use collect_logits under torchrun")
+        self.root, self.samples, self.transform = root, list(samples), transform
+        self.batch_size, self.workers, self.draft_size, self.decoded = batch_size, workers, draft_size, decoded
+        self.budget_bytes = budget_bytes
+        self._kept: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+
+    def __iter__(self):
+        if self._kept is not None:
+            yield from self._kept
+            return
+        loader = image_loader(self.root, self.samples, self.transform, self.batch_size, self.workers,
+                              draft_size=self.draft_size, decoded=self.decoded)
+        kept: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        size = 0
+        for images, labels in loader:  # (undecodable files are skipped with one warning, by the loader)
+            size += images.numel() * images.element_size()
+            if kept is not None and size <= self.budget_bytes:
+                kept.append((images, labels))
+            else:
+                kept = None
+            yield images, labels
+        self._kept = kept
+
+
+def logits_of_batches(score: Callable[[torch.Tensor], torch.Tensor], batches: ImageBatches, device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`score(images)` over `batches` in inference mode: (logits, labels) on CPU, as `collect_logits` gives."""
+    all_logits, all_labels = [], []
+    with torch.inference_mode():
+        for images, labels in batches:
+            all_logits.append(score(images.to(device, non_blocking=True)).float().cpu())
+            all_labels.append(labels)
+    logits = torch.cat(all_logits) if all_logits else torch.empty(0, 0)
+    labels = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.long)
+    return logits, labels
 
 
 def evaluate_method(

@@ -32,6 +32,7 @@ from torch import nn
 from clipconv.head import ImageClassifier
 from clipconv.runtime import ranks
 from clipconv.runtime.io import load_torch
+from clipconv.runtime.memory import retain_freed_memory
 from clipconv.runtime.outputs import remove_stale_temps, save_torch
 from clipconv.runtime.progress import progress
 
@@ -651,6 +652,8 @@ class Trainer:
     def __init__(self, task: TrainingTask[B], cfg: TrainConfig, device: torch.device, run_dir: Optional[Path] = None,
                  log: Callable[[str], None] = print) -> None:
         self.task, self.cfg, self.device, self.log = task, cfg, torch.device(device), log
+        if self.device.type == "cpu":
+            retain_freed_memory()  # every step's activations reuse the last step's pages (clipconv.runtime.memory)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         named = task.trainable()
         self.params = list(named.values())

@@ -111,7 +111,7 @@ def test_benchmark_runs_on_a_tiny_model_and_reports_every_key(tiny_config, tmp_p
     assert memory["train_fp32_checkpointing"]["saved_for_backward_mb"] < memory["train_fp32"]["saved_for_backward_mb"]
     assert [len(rows) for rows in results["profile"].values()] == [3, 3, 3]
     printed = capsys.readouterr().out
-    assert "train step, fp32, gradient checkpointing" in printed and "goal ≤ 2.4" in printed
+    assert "train step, fp32, gradient checkpointing" in printed and "goal ≤ 2.1" in printed
     assert [p.name for p in out.parent.iterdir()] == ["tiny.json"]  # no temp file left behind
 
 

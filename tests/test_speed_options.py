@@ -3,6 +3,8 @@ AdamW, and --compile (torch.compile; the aot_eager backend traces the same forwa
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +13,13 @@ from torch import nn
 
 from clipconv import training as engine
 from clipconv.adapters import add_adapters
+from clipconv.app.bench_data import model_transforms, write_jpegs
+from clipconv.data.decoded import decoded_images
+from clipconv.data.sharded import SeededTrainItems
+from clipconv.evaluation import ImageBatches, collect_logits, logits_of_batches
+from clipconv.methods.finetune import loader_workers
+from clipconv.runtime import memory
+from clipconv.runtime.seeding import item_seed
 from clipconv.training import TrainConfig, Trainer, build_optimizer, fused_adamw, resolve_precision
 
 EPS = torch.finfo(torch.float32).eps
@@ -187,3 +196,94 @@ def test_training_forward_is_the_model_or_one_compiled_wrapper_per_model_object(
     assert compiled is not model and trainer.training_forward() is compiled
     trainer.forward_model = nn.Sequential(model)  # e.g. wrapped after construction (DistributedDataParallel)
     assert trainer.training_forward() is not compiled
+
+
+class _RandomItems(torch.utils.data.Dataset):
+    """Items drawn from torch's global CPU generator, the way random train transforms draw."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.rand(4), index
+
+
+def test_seeded_train_items_draw_what_torch_manual_seed_gives_and_leave_device_generators_alone(monkeypatch):
+    """The per-item seeding seeds the CPU generator only (torch.manual_seed also queues a seed for every
+    CUDA/XPU device, formatting a stack trace per item): the augmentation stays the one of
+    `torch.manual_seed(item_seed(...))`, and no device seeding runs."""
+    expected = []
+    for index in range(6):
+        torch.manual_seed(item_seed(7, index))
+        expected.append(torch.rand(4))
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    items = SeededTrainItems(_RandomItems(), round_seed=7)
+    for index in (3, 0, 5, 1, 4, 2):
+        assert torch.equal(items[(index, False)][0], expected[index])
+    assert calls == []
+
+
+class _CountingTransform:
+    """A deterministic transform that counts its calls."""
+
+    def __init__(self, transform) -> None:
+        self.transform, self.calls = transform, 0
+
+    def __call__(self, image):
+        self.calls += 1
+        return self.transform(image)
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_validation_batches_are_transformed_once_and_score_as_collect_logits(tmp_path, in_memory):
+    root = tmp_path / "images"
+    samples = write_jpegs(root, 10, (40, 52), seed=3)
+    _, evaluation = model_transforms(32)
+    decoded = decoded_images(root, samples, None) if in_memory else None
+    counting = _CountingTransform(evaluation)
+    batches = ImageBatches(root, samples, counting, 4, decoded=decoded)
+    score = lambda images: images.flatten(1)[:, :7] * 3.0  # noqa: E731
+    expected, expected_labels = collect_logits(score, root, samples, evaluation, torch.device("cpu"), 4,
+                                               decoded=decoded)
+    for _ in range(3):  # every epoch's validation
+        logits, labels = logits_of_batches(score, batches, torch.device("cpu"))
+        assert torch.equal(logits, expected) and torch.equal(labels, expected_labels)
+    assert counting.calls == len(samples)  # decoded and transformed once, not once per epoch
+
+
+def test_validation_batches_over_the_budget_are_loaded_again_every_time(tmp_path):
+    root = tmp_path / "images"
+    samples = write_jpegs(root, 6, (40, 40), seed=4)
+    _, evaluation = model_transforms(32)
+    counting = _CountingTransform(evaluation)
+    batches = ImageBatches(root, samples, counting, 4, budget_bytes=4 * 3 * 32 * 32 * 4 - 1)  # < one batch
+    first = [images for images, _ in batches]
+    second = [images for images, _ in batches]
+    assert all(torch.equal(a, b) for a, b in zip(first, second)) and counting.calls == 2 * len(samples)
+
+
+def test_in_memory_images_load_in_the_main_process_on_cpu_only():
+    ctx = SimpleNamespace(device="cpu", workers=2)
+    assert loader_workers(ctx, decoded=object()) == 0  # the new default: no worker processes on a CPU device
+    assert loader_workers(ctx, decoded=None) == 2  # files to decode: the --workers asked for
+    assert loader_workers(SimpleNamespace(device="cuda", workers=2), decoded=object()) == 2
+
+
+def test_trainer_on_cpu_keeps_freed_memory_for_the_next_step(monkeypatch, classifier):
+    calls = []
+    monkeypatch.setattr(engine, "retain_freed_memory", lambda: calls.append(True) or True)
+    batches = [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))]
+    Trainer.classifier(classifier, lambda generator: batches, 1, TrainConfig(epochs=1), torch.device("cpu"), log=str)
+    assert calls == [True]
+
+
+def test_retain_freed_memory_respects_the_users_malloc_environment(monkeypatch):
+    monkeypatch.setattr(memory, "_applied", [])
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000")
+    assert memory.retain_freed_memory() is False
+    monkeypatch.setattr(memory, "_applied", [])
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    expected = ctypes.util.find_library("c") is not None and hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt")
+    assert memory.retain_freed_memory() is expected

@@ -42,9 +42,9 @@ class GlobalBatchShards(torch.utils.data.Sampler):
 
 
 class SeededTrainItems(torch.utils.data.Dataset):
-    """Item i of `dataset` transformed right after `torch.manual_seed(item_seed(round_seed, i))` (the
-    caller's RNG state is restored), so its augmentation depends on (epoch seed, i) only — not on the
-    rank, worker or batch position that reads it. Keys are (index, padding) pairs (GlobalBatchShards)."""
+    """Item i of `dataset` transformed right after seeding torch's CPU generator with `item_seed(round_seed, i)`
+    (the caller's RNG state is restored; device generators are left alone), so its augmentation depends on
+    (epoch seed, i) only — not on the rank, worker or batch position that reads it. Keys are (index, padding) pairs (GlobalBatchShards)."""
 
     def __init__(self, dataset: torch.utils.data.Dataset, round_seed: int) -> None:
         self.dataset, self.round_seed = dataset, int(round_seed)
@@ -54,9 +54,15 @@ class SeededTrainItems(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, padding = key if isinstance(key, tuple) else (key, False)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(item_seed(self.round_seed, index))
+        generator = torch.default_generator  # the CPU generator the transforms draw from
+        state = generator.get_state()
+        try:
+            # not torch.manual_seed: that also (lazily) seeds every CUDA/XPU device, and without CUDA each
+            # call formats a stack trace to queue it (~1 ms per item, half the demo's augmentation time)
+            generator.manual_seed(item_seed(self.round_seed, index))
             item = self.dataset[index]
+        finally:
+            generator.set_state(state)
         if padding and isinstance(item, tuple) and len(item) == 2 and not hasattr(item, "reason"):
             return item[0], IGNORE_LABEL
         return item

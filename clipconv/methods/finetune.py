@@ -28,7 +28,7 @@ from clipconv.data import image_dataset
 from clipconv.data.decoded import DecodedImageDataset, decoded_images
 from clipconv.data.draft import draft_for, leading_resize, needed_short_side
 from clipconv.data.sharded import train_loader
-from clipconv.evaluation import collect_logits
+from clipconv.evaluation import ImageBatches, collect_logits, logits_of_batches
 from clipconv.head import ImageClassifier, text_head
 from clipconv.methods.base import METHODS, FitContext, Method, MethodConfig, config_from, option, register_method
 from clipconv.metrics import topk_accuracy
@@ -37,8 +37,9 @@ from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.ranks import is_distributed
 from clipconv.training import AnchoredClassifierTask, TrainConfig, Trainer, weight_average_problem
 
-__all__ = ["AdapterTuning", "AdapterTuningConfig", "tuning_config", "load_classifier", "load_endpoints",
-           "DEFAULT_SCALE", "DEMO_RECIPE", "ADAPTER_METHOD_PREFIX", "adapter_method_name", "AdapterKindMethod"]
+__all__ = ["AdapterTuning", "loader_workers", "AdapterTuningConfig", "tuning_config", "load_classifier",
+           "load_endpoints", "DEFAULT_SCALE", "DEMO_RECIPE", "ADAPTER_METHOD_PREFIX", "adapter_method_name",
+           "AdapterKindMethod"]
 
 # Adam's step size does not depend on the gradient's scale, so with the paper's lr of 1e-5 the adapter
 # weights move by ~1e-5 per step whatever s is; s then sets how far the branch can move the residual
@@ -284,13 +285,22 @@ class AdapterTuning(Method):
             else:
                 dataset = image_dataset(ctx.data_root, ctx.train, backbone.train_transform, on_error="skip",
                                         draft_size=train_draft)
-            return train_loader(dataset, cfg.batch_size, cfg.workers, generator, what=str(ctx.data_root),
-                                pin_memory=pin)
+            return train_loader(dataset, cfg.batch_size, loader_workers(ctx, decoded), generator,
+                                what=str(ctx.data_root), pin_memory=pin)
+
+        val_draft = draft_for(ctx.draft, backbone.eval_transform, training=False)
+        # one process: the validation images are decoded and transformed once and kept for every epoch's pick
+        val_batches = None if is_distributed() or not ctx.val else ImageBatches(
+            ctx.data_root, ctx.val, backbone.eval_transform, ctx.eval_batch_size, loader_workers(ctx, decoded_val),
+            draft_size=val_draft, decoded=decoded_val)
 
         def validate() -> float:
-            logits, labels = collect_logits(classifier, ctx.data_root, ctx.val, backbone.eval_transform, ctx.device,
-                                            ctx.eval_batch_size, ctx.workers, desc="val", decoded=decoded_val,
-                                            draft_size=draft_for(ctx.draft, backbone.eval_transform, training=False))
+            if val_batches is not None:
+                logits, labels = logits_of_batches(classifier, val_batches, ctx.device)
+            else:
+                logits, labels = collect_logits(classifier, ctx.data_root, ctx.val, backbone.eval_transform,
+                                                ctx.device, ctx.eval_batch_size, ctx.workers, desc="val",
+                                                decoded=decoded_val, draft_size=val_draft)
             return topk_accuracy(logits, labels)["top1"]
 
         runs = []
@@ -411,6 +421,13 @@ def load_classifier(path: Union[str, Path], backbone: Backbone) -> tuple[ImageCl
     load_trainable(classifier, path, expected={"backbone": backbone.describe(), "adapter": meta["adapter"]})
     classifier.eval()
     return classifier, meta
+
+
+def loader_workers(ctx: FitContext, decoded: object) -> int:
+    """Data-loading worker processes for images already decoded in memory: none on a CPU device (its cores run
+    torch's intra-op threads; worker processes would compete with them for the same cores, and each epoch's
+    loader forks new ones), else `ctx.workers`. Results do not depend on it (augmentation is seeded per item)."""
+    return 0 if decoded is not None and torch.device(ctx.device).type == "cpu" else ctx.workers
 
 
 def _seeded_adapters(visual: torch.nn.Module, kind: str, seed: int, config: Optional[AdapterConfig] = None,

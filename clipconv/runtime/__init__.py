@@ -1,1 +1,1 @@
-"""Leaves every other module may use: atomic file io, torchrun ranks, seeding, progress."""
+"""Leaves every other module may use: atomic file io, torchrun ranks, seeding, progress, memory settings."""
