@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_world import run_cli
 
 from clipconv.app.cache import main
 
@@ -74,8 +75,7 @@ def test_script_and_bad_folder(cache, tmp_path):
     ok = subprocess.run([sys.executable, str(script), "info"], capture_output=True, text=True, env=env)
     assert ok.returncode == 0 and "feature entries: 2" in ok.stdout
     (tmp_path / "file").write_text("")
-    bad = subprocess.run([sys.executable, str(script), "clear", "--dir", str(tmp_path / "file")],
-                         capture_output=True, text=True, env=env)
+    bad = run_cli(main, ["clear", "--dir", str(tmp_path / "file")])  # in-process: the script ran above
     assert bad.returncode == 2 and bad.stderr.startswith("error: cache folder") and "Traceback" not in bad.stderr
     assert (tmp_path / "file").exists()
 
