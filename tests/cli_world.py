@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from clipconv.app.cli.common import EXIT_BAD_INPUT
 from clipconv.runtime import progress
 
 
@@ -71,3 +72,19 @@ def run_cli(main: Callable[[Sequence[str]], Optional[int]], argv: Sequence[str])
             logger.handlers[:] = saved[3]
             logger.setLevel(saved[4])
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def refused_line(main: Callable[[Sequence[str]], Optional[int]], argv: Sequence[str], capsys) -> str:
+    """`main(argv)` refuses its input the CLI way: exit code 2 and exactly one `error:` line, no traceback;
+    returns that line (pytest's `capsys` captures the output)."""
+    try:
+        main(list(argv))
+    except SystemExit as stop:
+        code = stop.code
+    else:
+        code = 0
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_world import refused_line
 
 from clipconv.app.cli import eval_robustness, run_table2, train
-from clipconv.app.cli.common import EXIT_BAD_INPUT
 from clipconv.app.rundir import RUN_FILES, claim_output_dir
 from clipconv.app.table2 import RECORD_FILE, Table2Config
 
@@ -50,24 +50,14 @@ class _Holder:
         self.process.wait(timeout=60)
 
 
-def _refused(main, argv, capsys) -> str:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    err = capsys.readouterr().err
-    assert info.value.code == EXIT_BAD_INPUT, err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
-
-
-def test_a_second_overwrite_of_a_folder_in_use_is_refused(data, tmp_path, tiny_config, capsys):
+def test_a_second_overwrite_of_a_folder_in_use_isrefused_line(data, tmp_path, tiny_config, capsys):
     run = tmp_path / "run"
     assert train.main(_base(data, run, tiny_config)) == 0
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.name in RUN_FILES and p.name != "log.txt"}
     with _Holder(run) as holder:
-        line = _refused(train.main, _base(data, run, tiny_config) + ["--overwrite"], capsys)
+        line = refused_line(train.main, _base(data, run, tiny_config) + ["--overwrite"], capsys)
         assert f"'{run}' is in use by another run (process {holder.process.pid})" in line
-        line = _refused(train.main, ["--resume", str(run)], capsys)
+        line = refused_line(train.main, ["--resume", str(run)], capsys)
         assert "is in use by another run" in line
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.name in before} == before  # nothing removed
     assert train.main(_base(data, run, tiny_config) + ["--overwrite"]) == 0  # free again once the holder ends
@@ -77,25 +67,25 @@ def test_an_evaluation_into_a_folder_in_use_is_refused_before_any_work(data, tmp
     run, out = tmp_path / "run", tmp_path / "eval"
     assert train.main(_base(data, run, tiny_config)) == 0
     with _Holder(out):
-        line = _refused(eval_robustness.main, ["--checkpoint", str(run), "--workers", "0", "--output-dir", str(out),
+        line = refused_line(eval_robustness.main, ["--checkpoint", str(run), "--workers", "0", "--output-dir", str(out),
                                                "--overwrite"], capsys)
     assert f"'{out}' is in use by another run" in line
 
 
-def test_a_claim_while_another_process_holds_the_folder_is_refused(tmp_path):
+def test_a_claim_while_another_process_holds_the_folder_isrefused_line(tmp_path):
     with _Holder(tmp_path / "d"):
         with pytest.raises(ValueError, match="is in use by another run"):
             claim_output_dir(tmp_path / "d", RUN_FILES, overwrite=True)
     claim_output_dir(tmp_path / "d", RUN_FILES, overwrite=True)  # the holder ended: the lock is free
 
 
-def test_table2_resume_of_a_folder_in_use_is_refused(tmp_path, capsys):
+def test_table2_resume_of_a_folder_in_use_isrefused_line(tmp_path, capsys):
     out = tmp_path / "table"
     out.mkdir()
     cfg = Table2Config(methods=("zero_shot",), seeds=(1,), output_dir=str(out))
     (out / RECORD_FILE).write_text(json.dumps({"config": cfg.to_dict(), "shots": [16]}))
     with _Holder(out):
-        line = _refused(run_table2.main, ["--resume", str(out)], capsys)
+        line = refused_line(run_table2.main, ["--resume", str(out)], capsys)
     assert f"'{out}' is in use by another run" in line
     assert sorted(p.name for p in out.iterdir()) == [".clipconv.lock", RECORD_FILE]
 
