@@ -9,13 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from baseline_world import make_world
+from tiny_tasks import LinearTask, fixed_batches
 from tolerance import assert_close_scaled
 from torch import nn
 
 from clipconv.checkpoint import read_metadata
 from clipconv.methods import build_method
 from clipconv.training import (
-    GPA_MEAN, GPA_STD, STATE_FILE, AnchoredClassifierTask, BatchLoss, TrainConfig, Trainer, TrainingTask, make_averager
+    GPA_MEAN, GPA_STD, STATE_FILE, AnchoredClassifierTask, TrainConfig, Trainer, make_averager
 )
 
 CPU = torch.device("cpu")
@@ -159,30 +160,14 @@ def test_method_fit_records_anchor_terms_and_settings(world, tmp_path):
 
 
 # ----------------------------------------------------------------------------- weight averaging
-class _Linear(TrainingTask):
-    """Cross-entropy of a linear layer on fixed batches; records the weights after every step and validation."""
+class _Linear(LinearTask):
+    """LinearTask that records the weights after every step and validation."""
 
     def __init__(self, validate: bool = False) -> None:
-        torch.manual_seed(0)
-        generator = torch.Generator().manual_seed(1)
-        self.model = nn.Linear(4, 3)
-        self._batches = [(torch.randn(5, 4, generator=generator), torch.randint(0, 3, (5,), generator=generator))
-                         for _ in range(2)]
+        super().__init__(fixed_batches(2))
         self.steps: list[dict[str, torch.Tensor]] = []
         self.validated: list[dict[str, torch.Tensor]] = []
         self._validate = validate
-
-    def trainable(self) -> dict[str, nn.Parameter]:
-        return dict(self.model.named_parameters())
-
-    def steps_per_epoch(self) -> int:
-        return len(self._batches)
-
-    def batches(self, epoch: int, generator: torch.Generator):
-        return self._batches
-
-    def loss(self, batch, forward) -> BatchLoss:
-        return BatchLoss(F.cross_entropy(forward(batch[0]).float(), batch[1], reduction="sum"))
 
     def after_step(self) -> None:
         self.steps.append({n: p.detach().clone() for n, p in self.model.named_parameters()})

@@ -12,12 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from baseline_world import make_world
+from tiny_tasks import LinearTask, fixed_batches
 from torch import nn
 
 import clipconv
 from clipconv.methods.base import build_method
 from clipconv.methods.clip_lora import ClipLoRA
-from clipconv.training import STATE_FILE, BatchLoss, TrainConfig, Trainer, TrainingDivergedError, TrainingTask
+from clipconv.training import STATE_FILE, TrainConfig, Trainer, TrainingDivergedError
 
 
 @pytest.fixture(scope="module")
@@ -104,35 +105,8 @@ def test_non_finite_loss_stops_clip_lora(world, tmp_path):
 
 
 # ---------------------------------------------------------------- fp16 and the grad scaler
-class _Linear(TrainingTask):
-    """Cross-entropy of a linear layer on fixed batches."""
-
-    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        torch.manual_seed(0)
-        self.model, self._batches = nn.Linear(4, 3), batches
-
-    def trainable(self) -> dict[str, nn.Parameter]:
-        return dict(self.model.named_parameters())
-
-    def steps_per_epoch(self) -> int:
-        return len(self._batches)
-
-    def batches(self, epoch: int, generator: torch.Generator):
-        return self._batches
-
-    def loss(self, batch, forward) -> BatchLoss:
-        logits = forward(batch[0])
-        return BatchLoss(F.cross_entropy(logits.float(), batch[1], reduction="sum"))
-
-
-def _batches(count: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(5, 4, generator=generator), torch.randint(0, 3, (5,), generator=generator))
-            for _ in range(count)]
-
-
 def test_fp16_trains_through_a_grad_scaler(monkeypatch):
-    trainer = Trainer(_Linear(_batches()), TrainConfig(epochs=1, lr=1e-2, precision="fp16"), torch.device("cpu"),
+    trainer = Trainer(LinearTask(fixed_batches()), TrainConfig(epochs=1, lr=1e-2, precision="fp16"), torch.device("cpu"),
                       log=lambda *_: None)
     assert isinstance(trainer.scaler, torch.amp.GradScaler)
     scaled, stepped = [], []
@@ -145,7 +119,7 @@ def test_fp16_trains_through_a_grad_scaler(monkeypatch):
     assert any(not torch.equal(p, before[n]) for n, p in trainer.task.trainable().items())
     assert trainer.state_dict()["scaler"] is not None  # resumable
     for precision in ("fp32", "bf16"):
-        plain = Trainer(_Linear(_batches()), TrainConfig(precision=precision), torch.device("cpu"))
+        plain = Trainer(LinearTask(fixed_batches()), TrainConfig(precision=precision), torch.device("cpu"))
         assert plain.scaler is None
 
 
@@ -158,8 +132,8 @@ def test_clip_lora_fp16_gets_the_grad_scaler(world):
 
 def test_one_process_step_is_exactly_mean_cross_entropy():
     """total · 1 / count in one process is bit for bit mean cross-entropy: the same AdamW step as before."""
-    batches = _batches(1)
-    trainer = Trainer(_Linear(batches), TrainConfig(epochs=1, lr=1e-2), torch.device("cpu"), log=lambda *_: None)
+    batches = fixed_batches(1)
+    trainer = Trainer(LinearTask(batches), TrainConfig(epochs=1, lr=1e-2), torch.device("cpu"), log=lambda *_: None)
     torch.manual_seed(0)
     reference = nn.Linear(4, 3)
     optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0)
@@ -175,7 +149,7 @@ def test_one_process_step_is_exactly_mean_cross_entropy():
 def test_per_epoch_schedule_sets_the_exact_value_each_epoch():
     cfg = TrainConfig(epochs=4, lr=0.002, optimizer="sgd", schedule="epoch_warmup_cosine", warmup_epochs=1,
                       warmup_lr=1e-5, seeding="run")
-    trainer = Trainer(_Linear(_batches(3)), cfg, torch.device("cpu"), log=lambda *_: None)
+    trainer = Trainer(LinearTask(fixed_batches(3)), cfg, torch.device("cpu"), log=lambda *_: None)
     trainer.fit()
     expected = [1e-5, 0.002, 0.5 * 0.002 * (1 + math.cos(math.pi / 4)), 0.5 * 0.002 * (1 + math.cos(math.pi / 2))]
     assert [r["lr"] for r in trainer.history] == expected  # the values themselves, not factors of the base lr
