@@ -464,13 +464,10 @@ def test_check_data_lists_the_shards_and_flags_undecodable_images(world, tmp_pat
     assert "0.tar' is damaged" in capsys.readouterr().out
 
 
-def test_every_torchrun_rank_gets_the_extracted_files_it_is_handed(tmp_path, monkeypatch):
-    """Ranks other than 0 write no run outputs, but they read the extracted train samples at once: the
-    extraction must leave the files on every rank (not a scratch copy only rank 0 keeps)."""
+def _one_sample_shard(tmp_path: Path, key: str) -> tuple[Path, str]:
+    """A shard `wds_imagenet1k/train/0.tar` holding one sample `key` (a JPEG and its label 0); returns the
+    image and the sample's reference."""
     import tarfile
-
-    from clipconv.data.wds import extract_samples
-    from clipconv.runtime import ranks
 
     image = next(iter(_files(make_folder(tmp_path), ["x"])))[0]
     shard = tmp_path / "wds_imagenet1k" / "train" / "0.tar"
@@ -478,10 +475,20 @@ def test_every_torchrun_rank_gets_the_extracted_files_it_is_handed(tmp_path, mon
     label = tmp_path / "label.cls"
     label.write_text("0")
     with tarfile.open(shard, "w") as tar:
-        tar.add(image, arcname="a1.jpg")
-        tar.add(label, arcname="a1.cls")
+        tar.add(image, arcname=f"{key}.jpg")
+        tar.add(label, arcname=f"{key}.cls")
+    return image, f"wds_imagenet1k/train/0.tar#{key}"
+
+
+def test_every_torchrun_rank_gets_the_extracted_files_it_is_handed(tmp_path, monkeypatch):
+    """Ranks other than 0 write no run outputs, but they read the extracted train samples at once: the
+    extraction must leave the files on every rank (not a scratch copy only rank 0 keeps)."""
+    from clipconv.data.wds import extract_samples
+    from clipconv.runtime import ranks
+
+    image, sample = _one_sample_shard(tmp_path, "a1")
     monkeypatch.setattr(ranks, "is_main", lambda: False)
-    target = extract_samples(tmp_path, ["wds_imagenet1k/train/0.tar#a1"])["wds_imagenet1k/train/0.tar#a1"]
+    target = extract_samples(tmp_path, [sample])[sample]
     assert target.read_bytes() == image.read_bytes()
     assert not list(target.parent.glob(".*.tmp"))
 
@@ -489,22 +496,13 @@ def test_every_torchrun_rank_gets_the_extracted_files_it_is_handed(tmp_path, mon
 def test_extracted_samples_get_the_mode_of_any_new_file(tmp_path):
     """Files under $CLIPCONV_CACHE/wds-samples respect the umask like every other clipconv file (not mkstemp's
     private 0600), so a shared cache is readable by the group or others the umask allows."""
-    import tarfile
-
     from clipconv.data.wds import extract_samples
     from clipconv.runtime.io import new_file_mode
 
-    image = next(iter(_files(make_folder(tmp_path), ["x"])))[0]
-    shard = tmp_path / "wds_imagenet1k" / "train" / "0.tar"
-    shard.parent.mkdir(parents=True)
-    label = tmp_path / "label.cls"
-    label.write_text("0")
-    with tarfile.open(shard, "w") as tar:
-        tar.add(image, arcname="s0.jpg")
-        tar.add(label, arcname="s0.cls")
+    _, sample = _one_sample_shard(tmp_path, "s0")
     previous = os.umask(0o022)
     try:
-        target = extract_samples(tmp_path, ["wds_imagenet1k/train/0.tar#s0"])["wds_imagenet1k/train/0.tar#s0"]
+        target = extract_samples(tmp_path, [sample])[sample]
         assert new_file_mode() == 0o644 and target.stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(previous)
