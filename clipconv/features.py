@@ -27,7 +27,7 @@ from clipconv.data.draft import draft_for
 from clipconv.runtime import ranks
 from clipconv.runtime.cache import cache_dir_problem, cache_root, tensor_checksum, transform_id, write_cache_entry
 from clipconv.runtime.progress import progress
-from clipconv.runtime.seeding import item_seed
+from clipconv.runtime.seeding import seed_item
 
 __all__ = ["FeatureStore", "default_cache_dir", "samples_digest", "ENTRY_SUFFIX"]
 
@@ -64,7 +64,7 @@ class _SeededItems(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        torch.manual_seed(item_seed(self.round_seed, index))
+        seed_item(self.round_seed, index)
         return self.dataset[index]
 
 
@@ -173,7 +173,7 @@ class FeatureStore:
         `transform` is "eval", "train" (the backbone's transforms) or any callable; `transform_name`
         overrides the id used in the cache key. With `rounds > 1` the features of `rounds` augmented
         passes are averaged (Tip-Adapter's cache keys); in round r item i (of the sorted sample list) is
-        transformed right after `torch.manual_seed(item_seed(seed * 1000 + r, i))`, so the result does not
+        transformed right after seeding the CPU generator with `item_seed(seed * 1000 + r, i)`, so the result does not
         depend on the number of workers or the batch size.
         """
         if rounds < 1:

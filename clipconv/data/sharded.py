@@ -9,7 +9,7 @@ import torch
 
 from clipconv.data.folder import Batch, SkipTracker, collate_skip_bad, report_skipped
 from clipconv.runtime.ranks import IGNORE_LABEL, gather_objects, is_distributed, is_main, rank, shard_bounds, world_size
-from clipconv.runtime.seeding import item_seed
+from clipconv.runtime.seeding import seed_item
 
 __all__ = ["GlobalBatchShards", "SeededTrainItems", "train_loader", "report_skipped_everywhere"]
 
@@ -57,9 +57,7 @@ class SeededTrainItems(torch.utils.data.Dataset):
         generator = torch.default_generator  # the CPU generator the transforms draw from
         state = generator.get_state()
         try:
-            # not torch.manual_seed: that also (lazily) seeds every CUDA/XPU device, and without CUDA each
-            # call formats a stack trace to queue it (~1 ms per item, half the demo's augmentation time)
-            generator.manual_seed(item_seed(self.round_seed, index))
+            seed_item(self.round_seed, index)
             item = self.dataset[index]
         finally:
             generator.set_state(state)

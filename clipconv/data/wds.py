@@ -52,7 +52,7 @@ from clipconv.runtime.cache import cache_root
 from clipconv.runtime.io import OutputWriteError, new_file_mode
 from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.outputs import write_json
-from clipconv.runtime.seeding import item_seed
+from clipconv.runtime.seeding import seed_item
 
 __all__ = ["WdsFamily", "WDS_FOLDERS", "SHARD_SEPARATOR", "IMAGE_KEYS", "is_shard_sample", "shard_paths",
            "index_shard", "ShardStream", "ExtractedShardSamples", "image_dataset", "as_files", "extract_samples",
@@ -254,7 +254,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                     continue
                 if self.transform is not None:
                     if self.round_seed is not None:
-                        torch.manual_seed(item_seed(self.round_seed, self.seed_offset + position))
+                        seed_item(self.round_seed, self.seed_offset + position)
                     image = self.transform(image)
                 yield image, self.samples[position][1]
 
