@@ -148,7 +148,7 @@ def test_table2_prints_both_counts_and_train_seconds(tmp_path, tiny_config):
     assert f"params ViT-B/16 | params here ({classes} classes) | train s |" in markdown
     assert f"| {row['params']['vit_b16']:,} | {row['params']['model']:,} |" in markdown
     header, *lines = [r for r in (tmp_path / "out" / "table2.csv").read_text().splitlines()]
-    assert header.endswith(",params_vit_b16,params_model,train_seconds")
+    assert header.endswith(",params_vit_b16,params_model,train_seconds,seeds")
     assert all(len(r.split(",")) == len(header.split(",")) for r in lines if r.startswith("measured"))
 
 

@@ -1,6 +1,7 @@
 """run_table2 end to end on a generated tree with a tiny model; option handling; seed aggregation."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 from collections import Counter
@@ -78,10 +79,12 @@ def test_all_methods_two_seeds_end_to_end(tmp_path, tree, tiny_config):
     assert result["measured"]["tip_adapter"]["template_set"] == "tip" and result["measured"]["tip_adapter"]["templates"] == 7
     assert result["per_seed"]["zero_shot"]["1"]["fit"]["template_set"] == "photo"
     assert markdown.index("measured (this run)") < markdown.index(PUBLISHED_LABEL)
-    rows = (out / "table2.csv").read_text().splitlines()
-    assert rows[0].startswith("source,method,imagenet,imagenet_std")
-    assert sum(r.startswith("measured,") for r in rows) == len(ran) + 1  # + "Convpass_CLIP + WiSE (α = 0.5)"
-    assert all(len(r.split(",")) == len(rows[0].split(",")) for r in rows if r.startswith("measured"))
+    with open(out / "table2.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0][:4] == ["origin", "method", "top1_imagenet", "top1_imagenet_std"]
+    assert sum(r[0] == "measured" for r in rows) == len(ran) + 1  # + "Convpass_CLIP + WiSE (α = 0.5)"
+    assert all(len(r) == len(rows[0]) for r in rows)
+    assert [r for r in rows if r[0] == PUBLISHED_LABEL]  # the quoted label with its commas is one cell
     assert (out / "table2_bars.png").read_bytes()[:8] == PNG_SIGNATURE
     assert result["config"]["val_shots"] == 2 and result["config"]["runtime"]["workers"] == 0
     assert result["environment"]["world_size"] == 1 and result["environment"]["device"] == "cpu"
@@ -442,3 +445,53 @@ def test_quiet_table_still_shows_the_final_table(tmp_path, tree, tiny_config, ca
     err = capsys.readouterr().err
     assert "| method |" in err and "\n| ZS CLIP (1 template) |" in err, err
     assert "== 2-shot" not in err  # the progress lines stay quiet
+
+
+def test_a_set_named_source_gives_unique_csv_columns_and_the_target_rule_is_stated(tmp_path, tiny_config):
+    """The folder family with a set called `source` (as the demo's): every table2.csv column name is unique;
+    table2.md says which sets its target average is over."""
+    from clipconv.data.synthetic import make_class_folders
+
+    classes = ["cat", "dog"]
+    train = make_class_folders(tmp_path / "mine" / "train", classes, per_class=3)
+    photos = make_class_folders(tmp_path / "mine" / "photos", classes, per_class=1)
+    sketch = make_class_folders(tmp_path / "mine" / "sketch", classes, per_class=1, style="sketch")
+    out = tmp_path / "table"
+    assert main(["--train-root", str(train), "--eval-set", f"source={photos}", "--eval-set", f"sketch={sketch}",
+                 "--model", str(tiny_config), "--pretrained", "none", "--shots", "1", "--val-shots", "1",
+                 "--seeds", "1", "--workers", "0", "--device", "cpu", "--no-cache", "--output-dir", str(out),
+                 "--methods", "zero_shot"]) == 0
+    with open(out / "table2.csv", newline="") as handle:
+        header, row = list(csv.reader(handle))
+    assert len(set(header)) == len(header) and header[:4] == ["origin", "method", "top1_source", "top1_source_std"]
+    result = json.loads((out / "table2.json").read_text())
+    mean = result["measured"]["zero_shot"]["mean"]
+    assert dict(zip(header, row))["top1_target_avg"] == f"{mean['sketch']:.4f}"  # one target set: its own score
+    assert dict(zip(header, row))["top1_source_std"] == "" and dict(zip(header, row))["seeds"] == "1"
+    assert "target avg: the mean of sketch (every target set)." in (out / "table2.md").read_text()
+
+
+def test_target_average_is_over_the_asked_sets_in_every_family(tmp_path, tree, tiny_config):
+    """ImageNet's suite with --eval-sets naming two of its sets: the average is over the one target asked for
+    (as the folder family's is over the sets given), and the table says so."""
+    result = _run(tmp_path, tree, tiny_config, ["zero_shot"], seeds=("1",),
+                  extra=("--eval-sets", "imagenet", "imagenet_sketch"))
+    mean = result["measured"]["zero_shot"]["mean"]
+    assert mean["target_avg"] == mean["imagenet_sketch"] and "imagenet_v2" not in mean
+    markdown = (tmp_path / "out" / "table2.md").read_text()
+    assert "target avg: the mean of -Sketch (the sets --eval-sets asked for; not asked: -V2, -A, -R)." in markdown
+    assert result["target_note"] in markdown
+
+
+def test_the_target_note_names_a_missing_set_and_the_rule():
+    from clipconv.app.report import averaged_targets, results_row, target_note
+
+    targets = ("v2", "sketch", "rendition")
+    assert averaged_targets(targets, None) == targets and averaged_targets(targets, ["source", "sketch"]) == ("sketch",)
+    note = target_note(targets, None, ["source", "v2", "sketch"])
+    assert note.startswith("target avg: – because rendition was not evaluated") and "--eval-sets" in note
+    assert target_note(targets, ["source"], ["source"]).startswith("target avg: – (no target set: --eval-sets asks")
+    assert target_note((), None, ["photos"]).startswith("target avg: – (no target set: the suite has no target set)")
+    metrics = {name: {"top1": value} for name, value in (("source", 50.0), ("v2", 30.0), ("sketch", 20.0))}
+    assert math.isnan(results_row(metrics, suite=("source", *targets))["target_avg"])  # rendition asked, missing
+    assert results_row(metrics, suite=("source", *targets), asked=("source", "v2", "sketch"))["target_avg"] == 25.0

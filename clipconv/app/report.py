@@ -3,6 +3,10 @@
 The columns come from a dataset family (`family.suite`, `family.display`); the defaults are ImageNet's
 (ImageNet | -V2 | -Sketch | -A | -R), and `SUITE`, `DISPLAY`, `TARGETS` stay importable as the ImageNet
 family's values (the paper's published numbers are the methods' own: `Method.published`).
+
+The target average follows ONE rule for every family (`TARGET_RULE`): the mean top-1 over the target sets the
+run asked for (`averaged_targets`: --eval-sets, by default every set of the suite but the source), "–" when one
+of them was not evaluated (or none was asked for). Every table states it for its run (`target_note`).
 """
 from __future__ import annotations
 
@@ -11,11 +15,14 @@ from typing import Mapping, Optional, Sequence
 
 from clipconv.data.family import ImageNetFamily
 
-__all__ = ["SUITE", "DISPLAY", "TARGETS", "target_average", "results_row", "markdown_table"]
+__all__ = ["SUITE", "DISPLAY", "TARGETS", "TARGET_RULE", "target_average", "averaged_targets", "target_note",
+           "results_row", "markdown_table"]
 
 SUITE: tuple[str, ...] = ImageNetFamily.suite
 DISPLAY: Mapping[str, str] = ImageNetFamily.display
 TARGETS: tuple[str, ...] = SUITE[1:]
+TARGET_RULE = ("the mean over the target sets the run asked for (--eval-sets; by default every set but the source), "
+               "'–' when one of them was not evaluated")
 
 
 def _is_missing(value: Optional[float]) -> bool:
@@ -30,12 +37,42 @@ def target_average(values: Mapping[str, float], targets: Sequence[str] = TARGETS
     return sum(picked) / len(picked)
 
 
+def averaged_targets(targets: Sequence[str], asked: Optional[Sequence[str]]) -> tuple[str, ...]:
+    """The target sets the target average is over: `targets` (a suite without its source set, in table
+    order) that the run asked for (`asked`: --eval-sets; None = the whole suite)."""
+    return tuple(name for name in targets if asked is None or name in asked)
+
+
+def target_note(targets: Sequence[str], asked: Optional[Sequence[str]], evaluated: Sequence[str],
+                display: Optional[Mapping[str, str]] = None) -> str:
+    """One line for under a results table: which sets its "target avg" is the mean of, or why it is "–"
+    (`targets`: the suite's target sets; `asked`: --eval-sets or None; `evaluated`: the sets scored)."""
+    titles = display or {}
+
+    def names(sets: Sequence[str]) -> str:
+        return ", ".join(titles.get(name, name) for name in sets)
+
+    over = averaged_targets(targets, asked)
+    if not over:
+        why = "the suite has no target set" if asked is None else f"--eval-sets asks only for {names(asked)}"
+        return f"target avg: – (no target set: {why}); it is {TARGET_RULE}."
+    missing = [name for name in over if name not in evaluated]
+    if missing:
+        return (f"target avg: – because {names(missing)} {'was' if len(missing) == 1 else 'were'} not evaluated "
+                f"(missing, or no run class); it is {TARGET_RULE} — here {names(over)}. Give --eval-sets without "
+                f"{'it' if len(missing) == 1 else 'them'} to average the others.")
+    left = [name for name in targets if name not in over]
+    return (f"target avg: the mean of {names(over)}" + (f" (the sets --eval-sets asked for; not asked: {names(left)})"
+                                                        if left else " (every target set)") + ".")
+
+
 def results_row(
-    metrics: Mapping[str, Mapping[str, float]], key: str = "top1", suite: Sequence[str] = SUITE
+    metrics: Mapping[str, Mapping[str, float]], key: str = "top1", suite: Sequence[str] = SUITE,
+    asked: Optional[Sequence[str]] = None,
 ) -> dict[str, float]:
-    """{set: accuracy} for the suite's sets present in `metrics`, plus "target_avg" (over suite[1:])."""
+    """{set: accuracy} for the suite's sets present in `metrics`, plus "target_avg" (over the asked targets)."""
     row = {name: float(metrics[name][key]) for name in suite if name in metrics}
-    row["target_avg"] = target_average(row, tuple(suite)[1:])
+    row["target_avg"] = target_average(row, averaged_targets(tuple(suite)[1:], asked))
     return row
 
 

@@ -290,7 +290,7 @@ def execute_run(run: PreparedRun) -> FitResult:
     shortfall = {"shortfall": dict(run.split.shortfall), "val_shortfall": dict(run.split.val_shortfall)}
     label = cfg.method if cfg.wise_alpha is None else wise_label(cfg.method, cfg.wise_alpha)
     write_results(run_dir, label, session.row(result.metrics), result.metrics, {**result.to_dict(), **shortfall},
-                  columns=session.family.suite, display=session.family.display)
+                  columns=session.family.suite, display=session.family.display, note=session.target_note())
     write_benchmark_results(run_dir, session.family, result.metrics, cfg.backbone.model, cfg.backbone.pretrained,
                             cfg.method, {"fewshot_k": cfg.shots, "seed": cfg.seed})
     return result
@@ -325,13 +325,15 @@ def recall_line(metrics: Mapping[str, Mapping[str, JSON]], display: Optional[Map
 
 
 def write_results(run_dir: Path, label: str, row: dict[str, float], metrics: dict[str, dict[str, float]],
-                  summary: JSONObject, columns: Sequence[str], display: Optional[Mapping[str, str]] = None) -> None:
-    """metrics.json ({set: {top1, top5, n, classes}}), results.md (the Table-2 `row` over `columns`, then
-    the images / classes each score is over) and run_summary.json, atomically."""
+                  summary: JSONObject, columns: Sequence[str], display: Optional[Mapping[str, str]] = None,
+                  note: str = "") -> None:
+    """metrics.json ({set: {top1, top5, n, classes}}), results.md (the Table-2 `row` over `columns`, `note`
+    (what the target average is over: `Session.target_note`), then the images / classes each score is over) and
+    run_summary.json, atomically."""
 
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "run_summary.json", jsonable(summary))
-    table = markdown_table([(label, row)], columns=columns, display=display)
+    table = markdown_table([(label, row)], columns=columns, display=display) + (f"\n{note}\n" if note else "")
     write_text(run_dir / "results.md", f"# {label}: top-1 (%)\n\n{table}\n{counts_line(metrics, display)}\n"
                                        f"{recall_line(metrics, display)}\n")
     log.log(RESULT, "\n" + table)  # also under --quiet

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Optional, Union
 
 import torch
 
-from clipconv.app.report import target_average
+from clipconv.app.report import averaged_targets, target_average, target_note
 from clipconv.backbone import load_backbone, resolve_device
 from clipconv.config import BackboneConfig, DataConfig, RuntimeConfig
 from clipconv.data import sample_few_shot
@@ -137,11 +137,22 @@ class Session:
         """Result columns: the family's suite (source set first) and "target_avg"."""
         return (*self.family.suite, "target_avg")
 
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The target sets the target average is over: those the run asked for (report.TARGET_RULE)."""
+        return averaged_targets(self.family.targets, self.data.eval_sets)
+
     def row(self, metrics: dict[str, dict[str, float]], key: str = "top1") -> dict[str, float]:
-        """{set: accuracy} for the suite's sets in `metrics`, plus "target_avg" (NaN unless every target ran)."""
+        """{set: accuracy} for the suite's sets in `metrics`, plus "target_avg" over `targets` (NaN unless every
+        one of them ran)."""
         row = {name: float(metrics[name][key]) for name in self.family.suite if name in metrics}
-        row["target_avg"] = target_average(row, self.family.targets)
+        row["target_avg"] = target_average(row, self.targets)
         return row
+
+    def target_note(self) -> str:
+        """The line stating which sets "target avg" averages in this session's tables, or why it is "–"."""
+        return target_note(self.family.targets, self.data.eval_sets, [s.name for s in self.splits],
+                           self.family.display)
 
     def info(self) -> JSONObject:
         """What results record about the session (table2.json, run_summary.json)."""

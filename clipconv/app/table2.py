@@ -18,6 +18,8 @@ accuracy_vs_shots.{png,json,md}  top-1 on the source set and the target average 
 """
 from __future__ import annotations
 
+import csv
+import io
 import math
 import shutil
 import tempfile
@@ -196,7 +198,7 @@ def _published_rows(session: Session) -> list[tuple[str, dict[str, float]]]:
         spec = METHODS[name]
         values = {set_name: spec.published[set_name] for set_name in family.suite if set_name in spec.published}
         if values:
-            values["target_avg"] = target_average(values, family.targets)
+            values["target_avg"] = target_average(values, session.targets)  # the measured rows' rule
             reference = spec.reference_templates
             used = (reference, len(load_templates(reference))) if reference is not None else None
             rows.append((row_label(name, used), values))
@@ -286,7 +288,7 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
               f"{', ...' if len(missing) > 6 else ''}); finish with `run_table2.py --resume {_top(out)}`."]
               if missing else []),
           "", "## measured (this run)", "", markdown_table(measured, stds, **table_columns, extra=_extra_columns(
-              summary_rows, len(session.classes))), "",
+              summary_rows, len(session.classes))), "", session.target_note(), "",
           "params: trainable parameters with this row's options — on open_clip's ViT-B-16 with ImageNet's 1000 "
           "classes, and in the model this run used; train s: fit wall time per seed.", "",
           *([f"+ WiSE (α = {cfg.wise_alpha:g}): {WISE_NOTE} (WiSE-FT's default α = 0.5 unless --wise-alpha).", ""]
@@ -308,22 +310,12 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
         md.append(f"| {shown} | {t['fit_seconds']:.1f} | {t['eval_seconds']:.1f} | "
                   f"{t['images_encoded']} |")
     write_text(out / "table2.md", "\n".join(md) + "\n")
-    columns = session.columns
-    csv_lines = ["source,method," + ",".join(f"{c},{c}_std" for c in columns) + ",params_vit_b16,params_model,"
-                 "train_seconds"]
-    by_label = {row["label"]: row for row in summary_rows.values()}
-    for label, mean in measured:
-        cells = [f"{mean.get(c, float('nan')):.4f},{stds[label].get(c, float('nan')):.4f}" for c in columns]
-        row = by_label[label]
-        cells += ["" if row["params"][k] is None else str(row["params"][k]) for k in ("vit_b16", "model")]
-        cells.append(f"{row['train_seconds']:.1f}")
-        csv_lines.append(f"measured,{label}," + ",".join(cells))
-    for label, values in published:
-        csv_lines.append(f"\"{session.family.published_label}\",{label}," + ",".join(f"{values[c]:.2f}," for c in columns)
-                         + ",,,")
-    write_text(out / "table2.csv", "\n".join(csv_lines) + "\n")
+    write_text(out / "table2.csv", table2_csv(measured, stds, summary_rows, published, session.columns,
+                                              session.family.published_label))
     result = {"complete": not missing, "missing": list(missing), "output_dir": str(out),
-              "config": cfg.to_dict(), "environment": environment(session), **info, "columns": {c: session.family.display.get(c, "target avg") for c in columns}, "measured": summary_rows,
+              "config": cfg.to_dict(), "environment": environment(session), **info,
+              "columns": {c: session.family.display.get(c, "target avg") for c in session.columns},
+              "target_note": session.target_note(), "measured": summary_rows,
               "per_seed": {n: {str(s): v for s, v in seeds.items()} for n, seeds in per_seed.items()},
               "timing": timing,
               "published": {"label": session.family.published_label, "rows": {label: values for label, values in published}}}
@@ -331,12 +323,44 @@ def _write_outputs(out: Path, cfg: Table2Config, per_seed: dict[str, dict[int, d
     return result
 
 
+def csv_header(columns: Sequence[str]) -> list[str]:
+    """table2.csv's column names: `origin` (measured, or the published rows' label), `method`, then
+    `top1_<set>` and `top1_<set>_std` per result column (so a set named like another column, e.g. the demo's
+    "source", never gives two columns one name), the trainable parameters, train seconds and the seed count."""
+    return ["origin", "method", *(f"top1_{c}{end}" for c in columns for end in ("", "_std")),
+            "params_vit_b16", "params_model", "train_seconds", "seeds"]
+
+
+def table2_csv(measured: Sequence[tuple[str, Mapping[str, float]]], stds: Mapping[str, Mapping[str, float]],
+               summary_rows: Mapping[str, JSONObject], published: Sequence[tuple[str, Mapping[str, float]]],
+               columns: Sequence[str], published_label: str) -> str:
+    """table2.csv: a row per measured label (mean, std over 2+ seeds, else empty), then the published rows."""
+    def number(value: Optional[float], digits: int) -> str:
+        return "" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(csv_header(columns))
+    by_label = {row["label"]: row for row in summary_rows.values()}
+    for label, mean in measured:
+        row = by_label[label]
+        writer.writerow(["measured", label, *(number(v, 4) for c in columns for v in (mean.get(c), stds[label].get(c))),
+                         *("" if row["params"][k] is None else str(row["params"][k]) for k in ("vit_b16", "model")),
+                         f"{row['train_seconds']:.1f}", len(row["seeds"])])
+    for label, values in published:
+        writer.writerow([published_label, label, *(number(v, 2) for c in columns for v in (values.get(c), None)),
+                         "", "", "", ""])
+    return buffer.getvalue()
+
+
 def measured_table(result: JSONObject) -> str:
-    """The measured rows of a Table-2 result (table2.json) as one markdown table: mean (± std over 2+ seeds)."""
+    """The measured rows of a Table-2 result (table2.json) as one markdown table: mean (± std over 2+ seeds),
+    then the line saying what its target average is over."""
     entries = list(result.get("measured", {}).values())
     titles = dict(result.get("columns", {}))
-    return markdown_table([(e["label"], e["mean"]) for e in entries], {e["label"]: e["std"] for e in entries},
-                          columns=[c for c in titles if c != "target_avg"], display=titles)
+    table = markdown_table([(e["label"], e["mean"]) for e in entries], {e["label"]: e["std"] for e in entries},
+                           columns=[c for c in titles if c != "target_avg"], display=titles)
+    return table + (f"\n{result['target_note']}\n" if result.get("target_note") else "")
 
 
 def _extra_columns(rows: dict[str, JSONObject], classes: int) -> list[tuple[str, dict[str, str]]]:

@@ -220,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write_results(out_dir, meta.get("method", "checkpoint"), session.row(metrics), metrics,
                   {"checkpoint": str(checkpoint.resolve()), "evaluated": list(metrics),
                    "not_evaluated": session.missing}, columns=session.family.suite,
-                  display=session.family.display)
+                  display=session.family.display, note=session.target_note())
     if is_main():
 
         write_benchmark_results(out_dir, session.family, metrics, backbone_cfg.model, backbone_cfg.pretrained,

@@ -98,7 +98,8 @@ def compare_zero_shot(data: "DataConfig", backbones: Sequence["BackboneConfig"],
     payload = {"output_dir": str(output_dir), "templates": data.templates, "n_templates": len(first.templates), "data_root": str(first.data_root),
                "classes": len(first.classes), "results": results}
     write_json(output_dir / "zero_shot.json", payload)
-    table = markdown_table(rows, columns=first.family.suite, display=first.family.display)
+    table = markdown_table(rows, columns=first.family.suite, display=first.family.display) + \
+        f"\n{first.target_note()}\n"
     write_text(output_dir / "zero_shot.md",
                f"# Zero-shot CLIP, templates '{data.templates}' ({len(first.templates)}): top-1 (%)\n\n{table}\n"
                + (counts_line(results[0]["metrics"], first.family.display) + "\n" if results else "")
