@@ -9,21 +9,36 @@ tokens) — cannot be merged and are refused before anything changes.
 A wrapper or record can be merged when it has `fold_()` (clipconv/adapters: `LoRALinear`, `LoRAAttention`,
 `BitFitBiases`); a kind says so when it registers (`register_adapter(..., mergeable=True)`, listed by
 `clipconv.adapters.mergeable_kinds()`).
+
+A merged file (scripts/export_merged.py) records the open_clip model it belongs to (`model_metadata`: the model
+name, its config as JSON with the QuickGELU setting, the preprocessing), so `load_merged_model` rebuilds it with
+plain open_clip and loads the weights strictly — also for a model given as a config JSON (the mini CLIP, a
+user's config), which `open_clip.create_model(<name>)` alone does not know in a new process; `load_merged_head`
+reads the classification head written beside it.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import tempfile
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
+import open_clip
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clipconv.adapters import AdapterRecord, adapted_modules, mergeable_kinds, unwrap_all
+from clipconv.backbone import Backbone
 from clipconv.runtime.outputs import atomic_path
 
-__all__ = ["mergeable", "merge_adapters", "merged_state_dict", "save_merged"]
+__all__ = ["mergeable", "merge_adapters", "merged_state_dict", "save_merged", "model_metadata", "load_merged_model",
+           "load_merged_head"]
+
+PathLike = Union[str, Path]
 
 
 def _present(module: nn.Module) -> list[nn.Module]:
@@ -75,3 +90,63 @@ def save_merged(state: Mapping[str, torch.Tensor], path: Union[str, Path],
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=dict(metadata or {}))
     return path
+
+
+def model_metadata(backbone: Backbone) -> dict[str, str]:
+    """What a merged file records to be rebuilt without the config file or clipconv's loader: "model" (the open_clip
+    name), "model_config" (its config as JSON, QuickGELU as the backbone ran it) and "preprocess_cfg" (JSON)."""
+    config = copy.deepcopy(open_clip.get_model_config(backbone.model_name))
+    if config is None:
+        raise ValueError(f"open_clip has no config for model '{backbone.model_name}'")
+    if backbone.quick_gelu:
+        config["quick_gelu"] = True
+    return {"model": backbone.model_name, "model_config": json.dumps(config, sort_keys=True),
+            "preprocess_cfg": json.dumps(open_clip.get_model_preprocess_cfg(backbone.model), sort_keys=True)}
+
+
+def _metadata(path: PathLike) -> dict[str, str]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"'{path}' does not exist; give a file written by scripts/export_merged.py")
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def _registered_name(name: str, config: dict) -> str:
+    """An open_clip model name whose config is `config`: `name` when open_clip knows it with that config (or not at
+    all: then it is registered under it), else a name derived from the config's hash."""
+    known = open_clip.get_model_config(name)
+    if known == config:
+        return name
+    if known is not None:
+        name = f"{name}-merged-{hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]}"
+    with tempfile.TemporaryDirectory(prefix="clipconv-merged-config-") as folder:
+        path = Path(folder) / f"{name}.json"
+        path.write_text(json.dumps(config), encoding="utf-8")
+        open_clip.add_model_config(path)  # read now; open_clip skips the vanished file on later scans
+    return name
+
+
+def load_merged_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """The plain open_clip CLIP model of a merged file (scripts/export_merged.py): built from the config the file
+    records (a model given as a config JSON included) and loaded strictly; in eval mode. Its tokenizer:
+    `open_clip.get_tokenizer(...)` of the same name; its preprocessing: `open_clip.get_model_preprocess_cfg(model)`."""
+    meta = _metadata(path)
+    if "model_config" not in meta or "model" not in meta:
+        raise ValueError(f"'{path}' records no model config (written by an older export_merged.py?); build the model "
+                         "with open_clip.create_model and load the file with strict=True")
+    name = _registered_name(meta["model"], json.loads(meta["model_config"]))
+    preprocess = json.loads(meta["preprocess_cfg"]) if "preprocess_cfg" in meta else None
+    model = open_clip.create_model(name, pretrained=None, force_preprocess_cfg=preprocess)
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model.to(device).eval()
+
+
+def load_merged_head(path: PathLike) -> tuple[nn.Linear, float, list[str]]:
+    """(head, logit_scale, class ids) of a merged head file (`<output>.head.safetensors`): logits =
+    logit_scale · head(normalize(model.encode_image(x)))."""
+    meta = _metadata(path)
+    tensors = load_file(str(path))
+    weight, bias = tensors["head.weight"], tensors["head.bias"]
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    head.load_state_dict({"weight": weight, "bias": bias}, strict=True)
+    return head.eval(), float(meta["logit_scale"]), list(json.loads(meta.get("class_ids", "[]")))

@@ -475,10 +475,10 @@ def test_nothing_points_at_the_shared_folder():
     assert not hits, f"the docs must stand alone, no ../shared: {hits}"
 
 
-def test_readme_python_snippet_runs(monkeypatch):
-    """The README's library example, as written (it loads the shipped mini CLIP from the checkout)."""
+def python_blocks(path: Path) -> list[str]:
+    """The ```python blocks of a markdown file, each as one source text."""
     blocks, current = [], None
-    for _, line, lang in _fenced_lines(README.read_text(encoding="utf-8")):
+    for _, line, lang in _fenced_lines(path.read_text(encoding="utf-8")):
         if lang == "python":
             current = current if current is not None else []
             current.append(line)
@@ -487,6 +487,12 @@ def test_readme_python_snippet_runs(monkeypatch):
             current = None
     if current is not None:
         blocks.append("\n".join(current))
+    return blocks
+
+
+def test_readme_python_snippet_runs(monkeypatch):
+    """The README's library example, as written (it loads the shipped mini CLIP from the checkout)."""
+    blocks = python_blocks(README)
     assert blocks, "the README shows no python example"
     monkeypatch.chdir(REPO)
     for block in blocks:

@@ -298,6 +298,7 @@ def test_own_folders_run_end_to_end_through_the_train_cli(byod, tiny_config, tmp
     assert metrics["sketch"]["n"] == 8 and metrics["cartoon"]["n"] == 6
     table = (out / "results.md").read_text()
     assert "| sketch | cartoon | target avg |" in table
+    assert "target avg: the mean of cartoon (every target set)." in table  # the rule, stated under the table
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["train_root"] == str(byod["train"])
 

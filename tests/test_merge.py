@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from baseline_world import make_world
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_docs import REPO, python_blocks
 from tolerance import assert_close_scaled, differs_beyond_tolerance
 from torch import nn
 
@@ -141,6 +142,27 @@ def test_export_merged_cli_writes_a_plain_model_and_head_with_the_same_logits(tr
         expected = method.logits(images)
     assert_close_scaled(merged, expected)
     assert differs_beyond_tolerance(expected, world.backbone.model.visual(images) @ head["head.weight"].t())
+
+
+def test_the_documented_loading_code_rebuilds_a_json_config_model_in_a_new_process(trained_run, tiny_config,
+                                                                                   tmp_path, monkeypatch):
+    """docs/methods.md's python block, as written, on an export of a model given as a config JSON: open_clip does
+    not know the name in a new process (removed here), `load_merged_model` rebuilds it from the recorded config."""
+    world, method, run = trained_run
+    monkeypatch.chdir(tmp_path)
+    assert export_main(["--checkpoint", str(run), "--output", "merged.safetensors"]) == 0
+    monkeypatch.delitem(open_clip.factory._MODEL_CONFIGS, tiny_config.stem, raising=False)
+    with pytest.raises(RuntimeError, match="not found"):  # what the plain open_clip call meets in a new process
+        open_clip.create_model(tiny_config.stem, pretrained="merged.safetensors")
+    blocks = [b for b in python_blocks(REPO / "docs" / "methods.md") if "load_merged_model" in b]
+    assert len(blocks) == 1, "docs/methods.md should show the merged model's loading code once"
+    images = _images(world.backbone.model.visual)
+    namespace = {"__name__": "docs_snippet", "images": images}
+    with torch.no_grad():
+        exec(compile(blocks[0], "docs/methods.md", "exec"), namespace)
+        expected = method.logits(images)
+    assert_close_scaled(namespace["logits"], expected)
+    assert namespace["class_ids"] == list(world.ctx.class_ids)
 
 
 def test_export_merged_cli_bad_input_is_one_line_exit_2_nothing_written(trained_run, tmp_path, capsys, tiny_backbone):

@@ -12,7 +12,7 @@ from clipconv.app.cli.common import bad_input_errors, fail, plain_warnings
 from clipconv.app.cli.options import add_runtime_args, apply_runtime, runtime_from
 from clipconv.backbone import load_backbone, resolve_device
 from clipconv.checkpoint import read_metadata
-from clipconv.merge import merged_state_dict, save_merged
+from clipconv.merge import merged_state_dict, model_metadata, save_merged
 from clipconv.methods.finetune import load_classifier
 
 HEAD_SUFFIX = ".head.safetensors"
@@ -24,9 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Merge a trained adapter checkpoint whose adapters are linear in the backbone weights "
                     f"({', '.join(mergeable_kinds())}) into the backbone: writes OUTPUT, a plain open_clip state dict "
-                    "of the whole CLIP model (load it with open_clip.create_model(MODEL, pretrained=OUTPUT); no "
-                    f"clipconv code needed), and OUTPUT without its suffix + '{HEAD_SUFFIX}', the classification head "
-                    "(head.weight, head.bias; logits = logit_scale · head(normalize(model.encode_image(x))), "
+                    "of the whole CLIP model that records its open_clip config (load it with "
+                    "clipconv.merge.load_merged_model(OUTPUT), or open_clip.create_model(MODEL, pretrained=OUTPUT) "
+                    f"for a model open_clip knows by name), and OUTPUT without its suffix + '{HEAD_SUFFIX}', the "
+                    "classification head (head.weight, head.bias; logits = logit_scale · head(normalize(model.encode_image(x))), "
                     "logit_scale and class ids in its metadata). The other kinds (Convpass, AdaptFormer, Adapter, "
                     "VPT) add computations of their own and are refused. Existing files are never overwritten.")
     parser.add_argument("--checkpoint", required=True, help="adapter.safetensors of a training run, or the run folder")
@@ -80,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             fail(f"merged image encoder keys differ from the plain model's: {sorted(set(visual) ^ expected)[:5]}")
         state.update({f"visual.{name}": tensor for name, tensor in visual.items()})
         info = {"merged_from": str(checkpoint.resolve()), "adapter": json.dumps(meta.get("adapter")),
-                "backbone": json.dumps(meta.get("backbone"))}
+                "backbone": json.dumps(meta.get("backbone")), **model_metadata(backbone)}
         save_merged(state, output, info)
         head = {"head.weight": classifier.head.weight, "head.bias": classifier.head.bias}
         save_merged(head, head_path(output), {**info, "logit_scale": repr(classifier.logit_scale),
