@@ -105,6 +105,10 @@ def test_all_methods_two_seeds_end_to_end(tmp_path, tree, tiny_config):
                 assert record["metrics"]["mean_per_class_recall"] == pytest.approx(
                     metrics["mean_per_class_recall"] / 100, rel=1e-12)
                 assert (record["seed"], record["fewshot_k"], record["method"]) == (int(seed), 2, name)
+                assert record["model"] == tiny_config.stem and record["pretrained"] == "none"  # no local path
+                assert record.get("templates") == {"zero_shot": "photo", "tip_adapter": "tip"}.get(name, record.get(
+                    "templates")) and ("templates" in record) == (name != "linear_probe" and name != "coop"
+                                                                 and name != "cocoop")
                 assert record["task"] == {"zero_shot": "zeroshot_classification",
                                           "linear_probe": "linear_probe"}.get(name, f"fewshot_{name}")
 

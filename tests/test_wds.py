@@ -222,14 +222,18 @@ def test_zero_shot_from_shards_equals_zero_shot_from_folders(world, tmp_path):
     assert shards["imagenet_a"]["classes"] == 2 and shards["imagenet"]["n"] == 12
 
     files = sorted((tmp_path / "shards" / "clip_benchmark").glob("*.json"))
-    assert [f.name for f in files] == [f"{name}_tiny.pt_tiny-clip.json_en_zeroshot_classification.json"
+    assert [f.name for f in files] == [f"{name}_tiny.pt_tiny-clip_en_zeroshot_classification.json"
                                        for name in ("imagenet-a", "imagenet1k", "imagenet_sketch")]
     for file in files:
         record = json.loads(file.read_text())
         ours = shards[{"wds/imagenet1k": "imagenet", "wds/imagenet_sketch": "imagenet_sketch",
                        "wds/imagenet-a": "imagenet_a"}[record["dataset"]]]
         assert record["task"] == "zeroshot_classification" and record["language"] == "en"
-        assert record["model"] == str(world["config"]) and record["pretrained"] == str(world["weights"])
+        # portable names (no local path in the model's name); the files' paths apart; the templates used
+        assert (record["model"], record["pretrained"]) == ("tiny-clip", "tiny.pt")
+        assert (record["model_path"], record["pretrained_path"]) == (str(world["config"].resolve()),
+                                                                     str(world["weights"].resolve()))
+        assert (record["templates"], record["n_templates"]) == ("photo", 1)
         assert math.isclose(record["metrics"]["acc1"], ours["top1"] / 100, rel_tol=256 * 2**-52)
         assert math.isclose(record["metrics"]["mean_per_class_recall"], ours["mean_per_class_recall"] / 100,
                             rel_tol=256 * 2**-52)
@@ -237,6 +241,20 @@ def test_zero_shot_from_shards_equals_zero_shot_from_folders(world, tmp_path):
     # the folder family names the files by its own set names
     assert {json.loads(f.read_text())["dataset"] for f in (tmp_path / "folders" / "clip_benchmark").glob("*.json")} == \
         {"imagenet", "imagenet_sketch", "imagenet_a"}
+
+
+def test_result_files_name_models_and_weights_portably(tmp_path):
+    from clipconv.app.clip_benchmark import benchmark_record, portable_name
+
+    config, weights = tmp_path / "my-clip.json", tmp_path / "w.safetensors"
+    config.write_text("{}")
+    weights.write_bytes(b"")
+    assert portable_name(str(config)) == ("my-clip", str(config.resolve()))
+    assert portable_name(str(weights)) == ("w.safetensors", str(weights.resolve()))
+    assert portable_name("ViT-B-16") == ("ViT-B-16", None) and portable_name(None) == ("none", None)
+    record = benchmark_record("imagenet1k", "ViT-B-16", "openai", "zeroshot_classification", {"top1": 50.0, "top5": 80.0})
+    assert (record["model"], record["pretrained"]) == ("ViT-B-16", "openai")
+    assert "model_path" not in record and "pretrained_path" not in record
 
 
 def _build_rows(folders):
@@ -274,7 +292,8 @@ def test_training_on_shards_end_to_end_then_reevaluation_from_shards_equals_fold
     assert sorted(r["dataset"] for r in rows) == ["wds/imagenet-a", "wds/imagenet1k", "wds/imagenet_sketch"]
     for row in rows:
         assert row["task"] == "fewshot_convpass" and row["method"] == "convpass" and row["fewshot_k"] == 2
-        assert row["model_fullname"].endswith(str(world["weights"]))
+        assert row["model_fullname"] == "tiny-clip tiny.pt"  # `clip_benchmark build`'s model name: no paths
+        assert (row["templates"], row["n_templates"]) == ("photo", 1)  # the head's initial prompts
 
     # the checkpoint re-scored from the shards (the run's recorded data; images streamed)
     out = tmp_path / "eval-shards"

@@ -6,7 +6,14 @@ prefix and with "/" as "_"):
 
     {"dataset": "wds/imagenet1k", "model": "ViT-B-16", "pretrained": "openai",
      "task": "zeroshot_classification", "metrics": {"acc1": 0.6835, "acc5": 0.91, "mean_per_class_recall": 0.6834},
-     "language": "en", "method": "zero_shot", ...}
+     "language": "en", "method": "zero_shot", "templates": "photo", "n_templates": 1, ...}
+
+- model and pretrained are portable names (`portable_name`): an open_clip model name or a model-config JSON's
+  stem ("mini_clip"), a pretrained tag or a weights file's name ("mini_clip.safetensors"), never a local path
+  (`clip_benchmark build` joins them into the model's name); a file's absolute path is kept apart, in
+  "model_path" / "pretrained_path".
+- templates / n_templates: the prompt-template set and its size a method used (zero-shot, the text-initialized
+  heads); absent for a method that uses none.
 
 - metrics are fractions (CLIP_benchmark's scale; ours are %): acc1 = top1/100, acc5 = top5/100 (NaN when
   fewer than 5 classes are scored, as CLIP_benchmark does), mean_per_class_recall = sklearn's balanced
@@ -29,7 +36,8 @@ from clipconv.methods.base import METHODS
 from clipconv.runtime.jsontypes import JSON, JSONObject
 from clipconv.runtime.outputs import write_json
 
-__all__ = ["BENCHMARK_DIR", "benchmark_task", "benchmark_record", "benchmark_file_name", "write_benchmark_results"]
+__all__ = ["BENCHMARK_DIR", "benchmark_task", "benchmark_record", "benchmark_file_name", "write_benchmark_results",
+           "portable_name"]
 
 BENCHMARK_DIR = "clip_benchmark"
 LANGUAGE = "en"
@@ -42,6 +50,18 @@ def benchmark_task(method: str) -> str:
     return (spec.clip_benchmark_task if spec is not None else "") or f"fewshot_{method}"
 
 
+def portable_name(value: Optional[str]) -> tuple[str, Optional[str]]:
+    """(the name a result file records, the absolute path when `value` is a local file, else None): a file's
+    name without a config JSON's suffix (`clipconv/assets/mini_clip.json` → "mini_clip"; weights keep their
+    suffix: "mini_clip.safetensors"), an open_clip name or tag as it is, "none" for no weights."""
+    if value is None or str(value) in ("", "none", "None"):
+        return "none", None
+    path = Path(str(value))
+    if not path.is_file():
+        return str(value), None
+    return (path.stem if path.suffix == ".json" else path.name), str(path.resolve())
+
+
 def _fraction(percent: float) -> float:
     value = float(percent)
     return value / 100.0 if math.isfinite(value) else float("nan")
@@ -51,10 +71,11 @@ def benchmark_record(dataset: str, model: str, pretrained: Optional[str], task: 
                      extra: Optional[Mapping[str, JSON]] = None) -> JSONObject:
     """CLIP_benchmark's result dict for one set from our metrics ({"top1", "top5", "mean_per_class_recall", ...} in %)."""
     classes = int(metrics.get("classes") or 0)
+    (model_name, model_path), (weights_name, weights_path) = portable_name(str(model)), portable_name(pretrained)
     record = {
         "dataset": dataset,
-        "model": str(model),
-        "pretrained": "none" if pretrained is None else str(pretrained),
+        "model": model_name,
+        "pretrained": weights_name,
         "task": task,
         "metrics": {
             "acc1": _fraction(metrics["top1"]),
@@ -63,29 +84,32 @@ def benchmark_record(dataset: str, model: str, pretrained: Optional[str], task: 
         },
         "language": LANGUAGE,
     }
-    record.update({"n": int(metrics.get("n", 0)), "classes": classes, **dict(extra or {})})
+    paths = {key: path for key, path in (("model_path", model_path), ("pretrained_path", weights_path)) if path}
+    record.update({"n": int(metrics.get("n", 0)), "classes": classes, **paths, **dict(extra or {})})
     return record
 
 
 def benchmark_file_name(dataset: str, model: str, pretrained: Optional[str], task: str) -> str:
     """CLIP_benchmark's default output name for these fields (file-name-safe)."""
     name = dataset.replace("wds/", "", 1).replace("/", "_")
-    tag = "none" if pretrained is None else str(pretrained)
-    tag = Path(tag).name if Path(tag).is_file() else tag
-    text = f"{name}_{tag}_{Path(str(model)).name}_{LANGUAGE}_{task}.json"
+    text = f"{name}_{portable_name(pretrained)[0]}_{portable_name(str(model))[0]}_{LANGUAGE}_{task}.json"
     return "".join(c if c.isalnum() or c in "._-+=@" else "_" for c in text)
 
 
 def write_benchmark_results(run_dir: Path, family: DatasetFamily, metrics: Mapping[str, Mapping[str, float]],
                             model: str, pretrained: Optional[str], method: str,
-                            extra: Optional[Mapping[str, JSON]] = None) -> list[Path]:
+                            extra: Optional[Mapping[str, JSON]] = None,
+                            templates: Optional[tuple[str, int]] = None) -> list[Path]:
     """Write one CLIP_benchmark JSON per set of `metrics` into `run_dir/clip_benchmark/` (atomically);
-    dataset names from `family.benchmark_name`. Returns the files written."""
+    dataset names from `family.benchmark_name`; `templates`: (set name, count) the method used, if any.
+    Returns the files written."""
     task = benchmark_task(method)
+    used = {"templates": templates[0], "n_templates": int(templates[1])} if templates else {}
     written = []
     for set_name, scores in metrics.items():
         dataset = family.benchmark_name(set_name)
-        record = benchmark_record(dataset, model, pretrained, task, scores, {"method": method, **dict(extra or {})})
+        record = benchmark_record(dataset, model, pretrained, task, scores,
+                                  {"method": method, **used, **dict(extra or {})})
         written.append(write_json(Path(run_dir) / BENCHMARK_DIR / benchmark_file_name(dataset, model, pretrained, task),
                                   record))
     return written

@@ -25,7 +25,7 @@ from clipconv.app.clip_benchmark import write_benchmark_results
 from clipconv.app.report import markdown_table
 from clipconv.app.rundir import RUN_FILES, check_not_in_use, check_output_dir, claim_output_dir, held_files, new_run_dir
 from clipconv.app.session import (
-    FitResult, Session, build_method_config, check_processes, fit_and_evaluate, jsonable, open_session
+    FitResult, Session, build_method_config, check_processes, fit_and_evaluate, jsonable, open_session, templates_used
 )
 from clipconv.config import (
     BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
@@ -292,7 +292,8 @@ def execute_run(run: PreparedRun) -> FitResult:
     write_results(run_dir, label, session.row(result.metrics), result.metrics, {**result.to_dict(), **shortfall},
                   columns=session.family.suite, display=session.family.display, note=session.target_note())
     write_benchmark_results(run_dir, session.family, result.metrics, cfg.backbone.model, cfg.backbone.pretrained,
-                            cfg.method, {"fewshot_k": cfg.shots, "seed": cfg.seed})
+                            cfg.method, {"fewshot_k": cfg.shots, "seed": cfg.seed},
+                            templates=templates_used(cfg.method, [result.fit], cfg.data.templates))
     return result
 
 

@@ -23,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from clipconv.methods.base import Method, MethodConfig
 
 __all__ = ["Session", "FitResult", "open_session", "open_data_family", "fit_and_evaluate", "build_method_config", "check_processes",
-           "backbone_fingerprint", "jsonable", "Scorer"]
+           "backbone_fingerprint", "jsonable", "Scorer", "templates_used"]
 
 log = logging.getLogger("clipconv")
 
@@ -297,3 +297,18 @@ def _decoded_cache(runtime: RuntimeConfig) -> Union[bool, str]:
         return False
 
     return str(decoded_cache_dir()) if runtime.cache else True
+
+
+def templates_used(name: str, fits: Sequence[Optional[JSONObject]], run_templates: Optional[str]
+                   ) -> Optional[tuple[str, int]]:
+    """(template set, count) a row's method used: from its fit summaries ("template_set", "templates"), else
+    derived from the run's --templates or the method's reference set; None for a method without templates."""
+    for fit in fits:
+        if isinstance(fit, dict) and "template_set" in fit:
+            return str(fit["template_set"]), int(fit["templates"])
+
+    reference = getattr(METHODS.get(name), "reference_templates", None)
+    if reference is None:
+        return None
+    chosen = run_templates or reference
+    return chosen, len(load_templates(chosen))

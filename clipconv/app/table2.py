@@ -36,7 +36,7 @@ from clipconv.app.report import DISPLAY, SUITE, markdown_table, target_average
 from clipconv.app.run import ExperimentConfig, counts_line, environment, folder_name
 from clipconv.app.rundir import check_not_in_use, check_output_dir, claim_output_dir, held_files, new_run_dir
 from clipconv.app.session import (
-    FitResult, Session, build_method_config, check_processes, fit_and_evaluate, open_session
+    FitResult, Session, build_method_config, check_processes, fit_and_evaluate, open_session, templates_used
 )
 from clipconv.config import option, positive, seed_range
 from clipconv.data import save_split
@@ -151,20 +151,6 @@ def aggregate_seeds(rows: Sequence[dict[str, float]], columns: Sequence[str] = C
     if "target_avg" not in mean:
         mean["target_avg"] = target_average(mean, [c for c in columns[1:] if c != "target_avg"])
     return mean, std
-
-
-def templates_used(name: str, fits: Sequence[FitResult], run_templates: Optional[str]) -> Optional[tuple[str, int]]:
-    """(template set, count) a row's method used: from its fit summaries ("template_set", "templates"), else
-    derived from the run's --templates or the method's reference set; None for a method without templates."""
-    for fit in fits:
-        if isinstance(fit, dict) and "template_set" in fit:
-            return str(fit["template_set"]), int(fit["templates"])
-
-    reference = getattr(METHODS.get(name), "reference_templates", None)
-    if reference is None:
-        return None
-    chosen = run_templates or reference
-    return chosen, len(load_templates(chosen))
 
 
 def method_label(name: str) -> str:
@@ -437,7 +423,8 @@ def _run_shots(cfg: Table2Config, session: Session, methods: Sequence[str], out:
                 log(f"interrupted during {name} seed {seed}: {out / 'table2.md'} is marked incomplete")
                 raise
             write_benchmark_results(fit_dir, session.family, fit.metrics, cfg.backbone.model,
-                                    cfg.backbone.pretrained, name, {"fewshot_k": cfg.shots, "seed": seed})
+                                    cfg.backbone.pretrained, name, {"fewshot_k": cfg.shots, "seed": seed},
+                                    templates=templates_used(name, [fit.fit], cfg.data.templates))
             if name in wise:  # the same fit at θ(α): no second training
                 _add_wise_row(session, fit, cfg.wise_alpha, seed, per_seed, timing, log)
             per_seed.setdefault(name, {})[seed] = {"row": session.row(fit.metrics), "metrics": fit.metrics,

@@ -15,7 +15,7 @@ from clipconv.app.run import counts_line, log, recall_line, setup_logging
 from clipconv.app.rundir import (
     ZERO_SHOT_FILES, check_not_in_use, check_output_dir, claim_output_dir, held_files, new_run_dir
 )
-from clipconv.app.session import build_method_config, fit_and_evaluate, open_session
+from clipconv.app.session import build_method_config, fit_and_evaluate, open_session, templates_used
 from clipconv.data import FewShotSplit
 from clipconv.methods.zero_shot import ZeroShot
 from clipconv.runtime.outputs import write_json, write_text
@@ -93,7 +93,7 @@ def compare_zero_shot(data: "DataConfig", backbones: Sequence["BackboneConfig"],
                         "row": session.row(fit.metrics), "images_encoded": fit.images_encoded,
                         "seconds": round(fit.fit_seconds + fit.eval_seconds, 2)})
         write_benchmark_results(output_dir, session.family, fit.metrics, backbone.model, tag, "zero_shot",
-                                {"templates": data.templates})
+                                templates=templates_used("zero_shot", [fit.fit], data.templates))
     first = sessions[0]
     payload = {"output_dir": str(output_dir), "templates": data.templates, "n_templates": len(first.templates), "data_root": str(first.data_root),
                "classes": len(first.classes), "results": results}
