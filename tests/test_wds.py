@@ -6,9 +6,11 @@ CLIP_benchmark result files and bad input (one line, exit 2, nothing written).
 """
 from __future__ import annotations
 
+import configparser
 import json
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -17,6 +19,8 @@ import torch
 from cli_world import save_tiny_weights
 
 from clipconv.data.family import IMAGENET_PUBLISHED_LABEL
+
+REPO = Path(__file__).resolve().parents[1]
 
 webdataset = pytest.importorskip("webdataset")
 
@@ -241,6 +245,23 @@ def test_zero_shot_from_shards_equals_zero_shot_from_folders(world, tmp_path):
     # the folder family names the files by its own set names
     assert {json.loads(f.read_text())["dataset"] for f in (tmp_path / "folders" / "clip_benchmark").glob("*.json")} == \
         {"imagenet", "imagenet_sketch", "imagenet_a"}
+
+
+def test_webdataset_is_the_optional_extra_the_readme_says_and_its_absence_is_one_line(monkeypatch):
+    from clipconv.data import DataLayoutError
+    from clipconv.data.wds import _samples
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg", encoding="utf-8")
+    extras = {name: cfg.get("options.extras_require", name).split() for name in ("wds", "test")}
+    assert [r.split(">")[0] for r in extras["wds"]] == ["webdataset"]
+    assert any(r.startswith("webdataset") for r in extras["test"])
+    assert "webdataset" not in cfg.get("options", "install_requires")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "Plain `pip install -e .` does not install `webdataset`: `.[wds]` adds it" in readme
+    monkeypatch.setitem(sys.modules, "webdataset", None)  # as if not installed
+    with pytest.raises(DataLayoutError, match=r"not installed: pip install -e \"\.\[wds\]\""):
+        _samples(["0.tar"])
 
 
 def test_result_files_name_models_and_weights_portably(tmp_path):

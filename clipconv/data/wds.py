@@ -119,7 +119,11 @@ def shard_paths(split_dir: Path) -> list[Path]:
 
 
 def _samples(urls: Sequence[str], **options: object):
-    import webdataset as wds  # optional extra [wds]: only the wds family needs it
+    try:
+        import webdataset as wds  # optional extra [wds]: only the wds family needs it
+    except ImportError:
+        raise DataLayoutError("the wds family reads shards with the `webdataset` library, which is not installed: "
+                              "pip install -e \".[wds]\" (or pip install webdataset)") from None
 
     # no node/worker splitting here: callers read whole shards and split them across workers themselves
     return wds.WebDataset(list(urls), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False,
