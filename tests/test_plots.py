@@ -1,6 +1,7 @@
 """Table-2 figures: valid PNGs, written atomically, error bars only over several seeds, log2 shots axis."""
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +9,10 @@ from pathlib import Path
 import pytest
 from baseline_world import make_world
 from PIL import Image
+from tolerance import assert_close_scaled, scaled_tolerance
 
-from clipconv.app.plots import accuracy_bars, accuracy_vs_shots, robustness_sweep
+from clipconv.app.plot_geometry import alpha_chord_gaps, chord, chord_gaps, label_box, place_labels, seed_spread
+from clipconv.app.plots import CHORD_LABEL, accuracy_bars, accuracy_vs_alpha, accuracy_vs_shots, robustness_sweep
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COLUMNS = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r", "target_avg")
@@ -149,7 +152,7 @@ SWEEP = {0.5: (61.0, 40.0), 0.0: (55.0, 42.0), 1.0: (64.0, 35.5), 0.25: (59.0, 4
 
 def test_robustness_sweep_draws_one_labelled_point_per_alpha_on_logit_axes(tmp_path, monkeypatch):
     scales = {name: _spy(monkeypatch, name) for name in ("set_xscale", "set_yscale")}
-    lines, notes = _spy(monkeypatch, "plot"), _spy(monkeypatch, "annotate")
+    lines, notes, placed = _spy(monkeypatch, "plot"), _spy(monkeypatch, "annotate"), _spy_placement(monkeypatch)
     path = robustness_sweep(SWEEP, tmp_path / "sweep.png", title="tiny sweep",
                             references={"zero-shot": (55.0, 42.0), "Tip-Adapter": (60.0, 39.0)})
     assert_valid_png(path, min_bytes=4000)
@@ -158,8 +161,83 @@ def test_robustness_sweep_draws_one_labelled_point_per_alpha_on_logit_axes(tmp_p
     (xs, ys), _ = lines[0]  # the sweep, in alpha order, as fractions
     assert list(xs) == pytest.approx([0.55, 0.59, 0.61, 0.64]) and list(ys) == pytest.approx([0.42, 0.425, 0.40, 0.355])
     assert [args[0] for args, _ in notes] == ["α=0", "α=0.25", "α=0.5", "α=1", "zero-shot", "Tip-Adapter"]
-    assert [kwargs["label"] for _, kwargs in lines[1:]] == ["zero-shot", "Tip-Adapter"]
+    assert [kwargs["label"] for _, kwargs in lines[1:]] == ["zero-shot", "Tip-Adapter", CHORD_LABEL]
     assert list(lines[2][0][0]) == pytest.approx([0.60]) and list(lines[2][0][1]) == pytest.approx([0.39])
+    (chord_x, chord_y), _ = lines[3]  # the chord: the α = 0 point to the α = 1 point, straight as drawn
+    assert list(chord_x) == pytest.approx([0.55, 0.64]) and list(chord_y) == pytest.approx([0.42, 0.355])
+    # the labels: "α=0" and "zero-shot" mark the same point, yet no two label boxes overlap (as measured)
+    (anchors, sizes, offsets), = placed
+    assert len(anchors) == 6 and anchors[0] == anchors[4]
+    boxes = [label_box(a, size, o) for a, size, o in zip(anchors, sizes, offsets)]
+    assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if _overlap(a, b)]
+    assert [kwargs["xytext"] for _, kwargs in notes] == [(dx * 72 / 100, dy * 72 / 100) for dx, dy in offsets]
+
+
+def _spy_placement(monkeypatch) -> list:
+    import clipconv.app.plots
+
+    calls, real = [], clipconv.app.plots.place_labels
+
+    def spy(anchors, sizes, **kwargs):
+        offsets = real(anchors, sizes, **kwargs)
+        calls.append((list(anchors), list(sizes), offsets))
+        return offsets
+
+    monkeypatch.setattr(clipconv.app.plots, "place_labels", spy)
+    return calls
+
+
+def _overlap(a, b) -> bool:
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+
+
+def test_the_chord_gaps_are_heights_above_the_straight_line_on_logit_axes():
+    # the chord from (20 %, 20 %) to (80 %, 50 %): logit coordinates (-1.386, -1.386) to (1.386, 0)
+    points = {0.0: (20.0, 20.0), 0.5: (50.0, 40.0), 1.0: (80.0, 50.0)}
+    assert chord(points) == ((20.0, 20.0), (80.0, 50.0)) and chord({0.5: (1.0, 2.0)}) is None
+    gaps = chord_gaps(points)
+    chord_target = 100 / (1 + math.exp(-(-math.log(4) / 2)))  # halfway in logit x: halfway in logit y
+    assert_close_scaled(gaps[0.5], 40.0 - chord_target)
+    assert abs(gaps[0.0]) <= scaled_tolerance(20.0) and abs(gaps[1.0]) <= scaled_tolerance(50.0)
+    assert math.isnan(chord_gaps({0.0: (30.0, 10.0), 1.0: (30.0, 20.0), 0.5: (30.0, 15.0)})[0.5])  # vertical chord
+    assert alpha_chord_gaps({0.0: 10.0, 0.25: 14.0, 1.0: 30.0}) == {0.0: 0.0, 0.25: -1.0, 1.0: 0.0}
+    assert alpha_chord_gaps({0.5: 1.0}) == {}
+
+
+def test_seed_spread_is_the_mean_and_population_std_per_alpha_over_seeds():
+    spread = seed_spread([{0.0: (10.0, 20.0), 0.5: (30.0, 40.0)}, {0.0: (20.0, 20.0), 0.5: (50.0, 40.0), 1.0: (1, 1)}])
+    assert spread == {0.0: ((15.0, 20.0), (5.0, 0.0)), 0.5: ((40.0, 40.0), (10.0, 0.0))}  # α = 1: not in every seed
+    assert seed_spread([{0.5: (30.0, 40.0)}]) == {0.5: ((30.0, 40.0), (0.0, 0.0))} and seed_spread([]) == {}
+
+
+def test_labels_of_coincident_and_close_points_do_not_overlap():
+    anchors = [(100.0, 100.0), (100.0, 100.0), (104.0, 98.0), (300.0, 50.0)]
+    sizes = [(40.0, 10.0), (120.0, 24.0), (40.0, 10.0), (40.0, 10.0)]
+    offsets = place_labels(anchors, sizes, step=6.0, marker=4.0)
+    boxes = [label_box(a, size, o) for a, size, o in zip(anchors, sizes, offsets)]
+    assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if _overlap(a, b)]
+    markers = [(x - 4, y - 4, x + 4, y + 4) for x, y in anchors]
+    assert not [(b, m) for b in boxes for m in markers if _overlap(b, m)]  # no label covers a marker
+    assert offsets[3] == (6.0, 6.0)  # a lone point keeps the first choice: up and to the right
+
+
+def test_robustness_sweep_draws_error_bars_from_the_spread_per_alpha(tmp_path, monkeypatch):
+    bars = _spy(monkeypatch, "errorbar")
+    assert_valid_png(robustness_sweep(SWEEP, tmp_path / "bars.png", spread={0.0: (1.0, 2.0), 0.5: (0.5, 0.25)}),
+                     min_bytes=4000)
+    (xs, ys), kwargs = bars[0]
+    assert list(xs) == pytest.approx([0.55, 0.61]) and list(ys) == pytest.approx([0.42, 0.40])
+    for side in (0, 1):  # ± std (minus, plus), as fractions
+        assert kwargs["xerr"][side] == pytest.approx([0.01, 0.005]) and kwargs["yerr"][side] == pytest.approx([0.02, 0.0025])
+
+
+def test_top1_against_alpha_draws_each_set_with_its_chord(tmp_path, monkeypatch):
+    lines = _spy(monkeypatch, "plot")
+    per_alpha = {0.0: {"source": 40.0, "target_avg": float("nan")}, 0.5: {"source": 50.0}, 1.0: {"source": 55.0}}
+    assert_valid_png(accuracy_vs_alpha(per_alpha, tmp_path / "alpha.png", columns=("source", "v2")), min_bytes=4000)
+    assert [list(args[1]) for args, _ in lines] == [[40.0, 50.0, 55.0], [40.0, 55.0]]  # the set, then its chord
+    with pytest.raises(ValueError, match="no value"):
+        accuracy_vs_alpha(per_alpha, tmp_path / "none.png", columns=("v2",))
 
 
 def test_robustness_sweep_clips_zero_and_hundred_percent(tmp_path, monkeypatch):

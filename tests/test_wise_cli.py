@@ -8,8 +8,9 @@ import json
 
 import pytest
 import torch
-from cli_world import make_cli_world
+from cli_world import make_cli_world, run_cli
 from safetensors.torch import load_file
+from tolerance import assert_close_scaled
 
 from clipconv.app.cli import eval_robustness, train
 
@@ -225,3 +226,78 @@ def test_a_checkpoint_without_its_starting_point_is_refused_for_wise(runs, tmp_p
     assert info.value.code == 2 and "does not record its starting point" in err and "Traceback" not in err
     assert sorted(p.name for p in old.iterdir()) == before
     assert eval_robustness.main(["--checkpoint", str(old), "--workers", "0", "--output-dir", str(tmp_path / "e")]) == 0
+
+
+def test_a_sweep_over_the_source_set_only_plots_top1_against_alpha_and_says_why(runs, tmp_path):
+    out = tmp_path / "source-only"
+    result = run_cli(eval_robustness.main, ["--checkpoint", str(runs["plain"]), "--workers", "0", "--output-dir",
+                                            str(out), "--eval-sets", "imagenet", "--wise", "0", "0.5", "1"])
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if "wise_sweep.png shows top-1 against α" in line]
+    assert len(said) == 1 and "no target set" in said[0]  # one line, saying why
+    assert (out / "wise_sweep.png").read_bytes()[:8] == PNG_SIGNATURE
+    sweep = json.loads((out / "wise_sweep.json").read_text())
+    rows = {a: sweep["per_alpha"][a]["row"]["imagenet"] for a in ("0", "0.5", "1")}
+    assert sweep["above_chord"]["0.5"] == pytest.approx(rows["0.5"] - (rows["0"] + rows["1"]) / 2)
+    assert "top-1 of each set against α" in (out / "wise_sweep.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def seed3(world):
+    """A second convpass fit of the same data and options, seed 3 (the plain run is seed 2)."""
+    out = world["root"] / "seed3"
+    argv = ["--data-root", str(world["data"]), "--model", str(world["config"]), "--pretrained", str(world["weights"]),
+            "--shots", "4", "--seed", "3", *TRAINING, "--workers", "0", "--output-dir", str(out), "--no-cache"]
+    assert train.main(argv) == 0
+    return out
+
+
+def test_a_sweep_of_several_seeds_is_their_mean_with_the_std_as_error_bars(runs, seed3, tmp_path):
+    out = tmp_path / "seeds"
+    assert eval_robustness.main(["--checkpoint", str(runs["plain"]), str(seed3), "--workers", "0", "--output-dir",
+                                 str(out), "--wise", "0.5", "1"]) == 0
+    sweep = json.loads((out / "wise_sweep.json").read_text())
+    assert sweep["seeds"] == [2, 3] and len(sweep["checkpoints"]) == 2
+    ends = [_metrics(runs["plain"]), _metrics(seed3)]  # θ(1) of each seed is its trained run
+    for name in ("imagenet", "imagenet_sketch"):
+        values = [m[name]["top1"] for m in ends]
+        assert_close_scaled(sweep["per_alpha"]["1"]["row"][name], sum(values) / 2)
+        assert_close_scaled(sweep["per_alpha"]["1"]["std"][name], abs(values[0] - values[1]) / 2)
+    assert sorted(sweep["per_alpha"]["0.5"]["per_seed"]) == ["2", "3"]
+    assert "mean ± std over 2 checkpoints (seeds 2, 3)" in (out / "wise_sweep.md").read_text()
+    assert (out / "wise_sweep.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_several_checkpoints_must_be_distinct_seeds_and_need_wise(runs, seed3, tmp_path, capsys):
+    for extra, message in ((("--checkpoint", str(runs["plain"]), str(runs["plain"]), "--wise", "0.5"), "given twice"),
+                           (("--checkpoint", str(runs["plain"]), str(runs["half"]), "--wise", "0.5"),
+                            "seed 2 appears in more than one checkpoint"),
+                           (("--checkpoint", str(runs["plain"]), str(seed3)), "several checkpoints only with --wise")):
+        with pytest.raises(SystemExit) as info:
+            eval_robustness.main([*extra, "--workers", "0", "--output-dir", str(tmp_path / "out")])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_table2_folder_names_every_seed_of_its_one_trained_method(tmp_path, capsys):
+    """`--checkpoint TABLE2_DIR --wise ...`: the fits of its one trained method; the data settings come from the
+    table's record (its fit folders hold no config.json)."""
+    table = tmp_path / "t2"
+    for fit in ("convpass_seed1", "convpass_seed2", "zero_shot_seed1"):
+        (table / fit).mkdir(parents=True)
+    for fit in ("convpass_seed1", "convpass_seed2"):
+        (table / fit / "adapter.safetensors").write_bytes(b"")
+    (table / "table2.json").write_text("{}")
+    (table / "table2_config.json").write_text(json.dumps({"config": {
+        "output_dir": "/elsewhere/t2", "data": {"data_root": "/elsewhere/t2/data", "eval_sets": ["imagenet"]},
+        "backbone": {"model": "m.json", "pretrained": "none"}}, "shots": [2]}))
+    found = eval_robustness.checkpoints_of([str(table)], wise=True)
+    assert found == [table / "convpass_seed1" / "adapter.safetensors", table / "convpass_seed2" / "adapter.safetensors"]
+    settings = eval_robustness.run_settings(found[0])  # the moved table's paths follow it
+    assert settings["data_root"] == str((table / "data").resolve()) and settings["eval_sets"] == ["imagenet"]
+    assert (settings["model"], settings["pretrained"]) == ("m.json", "none")
+    (table / "lora_seed1").mkdir()
+    (table / "lora_seed1" / "adapter.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit) as info:
+        eval_robustness.checkpoints_of([str(table)], wise=True)
+    assert info.value.code == 2 and "fits of several trained methods (convpass, lora)" in capsys.readouterr().err

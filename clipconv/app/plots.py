@@ -1,7 +1,10 @@
-"""PNG figures of Table-2 results: accuracy per method and domain (bars), accuracy against the number of shots.
+"""PNG figures of Table-2 results: accuracy per method and domain (bars), accuracy against the number of shots,
+and the WiSE-FT sweep (robustness view on logit axes, or top-1 against α).
 
-Both take the dict that `clipconv.app.table2.run_table2` returns (and writes as table2.json): its
-"measured" entry maps a method to {"label", "mean": {column: top-1}, "std": {column: std}, "seeds"}.
+The bar and shots figures take the dict that `clipconv.app.table2.run_table2` returns (and writes as
+table2.json): its "measured" entry maps a method to {"label", "mean": {column: top-1}, "std": {column: std},
+"seeds"}. The drawing pieces other figures reuse: `set_logit_axes`, `draw_chord`, `draw_error_bars`,
+`draw_labels` (labels placed so they do not overlap; the numbers behind them are in `plot_geometry`).
 matplotlib is imported (with the Agg backend) only when a figure is drawn, never at import of clipconv.
 """
 from __future__ import annotations
@@ -10,21 +13,24 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
+from clipconv.app.plot_geometry import LOGIT_CLIP, Point, logit_fraction, place_labels
 from clipconv.app.report import DISPLAY, SUITE
 from clipconv.runtime.jsontypes import JSON
 from clipconv.runtime.outputs import atomic_path
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 __all__ = ["BAR_COLUMNS", "SHOTS_COLUMNS", "column_label", "accuracy_bars", "accuracy_vs_shots", "robustness_sweep",
-           "LOGIT_CLIP"]
+           "accuracy_vs_alpha", "LOGIT_CLIP", "CHORD_LABEL", "set_logit_axes", "draw_chord", "draw_error_bars",
+           "draw_labels"]
 
 BAR_COLUMNS = (*SUITE, "target_avg")
 SHOTS_COLUMNS = (SUITE[0], "target_avg")  # ImageNet's source set and the target average
 PathLike = Union[str, Path]
-#: accuracies (fractions) are clipped into [LOGIT_CLIP, 1 − LOGIT_CLIP] for the logit axes (0 % and 100 % are ±∞)
-LOGIT_CLIP = 1e-3
+CHORD_LABEL = "chord θ(0)–θ(1): a point above it gains over joining the ends"
+_logit_fraction = logit_fraction  # the name this module used before plot_geometry
 
 
 def column_label(column: str) -> str:
@@ -165,19 +171,72 @@ def _accuracy_pair(where: str, value: object) -> tuple[float, float]:
     return source, target
 
 
-def _logit_fraction(percent: float) -> float:
-    return min(max(percent / 100.0, LOGIT_CLIP), 1.0 - LOGIT_CLIP)
+def set_logit_axes(ax: Axes) -> None:
+    """Both axes of `ax` on the logit scale, ticks labelled in % (values are fractions: `logit_fraction`)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter  # heavy; plots only
+
+    percent = FuncFormatter(lambda value, _: f"{100 * value:.4g}%")
+    for axis, set_scale in ((ax.xaxis, ax.set_xscale), (ax.yaxis, ax.set_yscale)):
+        set_scale("logit")
+        axis.set_major_formatter(percent)
+        axis.set_minor_formatter(NullFormatter())
+
+
+def draw_chord(ax: Axes, start: Point, end: Point, label: Optional[str] = CHORD_LABEL) -> None:
+    """The straight segment from `start` to `end` (data coordinates, as drawn: fractions on logit axes), dashed."""
+    ax.plot([start[0], end[0]], [start[1], end[1]], linestyle="--", color="0.45", linewidth=1.0, label=label)
+
+
+def draw_error_bars(ax: Axes, xs: Sequence[float], ys: Sequence[float], xerr: Optional[Sequence[float]],
+                    yerr: Optional[Sequence[float]], color: Optional[str] = None) -> None:
+    """± bars at the points (data coordinates; kept inside (0, 1) on logit axes by the caller), no line."""
+    ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor=color, elinewidth=0.8, capsize=2)
+
+
+def draw_labels(ax: Axes, anchors: Sequence[Point], texts: Sequence[str], fontsize: float = 8) -> list[Point]:
+    """Annotate each anchor (data coordinates) with its text, placed by `plot_geometry.place_labels` so that no two
+    labels overlap and none covers a marker; a far label gets a thin leader line. Call it once the axes' scales
+    and limits are final. Returns the offsets chosen (pixels at the figure's dpi; drawn as points)."""
+    fig = ax.figure
+    ax.autoscale_view()
+    renderer = fig.canvas.get_renderer()
+    pixels = [tuple(map(float, ax.transData.transform(anchor))) for anchor in anchors]
+    sizes = []
+    for text in texts:  # measured with the renderer: the exact box of each label
+        probe = ax.text(0.5, 0.5, text, fontsize=fontsize, transform=ax.transAxes)  # (0, 0) is -∞ on logit axes
+        box = probe.get_window_extent(renderer)
+        sizes.append((float(box.width), float(box.height)))
+        probe.remove()
+    step = fontsize * fig.dpi / 72.0 * 0.6
+    frame = ax.bbox.extents  # inside the axes when there is room
+    offsets = place_labels(pixels, sizes, step=step, marker=fontsize * fig.dpi / 72.0 * 0.5,
+                           bounds=tuple(float(v) for v in frame))
+    points = 72.0 / fig.dpi  # offsets in points: they scale with the text when saved at another dpi
+    for anchor, text, (dx, dy) in zip(anchors, texts, offsets):
+        far = math.hypot(dx, dy) > 2.5 * step
+        ax.annotate(text, anchor, textcoords="offset points", xytext=(dx * points, dy * points), fontsize=fontsize,
+                    ha="left" if dx >= 0 else "right", va="bottom" if dy >= 0 else "top",
+                    arrowprops={"arrowstyle": "-", "linewidth": 0.5, "color": "0.5"} if far else None)
+    return offsets
+
+
+def _inside(value: float, spread: float) -> tuple[float, float]:
+    """(minus, plus) error of `value` ± `spread` (fractions) clipped into the logit axis' range."""
+    return (min(spread, value - LOGIT_CLIP), min(spread, 1.0 - LOGIT_CLIP - value))
 
 
 def robustness_sweep(points: Mapping[float, Sequence[float]], path: PathLike, title: Optional[str] = None,
                      references: Optional[Mapping[str, Sequence[float]]] = None,
-                     source_name: str = "ImageNet", target_name: str = "target avg") -> Path:
+                     source_name: str = "ImageNet", target_name: str = "target avg",
+                     spread: Optional[Mapping[float, Sequence[float]]] = None) -> Path:
     """Effective-robustness view of a WiSE-FT sweep: x = source top-1, y = target average (both in %), on logit
     axes (accuracies as fractions, `set_xscale("logit")`; Taori et al., 2020, Figure 1; Wortsman et al., 2022).
 
     `points` maps each mixing coefficient α to (source %, target %): drawn as one line in α order, each point
-    labelled "α=…"; `references` maps labels (e.g. "zero-shot", "Tip-Adapter") to (source %, target %), drawn
-    as separate labelled markers. 0 % and 100 % are drawn at LOGIT_CLIP from the edge. PNG, written atomically.
+    labelled "α=…"; the chord from α = 0 to α = 1 (when both are given) is drawn dashed, so the gain over joining
+    the ends shows; `spread` maps α to (std source, std target) in % (over seeds): error bars. `references` maps
+    labels (e.g. "zero-shot", "Tip-Adapter") to (source %, target %), drawn as separate labelled markers. Labels
+    never overlap (`draw_labels`). 0 % and 100 % are drawn at LOGIT_CLIP from the edge. PNG, written atomically.
     """
     if not points:
         raise ValueError("robustness_sweep: no points given (expected {alpha: (source top-1 %, target avg %)})")
@@ -191,27 +250,67 @@ def robustness_sweep(points: Mapping[float, Sequence[float]], path: PathLike, ti
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
     try:
-        xs = [_logit_fraction(s) for _, s, _ in sweep]
-        ys = [_logit_fraction(t) for _, _, t in sweep]
-        ax.plot(xs, ys, marker="o", label="WiSE-FT: θ(α) = (1−α)·θ₀ + α·θ₁")
-        for (alpha, _, _), x, y in zip(sweep, xs, ys):
-            ax.annotate(f"α={alpha:g}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        xs = [logit_fraction(s) for _, s, _ in sweep]
+        ys = [logit_fraction(t) for _, _, t in sweep]
+        line, = ax.plot(xs, ys, marker="o", label="WiSE-FT: θ(α) = (1−α)·θ₀ + α·θ₁")
         markers = "s^Dvp*hX"
         for index, (label, source, target) in enumerate(refs):
-            x, y = _logit_fraction(source), _logit_fraction(target)
-            ax.plot([x], [y], marker=markers[index % len(markers)], linestyle="none", markersize=8, label=label)
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, -12), fontsize=8)
-        from matplotlib.ticker import FuncFormatter, NullFormatter  # heavy; plots only
-
-        percent = FuncFormatter(lambda value, _: f"{100 * value:.4g}%")
-        for axis, set_scale in ((ax.xaxis, ax.set_xscale), (ax.yaxis, ax.set_yscale)):
-            set_scale("logit")
-            axis.set_major_formatter(percent)
-            axis.set_minor_formatter(NullFormatter())
+            ax.plot([logit_fraction(source)], [logit_fraction(target)], marker=markers[index % len(markers)],
+                    linestyle="none", markersize=8, label=label)
+        ends = {alpha: (x, y) for (alpha, _, _), x, y in zip(sweep, xs, ys) if alpha in (0.0, 1.0)}
+        if len(ends) == 2:
+            draw_chord(ax, ends[0.0], ends[1.0])
+        if spread:
+            errors = [(x, y, [float(v) / 100.0 for v in spread[alpha]]) for (alpha, _, _), x, y in zip(sweep, xs, ys)
+                      if alpha in spread]
+            draw_error_bars(ax, [x for x, _, _ in errors], [y for _, y, _ in errors],
+                            [list(e) for e in zip(*(_inside(x, d[0]) for x, _, d in errors))],
+                            [list(e) for e in zip(*(_inside(y, d[1]) for _, y, d in errors))], color=line.get_color())
+        set_logit_axes(ax)
         ax.set_xlabel(f"{source_name} top-1 (source; logit scale)")
         ax.set_ylabel(f"{target_name} top-1 (logit scale)")
         ax.set_title(title or "Robustness of the weight-space interpolation", fontsize=10)
         ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="best")
+        draw_labels(ax, [*zip(xs, ys), *((logit_fraction(s), logit_fraction(t)) for _, s, t in refs)],
+                    [*(f"α={alpha:g}" for alpha, _, _ in sweep), *(label for label, _, _ in refs)])
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def accuracy_vs_alpha(per_alpha: Mapping[float, Mapping[str, float]], path: PathLike, columns: Sequence[str],
+                      display: Optional[Mapping[str, str]] = None, title: Optional[str] = None,
+                      spread: Optional[Mapping[float, Mapping[str, float]]] = None) -> Path:
+    """Top-1 (%) against α, a line per column of `columns` present in `per_alpha` ({α: {column: top-1}}), with
+    its chord from α = 0 to α = 1 dashed and ± `spread` ({α: {column: std}}) as error bars: the sweep when there
+    is no target average to draw the robustness view with (e.g. only the source set was evaluated). PNG."""
+    alphas = sorted(per_alpha)
+    shown = [c for c in columns if any(_finite(per_alpha[a].get(c)) for a in alphas)]
+    if not shown:
+        raise ValueError(f"accuracy_vs_alpha: no value in any of the columns {list(columns)}")
+    titles = display or {}
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    try:
+        for column in shown:
+            points = [(a, per_alpha[a][column]) for a in alphas if _finite(per_alpha[a].get(column))]
+            line, = ax.plot([a for a, _ in points], [v for _, v in points], marker="o",
+                            label=titles.get(column, column))
+            values = dict(points)
+            if 0.0 in values and 1.0 in values:
+                ax.plot([0.0, 1.0], [values[0.0], values[1.0]], linestyle="--", color=line.get_color(), linewidth=1.0,
+                        alpha=0.6)
+            if spread:
+                errors = [(a, v, (spread.get(a) or {}).get(column)) for a, v in points]
+                errors = [(a, v, e) for a, v, e in errors if _finite(e)]
+                if errors:
+                    draw_error_bars(ax, [a for a, _, _ in errors], [v for _, v, _ in errors], None,
+                                    [e for _, _, e in errors], color=line.get_color())
+        ax.set_xlabel("α (θ(α) = (1−α)·θ₀ + α·θ₁)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(title or "Top-1 against α (dashed: the chord from α = 0 to α = 1)", fontsize=10)
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
         return _save(fig, path)
     finally:

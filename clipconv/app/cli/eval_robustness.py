@@ -15,6 +15,7 @@ from clipconv.app.clip_benchmark import write_benchmark_results
 from clipconv.app.run import CONFIG_FILE, logits_saver, relocated, setup_logging, write_results
 from clipconv.app.rundir import RUN_FILES, check_not_in_use, check_output_dir, claim_output_dir, held_files, new_run_dir
 from clipconv.app.session import open_data_family, open_session
+from clipconv.app.table2 import RECORD_FILE
 from clipconv.app.wise_report import run_sweep
 from clipconv.backbone import load_backbone, resolve_device
 from clipconv.checkpoint import read_metadata
@@ -36,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "--model/--pretrained default to what the run recorded (RUN/config.json, else the checkpoint); "
                     "the classification head is in the checkpoint (no prompt templates are used). Writes "
                     "metrics.json, results.md, run_summary.json and log.txt to a new folder RUN/eval-<time>.")
-    parser.add_argument("--checkpoint", required=True,
-                        help="adapter.safetensors written by a training run, or that run's folder")
+    parser.add_argument("--checkpoint", required=True, nargs="+", metavar="CHECKPOINT",
+                        help="adapter.safetensors written by a training run, or that run's folder; with --wise also "
+                             "several (one method's fits with different seeds: the sweep is their mean ± std per α, "
+                             "error bars in the plot) or a run_table2.py folder (every seed of its one trained method)")
     parser.add_argument("--output-dir", help="where metrics.json, results.md, run_summary.json and log.txt go "
                                              "(default: a new RUN/eval-<time> beside the checkpoint); a folder "
                                              "already holding results is refused unless --overwrite")
@@ -72,17 +75,71 @@ def _alpha(text: str) -> float:
 
 
 def run_settings(checkpoint: Path) -> JSONObject:
-    """The data and backbone settings recorded in the run's config.json beside `checkpoint` ({} if none):
-    the fallback of every data flag and of --model/--pretrained."""
+    """The data and backbone settings recorded in the run's config.json beside `checkpoint`, or in the Table-2
+    record (table2_config.json) of the folder holding a Table-2 fit ({} if none): the fallback of every data flag
+    and of --model/--pretrained."""
 
+    what_to_do = "give --data-root and --model/--pretrained explicitly, or repair the run"
     path = checkpoint.parent / CONFIG_FILE
-    if not path.is_file():
+    table = checkpoint.parent.parent / RECORD_FILE
+    if path.is_file():
+        saved = relocated(read_json_object(path, what_to_do=what_to_do), checkpoint.parent)  # the run may have moved
+    elif table.is_file():
+        record = read_json_object(table, what_to_do=what_to_do).get("config")
+        saved = relocated(record, table.parent) if isinstance(record, dict) else {}
+    else:
         return {}
-    saved = relocated(read_json_object(path, what_to_do="give --data-root and --model/--pretrained explicitly, or repair "
-                                                 "the run"), checkpoint.parent)  # the run folder may have moved
     data = {k: v for k, v in (saved.get("data") or {}).items() if k != "templates"}
     backbone = {k: v for k, v in (saved.get("backbone") or {}).items() if k in ("model", "pretrained")}
     return {**data, **backbone}
+
+
+def checkpoints_of(values: Sequence[str], wise: bool) -> list[Path]:
+    """The adapter checkpoints `--checkpoint` names: each value an adapter.safetensors, a run folder holding one,
+    or (with --wise) a run_table2.py folder: the fits of its one trained method, every seed. Refused (one line,
+    exit 2): a value that is none of these, several checkpoints without --wise, the same checkpoint twice."""
+    found: list[Path] = []
+    for value in values:
+        path = Path(value)
+        if path.is_dir() and (path / "adapter.safetensors").is_file():
+            found.append(path / "adapter.safetensors")
+        elif path.is_dir() and (path / "table2.json").is_file() and wise:
+            fits = sorted(path.glob("*_seed*/adapter.safetensors"))
+            methods = sorted({f.parent.name.rsplit("_seed", 1)[0] for f in fits})
+            if len(methods) != 1:
+                fail(f"--checkpoint {value}: the Table-2 folder holds "
+                     + (f"fits of several trained methods ({', '.join(methods)}); give one method's, e.g. "
+                        f"--checkpoint {path / (methods[0] + '_seed*')}" if methods else "no trained fit (no "
+                        "<method>_seed<s>/adapter.safetensors)"))
+            found.extend(fits)
+        elif path.is_dir():
+            fail(f"--checkpoint {value}: no adapter.safetensors in that folder; give a training run's folder or its "
+                 "adapter.safetensors" + (" (or, with --wise, a run_table2.py folder)" if not wise else ""))
+        else:
+            found.append(path)
+    if len(found) > 1 and not wise:
+        fail("--checkpoint: several checkpoints only with --wise (their sweeps are averaged); give one")
+    twice = sorted({str(p) for p in found if [q.resolve() for q in found].count(p.resolve()) > 1})
+    if twice:
+        fail(f"--checkpoint: {', '.join(twice)} given twice; give each once")
+    return found
+
+
+def check_same_fit(checkpoints: Sequence[Path], metas: Sequence[JSONObject]) -> list[Optional[int]]:
+    """The seeds of `checkpoints` (one method's fits on the same backbone and classes, each seed once), or a
+    one-line refusal naming what differs."""
+    first = metas[0]
+    for path, meta in zip(checkpoints[1:], metas[1:]):
+        for key in ("method", "adapter", "backbone", "class_ids"):
+            if meta.get(key) != first.get(key):
+                fail(f"--checkpoint {path}: its {key} differs from {checkpoints[0]}'s; a sweep over several checkpoints "
+                     "averages one method's fits (different seeds) on the same backbone and classes")
+    seeds = [(meta.get("init") or {}).get("seed") for meta in metas]
+    twice = sorted({str(s) for s in seeds if seeds.count(s) > 1})
+    if len(checkpoints) > 1 and twice:
+        fail(f"--checkpoint: seed {', '.join(twice)} appears in more than one checkpoint; one fit counted twice is no "
+             "spread — give each seed's fit once")
+    return seeds
 
 
 class _Classifier:
@@ -158,14 +215,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fail("--wise never replaces results: drop --overwrite and give a new --output-dir (or none)")
     if args.wise and args.save_logits:
         fail("--save-logits: not with --wise (one evaluation per α); save the logits of one α without --wise")
-    checkpoint = Path(args.checkpoint)
-    if checkpoint.is_dir():
-        checkpoint = checkpoint / "adapter.safetensors"
-        if not checkpoint.is_file():
-            fail(f"--checkpoint {args.checkpoint}: no adapter.safetensors in that folder; give a training run's "
-                 "folder or its adapter.safetensors")
+    checkpoints = checkpoints_of(args.checkpoint, bool(args.wise))
+    checkpoint = checkpoints[0]
     with bad_input_errors():
-        meta = read_metadata(checkpoint)
+        metas = [read_metadata(path) for path in checkpoints]
+        seeds = check_same_fit(checkpoints, metas)
+        meta = metas[0]
         recorded = run_settings(checkpoint)
         own = (*RUN_FILES, *WISE_FILES) if args.wise else RUN_FILES
         if args.output_dir:  # before any work
@@ -173,7 +228,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             check_not_in_use(args.output_dir)  # another process writing there
             if not args.overwrite and held_files(Path(args.output_dir), own, ("*_logits.safetensors", "clip_benchmark")):
                 claim_output_dir(args.output_dir, own, ("*_logits.safetensors", "clip_benchmark"))  # refuses, naming the files
-        references = load_references(args.references, checkpoint, meta) if args.wise else {}
+        own_seed = meta if len(checkpoints) == 1 else {**meta, "init": {}}  # several seeds: the table's means
+        references = load_references(args.references, checkpoint, own_seed) if args.wise else {}
     source = meta.get("source", {})
     fallback = {"model": source.get("model"), "pretrained": source.get("pretrained"), **recorded}
     configs = shared_configs(args, args._fields, parser, fallback=fallback)
@@ -196,8 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  precision=resolve_precision(backbone_cfg.precision, device),
                                  quick_gelu=meta["backbone"].get("quick_gelu"))
         if args.wise:
-
-            classifier, theta0, theta1, _ = load_endpoints(checkpoint, backbone, list(classes.names))
+            endpoints = [_Endpoints(*load_endpoints(path, backbone, list(classes.names))[:3]) for path in checkpoints]
         else:
             classifier, _ = load_classifier(checkpoint, backbone)
         session = open_session(data, backbone_cfg, runtime, loaded=backbone, classes=classes)
@@ -207,13 +262,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return claim_output_dir(args.output_dir, own, ("*_logits.safetensors", "clip_benchmark"),
                                         overwrite=args.overwrite)
             prefix = "wise" if args.wise else "eval"
-            return new_run_dir(checkpoint.parent, f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
+            tables = {path.parent.parent for path in checkpoints}  # several fits of one Table-2 folder: there
+            beside = tables.pop() if len(checkpoints) > 1 and len(tables) == 1 else checkpoint.parent
+            return new_run_dir(beside, f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
 
         out_dir = on_main(create)
     setup_logging(out_dir, runtime.quiet)
     if args.wise:
 
-        run_sweep(session, _Endpoints(classifier, theta0, theta1), args.wise, out_dir, meta, checkpoint, references)
+        run_sweep(session, endpoints, args.wise, out_dir, meta, checkpoints, references, seeds=seeds)
         print(f"results: {out_dir}")
         return 0
     metrics = session.evaluate(_Classifier(classifier), on_logits=logits_saver(out_dir) if args.save_logits else None)
