@@ -1,8 +1,7 @@
 """`python -m clipconv.app.cache info|clear`: reports and removes clipconv's cache files, and nothing else."""
 from __future__ import annotations
 
-import os
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -69,13 +68,14 @@ def test_a_real_feature_cache_is_found_and_cleared(cache, tiny_backbone, tmp_pat
     assert scan().entries == []
 
 
-def test_script_and_bad_folder(cache, tmp_path):
+def test_script_and_bad_folder(cache, tmp_path, monkeypatch, capsys):
     script = Path(__file__).parents[1] / "scripts" / "cache.py"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "CLIPCONV_CACHE": str(cache)}
-    ok = subprocess.run([sys.executable, str(script), "info"], capture_output=True, text=True, env=env)
-    assert ok.returncode == 0 and "feature entries: 2" in ok.stdout
+    monkeypatch.setattr(sys, "argv", [str(script), "info"])
+    with pytest.raises(SystemExit) as done:  # the script as `python scripts/cache.py info` runs it
+        runpy.run_path(str(script), run_name="__main__")
+    assert done.value.code == 0 and "feature entries: 2" in capsys.readouterr().out
     (tmp_path / "file").write_text("")
-    bad = run_cli(main, ["clear", "--dir", str(tmp_path / "file")])  # in-process: the script ran above
+    bad = run_cli(main, ["clear", "--dir", str(tmp_path / "file")])
     assert bad.returncode == 2 and bad.stderr.startswith("error: cache folder") and "Traceback" not in bad.stderr
     assert (tmp_path / "file").exists()
 

@@ -10,8 +10,10 @@ import time
 
 import pytest
 import torch
+from cli_world import run_cli
 from torch import nn
 
+from clipconv.app.cli import train
 from clipconv.training import TrainConfig, Trainer, TrainingDivergedError, build_scheduler
 
 
@@ -125,6 +127,7 @@ def test_run_killed_mid_epoch_resumes_to_identical_weights_and_metrics(resume_wo
     assert not [p for p in killed.iterdir() if p.name.endswith(".tmp")]  # stale temps of the kill are gone
 
 
+@pytest.mark.slow  # a real CLI process and a real SIGINT; the in-process version follows
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(resume_world, tiny_config):
     root, data = resume_world
     out = root / "interrupted"
@@ -138,6 +141,24 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(resume_world, tiny_config):
     assert proc.returncode == 130
     assert f"--resume {out}" in err
     assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] >= 1
+
+
+def test_ctrl_c_after_the_first_checkpoint_exits_130_and_says_how_to_resume(resume_world, tiny_config, monkeypatch):
+    """In-process: Ctrl-C arrives as KeyboardInterrupt right after the first epoch's checkpoint."""
+    root, data = resume_world
+    out = root / "interrupted_in_process"
+    save = Trainer.save_state
+
+    def save_then_interrupt(self):
+        save(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save_state", save_then_interrupt)
+    result = run_cli(train.main, _cli(root, data, tiny_config, out, "--epochs", "40")[3:])
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert f"--resume {out}" in result.stderr and "Traceback" not in result.stderr
+    assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] == 1
+    assert not (out / "metrics.json").exists()
 
 
 def test_an_epoch_without_any_decodable_image_is_an_error():

@@ -6,9 +6,7 @@ import errno
 import json
 import os
 import pathlib
-import subprocess
-import sys
-import textwrap
+import resource
 
 import pytest
 import torch
@@ -89,24 +87,22 @@ def test_unwritable_folder_is_an_output_write_error(tmp_path):
 
 
 def test_real_file_size_limit(tmp_path):
-    """A real RLIMIT_FSIZE (Python ignores SIGXFSZ, so writes fail with EFBIG instead of killing)."""
-    script = textwrap.dedent(f"""
-        import resource, torch
-        from clipconv.runtime.io import OutputWriteError, save_torch, write_text
-        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+    """A real RLIMIT_FSIZE, lowered in this process for the two writes (Python ignores SIGXFSZ, so writes fail
+    with EFBIG instead of killing); only the soft limit moves, so it can be restored."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    messages = []
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
         for name, write in (("big.txt", lambda p: write_text(p, "x" * 300_000)),
-                            ("big.pt", lambda p: save_torch(p, {{"x": torch.zeros(100_000)}}))):
+                            ("big.pt", lambda p: save_torch(p, {"x": torch.zeros(100_000)}))):
             try:
-                write({str(tmp_path)!r} + "/" + name)
+                write(tmp_path / name)
             except OutputWriteError as err:
-                print(err)
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])})
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    assert len(lines) == 2
-    for line, name in zip(lines, ("big.txt", "big.pt")):
+                messages.append(str(err))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert len(messages) == 2
+    for line, name in zip(messages, ("big.txt", "big.pt")):
         assert f"could not write '{tmp_path / name}'" in line and "ulimit -f" in line
     assert list(tmp_path.iterdir()) == []
 

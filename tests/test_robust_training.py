@@ -15,9 +15,7 @@ from torch import nn
 
 from clipconv.checkpoint import read_metadata
 from clipconv.methods import build_method
-from clipconv.training import (
-    GPA_MEAN, GPA_STD, STATE_FILE, AnchoredClassifierTask, TrainConfig, Trainer, make_averager
-)
+from clipconv.training import GPA_MEAN, GPA_STD, STATE_FILE, AnchoredClassifierTask, TrainConfig, Trainer, make_averager
 
 CPU = torch.device("cpu")
 

@@ -138,6 +138,7 @@ def _compiled_or_skip(module: nn.Module, backend: str):
         pytest.skip(f"torch.compile unavailable here: {error}")
 
 
+@pytest.mark.slow  # torch.compile's inductor builds C++ kernels: ~10 s idle, ~35 s busy
 def test_compiled_classifier_equals_the_uncompiled_one_outputs_and_gradients(classifier):
     images, labels = _batches(classifier.visual, 1)[0]
     classifier.train()
