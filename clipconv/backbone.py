@@ -21,7 +21,7 @@ from clipconv.runtime.jsontypes import JSONObject
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["Backbone", "WeightsUnavailableError", "load_backbone", "resolve_device", "file_sha256"]
+__all__ = ["Backbone", "WeightsUnavailableError", "load_backbone", "resolve_device", "file_sha256", "model_name_of"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 RANDOM_INIT_SEED = 0  # `pretrained=None` builds the same random weights every time
@@ -103,6 +103,13 @@ def file_sha256(path: Union[str, Path], chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def model_name_of(model: str) -> str:
+    """The name `model` (an open_clip model name or a model-config JSON) has as a loaded backbone
+    (`Backbone.model_name`, what checkpoints record): the JSON's file stem, else the name itself."""
+    path = Path(model)
+    return path.stem if path.suffix == ".json" else model
+
+
 def _register_model_config(model: str) -> str:
     """Accept an open_clip model name or a path to a model-config JSON; return the registered name."""
 
@@ -116,7 +123,7 @@ def _register_model_config(model: str) -> str:
         if missing:
             raise ValueError(f"model config '{model}' is missing {missing}; it must be an open_clip model config")
         open_clip.add_model_config(path)
-        return path.stem
+        return model_name_of(model)
     if model not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if model.lower().split("-")[0] in m.lower()][:8]
         raise ValueError(

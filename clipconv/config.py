@@ -21,8 +21,8 @@ from typing import Any, Callable, Literal, Mapping, Optional, Sequence, TypeVar,
 
 from clipconv.runtime.jsontypes import JSONObject
 
-__all__ = ["option", "Config", "DataConfig", "BackboneConfig", "RuntimeConfig", "Check", "positive",
-           "non_negative", "seed_range", "fraction", "DEFAULT_WORKERS", "Precision"]
+__all__ = ["option", "Config", "DataConfig", "BackboneConfig", "RuntimeConfig", "Check", "OptionError", "positive",
+           "non_negative", "seed_range", "fraction", "probability", "positive_odd", "DEFAULT_WORKERS", "Precision"]
 
 ConfigT = TypeVar("ConfigT", bound="Config")
 Check = Callable[[object], Optional[str]]  # value -> None when fine, else what is wrong ("must be positive")
@@ -50,9 +50,34 @@ def fraction(value: object) -> Optional[str]:
     return next((f"must be in (0, 1], got {v}" for v in _numbers(value) if not 0 < v <= 1), None)
 
 
+def probability(value: object) -> Optional[str]:
+    """A rate such as a dropout or a momentum: in [0, 1)."""
+    return next((f"must be in [0, 1), got {v}" for v in _numbers(value) if not 0 <= v < 1), None)
+
+
+def positive_odd(value: object) -> Optional[str]:
+    """A kernel size centred on its middle tap: 1, 3, 5, ..."""
+    return next((f"must be a positive odd number, got {v}" for v in _numbers(value) if not (v > 0 and v % 2 == 1)),
+                None)
+
+
 def seed_range(value: object) -> Optional[str]:
     return next((f"must be an integer in [0, 2**32), got {v}" for v in _numbers(value)
                  if not (float(v).is_integer() and 0 <= v < 2**32)), None)
+
+
+class OptionError(ValueError):
+    """A bad value of one option, `name`; `problem` says what is wrong ("must be positive, got 0"). The command
+    line turns it into a line naming the flag or the --method-options key the value came from."""
+
+    def __init__(self, name: str, problem: str, owner: str = "", context: str = "") -> None:
+        self.name, self.problem, self.owner, self.context = name, problem, owner, context
+        where = f"option '{name}' of {owner}" if owner else f"option '{name}'"
+        super().__init__(f"{context}: {where} {problem}" if context else f"{where} {problem}")
+
+    def within(self, context: str) -> "OptionError":
+        """The same error, its message prefixed by `context` (e.g. "method 'lora'")."""
+        return OptionError(self.name, self.problem, self.owner, context)
 
 
 def option(default: object = dataclasses.MISSING, *, help: str, default_factory: object = dataclasses.MISSING,
@@ -155,23 +180,23 @@ class Config:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             tp = types_.get(f.name, Any)
+            owner = type(self).__name__
             if not _conforms(value, tp):
-                raise ValueError(f"option '{f.name}' of {type(self).__name__} must be {_kind(tp)}, got {value!r}")
+                raise OptionError(f.name, f"must be {_kind(tp)}, got {value!r}", owner)
             normal = _normalized(value, tp)
             if normal is not value:
                 object.__setattr__(self, f.name, normal)
                 value = normal
             for v in _numbers(value):
                 if isinstance(v, float) and not math.isfinite(v):
-                    raise ValueError(f"option '{f.name}' of {type(self).__name__} must be a finite number, got {v}")
+                    raise OptionError(f.name, f"must be a finite number, got {v}", owner)
             choices = f.metadata.get("choices")
             if choices is not None and value not in choices:
-                raise ValueError(f"option '{f.name}' of {type(self).__name__} must be one of {list(choices)}, "
-                                 f"got {value!r}")
+                raise OptionError(f.name, f"must be one of {list(choices)}, got {value!r}", owner)
             check = f.metadata.get("check")
             problem = check(value) if check is not None and value is not None else None
             if problem:
-                raise ValueError(f"option '{f.name}' of {type(self).__name__} {problem}")
+                raise OptionError(f.name, problem, owner)
 
     @classmethod
     def from_options(cls: type[ConfigT], options: Optional[Mapping[str, object]] = None) -> ConfigT:

@@ -33,7 +33,7 @@ def test_every_option_has_help_text_and_defaults_are_the_papers():
     ({"bogus": 1}, r"unknown option\(s\) \['bogus'\].*known options: .*'dim'"),
     ({"seed": 3}, r"unknown option\(s\) \['seed'\]"),  # the seed comes from FitContext
     ({"workers": 2}, r"unknown option\(s\) \['workers'\]"),
-    ({"dim": 0}, "positive integer"),
+    ({"dim": 0}, "dim.*must be positive"),
     ({"conv_init": "orthogonal"}, "conv_init"),
     ({"drop_path": 1.5}, "drop_path"),
     ({"scales": []}, "at least one adapter scale"),

@@ -1,6 +1,8 @@
 """Bad arguments: one clear message each, exit code 2, nothing written."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -46,7 +48,7 @@ def _base(data, out, tiny_config):
         (["--seed", str(2**40)], "--seed: must be an integer in [0, 2**32)"),
         (["--crop-scale", "1.5"], "--crop-scale: must be in (0, 1], got 1.5"),
         (["--threads", "0"], "--threads: must be positive, got 0"),
-        (["--method-options", '{"lr": -1}'], "option 'lr' of ConvpassTuningConfig must be positive, got -1"),
+        (["--method-options", '{"lr": -1}'], "--method-options lr: must be positive, got -1"),
         (["--method-options", '{"scales": []}'], "give at least one adapter scale"),
         (["--method-options", '{"epochz": 3}'], "unknown option(s) ['epochz']"),
     ],
@@ -106,7 +108,13 @@ def test_checkpoint_from_another_class_set_or_architecture(data, tmp_path, capsy
     wide = write_tiny_config(tmp_path, name="tiny-wide", vision_cfg={"width": 64, "head_width": 16})
     code, err = _run(eval_robustness.main, ["--checkpoint", ckpt, "--data-root", str(data), "--model", str(wide),
                                             "--workers", "0", "--output-dir", str(tmp_path / "e1")], capsys)
-    assert code == 2 and "trained on backbone" in err and not (tmp_path / "e1").exists()
+    assert code == 2 and "trained on model 'tiny-clip'" in err and not (tmp_path / "e1").exists()
+    (tmp_path / "same-name").mkdir()  # the same model name, another architecture: found once loaded
+    wide = write_tiny_config(tmp_path / "same-name", name=Path(tiny_config).stem,
+                             vision_cfg={"width": 64, "head_width": 16})
+    code, err = _run(eval_robustness.main, ["--checkpoint", ckpt, "--data-root", str(data), "--model", str(wide),
+                                            "--workers", "0", "--output-dir", str(tmp_path / "e1")], capsys)
+    assert code == 2 and "does not fit" in err and "(8, 32) vs model (8, 64)" in err and not (tmp_path / "e1").exists()
 
     from clipconv.data import make_image_tree
 

@@ -182,7 +182,7 @@ def test_default_features_are_raw_and_normalize_is_an_option(world, monkeypatch)
 def test_bad_options_fail_clearly():
     with pytest.raises(ValueError, match="unknown option.*colour"):
         build_method("linear_probe", colour=1)
-    with pytest.raises(ValueError, match="C must be > 0"):
+    with pytest.raises(ValueError, match="option 'C' .*must be positive"):
         build_method("linear_probe", C=0.0)
     with pytest.raises(ValueError, match="bisection_steps"):
         build_method("linear_probe", bisection_steps=-1)

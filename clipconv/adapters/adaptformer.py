@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clipconv.adapters.bottleneck import Bottleneck, check_dim, check_dropout
+from clipconv.adapters.bottleneck import Bottleneck
 from clipconv.adapters.registry import AdapterConfig, AdapterFactory, AdapterTarget, register_adapter
-from clipconv.config import option
+from clipconv.config import option, positive, probability
 
 __all__ = ["AdaptFormerConfig"]
 
@@ -25,13 +25,8 @@ class AdaptFormerConfig(AdapterConfig):
     """AdaptFormer hyper-parameters (reference defaults) on top of the wrapper's options."""
 
     scale: float = option(0.1, help="scale s of the branch (AdaptFormer's 0.1)")
-    dim: int = option(64, help="bottleneck width (AdaptFormer's 64)")
-    dropout: float = option(0.1, help="dropout after the ReLU (the reference code's 0.1)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_dim("AdaptFormer", self.dim)
-        check_dropout("AdaptFormer", self.dropout)
+    dim: int = option(64, check=positive, help="bottleneck width (AdaptFormer's 64)")
+    dropout: float = option(0.1, check=probability, help="dropout after the ReLU (the reference code's 0.1)")
 
 
 @register_adapter("adaptformer", config=AdaptFormerConfig, placement="mlp", label="AdaptFormer")

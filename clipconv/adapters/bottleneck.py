@@ -8,19 +8,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["Bottleneck", "ACTIVATIONS", "check_dim", "check_dropout"]
+__all__ = ["Bottleneck", "ACTIVATIONS"]
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
-
-
-def check_dim(kind: str, dim: object) -> None:
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
-        raise ValueError(f"{kind} dim (bottleneck width h) must be a positive integer, got {dim!r}")
-
-
-def check_dropout(kind: str, dropout: object) -> None:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{kind} dropout must be in [0, 1), got {dropout!r}")
 
 
 class Bottleneck(nn.Module):

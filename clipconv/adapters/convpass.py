@@ -12,7 +12,7 @@ from torch import nn
 
 from clipconv.adapters.registry import AdapterConfig, AdapterFactory, AdapterTarget, register_adapter
 from clipconv.adapters.tokens import TokenLayout
-from clipconv.config import option
+from clipconv.config import option, positive, positive_odd, probability
 
 __all__ = ["Convpass", "ConvpassConfig", "SharedProjections", "CONV_INITS"]
 
@@ -23,23 +23,12 @@ CONV_INITS = ("identity", "xavier")
 class ConvpassConfig(AdapterConfig):
     """Convpass hyper-parameters (paper §3.2, Table 3) on top of the wrapper's placement/scale/drop_path."""
 
-    dim: int = option(8, help="bottleneck width h (the paper's 8; 32 for convpass_share)")
-    kernel_size: int = option(3, help="k of the k×k conv over the patch grid (1: the Table 6 ablation)")
+    dim: int = option(8, check=positive, help="bottleneck width h (the paper's 8; 32 for convpass_share)")
+    kernel_size: int = option(3, check=positive_odd,
+                              help="k of the k×k conv over the patch grid (1: the Table 6 ablation)")
     conv_init: str = option("identity", choices=CONV_INITS,
                             help="conv init: identity (1 at each channel's centre tap) or xavier")
-    dropout: float = option(0.1, help="dropout before the up-projection (the official code's 0.1)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0:
-            raise ValueError(f"adapter dim (bottleneck width h) must be a positive integer, got {self.dim!r}")
-        if isinstance(self.kernel_size, bool) or not isinstance(self.kernel_size, int) \
-                or self.kernel_size <= 0 or self.kernel_size % 2 == 0:
-            raise ValueError(f"Convpass kernel_size must be a positive odd number, got {self.kernel_size!r}")
-        if self.conv_init not in CONV_INITS:
-            raise ValueError(f"Convpass conv_init must be one of {CONV_INITS}, got '{self.conv_init}'")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"Convpass dropout must be in [0, 1), got {self.dropout!r}")
+    dropout: float = option(0.1, check=probability, help="dropout before the up-projection (the official code's 0.1)")
 
 
 class SharedProjections(nn.Module):

@@ -26,6 +26,7 @@ Choices:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -83,17 +84,16 @@ class DoRAVariant(LoRAVariant):
 DORA = DoRAVariant()
 
 
+def _zero_dropout(value: object) -> Optional[str]:
+    return None if value == 0 else f"must be 0 ({NO_DROPOUT.split(': ', 1)[1]}), got {value}"
+
+
 @dataclass
 class DoRAConfig(LoRAConfig):
     """DoRA on the image encoder's attention: LoRA's options and defaults (r = 8, alpha = 8, targets q v);
     `dropout` must stay 0."""
 
-    dropout: float = option(0.0, help="must be 0: DoRA here takes no dropout on the LoRA branch")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.dropout != 0.0:
-            raise ValueError(f"{NO_DROPOUT}, got {self.dropout:g}")
+    dropout: float = option(0.0, check=_zero_dropout, help="must be 0: DoRA here takes no dropout on the LoRA branch")
 
     def refuse_wrapper_options(self, kind: str, placement: bool = True) -> None:
         """LoRA's refusal of the wrapper options, naming this kind."""

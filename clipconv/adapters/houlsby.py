@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clipconv.adapters.bottleneck import ACTIVATIONS, Bottleneck, check_dim, check_dropout
+from clipconv.adapters.bottleneck import ACTIVATIONS, Bottleneck
 from clipconv.adapters.registry import AdapterConfig, AdapterFactory, AdapterTarget, register_adapter
-from clipconv.config import option
+from clipconv.config import option, positive, probability
 
 __all__ = ["BottleneckAdapterConfig", "VARIANTS"]
 
@@ -31,9 +31,10 @@ class BottleneckAdapterConfig(AdapterConfig):
     sequential: bool = option(True, help="always True: the adapter reads its sub-block's output")
     variant: str = option("pfeiffer", choices=tuple(VARIANTS),
                           help="pfeiffer: after the MLP only; houlsby: after attention and after the MLP")
-    dim: int = option(8, help="bottleneck width h (8: the Adapter baseline of the Convpass paper's VTAB table)")
+    dim: int = option(8, check=positive,
+                      help="bottleneck width h (8: the Adapter baseline of the Convpass paper's VTAB table)")
     activation: str = option("relu", choices=tuple(ACTIVATIONS), help="non-linearity of the bottleneck")
-    dropout: float = option(0.0, help="dropout after the non-linearity")
+    dropout: float = option(0.0, check=probability, help="dropout after the non-linearity")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -48,8 +49,6 @@ class BottleneckAdapterConfig(AdapterConfig):
         elif self.placement != implied:
             raise ValueError(f"adapter variant '{self.variant}' implies placement '{implied}', got "
                              f"placement='{self.placement}'")
-        check_dim("Adapter", self.dim)
-        check_dropout("Adapter", self.dropout)
 
 
 @register_adapter("adapter", config=BottleneckAdapterConfig, label="Adapter")

@@ -29,7 +29,7 @@ from torch import nn
 from clipconv.adapters.inject import transformer_blocks
 from clipconv.adapters.registry import AdapterConfig, AdapterFactory, AdapterTarget, register_adapter
 from clipconv.adapters.wrappers import AdaptedModule, ModuleOutput
-from clipconv.config import option
+from clipconv.config import option, positive, probability
 
 __all__ = ["LoRA", "LoRAConfig", "LoRALinear", "LoRAAttention", "LoRAVariant", "LORA_TARGETS", "add_lora",
            "lora_attention", "lora_wrappers"]
@@ -67,15 +67,16 @@ class LoRAConfig(AdapterConfig):
 
     targets: tuple[str, ...] = option(("q", "v"), help="attention projections to adapt, any of q k v o (the LoRA "
                                                         "paper's q v; CLIP-LoRA uses q k v)")
-    rank: int = option(8, help="rank r of each update (PEFT's default 8)")
-    alpha: float = option(8.0, help="LoRA alpha; updates are scaled by alpha/r (PEFT's default 8)")
-    dropout: float = option(0.0, help="dropout on the LoRA branch's input (PEFT's default 0; CLIP-LoRA 0.25)")
+    rank: int = option(8, check=positive, help="rank r of each update (PEFT's default 8)")
+    alpha: float = option(8.0, check=positive, help="LoRA alpha; updates are scaled by alpha/r (PEFT's default 8)")
+    dropout: float = option(0.0, check=probability,
+                            help="dropout on the LoRA branch's input (PEFT's default 0; CLIP-LoRA 0.25)")
 
     def __post_init__(self) -> None:
+        if isinstance(self.targets, str):  # "q,v" or "q v"
+            self.targets = tuple(t for t in self.targets.replace(",", " ").split() if t)
         super().__post_init__()
         self.targets = _check_targets(self.targets)
-        _check_numbers(self.rank, self.alpha, self.dropout)
-        self.alpha, self.dropout = float(self.alpha), float(self.dropout)
         self.refuse_wrapper_options(KIND, placement=False)
 
 

@@ -6,8 +6,9 @@ Adding an adapter kind
    exactly zero (e.g. a zero up-projection): then a fresh adapter leaves the encoder unchanged.
    Grid-aware modules take a `TokenLayout` (clipconv/adapters/tokens.py) and skip non-patch tokens.
 2. Write its config: `@dataclass class MyConfig(AdapterConfig)` with one `option(default, help=...)`
-   field per hyper-parameter (validate them in `__post_init__`). `AdapterConfig` already holds the
-   options of the wrapper around each sub-block: placement, sequential, scale, drop_path.
+   field per hyper-parameter, its range declared with it (`check=positive`, `check=probability`, ...: enforced
+   on construction and by the generated flags; cross-option rules go in `__post_init__`). `AdapterConfig`
+   already holds the options of the wrapper around each sub-block: placement, sequential, scale, drop_path.
 3. Register a builder that makes the adapters of one encoder (with its table label, and `mergeable=True` when
    its adapters fold into the weights they change, see clipconv/merge.py):
 
@@ -47,14 +48,13 @@ contract tests then assert that it is *not* the identity, so the flag stays trut
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional
 
 from torch import nn
 
 from clipconv.adapters.tokens import TokenLayout
-from clipconv.config import Config, option
+from clipconv.config import Config, option, probability
 from clipconv.registry import Registry
 
 __all__ = ["AdapterConfig", "AdapterFactory", "AdapterKind", "AdapterTarget", "ADAPTERS", "PLACEMENTS",
@@ -76,19 +76,13 @@ class AdapterConfig(Config):
     #: False for kinds with no adapter branch to scale (BitFit, VPT): their `scale` must be 1.
     scaled: ClassVar[bool] = True
 
-    drop_path: float = option(0.0, help="stochastic depth rate of the last block (linearly 0 → rate over depth, "
-                                        "timm's rule), applied to the trunk branch and the adapter branch with "
-                                        "independent masks, as the official Convpass code does; 0 = off")
+    drop_path: float = option(0.0, check=probability,
+                              help="stochastic depth rate of the last block (linearly 0 → rate over depth, "
+                                   "timm's rule), applied to the trunk branch and the adapter branch with "
+                                   "independent masks, as the official Convpass code does; 0 = off")
 
     def __post_init__(self) -> None:
-        if self.placement is not None and self.placement not in PLACEMENTS:
-            raise ValueError(f"unknown placement '{self.placement}'; choose one of {PLACEMENTS}")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
-            raise ValueError(f"adapter scale must be a finite number, got {self.scale!r}")
-        if not isinstance(self.drop_path, (int, float)) or not 0.0 <= self.drop_path < 1.0:
-            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path!r}")
-        self.scale = float(self.scale)
-        self.drop_path = float(self.drop_path)
+        super().__post_init__()  # the types, ranges and choices declared with each option
         if not self.scaled and self.scale != 1.0:
             raise ValueError(f"{type(self).__name__}: this adapter kind has no branch to scale; its scale must be 1, "
                              f"got {self.scale:g}")

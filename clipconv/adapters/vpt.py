@@ -31,7 +31,7 @@ from torch import nn
 from clipconv.adapters.inject import adapter_kinds, transformer_blocks
 from clipconv.adapters.registry import AdapterConfig, AdapterFactory, AdapterTarget, register_adapter
 from clipconv.adapters.wrappers import AdaptedModule
-from clipconv.config import option
+from clipconv.config import option, positive, probability
 
 __all__ = ["VPTConfig", "DeepPrompts", "PromptedBlock", "vpt_init_bound"]
 
@@ -44,16 +44,12 @@ class VPTConfig(AdapterConfig):
 
     scaled: ClassVar[bool] = False
 
-    tokens: int = option(10, help="prompt tokens P per block (the issue's 10; VPT searched {1, 5, 10, 50, 100, 200})")
-    dropout: float = option(0.0, help="dropout on the prompt tokens (VPT's config default 0)")
+    tokens: int = option(10, check=positive,
+                         help="prompt tokens P per block (the issue's 10; VPT searched {1, 5, 10, 50, 100, 200})")
+    dropout: float = option(0.0, check=probability, help="dropout on the prompt tokens (VPT's config default 0)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens <= 0:
-            raise ValueError(f"VPT tokens must be a positive integer, got {self.tokens!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"VPT dropout must be in [0, 1), got {self.dropout!r}")
-        self.dropout = float(self.dropout)
         self.refuse_wrapper_options(KIND)
 
 

@@ -35,6 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from clipconv.adapters import adapted_modules, adapter_modules, add_adapters, count_trainable, get_adapter
+from clipconv.app.cli.common import plain_warnings
 from clipconv.app.cli.options import add_runtime_args, apply_runtime, runtime_from
 from clipconv.backbone import _register_model_config, resolve_device
 from clipconv.runtime.jsontypes import JSONObject
@@ -409,6 +410,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[BenchConfig, Optio
 
 def main(argv: Optional[Sequence[str]] = None) -> JSONObject:
     """Parse flags, run, print the table and write JSON (`--out`)."""
+    plain_warnings()
     cfg, out = parse_args(argv)
     return report(run_benchmark(cfg), format_table, out)
 

@@ -33,6 +33,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from clipconv.app.bench import report
+from clipconv.app.cli.common import plain_warnings
 from clipconv.app.cli.options import add_runtime_args, apply_runtime, runtime_from
 from clipconv.backbone import protocol_train_transform
 from clipconv.data.decoded import decoded_images, wait_for_writes
@@ -328,6 +329,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[LoaderBenchConfig,
 
 def main(argv: Optional[Sequence[str]] = None) -> JSONObject:
     """Parse flags, run, print the table and write JSON (`--out`)."""
-
+    plain_warnings()
     cfg, out = parse_args(argv)
     return report(run_loader_benchmark(cfg), format_loader_table, out)

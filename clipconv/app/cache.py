@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from clipconv.app.cli.common import plain_warnings
 from clipconv.app.cli.options import add_runtime_args, apply_runtime, runtime_from
 from clipconv.runtime.cache import cache_root
 
@@ -106,6 +107,7 @@ def clear(root: Optional[Path] = None, worlds: bool = True) -> list[str]:
     return report
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    plain_warnings()
     parser = argparse.ArgumentParser(prog="python -m clipconv.app.cache", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("info", "clear"), help="info: show what is cached; clear: remove it")
     parser.add_argument("--dir", help="cache folder (default $CLIPCONV_CACHE, else ~/.cache/clipconv)")

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from clipconv.app.cli.common import plain_warnings
 from clipconv.app.cli.options import add_runtime_args, apply_runtime, runtime_from
 from clipconv.backbone import Backbone, load_backbone
 from clipconv.data.demo_world import DOMAINS, WORLD_CLASSES, ensure_world, read_manifest, render
@@ -319,7 +320,7 @@ def zero_shot_accuracy(backbone: Backbone, world_root: Union[str, Path], templat
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI: pretrain the miniature CLIP, save it, measure zero-shot on a benchmark world."""
-
+    plain_warnings()
     defaults = PretrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(MINI_CLIP_CONFIG), help="open_clip model-config JSON")

@@ -25,7 +25,8 @@ from clipconv.app.clip_benchmark import write_benchmark_results
 from clipconv.app.report import markdown_table
 from clipconv.app.rundir import RUN_FILES, check_not_in_use, check_output_dir, claim_output_dir, held_files, new_run_dir
 from clipconv.app.session import (
-    FitResult, Session, build_method_config, check_processes, fit_and_evaluate, jsonable, open_session, templates_used
+    FitResult, Session, build_method_config, check_backbone_fit, check_processes, fit_and_evaluate, jsonable,
+    open_session, templates_used
 )
 from clipconv.config import (
     BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
@@ -42,7 +43,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ExperimentConfig", "RunConfig", "PreparedRun", "relocated", "source_commit", "SECTIONS",
            "prepare_run", "execute_run", "write_results", "recall_line", "setup_logging",
-           "environment", "VAL_SHOTS", "CONFIG_FILE", "counts_line", "logits_saver", "folder_name", "RESULT"]
+           "environment", "VAL_SHOTS", "CONFIG_FILE", "counts_line", "logits_saver", "folder_name", "RESULT",
+           "check_resume_world_size", "discard_unstarted", "START_FILES"]
 
 log = logging.getLogger("clipconv")
 #: the log level of a run's final table: shown on stderr also under --quiet (which hides INFO lines)
@@ -58,6 +60,8 @@ VAL_SHOTS = 4
 #: eval_robustness.py writes beside the checkpoint by default (RUN/eval-<time>, RUN/wise-<time>)
 RUN_PATTERNS = ("scale_*", "*_logits.safetensors", "clip_benchmark", "eval-[0-9]*", "wise-[0-9]*")
 CONFIG_FILE = "config.json"
+#: what a new run writes before it trains: a run that stops on bad input with nothing more removes them again
+START_FILES = (CONFIG_FILE, "split.json", "log.txt")
 VAL_HELP = ("validation images per class drawn from train, disjoint from the K shots; used to choose the scale, "
             "the epoch and the baselines' hyper-parameters (0: none)")
 
@@ -173,6 +177,17 @@ def environment(session: Session) -> JSONObject:
             "backend": ranks.backend(), "threads": torch.get_num_threads()}
 
 
+def check_resume_world_size(saved: Mapping[str, JSON], world_size: int, run_dir: str) -> None:
+    """Refuse (ValueError) resuming a run under another number of processes than it started with (config.json's
+    "environment"."world_size", 1 when not recorded): the record would no longer say how the run was trained."""
+    environment_ = saved.get("environment")
+    started = environment_.get("world_size", 1) if isinstance(environment_, dict) else 1
+    if started != world_size:
+        how = "plain python (one process)" if started == 1 else f"torchrun --nproc_per_node {started}"
+        raise ValueError(f"--resume {run_dir}: the run was started as {started} process(es), this is {world_size}; "
+                         f"resume it the way it started: {how}")
+
+
 def relocated(saved: JSONObject, folder: Path) -> JSONObject:
     """A run record (config.json) read from `folder`: paths that pointed into the folder where the run was
     written (its recorded "output_dir") point into `folder`, where it is now (a moved or copied run)."""
@@ -249,6 +264,7 @@ def prepare_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -
             claim_output_dir(cfg.output_dir, RUN_FILES, RUN_PATTERNS,
                              resume_hint=f"or --resume {cfg.output_dir} to continue it")
     session = open_session(cfg.data, cfg.backbone, cfg.runtime)
+    check_backbone_fit(session, {cfg.method: cfg.method_config})  # e.g. CoOp's prompts vs the text context
     if cfg.split:
         split = session.load_split(cfg.split, cfg.shots, cfg.seed, cfg.val_shots)
     else:
@@ -295,6 +311,22 @@ def execute_run(run: PreparedRun) -> FitResult:
                             cfg.method, {"fewshot_k": cfg.shots, "seed": cfg.seed},
                             templates=templates_used(cfg.method, [result.fit], cfg.data.templates))
     return result
+
+
+def discard_unstarted(run: PreparedRun) -> bool:
+    """After a new run stopped on bad input: when its folder holds nothing but what a run writes before it trains
+    (`START_FILES`), remove those, so the folder holds no run and the corrected command may use it again.
+    Returns whether they were removed (never for a resumed run, or once anything trained was saved)."""
+    held = held_files(run.run_dir, RUN_FILES, RUN_PATTERNS)
+    if run.resume or not ranks.is_main() or not held or not set(held) <= set(START_FILES):
+        return False
+    for handler in list(log.handlers):  # log.txt is open
+        if isinstance(handler, logging.FileHandler):
+            log.removeHandler(handler)
+            handler.close()
+    for name in held:
+        (run.run_dir / name).unlink(missing_ok=True)
+    return True
 
 
 def logits_saver(folder: Path):

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from clipconv.methods.base import Method, MethodConfig
 
 __all__ = ["Session", "FitResult", "open_session", "open_data_family", "fit_and_evaluate", "build_method_config", "check_processes",
-           "backbone_fingerprint", "jsonable", "Scorer", "templates_used"]
+           "check_backbone_fit", "backbone_fingerprint", "jsonable", "Scorer", "templates_used"]
 
 log = logging.getLogger("clipconv")
 
@@ -222,6 +222,14 @@ def check_processes(name: str, config: "MethodConfig") -> None:
             check_batch_size(config.batch_size)
         except ValueError as err:
             raise ValueError(f"method '{name}': {err}") from None
+
+
+def check_backbone_fit(session: Session, configs: Mapping[str, "MethodConfig"]) -> None:
+    """Every requested method's options against the session's backbone and classes (`Method.check_backbone`:
+    prompt lengths, adapter injection), all before the first fit: a method that could not run stops the run
+    before anything is written, not after the others have run. ValueError naming the method and option."""
+    for name, config in configs.items():
+        build_method(name, config).check_backbone(session.backbone, list(session.classes.names))
 
 
 def backbone_fingerprint(model: torch.nn.Module) -> tuple:

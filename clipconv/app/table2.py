@@ -36,7 +36,8 @@ from clipconv.app.report import DISPLAY, SUITE, markdown_table, target_average
 from clipconv.app.run import ExperimentConfig, counts_line, environment, folder_name
 from clipconv.app.rundir import check_not_in_use, check_output_dir, claim_output_dir, held_files, new_run_dir
 from clipconv.app.session import (
-    FitResult, Session, build_method_config, check_processes, fit_and_evaluate, open_session, templates_used
+    FitResult, Session, build_method_config, check_backbone_fit, check_processes, fit_and_evaluate, open_session,
+    templates_used
 )
 from clipconv.config import option, positive, seed_range
 from clipconv.data import save_split
@@ -372,7 +373,9 @@ def _open_session(cfg: Table2Config, cache_dir: Optional[str] = None) -> tuple[S
         check_processes(name, cfg.method_configs[name])
     wise_methods(cfg.wise_methods, methods)  # a method that does not run or cannot be interpolated: refused now
     runtime = cfg.runtime if cache_dir is None else replace(cfg.runtime, cache=True, cache_dir=cache_dir)
-    return open_session(cfg.data, cfg.backbone, runtime), methods
+    session = open_session(cfg.data, cfg.backbone, runtime)
+    check_backbone_fit(session, {name: cfg.method_configs[name] for name in methods})  # all before the first fit
+    return session, methods
 
 
 def _top(out: Path) -> Path:

@@ -3,8 +3,9 @@
 Adding a method
 ---------------
 1. Write its options as a dataclass: `class MyConfig(MethodConfig)` with one `option(default, help=...)`
-   per option (the reference protocol's value as default; checks such as `check=positive`). The
-   command line (`--my-option`), `--help`, `--method-options` and config.json all come from it.
+   per option (the reference protocol's value as default; every numeric option declares its range, such as
+   `check=positive` or `check=probability`). The command line (`--my-option`), `--help`, `--method-options`
+   and config.json all come from it, and all enforce the range.
 2. Subclass `Method`, set `config_class = MyConfig` (and `presets`, when its demo recipe differs from its
    reference defaults), take the config in `__init__(config)` (`config_from` also accepts keyword options),
    and implement `fit(ctx)` (train on
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Mapping, Optional, Protoco
 import torch
 
 from clipconv.backbone import Backbone
-from clipconv.config import Config, ConfigT, option
+from clipconv.config import Config, ConfigT, OptionError, option
 from clipconv.prompts import load_templates
 from clipconv.registry import Registry
 from clipconv.runtime.jsontypes import JSONObject
@@ -173,6 +174,12 @@ class Method(abc.ABC):
         """Chosen hyper-parameters and anything else worth reporting."""
         return {}
 
+    def check_backbone(self, backbone: Backbone, classnames: Sequence[str]) -> None:
+        """Refuse (ValueError naming the option) options that `backbone` and `classnames` cannot run with, such
+        as prompts longer than the text context or adapters the encoder cannot take. Entry points call it for
+        every requested method before the first fit, so a run stops before anything is written. Override it
+        with what `fit` would otherwise find out late; the default has nothing to check."""
+
     def trainable_count(self, spec: "ParamSpec") -> int:
         """Parameters this method (with its options) trains on `spec`'s model and classes (clipconv.params)."""
         raise NotImplementedError(f"method '{self.name}' does not report its trainable-parameter count")
@@ -237,6 +244,8 @@ def method_config(name: str, preset: str = "paper", options: Optional[Mapping[st
         raise ValueError(f"method '{name}': unknown preset '{preset}'; choose one of {sorted(cls.presets)}")
     try:
         return cls.config_class.from_options({**cls.presets[preset], **(options or {})})
+    except OptionError as err:  # still says which option: the command line names its flag
+        raise err.within(f"method '{name}'") from None
     except ValueError as err:
         raise ValueError(f"method '{name}': {err}") from None
 

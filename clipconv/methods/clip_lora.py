@@ -22,14 +22,15 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Iterable, Literal, Optional
+from typing import Iterable, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clipconv.adapters import add_lora
-from clipconv.config import non_negative, positive
+from clipconv.backbone import Backbone
+from clipconv.config import non_negative, positive, probability
 from clipconv.data.draft import draft_for
 from clipconv.evaluation import image_loader
 from clipconv.head import class_embeddings, zero_shot_logits
@@ -52,10 +53,10 @@ class ClipLoRAConfig(MethodConfig):
     targets: tuple[str, ...] = option(("q", "k", "v"), help="attention projections with LoRA (reference --params q k v)")
     rank: int = option(2, check=positive, help="LoRA rank r (reference --r 2)")
     alpha: float = option(1.0, check=positive, help="LoRA alpha; updates scaled by alpha/r (reference --alpha 1)")
-    dropout: float = option(0.25, check=non_negative, help="dropout on the LoRA input (reference --dropout_rate 0.25)")
+    dropout: float = option(0.25, check=probability, help="dropout on the LoRA input (reference --dropout_rate 0.25)")
     lr: float = option(2e-4, check=positive, help="AdamW learning rate (reference --lr 2e-4)")
     weight_decay: float = option(1e-2, check=non_negative, aliases=("--wd",), help="AdamW weight decay (reference 1e-2)")
-    betas: tuple[float, float] = option((0.9, 0.999), help="AdamW betas (reference (0.9, 0.999))")
+    betas: tuple[float, float] = option((0.9, 0.999), check=probability, help="AdamW betas (reference (0.9, 0.999))")
     min_lr: float = option(1e-6, check=non_negative, help="end of the cosine schedule (reference eta_min 1e-6)")
     iters_per_shot: int = option(500, check=positive,
                                  help="iterations per shot: 500·K in total (reference --n_iters 500); fewer is a "
@@ -67,12 +68,7 @@ class ClipLoRAConfig(MethodConfig):
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets.replace(",", " ").split()) if isinstance(self.targets, str) \
             else tuple(self.targets)
-        self.betas = tuple(float(b) for b in self.betas)
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        super().__post_init__()
+        super().__post_init__()  # the types and ranges declared with each option
 
     def total_iterations(self, shots: int) -> int:
         """500 × K in the reference."""
@@ -253,6 +249,13 @@ class ClipLoRA(Method):
         return merged
 
     # ----- reporting --------------------------------------------------------------------------
+    def check_backbone(self, backbone: Backbone, classnames: Sequence[str]) -> None:
+        """LoRA must fit the chosen encoders' attention modules: added to a meta-device copy of the model."""
+        try:
+            _add_clip_lora(meta_copy(backbone.model), self.config)
+        except ValueError as err:
+            raise ValueError(f"method '{self.name}': {err}") from None
+
     def trainable_count(self, spec: ParamSpec) -> int:
         """The LoRA tensors of both encoders (no head: the text encoder scores the classes)."""
         return count_elements(_add_clip_lora(meta_copy(spec.model), self.config).parameters())

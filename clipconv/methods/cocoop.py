@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipconv.config import positive
 from clipconv.methods.base import FitContext, option, register_method
 from clipconv.methods.coop import CoOp, CoOpConfig
 
@@ -33,11 +34,12 @@ __all__ = ["CoCoOp", "CoCoOpConfig", "MetaNet"]
 class CoCoOpConfig(CoOpConfig):
     """CoOp's options with CoCoOp's reference defaults (configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1)."""
 
-    n_ctx: int = option(4, help="context vectors (reference: N_CTX 4); ignored when init_phrase is given")
+    n_ctx: int = option(4, check=positive,
+                        help="context vectors (reference: N_CTX 4); ignored when init_phrase is given")
     init_phrase: Optional[str] = option("a photo of a", help="context init phrase; its word count sets n_ctx "
                                                              "(reference: CTX_INIT \"a photo of a\")")
-    epochs: int = option(10, help="epochs (reference: MAX_EPOCH 10)")
-    batch_size: int = option(1, help="train batch size (reference: 1)")
+    epochs: int = option(10, check=positive, help="epochs (reference: MAX_EPOCH 10)")
+    batch_size: int = option(1, check=positive, help="train batch size (reference: 1)")
 
 
 class MetaNet(nn.Module):

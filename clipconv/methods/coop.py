@@ -20,17 +20,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from clipconv.backbone import Backbone
+from clipconv.config import non_negative, positive, probability
 from clipconv.methods.base import FitContext, MethodConfig, config_from, option, register_method
 from clipconv.methods.frozen import FrozenEncoderMethod, require_features
 from clipconv.methods.prompt_learner import (
-    FrozenTextEncoder, PromptLearner, frozen_parameters, phrase_context_length, warmup_cosine_lr
+    FrozenTextEncoder, PromptLearner, check_prompt_length, frozen_parameters, phrase_context_length, warmup_cosine_lr
 )
 from clipconv.runtime.jsontypes import JSONObject
 from clipconv.training import BatchLoss, Forward, ImageBatch, TrainConfig, Trainer, TrainingTask
@@ -40,35 +42,28 @@ __all__ = ["CoOp", "CoOpConfig"]
 
 @dataclass
 class CoOpConfig(MethodConfig):
-    n_ctx: int = option(16, help="context vectors (configs/trainers/CoOp: N_CTX 16 for ImageNet ViT-B/16); "
-                                 "ignored when init_phrase is given")
+    n_ctx: int = option(16, check=positive,
+                        help="context vectors (configs/trainers/CoOp: N_CTX 16 for ImageNet ViT-B/16); "
+                             "ignored when init_phrase is given")
     init_phrase: Optional[str] = option(None, help="initialize the context from this phrase; its word count sets "
                                                    "n_ctx (reference: CTX_INIT, empty = random init)")
     class_specific: bool = option(False, help="one context per class (reference CSC False)")
-    epochs: int = option(50, help="epochs (reference vit_b16 ImageNet config: MAX_EPOCH 50)")
-    lr: float = option(0.002, help="SGD learning rate (reference: 0.002)")
-    batch_size: int = option(32, help="train batch size (reference: 32)")
-    momentum: float = option(0.9, help="SGD momentum (Dassl default 0.9)")
-    weight_decay: float = option(5e-4, help="SGD weight decay (Dassl default 5e-4)")
-    warmup_epochs: int = option(1, help="constant warm-up epochs (reference: WARMUP_EPOCH 1)")
-    warmup_lr: float = option(1e-5, help="warm-up learning rate (reference: WARMUP_CONS_LR 1e-5)")
+    epochs: int = option(50, check=positive, help="epochs (reference vit_b16 ImageNet config: MAX_EPOCH 50)")
+    lr: float = option(0.002, check=positive, help="SGD learning rate (reference: 0.002)")
+    batch_size: int = option(32, check=positive, help="train batch size (reference: 32)")
+    momentum: float = option(0.9, check=probability, help="SGD momentum (Dassl default 0.9)")
+    weight_decay: float = option(5e-4, check=non_negative, help="SGD weight decay (Dassl default 5e-4)")
+    warmup_epochs: int = option(1, check=non_negative, help="constant warm-up epochs (reference: WARMUP_EPOCH 1)")
+    warmup_lr: float = option(1e-5, check=non_negative, help="warm-up learning rate (reference: WARMUP_CONS_LR 1e-5)")
     warmup_recount: bool = option(True, help="restart the cosine count after the warm-up (Dassl WARMUP_RECOUNT, "
                                              "True in the reference)")
-    views: int = option(10, help="augmented views of the train set encoded once and cycled over epochs (ours: "
-                                 "the reference re-augments every epoch; 0 = un-augmented features)")
-    init_std: float = option(0.02, help="std of the random context init (reference: 0.02)")
-    class_chunk: Optional[int] = option(None, help="classes per text-encoder pass, recomputed in the backward "
-                                                   "(bounds memory; None = all classes at once)")
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.views < 0 or self.warmup_epochs < 0:
-            raise ValueError(f"{type(self).__name__}: epochs and batch_size must be >= 1, views and warmup_epochs "
-                             f">= 0 (got epochs={self.epochs}, batch_size={self.batch_size}, views={self.views}, "
-                             f"warmup_epochs={self.warmup_epochs})")
-        if self.class_chunk is not None and self.class_chunk < 1:
-            raise ValueError(f"class_chunk must be >= 1 or None, got {self.class_chunk}")
-        if self.init_phrase is None and self.n_ctx < 1:
-            raise ValueError(f"n_ctx must be >= 1, got {self.n_ctx}")
+    views: int = option(10, check=non_negative,
+                        help="augmented views of the train set encoded once and cycled over epochs (ours: "
+                             "the reference re-augments every epoch; 0 = un-augmented features)")
+    init_std: float = option(0.02, check=non_negative, help="std of the random context init (reference: 0.02)")
+    class_chunk: Optional[int] = option(None, check=positive,
+                                        help="classes per text-encoder pass, recomputed in the backward "
+                                             "(bounds memory; None = all classes at once)")
 
 
 class _PromptTask(TrainingTask[ImageBatch]):
@@ -237,6 +232,14 @@ class CoOp(FrozenEncoderMethod):
             raise RuntimeError(f"{self.name} must be fitted before scoring")
         feats = F.normalize(features.float().to(self._text_features.device), dim=-1)
         return self.logit_scale * feats @ self._text_features.t()
+
+    def check_backbone(self, backbone: Backbone, classnames: Sequence[str]) -> None:
+        """Every class's prompt (context + class name) must fit the text encoder's context length."""
+        try:
+            check_prompt_length(backbone.model, backbone.tokenizer, classnames, self.config.n_ctx,
+                                self.config.init_phrase)
+        except ValueError as err:
+            raise ValueError(f"method '{self.name}': {err}") from None
 
     def trainable_count(self, spec) -> int:
         """The context vectors: M·width (M from the init phrase's word count when given), × C when class-specific."""

@@ -14,7 +14,7 @@ import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping, Optional, TypedDict, Union
+from typing import Any, ClassVar, Literal, Mapping, Optional, Sequence, TypedDict, Union
 
 import torch
 
@@ -63,7 +63,11 @@ DEMO_RECIPE: Mapping[str, object] = {"lr": 3e-3, "epochs": 30}
 @dataclass
 class AdapterTuningConfig(MethodConfig):
     """Training options (defaults: the paper's Convpass_CLIP protocol, Table 3). `tuning_config(KindConfig)`
-    adds the adapter kind's own options (all but `scale`, which `scales` replaces)."""
+    adds the adapter kind's own options (all but `scale`, which `scales` replaces); with its kind named, the
+    kind's own rules (the placement it implies, options it refuses) are checked on construction too."""
+
+    #: the adapter kind whose options this config holds (set by `tuning_config`)
+    adapter_kind: ClassVar[Optional[str]] = None
 
     scales: tuple[float, ...] = option((DEFAULT_SCALE,), check=positive, aliases=("--scale",),
                                        help="adapter scale(s) s; several are each trained and the best is chosen on the "
@@ -122,6 +126,9 @@ class AdapterTuningConfig(MethodConfig):
         if kind.strip().lower() == "swa" and float(last) > self.epochs:
             raise ValueError(f"weight_average {self.weight_average} averages more epochs than the {self.epochs} "
                              "trained")
+        if self.adapter_kind is not None:  # now, not when the method is built after the run's files are written
+            for scale in self.scales:
+                make_config(self.adapter_kind, scale=scale, **self.adapter_options())
 
     @property
     def anchored(self) -> bool:
@@ -142,10 +149,11 @@ class AdapterTuningConfig(MethodConfig):
                            lr_scales=(("head.", self.head_lr_scale),) if self.head_lr_scale != 1.0 else ())
 
 
-def tuning_config(adapter_config: type[AdapterConfig],
-                  default_scales: Optional[tuple[float, ...]] = None) -> type[AdapterTuningConfig]:
-    """AdapterTuningConfig extended with the fields of an adapter kind's config (its `scale` excepted).
-    `scales` defaults to `default_scales`, else to the kind's own default scale (AdaptFormer's 0.1, ...)."""
+def tuning_config(adapter_config: type[AdapterConfig], default_scales: Optional[tuple[float, ...]] = None,
+                  kind: Optional[str] = None) -> type[AdapterTuningConfig]:
+    """AdapterTuningConfig extended with the fields of an adapter kind's config (its `scale` excepted), their
+    checks included. `scales` defaults to `default_scales`, else to the kind's own default scale (AdaptFormer's
+    0.1, ...). With `kind` (its registered name) the kind's own rules are checked on construction."""
     hints = typing.get_type_hints(adapter_config)  # resolved types: the new class lives in another module
     fields = []
     for f in dataclasses.fields(adapter_config):
@@ -162,6 +170,7 @@ def tuning_config(adapter_config: type[AdapterConfig],
     name = adapter_config.__name__.replace("Config", "") + "TuningConfig"
     config = dataclasses.make_dataclass(name, fields, bases=(AdapterTuningConfig,))
     config.__module__ = __name__
+    config.adapter_kind = kind
     return config
 
 
@@ -181,13 +190,14 @@ class AdapterTuning(Method):
     adapter_kind: ClassVar[str] = "convpass"
     #: default adapter scale(s); None: the kind's own default scale
     default_scales: ClassVar[Optional[tuple[float, ...]]] = (DEFAULT_SCALE,)
-    config_class: ClassVar[type[AdapterTuningConfig]] = tuning_config(ConvpassConfig, (DEFAULT_SCALE,))
+    config_class: ClassVar[type[AdapterTuningConfig]] = tuning_config(ConvpassConfig, (DEFAULT_SCALE,), "convpass")
     presets: ClassVar[Mapping[str, Mapping[str, object]]] = {"paper": {}, "demo": DEMO_RECIPE}
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         if "config_class" not in cls.__dict__:  # the options of the subclass's own adapter kind
-            cls.config_class = tuning_config(get_adapter(cls.adapter_kind).config, cls.default_scales)
+            cls.config_class = tuning_config(get_adapter(cls.adapter_kind).config, cls.default_scales,
+                                             cls.adapter_kind)
         if "label" not in cls.__dict__:  # the kind's label
             cls.label = get_adapter(cls.adapter_kind).label
 
@@ -390,6 +400,15 @@ class AdapterTuning(Method):
         head = 0 if self.config.head == "frozen" else spec.classes * (spec.embed_dim + 1)
         return adapters + head
 
+    def check_backbone(self, backbone: Backbone, classnames: Sequence[str]) -> None:
+        """The adapters must fit the image encoder (its grid, attention modules, patch size): injected into a
+        meta-device copy, so nothing is computed."""
+        visual = meta_copy(backbone.model.visual)
+        try:
+            add_adapters(visual, self.adapter_kind, self.adapter_config)
+        except ValueError as err:
+            raise ValueError(f"method '{self.name}': {err}") from None
+
     def summary(self) -> JSONObject:
         return {"adapter": self.adapter_metadata(self.chosen.get("scale", self.scales[0])),
                 "train": self.config.to_dict(), **self.chosen}
@@ -565,7 +584,7 @@ class AdapterKindMethod:
 
     def __post_init__(self) -> None:
         config_class = self.base.config_class if self.base is not AdapterTuning else \
-            tuning_config(get_adapter(self.kind).config)
+            tuning_config(get_adapter(self.kind).config, kind=self.kind)
         object.__setattr__(self, "config_class", config_class)
 
     @property

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clipconv.config import non_negative, positive
 from clipconv.methods.base import PAPER_AND_DEMO, FitContext, MethodConfig, config_from, option, register_method
 from clipconv.methods.frozen import FrozenEncoderMethod, require_features
 from clipconv.methods.zero_shot import ZeroShot
@@ -42,23 +43,17 @@ COARSE_GRID = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
 
 @dataclass
 class LinearProbeConfig(MethodConfig):
-    C: Optional[float] = option(None, help="fixed inverse regularization strength (skips the search)")
-    max_iter: int = option(1000, help="L-BFGS iterations (lpclip: 1000)")
-    bisection_steps: int = option(8, help="refinement steps after the C grid (lpclip: --num_step 8)")
+    C: Optional[float] = option(None, check=positive, help="fixed inverse regularization strength (skips the search)")
+    max_iter: int = option(1000, check=positive, help="L-BFGS iterations (lpclip: 1000)")
+    bisection_steps: int = option(8, check=non_negative,
+                                  help="refinement steps after the C grid (lpclip: --num_step 8)")
     normalize: bool = option(False, help="fit on L2-normalized features (not the reference: lpclip uses raw "
                                          "features, which reproduce the published LP numbers)")
-    holdout: int = option(4, help="images per class held out of the K-shot set for the C search when there is "
-                                  "no validation split (lpclip's val uses 4 per class at 8/16 shots)")
-    default_C: float = option(0.316, help="C used when nothing can be held out (1 shot, no validation split)")
-
-    def __post_init__(self) -> None:
-        if self.max_iter < 1 or self.bisection_steps < 0 or self.holdout < 1:
-            raise ValueError(f"linear_probe needs max_iter >= 1, bisection_steps >= 0 and holdout >= 1 "
-                             f"(got {self.max_iter}, {self.bisection_steps}, {self.holdout})")
-        for name in ("C", "default_C"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"linear_probe option {name} must be > 0, got {value}")
+    holdout: int = option(4, check=positive,
+                          help="images per class held out of the K-shot set for the C search when there is "
+                               "no validation split (lpclip's val uses 4 per class at 8/16 shots)")
+    default_C: float = option(0.316, check=positive,
+                              help="C used when nothing can be held out (1 shot, no validation split)")
 
 
 def make_classifier(C: float, max_iter: int):

@@ -18,7 +18,8 @@ from torch import nn
 
 from clipconv.training import warmup_cosine_lr  # re-exported: CoOp/CoCoOp's schedule
 
-__all__ = ["FrozenTextEncoder", "PromptLearner", "warmup_cosine_lr", "phrase_context_length", "frozen_parameters"]
+__all__ = ["FrozenTextEncoder", "PromptLearner", "warmup_cosine_lr", "phrase_context_length", "frozen_parameters",
+           "context_placeholder", "check_prompt_length"]
 
 
 @contextlib.contextmanager
@@ -80,28 +81,14 @@ class PromptLearner(nn.Module):
         embedding = model.token_embedding
         width = embedding.weight.shape[1]
         device = embedding.weight.device
-        context_length = int(model.positional_embedding.shape[0])
+        n_ctx, placeholder = check_prompt_length(model, tokenizer, classnames, n_ctx, init_phrase)
         with torch.no_grad():
             if init_phrase:
-                placeholder = init_phrase.replace("_", " ").strip()
-                n_ctx = phrase_context_length(placeholder)
                 phrase_ids = _content_ids(tokenizer, placeholder)
-                if n_ctx > len(phrase_ids):
-                    raise ValueError(f"init_phrase {init_phrase!r} has {n_ctx} space-separated words but only "
-                                     f"{len(phrase_ids)} tokens: separate its words by single spaces")
                 init = embedding(torch.tensor(phrase_ids[:n_ctx], device=device)).float()
             else:
-                if n_ctx < 1:
-                    raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
                 init = torch.randn(n_ctx, width, device=device) * init_std
-                placeholder = " ".join(["X"] * n_ctx)
             texts = [f"{placeholder} {name}." for name in classnames]
-            lengths = [len(_content_ids(tokenizer, text)) + 2 for text in texts]
-            too_long = [name for name, length in zip(classnames, lengths) if length > context_length]
-            if too_long:
-                raise ValueError(
-                    f"{n_ctx} context tokens + class name exceed the text context length {context_length} for "
-                    f"{len(too_long)} class(es), e.g. {too_long[0]!r}: use fewer context tokens (n_ctx)")
             tokens = tokenizer(texts).to(device)
             token_embeddings = embedding(tokens).float()
         if class_specific:
@@ -125,6 +112,37 @@ class PromptLearner(nn.Module):
         if shift is not None:
             ctx = ctx + shift.view(1, 1, -1)
         return torch.cat([prefix, ctx.to(prefix.dtype), suffix], dim=1)
+
+
+def context_placeholder(tokenizer: Callable, n_ctx: int, init_phrase: Optional[str] = None) -> tuple[int, str]:
+    """(M, the text standing for the context in the prompts): the init phrase's word count and the phrase,
+    else `n_ctx` and "X X … X". A phrase with more words than tokens raises ValueError."""
+    if init_phrase:
+        placeholder = init_phrase.replace("_", " ").strip()
+        n_ctx = phrase_context_length(placeholder)
+        tokens = len(_content_ids(tokenizer, placeholder))
+        if n_ctx > tokens:
+            raise ValueError(f"init_phrase {init_phrase!r} has {n_ctx} space-separated words but only {tokens} "
+                             "tokens: separate its words by single spaces")
+        return n_ctx, placeholder
+    if n_ctx < 1:
+        raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
+    return n_ctx, " ".join(["X"] * n_ctx)
+
+
+def check_prompt_length(model: nn.Module, tokenizer: Callable, classnames: Sequence[str], n_ctx: int,
+                        init_phrase: Optional[str] = None) -> tuple[int, str]:
+    """`context_placeholder`'s (M, placeholder), once every prompt "<context> <class name>." with its start and
+    end tokens is known to fit `model`'s text context length; ValueError naming the option otherwise."""
+    n_ctx, placeholder = context_placeholder(tokenizer, n_ctx, init_phrase)
+    context_length = int(model.positional_embedding.shape[0])
+    too_long = [name for name in classnames if len(_content_ids(tokenizer, f"{placeholder} {name}.")) + 2
+                > context_length]
+    if too_long:
+        fix = "a shorter init_phrase" if init_phrase else "fewer context tokens (n_ctx)"
+        raise ValueError(f"{n_ctx} context tokens + class name exceed the text context length {context_length} "
+                         f"of this model for {len(too_long)} class(es), e.g. {too_long[0]!r}: use {fix}")
+    return n_ctx, placeholder
 
 
 def _content_ids(tokenizer: Callable, text: str) -> list[int]:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 
 from clipconv.backbone import Backbone, _to_rgb
+from clipconv.config import non_negative, positive
 from clipconv.methods.base import PAPER_AND_DEMO, FitContext, MethodConfig, config_from, option, register_method
 from clipconv.methods.frozen import FrozenEncoderMethod, require_features, templates_summary, text_classifier
 from clipconv.runtime.jsontypes import JSONObject
@@ -39,36 +40,28 @@ SEARCH_GRIDS = {"full": ((7.0, 200), (3.0, 20)), "small": ((7.0, 20), (3.0, 10))
 
 @dataclass
 class TipAdapterConfig(MethodConfig):
-    alpha: float = option(1.17, help="initial residual ratio α (Tip-Adapter configs/imagenet.yaml: init_alpha)")
-    beta: float = option(1.0, help="initial sharpness β (Tip-Adapter configs/imagenet.yaml: init_beta)")
+    alpha: float = option(1.17, check=non_negative,
+                          help="initial residual ratio α (Tip-Adapter configs/imagenet.yaml: init_alpha)")
+    beta: float = option(1.0, check=non_negative,
+                         help="initial sharpness β (Tip-Adapter configs/imagenet.yaml: init_beta)")
     search: str = option("full", choices=(*SEARCH_GRIDS, "none"),
                          help="α/β search on ctx.val: full = the reference grid (β 200 × α 20 steps), small = "
                               "20 × 10 for quick runs, none = keep the initial values")
-    augment_rounds: int = option(10, help="augmented passes averaged into the cache keys (reference: "
-                                          "augment_epoch 10)")
+    augment_rounds: int = option(10, check=positive,
+                                 help="augmented passes averaged into the cache keys (reference: augment_epoch 10)")
     templates: Union[str, Sequence[str], None] = option(
         None, help="template set name, file or list; default: the run's --templates, else the reference's "
                    "7 ImageNet templates ('tip')")
 
-    def __post_init__(self) -> None:
-        if self.search not in (*SEARCH_GRIDS, "none"):
-            raise ValueError(f"tip_adapter search must be one of {[*SEARCH_GRIDS, 'none']}, got {self.search!r}")
-        if self.augment_rounds < 1:
-            raise ValueError(f"augment_rounds must be >= 1, got {self.augment_rounds}")
-
 
 @dataclass
 class TipAdapterFConfig(TipAdapterConfig):
-    epochs: int = option(20, help="training epochs of the cache keys (configs/imagenet.yaml: train_epoch 20)")
-    lr: float = option(1e-3, help="AdamW learning rate, cosine per iteration (configs/imagenet.yaml: lr 0.001)")
-    batch_size: int = option(256, help="training batch size (reference ImageNet loader: 256)")
-    eps: float = option(1e-4, help="AdamW eps (reference: 1e-4)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"tip_adapter_f needs epochs >= 1 and batch_size >= 1, got {self.epochs}, "
-                             f"{self.batch_size}")
+    epochs: int = option(20, check=positive,
+                         help="training epochs of the cache keys (configs/imagenet.yaml: train_epoch 20)")
+    lr: float = option(1e-3, check=positive,
+                       help="AdamW learning rate, cosine per iteration (configs/imagenet.yaml: lr 0.001)")
+    batch_size: int = option(256, check=positive, help="training batch size (reference ImageNet loader: 256)")
+    eps: float = option(1e-4, check=positive, help="AdamW eps (reference: 1e-4)")
 
 
 def tip_logits(features: torch.Tensor, class_weights: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

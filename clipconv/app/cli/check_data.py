@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from clipconv.app.cli.common import eval_set_arg
+from clipconv.app.cli.common import eval_set_arg, plain_warnings
 from clipconv.app.cli.options import add_runtime_args, apply_runtime, runtime_from
 from clipconv.data import image_dataset
 from clipconv.data.family import FAMILIES, DatasetFamily, TreeFamily, family_from_args, family_names, open_family
@@ -235,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    plain_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     apply_runtime(runtime_from(args, args._runtime, parser))

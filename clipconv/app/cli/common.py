@@ -5,7 +5,7 @@ import argparse
 import contextlib
 import sys
 import warnings
-from typing import Iterator, NoReturn
+from typing import Iterator, NoReturn, Optional
 
 from clipconv.backbone import WeightsUnavailableError
 from clipconv.checkpoint import CheckpointMismatchError
@@ -24,10 +24,20 @@ NO_DATA_HELP = (
 )
 
 
-def plain_warnings() -> None:
-    """Show warnings as one `warning: message` line each, without source lines (CLI use)."""
+def warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 line: Optional[str] = None) -> str:
+    """clipconv's one message format for a warning: `warning: message` on one line, without Python's
+    `file.py:NNN: UserWarning:` prefix and source line."""
+    return f"warning: {' '.join(str(message).split())}\n"
 
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+
+def plain_warnings() -> None:
+    """Route every warning this process shows (the library's, torch's, PIL's, ...) through clipconv's one
+    message format, `warning: message`: called first thing by every command-line entry point. Python's display
+    (and the progress bars', clipconv.runtime.progress) formats with `warnings.formatwarning`; code that records
+    warnings (`catch_warnings(record=True)`, check_data's counts) still receives them."""
+
+    warnings.formatwarning = warning_line
 
 
 def join_process_group(device: str) -> int:

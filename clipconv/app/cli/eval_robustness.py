@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 from clipconv.app.cli.common import bad_input_errors, fail, join_process_group, plain_warnings
-from clipconv.app.cli.options import add_shared_args, shared_configs
+from clipconv.app.cli.options import add_shared_args, given, shared_configs
 from clipconv.app.clip_benchmark import write_benchmark_results
 from clipconv.app.run import CONFIG_FILE, logits_saver, relocated, setup_logging, write_results
 from clipconv.app.rundir import RUN_FILES, check_not_in_use, check_output_dir, claim_output_dir, held_files, new_run_dir
 from clipconv.app.session import open_data_family, open_session
 from clipconv.app.table2 import RECORD_FILE
 from clipconv.app.wise_report import run_sweep
-from clipconv.backbone import load_backbone, resolve_device
+from clipconv.backbone import load_backbone, model_name_of, resolve_device
 from clipconv.checkpoint import read_metadata
 from clipconv.data import ClassList
 from clipconv.methods.finetune import load_classifier, load_endpoints
@@ -204,11 +204,9 @@ def load_references(folder: Optional[str], checkpoint: Path, meta: dict) -> dict
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    plain_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
-    plain_warnings()
-
-
     if args.references and not args.wise:
         fail("--references: only used with --wise (the reference points of the sweep plot)")
     if args.wise and args.overwrite:
@@ -230,6 +228,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 claim_output_dir(args.output_dir, own, ("*_logits.safetensors", "clip_benchmark"))  # refuses, naming the files
         own_seed = meta if len(checkpoints) == 1 else {**meta, "init": {}}  # several seeds: the table's means
         references = load_references(args.references, checkpoint, own_seed) if args.wise else {}
+    trained_on = (meta.get("backbone") or {}).get("model")
+    model_flag = given(args, args._fields["backbone"]).get("model")
+    if model_flag and trained_on and model_name_of(model_flag) != trained_on:  # its weights cannot fit: say so now
+        fail(f"--model {model_flag}: checkpoint '{checkpoint}' was trained on model '{trained_on}'; drop --model "
+             "(the run's own model is used) or give that model")
     source = meta.get("source", {})
     fallback = {"model": source.get("model"), "pretrained": source.get("pretrained"), **recorded}
     configs = shared_configs(args, args._fields, parser, fallback=fallback)

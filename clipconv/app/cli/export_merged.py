@@ -43,9 +43,9 @@ def head_path(output: Path) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    plain_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
-    plain_warnings()
     runtime = runtime_from(args, args._runtime, parser, defaults=MERGE_RUNTIME)
     apply_runtime(runtime)
 

@@ -22,14 +22,14 @@ import torch
 from clipconv.app.cli.common import NO_DATA_HELP, eval_set_arg, fail
 from clipconv.app.run import SECTIONS, setup_logging
 from clipconv.backbone import resolve_device
-from clipconv.config import Config, RuntimeConfig
+from clipconv.config import Config, OptionError, RuntimeConfig
 from clipconv.data.demo_world import ensure_world
 from clipconv.methods.base import METHODS, PRESETS
 from clipconv.mini_clip import MINI_CLIP_CONFIG, MINI_CLIP_CROP_SCALE, MINI_CLIP_WEIGHTS
 
 __all__ = ["add_config_args", "given", "shared_configs", "add_shared_args", "demo_overrides_help", "SHARED",
            "DEMO_RUN_SETTINGS", "add_preset_arg", "preset_of", "preset_notes", "method_json", "merge_method_options",
-           "absolute_paths", "add_runtime_args", "runtime_from", "apply_runtime"]
+           "absolute_paths", "add_runtime_args", "runtime_from", "apply_runtime", "option_error_line"]
 
 #: the shared sections of every run, in the order their option groups are shown
 SHARED: dict[str, type[Config]] = SECTIONS
@@ -214,6 +214,15 @@ def merge_method_options(flags: Mapping[str, object], extra: Mapping[str, object
     if clash:
         raise ValueError(f"a method option given twice with different values: {'; '.join(clash)}; give it once")
     return {**flags, **extra}
+
+
+def option_error_line(err: OptionError, flags: Iterable[str], key_prefix: str = "") -> str:
+    """The one line of a bad option value, naming where it came from: its flag (`--dim: must be positive, got
+    0`) when given as one, else its --method-options key (`--method-options rank: must be positive, got 0`;
+    Table 2's `--method-options lora.rank`, `key_prefix` "lora.")."""
+    if err.name in set(flags):
+        return f"--{err.name.replace('_', '-')}: {err.problem}"
+    return f"--method-options {key_prefix}{err.name}: {err.problem}"
 
 
 def _same(a: object, b: object) -> bool:

@@ -9,9 +9,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from clipconv.app.cli.common import bad_input_errors, fail, join_process_group, positive_int
+from clipconv.app.cli.common import bad_input_errors, fail, join_process_group, plain_warnings, positive_int
 from clipconv.app.cli.options import (
-    absolute, absolute_paths, add_config_args, add_preset_arg, add_shared_args, given, preset_of, shared_configs
+    absolute, absolute_paths, add_config_args, add_preset_arg, add_shared_args, given, option_error_line, preset_of,
+    shared_configs
 )
 from clipconv.app.run import PRESET_HELP, RESULT, log, setup_logging
 from clipconv.app.rundir import exit_code, interrupt_on_sigterm, release_run_dir
@@ -19,7 +20,7 @@ from clipconv.app.session import build_method_config
 from clipconv.app.table2 import (
     SWEEP_FILE, Table2Config, check_methods, load_record, measured_table, run_shots_sweep, run_table2
 )
-from clipconv.config import RuntimeConfig
+from clipconv.config import OptionError, RuntimeConfig
 from clipconv.methods.base import MethodConfig
 from clipconv.mini_clip import MINI_CLIP_CONFIG
 from clipconv.runtime.ranks import is_main
@@ -105,7 +106,7 @@ def _resume_config(args: argparse.Namespace, argv: Sequence[str]):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-
+    plain_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -173,9 +174,13 @@ def _new_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tu
         stray = sorted(set(options) - set(methods))
         if stray:
             raise ValueError(f"--method-options names method(s) {stray} that are not in --methods {list(methods)}")
-        method_configs: dict[str, MethodConfig] = {
-            name: build_method_config(name, preset_of(args), options.get(name), epochs_scale=scale,
-                                      precision=configs["backbone"].precision) for name in methods}
+        method_configs: dict[str, MethodConfig] = {}
+        for name in methods:
+            try:
+                method_configs[name] = build_method_config(name, preset_of(args), options.get(name),
+                                                           epochs_scale=scale, precision=configs["backbone"].precision)
+            except OptionError as err:  # named as given: `--method-options lora.rank`
+                fail(option_error_line(err, (), key_prefix=f"{name}."))
         return Table2Config(shots=shots[-1], preset=preset_of(args), method_configs=method_configs,
                             benchmark_label=label, **table, **configs), shots
 

@@ -21,11 +21,14 @@ from typing import Optional, Sequence
 from clipconv.app.cli.common import EXIT_BAD_INPUT, bad_input_errors, fail, join_process_group, plain_warnings
 from clipconv.app.cli.options import (
     absolute, absolute_paths, add_config_args, add_preset_arg, add_shared_args, given, merge_method_options,
-    method_json, preset_notes, preset_of, shared_configs
+    method_json, option_error_line, preset_notes, preset_of, shared_configs
 )
-from clipconv.app.run import CONFIG_FILE, PRESET_HELP, RunConfig, execute_run, prepare_run, relocated
+from clipconv.app.run import (
+    CONFIG_FILE, PRESET_HELP, RunConfig, check_resume_world_size, discard_unstarted, execute_run, prepare_run, relocated
+)
 from clipconv.app.rundir import exit_code, interrupt_on_sigterm, release_run_dir
 from clipconv.app.session import build_method_config
+from clipconv.config import Config, OptionError
 from clipconv.methods.base import METHODS, default_method, method_names
 from clipconv.runtime.io import read_json_object
 from clipconv.runtime.ranks import is_main
@@ -85,9 +88,13 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     extra = method_json(args.method_options, fail)
     configs = shared_configs(args, args._fields, parser)
     preset = preset_of(args)
+    flags = given(args, args._method_fields, METHOD_PREFIX)
     with bad_input_errors():
-        options = merge_method_options(given(args, args._method_fields, METHOD_PREFIX), extra)
-        method_config = build_method_config(args.method, preset, options, precision=configs["backbone"].precision)
+        options = merge_method_options(flags, extra)
+        try:
+            method_config = build_method_config(args.method, preset, options, precision=configs["backbone"].precision)
+        except OptionError as err:  # named as given: `--dim` or `--method-options rank`
+            fail(option_error_line(err, flags))
         return RunConfig(**run_values(args), method=args.method, preset=preset, method_config=method_config,
                          **configs)
 
@@ -105,7 +112,7 @@ def _resume_config(run_dir: str, args: argparse.Namespace, parser: argparse.Argu
     for name, value in run_values(args).items():
         if name == "save_logits" or (name == "output_dir" and Path(value).resolve() == Path(run_dir).resolve()):
             continue
-        if value != getattr(saved, name):
+        if _differs(saved, name, value):
             conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {getattr(saved, name)})")
     if args.method_given and args.method_given != saved.method:
         conflicts.append(f"--method {args.method_given} (saved: {saved.method})")
@@ -114,14 +121,14 @@ def _resume_config(run_dir: str, args: argparse.Namespace, parser: argparse.Argu
     for section in ("data", "backbone"):
         recorded = getattr(saved, section).to_dict()
         for name, value in absolute_paths(given(args, args._fields[section])).items():
-            if value != recorded.get(name):
+            if _differs(getattr(saved, section), name, value):
                 conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {recorded.get(name)})")
     free = {}  # method options that change speed only, never the numbers: they may differ on resume
     saved_options = saved.method_config.to_dict()
     for name, value in given(args, args._method_fields, METHOD_PREFIX).items():
         if name in RESUME_FREE_METHOD_OPTIONS:
             free[name] = value
-        elif value != saved_options.get(name):
+        elif _differs(saved.method_config, name, value):
             conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {saved_options.get(name)})")
     if method_json(args.method_options or "{}", fail):
         conflicts.append("--method-options (the saved run's options are used)")
@@ -135,6 +142,15 @@ def _resume_config(run_dir: str, args: argparse.Namespace, parser: argparse.Argu
                                    method_config=dataclasses.replace(saved.method_config, **free),
                                    save_logits=given(args, RUN_FIELDS).get("save_logits", saved.save_logits),
                                    split=absolute(str(Path(run_dir) / "split.json")))
+
+
+def _differs(saved: Config, name: str, value: object) -> bool:
+    """Whether flag value `value` of option `name` differs from `saved`'s, both in the option's own form (a
+    list flag equals a saved tuple, 1 equals 1.0); a value the option refuses differs."""
+    try:
+        return dataclasses.replace(saved, **{name: value}).to_dict()[name] != saved.to_dict()[name]
+    except (ValueError, TypeError):
+        return True
 
 
 #: method options that may change on --resume (speed only: torch.compile gives the same numbers)
@@ -169,11 +185,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = _resume_config(args.resume, args, parser) if args.resume else config_from_args(args, parser)
 
     with bad_input_errors():
-        join_process_group(cfg.runtime.device)  # under torchrun: join the process group (no-op otherwise)
+        size = join_process_group(cfg.runtime.device)  # under torchrun: join the process group (no-op otherwise)
+        if args.resume:  # as many processes as the run started with (config.json records one world size)
+            check_resume_world_size(read_json_object(Path(args.resume) / CONFIG_FILE), size, args.resume)
         run = prepare_run(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     try:
         with interrupt_on_sigterm(), bad_input_errors():  # e.g. a damaged train_state.pt when resuming
             result = execute_run(run)
+    except SystemExit as stop:
+        if stop.code == EXIT_BAD_INPUT:  # stopped before training: the folder keeps no run (a rerun may use it)
+            discard_unstarted(run)
+        raise
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (raised as Terminated)
         what = "terminated" if exit_code(err) == 143 else "interrupted"
         print(f"\n{what}: the last finished epoch is saved; continue with --resume {run.run_dir}", file=sys.stderr)

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
-from clipconv.app.cli.common import bad_input_errors
+from clipconv.app.cli.common import bad_input_errors, plain_warnings
 from clipconv.app.cli.options import add_shared_args, shared_configs
 from clipconv.app.clip_benchmark import BENCHMARK_DIR, write_benchmark_results
 from clipconv.app.report import markdown_table
@@ -109,6 +109,7 @@ def compare_zero_shot(data: "DataConfig", backbones: Sequence["BackboneConfig"],
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    plain_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     configs = shared_configs(args, args._fields, parser)
