@@ -506,3 +506,41 @@ def test_extracted_samples_get_the_mode_of_any_new_file(tmp_path):
         assert new_file_mode() == 0o644 and target.stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(previous)
+
+
+def test_a_shard_rewritten_with_other_labels_but_the_same_size_and_mtime_is_listed_again(world, tmp_path):
+    """The index is keyed by the shard's bytes: relabelled shards (same size, mtime set back with os.utime) are
+    not read through the stale listing (zero-shot would score the old labels)."""
+    import shutil
+
+    from clipconv.data import open_family
+
+    root = Path(shutil.copytree(world["shards"], tmp_path / "wds"))
+    family = open_family("wds", data_root=str(root))
+    first = family.eval_splits(["imagenet_a"], family.classes())[0]
+    shards = sorted((root / "wds_imagenet-a" / "test").glob("*.tar"))
+    before = {shard: shard.stat() for shard in shards}
+    files = _files(world["folders"]["imagenet_a"], A_CLASSES)
+    write_shards(root / "wds_imagenet-a" / "test", [(path, 1 - label) for path, label in files], per_shard=4)
+    for shard in shards:
+        assert shard.stat().st_size == before[shard].st_size
+        os.utime(shard, ns=(before[shard].st_atime_ns, before[shard].st_mtime_ns))
+    second = open_family("wds", data_root=str(root)).eval_splits(["imagenet_a"], family.classes())[0]
+    assert [label for _, label in first.samples] == [1, 3] * 3
+    assert [label for _, label in second.samples] == [3, 1] * 3
+
+
+def test_a_damaged_or_replaced_extracted_sample_is_extracted_again(tmp_path):
+    """Extracted K-shot samples are checked like the other caches' entries: a file whose bytes changed is
+    never used; it is extracted again from its shard (one warning)."""
+    from clipconv.data.wds import extract_samples
+
+    image, sample = _one_sample_shard(tmp_path, "s0")
+    target = extract_samples(tmp_path, [sample])[sample]
+    target.write_bytes(b"not the image")
+    with pytest.warns(UserWarning, match="damaged or replaced"):
+        again = extract_samples(tmp_path, [sample])[sample]
+    assert again.read_bytes() == image.read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert extract_samples(tmp_path, [sample])[sample] == again  # intact now: used as it is
