@@ -262,7 +262,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     FeatureStore passes). `round_seed`: torch is seeded with `item_seed(round_seed, i)` before transforming
     the i-th given sample (as FeatureStore's map-style path does; `seed_offset` is added to i, for a slice
     of a longer list, e.g. one rank's share under torchrun). Undecodable images: `BadImage`
-    (on_error="skip") or ImageDecodeError (on_error="raise").
+    (on_error="skip") or ImageDecodeError (on_error="raise"); a listed sample the shard no longer holds: `BadImage`.
     """
 
     def __init__(self, root: PathLike, samples: Sequence[Sample], transform: Optional[Callable] = None,
@@ -287,10 +287,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         shards = self.shards if info is None else self.shards[info.id::info.num_workers]
         for shard in shards:
             wanted = self.wanted[shard]
+            seen = set()
             for sample in _iterate(self.root / shard):
                 position = wanted.get(sample["__key__"])
                 if position is None:
                     continue
+                seen.add(sample["__key__"])
                 where = f"{self.root / shard}{SHARD_SEPARATOR}{sample['__key__']}"
                 try:
                     image = _decode(sample[_image_key(sample, self.root / shard)], where, self.draft_size)
@@ -304,6 +306,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                         seed_item(self.round_seed, self.seed_offset + position)
                     image = self.transform(image)
                 yield image, self.samples[position][1]
+            for key in sorted(set(wanted) - seen):  # listed, but the shard no longer holds it
+                yield BadImage(f"{self.root / shard}{SHARD_SEPARATOR}{key}", "no longer in its shard")
 
 
 def _shard_order(shard: str) -> tuple:
