@@ -544,3 +544,33 @@ def test_a_damaged_or_replaced_extracted_sample_is_extracted_again(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert extract_samples(tmp_path, [sample])[sample] == again  # intact now: used as it is
+
+
+def test_check_data_verify_closes_every_shard_and_counts_only_its_own_findings(world, capsys, monkeypatch):
+    """Every shard read is closed (no "unclosed file" ResourceWarning, even after a garbage collection), and the
+    report's count holds clipconv's findings only: a library's or Python's warning is not a data problem."""
+    import gc
+
+    from clipconv.app.cli import check_data
+    from clipconv.data.wds import WdsFamily
+
+    argv = ["--family", "wds", "--data-root", str(world["shards"]), "--shots", "4", "--verify"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert check_data.main(argv) == 0
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    clean = capsys.readouterr().out
+    assert clean.endswith("usable: 0 error(s), 3 warning(s)\n")  # -V2 and -R missing, -A over 2 classes
+
+    listed = WdsFamily.eval_splits
+
+    def noisy(self, names, classes):
+        warnings.warn("unclosed file <_io.BufferedReader name='0.tar'>", ResourceWarning)
+        return listed(self, names, classes)
+
+    monkeypatch.setattr(WdsFamily, "eval_splits", noisy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        assert check_data.main(argv) == 0
+    assert capsys.readouterr().out == clean

@@ -120,14 +120,6 @@ def shard_paths(split_dir: Path) -> list[Path]:
     return [split_dir / name for _, name in numbered]
 
 
-def _samples(urls: Sequence[str], **options: object):
-    import webdataset as wds  # optional extra [wds]: only the wds family needs it
-
-    # no node/worker splitting here: callers read whole shards and split them across workers themselves
-    return wds.WebDataset(list(urls), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False,
-                          **options)
-
-
 def _label(sample: dict, shard: Path) -> int:
     raw = sample.get("cls")
     key = sample.get("__key__")
@@ -148,18 +140,27 @@ def _image_key(sample: dict, shard: Path) -> str:
 
 
 def _iterate(shard: Path) -> Iterator[dict]:
-    """The samples of one shard; a damaged tar raises a DataLayoutError naming it."""
-    iterator = iter(_samples([str(shard)]))
-    while True:
-        try:
-            sample = next(iterator)
-        except StopIteration:
-            return
-        except DataLayoutError:
-            raise
-        except Exception as err:  # tarfile.ReadError, truncated stream, ... (webdataset re-raises them)
-            raise DataLayoutError(f"shard '{shard}' is damaged ({type(err).__name__}: {err}); download it again") from None
-        yield sample
+    """The samples of one shard (webdataset's tar expansion and key grouping over a file this function opens and
+    closes, also when the caller stops early); a damaged or missing tar raises a DataLayoutError naming it."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander  # optional extra [wds]: only this family
+
+    try:
+        stream = open(shard, "rb")
+    except OSError as err:
+        raise DataLayoutError(f"shard '{shard}' cannot be read ({err.strerror or err}); download it again") from None
+    with stream:
+        iterator = iter(group_by_keys(tar_file_expander([{"url": str(shard), "stream": stream}])))
+        while True:
+            try:
+                sample = next(iterator)
+            except StopIteration:
+                return
+            except DataLayoutError:
+                raise
+            except Exception as err:  # tarfile.ReadError, truncated stream, ... (webdataset re-raises them)
+                raise DataLayoutError(f"shard '{shard}' is damaged ({type(err).__name__}: {err}); "
+                                      "download it again") from None
+            yield sample
 
 
 def _shard_identity(shard: Path) -> str:
