@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="your own data: a named test folder of class folders (repeatable; the first is the source)")
     parser.add_argument("--family", default=None, choices=[n for n in family_names() if FAMILIES[n].selected_by_name],
                         help="wds: CLIP_benchmark's webdataset shards under --data-root (wds_imagenet1k, ...)")
-    parser.add_argument("--classnames", default=None, help="'<id> <name>' file defining the class universe")
+    parser.add_argument("--classnames", default=None, help="'<id> <name>' file defining the class universe "
+                        "('<id><TAB><name>' lines for ids with spaces)")
     parser.add_argument("--shots", type=int, default=16, help="warn about train classes with fewer images (16)")
     parser.add_argument("--verify", action="store_true", help="decode every image to find undecodable files")
     parser.set_defaults(_runtime=add_runtime_args(parser))
