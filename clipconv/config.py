@@ -225,7 +225,8 @@ class DataConfig(Config):
                                               "shards under --data-root; default: demo with --demo, folder with "
                                               "--train-root, else imagenet: ImageNet and its variants)")
     data_root: Optional[str] = option(None, help="folder holding ImageNet and its variants (see datasets/README.md)")
-    classnames: Optional[str] = option(None, help="file of '<id> <name>' lines overriding the class universe")
+    classnames: Optional[str] = option(None, help="file of '<id> <name>' lines ('<id><TAB><name>' for ids with spaces) "
+                                                  "overriding the class universe")
     train_root: Optional[str] = option(None, help="your own data: a folder with one sub-folder of train images per "
                                                   "class (give the test folders with --eval-set NAME=DIR)")
     eval_roots: dict[str, str] = option(default_factory=dict, help="folder family: {set name: folder}", cli=False)

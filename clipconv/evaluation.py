@@ -9,7 +9,7 @@ import torch
 from clipconv.data import image_dataset
 from clipconv.data.decoded import DecodedImageDataset
 from clipconv.data.draft import draft_for
-from clipconv.data.folder import SkipTracker, collate_skip_bad
+from clipconv.data.folder import ImagesChangedError, SkipTracker, collate_skip_bad
 from clipconv.data.sharded import report_skipped_everywhere
 from clipconv.metrics import mean_per_class_recall, per_class_top1, topk_accuracy
 from clipconv.runtime import ranks
@@ -33,9 +33,11 @@ class Scorer(Protocol):
 
 def image_loader(root: Path, samples: Sequence, transform: Callable, batch_size: int, workers: int,
                  shuffle: bool = False, generator: Optional[torch.Generator] = None, strict: bool = False,
-                 draft_size: Optional[int] = None, decoded=None, pin_memory: bool = False):
+                 draft_size: Optional[int] = None, decoded=None, pin_memory: bool = False,
+                 since: Optional[float] = None):
     """Batches of (images, labels) over (path, label) samples; undecodable images are skipped with one
-    warning at the end (an error naming the file when `strict`). `draft_size`: decode JPEGs at a reduced
+    warning at the end (an error naming the file when `strict`), vanished ones (or, given `since`, when they
+    were listed, ones changed after it) raise ImagesChangedError. `draft_size`: decode JPEGs at a reduced
     DCT scale keeping both sides >= it (clipconv.data.draft); `decoded`: read the images from these
     `DecodedImages` (clipconv.data.decoded) instead of the files; `pin_memory`: for CUDA copies."""
 
@@ -50,7 +52,7 @@ def image_loader(root: Path, samples: Sequence, transform: Callable, batch_size:
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate_skip_bad,
         generator=generator, drop_last=False, pin_memory=pin_memory, persistent_workers=workers > 0,
     )
-    return SkipTracker(loader, what=str(root))
+    return SkipTracker(loader, what=str(root), since=since)
 
 
 @torch.no_grad()
@@ -66,16 +68,18 @@ def collect_logits(
     strict: bool = False,
     draft_size: Optional[int] = None,
     decoded=None,
+    since: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `score(images)` over a sample list; returns (logits, labels) on CPU, in sample order (`draft_size`,
-    `decoded`: see `image_loader`). Under torchrun each rank scores a contiguous run of whole batches and every
+    `decoded`, `since`: see `image_loader`). Under torchrun each rank scores a contiguous run of whole batches and every
     rank gets all of them (clipconv.runtime.ranks), bit-identical to one process."""
 
     device = torch.device(device)
     if decoded is not None and ranks.is_distributed():
         raise ValueError("decoded images cannot be sharded across processes; pass decoded=None under torchrun")
     loader = image_loader(root, ranks.shard(list(samples), batch_size), transform, batch_size, workers,
-                          strict=strict, draft_size=draft_size, decoded=decoded, pin_memory=device.type == "cuda")
+                          strict=strict, draft_size=draft_size, decoded=decoded, pin_memory=device.type == "cuda",
+                          since=since)
     all_logits, all_labels = [], []
     for images, labels in progress(loader, desc=desc or "eval", unit="batch"):
         all_logits.append(score(images.to(device, non_blocking=True)).float().cpu())
@@ -131,6 +135,23 @@ def logits_of_batches(score: Callable[[torch.Tensor], torch.Tensor], batches: Im
     return logits, labels
 
 
+def _set_logits(method: Scorer, split: "EvalSplit", data_root: Path, device: torch.device,
+                features: Optional["FeatureStore"], eval_transform: Optional[Callable], batch_size: int,
+                workers: int, strict: bool, draft_size: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of one evaluation set: from cached features for frozen-image-encoder methods, else from
+    the images; ImagesChangedError when images listed with the set vanished or changed since."""
+    if getattr(method, "frozen_image_encoder", False) and features is not None:
+        feats, labels = features.encode(data_root, split.samples, desc=split.display_name, with_labels=True,
+                                        since=split.listed_at)
+        logits = torch.cat([method.logits_from_features(chunk.to(device)).float().cpu()
+                            for chunk in feats.split(4096)]) if len(feats) else torch.empty(0, 0)
+        return logits, labels
+    if eval_transform is None:
+        raise ValueError("evaluate_method needs eval_transform for methods that read images")
+    return collect_logits(method.logits, data_root, split.samples, eval_transform, device, batch_size, workers,
+                          desc=split.display_name, strict=strict, draft_size=draft_size, since=split.listed_at)
+
+
 def evaluate_method(
     method: Scorer,
     splits: Sequence["EvalSplit"],
@@ -160,16 +181,14 @@ def evaluate_method(
     draft_size = draft_for(draft, eval_transform, training=False)
     results: dict[str, dict[str, float]] = {}
     for split in splits:
-        if getattr(method, "frozen_image_encoder", False) and features is not None:
-            feats, labels = features.encode(data_root, split.samples, desc=split.display_name, with_labels=True)
-            logits = torch.cat([method.logits_from_features(chunk.to(device)).float().cpu()
-                                for chunk in feats.split(4096)]) if len(feats) else torch.empty(0, 0)
-        else:
-            if eval_transform is None:
-                raise ValueError("evaluate_method needs eval_transform for methods that read images")
-            logits, labels = collect_logits(method.logits, data_root, split.samples, eval_transform, device,
-                                            batch_size, workers, desc=split.display_name, strict=strict,
-                                            draft_size=draft_size)
+        try:
+            logits, labels = _set_logits(method, split, data_root, device, features, eval_transform, batch_size,
+                                         workers, strict, draft_size)
+        except ImagesChangedError as err:  # named by the set, counted against what it holds
+            raise ImagesChangedError(err.paths, split.name, len(split.samples)) from None
+        if split.samples and not len(labels):
+            raise ValueError(f"{split.name}: none of its {len(split.samples)} images could be decoded, so it "
+                             f"cannot be scored; check it with scripts/check_data.py --verify")
         classes = split.num_classes or (len(split.subset) if split.subset is not None else
                                         int(logits.shape[1]) if logits.numel() else 0)
         results[split.name] = {**topk_accuracy(logits, labels, subset=split.subset), "classes": classes,

@@ -167,6 +167,7 @@ class FeatureStore:
         desc: str = "",
         with_labels: bool = False,
         transform_name: Optional[str] = None,
+        since: Optional[float] = None,
     ):
         """Features (N, D) fp32 [and labels (N,)] of `samples` under `transform`.
 
@@ -174,7 +175,8 @@ class FeatureStore:
         overrides the id used in the cache key. With `rounds > 1` the features of `rounds` augmented
         passes are averaged (Tip-Adapter's cache keys); in round r item i (of the sorted sample list) is
         transformed right after seeding the CPU generator with `item_seed(seed * 1000 + r, i)`, so the result does not
-        depend on the number of workers or the batch size.
+        depend on the number of workers or the batch size. Images that vanished (or, given `since`, when the
+        samples were listed, changed after it) raise ImagesChangedError and nothing is cached.
         """
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -196,7 +198,7 @@ class FeatureStore:
             self.cache_hits += 1
             feats, labels, kept = cached
         else:
-            feats, labels, kept = self._compute(root, samples, func, rounds, seed, desc)
+            feats, labels, kept = self._compute(root, samples, func, rounds, seed, desc, since)
             if path is not None and ranks.is_main():
                 self._write(path, key, feats, labels, kept)
         original = torch.as_tensor(order, dtype=torch.long)[kept] if len(kept) else kept
@@ -241,7 +243,7 @@ class FeatureStore:
                           "feature cache entry")
 
     @torch.no_grad()
-    def _compute(self, root, samples, transform, rounds, seed, desc):
+    def _compute(self, root, samples, transform, rounds, seed, desc, since=None):
         total = None
         labels = kept = None
         for round_index in range(rounds):
@@ -250,7 +252,7 @@ class FeatureStore:
                 torch.manual_seed(generator_seed)
                 feats, round_labels, round_kept = self._encode_once(
                     root, samples, transform, generator_seed,
-                    desc if rounds == 1 else f"{desc or 'features'} (round {round_index + 1}/{rounds})")
+                    desc if rounds == 1 else f"{desc or 'features'} (round {round_index + 1}/{rounds})", since)
             if labels is None:
                 labels, kept, total = round_labels, round_kept, feats
             else:
@@ -259,7 +261,7 @@ class FeatureStore:
                 total = total + feats
         return (total / rounds).float().contiguous(), labels, kept
 
-    def _encode_once(self, root, samples, transform, generator_seed, desc):
+    def _encode_once(self, root, samples, transform, generator_seed, desc, since=None):
 
         # the "label" carried through the loader is the sample's position, so skipped files are known exactly
         indexed = [(path, position) for position, (path, _) in enumerate(samples)]
@@ -295,7 +297,7 @@ class FeatureStore:
         skipped = [path for part in ranks.gather_objects(skipped) for path in part]
         if skipped:
 
-            report_skipped(skipped, f"images under '{root}'")
+            report_skipped(skipped, f"images under '{root}'", since)
         kept = torch.cat(positions) if positions else torch.empty(0, dtype=torch.long)
         width = int(getattr(model.visual, "output_dim", 0) or 0)
         features = torch.cat(feats) if feats else torch.empty(0, width)

@@ -62,15 +62,26 @@ def load_templates(name_or_path: Union[str, Path]) -> list[str]:
     return templates
 
 
+def _classnames_line(line: str) -> list[str]:
+    """[id, name] of one class-names line: "<id><TAB><name>" when it holds a TAB (the id, e.g. a folder name,
+    may then hold spaces), else "<id> <name with spaces>" (split at the first run of spaces)."""
+    text = line.strip()  # trailing tabs or spaces left by an editor are no separator
+    if "\t" in text:
+        return [part.strip() for part in text.split("\t", 1)]
+    return text.split(maxsplit=1)
+
+
 def load_classnames_file(path: Union[str, Path]) -> list[tuple[str, str]]:
-    """Parse a class-names file: one "<id> <name with spaces>" per line, in class-index order."""
+    """Parse a class-names file, in class-index order: one "<id> <name with spaces>" per line, or
+    "<id><TAB><name>" for ids (folder names) that hold spaces themselves."""
     path = Path(path)
     entries: list[tuple[str, str]] = []
     first_line: dict[str, int] = {}
     for number, line in _read_lines(path, "class-names"):
-        parts = line.strip().split(maxsplit=1)
+        parts = _classnames_line(line)
         if len(parts) != 2:
-            raise ValueError(f"{path}:{number}: expected '<id> <class name>', got {line!r}")
+            raise ValueError(f"{path}:{number}: expected '<id> <class name>' (or '<id><TAB><class name>' when the id "
+                             f"holds spaces), got {line!r}")
         class_id, name = parts[0], parts[1].strip()
         if class_id in first_line:
             raise ValueError(

@@ -44,7 +44,7 @@ def test_clear_removes_only_clipconvs_files_and_says_what(cache, capsys):
                    f"removed 1 leftover temporary files (10 B) from {cache / 'features'}",
                    f"removed 1 demo worlds (500 B) from {cache}: demo-world-0123456789ab"]
     remaining = sorted(str(p.relative_to(cache)) for p in cache.rglob("*"))
-    assert remaining == ["demo-world-mine", "features", "features/notes.txt", "other.bin"]
+    assert remaining == [".clipconv-cache.lock", "demo-world-mine", "features", "features/notes.txt", "other.bin"]
     assert main(["clear"]) == 0
     assert capsys.readouterr().out == f"nothing to clear in {cache}\n"
 

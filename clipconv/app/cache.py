@@ -5,11 +5,13 @@ The cache folder is `$CLIPCONV_CACHE`, else `~/.cache/clipconv`. It holds image-
 (`decoded/<40 hex>.safetensors`, see clipconv.data.decoded), webdataset shard listings and extracted
 K-shot samples (`wds-index/`, `wds-samples/`, see clipconv.data.wds) and generated demo worlds
 (`demo-world-<12 hex>/`). `clear` removes only those (and temporary files a killed write left behind);
-anything else in the folder is left alone. It asks nothing and prints what it removed.
+anything else in the folder is left alone. It asks nothing and prints what it removed. While a run uses
+the folder (runs hold its `.clipconv-cache.lock` shared for their whole life) `clear` refuses at once.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shutil
 import sys
@@ -19,7 +21,7 @@ from typing import Optional, Sequence
 
 from clipconv.app.cli.common import plain_warnings
 from clipconv.app.cli.options import add_runtime_args, apply_runtime, runtime_from
-from clipconv.runtime.cache import cache_root
+from clipconv.runtime.cache import CacheInUseError, cache_exclusively, cache_root
 
 __all__ = ["cache_root", "CacheContents", "scan", "clear", "main"]
 
@@ -123,7 +125,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(describe(scan(root)))
         return 0
     try:
-        removed = clear(root, worlds=not args.keep_worlds)
+        with cache_exclusively(root) if root.is_dir() else contextlib.nullcontext():  # never under a running run
+            removed = clear(root, worlds=not args.keep_worlds)
+    except CacheInUseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except OSError as err:
         print(f"error: could not clear '{root}': {err}", file=sys.stderr)
         return 2

@@ -33,12 +33,13 @@ from clipconv.config import BackboneConfig, DataConfig, RuntimeConfig
 from clipconv.data import sample_few_shot
 from clipconv.data.decoded import decoded_cache_dir
 from clipconv.data.family import family_from_config
-from clipconv.data.fewshot import load_split
+from clipconv.data.fewshot import check_split_entries, load_split
 from clipconv.evaluation import Scorer, evaluate_method
 from clipconv.features import FeatureStore
 from clipconv.methods import FitContext, build_method
 from clipconv.methods.base import METHOD_REFERENCE_TEMPLATES, METHODS, method_config, method_names
 from clipconv.prompts import load_templates
+from clipconv.runtime.cache import hold_cache
 from clipconv.runtime.jsontypes import JSON, JSONObject
 from clipconv.runtime.ranks import check_batch_size, local_device
 from clipconv.training import resolve_precision
@@ -108,7 +109,8 @@ class Session:
         return {"class_ids": list(self.classes.ids), "data_root": str(self.data_root.resolve())}
 
     def load_split(self, path: str, shots: int, seed: int, val_shots: int) -> "FewShotSplit":
-        """A saved split; refused when drawn for other classes or with another K, seed or val shots."""
+        """A saved split; refused when drawn for other classes or with another K, seed or val shots, or when an
+        entry is not a train image of the data with its own label, once (`check_split_entries`)."""
 
         split, meta = load_split(path)
         if meta.get("class_ids") is not None and list(meta["class_ids"]) != list(self.classes.ids):
@@ -121,6 +123,7 @@ class Session:
         if differ:
             raise ValueError(f"split file '{path}' does not match this run: {', '.join(differ)}; "
                              "pass the split's values or drop --split")
+        check_split_entries(split, self.train_samples(), self.data_root, path, self.classes.ids)
         return split
 
     def evaluate(self, method: Scorer, log_line: Callable[[str], None] = log.info,
@@ -169,6 +172,7 @@ def open_session(data: DataConfig, backbone: BackboneConfig, runtime: RuntimeCon
 
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
+    hold_cache()  # shared, for the life of the process: the cache is not cleared under a run
     family = open_data_family(data)
     unknown = [name for name in data.eval_sets or () if name not in family.suite]
     if unknown:

@@ -5,7 +5,9 @@ from clipconv.data.family import (
     open_family, parse_eval_set, register_family
 )
 from clipconv.data.fewshot import FewShotSplit, load_split, sample_few_shot, save_split
-from clipconv.data.folder import Batch, ImageListDataset, Sample, SkipTracker, collate_skip_bad, report_skipped
+from clipconv.data.folder import (
+    Batch, ImageListDataset, ImagesChangedError, Sample, SkipTracker, collate_skip_bad, report_skipped
+)
 from clipconv.data.imagenet import (
     DATA_HELP, EVAL_SET_SPECS, EVAL_SETS, FEW_CLASSES_WARNING, ClassList, DataLayoutError, EvalScan, EvalSetSpec,
     EvalSplit, eval_split, eval_splits, load_universe, resolve_run_classes, scan_eval_set, train_samples
@@ -44,6 +46,7 @@ __all__ = [
     "collate_skip_bad",
     "SkipTracker",
     "report_skipped",
+    "ImagesChangedError",
     "DATA_HELP",
     "EVAL_SET_SPECS",
     "EVAL_SETS",

@@ -35,6 +35,7 @@ from __future__ import annotations
 import abc
 import os
 import re
+import unicodedata
 from pathlib import Path
 from typing import Callable, ClassVar, Mapping, Optional, Sequence, Union
 
@@ -300,7 +301,7 @@ class DemoFamily(TreeFamily):
 
 
 # --------------------------------------------------------------------------------------------- folder
-SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+SET_NAME = re.compile(r"^[^\W_][\w.+-]*$")  # letters and digits of any script (NFC), then also _ . + -
 RESERVED_SET_NAMES = ("target_avg",)
 FOLDER_HELP = (
     "Bring your own data: --train-root DIR (one sub-folder of images per class) and one --eval-set NAME=DIR per "
@@ -309,9 +310,9 @@ FOLDER_HELP = (
 
 
 def parse_eval_set(text: str) -> tuple[str, str]:
-    """'NAME=DIR' → (NAME, DIR); a clear ValueError otherwise (names: letters, digits, _ . + -)."""
+    """'NAME=DIR' → (NAME, DIR); a clear ValueError otherwise (names: letters and digits of any script, _ . + -)."""
     name, sep, directory = text.partition("=")
-    name, directory = name.strip(), directory.strip()
+    name, directory = unicodedata.normalize("NFC", name.strip()), directory.strip()
     if not sep or not name or not directory:
         raise ValueError(f"expected NAME=DIR (e.g. sketch=/data/my_sketches), got '{text}'")
     _check_set_name(name)
@@ -319,7 +320,7 @@ def parse_eval_set(text: str) -> tuple[str, str]:
 
 
 def _check_set_name(name: str) -> None:
-    if not SET_NAME.match(name) or name in RESERVED_SET_NAMES:
+    if not SET_NAME.fullmatch(name) or name in RESERVED_SET_NAMES:
         raise ValueError(
             f"evaluation-set name '{name}' must start with a letter or digit and hold only letters, digits, "
             f"'_', '.', '+', '-' (and not be {', '.join(RESERVED_SET_NAMES)})"
@@ -333,7 +334,8 @@ def _pairs(eval_roots: Optional[EvalRoots]) -> list[tuple[str, Path]]:
     pairs, seen = [], set()
     for item in items:
         name, directory = (parse_eval_set(item) if isinstance(item, str) else item)
-        _check_set_name(str(name))
+        name = unicodedata.normalize("NFC", str(name))
+        _check_set_name(name)
         if name in seen:
             raise ValueError(f"--eval-set name '{name}' is given twice; give each evaluation set its own name")
         seen.add(name)

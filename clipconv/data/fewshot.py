@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import warnings
 from collections import defaultdict
@@ -14,7 +15,7 @@ from clipconv.data.images import is_decodable
 from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.outputs import write_json
 
-__all__ = ["FewShotSplit", "sample_few_shot", "save_split", "load_split", "SPLIT_FORMAT"]
+__all__ = ["FewShotSplit", "sample_few_shot", "save_split", "load_split", "check_split_entries", "SPLIT_FORMAT"]
 
 SPLIT_FORMAT = "clipconv-fewshot-split/1"
 PathLike = Union[str, Path]
@@ -186,3 +187,40 @@ def load_split(path: PathLike) -> tuple[FewShotSplit, JSONObject]:
                          {str(k): int(v) for k, v in shortfall.items()},
                          {str(k): int(v) for k, v in val_shortfall.items()})
     return split, payload
+
+
+def _entry_problem(rel: str, label: int, pool: dict[str, int], root: Path, class_ids: Sequence[str]) -> Optional[str]:
+    """What is wrong with one split entry against the train listing `pool` ({path: label}), or None."""
+    normal = os.path.normpath(rel)
+    if Path(rel).is_absolute() or normal == ".." or normal.startswith(".." + os.sep):
+        return f"entry '{rel}' leaves the data root '{root}'"
+    if rel not in pool:
+        if not os.path.lexists(root / rel):
+            return f"entry '{rel}' does not exist under the data root '{root}'"
+        return f"entry '{rel}' is not an image of the train set under '{root}'"
+    if pool[rel] != label:
+        def named(index: int) -> str:
+            return f"{index} ({class_ids[index]})" if 0 <= index < len(class_ids) else str(index)
+        return f"entry '{rel}' has label {named(label)} but its class folder is label {named(pool[rel])}"
+    return None
+
+
+def check_split_entries(split: FewShotSplit, pool: Sequence[Sample], root: PathLike, where: str,
+                        class_ids: Sequence[str] = ()) -> None:
+    """Refuse (ValueError naming `where` and the first bad entry) a split whose entries are not the train images
+    listed in `pool` with their own labels, each once, the validation images apart from the training shots: an
+    edited split.json is checked before use (a path leaving the data root, a missing file, a wrong label, a
+    repeated entry, a validation image that is also a shot)."""
+    root = Path(root)
+    labels = {str(path): int(label) for path, label in pool}
+    seen: dict[str, str] = {}
+    for part, entries in (("train", split.train), ("val", split.val)):
+        for rel, label in entries:
+            problem = _entry_problem(rel, label, labels, root, class_ids)
+            if problem is None and rel in seen:
+                problem = (f"entry '{rel}' is repeated in {part}" if seen[rel] == part else
+                           f"validation entry '{rel}' is also a training shot")
+            if problem:
+                raise ValueError(f"split file '{where}': {problem}; give a split written by clipconv for this data "
+                                 "(or drop --split)")
+            seen[rel] = part

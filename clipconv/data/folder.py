@@ -4,9 +4,14 @@ Skipping works across DataLoader worker processes: a bad file makes `__getitem__
 `BadImage` marker, `collate_skip_bad` drops the markers and records their paths on the `Batch`
 (which still unpacks as `images, labels`), and `SkipTracker` gathers them in the main process and
 emits ONE warning naming every skipped file, with a count, when the loop ends.
+
+Only files that were undecodable from the start are skipped: a listed file that no longer exists (or,
+given the time the files were listed, one changed since) raises `ImagesChangedError` instead; a run does
+not score a set on fewer images than it holds because its files vanished under it.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +30,8 @@ __all__ = [
     "collate_skip_bad",
     "SkipTracker",
     "report_skipped",
+    "ImagesChangedError",
+    "changed_since",
 ]
 
 Sample = tuple[str, int]  # (path relative to the data root, run-class label)
@@ -104,10 +111,43 @@ def collate_skip_bad(items: Sequence) -> Batch:
     return Batch(images, labels, skipped)
 
 
-def report_skipped(paths: Iterable[str], what: str = "images") -> None:
-    """Emit ONE warning naming every skipped file and their count (nothing when there are none)."""
+class ImagesChangedError(ValueError):
+    """Listed images that vanished or were rewritten while a run read them (one line: how many, the first)."""
+
+    def __init__(self, paths: Sequence[str], what: str, total: Optional[int] = None) -> None:
+        self.paths, self.what, self.total = list(paths), what, total
+        of = f" of its {total}" if total is not None else ""
+        super().__init__(f"{what}: {len(self.paths)}{of} images vanished or changed while the run read them "
+                         f"(first: '{self.paths[0]}'), so it is not scored on the rest; keep the data and "
+                         "$CLIPCONV_CACHE (which holds the demo world and extracted samples) unchanged while a run "
+                         "reads them, then run again")
+
+
+def changed_since(paths: Iterable[str], since: Optional[float] = None) -> list[str]:
+    """The `paths` (files, or `<shard>#<key>` samples: their shard) that no longer exist, or, given `since`
+    (`time.time()` when they were listed), whose status changed after it (st_ctime: any write moves it)."""
+    changed = []
+    for path in paths:
+        file = path if os.path.lexists(path) or "#" not in path else path.partition("#")[0]
+        try:
+            stat = os.stat(file)
+        except OSError:
+            changed.append(path)
+            continue
+        if since is not None and stat.st_ctime > since:
+            changed.append(path)
+    return changed
+
+
+def report_skipped(paths: Iterable[str], what: str = "images", since: Optional[float] = None,
+                   warn: bool = True) -> None:
+    """Emit ONE warning naming every skipped file and their count (nothing when there are none); raise
+    `ImagesChangedError` instead when some of them vanished or changed (`changed_since(paths, since)`)."""
     paths = list(paths)
-    if paths:
+    changed = changed_since(paths, since)
+    if changed:
+        raise ImagesChangedError(changed, what)
+    if paths and warn:
         listing = "\n  ".join(paths)
         warnings.warn(
             f"skipped {len(paths)} undecodable file(s) while reading {what}:\n  {listing}",
@@ -121,6 +161,7 @@ class SkipTracker:
 
     loader: Iterable
     what: str = "images"
+    since: Optional[float] = None  # when the images were listed (`report_skipped`)
 
     def __post_init__(self) -> None:
         self.skipped: list[str] = []
@@ -131,7 +172,7 @@ class SkipTracker:
             self.skipped.extend(getattr(batch, "skipped", ()))
             if len(batch[1]):
                 yield batch
-        report_skipped(self.skipped, self.what)
+        report_skipped(self.skipped, self.what, self.since)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -21,6 +21,7 @@ Contract (other modules rely on it):
 from __future__ import annotations
 
 import hashlib
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,8 @@ class EvalSplit:
     subset: Optional[list[int]]  # -A/-R: run-class indices to restrict the argmax to; else None
     dropped: int  # images of classes outside the run (or of unknown/out-of-range folders)
     num_classes: int = 0  # classes the argmax is over: len(subset), or all run classes (0: unknown)
+    #: time.time() when the set was listed: a file changed after it that fails to decode stops the scoring
+    listed_at: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
         if self.subset is not None:

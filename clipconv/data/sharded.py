@@ -92,7 +92,7 @@ class _AllBatches:
             skipped.extend(getattr(batch, "skipped", ()))
             yield batch
         everywhere = [path for part in gather_objects(skipped) for path in part]  # collective: every rank
-        report_skipped(everywhere if is_main() else (), self.what)
+        report_skipped(everywhere, self.what, warn=is_main())  # vanished files stop every rank
 
 
 def train_loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, generator: torch.Generator,

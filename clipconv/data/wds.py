@@ -21,11 +21,13 @@ A sample is `<key>.{jpg,jpeg,png,webp}` + `<key>.cls` (the integer label). Class
 
 A sample's path (relative to the root) is `<set folder>/<split>/<n>.tar#<key>`. Listing a split reads
 each shard once with `webdataset` (keys and labels; cached under `$CLIPCONV_CACHE/wds-index`, keyed by
-the shard's path, size and modification time). Evaluation streams the shards in order (every sample
-once; DataLoader workers take whole shards). K-shot training: the split is drawn from the train
-listing with the usual seeded logic, then the chosen samples are read in one pass over their shards and
-kept as files under `$CLIPCONV_CACHE/wds-samples` (epochs, augmentation rounds and shuffling then read
-them as ordinary files). A damaged shard, a sample without image or label, or a label outside the
+the SHA-256 of the shard's bytes, which is computed again whenever the file's inode, size, mtime or ctime
+changes). Evaluation streams the shards in order (every sample once; DataLoader workers take whole
+shards). K-shot training: the split is drawn from the train listing with the usual seeded logic, then the
+chosen samples are read in one pass over their shards and kept as files under
+`$CLIPCONV_CACHE/wds-samples/<shard SHA-256>/` named by the SHA-256 of their bytes, checked before each
+use (a damaged or replaced file is extracted again); epochs, augmentation rounds and shuffling then read
+them as ordinary files. A damaged shard, a sample without image or label, or a label outside the
 class list is a `DataLayoutError` naming the shard.
 """
 from __future__ import annotations
@@ -55,7 +57,7 @@ from clipconv.runtime.outputs import write_json
 from clipconv.runtime.seeding import seed_item
 
 __all__ = ["WdsFamily", "WDS_FOLDERS", "SHARD_SEPARATOR", "IMAGE_KEYS", "is_shard_sample", "shard_paths",
-           "index_shard", "ShardStream", "ExtractedShardSamples", "image_dataset", "as_files", "extract_samples",
+           "index_shard", "shard_digest", "ShardStream", "ExtractedShardSamples", "image_dataset", "as_files", "extract_samples",
            "read_templates_file", "subset_wnids"]
 
 PathLike = Union[str, Path]
@@ -118,18 +120,6 @@ def shard_paths(split_dir: Path) -> list[Path]:
     return [split_dir / name for _, name in numbered]
 
 
-def _samples(urls: Sequence[str], **options: object):
-    try:
-        import webdataset as wds  # optional extra [wds]: only the wds family needs it
-    except ImportError:
-        raise DataLayoutError("the wds family reads shards with the `webdataset` library, which is not installed: "
-                              "pip install -e \".[wds]\" (or pip install webdataset)") from None
-
-    # no node/worker splitting here: callers read whole shards and split them across workers themselves
-    return wds.WebDataset(list(urls), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False,
-                          **options)
-
-
 def _label(sample: dict, shard: Path) -> int:
     raw = sample.get("cls")
     key = sample.get("__key__")
@@ -150,36 +140,92 @@ def _image_key(sample: dict, shard: Path) -> str:
 
 
 def _iterate(shard: Path) -> Iterator[dict]:
-    """The samples of one shard; a damaged tar raises a DataLayoutError naming it."""
-    iterator = iter(_samples([str(shard)]))
-    while True:
-        try:
-            sample = next(iterator)
-        except StopIteration:
-            return
-        except DataLayoutError:
-            raise
-        except Exception as err:  # tarfile.ReadError, truncated stream, ... (webdataset re-raises them)
-            raise DataLayoutError(f"shard '{shard}' is damaged ({type(err).__name__}: {err}); download it again") from None
-        yield sample
+    """The samples of one shard (webdataset's tar expansion and key grouping over a file this function opens and
+    closes, also when the caller stops early); a damaged or missing tar raises a DataLayoutError naming it."""
+    try:
+        from webdataset.tariterators import group_by_keys, tar_file_expander  # optional extra [wds]: only this family
+    except ImportError:
+        raise DataLayoutError("the wds family reads shards with the `webdataset` library, which is not installed: "
+                              "pip install -e \".[wds]\" (or pip install webdataset)") from None
+
+    try:
+        stream = open(shard, "rb")
+    except OSError as err:
+        raise DataLayoutError(f"shard '{shard}' cannot be read ({err.strerror or err}); download it again") from None
+    with stream:
+        iterator = iter(group_by_keys(tar_file_expander([{"url": str(shard), "stream": stream}])))
+        while True:
+            try:
+                sample = next(iterator)
+            except StopIteration:
+                return
+            except DataLayoutError:
+                raise
+            except Exception as err:  # tarfile.ReadError, truncated stream, ... (webdataset re-raises them)
+                raise DataLayoutError(f"shard '{shard}' is damaged ({type(err).__name__}: {err}); "
+                                      "download it again") from None
+            yield sample
 
 
 def _shard_identity(shard: Path) -> str:
+    """What changes whenever the file's bytes may have: device, inode, size, modification and status-change
+    time. A rewrite always moves st_ctime, which (unlike st_mtime) no one can set back."""
     stat = shard.stat()
-    text = f"{shard.resolve()}\n{stat.st_size}\n{stat.st_mtime_ns}"
+    text = f"{shard.resolve()}\n{stat.st_dev}:{stat.st_ino}\n{stat.st_size}\n{stat.st_mtime_ns}\n{stat.st_ctime_ns}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:40]
 
 
-def index_shard(shard: Path, use_cache: bool = True) -> list[tuple[str, int]]:
-    """[(key, label)] of one shard in stored order (read once with webdataset, then cached)."""
+_DIGESTS: dict[str, str] = {}  # shard identity -> SHA-256 of its bytes (this process)
+_DIGEST_CHUNK = 1 << 20
 
-    entry = _cache_root() / "wds-index" / f"{_shard_identity(shard)}.json"
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(_DIGEST_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shard_digest(shard: Path, use_cache: bool = True) -> str:
+    """SHA-256 of the shard's bytes: what its listing and extracted samples are keyed by. The bytes are hashed
+    once per identity (`_shard_identity`), remembered under `$CLIPCONV_CACHE/wds-index/identity-*.json`."""
+    identity = _shard_identity(shard)
+    if identity in _DIGESTS:
+        return _DIGESTS[identity]
+    memo = _cache_root() / "wds-index" / f"identity-{identity}.json"
+    digest = None
+    if use_cache and memo.is_file():
+        try:
+            stored = json.loads(memo.read_text(encoding="utf-8")).get("sha256")
+            digest = stored if isinstance(stored, str) and re.fullmatch(r"[0-9a-f]{64}", stored) else None
+        except (ValueError, OSError, AttributeError):
+            digest = None  # a damaged memo: hash again
+    if digest is None:
+        digest = _hash_file(shard)
+        if use_cache:
+            try:
+                write_json(memo, {"shard": str(shard.resolve()), "sha256": digest})
+            except OutputWriteError as err:
+                warnings.warn(f"webdataset shard digest not cached: {err}", stacklevel=3)
+    if _shard_identity(shard) != identity:  # rewritten while it was hashed
+        raise DataLayoutError(f"shard '{shard}' changed while it was read; run again once it is complete")
+    _DIGESTS[identity] = digest
+    return digest
+
+
+def index_shard(shard: Path, use_cache: bool = True) -> list[tuple[str, int]]:
+    """[(key, label)] of one shard in stored order (read once with webdataset, then cached under the
+    SHA-256 of the shard's bytes: a shard rewritten with other labels is listed again whatever its times)."""
+
+    digest = shard_digest(shard, use_cache)
+    entry = _cache_root() / "wds-index" / f"{digest[:40]}.json"
     if use_cache and entry.is_file():
         try:
             payload = json.loads(entry.read_text(encoding="utf-8"))
-            if payload.get("shard") == str(shard.resolve()):
+            if payload.get("sha256") == digest:
                 return [(str(k), int(v)) for k, v in payload["samples"]]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             pass  # a damaged index entry is rebuilt
     listed, seen = [], set()
     for sample in _iterate(shard):
@@ -189,9 +235,11 @@ def index_shard(shard: Path, use_cache: bool = True) -> list[tuple[str, int]]:
         seen.add(key)
         _image_key(sample, shard)
         listed.append((key, _label(sample, shard)))
+    if shard_digest(shard, use_cache) != digest:  # rewritten while it was listed
+        raise DataLayoutError(f"shard '{shard}' changed while it was read; run again once it is complete")
     if use_cache:
         try:
-            write_json(entry, {"shard": str(shard.resolve()), "samples": listed})
+            write_json(entry, {"sha256": digest, "samples": listed})
         except OutputWriteError as err:
             warnings.warn(f"webdataset index not cached: {err}", stacklevel=2)
     return listed
@@ -219,7 +267,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     FeatureStore passes). `round_seed`: torch is seeded with `item_seed(round_seed, i)` before transforming
     the i-th given sample (as FeatureStore's map-style path does; `seed_offset` is added to i, for a slice
     of a longer list, e.g. one rank's share under torchrun). Undecodable images: `BadImage`
-    (on_error="skip") or ImageDecodeError (on_error="raise").
+    (on_error="skip") or ImageDecodeError (on_error="raise"); a listed sample the shard no longer holds: `BadImage`.
     """
 
     def __init__(self, root: PathLike, samples: Sequence[Sample], transform: Optional[Callable] = None,
@@ -244,10 +292,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         shards = self.shards if info is None else self.shards[info.id::info.num_workers]
         for shard in shards:
             wanted = self.wanted[shard]
+            seen = set()
             for sample in _iterate(self.root / shard):
                 position = wanted.get(sample["__key__"])
                 if position is None:
                     continue
+                seen.add(sample["__key__"])
                 where = f"{self.root / shard}{SHARD_SEPARATOR}{sample['__key__']}"
                 try:
                     image = _decode(sample[_image_key(sample, self.root / shard)], where, self.draft_size)
@@ -261,6 +311,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                         seed_item(self.round_seed, self.seed_offset + position)
                     image = self.transform(image)
                 yield image, self.samples[position][1]
+            for key in sorted(set(wanted) - seen):  # listed, but the shard no longer holds it
+                yield BadImage(f"{self.root / shard}{SHARD_SEPARATOR}{key}", "no longer in its shard")
 
 
 def _shard_order(shard: str) -> tuple:
@@ -270,12 +322,46 @@ def _shard_order(shard: str) -> tuple:
 
 
 def _extract_dir(root: Path, shard: str) -> Path:
-    return _cache_root() / "wds-samples" / _shard_identity(root / shard)
+    return _cache_root() / "wds-samples" / shard_digest(root / shard)[:40]
 
 
-def _extracted_name(key: str, ext: str) -> str:
-    """File name of an extracted sample: a digest of its key (a key from a tar may hold '/' or '..')."""
-    return f"{hashlib.sha256(key.encode('utf-8')).hexdigest()[:32]}.{ext}"
+def _extracted_name(key: str, ext: str, data: bytes) -> str:
+    """File name of an extracted sample: a digest of its key (a key from a tar may hold '/' or '..'), then the
+    SHA-256 of its bytes (checked before every use, like the other caches' entries)."""
+    return f"{_key_digest(key)}-{hashlib.sha256(data).hexdigest()[:32]}.{ext}"
+
+
+def _key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+
+
+_EXTRACTED = re.compile(r"^([0-9a-f]{32})-([0-9a-f]{32})\.([a-z]+)$")
+
+
+def _verified_extracts(folder: Path) -> dict[str, Path]:
+    """{key digest: file} of the intact extracted samples in `folder`; a file whose bytes no longer match the
+    SHA-256 in its name is removed (it is extracted again), with one warning."""
+    found: dict[str, Path] = {}
+    damaged = []
+    names = sorted(os.listdir(folder)) if folder.is_dir() else []
+    for name in names:
+        match = _EXTRACTED.match(name)
+        if not match or match.group(3) not in IMAGE_KEYS:
+            continue
+        path = folder / name
+        try:
+            intact = hashlib.sha256(path.read_bytes()).hexdigest()[:32] == match.group(2)
+        except OSError:
+            intact = False
+        if intact:
+            found[match.group(1)] = path
+        else:
+            damaged.append(path)
+            path.unlink(missing_ok=True)
+    if damaged:
+        warnings.warn(f"{len(damaged)} extracted webdataset sample(s) under '{folder}' were damaged or replaced (their "
+                      f"bytes do not match their SHA-256), e.g. '{damaged[0].name}'; extracting them again", stacklevel=3)
+    return found
 
 
 def _write_file_atomically(target: Path, data: bytes) -> None:
@@ -294,18 +380,21 @@ def _write_file_atomically(target: Path, data: bytes) -> None:
 
 
 def extract_samples(root: PathLike, paths: Sequence[str]) -> dict[str, Path]:
-    """{shard sample path: file holding its image bytes}: samples not extracted yet are read in one pass over
-    their shards (webdataset) and written under `$CLIPCONV_CACHE/wds-samples/<shard identity>/`."""
+    """{shard sample path: file holding its image bytes}: samples not extracted yet (or whose extracted file is
+    damaged) are read in one pass over their shards (webdataset) and written under
+    `$CLIPCONV_CACHE/wds-samples/<shard SHA-256>/<key digest>-<bytes SHA-256>.<ext>`."""
     root = Path(root)
     files: dict[str, Path] = {}
     todo: dict[str, set[str]] = {}
+    intact: dict[Path, dict[str, Path]] = {}
     for path in paths:
         shard, key = _split_ref(path)
         folder = _extract_dir(root, shard)
-        existing = [folder / _extracted_name(key, ext) for ext in IMAGE_KEYS
-                    if (folder / _extracted_name(key, ext)).is_file()]
-        if existing:
-            files[path] = existing[0]
+        if folder not in intact:
+            intact[folder] = _verified_extracts(folder)
+        existing = intact[folder].get(_key_digest(key))
+        if existing is not None:
+            files[path] = existing
         else:
             todo.setdefault(shard, set()).add(key)
     for shard in sorted(todo, key=_shard_order):
@@ -316,7 +405,7 @@ def extract_samples(root: PathLike, paths: Sequence[str]) -> dict[str, Path]:
             if key not in keys:
                 continue
             ext = _image_key(sample, root / shard)
-            target = folder / _extracted_name(key, ext)
+            target = folder / _extracted_name(key, ext, sample[ext])
             folder.mkdir(parents=True, exist_ok=True)
             _write_file_atomically(target, sample[ext])
             files[f"{shard}{SHARD_SEPARATOR}{key}"] = target
@@ -324,6 +413,8 @@ def extract_samples(root: PathLike, paths: Sequence[str]) -> dict[str, Path]:
         if keys:
             raise DataLayoutError(f"shard '{root / shard}' no longer holds sample(s) {sorted(keys)[:5]}; "
                                   "it changed since the split was drawn")
+        if _extract_dir(root, shard) != folder:
+            raise DataLayoutError(f"shard '{root / shard}' changed while its samples were extracted; run again")
     return files
 
 

@@ -1,14 +1,18 @@
 """clipconv's cache folder and its entries: `$CLIPCONV_CACHE` (else `~/.cache/clipconv`), checksummed
-safetensors entries written atomically (the feature cache, the decoded-image cache)."""
+safetensors entries written atomically (the feature cache, the decoded-image cache), and its lock: a run
+holds it shared for its whole life (`hold_cache`), clearing takes it exclusively (`cache_exclusively`)."""
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import os
 import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import safetensors.torch
 import torch
@@ -16,9 +20,17 @@ import torch
 from clipconv.runtime.io import OutputWriteError
 from clipconv.runtime.outputs import atomic_path
 
-__all__ = ["cache_root", "cache_dir_problem", "tensor_checksum", "transform_id", "write_cache_entry"]
+__all__ = ["cache_root", "cache_dir_problem", "tensor_checksum", "transform_id", "write_cache_entry", "CACHE_LOCK",
+           "hold_cache", "cache_exclusively", "CacheInUseError"]
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+#: the lock file in the cache folder: shared by every run using it, exclusive while it is cleared
+CACHE_LOCK = ".clipconv-cache.lock"
+_HELD: dict[str, int] = {}  # cache folder (absolute) -> the open descriptor holding its shared lock
+
+
+class CacheInUseError(RuntimeError):
+    """The cache folder is in use by a run (it holds the folder's lock shared)."""
 
 
 def cache_root() -> Path:
@@ -79,3 +91,49 @@ def write_cache_entry(path: Path, tensors: dict[str, torch.Tensor], metadata: di
 def transform_id(transform: Callable) -> str:
     """A stable text id of a transform: its repr with process-specific memory addresses removed."""
     return _ADDRESS.sub("", repr(transform))
+
+
+def hold_cache(root: Union[str, Path, None] = None) -> None:
+    """Hold the cache folder's lock shared for the life of this process (every run: the demo world, feature
+    entries and extracted samples it reads stay put while `cache_exclusively` waits for no run). Waits while a
+    clear is under way; does nothing when the folder cannot hold a lock (the cache is then unusable anyway,
+    which the places using it report)."""
+    folder = Path(root) if root is not None else cache_root()
+    key = os.path.abspath(folder)
+    if key in _HELD or cache_dir_problem(folder):
+        return
+    try:
+        fd = os.open(folder / CACHE_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        return
+    _HELD[key] = fd
+
+
+@contextlib.contextmanager
+def cache_exclusively(root: Union[str, Path]) -> Iterator[None]:
+    """Hold the cache folder's lock exclusively (to clear it); CacheInUseError at once while a run holds it."""
+    folder = Path(root)
+    try:
+        fd = os.open(folder / CACHE_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        try:  # a folder this process cannot write: a run holding it made the lock file
+            fd = os.open(folder / CACHE_LOCK, os.O_RDONLY)
+        except OSError:
+            yield  # no lock file and none can be made: no run can be holding one
+            return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise CacheInUseError(f"cache folder '{folder}' is in use by a running clipconv process (it holds "
+                                      f"{CACHE_LOCK}); clear it once no run uses it") from None
+            raise
+        yield
+    finally:
+        os.close(fd)

@@ -170,6 +170,12 @@ def _decode_all(family: DatasetFamily, samples: Sequence, what: str, report: Dat
         report.warn(f"{what}: {len(bad)} undecodable image(s) will be skipped: {_preview(bad, 20)}")
 
 
+def _own_finding(warning: warnings.WarningMessage) -> bool:
+    """A finding clipconv reported about the data (its warnings are plain UserWarnings), not Python's or a
+    library's own kind of warning (ResourceWarning "unclosed file", DeprecationWarning, ...)."""
+    return warning.category is UserWarning
+
+
 def _check_listed(family: DatasetFamily, shots: int, verify: bool, report: DataCheck) -> DataCheck:
     """A family that is not a class-folder tree (webdataset shards): list it through its own interface."""
     report.line(f"data root: {family.data_root.resolve()} ({family.name} family)")
@@ -190,7 +196,10 @@ def _check_listed(family: DatasetFamily, shots: int, verify: bool, report: DataC
                 warnings.simplefilter("always")
                 splits = family.eval_splits([name], classes)
             for warning in caught:
-                report.warn(str(warning.message))
+                if _own_finding(warning):
+                    report.warn(str(warning.message))
+                else:  # e.g. a library's ResourceWarning: shown as Python shows it, not counted as a finding
+                    warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
             if not splits:
                 report.line(f"{display:<11} missing")
                 continue
@@ -227,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="your own data: a named test folder of class folders (repeatable; the first is the source)")
     parser.add_argument("--family", default=None, choices=[n for n in family_names() if FAMILIES[n].selected_by_name],
                         help="wds: CLIP_benchmark's webdataset shards under --data-root (wds_imagenet1k, ...)")
-    parser.add_argument("--classnames", default=None, help="'<id> <name>' file defining the class universe")
+    parser.add_argument("--classnames", default=None, help="'<id> <name>' file defining the class universe "
+                        "('<id><TAB><name>' lines for ids with spaces)")
     parser.add_argument("--shots", type=int, default=16, help="warn about train classes with fewer images (16)")
     parser.add_argument("--verify", action="store_true", help="decode every image to find undecodable files")
     parser.set_defaults(_runtime=add_runtime_args(parser))

@@ -26,6 +26,7 @@ from clipconv.config import Config, OptionError, RuntimeConfig
 from clipconv.data.demo_world import ensure_world
 from clipconv.methods.base import METHODS, PRESETS
 from clipconv.mini_clip import MINI_CLIP_CONFIG, MINI_CLIP_CROP_SCALE, MINI_CLIP_WEIGHTS
+from clipconv.runtime.cache import hold_cache
 
 __all__ = ["add_config_args", "given", "shared_configs", "add_shared_args", "demo_overrides_help", "SHARED",
            "DEMO_RUN_SETTINGS", "add_preset_arg", "preset_of", "preset_notes", "method_json", "merge_method_options",
@@ -286,6 +287,7 @@ def shared_configs(args: argparse.Namespace, fields: Mapping[str, list[str]], pa
     if configs["data"].data_root is None and configs["data"].train_root is None:
         if not getattr(args, "demo", False) and configs["data"].family != "demo":
             parser.error(NO_DATA_HELP)
+        hold_cache()  # for the life of the run: `cache.py clear` refuses while the demo world is in use
 
         try:
             world = ensure_world()
