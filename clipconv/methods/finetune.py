@@ -39,7 +39,10 @@ from clipconv.training import AnchoredClassifierTask, TrainConfig, Trainer, weig
 
 __all__ = ["AdapterTuning", "loader_workers", "AdapterTuningConfig", "tuning_config", "load_classifier",
            "load_endpoints", "DEFAULT_SCALE", "DEMO_RECIPE", "ADAPTER_METHOD_PREFIX", "adapter_method_name",
-           "AdapterKindMethod"]
+           "AdapterKindMethod", "FIT_IDENTITY_KEYS"]
+
+# The checkpoint metadata two fits of one method (different seeds) must share to be averaged together.
+FIT_IDENTITY_KEYS = ("method", "adapter", "backbone", "class_ids")
 
 # Adam's step size does not depend on the gradient's scale, so with the paper's lr of 1e-5 the adapter
 # weights move by ~1e-5 per step whatever s is; s then sets how far the branch can move the residual

@@ -20,7 +20,7 @@ from clipconv.app.wise_report import run_sweep
 from clipconv.backbone import load_backbone, model_name_of, resolve_device
 from clipconv.checkpoint import read_metadata
 from clipconv.data import ClassList
-from clipconv.methods.finetune import load_classifier, load_endpoints
+from clipconv.methods.finetune import FIT_IDENTITY_KEYS, load_classifier, load_endpoints
 from clipconv.runtime.io import read_json_object
 from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.ranks import is_main, local_device, on_main
@@ -130,7 +130,7 @@ def check_same_fit(checkpoints: Sequence[Path], metas: Sequence[JSONObject]) -> 
     one-line refusal naming what differs."""
     first = metas[0]
     for path, meta in zip(checkpoints[1:], metas[1:]):
-        for key in ("method", "adapter", "backbone", "class_ids"):
+        for key in FIT_IDENTITY_KEYS:
             if meta.get(key) != first.get(key):
                 fail(f"--checkpoint {path}: its {key} differs from {checkpoints[0]}'s; a sweep over several checkpoints "
                      "averages one method's fits (different seeds) on the same backbone and classes")
