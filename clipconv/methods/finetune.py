@@ -30,12 +30,13 @@ from clipconv.data.draft import draft_for, leading_resize, needed_short_side
 from clipconv.data.sharded import train_loader
 from clipconv.evaluation import ImageBatches, collect_logits, logits_of_batches
 from clipconv.head import ImageClassifier, text_head
-from clipconv.methods.base import METHODS, FitContext, Method, MethodConfig, config_from, option, register_method
+from clipconv.methods.base import METHODS, FitContext, Method, config_from, option, register_method
+from clipconv.methods.robust import ROBUST_PRESET, ROBUST_RECIPE, RobustOptions
 from clipconv.metrics import topk_accuracy
 from clipconv.params import ParamSpec, count_elements, meta_copy
 from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.ranks import is_distributed
-from clipconv.training import AnchoredClassifierTask, TrainConfig, Trainer, weight_average_problem
+from clipconv.training import AnchoredClassifierTask, TrainConfig, Trainer
 
 __all__ = ["AdapterTuning", "loader_workers", "AdapterTuningConfig", "tuning_config", "load_classifier",
            "load_endpoints", "DEFAULT_SCALE", "DEMO_RECIPE", "ADAPTER_METHOD_PREFIX", "adapter_method_name",
@@ -61,9 +62,10 @@ DEMO_RECIPE: Mapping[str, object] = {"lr": 3e-3, "epochs": 30}
 
 
 @dataclass
-class AdapterTuningConfig(MethodConfig):
-    """Training options (defaults: the paper's Convpass_CLIP protocol, Table 3). `tuning_config(KindConfig)`
-    adds the adapter kind's own options (all but `scale`, which `scales` replaces)."""
+class AdapterTuningConfig(RobustOptions):
+    """Training options (defaults: the paper's Convpass_CLIP protocol, Table 3) and the robustness-keeping ones
+    (`RobustOptions`, off by default). `tuning_config(KindConfig)` adds the adapter kind's own options (all but
+    `scale`, which `scales` replaces)."""
 
     scales: tuple[float, ...] = option((DEFAULT_SCALE,), check=positive, aliases=("--scale",),
                                        help="adapter scale(s) s; several are each trained and the best is chosen on the "
@@ -95,20 +97,6 @@ class AdapterTuningConfig(MethodConfig):
     l2sp: float = option(0.0, check=non_negative,
                          help="L2-SP weight a: adds a/2·||θ − θ₀||² over head + adapters toward their "
                               "initialization (Li, Grandvalet & Davoudi, ICML 2018); 0 = off (the paper)")
-    # Robustness-keeping training (project issue "Keep the robustness"); the defaults train as the paper.
-    anchor_logits: float = option(0.0, check=non_negative,
-                                  help="weight W of W·KL(zero-shot ‖ adapted class distribution) on every training "
-                                       "batch, zero-shot = the frozen encoder with the initial text head (PromptSRC's "
-                                       "L_SCL-logits, Khattak et al., ICCV 2023, T = 1); 0 = off (the paper)")
-    anchor_features: float = option(0.0, check=non_negative,
-                                    help="weight W of W·L1(adapted, frozen normalized image features) of the same "
-                                         "augmented batch (PromptSRC's L_SCL-image); 0 = off (the paper)")
-    weight_average: str = option("none", check=weight_average_problem,
-                                 help="average the trained weights during training; the average is validated, "
-                                      "evaluated and saved: none (the paper), ema:DECAY (every step, DECAY in (0, 1)), "
-                                      "swa:EPOCHS (uniform over the last EPOCHS epochs) or gpa[:MEAN:STD] "
-                                      "(PromptSRC's Gaussian weights over epochs, default mean 30, std 30)")
-
     def __post_init__(self) -> None:
         if isinstance(self.scales, (int, float)) and not isinstance(self.scales, bool):
             self.scales = (self.scales,)  # one scale given as a number
@@ -123,11 +111,6 @@ class AdapterTuningConfig(MethodConfig):
             raise ValueError(f"weight_average {self.weight_average} averages more epochs than the {self.epochs} "
                              "trained")
 
-    @property
-    def anchored(self) -> bool:
-        """Whether a zero-shot anchor term is on (the frozen encoder then runs on every training batch)."""
-        return self.anchor_logits > 0 or self.anchor_features > 0
-
     def adapter_options(self) -> dict[str, object]:
         """The adapter kind's options held in this config."""
         names = {f.name for f in dataclasses.fields(self)} - {f.name for f in dataclasses.fields(AdapterTuningConfig)}
@@ -138,7 +121,8 @@ class AdapterTuningConfig(MethodConfig):
                            warmup_epochs=self.warmup_epochs, precision=self.precision,
                            grad_checkpointing=self.grad_checkpointing, seed=ctx.seed, workers=ctx.workers,
                            eval_every=self.eval_every, l2sp=self.l2sp, compile=self.compile,
-                           weight_average=self.weight_average,
+                           weight_average=self.weight_average, anchor_logits=self.anchor_logits,
+                           anchor_features=self.anchor_features,
                            lr_scales=(("head.", self.head_lr_scale),) if self.head_lr_scale != 1.0 else ())
 
 
@@ -182,7 +166,7 @@ class AdapterTuning(Method):
     #: default adapter scale(s); None: the kind's own default scale
     default_scales: ClassVar[Optional[tuple[float, ...]]] = (DEFAULT_SCALE,)
     config_class: ClassVar[type[AdapterTuningConfig]] = tuning_config(ConvpassConfig, (DEFAULT_SCALE,))
-    presets: ClassVar[Mapping[str, Mapping[str, object]]] = {"paper": {}, "demo": DEMO_RECIPE}
+    presets: ClassVar[Mapping[str, Mapping[str, object]]] = {"paper": {}, "demo": DEMO_RECIPE, ROBUST_PRESET: ROBUST_RECIPE}
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -241,8 +225,7 @@ class AdapterTuning(Method):
 
     def robustness(self) -> JSONObject:
         """The robustness-keeping settings of the training (anchors and weight averaging)."""
-        return {"anchor_logits": self.config.anchor_logits, "anchor_features": self.config.anchor_features,
-                "weight_average": self.config.weight_average}
+        return self.config.robustness()
 
     # ----- fit ---------------------------------------------------------------------------------
     @staticmethod
@@ -320,7 +303,7 @@ class AdapterTuning(Method):
             try:
                 if self.config.anchored:  # the original encoder is frozen and untouched: the zero-shot model
                     task = AnchoredClassifierTask(classifier, make_loader, batches, backbone.model.visual,
-                                                  self.config.anchor_logits, self.config.anchor_features, cfg.l2sp,
+                                                  cfg.anchor_logits, cfg.anchor_features, cfg.l2sp,
                                                   validate if ctx.val else None, torch.device(ctx.device))
                     trainer = Trainer(task, cfg, ctx.device, run_dir, ctx.log)
                 else:
@@ -474,7 +457,7 @@ class ConvpassTuning(AdapterTuning):
     """Convpass parallel to attention and MLP (the paper's main model, Convpass_CLIP)."""
 
     adapter_kind = "convpass"
-    presets = {"paper": {}, "demo": {"dim": 32, **DEMO_RECIPE, "scales": (1.0,)}}
+    presets = {"paper": {}, "demo": {"dim": 32, **DEMO_RECIPE, "scales": (1.0,)}, ROBUST_PRESET: ROBUST_RECIPE}
     default = True
     table2_order = 7
     #: the Convpass paper's Table 2 (ViT-B/16 CLIP, 16 shots), top-1 %
