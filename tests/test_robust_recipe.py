@@ -10,10 +10,15 @@ import json
 import pytest
 import torch
 from baseline_world import make_world
+from cli_world import refused_line
 from tiny_tasks import LinearTask, fixed_batches
+from tolerance import assert_close_scaled
 
 from clipconv.app.cli.options import preset_of
 from clipconv.app.cli.run_table2 import main as table2_main
+from clipconv.app.cli.train import main as train_main
+from clipconv.app.run import CONFIG_FILE, RunConfig
+from clipconv.config import BackboneConfig, DataConfig
 from clipconv.data import make_image_tree
 from clipconv.methods import build_method
 from clipconv.methods.base import METHODS, PRESET_CHOICES, method_config
@@ -91,6 +96,65 @@ def _image(world, path):
     from PIL import Image  # test-only helper
 
     return Image.open(world.root / path).convert("RGB")
+
+
+# ----------------------------------------------------------------------------- recorded settings, resume
+def test_anchors_and_averaging_are_recorded_and_a_resume_with_others_is_refused(tmp_path):
+    saved = TrainConfig(epochs=1, lr=0.1, anchor_logits=1.0, anchor_features=10.0, weight_average="gpa")
+    Trainer(LinearTask(fixed_batches()), saved, CPU, tmp_path, log=lambda *_: None).fit()
+    recorded = torch.load(tmp_path / STATE_FILE, weights_only=True)["config"]
+    assert (recorded["anchor_logits"], recorded["anchor_features"], recorded["weight_average"]) == (1.0, 10.0, "gpa")
+    for other in ({"anchor_logits": 0.0}, {"anchor_features": 1.0}, {"weight_average": "none"}):
+        trainer = Trainer(LinearTask(fixed_batches()), dataclasses.replace(saved, **other), CPU, tmp_path,
+                          log=lambda *_: None)
+        with pytest.raises(ValueError, match="training settings differ") as refused:
+            trainer.resume_if_saved(True)
+        assert "\n" not in str(refused.value) and next(iter(other)) in str(refused.value)
+    with pytest.raises(ValueError, match="anchor_logits must be finite"):
+        TrainConfig(anchor_logits=-1.0)
+
+
+def test_cli_resume_with_other_anchors_or_averaging_is_refused_in_one_line(tmp_path, tiny_config, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    config = RunConfig(method="convpass", preset="robust", data=DataConfig(data_root=str(tmp_path)),
+                       backbone=BackboneConfig(model=str(tiny_config), pretrained="none"))
+    (run / CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    before = sorted(run.iterdir())
+    line = refused_line(train_main, ["--resume", str(run), "--anchor-logits", "2", "--weight-average", "none"], capsys)
+    assert "--anchor-logits 2.0 (saved: 1.0)" in line and "--weight-average none (saved: gpa)" in line
+    assert "--preset paper (saved: robust)" in refused_line(train_main, ["--resume", str(run), "--preset", "paper"],
+                                                            capsys)
+    assert sorted(run.iterdir()) == before
+
+
+# ----------------------------------------------------------------------------- torchrun: anchor terms over ranks
+def test_anchor_terms_are_averaged_over_every_ranks_examples():
+    """Under torchrun each rank sums its own terms; `mean_over_ranks` reduces them (here a stand-in all-reduce
+    that adds the other rank's sums) to the mean over all examples, as one process over the whole batch."""
+    def batch(seed: int, rows: int):
+        g = torch.Generator().manual_seed(seed)
+        logits, zs = torch.randn(rows, 3, generator=g), torch.randn(rows, 3, generator=g)
+        f, fz = (torch.nn.functional.normalize(torch.randn(rows, 4, generator=g), dim=-1) for _ in range(2))
+        return logits, zs, f, fz
+
+    halves = [batch(1, 2), batch(2, 5)]  # unequal shards
+    ranks = [Anchors(1.0, 1.0) for _ in halves]
+    for anchors, terms in zip(ranks, halves):
+        anchors.penalty(*terms)
+    other = {id(ranks[0]._sums): ranks[1]._sums, id(ranks[1]._sums): ranks[0]._sums}
+    metrics = [a.metrics(lambda t, a=a: t + other[id(a._sums)]) for a in ranks]
+    assert metrics[0] == metrics[1]  # every rank logs the same numbers
+    whole = Anchors(1.0, 1.0)
+    rows = [torch.cat(parts) for parts in zip(*halves)]
+    kl_halves = [Anchors(1.0, 0.0) for _ in halves]
+    for anchors, terms in zip(kl_halves, halves):
+        anchors.penalty(*terms)
+    expected_kl = sum(a.metrics(lambda t: t)["anchor_logits_kl"] * len(h[0]) for a, h in zip(kl_halves, halves)) / 7
+    assert_close_scaled(metrics[0]["anchor_logits_kl"], expected_kl)
+    whole.penalty(*rows)  # the features' mean L1 over the 7 rows, as one process computes it (float32 sums)
+    assert_close_scaled(metrics[0]["anchor_features_l1"], whole.metrics(lambda t: t)["anchor_features_l1"])
+    assert mean_over_ranks(torch.zeros(3, dtype=torch.float64), lambda t: t) == [0.0, 0.0]
 
 
 # ----------------------------------------------------------------------------- Table 2

@@ -3,11 +3,13 @@ the options (`RobustOptions`: PromptSRC's zero-shot anchors and weight averaging
 recommended recipe (`ROBUST_RECIPE`, each such method's `--preset robust`) and the `robust:<method>` variants
 (the method trained with the recipe laid over the run's preset; Table 2's "(robust)" rows).
 
-How the recipe was chosen (docs/robustness.md): its form and ratios are PromptSRC's published few-shot
-ImageNet setting, fixed in advance (logit KL weight 1, image-feature L1 weight 10, Gaussian weight
-aggregation with mean 30, std 30 epochs); one common factor k over both anchor weights was then picked on the
-SOURCE validation split alone (never a shifted set) by a rule fixed before looking: the larger k of
-{1, 10} whose validation top-1 stays >= zero-shot's validation top-1 + 6 points (the issue's source margin).
+How the recipe was chosen (docs/robustness.md), without any shifted set: its form and weights are PromptSRC's
+published few-shot ImageNet setting, fixed in advance (logit KL weight 1, image-feature L1 weight 10, Gaussian
+weight aggregation over epochs with mean 30, std 30). One common factor k over both anchor weights was then
+to be picked on the SOURCE validation split alone by a rule fixed before looking: the larger k of {1, 10}
+whose validation top-1 stays >= zero-shot's validation top-1 + 6 points (the issue's source margin), else
+k = 1 (the published weights). On the miniature benchmark (seed 1, 16 validation images per class) k = 1
+already scored 56.84 against the 58.93 needed, so the recipe is the published one (k = 1).
 """
 from __future__ import annotations
 
