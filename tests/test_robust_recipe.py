@@ -58,8 +58,10 @@ def test_preset_flag_with_and_without_demo(preset, demo, expected):
 def test_robust_variants_read_like_their_method():
     variant = METHODS[robust_method_name("convpass")]
     assert variant.label == "Convpass_CLIP (robust)" and variant.table2_order is None and not variant.default
-    assert variant.presets["demo"] == {**METHODS["convpass"].presets["demo"], **ROBUST_RECIPE}
-    assert variant.config_class is METHODS["convpass"].config_class
+    for preset in ("paper", "demo"):  # its options default to the recipe: every preset comes with it on top
+        assert method_config(variant.name, preset).to_dict() == method_config("convpass", f"{preset}+robust").to_dict()
+    assert issubclass(variant.config_class, METHODS["convpass"].config_class)
+    assert type(build_method(variant.name).config) is variant.config_class
     assert robust_method_name("clip_lora") in METHODS and robust_method_name("zero_shot") not in METHODS
 
 

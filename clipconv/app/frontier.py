@@ -27,16 +27,13 @@ if TYPE_CHECKING:
 __all__ = ["logit_axes", "FRONTIER_FILES", "frontier_data", "frontier_plot", "write_frontier", "starts_at_zero_shot"]
 
 FRONTIER_FILES = ("frontier.json", "frontier.png")
-#: methods whose WiSE start θ(0) is zero-shot CLIP exactly (docs/robustness.md); adapter kinds except vpt_deep
-ZERO_SHOT_STARTS = ("clip_lora", "linear_probe")
-
-
 def starts_at_zero_shot(name: str) -> bool:
-    """Whether method `name`'s θ(α = 0) is zero-shot CLIP (adapter methods but VPT, CLIP-LoRA, linear probe)."""
-    spec = METHODS.get(name)
-    kind = getattr(spec, "adapter_kind", None) if spec is not None else None
-    base = name[len(ROBUST_METHOD_PREFIX):] if name.startswith(ROBUST_METHOD_PREFIX) else name
-    return (kind is not None and kind != "vpt_deep") or base in ZERO_SHOT_STARTS
+    """Whether method `name`'s θ(α = 0) is zero-shot CLIP (as the method declares: `wise_start_is_zero_shot`)."""
+    return bool(getattr(METHODS.get(name), "wise_start_is_zero_shot", False))
+
+
+def _is_zero_shot(name: str) -> bool:
+    return bool(getattr(METHODS.get(name), "is_zero_shot", False))
 
 
 def _table(folder: Path) -> JSONObject:
@@ -115,7 +112,7 @@ def frontier_data(folders: Sequence[Path]) -> JSONObject:
                 origin = f"wise sweeps of {len(next(iter(sweeps.values())))} fit(s)"
             else:
                 curve = {alpha: point, 1.0: _pair(measured[wise_of]["mean"], source)}
-                zero = next((_pair(e["mean"], source) for k, e in measured.items() if k == "zero_shot"), None)
+                zero = next((_pair(e["mean"], source) for k, e in measured.items() if _is_zero_shot(k)), None)
                 if zero is not None and starts_at_zero_shot(wise_of):
                     curve[0.0] = zero
                 origin = "Table-2 rows (θ(0) = zero-shot's row)" if 0.0 in curve else "Table-2 rows"

@@ -147,6 +147,10 @@ class Method(abc.ABC):
     data_parallel: ClassVar[bool] = False
     #: the paper's own method: the default --method of a run and the default "+ WiSE" row of Table 2
     default: ClassVar[bool] = False
+    #: it is zero-shot CLIP itself (the reference point of the robustness frontier)
+    is_zero_shot: ClassVar[bool] = False
+    #: θ(α = 0) of its WiSE interpolation is zero-shot CLIP exactly (clipconv.wise; the frontier's chord start)
+    wise_start_is_zero_shot: ClassVar[bool] = False
 
     def templates_for(self, ctx: FitContext, override: Union[str, Sequence[str], None] = None
                       ) -> tuple[str, list[str]]:
@@ -200,6 +204,8 @@ class MethodSpec(Protocol):
     published: Mapping[str, float]
     data_parallel: bool
     default: bool
+    is_zero_shot: bool
+    wise_start_is_zero_shot: bool
     presets: Mapping[str, Mapping[str, object]]
 
     def __call__(self, config: Optional[MethodConfig] = None, **options: object) -> Method: ...

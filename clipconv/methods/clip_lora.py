@@ -156,6 +156,7 @@ class ClipLoRA(Method):
     presets = {"paper": {}, "demo": {}, ROBUST_PRESET: ROBUST_RECIPE}
     reference_templates = "photo"
     label = "CLIP-LoRA"
+    wise_start_is_zero_shot = True  # B = 0 in both encoders
 
     def __init__(self, config: Optional[ClipLoRAConfig] = None, **options: object) -> None:
         self.config = config_from(ClipLoRAConfig, config, options)

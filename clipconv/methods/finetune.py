@@ -162,6 +162,7 @@ class AdapterTuning(Method):
 
     frozen_image_encoder = False
     data_parallel = True  # trains with DistributedDataParallel under torchrun (batch_size split across ranks)
+    wise_start_is_zero_shot = True  # zero-initialized adapters and the text head (VPT-deep's prompts are not)
     adapter_kind: ClassVar[str] = "convpass"
     #: default adapter scale(s); None: the kind's own default scale
     default_scales: ClassVar[Optional[tuple[float, ...]]] = (DEFAULT_SCALE,)
@@ -521,6 +522,7 @@ class VPTDeepTuning(AdapterTuning):
 
     adapter_kind = "vpt_deep"
     default_scales = None
+    wise_start_is_zero_shot = False  # θ(0) is VPT at initialization
 
 
 #: `adapter:<kind>` names every registered adapter kind as a method with convpass's training recipe

@@ -13,6 +13,8 @@ already scored 56.84 against the 58.93 needed, so the recipe is the published on
 """
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Optional
 
@@ -69,12 +71,14 @@ def robust_method_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class RobustVariant:
-    """The method `robust:<base>`: `base` (a registered method declaring the "robust" preset) with its robust
-    recipe laid over each preset ("paper" = base's robust, "demo" = base's demo + robust), its own name and
-    label ("Convpass_CLIP (robust)"), no default-Table-2 row, no published numbers, not the default. Built
-    methods are the base's (same options, same checkpoints)."""
+    """The method `robust:<base>`: `base` (a registered method declaring the "robust" preset) whose options
+    default to its robust recipe (`config_class`: the base's config class with those defaults, so each preset —
+    paper, demo — comes with the recipe on top), with its own name and label ("Convpass_CLIP (robust)"), no
+    default-Table-2 row, no published numbers, not the default. Built methods are the base's (same options,
+    same checkpoints)."""
 
     base_name: str
+    config_class: type[MethodConfig] = field(init=False, compare=False, repr=False)
     presets: Mapping[str, Mapping[str, object]] = field(init=False, compare=False, repr=False)
     table2_order: ClassVar[Optional[int]] = None
     published: ClassVar[Mapping[str, float]] = {}
@@ -82,9 +86,16 @@ class RobustVariant:
 
     def __post_init__(self) -> None:
         base = self.base
-        robust = dict(base.presets[ROBUST_PRESET])
-        presets = {name: {**options, **robust} for name, options in base.presets.items() if name != ROBUST_PRESET}
-        object.__setattr__(self, "presets", {**presets, ROBUST_PRESET: robust})
+        recipe = base.presets[ROBUST_PRESET]
+        parent = base.config_class
+        fields = [(f.name, hints, field(default=recipe[f.name], metadata=f.metadata))
+                  for f, hints in ((f, typing.get_type_hints(parent)[f.name]) for f in dataclasses.fields(parent))
+                  if f.name in recipe]
+        config = dataclasses.make_dataclass("Robust" + parent.__name__, fields, bases=(parent,))
+        config.__module__ = __name__
+        object.__setattr__(self, "config_class", config)
+        object.__setattr__(self, "presets", {name: options for name, options in base.presets.items()
+                                             if name != ROBUST_PRESET})
 
     @property
     def base(self) -> MethodSpec:
