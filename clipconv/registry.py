@@ -91,6 +91,10 @@ class Registry(Mapping[str, T]):
             return False
         return True
 
+    def registered(self) -> list[str]:
+        """The names added with `add`/`register` (not the resolvable ones), in registration order."""
+        return list(self._entries)
+
     def lookup(self, name: str) -> T:
         """The entry registered (or resolved) as `name`; ValueError listing the known names otherwise."""
         try:

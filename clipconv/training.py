@@ -39,7 +39,8 @@ from clipconv.runtime.progress import progress
 __all__ = ["TrainConfig", "Trainer", "TrainingTask", "BatchLoss", "ClassifierTask", "TrainingDivergedError",
            "build_optimizer", "build_scheduler", "epoch_seed", "warmup_cosine_lr", "resolve_precision",
            "compile_module", "fused_adamw", "STATE_FILE", "Forward", "Record", "ImageBatch",
-           "AnchoredClassifierTask", "Averager", "make_averager", "weight_average_problem", "GPA_MEAN", "GPA_STD"]
+           "AnchoredClassifierTask", "Averager", "make_averager", "weight_average_problem", "GPA_MEAN", "GPA_STD",
+           "Anchors", "check_anchor_weights", "mean_over_ranks"]
 
 STATE_FILE = "train_state.pt"
 #: torch.compile backend of `TrainConfig.compile` (tests use "aot_eager": same graphs, no C++ compiler)
@@ -97,6 +98,10 @@ class TrainConfig:
     seeding: Literal["epoch", "run"] = "epoch"
     #: weight averaging during training (`make_averager`): "none", "ema:DECAY", "swa:EPOCHS" or "gpa[:MEAN:STD]"
     weight_average: str = "none"
+    #: zero-shot anchors of the task (`Anchors`): weights of the logit KL and of the feature L1 (0 = off); recorded
+    #: here so that a train state resumes only with the same ones
+    anchor_logits: float = 0.0
+    anchor_features: float = 0.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -110,6 +115,7 @@ class TrainConfig:
         problem = weight_average_problem(self.weight_average)
         if problem:
             raise ValueError(f"weight_average {problem}")
+        check_anchor_weights(self.anchor_logits, self.anchor_features)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -414,6 +420,79 @@ def make_averager(spec: str, epochs: int) -> Optional[Averager]:
     return None
 
 
+# ----- zero-shot anchors (PromptSRC) -----------------------------------------------------------------------
+def check_anchor_weights(logits: float, features: float) -> None:
+    """Raise ValueError unless both anchor weights are finite and >= 0."""
+    for name, weight in (("anchor_logits", logits), ("anchor_features", features)):
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"{name} must be finite and >= 0, got {weight}")
+
+
+def mean_over_ranks(sums: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] = ranks.all_reduce_sum
+                    ) -> list[float]:
+    """Means of per-rank weighted sums: `sums` holds [Σ w·x₁, …, Σ w·x_k, Σ w] of this rank; `reduce` sums them
+    over the ranks (torchrun's all-reduce; the tensor itself in one process); returns [x̄₁, …, x̄_k], each
+    Σ w·x / Σ w over every rank (0 when no rank had any weight). Works on a copy: `sums` is left as it was."""
+    total = reduce(sums.detach().double().cpu().clone())
+    weight = float(total[-1])
+    return [float(v) / weight if weight > 0 else 0.0 for v in total[:-1]]
+
+
+class Anchors:
+    """PromptSRC's self-regularizing anchors toward the frozen zero-shot model (Khattak et al., "Self-regulating
+    Prompts", ICCV 2023; reference code trainers/promptsrc.py), shared by the tasks that use them:
+
+    - `logits` W: W · KL(p_zs ‖ p) with p = softmax(logits / T), T = 1 on the logit-scaled logits, in
+      PromptSRC's normalization: the KL summed over the batch and the classes, · T², / the logits' element
+      count (its `F.kl_div(log_softmax(adapted / T), log_softmax(zero_shot / T), reduction='sum',
+      log_target=True) · T·T / numel`);
+    - `features` W: W · mean |f − f_zs| over the L2-normalized image features of the same (augmented) batch
+      (PromptSRC's `F.l1_loss(..., reduction='mean')`).
+
+    `penalty` also accumulates the unweighted terms, weighted by the batch's rows, for the epoch's record
+    (`metrics`: `anchor_logits_kl` / `anchor_features_l1` of the anchors in use, averaged over the examples of
+    every rank under torchrun — `mean_over_ranks`)."""
+
+    TEMPERATURE = 1.0
+
+    def __init__(self, logits: float = 0.0, features: float = 0.0) -> None:
+        check_anchor_weights(logits, features)
+        self.logits, self.features = float(logits), float(features)
+        self._sums = torch.zeros(3, dtype=torch.float64)  # KL·rows, L1·rows, rows (this rank)
+
+    @property
+    def active(self) -> bool:
+        return self.logits > 0 or self.features > 0
+
+    def reset(self) -> None:
+        """Start a new epoch's record."""
+        self._sums.zero_()
+
+    def penalty(self, logits: torch.Tensor, zs_logits: torch.Tensor, features: torch.Tensor,
+                zs_features: torch.Tensor) -> torch.Tensor:
+        """W_l · KL + W_f · L1 of one batch (rows = examples; features already L2-normalized)."""
+        t = self.TEMPERATURE
+        kl = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(zs_logits / t, dim=1), reduction="sum",
+                      log_target=True) * t ** 2 / max(1, logits.numel())
+        l1 = F.l1_loss(features, zs_features, reduction="sum") / max(1, features.numel())
+        rows = float(len(logits))
+        self._sums += torch.tensor([float(kl.detach()) * rows, float(l1.detach()) * rows, rows], dtype=torch.float64)
+        return self.logits * kl + self.features * l1
+
+    def metrics(self, reduce: Callable[[torch.Tensor], torch.Tensor] = ranks.all_reduce_sum) -> Record:
+        """The epoch's mean terms of the anchors in use (`reduce`: the sum over ranks; under torchrun every rank
+        must call it, as the trainer does after every epoch)."""
+        if not self.active:
+            return {}
+        kl, l1 = mean_over_ranks(self._sums, reduce)
+        record: Record = {}
+        if self.logits > 0:
+            record["anchor_logits_kl"] = kl
+        if self.features > 0:
+            record["anchor_features_l1"] = l1
+        return record
+
+
 class BatchLoss(NamedTuple):
     """A task's loss on one batch: `total`, the loss summed over the batch's `TrainingTask.examples` (the
     trainer divides by the global count: the batch mean); `penalty`, a regularizer added once (not divided);
@@ -551,42 +630,32 @@ class ClassifierTask(TrainingTask[ImageBatch]):
 
 
 class AnchoredClassifierTask(ClassifierTask):
-    """`ClassifierTask` plus PromptSRC's self-regularizing anchors toward the frozen zero-shot model (Khattak et
-    al., "Self-regulating Prompts", ICCV 2023; reference code trainers/promptsrc.py), added to each training
-    batch's mean loss (`BatchLoss.penalty`):
-
-    - `anchor_logits` W: W · KL(p_zs ‖ p) with p = softmax(logits / T), T = 1 on the logit-scaled logits, in
-      PromptSRC's normalization: the KL summed over the batch and the classes, · T², / the logits' element
-      count (its `F.kl_div(log_softmax(adapted / T), log_softmax(zero_shot / T), reduction='sum',
-      log_target=True) · T·T / numel`);
-    - `anchor_features` W: W · mean |f − f_zs| over the L2-normalized image features of the same (augmented)
-      batch (PromptSRC's `F.l1_loss(..., reduction='mean')`).
+    """`ClassifierTask` plus PromptSRC's zero-shot anchors (`Anchors`), added to each training batch's mean loss
+    (`BatchLoss.penalty`).
 
     Zero-shot: `frozen` (the original, untouched image encoder) under no_grad in eval mode; its logits are
     logit_scale · head₀(normalize(f_zs)) with head₀ the model's head as given (the text-initialized head before
     training). The adapted features are caught by a forward hook on `model.visual` during the training forward
     (which may be the DDP wrapper). Padding rows (IGNORE_LABEL) are left out. The epoch record gets the
-    unweighted epoch means `anchor_logits_kl` / `anchor_features_l1` of the anchors in use."""
+    unweighted epoch means `anchor_logits_kl` / `anchor_features_l1` of the anchors in use, over every rank's
+    examples under torchrun."""
 
     def __init__(self, model: ImageClassifier, make_loader: Callable[[torch.Generator], Iterable[Optional[ImageBatch]]],
                  steps_per_epoch: int, frozen: nn.Module, anchor_logits: float = 0.0, anchor_features: float = 0.0,
                  l2sp: float = 0.0, validate: Optional[Callable[[], float]] = None,
                  device: Optional[torch.device] = None) -> None:
-        for name, weight in (("anchor_logits", anchor_logits), ("anchor_features", anchor_features)):
-            if not (math.isfinite(weight) and weight >= 0):
-                raise ValueError(f"{name} must be finite and >= 0, got {weight}")
+        self.anchors = Anchors(anchor_logits, anchor_features)
         super().__init__(model, make_loader, steps_per_epoch, l2sp, validate, device)
         self.frozen = frozen
-        self.anchor_logits, self.anchor_features = float(anchor_logits), float(anchor_features)
+        self.anchor_logits, self.anchor_features = self.anchors.logits, self.anchors.features
         self.head0 = (model.head.weight.detach().clone(), model.head.bias.detach().clone())
-        self._sums = torch.zeros(3, dtype=torch.float64)  # KL, L1, batches
 
     @property
     def active(self) -> bool:
-        return self.anchor_logits > 0 or self.anchor_features > 0
+        return self.anchors.active
 
     def batches(self, epoch: int, generator: torch.Generator) -> Iterable[Optional[ImageBatch]]:
-        self._sums.zero_()
+        self.anchors.reset()
         return super().batches(epoch, generator)
 
     @torch.no_grad()
@@ -617,23 +686,11 @@ class AnchoredClassifierTask(ClassifierTask):
         real = labels != ranks.IGNORE_LABEL
         correct = int(((logits.argmax(dim=1) == labels) & real).sum())
         zs_features, zs_logits = self.zero_shot(images[real])
-        adapted, features = logits[real], features[real]
-        temperature = 1.0
-        kl = F.kl_div(F.log_softmax(adapted / temperature, dim=1), F.log_softmax(zs_logits / temperature, dim=1),
-                      reduction="sum", log_target=True) * temperature ** 2 / max(1, adapted.numel())
-        l1 = F.l1_loss(features, zs_features, reduction="sum") / max(1, features.numel())
-        penalty = self.penalty() + self.anchor_logits * kl + self.anchor_features * l1
-        self._sums += torch.tensor([float(kl.detach()), float(l1.detach()), 1.0], dtype=torch.float64)
+        penalty = self.penalty() + self.anchors.penalty(logits[real], zs_logits, features[real], zs_features)
         return BatchLoss(total, correct, penalty)
 
     def epoch_metrics(self) -> Record:
-        count = max(1.0, float(self._sums[2]))
-        record: Record = {}
-        if self.anchor_logits > 0:
-            record["anchor_logits_kl"] = float(self._sums[0]) / count
-        if self.anchor_features > 0:
-            record["anchor_features_l1"] = float(self._sums[1]) / count
-        return record
+        return self.anchors.metrics(ranks.all_reduce_sum if self.data_parallel else (lambda tensor: tensor))
 
 
 def _normal(value: object) -> object:

@@ -91,18 +91,20 @@ def test_benchmark_runs_on_a_tiny_model_and_reports_every_key(tiny_config, tmp_p
     assert set(results["ratios"]) == {
         "adapted_vs_plain_inference", "unfused_adapted_vs_plain_inference", "train_step_vs_plain_inference",
         "checkpointed_train_step_vs_plain_inference", "adapted_vs_plain_inference_flops",
-        "train_step_vs_plain_inference_flops", "bf16_autocast_vs_fp32_step", "bf16_trunk_vs_fp32_step"}
+        "train_step_vs_plain_inference_flops", "bf16_autocast_vs_fp32_step", "bf16_trunk_vs_fp32_step",
+        "anchored_vs_plain_train_step"}
     assert all(r > 0 for r in results["ratios"].values())
     assert results["ratios"]["adapted_vs_plain_inference_flops"] > 1.0
     assert set(results["targets"]) == {"adapted_vs_plain_inference", "train_step_vs_plain_inference"}
     assert set(results["ratios_of_cpu_time"]) == {
         "adapted_vs_plain_inference", "unfused_adapted_vs_plain_inference", "train_step_vs_plain_inference",
-        "checkpointed_train_step_vs_plain_inference"}
+        "checkpointed_train_step_vs_plain_inference", "anchored_vs_plain_train_step"}
     assert results["cpu_seconds"].keys() == results["seconds"].keys()
     assert {name: set(r) for name, r in results["ratios_of_fastest"].items()} == {
         name: {"wall", "cpu"} for name in results["targets"]}
     assert set(results["seconds"]) == {"infer_plain", "infer_adapted", "infer_adapted_unfused", "train_fp32",
-                                       "train_fp32_checkpointing", "train_bf16_autocast", "train_bf16_trunk"}
+                                       "train_fp32_checkpointing", "train_bf16_autocast", "train_bf16_trunk",
+                                       "train_fp32_anchored"}
     assert set(results["memory"]) == {"train_fp32", "train_fp32_checkpointing", "train_bf16_autocast",
                                       "train_bf16_trunk"}
     memory = results["memory"]
@@ -112,6 +114,7 @@ def test_benchmark_runs_on_a_tiny_model_and_reports_every_key(tiny_config, tmp_p
     assert [len(rows) for rows in results["profile"].values()] == [3, 3, 3]
     printed = capsys.readouterr().out
     assert "train step, fp32, gradient checkpointing" in printed and "goal ≤ 2.1" in printed
+    assert "train step, fp32, zero-shot anchors (frozen forward)" in printed and "anchored_vs_plain_train_step" in printed
     assert [p.name for p in out.parent.iterdir()] == ["tiny.json"]  # no temp file left behind
 
 

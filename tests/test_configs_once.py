@@ -49,7 +49,7 @@ def test_help_shows_the_preset_and_its_values(capsys):
         with pytest.raises(SystemExit):
             main(["--help"])
         text = capsys.readouterr().out
-        assert "--preset {paper,demo}" in text, main
+        assert "--preset {paper,demo,robust,demo+robust}" in text, main
     assert "--preset demo: 32" in train.build_parser("convpass").format_help()  # beside --dim
 
 

@@ -54,7 +54,8 @@ def test_clip_benchmark_task_and_torchrun_support_are_declared():
     assert benchmark_task("coop") == "fewshot_coop"
     assert benchmark_task("adapter:lora") == "fewshot_adapter:lora"
     parallel = {name for name in method_names() if METHODS[name].data_parallel}
-    assert parallel == {name for name in method_names() if name in ADAPTERS or name.startswith("adapter:")}
+    adapters = {name for name in method_names() if name in ADAPTERS or name.startswith("adapter:")}
+    assert parallel == adapters | {f"robust:{name}" for name in adapters if f"robust:{name}" in method_names()}
 
 
 def test_adapter_kinds_declare_mergeability_and_labels():

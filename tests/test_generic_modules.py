@@ -37,6 +37,7 @@ ALLOWED = {
     ("checkpoint.py", "adapter"): "the checkpoint metadata key 'adapter' (the bottleneck kind shares the word)",
     ("app/cli/export_merged.py", "adapter"): "the checkpoint metadata key 'adapter'",
     ("app/wise_report.py", "zero_shot"): "the key of the α = 0 row in wise_sweep.json (an output field)",
+    ("app/frontier.py", "zero_shot"): "the key of the α = 0 row of wise_sweep.json, read back",
     ("app/cli/options.py", "demo"): "the --demo flag (args.demo); its family check is left to the options rework",
     ("app/bench.py", "convpass"): "the speed benchmark's default adapter, with that kind's `dim` option",
     ("methods/base.py", "demo"): "the name of the demo preset (Method.presets, --preset demo), not the family",

@@ -6,6 +6,8 @@ P1  adapted / plain inference time (fp32, no grad), beside the counted-FLOPs rat
 P3  one training step of adapters + a linear head through the frozen trunk / plain inference time, with and
     without gradient checkpointing (and, on CUDA or with --bf16, under bf16 autocast and with the trunk cast
     to bf16), beside its counted-FLOPs ratio (≈ 2 when autograd computes no trunk weight gradients, ≈ 3 if it did);
+anchors: the same step with PromptSRC's zero-shot anchors (`--anchor-logits`/`--anchor-features`: one more
+    no-grad forward of the frozen encoder per step, clipconv.training.Anchors) / the plain step;
 memory: the bytes autograd saves for backward per step (distinct storages, parameters excluded: activations
     and autocast weight copies), with and without checkpointing; peak CUDA memory per step on a GPU.
 All timed settings run in rounds, the order reversed every other round, so that load from other processes
@@ -41,6 +43,7 @@ from clipconv.backbone import _register_model_config, resolve_device
 from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.memory import retain_freed_memory
 from clipconv.runtime.outputs import write_json
+from clipconv.training import Anchors
 
 __all__ = ["BenchConfig", "TARGETS", "run_benchmark", "format_table", "main", "interleaved_times", "paired_ratio",
            "fastest_ratio", "saved_for_backward_bytes", "forward_gflops", "peak_cuda_bytes"]
@@ -211,6 +214,29 @@ def _training_step(visual: nn.Module, head: nn.Linear, optimizer: torch.optim.Op
     return step
 
 
+def _anchored_step(visual: nn.Module, head: nn.Linear, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                   labels: torch.Tensor, frozen: nn.Module) -> Callable[[], None]:
+    """`_training_step` (fp32) plus both zero-shot anchors toward `frozen` with the initial head (as
+    clipconv.training.AnchoredClassifierTask computes them)."""
+    anchors, head0 = Anchors(1.0, 10.0), copy.deepcopy(head).requires_grad_(False)
+
+    def step() -> None:
+        visual.train()
+        visual.set_grad_checkpointing(False)
+        optimizer.zero_grad(set_to_none=True)
+        features = F.normalize(visual(images).float(), dim=-1)
+        logits = 100.0 * head(features)
+        with torch.no_grad():
+            frozen.eval()
+            zs_features = F.normalize(frozen(images).float(), dim=-1)
+            zs_logits = 100.0 * head0(zs_features)
+        loss = F.cross_entropy(logits, labels) + anchors.penalty(logits, zs_logits, features, zs_features)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def _build_encoder(cfg: BenchConfig, device: torch.device) -> nn.Module:
 
 
@@ -253,6 +279,7 @@ def run_benchmark(cfg: BenchConfig) -> JSONObject:
         "train_fp32": _training_step(adapted, head, _optimizer(adapters, head), images, labels),
         "train_fp32_checkpointing": _training_step(adapted, head, _optimizer(adapters, head), images, labels,
                                                    checkpointing=True),
+        "train_fp32_anchored": _anchored_step(adapted, head, _optimizer(adapters, head), images, labels, plain),
     }
     params = {"train_fp32": [*adapted.parameters(), *head.parameters()]}
     params["train_fp32_checkpointing"] = params["train_fp32"]
@@ -284,6 +311,7 @@ def run_benchmark(cfg: BenchConfig) -> JSONObject:
         "unfused_adapted_vs_plain_inference": paired_ratio(times, "infer_adapted_unfused", "infer_plain"),
         "train_step_vs_plain_inference": paired_ratio(times, "train_fp32", "infer_plain"),
         "checkpointed_train_step_vs_plain_inference": paired_ratio(times, "train_fp32_checkpointing", "infer_plain"),
+        "anchored_vs_plain_train_step": paired_ratio(times, "train_fp32_anchored", "train_fp32"),
         "adapted_vs_plain_inference_flops": gflops["adapted"] / gflops["plain"],
         "train_step_vs_plain_inference_flops": gflops["train_step"] / gflops["plain"],
     }
@@ -294,6 +322,7 @@ def run_benchmark(cfg: BenchConfig) -> JSONObject:
         ("adapted_vs_plain_inference", "infer_adapted"), ("unfused_adapted_vs_plain_inference", "infer_adapted_unfused"),
         ("train_step_vs_plain_inference", "train_fp32"),
         ("checkpointed_train_step_vs_plain_inference", "train_fp32_checkpointing"))}
+    cpu_ratios["anchored_vs_plain_train_step"] = paired_ratio(cpu_seconds, "train_fp32_anchored", "train_fp32")
     return {
         "config": asdict(cfg),
         "environment": {
@@ -333,6 +362,7 @@ LABELS = {
     "infer_adapted_unfused": "inference, adapted, fused path off",
     "train_fp32": "train step, fp32 (P3)",
     "train_fp32_checkpointing": "train step, fp32, gradient checkpointing",
+    "train_fp32_anchored": "train step, fp32, zero-shot anchors (frozen forward)",
     "train_bf16_autocast": "train step, bf16 autocast",
     "train_bf16_trunk": "train step, trunk cast to bf16",
 }
@@ -371,6 +401,9 @@ def format_table(results: JSONObject) -> str:
     lines.append(f"counted GFLOPs: plain forward {flops['plain']:.2f}, adapted forward {flops['adapted']:.2f} "
                  f"(ratio {ratios['adapted_vs_plain_inference_flops']:.4f}), training step {flops['train_step']:.2f} "
                  f"(ratio to plain forward {ratios['train_step_vs_plain_inference_flops']:.3f})")
+    lines.append(f"anchored_vs_plain_train_step: {ratios['anchored_vs_plain_train_step']:.3f} wall, "
+                 f"{results['ratios_of_cpu_time']['anchored_vs_plain_train_step']:.3f} CPU time (zero-shot anchors: "
+                 "one more no-grad forward of the frozen encoder per step)")
     for name in ("bf16_autocast_vs_fp32_step", "bf16_trunk_vs_fp32_step"):
         if name in ratios:
             lines.append(f"{name}: {ratios[name]:.2f}")

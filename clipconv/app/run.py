@@ -32,7 +32,7 @@ from clipconv.config import (
     BackboneConfig, Config, DataConfig, RuntimeConfig, non_negative, option, positive, seed_range
 )
 from clipconv.data.fewshot import save_split
-from clipconv.methods.base import METHODS, PRESETS, MethodConfig, default_method
+from clipconv.methods.base import METHODS, PRESET_CHOICES, MethodConfig, default_method
 from clipconv.runtime import ranks
 from clipconv.runtime.jsontypes import JSON, JSONObject
 from clipconv.runtime.outputs import atomic_path, write_json, write_text
@@ -68,7 +68,9 @@ VAL_HELP = ("validation images per class drawn from train, disjoint from the K s
 
 #: how a run and Table 2 build each method's config: its paper or demo recipe (`Method.presets`)
 PRESET_HELP = ("each method's recipe: paper (its reference protocol: the defaults shown) or demo (the miniature "
-               "benchmark's, chosen for the mini CLIP; --demo selects it); method flags and --method-options go "
+               "benchmark's, chosen for the mini CLIP; --demo selects it); robust (methods that train the image "
+               "encoder: the robustness-keeping recipe, docs/robustness.md) lies over either; method flags and "
+               "--method-options go "
                "over it")
 WISE_HELP = ("α of WiSE-FT's θ(α) = (1 − α)·θ₀ + α·θ₁ between the zero-shot start θ₀ and the trained weights θ₁ "
              "(Wortsman et al., 2022), fixed in advance, never chosen on a test set. A single run is evaluated at "
@@ -85,7 +87,7 @@ class ExperimentConfig(Config):
 
     shots: int = option(16, check=positive, help="training images per class (K)")
     val_shots: int = option(VAL_SHOTS, check=non_negative, help=VAL_HELP)
-    preset: str = option("paper", choices=PRESETS, help=PRESET_HELP)
+    preset: str = option("paper", choices=PRESET_CHOICES, help=PRESET_HELP)
     wise_alpha: Optional[float] = option(None, check=alpha_check, help=WISE_HELP)
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)

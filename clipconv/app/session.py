@@ -37,7 +37,7 @@ from clipconv.data.fewshot import check_split_entries, load_split
 from clipconv.evaluation import Scorer, evaluate_method
 from clipconv.features import FeatureStore
 from clipconv.methods import FitContext, build_method
-from clipconv.methods.base import METHOD_REFERENCE_TEMPLATES, METHODS, method_config, method_names
+from clipconv.methods.base import METHOD_REFERENCE_TEMPLATES, METHODS, method_config, method_names, preset_options
 from clipconv.prompts import load_templates
 from clipconv.runtime.cache import hold_cache
 from clipconv.runtime.jsontypes import JSON, JSONObject
@@ -206,7 +206,7 @@ def build_method_config(name: str, preset: str = "paper", options: Optional[Mapp
     if name not in method_names():
         raise ValueError(f"unknown method '{name}'; choose one of {method_names()}")
     cls = METHODS[name]
-    given = {**cls.presets.get(preset, {}), **(options or {})}
+    given = {**preset_options(name, preset), **(options or {})}
     defaults = {f.name: f.default for f in dataclasses.fields(cls.config_class)}
     extra: dict[str, object] = {}
     if epochs_scale != 1.0 and "epochs" not in given and isinstance(defaults.get("epochs"), int):

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 __all__ = ["FitContext", "Method", "MethodConfig", "MethodSpec", "option", "METHODS", "register_method",
            "build_method", "method_names", "default_method", "table2_methods", "method_config_class", "method_config",
-           "config_from", "MethodReferenceTemplates", "METHOD_REFERENCE_TEMPLATES", "PRESETS", "PAPER_AND_DEMO"]
+           "config_from", "MethodReferenceTemplates", "METHOD_REFERENCE_TEMPLATES", "PRESETS", "PAPER_AND_DEMO",
+           "OVERLAY_PRESETS", "PRESET_CHOICES", "preset_options"]
 
 Sample = tuple[str, int]
 
@@ -63,6 +64,11 @@ class MethodReferenceTemplates(tuple):
 
 #: the presets every method declares (`Method.presets`); "paper" is always the reference defaults
 PRESETS = ("paper", "demo")
+#: presets a method MAY declare, laid over "paper" or "demo": "robust" (the robustness-keeping recipe of the
+#: trained-encoder methods, clipconv.methods.robust); "demo+robust" is the demo's recipe with it on top
+OVERLAY_PRESETS = ("robust",)
+#: the preset names a run takes and records: a base preset, or a base + an overlay ("robust" = "paper+robust")
+PRESET_CHOICES = (*PRESETS, *OVERLAY_PRESETS, *(f"demo+{o}" for o in OVERLAY_PRESETS))
 #: the presets of a method whose demo recipe is its reference one
 PAPER_AND_DEMO: Mapping[str, Mapping[str, object]] = {"paper": {}, "demo": {}}
 
@@ -142,6 +148,10 @@ class Method(abc.ABC):
     data_parallel: ClassVar[bool] = False
     #: the paper's own method: the default --method of a run and the default "+ WiSE" row of Table 2
     default: ClassVar[bool] = False
+    #: it is zero-shot CLIP itself (the reference point of the robustness frontier)
+    is_zero_shot: ClassVar[bool] = False
+    #: θ(α = 0) of its WiSE interpolation is zero-shot CLIP exactly (clipconv.wise; the frontier's chord start)
+    wise_start_is_zero_shot: ClassVar[bool] = False
 
     def templates_for(self, ctx: FitContext, override: Union[str, Sequence[str], None] = None
                       ) -> tuple[str, list[str]]:
@@ -201,6 +211,8 @@ class MethodSpec(Protocol):
     published: Mapping[str, float]
     data_parallel: bool
     default: bool
+    is_zero_shot: bool
+    wise_start_is_zero_shot: bool
     presets: Mapping[str, Mapping[str, object]]
 
     def __call__(self, config: Optional[MethodConfig] = None, **options: object) -> Method: ...
@@ -235,15 +247,26 @@ def method_config_class(cls: MethodSpec) -> type[MethodConfig]:
     return cls.config_class
 
 
+def preset_options(name: str, preset: str) -> dict[str, object]:
+    """The options of method `name`'s `preset`: one it declares, or "base+overlay" (each part's options over the
+    last's, e.g. "demo+robust"). ValueError for a preset the method does not declare."""
+    cls = METHODS.lookup(name)
+    options: dict[str, object] = {}
+    for part in str(preset).split("+"):
+        if part not in cls.presets:
+            raise ValueError(f"method '{name}': unknown preset '{part}'; choose one of {sorted(cls.presets)}")
+        options.update(cls.presets[part])
+    return options
+
+
 def method_config(name: str, preset: str = "paper", options: Optional[Mapping[str, object]] = None) -> MethodConfig:
-    """The typed config of method `name`: its `preset`'s options, then `options` over them. Unknown methods,
-    presets and options, and values of the wrong type, raise ValueError naming what is known."""
+    """The typed config of method `name`: its `preset`'s options (`preset_options`), then `options` over them.
+    Unknown methods, presets and options, and values of the wrong type, raise ValueError naming what is known."""
     method_names()
     cls = METHODS.lookup(name)
-    if preset not in cls.presets:
-        raise ValueError(f"method '{name}': unknown preset '{preset}'; choose one of {sorted(cls.presets)}")
+    given = preset_options(name, preset)
     try:
-        return cls.config_class.from_options({**cls.presets[preset], **(options or {})})
+        return cls.config_class.from_options({**given, **(options or {})})
     except OptionError as err:  # still says which option: the command line names its flag
         raise err.within(f"method '{name}'") from None
     except ValueError as err:

@@ -35,10 +35,11 @@ from clipconv.data.draft import draft_for
 from clipconv.evaluation import image_loader
 from clipconv.head import class_embeddings, zero_shot_logits
 from clipconv.merge import merge_adapters
-from clipconv.methods.base import PAPER_AND_DEMO, FitContext, Method, MethodConfig, config_from, option, register_method
+from clipconv.methods.base import FitContext, Method, config_from, option, register_method
+from clipconv.methods.robust import ROBUST_PRESET, ROBUST_RECIPE, RobustOptions
 from clipconv.params import ParamSpec, count_elements, meta_copy
 from clipconv.runtime.jsontypes import JSONObject
-from clipconv.training import BatchLoss, Forward, ImageBatch, TrainConfig, Trainer, TrainingTask
+from clipconv.training import Anchors, BatchLoss, Forward, ImageBatch, Record, TrainConfig, Trainer, TrainingTask
 
 __all__ = ["ClipLoRA", "ClipLoRAConfig", "ENCODERS"]
 
@@ -46,8 +47,9 @@ ENCODERS = ("both", "vision", "text")
 
 
 @dataclass
-class ClipLoRAConfig(MethodConfig):
-    """CLIP-LoRA's options, defaults from MaxZanella/CLIP-LoRA (run_utils.py, lora.py)."""
+class ClipLoRAConfig(RobustOptions):
+    """CLIP-LoRA's options, defaults from MaxZanella/CLIP-LoRA (run_utils.py, lora.py), and the robustness-keeping
+    ones (`RobustOptions`: zero-shot anchors toward the un-adapted CLIP, weight averaging; off by default)."""
 
     encoder: str = option("both", choices=ENCODERS, help="encoders with LoRA (reference --encoder both)")
     targets: tuple[str, ...] = option(("q", "k", "v"), help="attention projections with LoRA (reference --params q k v)")
@@ -96,13 +98,18 @@ def _add_clip_lora(model: nn.Module, cfg: ClipLoRAConfig) -> nn.ModuleList:
 
 class _ClipLoRATask(TrainingTask[ImageBatch]):
     """CLIP-LoRA's batches (the run's train transform, shuffled) and loss: cross-entropy of logit_scale ·
-    cos(image, class embedding), the class embeddings re-encoded by the adapted text encoder every step."""
+    cos(image, class embedding), the class embeddings re-encoded by the adapted text encoder every step.
+    With anchors (`TrainConfig.anchor_logits` / `anchor_features`, `Anchors`) the zero-shot model is the
+    un-adapted CLIP (`ctx.backbone.model`, never modified): its image features of the same batch under no_grad
+    and its class embeddings of the same prompts, encoded once."""
 
     name = "clip_lora"
 
-    def __init__(self, method: "ClipLoRA", ctx: FitContext) -> None:
-        self.method, self.ctx, self.model = method, ctx, method.model
+    def __init__(self, method: "ClipLoRA", ctx: FitContext, anchors: Anchors) -> None:
+        self.method, self.ctx, self.model, self.anchors = method, ctx, method.model, anchors
         self.draft = draft_for(ctx.draft, ctx.backbone.train_transform, training=True)  # None unless --draft all
+        self.frozen = ctx.backbone.model
+        self.zs_weights = method.class_weights(self.frozen) if anchors.active else None
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return self.method.named_trainable()
@@ -112,6 +119,7 @@ class _ClipLoRATask(TrainingTask[ImageBatch]):
 
     def batches(self, epoch: int, generator: torch.Generator) -> Iterable[Optional[ImageBatch]]:
         ctx = self.ctx
+        self.anchors.reset()
         return image_loader(ctx.data_root, ctx.train, ctx.backbone.train_transform, self.method.config.batch_size,
                             ctx.workers, shuffle=True, generator=generator, draft_size=self.draft,
                             pin_memory=torch.device(ctx.device).type == "cuda")
@@ -122,7 +130,17 @@ class _ClipLoRATask(TrainingTask[ImageBatch]):
         text = method.train_class_weights()
         image = F.normalize(self.model.encode_image(images).float(), dim=-1)
         logits = method.logit_scale * image @ text.t()
-        return BatchLoss(F.cross_entropy(logits, labels, reduction="sum"), int((logits.argmax(-1) == labels).sum()))
+        penalty = None
+        if self.zs_weights is not None:
+            with torch.no_grad():
+                self.frozen.eval()
+                zs_image = F.normalize(self.frozen.encode_image(images).float(), dim=-1)
+            penalty = self.anchors.penalty(logits, method.logit_scale * zs_image @ self.zs_weights.t(), image, zs_image)
+        return BatchLoss(F.cross_entropy(logits, labels, reduction="sum"), int((logits.argmax(-1) == labels).sum()),
+                         penalty)
+
+    def epoch_metrics(self) -> Record:
+        return self.anchors.metrics(lambda tensor: tensor)  # trains whole in every process: nothing to reduce
 
 
 @register_method("clip_lora")
@@ -131,9 +149,10 @@ class ClipLoRA(Method):
 
     frozen_image_encoder = False
     config_class = ClipLoRAConfig
-    presets = PAPER_AND_DEMO
+    presets = {"paper": {}, "demo": {}, ROBUST_PRESET: ROBUST_RECIPE}
     reference_templates = "photo"
     label = "CLIP-LoRA"
+    wise_start_is_zero_shot = True  # B = 0 in both encoders
 
     def __init__(self, config: Optional[ClipLoRAConfig] = None, **options: object) -> None:
         self.config = config_from(ClipLoRAConfig, config, options)
@@ -164,10 +183,12 @@ class ClipLoRA(Method):
         self._refresh_weights()
         return self.model
 
-    def class_weights(self) -> torch.Tensor:
-        """L2-normalized (C, embed_dim) text embeddings of the prompts by the (adapted) text encoder."""
-        device = next(self.model.parameters()).device
-        return class_embeddings(self.model, self._tokenizer, self._classes, self._prompts, device=device).float()
+    def class_weights(self, model: Optional[nn.Module] = None) -> torch.Tensor:
+        """L2-normalized (C, embed_dim) text embeddings of the prompts by the (adapted) text encoder, or by
+        `model`'s (e.g. the un-adapted CLIP: zero-shot's)."""
+        model = self.model if model is None else model
+        device = next(model.parameters()).device
+        return class_embeddings(model, self._tokenizer, self._classes, self._prompts, device=device).float()
 
     def train_class_weights(self) -> torch.Tensor:
         """The same, with gradients into the text encoder's LoRA (the reference's per-step re-encoding; with
@@ -193,7 +214,8 @@ class ClipLoRA(Method):
         return TrainConfig(steps=cfg.total_iterations(shots), batch_size=cfg.batch_size, lr=cfg.lr,
                            weight_decay=cfg.weight_decay, betas=cfg.betas, fused=False, schedule="cosine_annealing",
                            min_lr=cfg.min_lr, precision=cfg.precision, seed=ctx.seed, workers=ctx.workers,
-                           seeding="run")
+                           seeding="run", weight_average=cfg.weight_average, anchor_logits=cfg.anchor_logits,
+                           anchor_features=cfg.anchor_features)
 
     def fit(self, ctx: FitContext) -> JSONObject:
         cfg = self.config
@@ -203,7 +225,8 @@ class ClipLoRA(Method):
         train = self.train_config(ctx, shots)
         initial = {n: p.detach().clone() for n, p in self.named_trainable().items()}
         torch.manual_seed(ctx.seed)  # LoRA dropout masks and the train augmentation (a resume restores the state)
-        trainer = Trainer(_ClipLoRATask(self, ctx), train, ctx.device, ctx.output_dir, log=ctx.log)
+        task = _ClipLoRATask(self, ctx, Anchors(train.anchor_logits, train.anchor_features))
+        trainer = Trainer(task, train, ctx.device, ctx.output_dir, log=ctx.log)
         ctx.log(f"clip_lora: {count_elements(trainer.params):,} LoRA parameters, {train.steps} iterations (= "
                 f"{cfg.iters_per_shot} × {shots} shots), batch {cfg.batch_size}, {len(self._classes)} classes "
                 "re-encoded per step")
@@ -264,7 +287,8 @@ class ClipLoRA(Method):
         cfg = self.config
         return {"template_set": self.template_set, "templates": len(self._prompts), "iterations": self.iterations,
                 "iters_per_shot": cfg.iters_per_shot, "encoder": cfg.encoder, "rank": cfg.rank, "alpha": cfg.alpha,
-                "final_loss": self.history[-1]["loss"] if self.history else None, "epochs": len(self.history)}
+                "final_loss": self.history[-1]["loss"] if self.history else None, "epochs": len(self.history),
+                **cfg.robustness()}
 
 
 def _shots(train) -> int:

@@ -30,12 +30,13 @@ from clipconv.data.draft import draft_for, leading_resize, needed_short_side
 from clipconv.data.sharded import train_loader
 from clipconv.evaluation import ImageBatches, collect_logits, logits_of_batches
 from clipconv.head import ImageClassifier, text_head
-from clipconv.methods.base import METHODS, FitContext, Method, MethodConfig, config_from, option, register_method
+from clipconv.methods.base import METHODS, FitContext, Method, config_from, option, register_method
+from clipconv.methods.robust import ROBUST_PRESET, ROBUST_RECIPE, RobustOptions
 from clipconv.metrics import topk_accuracy
 from clipconv.params import ParamSpec, count_elements, meta_copy
 from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.ranks import is_distributed
-from clipconv.training import AnchoredClassifierTask, TrainConfig, Trainer, weight_average_problem
+from clipconv.training import AnchoredClassifierTask, TrainConfig, Trainer
 
 __all__ = ["AdapterTuning", "loader_workers", "AdapterTuningConfig", "tuning_config", "load_classifier",
            "load_endpoints", "DEFAULT_SCALE", "DEMO_RECIPE", "ADAPTER_METHOD_PREFIX", "adapter_method_name",
@@ -64,10 +65,11 @@ DEMO_RECIPE: Mapping[str, object] = {"lr": 3e-3, "epochs": 30}
 
 
 @dataclass
-class AdapterTuningConfig(MethodConfig):
-    """Training options (defaults: the paper's Convpass_CLIP protocol, Table 3). `tuning_config(KindConfig)`
-    adds the adapter kind's own options (all but `scale`, which `scales` replaces); with its kind named, the
-    kind's own rules (the placement it implies, options it refuses) are checked on construction too."""
+class AdapterTuningConfig(RobustOptions):
+    """Training options (defaults: the paper's Convpass_CLIP protocol, Table 3) and the robustness-keeping ones
+    (`RobustOptions`, off by default). `tuning_config(KindConfig)` adds the adapter kind's own options (all but
+    `scale`, which `scales` replaces); with its kind named, the kind's own rules (the placement it implies, options
+    it refuses) are checked on construction too."""
 
     #: the adapter kind whose options this config holds (set by `tuning_config`)
     adapter_kind: ClassVar[Optional[str]] = None
@@ -102,20 +104,6 @@ class AdapterTuningConfig(MethodConfig):
     l2sp: float = option(0.0, check=non_negative,
                          help="L2-SP weight a: adds a/2·||θ − θ₀||² over head + adapters toward their "
                               "initialization (Li, Grandvalet & Davoudi, ICML 2018); 0 = off (the paper)")
-    # Robustness-keeping training (project issue "Keep the robustness"); the defaults train as the paper.
-    anchor_logits: float = option(0.0, check=non_negative,
-                                  help="weight W of W·KL(zero-shot ‖ adapted class distribution) on every training "
-                                       "batch, zero-shot = the frozen encoder with the initial text head (PromptSRC's "
-                                       "L_SCL-logits, Khattak et al., ICCV 2023, T = 1); 0 = off (the paper)")
-    anchor_features: float = option(0.0, check=non_negative,
-                                    help="weight W of W·L1(adapted, frozen normalized image features) of the same "
-                                         "augmented batch (PromptSRC's L_SCL-image); 0 = off (the paper)")
-    weight_average: str = option("none", check=weight_average_problem,
-                                 help="average the trained weights during training; the average is validated, "
-                                      "evaluated and saved: none (the paper), ema:DECAY (every step, DECAY in (0, 1)), "
-                                      "swa:EPOCHS (uniform over the last EPOCHS epochs) or gpa[:MEAN:STD] "
-                                      "(PromptSRC's Gaussian weights over epochs, default mean 30, std 30)")
-
     def __post_init__(self) -> None:
         if isinstance(self.scales, (int, float)) and not isinstance(self.scales, bool):
             self.scales = (self.scales,)  # one scale given as a number
@@ -133,11 +121,6 @@ class AdapterTuningConfig(MethodConfig):
             for scale in self.scales:
                 make_config(self.adapter_kind, scale=scale, **self.adapter_options())
 
-    @property
-    def anchored(self) -> bool:
-        """Whether a zero-shot anchor term is on (the frozen encoder then runs on every training batch)."""
-        return self.anchor_logits > 0 or self.anchor_features > 0
-
     def adapter_options(self) -> dict[str, object]:
         """The adapter kind's options held in this config."""
         names = {f.name for f in dataclasses.fields(self)} - {f.name for f in dataclasses.fields(AdapterTuningConfig)}
@@ -148,7 +131,8 @@ class AdapterTuningConfig(MethodConfig):
                            warmup_epochs=self.warmup_epochs, precision=self.precision,
                            grad_checkpointing=self.grad_checkpointing, seed=ctx.seed, workers=ctx.workers,
                            eval_every=self.eval_every, l2sp=self.l2sp, compile=self.compile,
-                           weight_average=self.weight_average,
+                           weight_average=self.weight_average, anchor_logits=self.anchor_logits,
+                           anchor_features=self.anchor_features,
                            lr_scales=(("head.", self.head_lr_scale),) if self.head_lr_scale != 1.0 else ())
 
 
@@ -190,11 +174,12 @@ class AdapterTuning(Method):
 
     frozen_image_encoder = False
     data_parallel = True  # trains with DistributedDataParallel under torchrun (batch_size split across ranks)
+    wise_start_is_zero_shot = True  # zero-initialized adapters and the text head (VPT-deep's prompts are not)
     adapter_kind: ClassVar[str] = "convpass"
     #: default adapter scale(s); None: the kind's own default scale
     default_scales: ClassVar[Optional[tuple[float, ...]]] = (DEFAULT_SCALE,)
     config_class: ClassVar[type[AdapterTuningConfig]] = tuning_config(ConvpassConfig, (DEFAULT_SCALE,), "convpass")
-    presets: ClassVar[Mapping[str, Mapping[str, object]]] = {"paper": {}, "demo": DEMO_RECIPE}
+    presets: ClassVar[Mapping[str, Mapping[str, object]]] = {"paper": {}, "demo": DEMO_RECIPE, ROBUST_PRESET: ROBUST_RECIPE}
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -254,8 +239,7 @@ class AdapterTuning(Method):
 
     def robustness(self) -> JSONObject:
         """The robustness-keeping settings of the training (anchors and weight averaging)."""
-        return {"anchor_logits": self.config.anchor_logits, "anchor_features": self.config.anchor_features,
-                "weight_average": self.config.weight_average}
+        return self.config.robustness()
 
     # ----- fit ---------------------------------------------------------------------------------
     @staticmethod
@@ -333,7 +317,7 @@ class AdapterTuning(Method):
             try:
                 if self.config.anchored:  # the original encoder is frozen and untouched: the zero-shot model
                     task = AnchoredClassifierTask(classifier, make_loader, batches, backbone.model.visual,
-                                                  self.config.anchor_logits, self.config.anchor_features, cfg.l2sp,
+                                                  cfg.anchor_logits, cfg.anchor_features, cfg.l2sp,
                                                   validate if ctx.val else None, torch.device(ctx.device))
                     trainer = Trainer(task, cfg, ctx.device, run_dir, ctx.log)
                 else:
@@ -496,7 +480,7 @@ class ConvpassTuning(AdapterTuning):
     """Convpass parallel to attention and MLP (the paper's main model, Convpass_CLIP)."""
 
     adapter_kind = "convpass"
-    presets = {"paper": {}, "demo": {"dim": 32, **DEMO_RECIPE, "scales": (1.0,)}}
+    presets = {"paper": {}, "demo": {"dim": 32, **DEMO_RECIPE, "scales": (1.0,)}, ROBUST_PRESET: ROBUST_RECIPE}
     default = True
     table2_order = 7
     #: the Convpass paper's Table 2 (ViT-B/16 CLIP, 16 shots), top-1 %
@@ -560,6 +544,7 @@ class VPTDeepTuning(AdapterTuning):
 
     adapter_kind = "vpt_deep"
     default_scales = None
+    wise_start_is_zero_shot = False  # θ(0) is VPT at initialization
 
 
 #: `adapter:<kind>` names every registered adapter kind as a method with convpass's training recipe

@@ -128,6 +128,7 @@ def _holdout_fold(labels: Sequence[int], holdout: int, seed: int) -> tuple[list[
 
 @register_method("linear_probe")
 class LinearProbe(FrozenEncoderMethod):
+    wise_start_is_zero_shot = True  # WiSE-FT's zero-shot head as θ₀ (docs/robustness.md)
     """Logistic regression on raw frozen features (lpclip); C searched on validation data from train."""
 
     config_class = LinearProbeConfig

@@ -24,6 +24,7 @@ class ZeroShotConfig(MethodConfig):
 
 @register_method("zero_shot")
 class ZeroShot(FrozenEncoderMethod):
+    is_zero_shot = True
     """logits = logit_scale · normalize(f) · Wᵀ, W = prompt-ensemble class embeddings; nothing is trained."""
 
     config_class = ZeroShotConfig

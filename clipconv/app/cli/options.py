@@ -24,7 +24,7 @@ from clipconv.app.run import SECTIONS, setup_logging
 from clipconv.backbone import resolve_device
 from clipconv.config import Config, OptionError, RuntimeConfig
 from clipconv.data.demo_world import ensure_world
-from clipconv.methods.base import METHODS, PRESETS
+from clipconv.methods.base import METHODS, OVERLAY_PRESETS, PRESET_CHOICES
 from clipconv.mini_clip import MINI_CLIP_CONFIG, MINI_CLIP_CROP_SCALE, MINI_CLIP_WEIGHTS
 from clipconv.runtime.cache import hold_cache
 
@@ -175,14 +175,18 @@ def demo_overrides_help() -> str:
 
 
 def add_preset_arg(parser: argparse.ArgumentParser, help: str) -> None:
-    """--preset paper|demo (default: demo with --demo, else paper)."""
-    parser.add_argument("--preset", choices=PRESETS, default=None,
-                        help=f"{help} (default: demo with --demo, else paper)")
+    """--preset paper|demo|robust|demo+robust (default: demo with --demo, else paper)."""
+    parser.add_argument("--preset", choices=PRESET_CHOICES, default=None,
+                        help=f"{help} (default: demo with --demo, else paper; robust with --demo is demo+robust)")
 
 
 def preset_of(args: argparse.Namespace) -> str:
-    """The preset the flags select: --preset, else demo with --demo, else paper."""
-    return args.preset or ("demo" if getattr(args, "demo", False) else "paper")
+    """The preset the flags select: --preset, else demo with --demo, else paper. An overlay preset (robust) is
+    laid over the demo's recipe under --demo ("demo+robust"), over the reference protocol otherwise."""
+    demo = getattr(args, "demo", False)
+    if args.preset in OVERLAY_PRESETS and demo:
+        return f"demo+{args.preset}"
+    return args.preset or ("demo" if demo else "paper")
 
 
 def preset_notes(method: str) -> dict[str, str]:

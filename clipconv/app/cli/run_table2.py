@@ -14,8 +14,9 @@ from clipconv.app.cli.options import (
     absolute, absolute_paths, add_config_args, add_preset_arg, add_shared_args, given, option_error_line, preset_of,
     shared_configs
 )
+from clipconv.app.frontier import FRONTIER_FILES, write_frontier
 from clipconv.app.run import PRESET_HELP, RESULT, log, setup_logging
-from clipconv.app.rundir import exit_code, interrupt_on_sigterm, release_run_dir
+from clipconv.app.rundir import check_output_dir, exit_code, interrupt_on_sigterm, release_run_dir
 from clipconv.app.session import build_method_config
 from clipconv.app.table2 import (
     SWEEP_FILE, Table2Config, check_methods, load_record, measured_table, run_shots_sweep, run_table2
@@ -71,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method-options", default="{}", help="JSON: {method: {option: value}} (see below)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the table already in --output-dir (its clipconv files are deleted first)")
+    parser.add_argument("--frontier", nargs="+", metavar="TABLE2_DIR",
+                        help="draw the robustness frontier of finished Table-2 folders instead of running a table: "
+                             "frontier.png + frontier.json (source top-1 against the target average, logit axes, "
+                             "mean ± std over seeds, WiSE curves and chords) in --output-dir (default: the first "
+                             "folder); existing frontier files are refused unless --overwrite")
     parser.add_argument("--resume", metavar="DIR",
                         help="finish an interrupted table: the fits in DIR/table2.json are kept, only the missing "
                              "ones run (its saved settings are used; only runtime flags may be given)")
@@ -105,11 +111,28 @@ def _resume_config(args: argparse.Namespace, argv: Sequence[str]):
         return replace(cfg, output_dir=str(args.resume), runtime=RuntimeConfig.from_options(runtime)), shots
 
 
+def _frontier(args: argparse.Namespace) -> int:
+    """`--frontier DIR ...`: frontier.{png,json} of finished Table-2 folders (clipconv.app.frontier)."""
+    if args.resume:
+        fail("--frontier draws finished tables: drop --resume")
+    out = Path(getattr(args, "output_dir", None) or args.frontier[0])  # (unset flags are absent)
+    held = [name for name in FRONTIER_FILES if (out / name).exists()]
+    if held and not args.overwrite:
+        fail(f"--frontier: {out} already holds {', '.join(held)}; give another --output-dir or --overwrite")
+    with bad_input_errors():
+        check_output_dir(str(out))
+        write_frontier([Path(f) for f in args.frontier], out)
+    print(f"frontier: {out / FRONTIER_FILES[1]} (data: {out / FRONTIER_FILES[0]})")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     plain_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.frontier:
+        return _frontier(args)
     if args.overwrite and args.resume:
         fail("--overwrite and --resume exclude each other: --resume finishes the table, --overwrite replaces it")
     if args.resume:

@@ -116,7 +116,7 @@ def _resume_config(run_dir: str, args: argparse.Namespace, parser: argparse.Argu
             conflicts.append(f"--{name.replace('_', '-')} {value} (saved: {getattr(saved, name)})")
     if args.method_given and args.method_given != saved.method:
         conflicts.append(f"--method {args.method_given} (saved: {saved.method})")
-    if args.preset and args.preset != saved.preset:
+    if args.preset and preset_of(args) != saved.preset:  # (--demo --preset robust is demo+robust)
         conflicts.append(f"--preset {args.preset} (saved: {saved.preset})")
     for section in ("data", "backbone"):
         recorded = getattr(saved, section).to_dict()
