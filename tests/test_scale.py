@@ -102,6 +102,8 @@ def test_one_method_one_step_on_a_tiny_clip_writes_both_files(tmp_path, tiny_con
     assert row["flops_per_step"] > 0 and row["saved_bytes_per_step"] > 0 and row["gpu_peak_gb"] > 0
     assert row["measured_shape"] == "batch 2" and row["cpu_seconds_per_step"] == pytest.approx(
         32 * row["measured_seconds_per_step"])
+    per_image = results["encoders"]["train_loader"]["seconds_per_image"]  # 50 epochs x 64 images + 4 val per class
+    assert row["loader_cpu_minutes"] == pytest.approx((50 * 64 + 4 * 12) * per_image / 60)
     sets = results["evaluation_path"]["sets"]
     assert sets["imagenet_v2"]["classes"] == 12 and all(s["labels_inside_subset"] for s in sets.values())
     json_path, md_path = write_results(results, cfg.out)

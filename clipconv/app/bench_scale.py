@@ -149,7 +149,7 @@ class ScaleRow:
     frozen_encoder_images: int
     trainable_params: int
     cache_bytes: float
-    loader_cpu_minutes: float  # decoding + augmenting every image the protocol reads, on one CPU core
+    loader_cpu_minutes: float  # decoding + augmenting every JPEG the protocol reads (validation once), one core
     gpu_train_minutes: float
     gpu_eval_minutes: float
     gpu_peak_gb: float
@@ -395,7 +395,7 @@ def measure_adapter(bench: Bench, name: str) -> dict:
     trainable = _count(task.trainable().values())
     factor = reference / batch
     return {**_step_numbers(probe, factor), "protocol_steps": steps, "batch": batch,
-            "loaded_images": steps * reference,
+            "loaded_images": steps * reference + VAL_SHOTS * bench.classes,  # validation decoded once
             "reference_shape": f"batch {reference}", "measured_shape": f"batch {batch}",
             "extrapolation": f"x{factor:g} (images per step)" if factor != 1 else "none",
             "examples_per_second": batch / statistics.median(probe.seconds) if probe.seconds else float("nan"),
@@ -429,7 +429,7 @@ def measure_prompts(bench: Bench, name: str) -> dict:
             "examples_per_second": config.batch_size / statistics.median(probe.seconds),
             "trainable": _count(task.trainable().values()), "frozen": _count(bench.session.backbone.model.parameters()),
             "optimizer_slots": 1, "text_per_step": per_step, "setup_text": 0,
-            "frozen_images": (views_used + 0) * len(bench.train) + VAL_SHOTS * bench.classes,
+            "frozen_images": views_used * len(bench.train) + VAL_SHOTS * bench.classes,
             "cache_bytes": views_used * len(bench.train) * bench.dim * 4,
             "eval_text_per_image": bench.classes if name == "cocoop" else 0,
             "notes": [f"{views_used} augmented views of the train set encoded once (cache: their features)"]}
@@ -672,7 +672,7 @@ def measure(bench: Bench, name: str) -> ScaleRow:
         text_passes_per_step=int(m["text_per_step"]), setup_text_passes=int(m["setup_text"]),
         frozen_encoder_images=int(m["frozen_images"]), trainable_params=int(m["trainable"]),
         cache_bytes=float(m["cache_bytes"]),
-        loader_cpu_minutes=(m.get("loaded_images", 0) + m["frozen_images"]) * bench.loader_seconds / 60.0,
+        loader_cpu_minutes=m.get("loaded_images", m["frozen_images"]) * bench.loader_seconds / 60.0,
         gpu_train_minutes=predict_minutes(train + setup, cfg.gpu_tflops, cfg.utilization),
         gpu_eval_minutes=predict_minutes(evaluation, cfg.gpu_tflops, cfg.utilization),
         gpu_peak_gb=predict_memory_gb(m["frozen"], m["trainable"], m["saved"], m["optimizer_slots"]),
