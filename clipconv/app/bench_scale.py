@@ -76,13 +76,14 @@ VAL_SHOTS = 4
 REPORTED = {
     "coop": "CoOp ImageNet: over 16 GB GPU memory even at batch 1, 'memory grows with the number of classes' "
             "(KaiyangZhou/CoOp#12); ~10 h per run (issue 20, source not found here)",
-    "cocoop": "out of memory on ImageNet at 16-24 GB (/work/shared/PROTOCOL.md)",
+    "cocoop": "out of memory on ImageNet at 16-24 GB (users' reports, quoted in issue 20)",
     "clip_lora": "not reported",
     "tip_adapter": "not reported", "tip_adapter_f": "not reported", "linear_probe": "not reported",
     "zero_shot": "not reported", "convpass": "not reported",
 }
 #: a newer method that is not a row here, for scale: GalLoP (ECCV 2024), ImageNet 16-shot
-GALLOP = "GalLoP: ~6.6 h on 2 GPUs (6 h 38 min on two A6000s per issue 20; /work/shared/PROTOCOL.md)"
+GALLOP = ("GalLoP (ECCV 2024, not a row here): ~6.6 h on 2 GPUs, as its repository reports (issue 20: 6 h 38 min "
+          "on two A6000s)")
 
 
 @dataclass
@@ -533,14 +534,16 @@ def measure_linear_probe(bench: Bench) -> dict:
             "protocol_steps": fits * config.max_iter,
             "reference_shape": f"{len(bench.train)} x {bench.dim} features, {bench.classes} classes",
             "measured_shape": f"the reference, {iterations} L-BFGS iterations",
-            "extrapolation": "none (a step = one L-BFGS iteration)", "examples_per_second": len(bench.train) / per_iteration,
+            "extrapolation": "none (a step = one L-BFGS iteration)",
+            "examples_per_second": len(bench.train) / per_iteration,
             "trainable": bench.classes * (bench.dim + 1), "frozen": _count(bench.session.backbone.model.parameters()),
             "optimizer_slots": 0, "text_per_step": 0, "setup_text": 0,
             "frozen_images": len(bench.train) + VAL_SHOTS * bench.classes,
             "cache_bytes": (len(bench.train) + VAL_SHOTS * bench.classes) * bench.dim * 4.0, "eval_text_per_image": 0,
             "cpu_only": True,
             "notes": [f"scikit-learn on the CPU: steps = {fits} fits (lpclip's C search + the final fit) x max_iter "
-                      f"{config.max_iter}, an upper bound (L-BFGS may stop earlier); GPU minutes are the features only"]}
+                      f"{config.max_iter}, an upper bound (L-BFGS may stop earlier); GPU minutes are the features "
+                      "only"]}
 
 
 def measure_zero_shot(bench: Bench) -> dict:
@@ -550,8 +553,10 @@ def measure_zero_shot(bench: Bench) -> dict:
     return {"flops": float("nan"), "seconds": float("nan"), "measured_seconds": float("nan"), "saved": 0.0,
             "protocol_steps": 0, "no_steps": True,
             "reference_shape": f"{bench.classes} classes x {len(templates)} template(s)",
-            "measured_shape": f"{min(bench.cfg.text_chunk, bench.classes)} classes (the text encoder's cost per prompt)",
-            "extrapolation": "x classes", "examples_per_second": 1.0 / bench.text_seconds if bench.text_seconds else 0.0,
+            "measured_shape": f"{min(bench.cfg.text_chunk, bench.classes)} classes (the text encoder's cost per "
+                              "prompt)",
+            "extrapolation": "x classes",
+            "examples_per_second": 1.0 / bench.text_seconds if bench.text_seconds else 0.0,
             "trainable": 0, "frozen": _count(bench.session.backbone.model.parameters()), "optimizer_slots": 0,
             "text_per_step": 0, "setup_text": bench.classes * len(templates), "frozen_images": 0,
             "cache_bytes": bench.classes * bench.dim * 4.0, "eval_text_per_image": 0,
@@ -755,8 +760,8 @@ def format_scale_table(results: JSONObject) -> str:
         f"{gpu['peak_tflops']:g} TFLOP/s x {gpu['utilization']:g} utilization.",
         "",
         "| method | protocol steps | TFLOP / step | CPU s / step | predicted GPU min (train) | GPU min (eval) "
-        "| predicted peak GPU GB | saved for backward GB / step | peak RSS GB | examples / s (measured) | text passes / step "
-        "| cache GB | loader CPU-core min | measured shape | reported |",
+        "| predicted peak GPU GB | saved for backward GB / step | peak RSS GB | examples / s (measured) "
+        "| text passes / step | cache GB | loader CPU-core min | measured shape | reported |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
