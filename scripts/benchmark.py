@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py --model ViT-B-16 --batch 8 --repeats 3 --out bench.json
     python scripts/benchmark.py loaders --images 256 --source 500x375   # data loaders (clipconv.app.bench_data)
+    python scripts/benchmark.py scale --quick --threads 2               # ImageNet-scale rehearsal (bench_scale)
 """
 from __future__ import annotations
 
@@ -17,5 +18,9 @@ if __name__ == "__main__":
         from clipconv.app.bench_data import main as loaders_main
 
         loaders_main(sys.argv[2:])
+    elif sys.argv[1:2] == ["scale"]:
+        from clipconv.app.bench_scale import main as scale_main
+
+        scale_main(sys.argv[2:])
     else:
         main()

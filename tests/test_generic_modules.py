@@ -6,7 +6,8 @@ Scanned (GENERIC): every module of clipconv/app/ and clipconv/app/cli/ except th
 library's generic modules: training, evaluation, features, merge, checkpoint, wise, params, config, registry,
 methods/base.py and adapters/registry.py. Not scanned: the modules that define or serve one method, kind or
 family (clipconv/methods/<method>.py, clipconv/adapters/<kind>.py, clipconv/data/family.py, imagenet.py,
-wds.py, demo_world.py, ...), clipconv/app/cli/zero_shot.py (the zero-shot method's own command) and
+wds.py, demo_world.py, ...), clipconv/app/cli/zero_shot.py (the zero-shot method's own command),
+clipconv/app/bench_scale.py (the scale rehearsal: one measuring function per method) and
 clipconv/adapters/inject.py (its VPT stacking rule is still by name: a known remainder).
 
 A hit is a string literal in code equal to a registered name (or to the "adapter:" prefix) — docstrings and
@@ -25,7 +26,9 @@ from clipconv.methods.base import METHODS
 from clipconv.methods.finetune import ADAPTER_METHOD_PREFIX
 
 PACKAGE = Path(__file__).resolve().parents[1] / "clipconv"
-NOT_GENERIC = {"app/cli/zero_shot.py"}
+#: per-method modules of the application: zero_shot.py is that method's own command; bench_scale.py (the scale
+#: rehearsal) builds each method's own TrainingTask from its private pieces, one measuring function per method
+NOT_GENERIC = {"app/cli/zero_shot.py", "app/bench_scale.py"}
 GENERIC = sorted(
     {p.relative_to(PACKAGE).as_posix() for p in (*PACKAGE.glob("app/*.py"), *PACKAGE.glob("app/cli/*.py"))}
     - NOT_GENERIC
@@ -40,6 +43,7 @@ ALLOWED = {
     ("app/frontier.py", "zero_shot"): "the key of the α = 0 row of wise_sweep.json, read back",
     ("app/cli/options.py", "demo"): "the --demo flag (args.demo); its family check is left to the options rework",
     ("app/bench.py", "convpass"): "the speed benchmark's default adapter, with that kind's `dim` option",
+    ("app/scale_tree.py", "coop"): "the CoOp on-disk layout of clipconv.data.synthetic.LAYOUTS, not the method",
     ("methods/base.py", "demo"): "the name of the demo preset (Method.presets, --preset demo), not the family",
 }
 HELP_KEYWORDS = {"help", "description", "epilog", "metavar"}

@@ -207,12 +207,15 @@ class AdapterTuning(Method):
         return {"kind": self.adapter_kind, **dataclasses.replace(self.adapter_config, scale=scale).to_dict()}
 
     # ----- setup -------------------------------------------------------------------------------
-    def build(self, ctx: FitContext, scale: Optional[float] = None) -> ImageClassifier:
-        """Inject adapters into the backbone's image encoder and attach the text-initialized head."""
+    def build(self, ctx: FitContext, scale: Optional[float] = None,
+              head: Optional[torch.nn.Linear] = None) -> ImageClassifier:
+        """Inject adapters into the backbone's image encoder and attach the text-initialized head (a copy of
+        `head` when given: the scale benchmark builds one 1,000-class head for every adapter kind)."""
         backbone = ctx.backbone
         for param in backbone.model.parameters():
             param.requires_grad_(False)
-        head = text_head(backbone.model, backbone.tokenizer, list(ctx.classnames), list(ctx.templates), ctx.device)
+        head = copy.deepcopy(head) if head is not None else text_head(
+            backbone.model, backbone.tokenizer, list(ctx.classnames), list(ctx.templates), ctx.device)
         head.requires_grad_(True)
         # A private copy: the shared backbone stays plain for the frozen-encoder methods and their feature cache.
         visual = copy.deepcopy(backbone.model.visual)
