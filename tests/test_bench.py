@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import pytest
 import torch
@@ -68,6 +69,26 @@ def test_interleaved_times_warms_up_then_alternates_settings():
     assert list(cpu) == ["a"] and len(cpu["a"]) == 2 and all(t >= 0 for t in cpu["a"])
 
 
+def test_interleaved_times_keeps_the_fastest_of_inner_calls():
+    from clipconv.app import bench
+    from clipconv.app.bench import interleaved_times
+
+    durations = iter([(3.0, 2.0), (1.0, 1.5), (2.0, 0.5), (5.0, 4.0), (4.0, 4.5), (6.0, 5.0)])  # (wall, CPU)
+    with mock.patch.object(bench, "_timed", lambda fn, device: next(durations)):
+        cpu: dict[str, list[float]] = {}
+        times = interleaved_times({"a": lambda: None}, warmup=0, repeats=2, device=torch.device("cpu"),
+                                  cpu_seconds=cpu, inner=3)
+    assert times == {"a": [1.0, 4.0]} and cpu == {"a": [0.5, 4.0]}  # each round's least wall and least CPU time
+
+
+def test_ratio_quartiles_spread_the_within_round_ratios():
+    from clipconv.app.bench import ratio_quartiles
+
+    times = {"a": [1.0, 2.0, 3.0, 4.0, 5.0], "b": [1.0] * 5}
+    assert ratio_quartiles(times, "a", "b") == pytest.approx((2.0, 4.0))
+    assert ratio_quartiles({"a": [3.0], "b": [2.0]}, "a", "b") == pytest.approx((1.5, 1.5))
+
+
 def test_paired_ratio_is_the_median_of_within_round_ratios():
     from clipconv.app.bench import paired_ratio
 
@@ -85,7 +106,7 @@ def test_benchmark_runs_on_a_tiny_model_and_reports_every_key(tiny_config, tmp_p
     from clipconv.app.bench import main
 
     out = tmp_path / "bench" / "tiny.json"
-    results = main(["--model", str(tiny_config), "--batch", "2", "--warmup", "0", "--repeats", "1",
+    results = main(["--model", str(tiny_config), "--batch", "2", "--warmup", "0", "--repeats", "1", "--inner", "1",
                     "--classes", "5", "--bf16", "--profile", "3", "--out", str(out)])
     assert json.loads(out.read_text())["ratios"] == results["ratios"]
     assert set(results["ratios"]) == {
@@ -101,6 +122,8 @@ def test_benchmark_runs_on_a_tiny_model_and_reports_every_key(tiny_config, tmp_p
         "checkpointed_train_step_vs_plain_inference", "anchored_vs_plain_train_step"}
     assert results["cpu_seconds"].keys() == results["seconds"].keys()
     assert {name: set(r) for name, r in results["ratios_of_fastest"].items()} == {
+        name: {"wall", "cpu"} for name in results["targets"]}
+    assert {name: set(q) for name, q in results["ratio_quartiles"].items()} == {
         name: {"wall", "cpu"} for name in results["targets"]}
     assert set(results["seconds"]) == {"infer_plain", "infer_adapted", "infer_adapted_unfused", "train_fp32",
                                        "train_fp32_checkpointing", "train_bf16_autocast", "train_bf16_trunk",
@@ -121,7 +144,7 @@ def test_benchmark_runs_on_a_tiny_model_and_reports_every_key(tiny_config, tmp_p
 def test_benchmark_without_bf16_on_cpu_by_default(tiny_config):
     from clipconv.app.bench import BenchConfig, run_benchmark
 
-    results = run_benchmark(BenchConfig(model=str(tiny_config), batch=1, warmup=0, repeats=1, classes=3))
+    results = run_benchmark(BenchConfig(model=str(tiny_config), batch=1, warmup=0, repeats=1, inner=1, classes=3))
     assert "train_bf16_autocast" not in results["seconds"] and "bf16_trunk_vs_fp32_step" not in results["ratios"]
 
 
@@ -129,7 +152,7 @@ def test_benchmark_without_bf16_on_cpu_by_default(tiny_config):
 def test_benchmark_runs_every_adapter_kind_including_those_without_a_dim(tiny_config, kind):
     from clipconv.app.bench import BenchConfig, run_benchmark
 
-    results = run_benchmark(BenchConfig(model=str(tiny_config), kind=kind, batch=1, warmup=0, repeats=1, classes=3))
+    results = run_benchmark(BenchConfig(model=str(tiny_config), kind=kind, batch=1, warmup=0, repeats=1, inner=1, classes=3))
     assert results["seconds"] and results["ratios"]
 
 

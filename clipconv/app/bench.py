@@ -11,8 +11,10 @@ anchors: the same step with PromptSRC's zero-shot anchors (`--anchor-logits`/`--
 memory: the bytes autograd saves for backward per step (distinct storages, parameters excluded: activations
     and autocast weight copies), with and without checkpointing; peak CUDA memory per step on a GPU.
 All timed settings run in rounds, the order reversed every other round, so that load from other processes
-hits them alike; a ratio is the median over rounds of the ratio within the round, of wall time and of the
-process's CPU time (with one thread on a shared CPU, CPU time leaves out the waits for a core).
+hits them alike; in a round each setting is called `inner` times in a row and its fastest call kept (a call
+that another process's burst slowed down is dropped); a ratio is the median over rounds of the ratio within
+the round, of wall time and of the process's CPU time (with one thread on a shared CPU, CPU time leaves out
+the waits for a core), reported with the spread (quartiles) of the within-round ratios.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from clipconv.runtime.outputs import write_json
 from clipconv.training import Anchors
 
 __all__ = ["BenchConfig", "TARGETS", "run_benchmark", "format_table", "main", "interleaved_times", "paired_ratio",
-           "fastest_ratio", "saved_for_backward_bytes", "forward_gflops", "peak_cuda_bytes"]
+           "fastest_ratio", "ratio_quartiles", "saved_for_backward_bytes", "forward_gflops", "peak_cuda_bytes"]
 
 MB = 1024 * 1024
 #: the project's goals (issue 13, tightened by "Speed and scale"): adapted/plain inference, training step/plain inference
@@ -61,7 +63,9 @@ class BenchConfig:
     model: str = "ViT-B-16"
     batch: int = 8
     warmup: int = 1
-    repeats: int = 3
+    repeats: int = 7
+    #: calls of each setting per round, the fastest kept
+    inner: int = 3
     kind: str = "convpass"
     dim: int = 8
     classes: int = 1000
@@ -89,11 +93,12 @@ def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float
 
 
 def interleaved_times(settings: dict[str, Callable[[], object]], warmup: int, repeats: int, device: torch.device,
-                      cpu_seconds: Optional[dict[str, list[float]]] = None) -> dict[str, list[float]]:
+                      cpu_seconds: Optional[dict[str, list[float]]] = None, inner: int = 1) -> dict[str, list[float]]:
     """Wall seconds per call of each setting: `warmup` untimed rounds, then `repeats` rounds in turn,
-    the order reversed every other round (A B, B A, ...) so that neither setting always runs first.
-    `cpu_seconds`, if given, receives the process CPU time of each call: with one thread on a CPU shared with
-    other jobs, that is the work done, without the time spent waiting for a core."""
+    the order reversed every other round (A B, B A, ...) so that neither setting always runs first; in a round
+    each setting is called `inner` times in a row and its fastest call kept (one value per round).
+    `cpu_seconds`, if given, receives the process CPU time of each kept call (the least of the round's): with
+    one thread on a CPU shared with other jobs, that is the work done, without the time spent waiting for a core."""
     for _ in range(warmup):
         for fn in settings.values():
             fn()
@@ -101,10 +106,10 @@ def interleaved_times(settings: dict[str, Callable[[], object]], warmup: int, re
     order = list(settings)
     for round_index in range(repeats):
         for name in order if round_index % 2 == 0 else order[::-1]:
-            wall, cpu = _timed(settings[name], device)
-            times[name].append(wall)
+            calls = [_timed(settings[name], device) for _ in range(max(1, inner))]
+            times[name].append(min(wall for wall, _ in calls))
             if cpu_seconds is not None:
-                cpu_seconds.setdefault(name, []).append(cpu)
+                cpu_seconds.setdefault(name, []).append(min(cpu for _, cpu in calls))
     return times
 
 
@@ -116,6 +121,16 @@ def fastest_ratio(times: dict[str, list[float]], numerator: str, denominator: st
 def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
     """Median over rounds of times[numerator][i] / times[denominator][i] (settings timed in the same round)."""
     return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
+
+
+def ratio_quartiles(times: dict[str, list[float]], numerator: str, denominator: str) -> tuple[float, float]:
+    """The lower and upper quartiles of the within-round ratios (`paired_ratio` is their median): how far
+    load from other processes spread them."""
+    ratios = [a / b for a, b in zip(times[numerator], times[denominator])]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return low, high
 
 
 def saved_for_backward_bytes(step: Callable[[], object], exclude: Sequence[torch.Tensor] = ()) -> int:
@@ -252,8 +267,8 @@ def _optimizer(*modules: nn.Module) -> torch.optim.Optimizer:
 def run_benchmark(cfg: BenchConfig) -> JSONObject:
     """Time every setting in interleaved rounds, count FLOPs and saved bytes; return the results
     (times in seconds, memory in MB, ratios as described in the module docstring)."""
-    if cfg.batch <= 0 or cfg.repeats <= 0 or cfg.warmup < 0:
-        raise ValueError(f"--batch and --repeats must be positive and --warmup non-negative, got {cfg}")
+    if cfg.batch <= 0 or cfg.repeats <= 0 or cfg.inner <= 0 or cfg.warmup < 0:
+        raise ValueError(f"--batch, --repeats and --inner must be positive and --warmup non-negative, got {cfg}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
@@ -300,7 +315,7 @@ def run_benchmark(cfg: BenchConfig) -> JSONObject:
                      "peak_cuda_mb": (lambda b: None if b is None else b / MB)(peak_cuda_bytes(settings[name], device))}
               for name in params}
     cpu_seconds: dict[str, list[float]] = {}
-    times = interleaved_times(settings, cfg.warmup, cfg.repeats, device, cpu_seconds)
+    times = interleaved_times(settings, cfg.warmup, cfg.repeats, device, cpu_seconds, cfg.inner)
     profile = {}
     if cfg.profile > 0:
         profile = {name: top_operators(settings[name], cfg.profile)
@@ -349,6 +364,9 @@ def run_benchmark(cfg: BenchConfig) -> JSONObject:
         "ratios_of_fastest": {name: {"wall": fastest_ratio(times, numerator, "infer_plain"),
                                      "cpu": fastest_ratio(cpu_seconds, numerator, "infer_plain")}
                               for name, numerator in TARGET_SETTINGS.items()},
+        "ratio_quartiles": {name: {"wall": ratio_quartiles(times, numerator, "infer_plain"),
+                                   "cpu": ratio_quartiles(cpu_seconds, numerator, "infer_plain")}
+                            for name, numerator in TARGET_SETTINGS.items()},
         "targets": {name: {"goal": goal, "met": ratios[name] <= goal} for name, goal in TARGETS.items()},
         "memory": memory,
         "profile": profile,
@@ -373,7 +391,8 @@ def format_table(results: JSONObject) -> str:
     cfg, med, mem, env = results["config"], results["median_seconds"], results["memory"], results["environment"]
     times = results["seconds"]
     lines = [
-        f"{cfg['model']} {cfg['kind']} h={cfg['dim']}, batch {cfg['batch']}, {cfg['repeats']} interleaved rounds, "
+        f"{cfg['model']} {cfg['kind']} h={cfg['dim']}, batch {cfg['batch']}, {cfg['repeats']} interleaved rounds "
+        f"(fastest of {cfg['inner']} calls each), "
         f"{env['threads']} threads on {env['device']}; "
         f"{results['encoder']['trainable_adapter_params']:,} adapter parameters",
         "",
@@ -394,7 +413,9 @@ def format_table(results: JSONObject) -> str:
     lines.append("")
     for name, target in results["targets"].items():
         fastest = results["ratios_of_fastest"][name]
-        lines.append(f"{name}: {ratios[name]:.3f} wall, {results['ratios_of_cpu_time'][name]:.3f} CPU time "
+        (wall_low, wall_high), (cpu_low, cpu_high) = (results["ratio_quartiles"][name][k] for k in ("wall", "cpu"))
+        lines.append(f"{name}: {ratios[name]:.3f} wall (quartiles {wall_low:.3f}–{wall_high:.3f}), "
+                     f"{results['ratios_of_cpu_time'][name]:.3f} CPU time (quartiles {cpu_low:.3f}–{cpu_high:.3f}) "
                      f"(medians of within-round ratios); fastest calls {fastest['wall']:.3f} wall, "
                      f"{fastest['cpu']:.3f} CPU (goal ≤ {target['goal']}: {'met' if target['met'] else 'NOT met'} "
                      "on the median wall ratio)")
@@ -422,6 +443,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[BenchConfig, Optio
     parser.add_argument("--batch", type=int, default=defaults.batch)
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed rounds")
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed rounds of every setting")
+    parser.add_argument("--inner", type=int, default=defaults.inner,
+                        help="calls of each setting per round, the fastest kept")
     parser.add_argument("--kind", "--method", dest="kind", default=defaults.kind,
                         help="adapter kind (a name in clipconv.adapters.ADAPTERS)")
     parser.add_argument("--dim", type=int, default=defaults.dim, help="adapter bottleneck h")
