@@ -147,6 +147,20 @@ def test_table2_checks_every_method_against_the_backbone_before_the_first_fit(da
     assert not out.exists()
 
 
+def test_table2_resume_under_another_world_size_is_refused(data, tiny_config, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "table"
+    argv = ["--data-root", str(data), "--model", str(tiny_config), "--pretrained", "none", "--workers", "0",
+            "--no-cache", "--output-dir", str(out), "--methods", "zero_shot", "--eval-sets", "imagenet", "--quiet"]
+    assert run_cli(run_table2.main, argv).returncode == 0
+    record = json.loads((out / "table2_config.json").read_text())
+    assert record["environment"] == {"world_size": 1}
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    monkeypatch.setattr(run_table2, "join_process_group", lambda device: 2)  # as under torchrun --nproc_per_node 2
+    line = refused_line(run_table2.main, ["--resume", str(out), "--workers", "0"], capsys)
+    assert "started as 1 process(es), this is 2" in line and "plain python" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 def test_train_checks_the_method_against_the_backbone_before_writing(data, tiny_config, tmp_path, capsys):
     out = tmp_path / "run"
     line = refused_line(train.main, _base(data, out, tiny_config, "--method", "coop"), capsys)

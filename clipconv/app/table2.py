@@ -494,7 +494,8 @@ def _claim_table2_dir(cfg: Table2Config, shots: Sequence[int], overwrite: bool, 
     out = ranks.on_main(create)
     log(f"output folder: {out}")
     if not resume:
-        write_json(out / RECORD_FILE, {"config": replace(cfg, output_dir=str(out)).to_dict(), "shots": list(shots)})
+        write_json(out / RECORD_FILE, {"config": replace(cfg, output_dir=str(out)).to_dict(), "shots": list(shots),
+                                       "environment": {"world_size": ranks.world_size()}})
     return out
 
 

@@ -15,15 +15,16 @@ from clipconv.app.cli.options import (
     shared_configs
 )
 from clipconv.app.frontier import FRONTIER_FILES, write_frontier
-from clipconv.app.run import PRESET_HELP, RESULT, log, setup_logging
+from clipconv.app.run import PRESET_HELP, RESULT, check_resume_world_size, log, setup_logging
 from clipconv.app.rundir import check_output_dir, exit_code, interrupt_on_sigterm, release_run_dir
 from clipconv.app.session import build_method_config
 from clipconv.app.table2 import (
-    SWEEP_FILE, Table2Config, check_methods, load_record, measured_table, run_shots_sweep, run_table2
+    RECORD_FILE, SWEEP_FILE, Table2Config, check_methods, load_record, measured_table, run_shots_sweep, run_table2
 )
 from clipconv.config import OptionError, RuntimeConfig
 from clipconv.methods.base import MethodConfig
 from clipconv.mini_clip import MINI_CLIP_CONFIG
+from clipconv.runtime.io import read_json_object
 from clipconv.runtime.ranks import is_main
 
 DESCRIPTION = """Reproduce Table 2 of the Convpass paper: zero-shot CLIP, linear probe, CoOp, CoCoOp, Tip-Adapter(-F)
@@ -142,7 +143,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
     with bad_input_errors():
-        join_process_group(cfg.runtime.device)  # under torchrun: join the process group (no-op otherwise)
+        size = join_process_group(cfg.runtime.device)  # under torchrun: join the process group (no-op otherwise)
+        if args.resume:  # as many processes as the table started with (table2_config.json records it)
+            check_resume_world_size(read_json_object(Path(args.resume) / RECORD_FILE), size, args.resume)
     setup_logging(quiet=cfg.runtime.quiet)
     state: dict = {}
 
