@@ -127,12 +127,19 @@ def test_run_killed_mid_epoch_resumes_to_identical_weights_and_metrics(resume_wo
     assert not [p for p in killed.iterdir() if p.name.endswith(".tmp")]  # stale temps of the kill are gone
 
 
+def _sigint_as_in_a_shell() -> None:
+    """A pytest-xdist worker ignores SIGINT and its children inherit that (Python then installs no Ctrl-C
+    handler); a process started from a shell has the default disposition."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow  # a real CLI process and a real SIGINT; the in-process version follows
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(resume_world, tiny_config):
     root, data = resume_world
     out = root / "interrupted"
     proc = subprocess.Popen(_cli(root, data, tiny_config, out, "--epochs", "40"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=_sigint_as_in_a_shell)
     deadline = time.time() + 120
     while not (out / "train_state.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
