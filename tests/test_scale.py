@@ -8,12 +8,13 @@ import os
 
 import pytest
 import torch
+from conftest import write_tiny_config
 from tiny_tasks import LinearTask, fixed_batches
 
 from clipconv.app.bench import saved_for_backward_bytes
 from clipconv.app.bench_scale import (
-    ProbedTask, ScaleConfig, format_scale_table, parse_args, predict_memory_gb, predict_minutes, run_scale, run_steps,
-    scale_methods, write_results
+    MEASURES, ProbedTask, ScaleConfig, format_scale_table, parse_args, predict_memory_gb, predict_minutes, run_scale,
+    run_steps, scale_methods, write_results
 )
 from clipconv.app.scale_tree import MANIFEST, TreeSpec, ensure_tree, expected_files, subset_wnids, tree_problem
 from clipconv.data import eval_split, resolve_run_classes
@@ -111,9 +112,23 @@ def test_one_method_one_step_on_a_tiny_clip_writes_both_files(tmp_path, tiny_con
     assert "| Convpass_CLIP | 50 |" in md_path.read_text() == format_scale_table(results)
 
 
+def test_every_method_with_its_own_measurement_runs_one_step_on_a_tiny_clip(tmp_path):
+    """The methods measured by their own code (not the adapter path), each built as a run builds it: a
+    method's task changing its signature must fail here, not an hour into a rehearsal. (A 77-token text
+    context, as CLIP's: CoOp's reference 16 context tokens need it.)"""
+    names = tuple(MEASURES)
+    config = write_tiny_config(tmp_path, text_cfg={"context_length": 77})
+    cfg = ScaleConfig(model=str(config), tree=tmp_path / "tree", out=tmp_path / "out", methods=names,
+                      batch=2, steps=1, eval_images=2, text_chunk=4, image_size=(16, 12),
+                      **{k: v for k, v in TINY_TREE.items() if k != "size"})
+    results = run_scale(cfg, log=lambda line: None)
+    assert [row["method"] for row in results["rows"]] == list(names)
+
+
 def test_bad_flags_exit_2(tmp_path, capsys):
     (tmp_path / "scale.json").write_text("{}")
-    for argv in (["--out", str(tmp_path)], ["--methods", "nope"], ["--utilization", "2"]):
+    for argv in (["--out", str(tmp_path)], ["--out", str(tmp_path / "scale.json")], ["--methods", "nope"],
+                 ["--utilization", "2"]):
         with pytest.raises(SystemExit) as exit_info:
             parse_args(argv)
         assert exit_info.value.code == 2

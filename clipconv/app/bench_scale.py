@@ -62,7 +62,7 @@ from clipconv.runtime.cache import cache_root
 from clipconv.runtime.jsontypes import JSONObject
 from clipconv.runtime.memory import retain_freed_memory
 from clipconv.runtime.outputs import write_json, write_text
-from clipconv.training import BatchLoss, ClassifierTask, Forward, TrainConfig, Trainer, TrainingTask
+from clipconv.training import Anchors, BatchLoss, ClassifierTask, Forward, TrainConfig, Trainer, TrainingTask
 
 __all__ = ["ScaleConfig", "ScaleRow", "ProbedTask", "predict_minutes", "predict_memory_gb", "scale_methods",
            "run_scale", "format_scale_table", "write_results", "main", "REPORTED"]
@@ -447,7 +447,8 @@ def measure_clip_lora(bench: Bench) -> dict:
         method = build_method("clip_lora", dataclasses.replace(config, batch_size=batch))
         ctx = bench.ctx(classes=classes, train=[(p, label % classes) for p, label in bench.train])
         method.build(ctx)
-        task = _ClipLoRATask(method, ctx)
+        train = method.train_config(ctx, bench.cfg.shots)
+        task = _ClipLoRATask(method, ctx, Anchors(train.anchor_logits, train.anchor_features))  # paper: none
         torch.manual_seed(bench.cfg.seed)
         probe, steps = run_steps(task, method.train_config(ctx, bench.cfg.shots), bench.device, bench.cfg.steps)
         runs.append((_step_numbers(probe, 1.0), steps))
@@ -816,8 +817,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ScaleConfig:
     runtime = runtime_from(args, runtime_fields, parser)
     apply_runtime(runtime)
     options = {k: v for k, v in vars(args).items() if k not in runtime_fields}
-    if (options["out"] / "scale.json").exists():
-        parser.error(f"--out {options['out']} already holds scale.json (finished results are kept): give a new folder")
+    out = options["out"]
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is not a folder: give a new folder for scale.json and scale.md")
+    if (out / "scale.json").exists():
+        parser.error(f"--out {out} already holds scale.json (finished results are kept): give a new folder")
     try:
         return ScaleConfig(**{**options, "methods": tuple(options["methods"])}, threads=runtime.threads)
     except ValueError as err:
