@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 from cli_world import run_cli
+from tiny_tasks import stopped_after_saving
 from torch import nn
 
 from clipconv.app.cli import train
@@ -150,18 +151,12 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(resume_world, tiny_config):
     assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] >= 1
 
 
-def test_ctrl_c_after_the_first_checkpoint_exits_130_and_says_how_to_resume(resume_world, tiny_config, monkeypatch):
+def test_ctrl_c_after_the_first_checkpoint_exits_130_and_says_how_to_resume(resume_world, tiny_config):
     """In-process: Ctrl-C arrives as KeyboardInterrupt right after the first epoch's checkpoint."""
     root, data = resume_world
     out = root / "interrupted_in_process"
-    save = Trainer.save_state
-
-    def save_then_interrupt(self):
-        save(self)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "save_state", save_then_interrupt)
-    result = run_cli(train.main, _cli(root, data, tiny_config, out, "--epochs", "40")[3:])
+    with stopped_after_saving(1, KeyboardInterrupt):
+        result = run_cli(train.main, _cli(root, data, tiny_config, out, "--epochs", "40")[3:])
     assert result.returncode == 130, result.stderr[-2000:]
     assert f"--resume {out}" in result.stderr and "Traceback" not in result.stderr
     assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] == 1

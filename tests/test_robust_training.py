@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from baseline_world import make_world
-from tiny_tasks import LinearTask, fixed_batches
+from tiny_tasks import Killed, LinearTask, fixed_batches, stopped_after_saving
 from tolerance import assert_close_scaled
 from torch import nn
 
@@ -234,30 +234,17 @@ def test_validation_scores_and_keeps_the_averaged_weights():
     assert all(torch.equal(p, task.validated[0][n]) for n, p in task.model.named_parameters())
 
 
-class Killed(Exception):
-    """Stands for SIGKILL right after the train state of an epoch was written."""
-
-
 @pytest.mark.parametrize("options", [{"weight_average": "ema:0.7"}, {"weight_average": "swa:2"},
                                      {"weight_average": "gpa:2:1", "anchor_logits": 1.0, "anchor_features": 1.0}],
                          ids=["ema", "swa", "gpa+anchors"])
-def test_killed_run_resumes_to_bit_identical_averaged_weights(world, tmp_path, monkeypatch, options):
+def test_killed_run_resumes_to_bit_identical_averaged_weights(world, tmp_path, options):
     options = {"epochs": 3, "batch_size": 4, "lr": 1e-2, "scales": [1.0], **options}
     ctx = dataclasses.replace(world.ctx, val=[])  # no validation pick: the run keeps the last epoch's average
     straight = build_method("convpass", **options)
     straight.fit(dataclasses.replace(ctx, output_dir=tmp_path / "straight"))
     out = tmp_path / "killed"
-    save_state = Trainer.save_state
-
-    def save_then_die(self: Trainer) -> None:
-        save_state(self)
-        if self.epoch == 2:
-            raise Killed
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "save_state", save_then_die)
-        with pytest.raises(Killed):
-            build_method("convpass", **options).fit(dataclasses.replace(ctx, output_dir=out))
+    with stopped_after_saving(2), pytest.raises(Killed):
+        build_method("convpass", **options).fit(dataclasses.replace(ctx, output_dir=out))
     assert torch.load(out / STATE_FILE, weights_only=True)["averager"] is not None
     torch.manual_seed(12345)
     resumed = build_method("convpass", **options)

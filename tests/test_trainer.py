@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from baseline_world import make_world
-from tiny_tasks import LinearTask, fixed_batches
+from tiny_tasks import Killed, LinearTask, fixed_batches, stopped_after_saving
 from torch import nn
 
 import clipconv
@@ -24,10 +24,6 @@ from clipconv.training import STATE_FILE, TrainConfig, Trainer, TrainingDiverged
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_config):
     return make_world(tmp_path_factory.mktemp("trainer"), tiny_config, shots=3, val_shots=1, classes=3)
-
-
-class Killed(Exception):
-    """Stands for SIGKILL right after the train state of an epoch was written."""
 
 
 #: (method, options, epoch after which the run is killed); every run has >= 2 epochs after the kill
@@ -54,22 +50,13 @@ def _untimed(history: list[dict]) -> list[dict]:
 
 
 @pytest.mark.parametrize("name, options, kill_after", RESUMABLE, ids=[r[0] for r in RESUMABLE])
-def test_killed_run_resumes_to_bit_identical_weights(world, tmp_path, monkeypatch, name, options, kill_after):
+def test_killed_run_resumes_to_bit_identical_weights(world, tmp_path, name, options, kill_after):
     straight = build_method(name, **options)
     straight_history = _history(straight, straight.fit(dataclasses.replace(world.ctx, output_dir=tmp_path / "straight")))
 
     out = tmp_path / "killed"
-    save_state = Trainer.save_state
-
-    def save_then_die(self: Trainer) -> None:
-        save_state(self)
-        if self.epoch == kill_after:
-            raise Killed
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "save_state", save_then_die)
-        with pytest.raises(Killed):
-            build_method(name, **options).fit(dataclasses.replace(world.ctx, output_dir=out))
+    with stopped_after_saving(kill_after), pytest.raises(Killed):
+        build_method(name, **options).fit(dataclasses.replace(world.ctx, output_dir=out))
     assert torch.load(out / STATE_FILE, weights_only=True)["epoch"] == kill_after
     torch.manual_seed(12345)  # a resumed process starts from another RNG state: the train state restores it
 
@@ -167,7 +154,7 @@ def test_backward_is_called_in_the_trainer_and_the_speed_benchmark_only():
     assert calling == ["app/bench.py", "training.py"]
 
 
-def test_killed_pretraining_resumes_to_bit_identical_weights(tiny_config, tmp_path, monkeypatch):
+def test_killed_pretraining_resumes_to_bit_identical_weights(tiny_config, tmp_path):
     from clipconv.app import pretrain_mini_clip as P
     from clipconv.backbone import load_backbone
 
@@ -178,17 +165,8 @@ def test_killed_pretraining_resumes_to_bit_identical_weights(tiny_config, tmp_pa
         return backbone, P.pretrain(backbone, config, log_every=2, state_dir=state_dir, resume=resume)
 
     straight, summary = run()
-    save_state = Trainer.save_state
-
-    def save_then_die(self: Trainer) -> None:
-        save_state(self)
-        if self.epoch == 1:
-            raise Killed
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "save_state", save_then_die)
-        with pytest.raises(Killed):
-            run(tmp_path)
+    with stopped_after_saving(1), pytest.raises(Killed):
+        run(tmp_path)
     assert torch.load(tmp_path / STATE_FILE, weights_only=True)["step"] == 2
     resumed, resumed_summary = run(tmp_path, resume=True)
     a, b = straight.model.state_dict(), resumed.model.state_dict()

@@ -1,11 +1,36 @@
-"""A tiny TrainingTask for trainer tests: cross-entropy of a linear layer (4 → 3) on fixed batches."""
+"""A tiny TrainingTask for trainer tests: cross-entropy of a linear layer (4 → 3) on fixed batches; a run
+stopped right after the train state of an epoch was written (`stopped_after_saving`)."""
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipconv.training import BatchLoss, TrainingTask
+from clipconv.training import BatchLoss, Trainer, TrainingTask
+
+
+class Killed(Exception):
+    """Stands for SIGKILL right after the train state of an epoch was written."""
+
+
+@contextlib.contextmanager
+def stopped_after_saving(epoch: int, error: type[BaseException] = Killed) -> Iterator[None]:
+    """Within: every Trainer raises `error` right after it wrote its train state at the end of `epoch` (a
+    process killed between epochs; KeyboardInterrupt: Ctrl-C arriving then)."""
+    save_state = Trainer.save_state
+
+    def save_then_stop(self: Trainer) -> None:
+        save_state(self)
+        if self.epoch == epoch:
+            raise error
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "save_state", save_then_stop)
+        yield
 
 
 def fixed_batches(count: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
