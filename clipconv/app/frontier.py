@@ -11,9 +11,9 @@ known. Written atomically: frontier.json (exactly the numbers drawn) and frontie
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
-from clipconv.app.plots import LOGIT_CLIP, _logit_fraction, _pyplot, _save
+from clipconv.app.plots import LOGIT_CLIP, _logit_fraction, _pyplot, _save, set_logit_axes
 from clipconv.app.run import folder_name
 from clipconv.methods.base import METHODS
 from clipconv.methods.robust import ROBUST_METHOD_PREFIX
@@ -21,10 +21,7 @@ from clipconv.runtime.io import read_json_object
 from clipconv.runtime.jsontypes import JSON, JSONObject
 from clipconv.runtime.outputs import write_json
 
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-
-__all__ = ["logit_axes", "FRONTIER_FILES", "frontier_data", "frontier_plot", "write_frontier", "starts_at_zero_shot"]
+__all__ = ["FRONTIER_FILES", "frontier_data", "frontier_plot", "write_frontier", "starts_at_zero_shot"]
 
 FRONTIER_FILES = ("frontier.json", "frontier.png")
 def starts_at_zero_shot(name: str) -> bool:
@@ -151,27 +148,15 @@ def frontier_plot(data: Mapping[str, JSON], path: Path, title: Optional[str] = N
                         marker=markers[point["kind"]], markersize=12 if point["kind"] == "robust" else 6,
                         linestyle="none", capsize=3, color=colors[(index + 3) % len(colors)],
                         label=f"{point['label']} ({seeds} seed{'s' if seeds != 1 else ''})")
-        logit_axes(ax, f"{source_name} top-1 (source; logit scale)", "target average top-1 (logit scale)")
+        set_logit_axes(ax)
+        ax.set_xlabel(f"{source_name} top-1 (source; logit scale)")
+        ax.set_ylabel("target average top-1 (logit scale)")
         ax.set_title(title or "Robustness frontier (mean ± std over seeds; dashed: WiSE chord α = 0 → 1)", fontsize=9)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
         return _save(fig, path)
     finally:
         plt.close(fig)
-
-
-def logit_axes(ax: "Axes", xlabel: str, ylabel: str) -> None:
-    """Logit scales on both axes of `ax` (accuracies as fractions), ticks in %, the two labels. (The same as
-    plots.robustness_sweep draws inline; that function is left as it is while another branch changes it.)"""
-    from matplotlib.ticker import FuncFormatter, NullFormatter  # heavy; plots only
-
-    percent = FuncFormatter(lambda value, _: f"{100 * value:.4g}%")
-    for axis, set_scale in ((ax.xaxis, ax.set_xscale), (ax.yaxis, ax.set_yscale)):
-        set_scale("logit")
-        axis.set_major_formatter(percent)
-        axis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
 
 
 def write_frontier(folders: Sequence[Path], out_dir: Path, title: Optional[str] = None) -> JSONObject:
