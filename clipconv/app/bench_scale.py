@@ -450,7 +450,7 @@ def measure_clip_lora(bench: Bench) -> dict:
         train = method.train_config(ctx, bench.cfg.shots)
         task = _ClipLoRATask(method, ctx, Anchors(train.anchor_logits, train.anchor_features))  # paper: none
         torch.manual_seed(bench.cfg.seed)
-        probe, steps = run_steps(task, method.train_config(ctx, bench.cfg.shots), bench.device, bench.cfg.steps)
+        probe, steps = run_steps(task, train, bench.device, bench.cfg.steps)
         runs.append((_step_numbers(probe, 1.0), steps))
         trainable = _count(task.trainable().values())
         frozen = _count(p for p in method.model.parameters() if not p.requires_grad)
