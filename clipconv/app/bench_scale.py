@@ -448,7 +448,7 @@ def measure_clip_lora(bench: Bench) -> dict:
         ctx = bench.ctx(classes=classes, train=[(p, label % classes) for p, label in bench.train])
         method.build(ctx)
         train = method.train_config(ctx, bench.cfg.shots)
-        task = _ClipLoRATask(method, ctx, Anchors(train.anchor_logits, train.anchor_features))  # paper: none
+        task = _ClipLoRATask(method, ctx, Anchors.of(train))  # paper: none
         torch.manual_seed(bench.cfg.seed)
         probe, steps = run_steps(task, train, bench.device, bench.cfg.steps)
         runs.append((_step_numbers(probe, 1.0), steps))
