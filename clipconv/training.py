@@ -460,6 +460,11 @@ class Anchors:
         self.logits, self.features = float(logits), float(features)
         self._sums = torch.zeros(3, dtype=torch.float64)  # KL·rows, L1·rows, rows (this rank)
 
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> "Anchors":
+        """The anchors a train config records (`TrainConfig.anchor_logits` / `anchor_features`)."""
+        return cls(cfg.anchor_logits, cfg.anchor_features)
+
     @property
     def active(self) -> bool:
         return self.logits > 0 or self.features > 0

@@ -8,12 +8,14 @@ import json
 import sys
 import typing
 import warnings
+from pathlib import Path
 
 import pytest
 from cli_world import refused_line, run_cli
 
 from clipconv.app import bench, bench_data, cache, pretrain_mini_clip
 from clipconv.app import run as run_module
+from clipconv.app import table2
 from clipconv.app.cli import check_data, eval_robustness, export_merged, run_table2
 from clipconv.app.cli import train
 from clipconv.app.cli import train as train_cli
@@ -133,7 +135,6 @@ def test_table2_checks_every_method_against_the_backbone_before_the_first_fit(da
                                                                             monkeypatch):
     """The tiny CLIP's text context is 16 tokens: CoOp's reference 16 context tokens cannot fit. It is
     refused before zero-shot runs, and nothing is written."""
-    from clipconv.app import table2
 
     def no_fit(*args, **kwargs):
         raise AssertionError("a method was fitted before the CoOp options were checked")
@@ -156,9 +157,21 @@ def test_table2_resume_under_another_world_size_is_refused(data, tiny_config, tm
     assert record["environment"] == {"world_size": 1}
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     monkeypatch.setattr(run_table2, "join_process_group", lambda device: 2)  # as under torchrun --nproc_per_node 2
+    reads = []
+
+    def counted(read):
+        def read_json_object(path, *args, **kwargs):
+            reads.append(Path(path).name)
+            return read(path, *args, **kwargs)
+        return read_json_object
+
+    for module in (table2, run_table2):  # wherever the record may be read
+        if hasattr(module, "read_json_object"):
+            monkeypatch.setattr(module, "read_json_object", counted(module.read_json_object))
     line = refused_line(run_table2.main, ["--resume", str(out), "--workers", "0"], capsys)
     assert "started as 1 process(es), this is 2" in line and "plain python" in line
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert reads == ["table2_config.json"]  # read once: the config and the world size it started with
 
 
 def test_train_checks_the_method_against_the_backbone_before_writing(data, tiny_config, tmp_path, capsys):

@@ -77,6 +77,41 @@ def test_several_folders_keep_the_first_row_of_a_label(tmp_path):
     assert points[0]["source"] == 52.0
 
 
+def test_alpha_labels_clear_every_marker_and_each_other_in_their_curves_colour(tmp_path, monkeypatch):
+    """CoOp's row just above and right of θ(0) (zero-shot), where a label at a fixed offset lands on its marker, and
+    the robust star close to the α = 0.5 point: the "α=…" labels are placed (plots.draw_labels) so that no label
+    box covers a marker or another label, as drawn, and each is in its curve's colour."""
+    from matplotlib.colors import to_rgba
+
+    from clipconv.app import frontier, plot_geometry
+
+    first = _table(tmp_path / "a", ROWS)
+    second = _table(tmp_path / "b", {"coop": ("CoOp", (52.3, 26.2), (0.1, 0.1), {})})
+    data = frontier_data([first, second])
+    seen = {}
+
+    def inspect(fig, path):  # the figure as it would be saved
+        ax = fig.axes[0]
+        renderer = fig.canvas.get_renderer()
+        seen["labels"] = [(note.get_text(), note.get_color(), tuple(note.get_window_extent(renderer).extents))
+                          for note in ax.texts]
+        seen["markers"] = [plot_geometry.marker_box(tuple(map(float, ax.transData.transform(xy))),
+                                                    line.get_markersize() * fig.dpi / 72.0 / 2)
+                           for line in ax.lines if line.get_marker() in ("o", "D", "*", ".")
+                           for xy in line.get_xydata()]
+        seen["curve"] = next(line.get_color() for line in ax.lines if line.get_label() == data["curves"][0]["label"])
+        return path  # (not written: the geometry is what this test is about)
+
+    monkeypatch.setattr(frontier, "_save", inspect)
+    frontier.frontier_plot(data, tmp_path / "frontier.png")
+    labels, markers = seen["labels"], seen["markers"]
+    assert [text for text, _, _ in labels] == ["α=0", "α=0.5", "α=1"] and len(markers) == 3 + len(data["points"])
+    assert all(to_rgba(color) == to_rgba(seen["curve"]) for _, color, _ in labels)
+    boxes = [box for _, _, box in labels]
+    assert not [(a, m) for a in boxes for m in markers if plot_geometry.overlap_area(a, m) > 0]
+    assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if plot_geometry.overlap_area(a, b) > 0]
+
+
 def test_which_methods_start_at_zero_shot():
     assert starts_at_zero_shot("convpass") and starts_at_zero_shot("robust:convpass")
     assert starts_at_zero_shot("clip_lora") and starts_at_zero_shot("linear_probe")

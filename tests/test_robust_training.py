@@ -15,7 +15,9 @@ from torch import nn
 
 from clipconv.checkpoint import read_metadata
 from clipconv.methods import build_method
-from clipconv.training import GPA_MEAN, GPA_STD, STATE_FILE, AnchoredClassifierTask, TrainConfig, Trainer, make_averager
+from clipconv.training import (
+    GPA_MEAN, GPA_STD, STATE_FILE, AnchoredClassifierTask, Anchors, TrainConfig, Trainer, make_averager
+)
 
 CPU = torch.device("cpu")
 
@@ -46,6 +48,12 @@ def _trainables(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- options
+def test_anchors_of_a_train_config_are_its_weights():
+    anchors = Anchors.of(TrainConfig(epochs=1, anchor_logits=2.0, anchor_features=3.0))
+    assert (anchors.logits, anchors.features, anchors.active) == (2.0, 3.0, True)
+    assert not Anchors.of(TrainConfig(epochs=1)).active
+
+
 def test_options_default_off_and_validate():
     cfg = build_method("convpass").config
     assert (cfg.anchor_logits, cfg.anchor_features, cfg.weight_average) == (0.0, 0.0, "none")

@@ -121,8 +121,12 @@ def test_every_method_with_its_own_measurement_runs_one_step_on_a_tiny_clip(tmp_
     cfg = ScaleConfig(model=str(config), tree=tmp_path / "tree", out=tmp_path / "out", methods=names,
                       batch=2, steps=1, eval_images=2, text_chunk=4, image_size=(16, 12),
                       **{k: v for k, v in TINY_TREE.items() if k != "size"})
-    results = run_scale(cfg, log=lambda line: None)
+    lines: list[str] = []
+    results = run_scale(cfg, log=lines.append)
     assert [row["method"] for row in results["rows"]] == list(names)
+    measured = [lines[i + 1] for i, line in enumerate(lines) if line.startswith("measuring ")]
+    assert len(measured) == len(names) and not any("nan" in line for line in measured), measured
+    assert measured[names.index("zero_shot")].startswith("  no training steps (")  # scale.md: "–"
 
 
 def test_bad_flags_exit_2(tmp_path, capsys):

@@ -4,6 +4,7 @@ being scored on the rest (never "nan%")."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -133,6 +134,62 @@ def test_clear_refuses_at_once_while_a_run_holds_the_cache(tmp_path, monkeypatch
     finally:
         os.close(runtime_cache._HELD.pop(os.path.abspath(cache)))
     assert run_cli(main, ["clear", "--dir", str(cache)]).returncode == 0 and not entry.exists()  # the run ended
+
+
+def test_a_run_holds_its_feature_cache_given_as_cache_dir_and_clear_refuses_it(tmp_path, tiny_backbone,
+                                                                                monkeypatch):
+    """`--cache-dir R/features` with `$CLIPCONV_CACHE` elsewhere: `clear --dir R` would empty that folder, so it
+    refuses (one line naming it, nothing removed) while the run lives; once the run ended it clears it all."""
+    from clipconv.app.cache import main
+    from clipconv.app.session import open_session
+    from clipconv.config import BackboneConfig, DataConfig, RuntimeConfig
+    from clipconv.runtime import cache as runtime_cache
+
+    monkeypatch.setenv("CLIPCONV_CACHE", str(tmp_path / "elsewhere"))
+    monkeypatch.setattr(runtime_cache, "_HELD", {})  # this test's own record of held folders
+    features = tmp_path / "cache" / "features"
+    features.mkdir(parents=True)
+    entry = features / ("a" * 40 + ".safetensors")
+    entry.write_bytes(b"x")
+    root = make_image_tree(tmp_path / "data", train_per_class=2, val_per_class=1, variants=())
+    open_session(DataConfig(data_root=str(root)), BackboneConfig(),
+                 RuntimeConfig(device="cpu", cache_dir=str(features)), loaded=tiny_backbone)
+    try:
+        result = run_cli(main, ["clear", "--dir", str(tmp_path / "cache")])
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.splitlines() == [f"error: cache folder '{features}' is in use by a running clipconv "
+                                              f"process (it holds {runtime_cache.CACHE_LOCK}); clear it once no "
+                                              "run uses it"]
+        assert entry.exists()
+    finally:
+        for fd in runtime_cache._HELD.values():
+            os.close(fd)
+    assert run_cli(main, ["clear", "--dir", str(tmp_path / "cache")]).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [runtime_cache.CACHE_LOCK]  # features/ went
+
+
+def test_a_run_waiting_on_a_clear_holds_the_lock_file_that_outlives_it(tmp_path, monkeypatch):
+    """The clear removes an inner folder's lock file before releasing it; a run that was waiting on it locks the
+    file at that path afterwards (a later clear must see it), not the removed one."""
+    from clipconv.runtime import cache as runtime_cache
+
+    monkeypatch.setattr(runtime_cache, "_HELD", {})
+    inner = tmp_path / "cache" / "features"
+    inner.mkdir(parents=True)
+    with runtime_cache.cache_exclusively(tmp_path / "cache", inner=(inner,)):
+        waiting = threading.Thread(target=runtime_cache.hold_cache, args=(inner,))
+        waiting.start()
+        waiting.join(0.2)
+        assert waiting.is_alive()  # waits while the clear is under way
+    waiting.join(5)
+    fd = runtime_cache._HELD.pop(os.path.abspath(inner))
+    try:
+        assert os.path.samestat(os.fstat(fd), os.stat(inner / runtime_cache.CACHE_LOCK))
+        with pytest.raises(runtime_cache.CacheInUseError, match="features"):
+            with runtime_cache.cache_exclusively(tmp_path / "cache", inner=(inner,)):
+                pass
+    finally:
+        os.close(fd)
 
 
 def test_a_session_holds_the_cache_for_the_life_of_the_process(tmp_path, tiny_backbone, monkeypatch):

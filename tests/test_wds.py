@@ -571,6 +571,51 @@ def test_a_shard_rewritten_with_other_labels_but_the_same_size_and_mtime_is_list
     assert [label for _, label in second.samples] == [3, 1] * 3
 
 
+def test_a_new_shard_is_read_once_to_hash_and_list_it_and_a_known_one_not_at_all(tmp_path, monkeypatch):
+    """The first listing of a shard (or of a rewritten one) hashes it while it lists it: one open, and the digest
+    it keys the listing by is the SHA-256 of the whole file; a later process lists it from the cache without
+    opening it."""
+    import builtins
+    import hashlib
+    import tarfile
+
+    from clipconv.data import wds
+
+    _, reference = _one_sample_shard(tmp_path, "a1")
+    shard = tmp_path / reference.partition("#")[0]
+    opened = []
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(Path(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(wds, "open", counting_open, raising=False)  # the module's own opens (listing and hashing)
+    monkeypatch.setattr(wds, "_DIGESTS", {})
+    assert wds.index_shard(shard) == [("a1", 0)] and opened == [shard]
+    assert wds.shard_digest(shard) == hashlib.sha256(shard.read_bytes()).hexdigest() and opened == [shard]
+    monkeypatch.setattr(wds, "_DIGESTS", {})  # a later process: the memo and the listing are on disk
+    assert wds.index_shard(shard) == [("a1", 0)] and opened == [shard]
+    label = tmp_path / "label.cls"
+    label.write_text("1")
+    with tarfile.open(shard, "w") as tar:  # rewritten: new inode/ctime, other label
+        tar.add(label, arcname="b2.cls")
+        tar.add(tmp_path / "label.cls", arcname="b2.jpg")
+    assert wds.index_shard(shard) == [("b2", 1)] and opened == [shard, shard]
+    assert wds.shard_digest(shard) == hashlib.sha256(shard.read_bytes()).hexdigest()
+    label_of = wds._label
+
+    def touched_while_listed(sample, where):
+        os.utime(where, ns=(1, 1))
+        return label_of(sample, where)
+
+    monkeypatch.setattr(wds, "_label", touched_while_listed)
+    os.utime(shard, ns=(2, 2))  # a new identity: hashed while listed, and touched meanwhile
+    before = wds._shard_identity(shard)
+    with pytest.raises(wds.DataLayoutError, match="changed while it was read"):
+        wds.index_shard(shard)
+    assert before not in wds._DIGESTS and wds._shard_identity(shard) not in wds._DIGESTS  # nothing remembered
+
+
 def test_a_damaged_or_replaced_extracted_sample_is_extracted_again(tmp_path):
     """Extracted K-shot samples are checked like the other caches' entries: a file whose bytes changed is
     never used; it is extracted again from its shard (one warning)."""

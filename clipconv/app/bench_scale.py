@@ -65,7 +65,7 @@ from clipconv.runtime.outputs import write_json, write_text
 from clipconv.training import Anchors, BatchLoss, ClassifierTask, Forward, TrainConfig, Trainer, TrainingTask
 
 __all__ = ["ScaleConfig", "ScaleRow", "ProbedTask", "predict_minutes", "predict_memory_gb", "scale_methods",
-           "run_scale", "format_scale_table", "write_results", "main", "REPORTED"]
+           "run_scale", "measured_line", "format_scale_table", "write_results", "main", "REPORTED"]
 
 GIB = 1024 ** 3
 #: images of the full ImageNet evaluation suite (val, -V2, -Sketch, -A, -R)
@@ -448,7 +448,7 @@ def measure_clip_lora(bench: Bench) -> dict:
         ctx = bench.ctx(classes=classes, train=[(p, label % classes) for p, label in bench.train])
         method.build(ctx)
         train = method.train_config(ctx, bench.cfg.shots)
-        task = _ClipLoRATask(method, ctx, Anchors(train.anchor_logits, train.anchor_features))  # paper: none
+        task = _ClipLoRATask(method, ctx, Anchors.of(train))  # paper: none
         torch.manual_seed(bench.cfg.seed)
         probe, steps = run_steps(task, train, bench.device, bench.cfg.steps)
         runs.append((_step_numbers(probe, 1.0), steps))
@@ -729,9 +729,7 @@ def run_scale(cfg: ScaleConfig, log: Callable[[str], None] = print) -> JSONObjec
     for name in cfg.methods or scale_methods():
         log(f"measuring {name}")
         rows.append(measure(bench, name))
-        row = rows[-1]
-        log(f"  {row.cpu_seconds_per_step:.2f} s/step at the reference shape ({row.measured_shape}); "
-            f"{row.flops_per_step / 1e12:.3f} TFLOP/step; predicted {row.gpu_train_minutes:.1f} GPU min")
+        log(measured_line(rows[-1]))
     return {"config": {**asdict(cfg), "out": str(cfg.out), "tree": str(tree)},
             "machine": {**machine_info(torch.get_num_threads()), "load_average_at_start": load_start},
             "tree": {"root": str(tree), "built": built, "seconds": tree_seconds, **asdict(spec)},
@@ -744,6 +742,16 @@ def run_scale(cfg: ScaleConfig, log: Callable[[str], None] = print) -> JSONObjec
 
 def _num(value: float, digits: int = 1) -> str:
     return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:,.{digits}f}"
+
+
+def measured_line(row: ScaleRow) -> str:
+    """The progress line of one measured method; what is unknown (FLOPs torch cannot count) is "–" as in
+    scale.md, and a method without training steps (zero-shot) has no per-step numbers."""
+    predicted = f"predicted {_num(row.gpu_train_minutes)} GPU min"
+    if row.protocol_steps == 0:
+        return f"  no training steps ({row.measured_shape}); {predicted}"
+    return (f"  {_num(row.cpu_seconds_per_step, 2)} s/step at the reference shape ({row.measured_shape}); "
+            f"{_num(row.flops_per_step / 1e12, 3)} TFLOP/step; {predicted}")
 
 
 def format_scale_table(results: JSONObject) -> str:

@@ -6,7 +6,8 @@ The cache folder is `$CLIPCONV_CACHE`, else `~/.cache/clipconv`. It holds image-
 K-shot samples (`wds-index/`, `wds-samples/`, see clipconv.data.wds) and generated demo worlds
 (`demo-world-<12 hex>/`). `clear` removes only those (and temporary files a killed write left behind);
 anything else in the folder is left alone. It asks nothing and prints what it removed. While a run uses
-the folder (runs hold its `.clipconv-cache.lock` shared for their whole life) `clear` refuses at once.
+the folder (runs hold its `.clipconv-cache.lock` shared for their whole life, and that of their feature-cache
+folder when `--cache-dir` moves it: `clear` also checks `features/`) `clear` refuses at once.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Optional, Sequence
 
 from clipconv.app.cli.common import plain_warnings
 from clipconv.app.cli.options import add_runtime_args, apply_runtime, runtime_from
-from clipconv.runtime.cache import CacheInUseError, cache_exclusively, cache_root
+from clipconv.runtime.cache import CACHE_LOCK, CacheInUseError, cache_exclusively, cache_root
 
 __all__ = ["cache_root", "CacheContents", "scan", "clear", "main"]
 
@@ -89,23 +90,28 @@ def describe(found: CacheContents) -> str:
     return "\n".join(lines)
 
 def clear(root: Optional[Path] = None, worlds: bool = True) -> list[str]:
-    """Remove clipconv's cache files under `root`; return one line per kind of thing removed."""
-    found = scan(root)
-    report = []
-    for what, paths in (("feature entries", found.entries), ("decoded-image entries", found.decoded),
-                        ("leftover temporary files", found.leftovers),
-                        ("webdataset cache folders", found.webdataset),
-                        ("demo worlds", found.worlds if worlds else [])):
-        if not paths:
-            continue
-        size = found.size(paths)
-        for path in paths:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        shown = "" if what != "demo worlds" else ": " + ", ".join(p.name for p in paths)
-        report.append(f"removed {len(paths)} {what} ({_human(size)}) from {paths[0].parent}{shown}")
-    for folder in (found.root / "features", found.root / "decoded"):
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+    """Remove clipconv's cache files under `root`; return one line per kind of thing removed. Holds the lock of
+    `root` and of its features folder (a run's `--cache-dir` may be that folder) exclusively meanwhile:
+    CacheInUseError, and nothing removed, while a run holds either."""
+    root = Path(root) if root is not None else cache_root()
+    with cache_exclusively(root, inner=(root / "features",)) if root.is_dir() else contextlib.nullcontext():
+        found = scan(root)
+        report = []
+        for what, paths in (("feature entries", found.entries), ("decoded-image entries", found.decoded),
+                            ("leftover temporary files", found.leftovers),
+                            ("webdataset cache folders", found.webdataset),
+                            ("demo worlds", found.worlds if worlds else [])):
+            if not paths:
+                continue
+            size = found.size(paths)
+            for path in paths:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            shown = "" if what != "demo worlds" else ": " + ", ".join(p.name for p in paths)
+            report.append(f"removed {len(paths)} {what} ({_human(size)}) from {paths[0].parent}{shown}")
+        for folder in (found.root / "features", found.root / "decoded"):
+            if folder.is_dir() and all(p.name == CACHE_LOCK for p in folder.iterdir()):
+                (folder / CACHE_LOCK).unlink(missing_ok=True)  # held exclusively here; a waiting run re-opens it
+                folder.rmdir()
     return report
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -125,8 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(describe(scan(root)))
         return 0
     try:
-        with cache_exclusively(root) if root.is_dir() else contextlib.nullcontext():  # never under a running run
-            removed = clear(root, worlds=not args.keep_worlds)
+        removed = clear(root, worlds=not args.keep_worlds)  # never under a running run
     except CacheInUseError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -6,14 +6,15 @@ Drawn: every measured row as its mean over seeds with ± std error bars on both 
 (`<method>_seed<s>/wise-*/wise_sweep.json`, `eval_robustness.py --wise`) averaged over seeds when there are
 any, else from Table 2's rows: θ(0) (zero-shot's row, for the methods whose θ(0) is zero-shot CLIP), the
 "+ WiSE (α)" row and the trained row θ(1) — with its chord from α = 0 to α = 1 (dashed) when both ends are
-known. Written atomically: frontier.json (exactly the numbers drawn) and frontier.png.
+known, and its "α=…" labels in its colour, placed by `plots.draw_labels` clear of each other and of every
+marker. Written atomically: frontier.json (exactly the numbers drawn) and frontier.png.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-from clipconv.app.plots import LOGIT_CLIP, _logit_fraction, _pyplot, _save, set_logit_axes
+from clipconv.app.plots import LOGIT_CLIP, _logit_fraction, _pyplot, _save, draw_labels, set_logit_axes
 from clipconv.app.run import folder_name
 from clipconv.methods.base import METHODS
 from clipconv.methods.robust import ROBUST_METHOD_PREFIX
@@ -130,22 +131,24 @@ def frontier_plot(data: Mapping[str, JSON], path: Path, title: Optional[str] = N
     fig, ax = plt.subplots(figsize=(7.6, 6.0))
     try:
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        labels: list[tuple[tuple[float, float], str, str]] = []  # (anchor, "α=…", its curve's colour)
         for index, curve in enumerate(data["curves"]):
             color = colors[index % len(colors)]
             xs = [_logit_fraction(s) for s in curve["source"]]
             ys = [_logit_fraction(t) for t in curve["target"]]
             ax.plot(xs, ys, marker=".", color=color, alpha=0.7, label=curve["label"])
-            for alpha, x, y in zip(curve["alphas"], xs, ys):
-                ax.annotate(f"α={alpha:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+            labels.extend(((x, y), f"α={alpha:g}", color) for alpha, x, y in zip(curve["alphas"], xs, ys))
             if curve["chord"]:
                 ax.plot([xs[0], xs[-1]], [ys[0], ys[-1]], linestyle="--", linewidth=1, color=color, alpha=0.7)
         markers = {"method": "o", "wise": "D", "robust": "*"}
+        drawn: list[tuple[tuple[float, float], float]] = []  # the rows' markers: (centre, size in points)
         for index, point in enumerate(data["points"]):
             x, y = _logit_fraction(point["source"]), _logit_fraction(point["target"])
             seeds = len(point["seeds"])
+            drawn.append(((x, y), 12 if point["kind"] == "robust" else 6))
             ax.errorbar([x], [y], xerr=[[min(point["source_std"] / 100, x - LOGIT_CLIP)], [point["source_std"] / 100]],
                         yerr=[[min(point["target_std"] / 100, y - LOGIT_CLIP)], [point["target_std"] / 100]],
-                        marker=markers[point["kind"]], markersize=12 if point["kind"] == "robust" else 6,
+                        marker=markers[point["kind"]], markersize=drawn[-1][1],
                         linestyle="none", capsize=3, color=colors[(index + 3) % len(colors)],
                         label=f"{point['label']} ({seeds} seed{'s' if seeds != 1 else ''})")
         set_logit_axes(ax)
@@ -154,6 +157,8 @@ def frontier_plot(data: Mapping[str, JSON], path: Path, title: Optional[str] = N
         ax.set_title(title or "Robustness frontier (mean ± std over seeds; dashed: WiSE chord α = 0 → 1)", fontsize=9)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        draw_labels(ax, [anchor for anchor, _, _ in labels], [text for _, text, _ in labels], fontsize=7,
+                    colors=[color for _, _, color in labels], markers=drawn)  # clear of each other and every marker
         return _save(fig, path)
     finally:
         plt.close(fig)

@@ -12,7 +12,7 @@ import math
 from typing import Mapping, Optional, Sequence
 
 __all__ = ["LOGIT_CLIP", "Point", "logit_fraction", "logit", "chord", "chord_gaps", "alpha_chord_gaps",
-           "seed_spread", "label_box", "place_labels", "LABEL_OFFSETS"]
+           "seed_spread", "label_box", "overlap_area", "marker_box", "place_labels", "LABEL_OFFSETS", "Box"]
 
 #: accuracies (fractions) are clipped into [LOGIT_CLIP, 1 − LOGIT_CLIP] for the logit axes (0 % and 100 % are ±∞)
 LOGIT_CLIP = 1e-3
@@ -96,19 +96,27 @@ def label_box(anchor: Point, size: Point, offset: Point) -> Box:
     return x0, y0, x1, y1
 
 
-def _overlap(a: Box, b: Box) -> float:
+def overlap_area(a: Box, b: Box) -> float:
+    """The area two boxes (x0, y0, x1, y1) share (0 when they only touch or are apart)."""
     width = min(a[2], b[2]) - max(a[0], b[0])
     height = min(a[3], b[3]) - max(a[1], b[1])
     return width * height if width > 0 and height > 0 else 0.0
 
 
+def marker_box(center: Point, half: float) -> Box:
+    """The square of half-side `half` around `center`: where a marker is drawn."""
+    return center[0] - half, center[1] - half, center[0] + half, center[1] + half
+
+
 def place_labels(anchors: Sequence[Point], sizes: Sequence[Point], step: float, marker: float = 0.0,
-                 offsets: Sequence[Point] = LABEL_OFFSETS, bounds: Optional[Box] = None) -> list[Point]:
+                 offsets: Sequence[Point] = LABEL_OFFSETS, bounds: Optional[Box] = None,
+                 obstacles: Sequence[Box] = ()) -> list[Point]:
     """Offsets (dx, dy) for labels of `sizes` at `anchors` (display units, e.g. pixels), chosen in order: the first
-    candidate (`offsets` × `step`) whose box overlaps no label placed before and no marker (a square of half-side
-    `marker` around every anchor) and stays inside `bounds` (x0, y0, x1, y1; e.g. the axes); when none is free,
-    the candidate with the least overlap (and area outside)."""
-    markers = [(x - marker, y - marker, x + marker, y + marker) for x, y in anchors]
+    candidate (`offsets` × `step`) whose box overlaps no label placed before, no marker (a square of half-side
+    `marker` around every anchor) and none of `obstacles` (boxes, e.g. the markers of unlabelled points) and stays
+    inside `bounds` (x0, y0, x1, y1; e.g. the axes); when none is free, the candidate with the least overlap (and
+    area outside)."""
+    markers = [*(marker_box(anchor, marker) for anchor in anchors), *obstacles]
     placed: list[Box] = []
     chosen: list[Point] = []
     for anchor, size in zip(anchors, sizes):
@@ -116,9 +124,9 @@ def place_labels(anchors: Sequence[Point], sizes: Sequence[Point], step: float, 
         for dx, dy in offsets:
             offset = (dx * step, dy * step)
             box = label_box(anchor, size, offset)
-            cost = sum(_overlap(box, other) for other in placed) + sum(_overlap(box, m) for m in markers)
+            cost = sum(overlap_area(box, other) for other in placed) + sum(overlap_area(box, m) for m in markers)
             if bounds is not None:
-                cost += (box[2] - box[0]) * (box[3] - box[1]) - _overlap(box, bounds)  # the area outside
+                cost += (box[2] - box[0]) * (box[3] - box[1]) - overlap_area(box, bounds)  # the area outside
             if cost < best_cost:
                 best, best_cost = offset, cost
             if cost == 0.0:

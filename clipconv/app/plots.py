@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
-from clipconv.app.plot_geometry import LOGIT_CLIP, Point, logit_fraction, place_labels
+from clipconv.app.plot_geometry import LOGIT_CLIP, Point, logit_fraction, marker_box, place_labels
 from clipconv.app.report import DISPLAY, SUITE
 from clipconv.runtime.jsontypes import JSON
 from clipconv.runtime.outputs import atomic_path
@@ -193,10 +193,14 @@ def draw_error_bars(ax: Axes, xs: Sequence[float], ys: Sequence[float], xerr: Op
     ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor=color, elinewidth=0.8, capsize=2)
 
 
-def draw_labels(ax: Axes, anchors: Sequence[Point], texts: Sequence[str], fontsize: float = 8) -> list[Point]:
+def draw_labels(ax: Axes, anchors: Sequence[Point], texts: Sequence[str], fontsize: float = 8,
+                colors: Optional[Sequence[Optional[str]]] = None,
+                markers: Sequence[tuple[Point, float]] = ()) -> list[Point]:
     """Annotate each anchor (data coordinates) with its text, placed by `plot_geometry.place_labels` so that no two
-    labels overlap and none covers a marker; a far label gets a thin leader line. Call it once the axes' scales
-    and limits are final. Returns the offsets chosen (pixels at the figure's dpi; drawn as points)."""
+    labels overlap and none covers a marker: the anchors' own and `markers` (other points drawn: data coordinates
+    and marker size in points, as matplotlib's `markersize`); a far label gets a thin leader line. `colors`: one
+    text colour per label (None: the default). Call it once the axes' scales and limits are final. Returns the
+    offsets chosen (pixels at the figure's dpi; drawn as points)."""
     fig = ax.figure
     ax.autoscale_view()
     renderer = fig.canvas.get_renderer()
@@ -209,14 +213,16 @@ def draw_labels(ax: Axes, anchors: Sequence[Point], texts: Sequence[str], fontsi
         probe.remove()
     step = fontsize * fig.dpi / 72.0 * 0.6
     frame = ax.bbox.extents  # inside the axes when there is room
+    obstacles = [marker_box(tuple(map(float, ax.transData.transform(center))), size * fig.dpi / 72.0 / 2)
+                 for center, size in markers]
     offsets = place_labels(pixels, sizes, step=step, marker=fontsize * fig.dpi / 72.0 * 0.5,
-                           bounds=tuple(float(v) for v in frame))
+                           bounds=tuple(float(v) for v in frame), obstacles=obstacles)
     points = 72.0 / fig.dpi  # offsets in points: they scale with the text when saved at another dpi
-    for anchor, text, (dx, dy) in zip(anchors, texts, offsets):
+    for anchor, text, color, (dx, dy) in zip(anchors, texts, colors or [None] * len(texts), offsets):
         far = math.hypot(dx, dy) > 2.5 * step
         ax.annotate(text, anchor, textcoords="offset points", xytext=(dx * points, dy * points), fontsize=fontsize,
                     ha="left" if dx >= 0 else "right", va="bottom" if dy >= 0 else "top",
-                    arrowprops={"arrowstyle": "-", "linewidth": 0.5, "color": "0.5"} if far else None)
+                    arrowprops={"arrowstyle": "-", "linewidth": 0.5, "color": "0.5"} if far else None, color=color)
     return offsets
 
 

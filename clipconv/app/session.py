@@ -173,6 +173,8 @@ def open_session(data: DataConfig, backbone: BackboneConfig, runtime: RuntimeCon
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
     hold_cache()  # shared, for the life of the process: the cache is not cleared under a run
+    if runtime.cache and runtime.cache_dir:
+        hold_cache(runtime.cache_dir)  # a feature cache elsewhere (--cache-dir) is held too
     family = open_data_family(data)
     unknown = [name for name in data.eval_sets or () if name not in family.suite]
     if unknown:

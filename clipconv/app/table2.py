@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 from torch import nn
 
@@ -53,7 +53,7 @@ from clipconv.wise import WISE_DEFAULT_ALPHA, WISE_NOTE, wise_key, wise_label, w
 __all__ = ["Table2Config", "TABLE2_METHODS", "PUBLISHED_LABEL", "BARS_FILE", "SWEEP_FILE",
            "run_table2", "run_shots_sweep", "check_methods", "shots_summary", "aggregate_seeds", "RECORD_FILE",
            "TABLE2_OWN_FILES",
-           "TABLE2_OWN_PATTERNS", "load_record", "measured_table"]
+           "TABLE2_OWN_PATTERNS", "Table2Record", "load_record", "measured_table"]
 
 #: the default methods, in the order they declare (`Method.table2_order`); labels are the methods' own (`label`)
 TABLE2_METHODS = table2_methods()
@@ -499,8 +499,17 @@ def _claim_table2_dir(cfg: Table2Config, shots: Sequence[int], overwrite: bool, 
     return out
 
 
-def load_record(folder: Path) -> tuple[Table2Config, list[int]]:
-    """(config, shots) of the Table-2 run in `folder` (its table2_config.json), for `--resume`."""
+class Table2Record(NamedTuple):
+    """A Table-2 run's record (table2_config.json), read once for `--resume`: its config and shots, and the
+    record as read (`saved`: its "environment" says how many processes the run started as)."""
+
+    config: Table2Config
+    shots: list[int]
+    saved: JSONObject
+
+
+def load_record(folder: Path) -> Table2Record:
+    """The record of the Table-2 run in `folder` (its table2_config.json), for `--resume`."""
 
     path = Path(folder) / RECORD_FILE
     if not path.is_file():
@@ -514,7 +523,7 @@ def load_record(folder: Path) -> tuple[Table2Config, list[int]]:
         raise DamagedFileError(f"'{path}' is damaged: it does not hold a \"config\" object and a \"shots\" list "
                                f"of integers; {what_to_do}")
     try:
-        return Table2Config.from_dict(config), [int(k) for k in shots]
+        return Table2Record(Table2Config.from_dict(config), [int(k) for k in shots], saved)
     except (ValueError, TypeError, KeyError) as err:  # a record edited by hand: values of the wrong kind
         raise DamagedFileError(f"'{path}' is damaged: {err}; {what_to_do}") from err
 

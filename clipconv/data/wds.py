@@ -139,9 +139,28 @@ def _image_key(sample: dict, shard: Path) -> str:
     return found[0]
 
 
-def _iterate(shard: Path) -> Iterator[dict]:
+class _HashingReader:
+    """A binary stream that passes every byte read through it to `update` (a shard hashed while it is listed)."""
+
+    def __init__(self, stream: io.BufferedReader, update: Callable[[bytes], None]) -> None:
+        self._stream, self._update = stream, update
+        self.name = stream.name
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._update(data)
+        return data
+
+    def drain(self) -> None:
+        """Read the rest (the tar's end padding), so `update` has seen every byte of the file."""
+        while self.read(_DIGEST_CHUNK):
+            pass
+
+
+def _iterate(shard: Path, update: Optional[Callable[[bytes], None]] = None) -> Iterator[dict]:
     """The samples of one shard (webdataset's tar expansion and key grouping over a file this function opens and
-    closes, also when the caller stops early); a damaged or missing tar raises a DataLayoutError naming it."""
+    closes, also when the caller stops early); a damaged or missing tar raises a DataLayoutError naming it.
+    `update` (e.g. a hash's) is given every byte of the file, in order, once the samples are all read."""
     try:
         from webdataset.tariterators import group_by_keys, tar_file_expander  # optional extra [wds]: only this family
     except ImportError:
@@ -153,11 +172,14 @@ def _iterate(shard: Path) -> Iterator[dict]:
     except OSError as err:
         raise DataLayoutError(f"shard '{shard}' cannot be read ({err.strerror or err}); download it again") from None
     with stream:
-        iterator = iter(group_by_keys(tar_file_expander([{"url": str(shard), "stream": stream}])))
+        source = _HashingReader(stream, update) if update is not None else stream
+        iterator = iter(group_by_keys(tar_file_expander([{"url": str(shard), "stream": source}])))
         while True:
             try:
                 sample = next(iterator)
             except StopIteration:
+                if isinstance(source, _HashingReader):
+                    source.drain()
                 return
             except DataLayoutError:
                 raise
@@ -187,59 +209,87 @@ def _hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _changed(shard: Path) -> DataLayoutError:
+    return DataLayoutError(f"shard '{shard}' changed while it was read; run again once it is complete")
+
+
+def _memo_path(identity: str) -> Path:
+    return _cache_root() / "wds-index" / f"identity-{identity}.json"
+
+
+def _remembered_digest(identity: str, use_cache: bool) -> Optional[str]:
+    """The SHA-256 already known for a shard identity (this process, else its memo file), or None."""
+    if identity in _DIGESTS:
+        return _DIGESTS[identity]
+    memo = _memo_path(identity)
+    if not (use_cache and memo.is_file()):
+        return None
+    try:
+        stored = json.loads(memo.read_text(encoding="utf-8")).get("sha256")
+    except (ValueError, OSError, AttributeError):
+        return None  # a damaged memo: hash again
+    if not (isinstance(stored, str) and re.fullmatch(r"[0-9a-f]{64}", stored)):
+        return None
+    _DIGESTS[identity] = stored
+    return stored
+
+
+def _remember_digest(shard: Path, identity: str, digest: str, use_cache: bool) -> None:
+    """Record the SHA-256 of the bytes just read under the identity the shard had before they were read; a
+    shard whose identity moved meanwhile is a DataLayoutError (it was rewritten while it was read)."""
+    if _shard_identity(shard) != identity:
+        raise _changed(shard)
+    _DIGESTS[identity] = digest
+    if use_cache:
+        try:
+            write_json(_memo_path(identity), {"shard": str(shard.resolve()), "sha256": digest})
+        except OutputWriteError as err:
+            warnings.warn(f"webdataset shard digest not cached: {err}", stacklevel=4)
+
+
 def shard_digest(shard: Path, use_cache: bool = True) -> str:
     """SHA-256 of the shard's bytes: what its listing and extracted samples are keyed by. The bytes are hashed
     once per identity (`_shard_identity`), remembered under `$CLIPCONV_CACHE/wds-index/identity-*.json`."""
     identity = _shard_identity(shard)
-    if identity in _DIGESTS:
-        return _DIGESTS[identity]
-    memo = _cache_root() / "wds-index" / f"identity-{identity}.json"
-    digest = None
-    if use_cache and memo.is_file():
-        try:
-            stored = json.loads(memo.read_text(encoding="utf-8")).get("sha256")
-            digest = stored if isinstance(stored, str) and re.fullmatch(r"[0-9a-f]{64}", stored) else None
-        except (ValueError, OSError, AttributeError):
-            digest = None  # a damaged memo: hash again
+    digest = _remembered_digest(identity, use_cache)
     if digest is None:
         digest = _hash_file(shard)
-        if use_cache:
-            try:
-                write_json(memo, {"shard": str(shard.resolve()), "sha256": digest})
-            except OutputWriteError as err:
-                warnings.warn(f"webdataset shard digest not cached: {err}", stacklevel=3)
-    if _shard_identity(shard) != identity:  # rewritten while it was hashed
-        raise DataLayoutError(f"shard '{shard}' changed while it was read; run again once it is complete")
-    _DIGESTS[identity] = digest
+        _remember_digest(shard, identity, digest, use_cache)
     return digest
 
 
 def index_shard(shard: Path, use_cache: bool = True) -> list[tuple[str, int]]:
     """[(key, label)] of one shard in stored order (read once with webdataset, then cached under the
-    SHA-256 of the shard's bytes: a shard rewritten with other labels is listed again whatever its times)."""
-
-    digest = shard_digest(shard, use_cache)
-    entry = _cache_root() / "wds-index" / f"{digest[:40]}.json"
-    if use_cache and entry.is_file():
-        try:
-            payload = json.loads(entry.read_text(encoding="utf-8"))
-            if payload.get("sha256") == digest:
-                return [(str(k), int(v)) for k, v in payload["samples"]]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            pass  # a damaged index entry is rebuilt
+    SHA-256 of the shard's bytes: a shard rewritten with other labels is listed again whatever its times).
+    A shard whose identity is new is hashed while it is listed: one read of its bytes, not two."""
+    identity = _shard_identity(shard)
+    digest = _remembered_digest(identity, use_cache)
+    if digest is not None and use_cache:
+        entry = _cache_root() / "wds-index" / f"{digest[:40]}.json"
+        if entry.is_file():
+            try:
+                payload = json.loads(entry.read_text(encoding="utf-8"))
+                if payload.get("sha256") == digest:
+                    return [(str(k), int(v)) for k, v in payload["samples"]]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                pass  # a damaged index entry is rebuilt
+    hashing = hashlib.sha256() if digest is None else None
     listed, seen = [], set()
-    for sample in _iterate(shard):
+    for sample in _iterate(shard, hashing.update if hashing is not None else None):
         key = sample["__key__"]
         if key in seen:
             raise DataLayoutError(f"shard '{shard}': sample key '{key}' appears twice")
         seen.add(key)
         _image_key(sample, shard)
         listed.append((key, _label(sample, shard)))
-    if shard_digest(shard, use_cache) != digest:  # rewritten while it was listed
-        raise DataLayoutError(f"shard '{shard}' changed while it was read; run again once it is complete")
+    if hashing is not None:
+        digest = hashing.hexdigest()
+        _remember_digest(shard, identity, digest, use_cache)  # the identity it had before it was read
+    elif shard_digest(shard, use_cache) != digest:  # rewritten while it was listed
+        raise _changed(shard)
     if use_cache:
         try:
-            write_json(entry, {"sha256": digest, "samples": listed})
+            write_json(_cache_root() / "wds-index" / f"{digest[:40]}.json", {"sha256": digest, "samples": listed})
         except OutputWriteError as err:
             warnings.warn(f"webdataset index not cached: {err}", stacklevel=2)
     return listed

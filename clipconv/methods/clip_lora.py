@@ -225,7 +225,7 @@ class ClipLoRA(Method):
         train = self.train_config(ctx, shots)
         initial = {n: p.detach().clone() for n, p in self.named_trainable().items()}
         torch.manual_seed(ctx.seed)  # LoRA dropout masks and the train augmentation (a resume restores the state)
-        task = _ClipLoRATask(self, ctx, Anchors(train.anchor_logits, train.anchor_features))
+        task = _ClipLoRATask(self, ctx, Anchors.of(train))
         trainer = Trainer(task, train, ctx.device, ctx.output_dir, log=ctx.log)
         ctx.log(f"clip_lora: {count_elements(trainer.params):,} LoRA parameters, {train.steps} iterations (= "
                 f"{cfg.iters_per_shot} × {shots} shots), batch {cfg.batch_size}, {len(self._classes)} classes "

@@ -94,46 +94,75 @@ def transform_id(transform: Callable) -> str:
 
 
 def hold_cache(root: Union[str, Path, None] = None) -> None:
-    """Hold the cache folder's lock shared for the life of this process (every run: the demo world, feature
-    entries and extracted samples it reads stay put while `cache_exclusively` waits for no run). Waits while a
-    clear is under way; does nothing when the folder cannot hold a lock (the cache is then unusable anyway,
-    which the places using it report)."""
+    """Hold the lock of a cache folder (default `cache_root()`) shared for the life of this process (every run
+    holds each folder it uses: the cache folder, and its feature cache when `--cache-dir` puts that elsewhere;
+    the demo world, feature entries and extracted samples it reads stay put while `cache_exclusively` waits for
+    no run). Waits while a clear is under way (and re-opens the lock file when the clear removed it); does
+    nothing when the folder cannot hold a lock (the cache is then unusable anyway, which the places using it
+    report)."""
     folder = Path(root) if root is not None else cache_root()
     key = os.path.abspath(folder)
     if key in _HELD or cache_dir_problem(folder):
         return
-    try:
-        fd = os.open(folder / CACHE_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-    except OSError:
+    while True:
+        try:
+            fd = os.open(folder / CACHE_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            current = os.path.samestat(os.fstat(fd), os.stat(folder / CACHE_LOCK))
+        except FileNotFoundError:  # a clear removed the lock file while this waited: lock the new one
+            current = False
+        except OSError:
+            os.close(fd)
+            return
+        if current:
+            _HELD[key] = fd
+            return
         os.close(fd)
-        return
-    _HELD[key] = fd
 
 
-@contextlib.contextmanager
-def cache_exclusively(root: Union[str, Path]) -> Iterator[None]:
-    """Hold the cache folder's lock exclusively (to clear it); CacheInUseError at once while a run holds it."""
-    folder = Path(root)
+def _lock_exclusively(folder: Path) -> Optional[int]:
+    """The open lock file of `folder`, locked exclusively (None: none exists and none can be made, so no run can
+    hold one); CacheInUseError at once while a run holds it."""
     try:
         fd = os.open(folder / CACHE_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError:
         try:  # a folder this process cannot write: a run holding it made the lock file
             fd = os.open(folder / CACHE_LOCK, os.O_RDONLY)
         except OSError:
-            yield  # no lock file and none can be made: no run can be holding one
-            return
+            return None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise CacheInUseError(f"cache folder '{folder}' is in use by a running clipconv process (it holds "
-                                      f"{CACHE_LOCK}); clear it once no run uses it") from None
-            raise
-        yield
-    finally:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
         os.close(fd)
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise CacheInUseError(f"cache folder '{folder}' is in use by a running clipconv process (it holds "
+                                  f"{CACHE_LOCK}); clear it once no run uses it") from None
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def cache_exclusively(root: Union[str, Path], inner: Sequence[Union[str, Path]] = ()) -> Iterator[None]:
+    """Hold the lock of the cache folder `root`, and of those folders in `inner` that exist (folders inside it a
+    run may use directly, e.g. its feature cache given as `--cache-dir`), exclusively (to clear them);
+    CacheInUseError at once while a run holds any of them. The lock files of `inner` are removed before they
+    are released, so a folder the clear emptied can go (a run waiting on one re-opens it, see `hold_cache`)."""
+    fds: list[int] = []
+    inner_locks: list[Path] = []  # the lock files of `inner` this holds
+    try:
+        for folder in (Path(root), *(Path(f) for f in inner if Path(f).is_dir())):
+            fd = _lock_exclusively(folder)
+            if fd is not None:
+                fds.append(fd)
+                if folder != Path(root):
+                    inner_locks.append(folder / CACHE_LOCK)
+        yield
+        for lock in inner_locks:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -19,12 +19,11 @@ from clipconv.app.run import PRESET_HELP, RESULT, check_resume_world_size, log, 
 from clipconv.app.rundir import check_output_dir, exit_code, interrupt_on_sigterm, release_run_dir
 from clipconv.app.session import build_method_config
 from clipconv.app.table2 import (
-    RECORD_FILE, SWEEP_FILE, Table2Config, check_methods, load_record, measured_table, run_shots_sweep, run_table2
+    SWEEP_FILE, Table2Config, Table2Record, check_methods, load_record, measured_table, run_shots_sweep, run_table2
 )
 from clipconv.config import OptionError, RuntimeConfig
 from clipconv.methods.base import MethodConfig
 from clipconv.mini_clip import MINI_CLIP_CONFIG
-from clipconv.runtime.io import read_json_object
 from clipconv.runtime.ranks import is_main
 
 DESCRIPTION = """Reproduce Table 2 of the Convpass paper: zero-shot CLIP, linear probe, CoOp, CoCoOp, Tip-Adapter(-F)
@@ -95,8 +94,8 @@ def _method_options(text: str) -> dict[str, dict[str, object]]:
     return options
 
 
-def _resume_config(args: argparse.Namespace, argv: Sequence[str]):
-    """(Table2Config, shots) saved in --resume DIR, with the runtime flags given; other flags are refused."""
+def _resume_config(args: argparse.Namespace, argv: Sequence[str]) -> Table2Record:
+    """The record of --resume DIR (read once), its config with the runtime flags given; other flags are refused."""
 
     runtime_flags = {"--" + name.replace("_", "-") for name in args._fields["runtime"]} | {"--batch-size", "--resume"}
     others = sorted({a.split("=")[0] for a in argv if a.startswith("--")} - runtime_flags)
@@ -104,12 +103,11 @@ def _resume_config(args: argparse.Namespace, argv: Sequence[str]):
         fail(f"--resume {args.resume}: {', '.join(others)} cannot be changed when resuming (the saved settings are "
              "used); drop them, or start a new table")
     with bad_input_errors():
-        cfg, shots = load_record(Path(args.resume))
-    runtime = {**cfg.runtime.to_dict(), **absolute_paths(given(args, args._fields["runtime"]))}
-
-
+        record = load_record(Path(args.resume))
+    runtime = {**record.config.runtime.to_dict(), **absolute_paths(given(args, args._fields["runtime"]))}
     with bad_input_errors():
-        return replace(cfg, output_dir=str(args.resume), runtime=RuntimeConfig.from_options(runtime)), shots
+        return record._replace(config=replace(record.config, output_dir=str(args.resume),
+                                              runtime=RuntimeConfig.from_options(runtime)))
 
 
 def _frontier(args: argparse.Namespace) -> int:
@@ -136,16 +134,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _frontier(args)
     if args.overwrite and args.resume:
         fail("--overwrite and --resume exclude each other: --resume finishes the table, --overwrite replaces it")
-    if args.resume:
-        cfg, shots = _resume_config(args, argv)
-    else:
-        cfg, shots = _new_config(args, parser)
+    record = _resume_config(args, argv) if args.resume else None
+    cfg, shots = (record.config, record.shots) if record is not None else _new_config(args, parser)
 
 
     with bad_input_errors():
         size = join_process_group(cfg.runtime.device)  # under torchrun: join the process group (no-op otherwise)
-        if args.resume:  # as many processes as the table started with (table2_config.json records it)
-            check_resume_world_size(read_json_object(Path(args.resume) / RECORD_FILE), size, args.resume)
+        if record is not None:  # as many processes as the table started with (table2_config.json records it)
+            check_resume_world_size(record.saved, size, args.resume)
     setup_logging(quiet=cfg.runtime.quiet)
     state: dict = {}
 
