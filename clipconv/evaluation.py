@@ -9,8 +9,9 @@ import torch
 from clipconv.data import image_dataset
 from clipconv.data.decoded import DecodedImageDataset
 from clipconv.data.draft import draft_for
-from clipconv.data.folder import ImagesChangedError, SkipTracker, collate_skip_bad
+from clipconv.data.folder import ImagesChangedError, SkipTracker
 from clipconv.data.sharded import report_skipped_everywhere
+from clipconv.data.tensorize import split_transform
 from clipconv.metrics import mean_per_class_recall, per_class_top1, topk_accuracy
 from clipconv.runtime import ranks
 from clipconv.runtime.progress import progress
@@ -42,14 +43,15 @@ def image_loader(root: Path, samples: Sequence, transform: Callable, batch_size:
     `DecodedImages` (clipconv.data.decoded) instead of the files; `pin_memory`: for CUDA copies."""
 
     on_error = "raise" if strict else "skip"
+    item_transform, collate = split_transform(transform)  # ToTensor + Normalize once per batch
     if decoded is not None:
-        dataset = DecodedImageDataset(decoded, root, list(samples), transform, on_error)
+        dataset = DecodedImageDataset(decoded, root, list(samples), item_transform, on_error)
     else:
-        dataset = image_dataset(root, list(samples), transform, on_error=on_error, draft_size=draft_size)
+        dataset = image_dataset(root, list(samples), item_transform, on_error=on_error, draft_size=draft_size)
     if isinstance(dataset, torch.utils.data.IterableDataset):
         shuffle, generator = False, None  # streamed webdataset shards: read in order, once
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate_skip_bad,
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
         generator=generator, drop_last=False, pin_memory=pin_memory, persistent_workers=workers > 0,
     )
     return SkipTracker(loader, what=str(root), since=since)

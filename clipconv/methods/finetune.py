@@ -28,6 +28,7 @@ from clipconv.data import image_dataset
 from clipconv.data.decoded import DecodedImageDataset, decoded_images
 from clipconv.data.draft import draft_for, leading_resize, needed_short_side
 from clipconv.data.sharded import train_loader
+from clipconv.data.tensorize import split_transform
 from clipconv.evaluation import ImageBatches, collect_logits, logits_of_batches
 from clipconv.head import ImageClassifier, text_head
 from clipconv.methods.base import METHODS, FitContext, Method, config_from, option, register_method
@@ -279,14 +280,15 @@ class AdapterTuning(Method):
         train_draft = draft_for(ctx.draft, backbone.train_transform, training=True)
         pin = torch.device(ctx.device).type == "cuda"
 
+        train_item, train_collate = split_transform(backbone.train_transform)  # ToTensor + Normalize per batch
+
         def make_loader(generator: torch.Generator):  # the global batches; this rank's slices under torchrun
             if decoded is not None:
-                dataset = DecodedImageDataset(decoded, ctx.data_root, ctx.train, backbone.train_transform, "skip")
+                dataset = DecodedImageDataset(decoded, ctx.data_root, ctx.train, train_item, "skip")
             else:
-                dataset = image_dataset(ctx.data_root, ctx.train, backbone.train_transform, on_error="skip",
-                                        draft_size=train_draft)
+                dataset = image_dataset(ctx.data_root, ctx.train, train_item, on_error="skip", draft_size=train_draft)
             return train_loader(dataset, cfg.batch_size, loader_workers(ctx, decoded), generator,
-                                what=str(ctx.data_root), pin_memory=pin)
+                                what=str(ctx.data_root), pin_memory=pin, collate=train_collate)
 
         val_draft = draft_for(ctx.draft, backbone.eval_transform, training=False)
         # one process: the validation images are decoded and transformed once and kept for every epoch's pick
