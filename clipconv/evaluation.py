@@ -183,10 +183,10 @@ def evaluate_method(
 
     Frozen-image-encoder methods score features from `features` (a FeatureStore, so each set is encoded
     once per backbone); the others see preprocessed images, JPEGs decoded at a reduced DCT scale when
-    `draft` is "eval" or "all" (clipconv.data.draft). With `decoded_dir` (a decoded-image cache folder) a set
-    within `RESIZED_BUDGET` is decoded once, after the transform's Resize, and read from its entry there by later
-    runs (clipconv.data.decoded.decoded_resized; the same scores as from the files); larger sets stream from
-    their files. -A/-R splits carry a `subset` of class indices and are scored with the argmax restricted to them.
+    `draft` is "eval" or "all" (clipconv.data.draft). With `decoded_dir` (a decoded-image cache folder) a
+    set within clipconv.data.decoded.RESIZED_BUDGET is decoded once, after the transform's Resize, and later
+    runs read its entry (`decoded_resized`; the same scores as from the files); larger sets stream from their
+    files. -A/-R splits carry a `subset` of class indices and are scored with the argmax restricted to them.
     """
 
     draft_size = draft_for(draft, eval_transform, training=False)
