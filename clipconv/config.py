@@ -273,7 +273,8 @@ class RuntimeConfig(Config):
                              "flip): eval (evaluation and feature loaders), all (training too), off (full-size "
                              "decoding everywhere, as the reference codes: the default)")
     decoded_cache: bool = option(True, help="do not keep the K-shot train and validation images decoded (in memory "
-                                            "and under $CLIPCONV_CACHE/decoded): decode every JPEG in every epoch")
+                                            "and under $CLIPCONV_CACHE/decoded) nor evaluation sets of up to 512 MB "
+                                            "after the eval Resize: decode every JPEG in every epoch and run")
     threads: Optional[int] = option(None, check=positive,
                                     help="CPU threads of torch (torch.set_num_threads; default: torch's choice)")
     quiet: bool = option(False, help="log warnings and the final table only")

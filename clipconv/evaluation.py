@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence, Union
 
 import torch
 
 from clipconv.data import image_dataset
-from clipconv.data.decoded import DecodedImageDataset
+from clipconv.data.decoded import DecodedImageDataset, decoded_resized
 from clipconv.data.draft import draft_for
-from clipconv.data.folder import ImagesChangedError, SkipTracker, collate_skip_bad
+from clipconv.data.folder import ImagesChangedError, SkipTracker
 from clipconv.data.sharded import report_skipped_everywhere
+from clipconv.data.tensorize import split_transform
 from clipconv.metrics import mean_per_class_recall, per_class_top1, topk_accuracy
 from clipconv.runtime import ranks
 from clipconv.runtime.progress import progress
@@ -42,14 +43,15 @@ def image_loader(root: Path, samples: Sequence, transform: Callable, batch_size:
     `DecodedImages` (clipconv.data.decoded) instead of the files; `pin_memory`: for CUDA copies."""
 
     on_error = "raise" if strict else "skip"
+    item_transform, collate = split_transform(transform)  # ToTensor + Normalize once per batch
     if decoded is not None:
-        dataset = DecodedImageDataset(decoded, root, list(samples), transform, on_error)
+        dataset = DecodedImageDataset(decoded, root, list(samples), item_transform, on_error)
     else:
-        dataset = image_dataset(root, list(samples), transform, on_error=on_error, draft_size=draft_size)
+        dataset = image_dataset(root, list(samples), item_transform, on_error=on_error, draft_size=draft_size)
     if isinstance(dataset, torch.utils.data.IterableDataset):
         shuffle, generator = False, None  # streamed webdataset shards: read in order, once
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate_skip_bad,
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
         generator=generator, drop_last=False, pin_memory=pin_memory, persistent_workers=workers > 0,
     )
     return SkipTracker(loader, what=str(root), since=since)
@@ -137,9 +139,11 @@ def logits_of_batches(score: Callable[[torch.Tensor], torch.Tensor], batches: Im
 
 def _set_logits(method: Scorer, split: "EvalSplit", data_root: Path, device: torch.device,
                 features: Optional["FeatureStore"], eval_transform: Optional[Callable], batch_size: int,
-                workers: int, strict: bool, draft_size: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                workers: int, strict: bool, draft_size: Optional[int], decoded_dir: Union[str, Path, None]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of one evaluation set: from cached features for frozen-image-encoder methods, else from
-    the images; ImagesChangedError when images listed with the set vanished or changed since."""
+    the images (decoded once into `decoded_dir` when the set is small enough: `decoded_resized`);
+    ImagesChangedError when images listed with the set vanished or changed since."""
     if getattr(method, "frozen_image_encoder", False) and features is not None:
         feats, labels = features.encode(data_root, split.samples, desc=split.display_name, with_labels=True,
                                         since=split.listed_at)
@@ -148,8 +152,12 @@ def _set_logits(method: Scorer, split: "EvalSplit", data_root: Path, device: tor
         return logits, labels
     if eval_transform is None:
         raise ValueError("evaluate_method needs eval_transform for methods that read images")
+    decoded = None
+    if decoded_dir is not None and not ranks.is_distributed():  # (under torchrun each rank reads its shard)
+        decoded = decoded_resized(data_root, split.samples, eval_transform, draft_size, decoded_dir, workers)
     return collect_logits(method.logits, data_root, split.samples, eval_transform, device, batch_size, workers,
-                          desc=split.display_name, strict=strict, draft_size=draft_size, since=split.listed_at)
+                          desc=split.display_name, strict=strict, draft_size=draft_size, decoded=decoded,
+                          since=split.listed_at)
 
 
 def evaluate_method(
@@ -165,6 +173,7 @@ def evaluate_method(
     strict: bool = False,
     on_logits: Optional[Callable[[str, torch.Tensor, torch.Tensor], None]] = None,
     draft: str = "off",
+    decoded_dir: Union[str, Path, None] = None,
 ) -> dict[str, dict[str, float]]:
     """{set name: {"top1", "top5", "n", "classes", "mean_per_class_recall", "per_class"}} for each evaluation
     split (sample paths relative to `data_root`; "classes": how many classes the argmax is over, fewer for a
@@ -174,8 +183,10 @@ def evaluate_method(
 
     Frozen-image-encoder methods score features from `features` (a FeatureStore, so each set is encoded
     once per backbone); the others see preprocessed images, JPEGs decoded at a reduced DCT scale when
-    `draft` is "eval" or "all" (clipconv.data.draft). -A/-R splits carry a `subset` of class
-    indices and are scored with the argmax restricted to them.
+    `draft` is "eval" or "all" (clipconv.data.draft). With `decoded_dir` (a decoded-image cache folder) a
+    set within clipconv.data.decoded.RESIZED_BUDGET is decoded once, after the transform's Resize, and later
+    runs read its entry (`decoded_resized`; the same scores as from the files); larger sets stream from their
+    files. -A/-R splits carry a `subset` of class indices and are scored with the argmax restricted to them.
     """
 
     draft_size = draft_for(draft, eval_transform, training=False)
@@ -183,7 +194,7 @@ def evaluate_method(
     for split in splits:
         try:
             logits, labels = _set_logits(method, split, data_root, device, features, eval_transform, batch_size,
-                                         workers, strict, draft_size)
+                                         workers, strict, draft_size, decoded_dir)
         except ImagesChangedError as err:  # named by the set, counted against what it holds
             raise ImagesChangedError(err.paths, split.name, len(split.samples)) from None
         if split.samples and not len(labels):

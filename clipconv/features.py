@@ -22,8 +22,9 @@ import torch
 from safetensors import safe_open
 
 from clipconv.backbone import Backbone
-from clipconv.data import collate_skip_bad, image_dataset, report_skipped
+from clipconv.data import image_dataset, report_skipped
 from clipconv.data.draft import draft_for
+from clipconv.data.tensorize import split_transform
 from clipconv.runtime import ranks
 from clipconv.runtime.cache import cache_dir_problem, cache_root, tensor_checksum, transform_id, write_cache_entry
 from clipconv.runtime.progress import progress
@@ -269,18 +270,19 @@ class FeatureStore:
             start, end = ranks.batch_shard_bounds(len(indexed), self.batch_size)
         else:
             start, end = 0, len(indexed)
-        dataset = image_dataset(root, indexed if start == 0 and end == len(indexed) else indexed[start:end], transform,
-                                on_error="skip", round_seed=generator_seed, draft_size=self._draft_size,
-                                seed_offset=start)
+        item_transform, collate = split_transform(transform)  # ToTensor + Normalize once per batch
+        shard = indexed if start == 0 and end == len(indexed) else indexed[start:end]
+        dataset = image_dataset(root, shard, item_transform, on_error="skip", round_seed=generator_seed,
+                                draft_size=self._draft_size, seed_offset=start)
         if not isinstance(dataset, torch.utils.data.IterableDataset):  # streamed shards seed each item themselves
             if (start, end) != (0, len(indexed)):  # seeds from the global positions
-                dataset = image_dataset(root, indexed, transform, on_error="skip", draft_size=self._draft_size)
+                dataset = image_dataset(root, indexed, item_transform, on_error="skip", draft_size=self._draft_size)
                 dataset = torch.utils.data.Subset(_SeededItems(dataset, generator_seed), range(start, end))
             else:
                 dataset = _SeededItems(dataset, generator_seed)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.workers,
-            collate_fn=collate_skip_bad, generator=torch.Generator().manual_seed(generator_seed),
+            collate_fn=collate, generator=torch.Generator().manual_seed(generator_seed),
             pin_memory=self.device.type == "cuda",
         )
         model = self.backbone.model

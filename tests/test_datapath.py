@@ -13,7 +13,7 @@ from torchvision import transforms as T
 
 from clipconv.app.bench_data import model_transforms, write_jpegs
 from clipconv.data import ImageListDataset, load_rgb
-from clipconv.data.decoded import DecodedImageDataset, decoded_images, wait_for_writes
+from clipconv.data.decoded import DecodedImageDataset, decoded_images, decoded_resized, wait_for_writes
 from clipconv.data.draft import draft_for, needed_short_side
 from clipconv.evaluation import collect_logits, evaluate_method, image_loader
 
@@ -271,6 +271,81 @@ def test_validation_images_cached_after_the_eval_resize_score_exactly_as_the_fil
     assert torch.equal(plain, cached) and torch.equal(plain_labels, cached_labels)
 
 
+class _Pixels:
+    """A scorer whose logits are every pixel of the batch (any change of a value shows)."""
+    frozen_image_encoder = False
+
+    def logits(self, images):
+        return images.flatten(1)
+
+
+def _scores(root, samples, transform, decoded_dir, draft="off"):
+    from clipconv.data.imagenet import EvalSplit
+
+    split = EvalSplit(name="v2", display_name="v2", root=root, samples=samples, subset=None, dropped=0)
+    seen = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = evaluate_method(_Pixels(), [split], root, torch.device("cpu"), eval_transform=transform, batch_size=4,
+                                  log=lambda *_: None, draft=draft, decoded_dir=decoded_dir,
+                                  on_logits=lambda name, logits, labels: seen.update(logits=logits, labels=labels))
+    wait_for_writes()
+    return metrics, seen, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("draft", ["off", "eval"])
+def test_small_evaluation_sets_are_decoded_once_and_score_exactly_as_the_files(big_jpegs, small_jpegs, tmp_path,
+                                                                                decoded_sizes, draft):
+    root, samples = small_jpegs  # an undecodable file among them
+    (root / "c1" / "big.jpg").write_bytes((big_jpegs[0] / big_jpegs[1][0][0]).read_bytes())  # drafted by "eval"
+    samples = samples + [("c1/big.jpg", 1)]
+    _, evaluation = model_transforms(32)
+    files, file_scores, file_warnings = _scores(root, samples, evaluation, None, draft)
+    assert len(decoded_sizes) == len(samples) - 1  # streamed: every file decoded by the loader
+    for run in ("decodes", "reads its entry"):
+        decoded_sizes.clear()
+        cached, cached_scores, cached_warnings = _scores(root, samples, evaluation, tmp_path / "decoded", draft)
+        assert not decoded_sizes  # the loader never opened a file
+        assert torch.equal(cached_scores["logits"], file_scores["logits"]), run
+        assert torch.equal(cached_scores["labels"], file_scores["labels"]) and cached == files
+        assert cached_warnings == file_warnings and "broken.jpg" in file_warnings[0]
+        assert len(list((tmp_path / "decoded").glob("*.safetensors"))) == 1
+
+
+def test_damaged_evaluation_entry_is_detected_and_decoded_again(small_jpegs, tmp_path):
+    root, samples = small_jpegs
+    _, evaluation = model_transforms(32)
+    _, first, _ = _scores(root, samples, evaluation, tmp_path)
+    (entry,) = tmp_path.glob("*.safetensors")
+    data = bytearray(entry.read_bytes())
+    data[-50] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    _, again, caught = _scores(root, samples, evaluation, tmp_path)
+    assert any("damaged" in message for message in caught) and torch.equal(again["logits"], first["logits"])
+    assert decoded_resized(root, samples, evaluation, None, tmp_path).from_disk  # rewritten intact
+
+
+def test_evaluation_sets_over_the_size_budget_stream_from_their_files(tmp_path, monkeypatch):
+    import clipconv.data.decoded as module
+
+    root = tmp_path / "wide"
+    samples = write_jpegs(root, 6, (96, 32), seed=2)  # 96x32 images: 96·32·3 bytes after the Resize to 32
+    _, evaluation = model_transforms(32)
+    decodes = []
+    real = module.load_rgb
+    monkeypatch.setattr(module, "load_rgb", lambda path, draft_size=None: decodes.append(path) or real(path, draft_size))
+    least = len(samples) * 32 * 32 * 3  # what the Resize's size alone promises
+    assert decoded_resized(root, samples, evaluation, None, tmp_path, budget_bytes=least - 1) is None
+    assert not decodes  # nothing decoded
+    assert decoded_resized(root, samples, evaluation, None, tmp_path, budget_bytes=least) is None
+    assert len(decodes) == 3  # stopped as soon as the pixels passed the budget
+    wait_for_writes()
+    assert not list(tmp_path.glob("*.safetensors"))  # nothing written
+    kept = decoded_resized(root, samples, evaluation, None, tmp_path, budget_bytes=len(samples) * 96 * 32 * 3)
+    assert kept is not None and kept.nbytes == len(samples) * 96 * 32 * 3
+    assert decoded_resized(root, samples, T.Compose([T.CenterCrop(32), T.ToTensor()]), None, tmp_path) is None
+
+
 def test_decoded_dataset_raises_naming_the_file_when_strict(small_jpegs):
     from clipconv.data import ImageDecodeError
 
@@ -335,7 +410,7 @@ def test_collect_logits_copies_to_the_device_without_blocking(small_jpegs, monke
     real_to = torch.Tensor.to
 
     def spying_to(self, *args, **kwargs):
-        if self.dim() == 4:
+        if self.dim() == 4 and "dtype" not in kwargs:  # the copy to the device, not the batch's uint8 → float
             seen.append(kwargs.get("non_blocking"))
         return real_to(self, *args, **kwargs)
 
@@ -381,10 +456,13 @@ def test_zero_shot_check_scores_full_and_drafted_decodes_with_the_mini_clip(tmp_
 
 
 def test_session_hands_the_runtime_options_to_the_fit_context(tmp_path, monkeypatch):
-    from clipconv.app.session import _decoded_cache
+    from clipconv.app.session import _decoded_cache, _decoded_dir
     from clipconv.config import RuntimeConfig
 
     monkeypatch.setenv("CLIPCONV_CACHE", str(tmp_path))
     assert _decoded_cache(RuntimeConfig()) == str(tmp_path / "decoded")
     assert _decoded_cache(RuntimeConfig(cache=False)) is True  # --no-cache: decoded in memory only
     assert _decoded_cache(RuntimeConfig(decoded_cache=False)) is False
+    # evaluation sets: kept decoded in the cache folder only
+    assert _decoded_dir(RuntimeConfig()) == str(tmp_path / "decoded")
+    assert _decoded_dir(RuntimeConfig(cache=False)) is None and _decoded_dir(RuntimeConfig(decoded_cache=False)) is None

@@ -1,7 +1,7 @@
 """See and clear clipconv's on-disk caches: `python -m clipconv.app.cache info|clear [--dir DIR]`.
 
 The cache folder is `$CLIPCONV_CACHE`, else `~/.cache/clipconv`. It holds image-feature entries
-(`features/<40 hex>.safetensors`, see clipconv.features), decoded K-shot images
+(`features/<40 hex>.safetensors`, see clipconv.features), decoded K-shot images and small evaluation sets
 (`decoded/<40 hex>.safetensors`, see clipconv.data.decoded), webdataset shard listings and extracted
 K-shot samples (`wds-index/`, `wds-samples/`, see clipconv.data.wds) and generated demo worlds
 (`demo-world-<12 hex>/`). `clear` removes only those (and temporary files a killed write left behind);

@@ -133,7 +133,7 @@ class Session:
         return evaluate_method(method, self.splits, self.data_root, self.device, features=self.store,
                                eval_transform=self.backbone.eval_transform, batch_size=self.runtime.eval_batch_size,
                                workers=self.runtime.workers, log=log_line, strict=self.data.strict,
-                               on_logits=on_logits, draft=self.runtime.draft)
+                               on_logits=on_logits, draft=self.runtime.draft, decoded_dir=_decoded_dir(self.runtime))
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -311,6 +311,13 @@ def _decoded_cache(runtime: RuntimeConfig) -> Union[bool, str]:
         return False
 
     return str(decoded_cache_dir()) if runtime.cache else True
+
+
+def _decoded_dir(runtime: RuntimeConfig) -> Optional[str]:
+    """Where evaluation sets are kept decoded (`evaluate_method(decoded_dir=)`): the decoded-image cache folder,
+    None with --no-decoded-cache or --no-cache (one scoring pass gains nothing from decoding into memory)."""
+    cache = _decoded_cache(runtime)
+    return cache if isinstance(cache, str) else None
 
 
 def templates_used(name: str, fits: Sequence[Optional[JSONObject]], run_templates: Optional[str]

@@ -8,7 +8,9 @@ scale=(0.08, 1))): every crop the transform can draw then still holds >= its out
 pixels, so the crops' statistics are those of the full image; for ImageNet-sized images (shorter side
 < 915) nothing is resized and the batches equal those of the JPEG path exactly. Validation images are
 cached after the evaluation transform's own Resize (`prepare=`), which the transform then skips, so
-validation scores are exactly those of the files.
+validation scores are exactly those of the files. `decoded_resized` does that for validation and evaluation
+sets within a size budget (`RESIZED_BUDGET`, the decoded bytes after the Resize): a set estimated or found to
+need more (an ImageNet-sized one) keeps streaming from its files.
 
 On disk, an entry `$CLIPCONV_CACHE/decoded/<40 hex>.safetensors` is keyed like the feature cache: the
 data root, a SHA-256 over the ordered (path, label, file size, mtime) list, `short_side`; it stores the
@@ -32,21 +34,25 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from torch.utils.data import Dataset
+from torchvision import transforms as T
 
+from clipconv.data.draft import leading_resize
 from clipconv.data.folder import BadImage, Sample
 from clipconv.data.images import ImageDecodeError, load_rgb
-from clipconv.data.wds import as_files
+from clipconv.data.wds import as_files, is_shard_sample
 from clipconv.runtime.cache import cache_dir_problem, cache_root, tensor_checksum, transform_id, write_cache_entry
 from clipconv.runtime.ranks import is_main
 
-__all__ = ["DecodedImages", "DecodedImageDataset", "decoded_images", "decoded_cache_dir", "decode_key", "ENTRY_SUFFIX",
-           "wait_for_writes"]
+__all__ = ["DecodedImages", "DecodedImageDataset", "decoded_images", "decoded_resized", "RESIZED_BUDGET",
+           "decoded_cache_dir", "decode_key", "ENTRY_SUFFIX", "wait_for_writes"]
 
 FORMAT = 1
 ENTRY_SUFFIX = ".safetensors"
 _TENSORS = ("pixels", "offsets", "shapes", "ok")
 _pending: dict[str, threading.Thread] = {}  # entries being written in the background, by path
 _pending_lock = threading.Lock()
+#: the largest set `decoded_resized` keeps decoded: its bytes after the evaluation transform's Resize
+RESIZED_BUDGET = 512 * 2**20
 
 
 def decoded_cache_dir() -> Path:
@@ -218,16 +224,21 @@ def wait_for_writes(path: Union[str, Path, None] = None) -> None:
 
 
 def _decode_all(root: Path, samples: Sequence[Sample], short_side: Optional[int], workers: int,
-                prepare: Optional[Callable]) -> DecodedImages:
+                prepare: Optional[Callable], limit: Optional[int] = None) -> Optional[DecodedImages]:
+    """Every sample decoded, or None as soon as their pixels exceed `limit` bytes."""
     arrays: list[Optional[np.ndarray]] = [None] * len(samples)
     errors: dict[int, str] = {}
     loader = torch.utils.data.DataLoader(_Decode(root, samples, short_side, prepare), batch_size=None, num_workers=workers,
                                          collate_fn=_identity)
+    total = 0
     for index, result in loader:
         if isinstance(result, str):
             errors[index] = result
         else:
             arrays[index] = result
+            total += result.size
+            if limit is not None and total > limit:
+                return None
     sizes = [a.size if a is not None else 0 for a in arrays]
     offsets = torch.zeros(len(samples) + 1, dtype=torch.long)
     offsets[1:] = torch.cumsum(torch.as_tensor(sizes, dtype=torch.long), 0)
@@ -244,13 +255,14 @@ def _decode_all(root: Path, samples: Sequence[Sample], short_side: Optional[int]
 
 def decoded_images(root: Union[str, Path], samples: Sequence[Sample], short_side: Optional[int],
                    cache_dir: Union[str, Path, None] = None, workers: int = 0,
-                   prepare: Optional[Callable] = None) -> DecodedImages:
+                   prepare: Optional[Callable] = None, limit: Optional[int] = None) -> Optional[DecodedImages]:
     """The decoded images of `samples` (paths relative to `root`), read from the entry under `cache_dir`
     when one matches and is intact, else decoded (and written there). `cache_dir=None`: memory only.
 
     JPEGs are drafted to keep both sides >= `short_side` (None: full size). Then `prepare` (a deterministic
     PIL → PIL step, e.g. the evaluation transform's leading Resize, which the transform then skips as a
-    no-op) is applied, or else an image whose shorter side exceeds `short_side` is resized to it."""
+    no-op) is applied, or else an image whose shorter side exceeds `short_side` is resized to it.
+    With `limit`, None (nothing kept or written) once the decoded pixels exceed `limit` bytes."""
 
     root, samples = as_files(root, samples)  # webdataset shard samples: their extracted files
     path = None
@@ -264,9 +276,36 @@ def decoded_images(root: Union[str, Path], samples: Sequence[Sample], short_side
             key = decode_key(root, samples, short_side, prepare)
             path = _entry_path(Path(cache_dir), key)
             found = _read(path, key)
-            if found is not None:
+            if found is not None and (limit is None or found.nbytes <= limit):
                 return found
-    decoded = _decode_all(root, samples, short_side, workers, prepare)
-    if path is not None and is_main():  # under torchrun rank 0 writes the entry; the others only use it
+    decoded = _decode_all(root, samples, short_side, workers, prepare, limit)
+    if decoded is not None and path is not None and is_main():  # under torchrun rank 0 writes the entry; the others only use it
         _write_in_background(path, key, decoded)
     return decoded
+
+
+def _least_bytes(resize: T.Resize, count: int) -> int:
+    """A lower bound of the RGB bytes of `count` images after `resize` (0 when its size does not give one)."""
+    size = [resize.size] if isinstance(resize.size, int) else list(resize.size)
+    if len(size) == 2:
+        return count * int(size[0]) * int(size[1]) * 3
+    if len(size) == 1 and getattr(resize, "max_size", None) is None:
+        return count * int(size[0]) ** 2 * 3  # the shorter side becomes size[0]
+    return 0
+
+
+def decoded_resized(root: Union[str, Path], samples: Sequence[Sample], transform: Optional[Callable],
+                    short_side: Optional[int], cache_dir: Union[str, Path, None] = None, workers: int = 0,
+                    budget_bytes: int = RESIZED_BUDGET) -> Optional[DecodedImages]:
+    """`samples` decoded once after `transform`'s leading Resize (`decoded_images(prepare=...)`; the transform
+    then gives exactly the pixels of the files), or None to stream them from the files: when the transform has
+    no leading Resize, the samples are webdataset shard samples (read in a stream), or the set takes more than
+    `budget_bytes` (its lower bound from the Resize's size, checked before decoding, or its pixels while
+    decoding)."""
+    resize = leading_resize(transform)
+    samples = list(samples)
+    if resize is None or not samples or is_shard_sample(samples[0][0]) or \
+            _least_bytes(resize, len(samples)) > budget_bytes:
+        return None
+    return decoded_images(root, samples, short_side, cache_dir=cache_dir, workers=workers, prepare=resize,
+                          limit=budget_bytes)

@@ -3,7 +3,7 @@ every global batch per rank, and augmentation seeded by (epoch seed, item index)
 reads an item (`train_loader`). In one process it is a plain shuffled DataLoader."""
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence, Union
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import torch
 
@@ -96,16 +96,18 @@ class _AllBatches:
 
 
 def train_loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, generator: torch.Generator,
-                 what: str = "training images", pin_memory: bool = False) -> Union[_AllBatches, SkipTracker]:
+                 what: str = "training images", pin_memory: bool = False,
+                 collate: Callable[[Sequence], Batch] = collate_skip_bad) -> Union[_AllBatches, SkipTracker]:
     """One epoch of training batches of `dataset` ((image, label) items, BadImage for undecodable files).
 
     The order is DataLoader(shuffle=True, generator=generator)'s, the augmentation of item i is seeded by
     (generator's seed, i); under torchrun each rank gets its contiguous slice of every global batch
-    (batch_size / world size images), empty batches included, so all ranks step together.
+    (batch_size / world size images), empty batches included, so all ranks step together. `collate`: a
+    collate_skip_bad that may finish the batch (clipconv.data.tensorize: the dataset's transform split).
     """
     seeded = SeededTrainItems(dataset, generator.initial_seed())
     sampler = torch.utils.data.RandomSampler(seeded, generator=generator)
     loader = torch.utils.data.DataLoader(
         seeded, batch_sampler=GlobalBatchShards(sampler, batch_size, world_size(), rank()),
-        num_workers=workers, collate_fn=collate_skip_bad, generator=generator, pin_memory=pin_memory)
+        num_workers=workers, collate_fn=collate, generator=generator, pin_memory=pin_memory)
     return _AllBatches(loader, what) if is_distributed() else SkipTracker(loader, what=what)

@@ -25,9 +25,10 @@ from clipconv.backbone import Backbone
 from clipconv.checkpoint import CheckpointMismatchError, load_trainable, read_metadata, save_trainable
 from clipconv.config import non_negative, positive
 from clipconv.data import image_dataset
-from clipconv.data.decoded import DecodedImageDataset, decoded_images
-from clipconv.data.draft import draft_for, leading_resize, needed_short_side
+from clipconv.data.decoded import DecodedImageDataset, decoded_images, decoded_resized
+from clipconv.data.draft import draft_for, needed_short_side
 from clipconv.data.sharded import train_loader
+from clipconv.data.tensorize import split_transform
 from clipconv.evaluation import ImageBatches, collect_logits, logits_of_batches
 from clipconv.head import ImageClassifier, text_head
 from clipconv.methods.base import METHODS, FitContext, Method, config_from, option, register_method
@@ -250,18 +251,18 @@ class AdapterTuning(Method):
         """(train, val) images decoded once for all epochs, or None for each without `ctx.decoded_cache`.
 
         Train images are kept at >= the side every random resized crop needs (bit-exact below it); validation
-        images after the evaluation transform's deterministic Resize (so validation sees the same pixels)."""
+        images after the evaluation transform's deterministic Resize (so validation sees the same pixels), within
+        `decoded_resized`'s size budget."""
         if not ctx.decoded_cache:
             return None, None
 
         folder = None if ctx.decoded_cache is True else ctx.decoded_cache
         train = decoded_images(ctx.data_root, ctx.train, needed_short_side(ctx.backbone.train_transform),
                                cache_dir=folder, workers=ctx.workers)
-        resize = leading_resize(ctx.backbone.eval_transform)
         val = None
-        if ctx.val and resize is not None and not is_distributed():  # (validation is sharded under torchrun)
-            val = decoded_images(ctx.data_root, ctx.val, draft_for(ctx.draft, ctx.backbone.eval_transform, False),
-                                 cache_dir=folder, workers=ctx.workers, prepare=resize)
+        if ctx.val and not is_distributed():  # (validation is sharded under torchrun)
+            val = decoded_resized(ctx.data_root, ctx.val, ctx.backbone.eval_transform,
+                                  draft_for(ctx.draft, ctx.backbone.eval_transform, False), folder, ctx.workers)
         ctx.log(f"decoded images: {len(train)} train ({train.nbytes / 2**20:.1f} MB"
                 f"{', from the cache' if train.from_disk else ''})"
                 + (f", {len(val)} val ({val.nbytes / 2**20:.1f} MB)" if val is not None else ""))
@@ -279,14 +280,15 @@ class AdapterTuning(Method):
         train_draft = draft_for(ctx.draft, backbone.train_transform, training=True)
         pin = torch.device(ctx.device).type == "cuda"
 
+        train_item, train_collate = split_transform(backbone.train_transform)  # ToTensor + Normalize per batch
+
         def make_loader(generator: torch.Generator):  # the global batches; this rank's slices under torchrun
             if decoded is not None:
-                dataset = DecodedImageDataset(decoded, ctx.data_root, ctx.train, backbone.train_transform, "skip")
+                dataset = DecodedImageDataset(decoded, ctx.data_root, ctx.train, train_item, "skip")
             else:
-                dataset = image_dataset(ctx.data_root, ctx.train, backbone.train_transform, on_error="skip",
-                                        draft_size=train_draft)
+                dataset = image_dataset(ctx.data_root, ctx.train, train_item, on_error="skip", draft_size=train_draft)
             return train_loader(dataset, cfg.batch_size, loader_workers(ctx, decoded), generator,
-                                what=str(ctx.data_root), pin_memory=pin)
+                                what=str(ctx.data_root), pin_memory=pin, collate=train_collate)
 
         val_draft = draft_for(ctx.draft, backbone.eval_transform, training=False)
         # one process: the validation images are decoded and transformed once and kept for every epoch's pick
