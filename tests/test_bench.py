@@ -113,13 +113,17 @@ def test_benchmark_runs_on_a_tiny_model_and_reports_every_key(tiny_config, tmp_p
         "adapted_vs_plain_inference", "unfused_adapted_vs_plain_inference", "train_step_vs_plain_inference",
         "checkpointed_train_step_vs_plain_inference", "adapted_vs_plain_inference_flops",
         "train_step_vs_plain_inference_flops", "bf16_autocast_vs_fp32_step", "bf16_trunk_vs_fp32_step",
-        "anchored_vs_plain_train_step"}
+        "anchored_vs_plain_train_step", "full_last_block_adapted_vs_plain_inference",
+        "full_last_block_train_step_vs_plain_inference"}
     assert all(r > 0 for r in results["ratios"].values())
-    assert results["ratios"]["adapted_vs_plain_inference_flops"] > 1.0
+    # the adapted encoder's last block runs for [cls] only: fewer FLOPs than the plain encoder's, more when whole
+    gflops = results["gflops"]
+    assert gflops["adapted"] < gflops["plain"] < gflops["adapted_full_last_block"]
     assert set(results["targets"]) == {"adapted_vs_plain_inference", "train_step_vs_plain_inference"}
     assert set(results["ratios_of_cpu_time"]) == {
         "adapted_vs_plain_inference", "unfused_adapted_vs_plain_inference", "train_step_vs_plain_inference",
-        "checkpointed_train_step_vs_plain_inference", "anchored_vs_plain_train_step"}
+        "checkpointed_train_step_vs_plain_inference", "anchored_vs_plain_train_step",
+        "full_last_block_adapted_vs_plain_inference", "full_last_block_train_step_vs_plain_inference"}
     assert results["cpu_seconds"].keys() == results["seconds"].keys()
     assert {name: set(r) for name, r in results["ratios_of_fastest"].items()} == {
         name: {"wall", "cpu"} for name in results["targets"]}
@@ -127,7 +131,8 @@ def test_benchmark_runs_on_a_tiny_model_and_reports_every_key(tiny_config, tmp_p
         name: {"wall", "cpu"} for name in results["targets"]}
     assert set(results["seconds"]) == {"infer_plain", "infer_adapted", "infer_adapted_unfused", "train_fp32",
                                        "train_fp32_checkpointing", "train_bf16_autocast", "train_bf16_trunk",
-                                       "train_fp32_anchored"}
+                                       "train_fp32_anchored", "infer_adapted_full_last_block",
+                                       "train_fp32_full_last_block"}
     assert set(results["memory"]) == {"train_fp32", "train_fp32_checkpointing", "train_bf16_autocast",
                                       "train_bf16_trunk"}
     memory = results["memory"]

@@ -87,7 +87,7 @@ def test_encoder_with_fused_path_equals_unfused_outputs_and_gradients(tiny_backb
     visual.train()
     calls = []
     original = Convpass.add_into
-    monkeypatch.setattr(Convpass, "add_into", lambda self, *a: (calls.append(1), original(self, *a))[1])
+    monkeypatch.setattr(Convpass, "add_into", lambda self, *a, **k: (calls.append(1), original(self, *a, **k))[1])
     images = _images(visual)
 
     def run(fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -112,7 +112,7 @@ def test_fused_path_is_skipped_for_drop_path_in_training_hooks_and_mixed_dtypes(
     add_adapters(visual, "convpass", drop_path=0.5)
     calls = []
     original = Convpass.add_into
-    monkeypatch.setattr(Convpass, "add_into", lambda self, *a: (calls.append(1), original(self, *a))[1])
+    monkeypatch.setattr(Convpass, "add_into", lambda self, *a, **k: (calls.append(1), original(self, *a, **k))[1])
     wrappers = adapted_modules(visual)
     images = _images(visual)
     with torch.no_grad():

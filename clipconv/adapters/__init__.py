@@ -13,6 +13,7 @@ from clipconv.adapters.inject import (
 from clipconv.adapters.lora import (
     LORA_TARGETS, LoRA, LoRAAttention, LoRAConfig, LoRALinear, add_lora, lora_attention, lora_wrappers
 )
+from clipconv.adapters.pooled import PooledLastBlock, pool_last_block, unpool_last_block
 from clipconv.adapters.registry import (
     ADAPTERS, PLACEMENTS, AdapterConfig, AdapterFactory, AdapterKind, AdapterTarget, get_adapter, make_config,
     mergeable_kinds, register_adapter
@@ -64,6 +65,9 @@ __all__ = [
     "SequentialAdapter",
     "SharedProjections",
     "TokenLayout",
+    "PooledLastBlock",
+    "pool_last_block",
+    "unpool_last_block",
     "adapted_modules",
     "adapter_modules",
     "adapter_parameters",

@@ -20,6 +20,9 @@ class Bottleneck(nn.Module):
     a = √5, zero down bias; up weight and bias zero, so a fresh module outputs exactly zero.
     """
 
+    #: token-wise: a prefix token's output depends on that token's input alone (see adapters/pooled.py)
+    prefix_tokens_apart: bool = True
+
     def __init__(self, width: int, dim: int, activation: str = "relu", dropout: float = 0.0) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:

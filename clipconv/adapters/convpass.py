@@ -55,6 +55,9 @@ class Convpass(nn.Module):
     Up-projection weights are zero, so a fresh adapter outputs exactly zero.
     """
 
+    #: a prefix token's output depends on that token's input alone (the conv's centre tap): see adapters/pooled.py
+    prefix_tokens_apart: bool = True
+
     def __init__(
         self,
         width: int,
@@ -151,11 +154,14 @@ class Convpass(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._project("up", self._hidden(x))
 
-    def add_into(self, out: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
+    def add_into(self, out: torch.Tensor, x: torch.Tensor, scale: float, rows: Optional[int] = None) -> torch.Tensor:
         """`out + scale · self(x)` (a new tensor) with the up-projection, its bias, the scale and the sum in one
         `torch.addmm`: the (B, N, width) adapter output is never materialized, nor scaled or added on its own.
-        The bias rides along as an extra column of ones in the (B·N, h) hidden activations."""
+        The bias rides along as an extra column of ones in the (B·N, h) hidden activations. With `rows`, `out`
+        holds the first `rows` tokens only: those rows of `self(x)` are added."""
         hidden = self._hidden(x)
+        if rows is not None:
+            hidden = hidden[:, :rows]
         up = self.shared.up if self._share else self.up
         weight = up.weight
         if up.bias is not None:

@@ -4,6 +4,8 @@ Sub-block kinds (convpass, ...): in every transformer block, `block.attn` and/or
 `ParallelAdapter` (or a `SequentialAdapter`, or the kind's own `AdapterFactory.wrapper`) that delegates to
 the original module and adds the adapter term; the block itself, its forward and its LayerNorms stay
 open_clip's. The block computes `ln_1(x)` once and hands it to the wrapper, so trunk and adapter share it.
+One exception, after injection: in an encoder that pools its [cls] token, the last block's forward computes
+[cls] only when the adapters allow it (clipconv/adapters/pooled.py; same mathematics, fewer FLOPs).
 Backbone state-dict keys are unchanged (the wrapper aliases the wrapped module's tensors); adapter keys are
 `...resblocks.<i>.attn.adapter.*` / `.mlp.adapter.*`; modules shared by all adapters (convpass_share) live
 once at `visual.transformer.shared_adapter`.
@@ -26,6 +28,7 @@ from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentio
 from torch import nn
 
 from clipconv.adapters import convpass as _convpass  # noqa: F401  (registers the Convpass kinds)
+from clipconv.adapters.pooled import pool_last_block, unpool_last_block
 from clipconv.adapters.registry import AdapterConfig, AdapterFactory, AdapterTarget, get_adapter, make_config
 from clipconv.adapters.tokens import TokenLayout, encoder_layout
 from clipconv.adapters.wrappers import AdaptedModule, AdapterRecord, ParallelAdapter, ParameterView, SequentialAdapter
@@ -168,6 +171,7 @@ def add_adapters(
     trainable = {id(p) for p in adapter_parameters(visual)}
     for param in visual.parameters():
         param.requires_grad_(id(param) in trainable)
+    pool_last_block(visual)  # the last block for [cls] only, where the adapters allow it (adapters/pooled.py)
     return modules
 
 
@@ -219,6 +223,7 @@ def remove_adapters(visual: nn.Module) -> nn.ModuleList:
     removed = adapter_modules(visual)
     if not len(removed):
         raise ValueError("this image encoder has no adapters to remove")
+    unpool_last_block(visual)
     unwrap_all(visual)
     for record in _records(visual):
         record.remove()

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as base
 
-__all__ = ["AdaptedModule", "AdapterRecord", "ParallelAdapter", "SequentialAdapter", "drop_path", "ModuleOutput"]
+__all__ = ["AdaptedModule", "AdapterRecord", "ParallelAdapter", "SequentialAdapter", "attention_layout", "drop_path",
+           "ModuleOutput"]
 
 #: what a wrapped module returns: a tensor, or nn.MultiheadAttention's (output, attention weights or None)
 ModuleOutput = Union[torch.Tensor, tuple[Optional[torch.Tensor], ...]]
@@ -47,6 +48,15 @@ def _has_hooks(module: nn.Module) -> bool:
                 or base._global_forward_hooks or base._global_forward_pre_hooks)
 
 
+def attention_layout(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`x` (B, N, width) as a batch-first nn.MultiheadAttention (`module`, or the one it wraps) best reads it off
+    its inference fast path: a view of (N, B, width) memory, which the module's transpose makes contiguous."""
+    base = module.base_layer if isinstance(module, AdaptedModule) else module
+    if not isinstance(base, nn.MultiheadAttention) or not base.batch_first or x.dim() != 3:
+        return x
+    return x if x.transpose(0, 1).is_contiguous() else x.transpose(0, 1).contiguous().transpose(0, 1)
+
+
 def _attention_inputs(base: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
     """The call's (x, args, kwargs), or for a batch-first nn.MultiheadAttention off its inference fast path the same
     values laid out for its Python path (CPU: about 15 % less time for the attention sub-block's forward+backward):
@@ -62,7 +72,7 @@ def _attention_inputs(base: nn.Module, x: torch.Tensor, args: tuple, kwargs: dic
         return x, args, kwargs
     if not (base.training or (torch.is_grad_enabled() and x.requires_grad)):
         return x, args, kwargs  # the fast path (torch._native_multi_head_attention) takes x as it is
-    query = x if x.transpose(0, 1).is_contiguous() else x.transpose(0, 1).contiguous().transpose(0, 1)
+    query = attention_layout(base, x)
 
     def fresh(value: object) -> object:
         return query.view_as(query) if value is x else value
@@ -137,14 +147,18 @@ class AdaptedModule(nn.Module):
     #: with the trunk into one call (see Convpass.add_into); False forces the plain `trunk + s·adapter(x)`
     fused: bool = True
 
-    def _add(self, trunk: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """trunk' + s·adapter(x), trunk' = drop_path(trunk): fused when the adapter can and nothing is dropped."""
+    def _add(self, trunk: torch.Tensor, x: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
+        """trunk' + s·adapter(x), trunk' = drop_path(trunk): fused when the adapter can and nothing is dropped.
+        With `rows`, `trunk` holds the first `rows` tokens only and so does the result: the adapter still reads
+        every token of `x` (same shapes, so the same dropout draws) and its first `rows` output rows are added."""
         add_into = getattr(self.adapter, "add_into", None) if self.fused and not _has_hooks(self.adapter) else None
         same_dtype = trunk.dtype == x.dtype == _dtype_of(self.adapter, x.dtype) \
             or torch.is_autocast_enabled(trunk.device.type)
         if add_into is not None and same_dtype and (self.drop_rate == 0.0 or not self.training):
-            return add_into(trunk, x, self.scale)
-        return drop_path(trunk, self.drop_rate, self.training) + self._adapter_term(x)
+            return add_into(trunk, x, self.scale) if rows is None else add_into(trunk, x, self.scale, rows=rows)
+        trunk = drop_path(trunk, self.drop_rate, self.training)
+        term = self._adapter_term(x)
+        return trunk + (term if rows is None else term[:, :rows])
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> ModuleOutput:
         base_x, args, kwargs = _attention_inputs(self.base_layer, x, args, kwargs)
@@ -169,12 +183,23 @@ class ParallelAdapter(AdaptedModule):
     def _combine(self, x: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
         return self._add(trunk, x)
 
+    def combine_rows(self, x: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
+        """The output's first rows from `trunk` = base(...) of those rows and `x`, the input of every token."""
+        return self._add(trunk, x, rows=trunk.shape[1])
+
 
 class SequentialAdapter(AdaptedModule):
     """output = a + s·adapter(a) with a = base(x, ...): the adapter reads the sub-block's output."""
 
     def _combine(self, x: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
         return self._add(trunk, trunk)
+
+    def combine_rows(self, x: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
+        """The output's first rows from `trunk` = base(...) of those rows; the adapter reads them zero-padded to
+        `x`'s token count (the other rows cannot reach the first ones in an adapter that keeps them apart)."""
+        rows = trunk.shape[1]
+        padded = torch.cat([trunk, trunk.new_zeros(trunk.shape[0], x.shape[1] - rows, trunk.shape[2])], dim=1)
+        return self._add(trunk, padded, rows=rows)
 
 
 class AdapterRecord(nn.Module):

@@ -3,6 +3,8 @@
 P1  adapted / plain inference time (fp32, no grad), beside the counted-FLOPs ratio (torch's FlopCounterMode:
     matmuls, convolutions, attention — immune to load from other processes) and the adapted encoder with
     the fused adapter path switched off (`AdaptedModule.fused = False`), which shows what fusing buys;
+    The adapted encoder computes its last block for [cls] only (clipconv/adapters/pooled.py); the settings
+    "full last block" time it with that block whole, which shows the adapters' own cost beside the plain encoder;
 P3  one training step of adapters + a linear head through the frozen trunk / plain inference time, with and
     without gradient checkpointing (and, on CUDA or with --bf16, under bf16 autocast and with the trunk cast
     to bf16), beside its counted-FLOPs ratio (≈ 2 when autograd computes no trunk weight gradients, ≈ 3 if it did);
@@ -38,7 +40,9 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from clipconv.adapters import adapted_modules, adapter_modules, add_adapters, count_trainable, get_adapter
+from clipconv.adapters import (
+    adapted_modules, adapter_modules, add_adapters, count_trainable, get_adapter, unpool_last_block
+)
 from clipconv.app.cli.common import plain_warnings
 from clipconv.app.cli.options import add_runtime_args, apply_runtime, runtime_from
 from clipconv.backbone import _register_model_config, resolve_device
@@ -281,6 +285,8 @@ def run_benchmark(cfg: BenchConfig) -> JSONObject:
     adapted = copy.deepcopy(plain)
     options = {"dim": cfg.dim} if "dim" in {f.name for f in dataclasses.fields(get_adapter(cfg.kind).config)} else {}
     adapters = add_adapters(adapted, cfg.kind, **options)
+    whole = copy.deepcopy(adapted)  # the same adapters, the last block whole
+    unpool_last_block(whole)
     generator = torch.Generator().manual_seed(cfg.seed)
     size = plain.image_size
     images = torch.randn(cfg.batch, 3, size[0], size[1], generator=generator).to(device)
@@ -291,7 +297,10 @@ def run_benchmark(cfg: BenchConfig) -> JSONObject:
         "infer_plain": _inference(plain, images),
         "infer_adapted": _inference(adapted, images),
         "infer_adapted_unfused": _inference(adapted, images, fused=False),
+        "infer_adapted_full_last_block": _inference(whole, images),
         "train_fp32": _training_step(adapted, head, _optimizer(adapters, head), images, labels),
+        "train_fp32_full_last_block": _training_step(whole, head, _optimizer(adapter_modules(whole), head), images,
+                                                     labels),
         "train_fp32_checkpointing": _training_step(adapted, head, _optimizer(adapters, head), images, labels,
                                                    checkpointing=True),
         "train_fp32_anchored": _anchored_step(adapted, head, _optimizer(adapters, head), images, labels, plain),
@@ -310,6 +319,7 @@ def run_benchmark(cfg: BenchConfig) -> JSONObject:
         params["train_bf16_trunk"] = [*cast.parameters(), *head_cast.parameters()]
 
     gflops = {"plain": forward_gflops(_counted(plain, images)), "adapted": forward_gflops(_counted(adapted, images)),
+              "adapted_full_last_block": forward_gflops(_counted(whole, images)),
               "train_step": forward_gflops(settings["train_fp32"])}
     memory = {name: {"saved_for_backward_mb": saved_for_backward_bytes(settings[name], params[name]) / MB,
                      "peak_cuda_mb": (lambda b: None if b is None else b / MB)(peak_cuda_bytes(settings[name], device))}
@@ -324,6 +334,10 @@ def run_benchmark(cfg: BenchConfig) -> JSONObject:
     ratios = {
         "adapted_vs_plain_inference": paired_ratio(times, "infer_adapted", "infer_plain"),
         "unfused_adapted_vs_plain_inference": paired_ratio(times, "infer_adapted_unfused", "infer_plain"),
+        "full_last_block_adapted_vs_plain_inference": paired_ratio(times, "infer_adapted_full_last_block",
+                                                                   "infer_plain"),
+        "full_last_block_train_step_vs_plain_inference": paired_ratio(times, "train_fp32_full_last_block",
+                                                                      "infer_plain"),
         "train_step_vs_plain_inference": paired_ratio(times, "train_fp32", "infer_plain"),
         "checkpointed_train_step_vs_plain_inference": paired_ratio(times, "train_fp32_checkpointing", "infer_plain"),
         "anchored_vs_plain_train_step": paired_ratio(times, "train_fp32_anchored", "train_fp32"),
@@ -335,6 +349,8 @@ def run_benchmark(cfg: BenchConfig) -> JSONObject:
         ratios["bf16_trunk_vs_fp32_step"] = paired_ratio(times, "train_bf16_trunk", "train_fp32")
     cpu_ratios = {name: paired_ratio(cpu_seconds, numerator, "infer_plain") for name, numerator in (
         ("adapted_vs_plain_inference", "infer_adapted"), ("unfused_adapted_vs_plain_inference", "infer_adapted_unfused"),
+        ("full_last_block_adapted_vs_plain_inference", "infer_adapted_full_last_block"),
+        ("full_last_block_train_step_vs_plain_inference", "train_fp32_full_last_block"),
         ("train_step_vs_plain_inference", "train_fp32"),
         ("checkpointed_train_step_vs_plain_inference", "train_fp32_checkpointing"))}
     cpu_ratios["anchored_vs_plain_train_step"] = paired_ratio(cpu_seconds, "train_fp32_anchored", "train_fp32")
@@ -378,6 +394,8 @@ LABELS = {
     "infer_plain": "inference, plain encoder",
     "infer_adapted": "inference, adapted encoder (P1)",
     "infer_adapted_unfused": "inference, adapted, fused path off",
+    "infer_adapted_full_last_block": "inference, adapted, full last block",
+    "train_fp32_full_last_block": "train step, fp32, full last block",
     "train_fp32": "train step, fp32 (P3)",
     "train_fp32_checkpointing": "train step, fp32, gradient checkpointing",
     "train_fp32_anchored": "train step, fp32, zero-shot anchors (frozen forward)",
@@ -420,7 +438,8 @@ def format_table(results: JSONObject) -> str:
                      f"{fastest['cpu']:.3f} CPU (goal ≤ {target['goal']}: {'met' if target['met'] else 'NOT met'} "
                      "on the median wall ratio)")
     lines.append(f"counted GFLOPs: plain forward {flops['plain']:.2f}, adapted forward {flops['adapted']:.2f} "
-                 f"(ratio {ratios['adapted_vs_plain_inference_flops']:.4f}), training step {flops['train_step']:.2f} "
+                 f"(ratio {ratios['adapted_vs_plain_inference_flops']:.4f}; with the full last block "
+                 f"{flops['adapted_full_last_block']:.2f}), training step {flops['train_step']:.2f} "
                  f"(ratio to plain forward {ratios['train_step_vs_plain_inference_flops']:.3f})")
     lines.append(f"anchored_vs_plain_train_step: {ratios['anchored_vs_plain_train_step']:.3f} wall, "
                  f"{results['ratios_of_cpu_time']['anchored_vs_plain_train_step']:.3f} CPU time (zero-shot anchors: "
