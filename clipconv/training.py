@@ -19,6 +19,7 @@ average is the gradient of the global batch's mean loss — in one process exact
 from __future__ import annotations
 
 import math
+import os
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
@@ -31,6 +32,7 @@ from torch import nn
 
 from clipconv.head import ImageClassifier
 from clipconv.runtime import ranks
+from clipconv.runtime.ahead import LoadAhead
 from clipconv.runtime.io import load_torch
 from clipconv.runtime.memory import retain_freed_memory
 from clipconv.runtime.outputs import remove_stale_temps, save_torch
@@ -860,6 +862,15 @@ class Trainer:
         torch.manual_seed(ranks.rank_seed(seed))  # dropout masks; `seed` itself in one process
         return torch.Generator().manual_seed(seed)
 
+    def _core_for_loading(self) -> bool:
+        """Whether loading the next batch during backward has a core of its own: on a GPU the backward runs there;
+        on the CPU only when torch's intra-op threads leave a core free (beside them a third thread would stall
+        their barriers)."""
+        if self.device.type != "cpu":
+            return True
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return torch.get_num_threads() < cores
+
     def train_epoch(self) -> Record:
         """One pass over the task's batches (up to `cfg.steps`); the epoch's record."""
         epoch = self.epoch + 1
@@ -872,34 +883,44 @@ class Trainer:
         started = time.perf_counter()
         bar = progress(self.task.batches(epoch, generator), total=self.steps_per_epoch,
                        desc=f"epoch {epoch}/{self.epochs}", unit="batch", leave=False)
-        for batch in bar:
-            if batch is None:
-                continue
-            seen = self.task.examples(batch)
-            count = reduce(torch.tensor([float(seen)], dtype=torch.float64)).item()
-            if count == 0:  # every example of this (global) batch was undecodable: skipped
-                continue
-            with self._autocast():
-                out = self.task.loss(batch, forward)
-            loss = out.total * world / count
-            if out.penalty is not None:
-                loss = loss + out.penalty  # once per rank: DDP's average keeps it once
-            # the global batch's mean objective (an all-reduce under torchrun; the loss itself in one process)
-            mean = reduce(loss.detach().double().cpu().view(1)).item() / world
-            if not math.isfinite(mean):
-                raise TrainingDivergedError(
-                    f"non-finite loss ({mean}) at epoch {epoch}, step {steps + 1}, "
-                    f"lr {self.scheduler.get_last_lr()[0]:.3g}; the last good checkpoint is kept — "
-                    "lower --lr or --scale, or use --precision fp32"
-                )
-            self._step(loss)
-            steps += 1
-            self.step += 1
-            scored = scored and out.correct is not None
-            sums += torch.tensor([mean * seen, seen, float(out.correct or 0)], dtype=torch.float64)
-            bar.set_postfix(loss=f"{mean:.4f}")
-            if self.step == self.total_steps:
-                break
+        # loading ahead is exact only when nothing draws random numbers between a forward and the next batch
+        # (gradient checkpointing recomputes forwards, and their RNG state, during backward), and safe only in
+        # one process (under torchrun the loader's collectives would run beside DDP's backward all-reduces)
+        ahead = not self.cfg.grad_checkpointing and not ranks.is_distributed() and self._core_for_loading()
+        batches = LoadAhead(bar)
+        try:
+            for batch in batches:
+                if batch is None:
+                    continue
+                seen = self.task.examples(batch)
+                count = reduce(torch.tensor([float(seen)], dtype=torch.float64)).item()
+                if count == 0:  # every example of this (global) batch was undecodable: skipped
+                    continue
+                with self._autocast():
+                    out = self.task.loss(batch, forward)
+                loss = out.total * world / count
+                if out.penalty is not None:
+                    loss = loss + out.penalty  # once per rank: DDP's average keeps it once
+                # the global batch's mean objective (an all-reduce under torchrun; the loss itself in one process)
+                mean = reduce(loss.detach().double().cpu().view(1)).item() / world
+                if not math.isfinite(mean):
+                    raise TrainingDivergedError(
+                        f"non-finite loss ({mean}) at epoch {epoch}, step {steps + 1}, "
+                        f"lr {self.scheduler.get_last_lr()[0]:.3g}; the last good checkpoint is kept — "
+                        "lower --lr or --scale, or use --precision fp32"
+                    )
+                if ahead and self.step + 1 < self.total_steps:
+                    batches.fetch()  # the next batch loads while this one runs backward (runtime/ahead.py)
+                self._step(loss)
+                steps += 1
+                self.step += 1
+                scored = scored and out.correct is not None
+                sums += torch.tensor([mean * seen, seen, float(out.correct or 0)], dtype=torch.float64)
+                bar.set_postfix(loss=f"{mean:.4f}")
+                if self.step == self.total_steps:
+                    break
+        finally:
+            batches.close()
         if steps == 0:
             raise ValueError(f"epoch {epoch} had no decodable training image; check the data with "
                              "scripts/check_data.py --verify")
