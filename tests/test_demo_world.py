@@ -1,6 +1,7 @@
 """The procedural miniature world: determinism, CoOp layout, counts, manifest and regeneration."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -110,7 +111,7 @@ def test_other_parameters_on_a_finished_world_are_refused(small_world):
         W.generate_world(small_world, seed=4, **SMALL)
 
 
-def test_half_written_world_is_regenerated(tmp_path, monkeypatch):
+def test_half_written_world_is_regenerated(tmp_path, monkeypatch):  # serial: counts renders in this process
     root = tmp_path / "w"
     calls = {"n": 0}
     real_render = W.render
@@ -123,7 +124,7 @@ def test_half_written_world_is_regenerated(tmp_path, monkeypatch):
 
     monkeypatch.setattr(W, "render", failing_render)
     with pytest.raises(KeyboardInterrupt):
-        W.generate_world(root, seed=1, **SMALL)
+        W.generate_world(root, seed=1, workers=1, **SMALL)
     assert W.read_manifest(root) is None and (root / "imagenet").is_dir()
     (root / "imagenet/images/train/m000/stray.jpg").write_bytes(b"half")
     monkeypatch.setattr(W, "render", real_render)
@@ -161,3 +162,50 @@ def test_ensure_world_uses_cache_named_by_parameters(tmp_path, monkeypatch):
     other = W.ensure_world(seed=1, **SMALL)
     assert other != root
     assert json.loads((root / W.MANIFEST_NAME).read_text())["params"]["seed"] == 0
+
+
+def _tree_digests(root) -> dict[str, str]:
+    return {name: hashlib.sha256(blob).hexdigest() for name, blob in _tree_bytes(root).items()}
+
+
+def test_parallel_world_is_byte_identical_to_serial(small_world, tmp_path):
+    serial = _tree_digests(W.generate_world(tmp_path / "serial", seed=3, workers=1, **SMALL))
+    parallel = _tree_digests(W.generate_world(tmp_path / "parallel", seed=3, workers=3, **SMALL))
+    assert W.MANIFEST_NAME in serial and len(serial) == 1 + 3 + sum(W.read_manifest(small_world)["counts"].values())
+    assert parallel == serial
+    assert _tree_digests(small_world) == serial  # the default worker count
+
+
+def test_failing_worker_fails_the_generation_and_leaves_no_world(tmp_path, monkeypatch):
+    root = tmp_path / "w"
+    real_render = W.render
+
+    def render_failing_once(class_index, domain, rng, image_size=64):
+        if domain == "sketch" and class_index == 7:
+            raise OSError("disk full (simulated)")
+        return real_render(class_index, domain, rng, image_size)
+
+    monkeypatch.setattr(W, "render", render_failing_once)  # the forked workers inherit it
+    with pytest.raises(RuntimeError, match="failed in a worker process: OSError: disk full") as failure:
+        W.generate_world(root, seed=1, workers=2, **SMALL)
+    assert str(root) in str(failure.value)
+    assert W.read_manifest(root) is None and (root / W._MARKER_NAME).is_file()
+    monkeypatch.setattr(W, "render", real_render)  # next use regenerates it
+    assert W.read_manifest(W.ensure_world(root, seed=1, **SMALL))["counts"]["sketch"] == 32
+
+
+def test_worker_count_follows_usable_cores(tmp_path, monkeypatch):
+    monkeypatch.setattr(W.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert W.generation_workers() == W.MAX_WORKERS
+    monkeypatch.setattr(W.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(W.os, "cpu_count", lambda: 1)
+    assert W.generation_workers() == 1
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("one core renders in this process, without a pool")
+
+    monkeypatch.setattr(W, "ProcessPoolExecutor", no_pool)
+    assert W.read_manifest(W.generate_world(tmp_path / "w", seed=3, **SMALL)) is not None
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="workers"):
+            W.generate_world(tmp_path / "bad", workers=bad, **SMALL)

@@ -11,11 +11,17 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional, Union
+from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -26,7 +32,7 @@ from clipconv.runtime.outputs import write_text
 __all__ = [
     "SHAPES", "PATTERNS", "WorldClass", "WORLD_CLASSES", "Domain", "DOMAINS", "RENDITION_CLASSES",
     "ADVERSARIAL_CLASSES", "STYLES", "MANIFEST_NAME", "render", "generate_world", "ensure_world",
-    "world_params", "default_world_root", "read_manifest",
+    "world_params", "default_world_root", "read_manifest", "generation_workers",
 ]
 
 WORLD_VERSION = 4
@@ -371,7 +377,10 @@ def _class_folder(domain: Domain, cls: WorldClass) -> str:
     return str(cls.index) if domain.numeric_folders else cls.id
 
 
-def _jobs(params: dict) -> Iterator[tuple[str, str, int, int]]:
+Job = tuple[str, str, int, int]
+
+
+def _jobs(params: dict) -> Iterator[Job]:
     """(split, relative folder, class index, image index) for every image of the world."""
     for cls in WORLD_CLASSES:
         for i in range(params["train_per_class"]):
@@ -390,18 +399,79 @@ _README = (
 )
 
 
-def _write_tree(root: Path, params: dict) -> dict[str, int]:
-    counts: dict[str, int] = {}
+MAX_WORKERS = 8  # generation processes at most, however many cores are usable
+_CHUNK = 128  # images per worker task at most (smaller for small worlds, so every worker gets several)
+
+
+def generation_workers() -> int:
+    """Processes that render a world: the usable cores (CPU affinity where known), at most MAX_WORKERS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, MAX_WORKERS))
+
+
+def _render_jobs(root: str, params: dict, jobs: Sequence[Job]) -> int:
+    """Render and save `jobs` (the whole world, or one worker's chunk); returns how many were written.
+
+    Every image is seeded by its own (split, class, index), so its bytes do not depend on which process
+    renders it or in which order.
+    """
     made: set[str] = set()
     size = params["image_size"]
-    for split, folder, class_index, i in _jobs(params):
-        directory = root / folder
+    for split, folder, class_index, i in jobs:
+        directory = Path(root) / folder
         if folder not in made:
             directory.mkdir(parents=True, exist_ok=True)
             made.add(folder)
         style = "source" if split == "train" else DOMAINS[split].style
         image = render(class_index, style, image_rng(params["seed"], split, class_index, i), size)
         image.save(directory / f"{WORLD_CLASSES[class_index].id}_{i:04d}.jpg", quality=90)
+    return len(jobs)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Worker thread: end this worker when the generating process has died (killed mid-generation)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _init_worker(parent: int) -> None:
+    """A worker renders only (numpy + PIL): Ctrl-C is the parent's to handle, and it dies with its parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _render_in_parallel(root: Path, params: dict, jobs: list[Job], workers: int) -> None:
+    """Render `jobs` in `workers` processes, in contiguous chunks; the first failure fails them all."""
+    chunk = max(1, min(_CHUNK, -(-len(jobs) // (4 * workers))))
+    # fork: workers start at once and inherit the imported modules (the world's module imports torch, which a
+    # spawned worker would import again); they use only numpy and PIL, never torch's thread pools.
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(os.getpid(),)) as pool:
+        futures = [pool.submit(_render_jobs, str(root), params, jobs[start:start + chunk])
+                   for start in range(0, len(jobs), chunk)]
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in futures if f in done and f.exception() is not None), None)
+            if failed is not None:
+                error = failed.exception()
+                raise RuntimeError(f"generating the demo world in '{root}' failed in a worker process: "
+                                   f"{type(error).__name__}: {error}; the world was not marked complete and "
+                                   "is regenerated on next use") from error
+        finally:  # on any failure (or Ctrl-C): drop the chunks not started, let the running ones finish
+            for future in futures:
+                future.cancel()
+
+
+def _write_tree(root: Path, params: dict, workers: int) -> dict[str, int]:
+    jobs = list(_jobs(params))
+    if workers > 1 and len(jobs) > 1:
+        _render_in_parallel(root, params, jobs, workers)
+    else:
+        _render_jobs(str(root), params, jobs)
+    counts: dict[str, int] = {}
+    for split, *_ in jobs:
         counts[split] = counts.get(split, 0) + 1
     (root / CLASSNAMES_FILE).write_text("".join(f"{c.id} {c.name}\n" for c in WORLD_CLASSES))
     for domain in DOMAINS.values():
@@ -426,13 +496,19 @@ def _locked(root: Path) -> Iterator[None]:
 
 
 def generate_world(root: Union[str, Path], seed: int = 0, train_per_class: int = 48, test_per_class: int = 50,
-                   image_size: int = 64) -> Path:
+                   image_size: int = 64, workers: Optional[int] = None) -> Path:
     """Write the miniature world under `root` (idempotent) and return `root`.
 
     A finished world carries a manifest written last (atomically); calling again with the same
     parameters does nothing. A half-written world (interrupted run) is wiped and regenerated.
+    `workers` processes render the images (default `generation_workers()`; 1 renders in this process);
+    the files are the same bytes whatever the number.
     """
     params = world_params(seed, train_per_class, test_per_class, image_size)
+    if workers is None:
+        workers = generation_workers()
+    if not isinstance(workers, (int, np.integer)) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be an integer ≥ 1, got {workers!r}")
     root = Path(root).expanduser()
     with _locked(root):
         manifest = read_manifest(root)
@@ -449,7 +525,7 @@ def generate_world(root: Union[str, Path], seed: int = 0, train_per_class: int =
         (root / _MARKER_NAME).write_text("generation in progress; delete this directory if it is stale\n")
         for name in _TOP_LEVEL:  # leftovers of an interrupted run
             shutil.rmtree(root / name, ignore_errors=True)
-        counts = _write_tree(root, params)
+        counts = _write_tree(root, params, int(workers))
         manifest = {
             "generator": "clipconv.data.demo_world",
             "params": params,
