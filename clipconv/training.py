@@ -19,7 +19,6 @@ average is the gradient of the global batch's mean loss — in one process exact
 from __future__ import annotations
 
 import math
-import os
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ from torch import nn
 from clipconv.head import ImageClassifier
 from clipconv.runtime import ranks
 from clipconv.runtime.ahead import LoadAhead
+from clipconv.runtime.cpus import usable_cores
 from clipconv.runtime.io import load_torch
 from clipconv.runtime.memory import retain_freed_memory
 from clipconv.runtime.outputs import remove_stale_temps, save_torch
@@ -868,8 +868,7 @@ class Trainer:
         their barriers)."""
         if self.device.type != "cpu":
             return True
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return torch.get_num_threads() < cores
+        return torch.get_num_threads() < usable_cores()
 
     def train_epoch(self) -> Record:
         """One pass over the task's batches (up to `cfg.steps`); the epoch's record."""

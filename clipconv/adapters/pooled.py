@@ -22,7 +22,7 @@ import torch
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-from clipconv.adapters.wrappers import AdaptedModule, ParallelAdapter, SequentialAdapter, attention_layout
+from clipconv.adapters.wrappers import AdaptedModule, ParallelAdapter, SequentialAdapter, attention_layout, zero_padded
 
 __all__ = ["PooledLastBlock", "PooledVisionTransformer", "pool_last_block", "unpool_last_block", "pooled_block"]
 
@@ -61,8 +61,7 @@ class PooledLastBlock(ResidualAttentionBlock):
         x = q_x[:, :rows] + self.ls_1(self._sub_block(self.attn, y, (y[:, :rows], keys, keys.view_as(keys)),
                                                       {"need_weights": False}))
         z = self.ln_2(x)
-        padded = torch.cat([z, z.new_zeros(z.shape[0], q_x.shape[1] - rows, z.shape[2])], dim=1)
-        return x + self.ls_2(self._sub_block(self.mlp, padded, (z,), {}))
+        return x + self.ls_2(self._sub_block(self.mlp, zero_padded(z, q_x.shape[1]), (z,), {}))
 
     @staticmethod
     def _sub_block(module: nn.Module, tokens: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:

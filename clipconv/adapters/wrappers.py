@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules import module as base
 
 __all__ = ["AdaptedModule", "AdapterRecord", "ParallelAdapter", "SequentialAdapter", "attention_layout", "drop_path",
-           "ModuleOutput"]
+           "zero_padded", "ModuleOutput"]
 
 #: what a wrapped module returns: a tensor, or nn.MultiheadAttention's (output, attention weights or None)
 ModuleOutput = Union[torch.Tensor, tuple[Optional[torch.Tensor], ...]]
@@ -55,6 +55,11 @@ def attention_layout(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(base, nn.MultiheadAttention) or not base.batch_first or x.dim() != 3:
         return x
     return x if x.transpose(0, 1).is_contiguous() else x.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def zero_padded(rows: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(B, n, width) `rows` followed by zero rows up to `tokens` tokens: (B, tokens, width)."""
+    return torch.cat([rows, rows.new_zeros(rows.shape[0], tokens - rows.shape[1], rows.shape[2])], dim=1)
 
 
 def _attention_inputs(base: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
@@ -197,9 +202,7 @@ class SequentialAdapter(AdaptedModule):
     def combine_rows(self, x: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
         """The output's first rows from `trunk` = base(...) of those rows; the adapter reads them zero-padded to
         `x`'s token count (the other rows cannot reach the first ones in an adapter that keeps them apart)."""
-        rows = trunk.shape[1]
-        padded = torch.cat([trunk, trunk.new_zeros(trunk.shape[0], x.shape[1] - rows, trunk.shape[2])], dim=1)
-        return self._add(trunk, padded, rows=rows)
+        return self._add(trunk, zero_padded(trunk, x.shape[1]), rows=trunk.shape[1])
 
 
 class AdapterRecord(nn.Module):

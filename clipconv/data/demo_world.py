@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from clipconv.runtime.cache import cache_dir_problem
+from clipconv.runtime.cpus import usable_cores
 from clipconv.runtime.outputs import write_text
 
 __all__ = [
@@ -405,8 +406,7 @@ _CHUNK = 128  # images per worker task at most (smaller for small worlds, so eve
 
 def generation_workers() -> int:
     """Processes that render a world: the usable cores (CPU affinity where known), at most MAX_WORKERS."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, MAX_WORKERS))
+    return max(1, min(usable_cores(), MAX_WORKERS))
 
 
 def _render_jobs(root: str, params: dict, jobs: Sequence[Job]) -> int:
